@@ -1,0 +1,1 @@
+"""ColQuant: 4-bit ColQwen3 retrievers that still retrieve."""
