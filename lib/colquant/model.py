@@ -1,0 +1,162 @@
+"""ColQwen3, natively: the hub checkpoint's layout on top of transformers' Qwen3-VL classes.
+
+The hub ships ColQwen3 as remote code that breaks on transformers 5.x (DESIGN.md §2), so the project
+owns a small implementation that reads the same checkpoint keys (`vlm.model.visual.*`,
+`vlm.model.language_model.*`, `embedding_proj_layer.*`) and reproduces the same forward pass:
+last hidden state -> 320-d projection -> per-token L2 normalisation -> padding rows zeroed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLConfig
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLModel,
+    Qwen3VLPreTrainedModel,
+)
+
+IMAGE_TOKEN_ID = 151655
+VIDEO_TOKEN_ID = 151656
+VISION_START_TOKEN_ID = 151652
+VISION_END_TOKEN_ID = 151653
+PAD_TOKEN_ID = 151643  # <|endoftext|>
+
+
+class ColQwen3Config(Qwen3VLConfig):
+    """Qwen3-VL config plus the retrieval head's settings, under the hub's `model_type`."""
+
+    model_type = "colqwen3"
+
+    def __init__(
+        self,
+        embed_dim: int = 320,
+        padding_side: str = "left",
+        mask_non_image_embeddings: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("tie_word_embeddings", True)
+        super().__init__(**kwargs)
+        self.embed_dim = embed_dim
+        self.padding_side = padding_side
+        self.mask_non_image_embeddings = mask_non_image_embeddings
+
+    @classmethod
+    def colqwen3_4b(cls) -> "ColQwen3Config":
+        """The exact configuration of `TomoroAI/tomoro-colqwen3-embed-4b` (Qwen3-VL-4B backbone)."""
+        return cls(
+            text_config=dict(
+                vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                max_position_embeddings=262144, tie_word_embeddings=True,
+                rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0,
+                                     mrope_section=[24, 20, 20], mrope_interleaved=True),
+            ),
+            vision_config=dict(
+                depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=2560,
+                num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
+            ),
+            embed_dim=320,
+        )
+
+    @classmethod
+    def tiny(cls) -> "ColQwen3Config":
+        """Same architecture as the 4B at toy width: every decoder Linear's input is a multiple of 128
+        (so group-128 quantization applies), three deepstack levels feed LM layers 0-2 as in the 4B,
+        and the Qwen token ids are kept so the tiny tokenizer speaks the real model's id space."""
+        return cls(
+            text_config=dict(
+                vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                max_position_embeddings=32768, tie_word_embeddings=True,
+                rope_parameters=dict(rope_type="default", rope_theta=5_000_000.0,
+                                     mrope_section=[6, 5, 5], mrope_interleaved=True),
+            ),
+            vision_config=dict(
+                depth=4, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
+                num_position_embeddings=2304, deepstack_visual_indexes=[1, 2, 3],
+            ),
+            embed_dim=320,
+        )
+
+
+@dataclass
+class ColQwen3Output(ModelOutput):
+    """`embeddings`: (batch, tokens, embed_dim), unit norm per token, exact zeros on padding."""
+
+    embeddings: torch.Tensor | None = None
+
+
+class _VisionLanguageModel(nn.Module):
+    """Holds `model` so parameter names read `vlm.model.*` as in the hub checkpoint.
+
+    The hub's `vlm` is a Qwen3VLForConditionalGeneration whose `lm_head` is tied to the token
+    embeddings and never used for retrieval; leaving it out saves 0.39 B parameters of activations
+    and lets checkpoints with or without `vlm.lm_head.weight` load the same way.
+    """
+
+    def __init__(self, config: ColQwen3Config) -> None:
+        super().__init__()
+        self.model = Qwen3VLModel(config)
+
+
+class ColQwen3(Qwen3VLPreTrainedModel):
+    """Late-interaction retriever: one L2-normalised `embed_dim` vector per input token."""
+
+    config_class = ColQwen3Config
+    base_model_prefix = "vlm"
+    _keys_to_ignore_on_load_unexpected = [r"^vlm\.lm_head\.weight$"]
+
+    def __init__(self, config: ColQwen3Config) -> None:
+        super().__init__(config)
+        self.vlm = _VisionLanguageModel(config)
+        self.embedding_proj_layer = nn.Linear(config.text_config.hidden_size, config.embed_dim)
+        self.post_init()
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The text tower (Qwen3VLTextModel): the part W4A16 quantizes."""
+        return self.vlm.model.language_model
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.vlm.model.visual
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> ColQwen3Output:
+        if pixel_values is not None and mm_token_type_ids is None:
+            # transformers >= 5.4 needs it whenever image_grid_thw is given (1 = image token).
+            mm_token_type_ids = (input_ids == self.config.image_token_id).to(torch.int32)
+        hidden = self.vlm.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        projected = self.embedding_proj_layer(hidden.to(self.embedding_proj_layer.weight.dtype))
+        embeddings = nn.functional.normalize(projected, p=2, dim=-1)
+        keep = attention_mask
+        if self.config.mask_non_image_embeddings and pixel_values is not None:
+            keep = keep * (input_ids == self.config.image_token_id)
+        return ColQwen3Output(embeddings=embeddings * keep.unsqueeze(-1).to(embeddings.dtype))
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Distinct parameters (tied tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

@@ -1,0 +1,79 @@
+"""The embedded default model: a tiny, randomly initialised ColQwen3 in the hub checkpoint's layout.
+
+Nothing here reaches a hub. The model has the 4B's exact architecture at toy width
+(`ColQwen3Config.tiny`), is saved as sharded safetensors with an index json and a tokenizer that
+keeps the Qwen special tokens at their real ids, so `colquant.load` reads it through the same code
+path as `TomoroAI/tomoro-colqwen3-embed-4b`. Its weights are random: numbers it produces check the
+machinery, not retrieval quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from colquant.model import ColQwen3, ColQwen3Config
+from colquant.processing import ColQwen3Processor
+
+# Qwen2/Qwen3 special tokens and the ids the real tokenizer gives them.
+QWEN_SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+    "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
+    "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
+    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+}
+TINY_SHARD_SIZE = "16MB"  # small enough that the tiny checkpoint is sharded like the real one
+TINY_MARKER = "colquant_tiny.json"
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte, ids 0-255) with Qwen's special tokens at Qwen's ids.
+
+    Without hub access there is no Qwen vocabulary to copy; byte-level coverage means any text
+    tokenizes, and matching special-token ids means image/pad handling is exercised exactly.
+    """
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: index for index, symbol in enumerate(byte_symbols)}
+    vocab.update(QWEN_SPECIAL_TOKENS)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t in QWEN_SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
+        padding_side="left",
+    )
+    return tokenizer
+
+
+def build(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the tiny checkpoint to `path` (seconds on CPU); reuse it if already built with `seed`.
+
+    Written into a temporary sibling and renamed into place, so an interrupted build never leaves a
+    directory that looks complete.
+    """
+    path = Path(path)
+    marker = path / TINY_MARKER
+    if marker.exists() and json.loads(marker.read_text()) == {"seed": seed, "dtype": str(dtype)}:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    torch.manual_seed(seed)
+    model = ColQwen3(ColQwen3Config.tiny()).to(dtype).eval()
+    model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE)
+    ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
+    (staging / TINY_MARKER).write_text(json.dumps({"seed": seed, "dtype": str(dtype)}) + "\n")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)
+    return path

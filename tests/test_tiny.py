@@ -1,0 +1,40 @@
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from colquant import tiny
+from colquant.model import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+
+
+def test_tiny_checkpoint_has_the_hub_layout(tiny_path):
+    config = json.loads((tiny_path / "config.json").read_text())
+    assert config["model_type"] == "colqwen3" and config["embed_dim"] == 320
+    assert {"text_config", "vision_config"} <= config.keys()
+    index = json.loads((tiny_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 2 and all((tiny_path / shard).exists() for shard in shards)
+    prefixes = {name.split(".")[0] + "." + name.split(".")[1] for name in index["weight_map"]}
+    assert prefixes == {"vlm.model", "embedding_proj_layer.weight", "embedding_proj_layer.bias"}
+    assert (tiny_path / "tokenizer.json").exists() and (tiny_path / "preprocessor_config.json").exists()
+
+
+def test_tokenizer_keeps_qwen_special_token_ids():
+    tokenizer = tiny.build_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>"])
+    assert ids == [IMAGE_TOKEN_ID, VISION_START_TOKEN_ID, VISION_END_TOKEN_ID, PAD_TOKEN_ID]
+    text = "Revenue 2019: 412 M€ <|image_pad|>"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_build_is_deterministic(tmp_path):
+    first, second = tiny.build(tmp_path / "a", seed=3), tiny.build(tmp_path / "b", seed=3)
+    for shard in sorted(first.glob("*.safetensors")):
+        a, b = load_file(str(shard)), load_file(str(second / shard.name))
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_build_reuses_a_finished_checkpoint(tiny_path):
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_path.iterdir()}
+    tiny.build(tiny_path)
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_path.iterdir()} == before
