@@ -1,0 +1,234 @@
+"""W4A16 quantization of ColQwen3's language model with auto-round, saved as a full checkpoint.
+
+Scope, as in the seeds: only the decoder Linear layers of `vlm.model.language_model` become 4-bit
+(group 128, symmetric); the vision tower, the deepstack mergers, the token embeddings and the 320-d
+projection stay 16-bit. auto-round receives the text tower alone (a Qwen3VLTextModel, which has no
+visual modules), so it takes its LLM path and quantizes the decoder blocks in place.
+
+auto-round saves only the module it was given; `save_quantized_model` packs the layers in place
+(auto-round's own QuantLinear, `auto_round:auto_gptq` packing) and writes the *whole* ColQwen3 with
+a `quantization_config` whose `block_name_to_quantize` points at the full path, so
+`colquant.load(path)` (through transformers' auto-round integration) rebuilds the 4-bit layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from colquant.calibration import CalibrationSet, deepstack_replay
+from colquant.measure import Measurement, measure
+
+log = logging.getLogger(__name__)
+
+LANGUAGE_MODEL_BLOCKS = "vlm.model.language_model.layers"
+METADATA_FILE = "quantization_metadata.json"
+EXTRA_FORMAT_DIR = "exports"
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """Everything that defines a variant; its name is derived from these."""
+
+    method: str  # "autoround" or "rtn"
+    bits: int
+    group_size: int
+    sym: bool
+    iters: int
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def from_profile(cls, profile: dict[str, Any], method: str = "autoround") -> "QuantizationSettings":
+        if method not in ("autoround", "rtn"):
+            raise ValueError(f"method={method!r}: use 'autoround' or 'rtn'")
+        q = profile["quantization"]
+        return cls(
+            method=method,
+            bits=q["bits"],
+            group_size=q["group_size"],
+            sym=q["sym"],
+            iters=q["iters"] if method == "autoround" else 0,
+            batch_size=q["batch_size"],
+            seed=profile["calibration"]["seed"],
+        )
+
+
+def decoder_linear_names(language_model: torch.nn.Module) -> list[str]:
+    """Names (relative to the text tower) of the Linear layers inside its decoder blocks."""
+    return [
+        name
+        for name, module in language_model.named_modules()
+        if name.startswith("layers.") and isinstance(module, torch.nn.Linear)
+    ]
+
+
+def quantize_language_model(
+    model: torch.nn.Module,
+    processor: Any,
+    calibration: CalibrationSet,
+    settings: QuantizationSettings,
+) -> tuple[Any, Measurement]:
+    """Run auto-round (or its pure RTN mode) on the text tower in place; returns (AutoRound, cost)."""
+    from auto_round import AutoRound
+
+    language_model = model.language_model
+    group_size = settings.group_size
+    narrow = [n for n, m in language_model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % group_size]
+    if narrow:
+        raise ValueError(f"group_size={group_size} does not divide the input width of {', '.join(narrow[:4])}")
+    autoround = AutoRound(
+        language_model,
+        processor.tokenizer,
+        scheme=f"W{settings.bits}A16",
+        group_size=group_size,
+        sym=settings.sym,
+        iters=settings.iters,
+        disable_opt_rtn=settings.method == "rtn",
+        nsamples=calibration.nsamples,
+        seqlen=calibration.seqlen,
+        batch_size=min(settings.batch_size, calibration.nsamples),
+        dataset=calibration.items,
+        seed=settings.seed,
+        device_map=str(model.device),
+        enable_torch_compile=model.device.type == "cuda",  # on CPU compiling costs more than it saves
+    )
+    with measure(model.device) as cost, deepstack_replay(language_model):
+        autoround.quantize()
+    return autoround, cost
+
+
+def save_quantized_model(
+    model: torch.nn.Module,
+    processor: Any,
+    autoround: Any,
+    out_dir: str | Path,
+    *,
+    metadata: dict[str, Any],
+    export_formats: tuple[str, ...] = ("auto_round",),
+) -> Path:
+    """Write the full 4-bit ColQwen3 checkpoint (+ metadata JSON and model card), atomically.
+
+    Formats other than `auto_round` (GPTQ/AWQ layouts read by vLLM and other servers) are exported
+    for the text tower, as auto-round writes them, under `exports/<format>/`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for fmt in export_formats:
+        if fmt != "auto_round":
+            autoround.save_quantized(str(staging / EXTRA_FORMAT_DIR / fmt), format=fmt, inplace=False)
+    with tempfile.TemporaryDirectory() as tower_dir:
+        autoround.save_quantized(tower_dir, format="auto_round", inplace=True)  # packs layers in place
+        quantization_config = json.loads((Path(tower_dir) / "config.json").read_text())["quantization_config"]
+    quantization_config["block_name_to_quantize"] = LANGUAGE_MODEL_BLOCKS
+    model.config.quantization_config = quantization_config
+    model.save_pretrained(str(staging), max_shard_size="2GB")
+    processor.save_pretrained(staging)
+    metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": _size_of(staging)}
+    (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    (staging / "README.md").write_text(model_card(metadata))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
+def _size_of(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*.safetensors") if EXTRA_FORMAT_DIR not in f.parts)
+
+
+def quantization_metadata(
+    variant: str,
+    settings: QuantizationSettings,
+    calibration: CalibrationSet,
+    cost: Measurement,
+    *,
+    base_model: str,
+    random_weights: bool,
+    quantized_layers: list[str],
+) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "base_model": base_model,
+        "random_weights": random_weights,
+        "settings": asdict(settings),
+        "calibration": {
+            "source": calibration.source,
+            "source_used": calibration.source_used,
+            "fallback_reason": calibration.fallback_reason,
+            "seqlen": calibration.seqlen,
+            "nsamples": calibration.nsamples,
+            "multimodal": calibration.multimodal,
+        },
+        "wall_time_s": round(cost.wall_time_s, 2),
+        "peak_memory_bytes": cost.peak_memory_bytes,
+        "memory_kind": cost.memory_kind,
+        "quantized_layers": len(quantized_layers),
+        "scope": f"{LANGUAGE_MODEL_BLOCKS}.*  (Linear layers); vision tower, embeddings, projection kept 16-bit",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+def model_card(metadata: dict[str, Any]) -> str:
+    """README.md for the hub: what the variant is, how it was made, how to load it, known results."""
+    settings, calibration = metadata["settings"], metadata["calibration"]
+    warning = (
+        "\n> **Random weights.** This checkpoint was quantized from a randomly initialised model of the "
+        "ColQwen3 architecture; its numbers check the tooling, not retrieval quality.\n"
+        if metadata["random_weights"]
+        else ""
+    )
+    results = metadata.get("results", {})
+    result_lines = "\n".join(f"| {key} | {value} |" for key, value in results.items()) or "| (none yet) | |"
+    return f"""---
+base_model: {metadata['base_model']}
+library_name: transformers
+tags: [colqwen3, late-interaction, auto-round, w4a16, vidore]
+---
+# {metadata['variant']}
+{warning}
+4-bit weight (W{settings['bits']}A16) quantization of `{metadata['base_model']}` made with
+[auto-round](https://github.com/intel/auto-round) by ColQuant. Only the language model's decoder
+Linear layers are quantized ({metadata['quantized_layers']} layers, group size {settings['group_size']},
+{'symmetric' if settings['sym'] else 'asymmetric'}); the vision tower, token embeddings and the
+320-d projection stay 16-bit.
+
+| setting | value |
+|---|---|
+| method | {settings['method']} (iters {settings['iters']}) |
+| calibration | {calibration['source_used']} (requested {calibration['source']}), {calibration['nsamples']} x {calibration['seqlen']} tokens |
+| quantization time | {metadata['wall_time_s']} s |
+| peak memory while quantizing | {metadata['peak_memory_bytes'] / 2**20:,.0f} MiB ({metadata['memory_kind']}) |
+| size on disk | {metadata['size_on_disk_bytes'] / 2**20:,.1f} MiB |
+
+## Results known so far
+| metric | value |
+|---|---|
+{result_lines}
+
+## Use
+```python
+import colquant
+model, processor = colquant.load("<this directory or repo id>")
+```
+"""
+
+
+def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
+    """Record later results (fidelity, NDCG@5) in the metadata and regenerate the card."""
+    checkpoint = Path(checkpoint)
+    metadata = json.loads((checkpoint / METADATA_FILE).read_text())
+    metadata["results"] = {**metadata.get("results", {}), **results}
+    (checkpoint / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    (checkpoint / "README.md").write_text(model_card(metadata))
