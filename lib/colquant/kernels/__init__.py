@@ -1,0 +1,48 @@
+"""Fast W4A16 (and BF16) inference for ColQwen3's text tower.
+
+    from colquant.kernels import accelerate_model
+    model = accelerate_model(model)          # 4-bit or bf16; CUDA graphs for queries
+
+* :mod:`.packing`   auto_gptq <-> kernel layout (exact), auto-round-exact dequantization, RTN W4.
+* :mod:`.linear`    :class:`W4A16Linear`, the token-count dispatcher, QuantLinear conversion.
+* :mod:`.triton_ops` the Triton kernels (imported only where Triton is).
+* :mod:`.reference` their torch twins (CPU / no Triton / checks).
+* :mod:`.fast_text` fused text-tower forward, CUDA-graph query path, :func:`accelerate_model`.
+"""
+
+from colquant.kernels.backend import backend_report, fast_path_unavailable, use_fast_path
+from colquant.kernels.fast_text import accelerate_model, find_text_model, fuse_text_model, reset_graphs
+from colquant.kernels.linear import (
+    DISPATCH,
+    W4A16Linear,
+    force_reference,
+    quantize_linears_rtn,
+    replace_quant_linears,
+)
+from colquant.kernels.packing import (
+    dequantize_gptq,
+    dequantize_kernel,
+    gptq_to_kernel,
+    kernel_to_gptq,
+    rtn_quantize_gptq,
+)
+
+__all__ = [
+    "DISPATCH",
+    "W4A16Linear",
+    "accelerate_model",
+    "backend_report",
+    "dequantize_gptq",
+    "dequantize_kernel",
+    "fast_path_unavailable",
+    "find_text_model",
+    "force_reference",
+    "fuse_text_model",
+    "gptq_to_kernel",
+    "kernel_to_gptq",
+    "quantize_linears_rtn",
+    "replace_quant_linears",
+    "reset_graphs",
+    "rtn_quantize_gptq",
+    "use_fast_path",
+]

@@ -1,0 +1,325 @@
+"""`W4A16Linear`: a 4-bit-weight, 16-bit-activation Linear whose GEMM is chosen by token count.
+
+On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the call:
+
+* ``"triton"``: the fused kernel with a tile/split-K configuration for that ``M`` (weights are
+  read as 4-bit and dequantized inside the main loop: few tokens -> small tiles, K split over
+  programs; more tokens -> larger tiles);
+* ``"dequant+cublas"``: for large ``M`` dequantize the weight once into a shared 16-bit scratch
+  and call cuBLAS (the extra pass costs < 5% once the GEMM is compute-bound).
+
+Elsewhere (CPU, no Triton, old GPU) it runs the reference path, dequantize + ``torch.matmul``,
+after one logged message naming what is missing. The table of choices per (K, N, M) is
+``DISPATCH``; the benchmark measures the candidates on the GPU at hand and fills it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from colquant.kernels import reference as ref
+from colquant.kernels.backend import use_fast_path, warn_once
+from colquant.kernels.packing import (
+    dequantize_kernel,
+    gptq_to_kernel,
+    kernel_to_gptq,
+    rtn_quantize_gptq,
+)
+
+__all__ = ["W4A16Linear", "DISPATCH", "Dispatcher", "quantize_linears_rtn", "replace_quant_linears",
+           "is_quant_linear", "linear_forward", "force_reference"]
+
+
+# --------------------------------------------------------------------------------------------
+# dispatcher
+# --------------------------------------------------------------------------------------------
+
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 62)
+
+
+def m_bucket(m: int) -> int:
+    """Smallest bucket >= m (the key the dispatch table uses)."""
+    return M_BUCKETS[bisect.bisect_left(M_BUCKETS, m)]
+
+
+@dataclass
+class Dispatcher:
+    """Per (K, N, M-bucket) choice: ("triton", cfg) or ("dequant+cublas", None).
+
+    Without a measured entry: Triton with ``triton_ops.default_config`` below
+    ``dequant_min_m`` tokens, dequantize + cuBLAS from there on.
+    """
+
+    dequant_min_m: int = 2048
+    table: dict = field(default_factory=dict)
+    stats: collections.Counter = field(default_factory=collections.Counter)
+    record_stats: bool = False
+
+    def choose(self, m: int, k: int, n: int):
+        key = (k, n, m_bucket(m))
+        hit = self.table.get(key)
+        if hit is None:
+            if m >= self.dequant_min_m:
+                hit = ("dequant+cublas", None)
+            else:
+                from colquant.kernels.triton_ops import default_config
+
+                hit = ("triton", default_config(m, n, k))
+        if self.record_stats:
+            self.stats[(k, n, m, hit[0])] += 1
+        return hit
+
+    def set(self, k: int, n: int, bucket: int, choice) -> None:
+        self.table[(k, n, bucket)] = choice
+
+    def to_json(self) -> list:
+        return [dict(K=k, N=n, M_bucket=b, kind=c[0], cfg=c[1]) for (k, n, b), c in sorted(self.table.items())]
+
+
+DISPATCH = Dispatcher()
+
+_FORCE_REFERENCE = [False]
+
+
+class force_reference:
+    """Context manager: run every colquant kernel through its torch reference (for checks)."""
+
+    def __enter__(self):
+        self._prev = _FORCE_REFERENCE[0]
+        _FORCE_REFERENCE[0] = True
+
+    def __exit__(self, *exc):
+        _FORCE_REFERENCE[0] = self._prev
+
+
+def fast(device) -> bool:
+    return not _FORCE_REFERENCE[0] and use_fast_path(device)
+
+
+_SCRATCH: dict = {}
+_SCRATCH_KEEP: list = []  # never freed: CUDA graphs may hold their addresses
+
+
+def _scratch(numel: int, dtype, device) -> torch.Tensor:
+    key = (str(device), dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _SCRATCH[key] = buf
+        _SCRATCH_KEEP.append(buf)
+    return buf
+
+
+def release_scratch() -> None:
+    """Drop the dequantization scratch buffers (only when no CUDA graph uses them)."""
+    _SCRATCH.clear()
+    _SCRATCH_KEEP.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# the module
+# --------------------------------------------------------------------------------------------
+
+
+class W4A16Linear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored as 4-bit integers, group-wise fp16 scales and 4-bit
+    zero points, in the kernel's n-packed layout (see :mod:`colquant.kernels.packing`)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
+                 device=None, dtype=torch.bfloat16):
+        super().__init__()
+        if in_features % group_size or out_features % 8:
+            raise ValueError(f"W4A16Linear needs in_features % group_size == 0 and out_features % 8 == 0, "
+                             f"got {in_features}, {out_features}, group {group_size}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.dtype = dtype
+        g = in_features // group_size
+        self.register_buffer("qweight_n", torch.zeros((in_features, out_features // 8), dtype=torch.int32,
+                                                      device=device))
+        self.register_buffer("zeros_n", torch.zeros((g, out_features // 8), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros((g, out_features), dtype=torch.float16, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_gptq(cls, qweight, qzeros, scales, group_size: int, *, bias=None, g_idx=None,
+                  dtype=torch.bfloat16, zero_offset: int = 1) -> "W4A16Linear":
+        """From auto_gptq-layout tensors (auto-round ``auto_round:auto_gptq``: ``zero_offset=1``)."""
+        k = qweight.shape[0] * 8
+        n = qweight.shape[1]
+        if g_idx is not None:
+            trivial = torch.arange(k, device=g_idx.device, dtype=torch.int64) // group_size
+            if not torch.equal(g_idx.to(torch.int64), trivial):
+                raise NotImplementedError("act-order checkpoints (non-trivial g_idx) are not supported by "
+                                          "W4A16Linear; re-export with desc_act=False")
+        self = cls(k, n, group_size, bias=bias is not None, device=qweight.device, dtype=dtype)
+        qn, zn = gptq_to_kernel(qweight, qzeros, zero_offset=zero_offset)
+        self.qweight_n.copy_(qn)
+        self.zeros_n.copy_(zn)
+        self.scales.copy_(scales.to(torch.float16))
+        if bias is not None:
+            self.bias.copy_(bias.to(dtype))
+        return self
+
+    @classmethod
+    def from_quantlinear(cls, ql: nn.Module, dtype=torch.bfloat16) -> "W4A16Linear":
+        """From an auto-round / GPTQ QuantLinear (4 bits). The zero-point convention follows the
+        class: auto-round's ``*_zp`` / gptq kernels store ``zero - 1``, plain ``auto_round`` ones
+        store the zero itself."""
+        bits = getattr(ql, "bits", 4)
+        if bits != 4:
+            raise NotImplementedError(f"only 4-bit QuantLinear is supported, got {bits} bits")
+        mod = type(ql).__module__
+        zero_offset = 0 if (mod.endswith("qlinear_torch") or mod.endswith("qlinear_tritonv2")) else 1
+        zero_offset = getattr(ql, "colquant_zero_offset", zero_offset)
+        bias = getattr(ql, "bias", None)
+        return cls.from_gptq(ql.qweight, ql.qzeros, ql.scales, ql.group_size, bias=bias,
+                             g_idx=getattr(ql, "g_idx", None), dtype=dtype, zero_offset=zero_offset)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "W4A16Linear":
+        """RTN W4 (sym, auto-round's rule) of a float Linear, via the auto_gptq layout."""
+        qw, qz, sc = rtn_quantize_gptq(linear.weight.data, group_size)
+        return cls.from_gptq(qw, qz, sc, group_size, bias=linear.bias, dtype=linear.weight.dtype)
+
+    @classmethod
+    def concat(cls, parts: list["W4A16Linear"]) -> "W4A16Linear":
+        """Fuse Linears that share their input (q/k/v, gate/up) by concatenating along N."""
+        k = parts[0].in_features
+        gs = parts[0].group_size
+        if any(p.in_features != k or p.group_size != gs for p in parts):
+            raise ValueError("fused parts must share in_features and group_size")
+        has_bias = any(p.bias is not None for p in parts)
+        n = sum(p.out_features for p in parts)
+        self = cls(k, n, gs, bias=has_bias, device=parts[0].qweight_n.device, dtype=parts[0].dtype)
+        self.qweight_n = torch.cat([p.qweight_n for p in parts], dim=1)
+        self.zeros_n = torch.cat([p.zeros_n for p in parts], dim=1)
+        self.scales = torch.cat([p.scales for p in parts], dim=1)
+        if has_bias:
+            self.bias = torch.cat([p.bias if p.bias is not None else
+                                   torch.zeros(p.out_features, dtype=self.dtype, device=self.scales.device)
+                                   for p in parts])
+        return self
+
+    # ----------------------------------------------------------------- views
+    def to_gptq(self):
+        """(qweight, qzeros, scales) in auto_gptq layout (exact inverse of from_gptq)."""
+        qw, qz = kernel_to_gptq(self.qweight_n, self.zeros_n)
+        return qw, qz, self.scales
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """W as [out_features, in_features] (nn.Linear's layout)."""
+        return dequantize_kernel(self.qweight_n, self.zeros_n, self.scales, self.group_size,
+                                 dtype=dtype or self.dtype).t()
+
+    @property
+    def weight_bytes(self) -> int:
+        b = self.qweight_n.numel() * 4 + self.zeros_n.numel() * 4 + self.scales.numel() * 2
+        return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x, act=False)
+
+    def forward_act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``self(silu(gate) * up)`` for ``gate_up = [..., 2 * in_features]`` (gate first)."""
+        return self._run(gate_up, act=True)
+
+    def _run(self, x, act):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        if m == 0 or x2.dtype not in (torch.float16, torch.bfloat16) or not fast(x2.device):
+            y = ref.w4a16_matmul(x2, self.qweight_n, self.zeros_n, self.scales, self.group_size,
+                                 bias=self.bias, act=act)
+        else:
+            y = self._dispatch(x2, act)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _dispatch(self, x2, act):
+        from colquant.kernels import triton_ops as tk
+
+        m = x2.shape[0]
+        kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
+        if kind == "dequant+cublas":
+            w = _scratch(self.in_features * self.out_features, x2.dtype, x2.device)
+            w = w[: self.in_features * self.out_features].view(self.in_features, self.out_features)
+            tk.dequant_w4(self.qweight_n, self.zeros_n, self.scales, self.group_size, out=w)
+            a = tk.silu_mul(x2) if act else x2
+            if self.bias is not None:
+                return torch.addmm(self.bias.to(a.dtype), a, w)
+            return a @ w
+        return tk.w4a16_matmul(x2, self.qweight_n, self.zeros_n, self.scales, self.group_size,
+                               bias=self.bias, act=act, cfg=cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# model-level helpers
+# --------------------------------------------------------------------------------------------
+
+
+def linear_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(mod, nn.Linear):
+        return nn.functional.linear(x, mod.weight, mod.bias)
+    return mod(x)
+
+
+def is_quant_linear(mod: nn.Module) -> bool:
+    """An auto-round / GPTQ style packed Linear (qweight, qzeros, scales buffers)."""
+    return (not isinstance(mod, W4A16Linear) and all(hasattr(mod, a) for a in ("qweight", "qzeros", "scales"))
+            and isinstance(getattr(mod, "qweight"), torch.Tensor))
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def replace_quant_linears(model: nn.Module, dtype=None) -> int:
+    """Swap every auto-round/GPTQ QuantLinear in ``model`` for a :class:`W4A16Linear`; returns how
+    many were swapped. ``dtype`` is the activation dtype (default: the model's)."""
+    dtype = dtype or getattr(model, "dtype", torch.bfloat16)
+    if dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.bfloat16
+    names = [n for n, m in model.named_modules() if is_quant_linear(m)]
+    for name in names:
+        _set_module(model, name, W4A16Linear.from_quantlinear(model.get_submodule(name), dtype=dtype))
+    return len(names)
+
+
+@torch.no_grad()
+def quantize_linears_rtn(module: nn.Module, group_size: int = 128, *, names=None) -> int:
+    """Replace the nn.Linear children of ``module`` (all, or those whose qualified name ends with one
+    of ``names``) by RTN-quantized :class:`W4A16Linear`, one at a time so memory stays flat."""
+    todo = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)
+            and m.in_features % group_size == 0 and m.out_features % 8 == 0
+            and (names is None or any(n.endswith(s) for s in names))]
+    for name in todo:
+        lin = module.get_submodule(name)
+        _set_module(module, name, W4A16Linear.from_linear(lin, group_size))
+        del lin
+    return len(todo)
+
+
+def describe_dispatch(m: int, k: int, n: int) -> str:
+    kind, cfg = DISPATCH.choose(m, k, n)
+    if cfg is None:
+        return kind
+    return f"{kind} BM{cfg['BM']} BN{cfg['BN']} BK{cfg['BK']} SK{cfg['SPLIT_K']}"
