@@ -22,7 +22,7 @@ def test_maxsim_equals_brute_force_on_ragged_inputs(seed):
     generator = torch.Generator().manual_seed(seed)
     queries, pages = ragged(generator, 5, 1, 7), ragged(generator, 9, 1, 12)
     expected = brute_force_maxsim(queries, pages)
-    assert torch.allclose(score(queries, pages, page_batch_size=4), expected, atol=1e-5)
+    assert torch.allclose(score(queries, pages, page_batch_size=4, query_batch_size=2), expected, atol=1e-5)
 
 
 def test_zero_padding_does_not_clamp_negative_best_matches():

@@ -141,18 +141,15 @@ class ColQuantEncoder(AbsEncoder):
     def similarity(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
         """MaxSim scores (queries, pages), computed on the model's device in float32.
 
-        `colquant.score` holds a (queries, pages, query tokens, page tokens) product per step; with
-        a thousand queries against 1,300-token pages that is tens of GB, so queries and pages are
-        fed in blocks that keep it near SIMILARITY_ELEMENTS.
+        A (queries, pages, query tokens, page tokens) block per step; with a thousand queries
+        against 1,300-token pages the whole product would be tens of GB, so blocks are sized to
+        keep it near SIMILARITY_ELEMENTS.
         """
         queries, pages = pad_embeddings(embeddings1), pad_embeddings(embeddings2)
         tokens_per_pair = max(1, queries.shape[1] * pages.shape[1])
         query_rows = max(1, min(128, SIMILARITY_ELEMENTS // tokens_per_pair))
         page_rows = max(1, SIMILARITY_ELEMENTS // (query_rows * tokens_per_pair))
-        return torch.cat([
-            score(queries[start : start + query_rows], pages, page_batch_size=page_rows, device=self.device)
-            for start in range(0, len(queries), query_rows)
-        ])
+        return score(queries, pages, query_batch_size=query_rows, page_batch_size=page_rows, device=self.device)
 
     def similarity_pairwise(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
         """MaxSim of each query with the page at the same position (mteb's reranking path)."""
