@@ -1,0 +1,201 @@
+"""Batch-size sweeps on the tiny model: rows, OOM handling, resumption, the results file, the tables.
+
+No timing is asserted: only that the machinery measures, records and resumes correctly.
+"""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from colquant import sweep
+from colquant.processing import ColQwen3Processor
+
+QUERY_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def variant(tiny_model, tiny_path):
+    """The tiny model with a processor whose page budget keeps page batches small (63 visual tokens)."""
+    return tiny_model[0], ColQwen3Processor.from_pretrained(tiny_path, max_num_visual_tokens=64)
+
+
+def sweep_once(variant, path, batch_sizes=(1, 2), kind="query", name="bf16"):
+    model, processor = variant
+    return sweep.run_sweep(
+        name, model, processor, kind=kind, batch_sizes=list(batch_sizes), query_tokens=QUERY_TOKENS,
+        repeats=1, results_path=path, device="cpu", warmup=1,
+    )
+
+
+class EncodeCalls:
+    """Stands in for `sweep.encode_batch`: records each batch size and can fail at chosen ones."""
+
+    def __init__(self, real) -> None:
+        self.real, self.seen, self.failures = real, [], {}
+
+    def fail_at(self, batch_size: int, error: Exception) -> None:
+        self.failures[batch_size] = error
+
+    def __call__(self, model, batch):
+        size = batch["input_ids"].shape[0]
+        self.seen.append(size)
+        if size in self.failures:
+            raise self.failures[size]
+        return self.real(model, batch)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> EncodeCalls:
+    encode = EncodeCalls(sweep.encode_batch)
+    monkeypatch.setattr(sweep, "encode_batch", encode)
+    return encode
+
+
+def test_synthetic_queries_have_exactly_the_requested_tokens(variant):
+    batch = sweep.synthetic_queries(variant[1], batch_size=3, query_tokens=32)
+    assert batch["attention_mask"].shape == (3, 42) and batch["attention_mask"].all()
+
+
+def test_synthetic_page_fills_the_visual_token_budget(variant):
+    processor = variant[1]
+    assert processor.visual_tokens(sweep.synthetic_page(64)) == 63
+    assert sweep.synthetic_page(1280).size == (1024, 1280)  # 32 x 40 tokens of 32 px, as the 4B's pages
+
+
+@pytest.mark.parametrize("kind", ["query", "page"])
+def test_sweep_records_one_row_per_batch_size(variant, tmp_path, kind):
+    rows = sweep_once(variant, tmp_path / "sweep.jsonl", kind=kind)
+    assert list(rows["batch_size"]) == [1, 2] and (rows["status"] == "ok").all()
+    assert (rows["items_per_s"] > 0).all() and (rows["tokens_per_s"] > rows["items_per_s"]).all()
+    assert (rows["latency_mean_ms"] > 0).all() and (rows["peak_memory_mib"] > 0).all()
+    assert (rows["peak_increase_mib"] >= 0).all() and (rows["memory_kind"] == "process_rss").all()
+    expected_tokens = QUERY_TOKENS + 10 if kind == "query" else 63 + 29  # visual tokens + page prompt
+    assert (rows["tokens_per_item"] == expected_tokens).all()
+    stored = sweep.load_results(tmp_path / "sweep.jsonl")
+    pd.testing.assert_frame_equal(stored, rows)
+
+
+def test_oom_gives_an_oom_row_then_skips_larger_batches(variant, tmp_path, calls):
+    calls.fail_at(2, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
+    rows = sweep_once(variant, tmp_path / "sweep.jsonl", batch_sizes=(4, 1, 2, 8))
+    assert list(rows["batch_size"]) == [1, 2, 4, 8]
+    assert list(rows["status"]) == ["ok", "oom", "skipped_after_oom", "skipped_after_oom"]
+    assert rows.loc[0, "items_per_s"] > 0 and rows.loc[1:, "items_per_s"].isna().all()
+    assert "out of memory" in rows.loc[1, "error"]
+    assert 4 not in calls.seen and 8 not in calls.seen
+    assert list(sweep.load_results(tmp_path / "sweep.jsonl")["status"]) == list(rows["status"])
+
+
+def test_cpu_allocator_failure_counts_as_oom(variant, tmp_path, calls):
+    calls.fail_at(2, RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    rows = sweep_once(variant, tmp_path / "sweep.jsonl")
+    assert list(rows["status"]) == ["ok", "oom"]
+
+
+def test_other_errors_propagate_and_finished_rows_stay(variant, tmp_path, calls):
+    calls.fail_at(2, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes"):
+        sweep_once(variant, tmp_path / "sweep.jsonl")
+    assert list(sweep.load_results(tmp_path / "sweep.jsonl")["batch_size"]) == [1]
+
+
+def test_rerun_skips_finished_rows(variant, tmp_path, calls):
+    path = tmp_path / "sweep.jsonl"
+    sweep_once(variant, path, batch_sizes=(1, 2))
+    assert calls.seen == [1, 1, 2, 2]  # warm-up + one timed run each
+    rows = sweep_once(variant, path, batch_sizes=(1, 2, 4))
+    assert calls.seen == [1, 1, 2, 2, 4, 4] and list(rows["status"]) == ["ok"] * 3
+    sweep_once(variant, path, batch_sizes=(1, 2, 4), name="w4a16")  # another variant is not "finished"
+    assert calls.seen[6:] == [1, 1, 2, 2, 4, 4]
+    assert len(sweep.load_results(path)) == 6
+
+
+def test_rerun_after_oom_does_not_retry_larger_batches(variant, tmp_path, calls):
+    path = tmp_path / "sweep.jsonl"
+    calls.fail_at(2, torch.OutOfMemoryError("CUDA out of memory"))
+    sweep_once(variant, path, batch_sizes=(1, 2, 4))
+    seen_before = len(calls.seen)
+    rows = sweep_once(variant, path, batch_sizes=(1, 2, 4))
+    assert len(calls.seen) == seen_before
+    assert list(rows["status"]) == ["ok", "oom", "skipped_after_oom"]
+    assert len(sweep.load_results(path)) == 3  # the skipped row was replaced, not duplicated
+
+
+def test_results_file_is_complete_json_after_each_row(variant, tmp_path, monkeypatch):
+    path = tmp_path / "sweep.jsonl"
+    real = sweep.encode_batch
+    observed = {}
+
+    def checking(model, batch):
+        size = batch["input_ids"].shape[0]
+        lines = path.read_text().splitlines() if path.exists() else []
+        observed[size] = [json.loads(line)["batch_size"] for line in lines]  # every line parses
+        return real(model, batch)
+
+    monkeypatch.setattr(sweep, "encode_batch", checking)
+    sweep_once(variant, path, batch_sizes=(1, 2, 4))
+    assert observed == {1: [], 2: [1], 4: [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.jsonl"]  # no staging files left behind
+
+
+def test_a_different_workload_in_the_same_file_is_refused(variant, tmp_path):
+    model, processor = variant
+    path = tmp_path / "sweep.jsonl"
+    sweep_once(variant, path, batch_sizes=(1,))
+    with pytest.raises(ValueError, match="tokens per item"):
+        sweep.run_sweep("bf16", model, processor, kind="query", batch_sizes=[1], query_tokens=QUERY_TOKENS + 1,
+                        repeats=1, results_path=path, device="cpu")
+
+
+def hand_made_results() -> pd.DataFrame:
+    """bf16 needs ~8.3 GiB before any activations; w4a16 ~3.4 GiB and its throughput dips at 512."""
+    measured = [
+        ("bf16", 8, 191, 8527), ("bf16", 32, 712, 8718), ("bf16", 128, 947, 9357), ("bf16", 256, 966, 10220),
+        ("w4a16", 8, 94, 3458), ("w4a16", 128, 909, 4247), ("w4a16", 256, 969, 5106), ("w4a16", 512, 951, 6963),
+    ]
+    rows = [
+        {"variant": v, "kind": "query", "batch_size": b, "status": "ok", "items_per_s": t, "peak_memory_mib": m,
+         "memory_kind": "cuda_allocated"}
+        for v, b, t, m in measured
+    ]
+    rows.append({"variant": "w4a16", "kind": "query", "batch_size": 1024, "status": "oom", "items_per_s": None,
+                 "peak_memory_mib": None, "memory_kind": None})
+    return pd.DataFrame(rows, columns=sweep.COLUMNS)
+
+
+def test_budget_table_picks_the_fastest_batch_that_fits():
+    table = sweep.budget_table(hand_made_results(), [8, 9.5, 12]).set_index(["budget_gb", "variant"])
+    assert table.loc[(8, "bf16"), "fit"] == "does not fit" and pd.isna(table.loc[(8, "bf16"), "batch_size"])
+    assert table.loc[(8, "bf16"), "smallest_peak_mib"] == 8527
+    assert table.loc[(8, "w4a16"), "batch_size"] == 256  # 969 items/s beats 951 at batch 512
+    assert table.loc[(8, "w4a16"), "peak_memory_mib"] == 5106
+    assert pd.isna(table.loc[(8, "w4a16"), "vs_baseline"])
+    assert table.loc[(9.5, "bf16"), "batch_size"] == 128  # 9357 MiB fits 9.5 GiB = 9728 MiB
+    assert table.loc[(12, "bf16"), "batch_size"] == 256
+    assert table.loc[(12, "w4a16"), "vs_baseline"] == pytest.approx(969 / 966)
+
+
+def test_same_batch_comparison_gives_ratios_to_the_baseline():
+    table = sweep.same_batch_comparison(hand_made_results()).set_index("batch_size")
+    assert table.loc[8, "w4a16_vs_bf16"] == pytest.approx(94 / 191)
+    assert table.loc[256, "bf16_items_per_s"] == 966
+    assert pd.isna(table.loc[512, "bf16_items_per_s"]) and table.loc[512, "w4a16_items_per_s"] == 951
+    assert 32 in table.index and pd.isna(table.loc[32, "w4a16_vs_bf16"])
+    with pytest.raises(ValueError, match="baseline"):
+        sweep.same_batch_comparison(hand_made_results(), baseline="fp8")
+
+
+def test_plots_return_figures():
+    results = hand_made_results()
+    figures = [sweep.plot_throughput(results), sweep.plot_memory(results, [8, 12, 16, 24, 40, 80])]
+    assert all(isinstance(figure, Figure) for figure in figures)
+    for figure in figures:
+        plt.close(figure)
