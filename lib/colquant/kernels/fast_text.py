@@ -33,6 +33,7 @@ from torch import nn
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import fast_path_unavailable, warn_once
 from colquant.kernels.linear import (
+    _FORCE_REFERENCE,
     W4A16Linear,
     fast,
     linear_forward,
@@ -227,7 +228,7 @@ def _fast_forward(self, input_ids=None, attention_mask=None, position_ids=None, 
     pos3 = _positions(position_ids, B, T, inputs_embeds.device)
     state: AccelState = self._colquant_accel
     with torch.no_grad():
-        if (state.runner is not None and deepstack_visual_embeds is None
+        if (state.runner is not None and deepstack_visual_embeds is None and not _FORCE_REFERENCE[0]
                 and not torch.cuda.is_current_stream_capturing()):
             out = state.runner.run(inputs_embeds, pos3, attention_mask)
             if out is not None:

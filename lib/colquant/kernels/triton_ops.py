@@ -56,9 +56,9 @@ def _unpack_vec(words, BN: tl.constexpr):
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om,
+    M, N, K, stride_xm, stride_om, SPLIT_K,
     GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    PARTIAL: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     SCALE_ACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -114,7 +114,7 @@ def _w4a16_kernel(
         x_ptrs += BK
         qw_ptrs += BK * NW
 
-    if SPLIT_K == 1:
+    if not PARTIAL:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
@@ -125,12 +125,12 @@ def _w4a16_kernel(
 
 
 @triton.jit
-def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K, HAS_BIAS: tl.constexpr,
                           BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT_K):
+    for s in range(1, SPLIT_K):
         acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
@@ -161,8 +161,8 @@ def w4a16_matmul(x, qweight_n, zeros_n, scales, group_size, *, bias=None, act=Fa
     target = out if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     _w4a16_kernel[(grid_mn, split)](
         x, qweight_n, zeros_n, scales, bias if bias is not None else scales, target,
-        M, N, K, x.stride(0), out.stride(0) if split == 1 else N,
-        GROUP_SIZE=group_size, BM=BM, BN=BN, BK=BK, SPLIT_K=split, GROUP_M=cfg.get("GROUP_M", 8),
+        M, N, K, x.stride(0), out.stride(0) if split == 1 else N, split,
+        GROUP_SIZE=group_size, BM=BM, BN=BN, BK=BK, PARTIAL=split > 1, GROUP_M=cfg.get("GROUP_M", 8),
         HAS_BIAS=bias is not None and split == 1, ACT=act, SCALE_ACC=cfg.get("SCALE_ACC", False),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
