@@ -323,3 +323,50 @@ def deepstack_replay(language_model: torch.nn.Module) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def load_page_images(*, seed: int, limit: int) -> tuple[list[Image.Image], list[str]]:
+    """Page images of `vidore/colpali_train_set`, stratified by source (streamed: no full download)."""
+    from datasets import load_dataset
+
+    rows = load_dataset(COLPALI_TRAIN, split="train", streaming=True).shuffle(seed=seed).take(8 * limit)
+    picked = _stratified([(row["image"], row["source"]) for row in rows], seed=seed, limit=limit)
+    return [image for image, _ in picked], [origin for _, origin in picked]
+
+
+def build_calibration(
+    profile: dict[str, Any],
+    seqlen: int,
+    model: torch.nn.Module,
+    processor: ColQwen3Processor,
+    corpus: Any | None,
+) -> CalibrationSet:
+    """The profile's calibration set at `seqlen` (source, nsamples, seed and fallback policy from it)."""
+    c = profile["calibration"]
+    if c["source"] != "pages":
+        return build_text_calibration(
+            processor.tokenizer,
+            source=c["source"],
+            seqlen=seqlen,
+            nsamples=c["nsamples"],
+            seed=c["seed"],
+            offline_fallback=c["offline_fallback"],
+            corpus=corpus,
+        )
+    try:
+        images, origins = load_page_images(seed=c["seed"], limit=c["nsamples"])
+        reason = None
+    except Exception as error:  # datasets raises ConnectionError, OSError, DatasetNotFoundError...
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        if c["offline_fallback"] != "embedded" or corpus is None:
+            raise CalibrationDataError(
+                f"cannot read page images of {COLPALI_TRAIN} ({reason}); run with hub access or set "
+                "calibration.offline_fallback: embedded"
+            ) from error
+        log.warning("page source unavailable (%s); using the embedded corpus as the profile allows", reason)
+        pages = corpus.pages[: c["nsamples"]]
+        images, origins = [corpus.image(p.page_id) for p in pages], [f"embedded:{p.layout}" for p in pages]
+    calibration = build_page_calibration(model, processor, images, seqlen=seqlen, nsamples=c["nsamples"], origins=origins)
+    if reason is not None:
+        calibration.source_used, calibration.fallback_reason = "embedded pages", reason
+    return calibration

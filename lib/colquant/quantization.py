@@ -232,3 +232,60 @@ def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
     metadata["results"] = {**metadata.get("results", {}), **results}
     (checkpoint / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     (checkpoint / "README.md").write_text(model_card(metadata))
+
+
+def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autoround") -> dict[str, Any]:
+    """Quantize the profile's base model into `variants/<name>` unless an identical one exists.
+
+    Reads the calibration set notebook 02 saved for `seqlen`; returns the variant's metadata
+    (with `reused: True` when nothing had to be done).
+    """
+    from colquant import workspace
+    from colquant.checkpoint import load
+    from colquant.params import variant_name
+
+    settings = QuantizationSettings.from_profile(profile, method)
+    name = variant_name(profile, seqlen, method)
+    out = workspace.variants_dir(profile) / name
+    calibration = CalibrationSet.load(workspace.calibration_file(profile, seqlen))
+    if (out / METADATA_FILE).exists():
+        existing = json.loads((out / METADATA_FILE).read_text())
+        same_calibration = method == "rtn" or existing["calibration"]["nsamples"] == calibration.nsamples
+        if existing["settings"] == asdict(settings) and same_calibration:
+            return {**existing, "reused": True}
+    base = workspace.base_model(profile)
+    model_settings = profile["model"]
+    model, processor = load(
+        base,
+        dtype=model_settings["dtype"],
+        device=model_settings["device"],
+        max_num_visual_tokens=model_settings["max_num_visual_tokens"],
+    )
+    autoround, cost = quantize_language_model(model, processor, calibration, settings)
+    metadata = quantization_metadata(
+        name,
+        settings,
+        calibration,
+        cost,
+        base_model=str(profile["model"]["id"]),
+        random_weights=profile["random_weights"],
+        quantized_layers=decoder_linear_names(model.language_model),
+    )
+    save_quantized_model(
+        model, processor, autoround, out, metadata=metadata, export_formats=tuple(profile["quantization"]["export_formats"])
+    )
+    return {**json.loads((out / METADATA_FILE).read_text()), "reused": False}
+
+
+def layer_types(model: torch.nn.Module) -> "pd.DataFrame":
+    """Count of layer classes per component, with their bit width: proof of what was quantized."""
+    import pandas as pd
+
+    from colquant.architecture import component_of
+
+    rows = [
+        {"component": component_of(name), "layer type": type(module).__name__, "bits": getattr(module, "bits", 16)}
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or hasattr(module, "qweight")
+    ]
+    return pd.DataFrame(rows).value_counts().rename("layers").reset_index().sort_values(["component", "bits"], ignore_index=True)

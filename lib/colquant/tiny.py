@@ -56,23 +56,37 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build(path: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the tiny checkpoint to `path` (seconds on CPU); reuse it if already built with `seed`.
+def build(
+    path: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    size: str = "tiny",
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Write a random-weight checkpoint to `path`; reuse it if already built with the same settings.
 
-    Written into a temporary sibling and renamed into place, so an interrupted build never leaves a
-    directory that looks complete.
+    `size="tiny"` (default) takes seconds on CPU. `size="4b"` gives the exact 4B shapes (8.3 GB,
+    built on `device`, a GPU in practice), for measuring memory, speed and quantization cost without
+    a download. Written into a temporary sibling and renamed into place, so an interrupted build
+    never leaves a directory that looks complete.
     """
+    configs = {"tiny": ColQwen3Config.tiny, "4b": ColQwen3Config.colqwen3_4b}
+    if size not in configs:
+        raise ValueError(f"size={size!r}: use 'tiny' or '4b'")
     path = Path(path)
     marker = path / TINY_MARKER
-    if marker.exists() and json.loads(marker.read_text()) == {"seed": seed, "dtype": str(dtype)}:
+    settings = {"seed": seed, "dtype": str(dtype), "size": size}
+    if marker.exists() and json.loads(marker.read_text()) == settings:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     torch.manual_seed(seed)
-    model = ColQwen3(ColQwen3Config.tiny()).to(dtype).eval()
-    model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE)
+    with torch.device(device):
+        model = ColQwen3(configs[size]()).to(dtype).eval()
+    model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE if size == "tiny" else "2GB")
     ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
-    (staging / TINY_MARKER).write_text(json.dumps({"seed": seed, "dtype": str(dtype)}) + "\n")
+    (staging / TINY_MARKER).write_text(json.dumps(settings) + "\n")
     if path.exists():
         shutil.rmtree(path)
     os.replace(staging, path)

@@ -1,0 +1,35 @@
+"""Command line: `python -m colquant run params/<profile>.yaml` and `python -m colquant bench ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="colquant", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="execute the notebooks for a profile and write REPORT.md")
+    run.add_argument("profile", help="params/<profile>.yaml")
+    run.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
+    commands.add_parser("bench", help="4-bit vs BF16 inference benchmark (see colquant.bench)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from colquant.bench import main as bench_main
+
+        return bench_main(rest)
+    from colquant.pipeline import PipelineError, run as run_pipeline
+
+    try:
+        summary = run_pipeline(args.profile, force=args.force)
+    except PipelineError as error:
+        print(f"colquant run: {error}", file=sys.stderr)
+        return 1
+    print(pd.DataFrame(summary).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

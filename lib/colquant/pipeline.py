@@ -1,0 +1,113 @@
+"""Headless runs: execute the numbered notebooks with papermill for a profile, then write the report.
+
+Notebooks 01-03 run once per calibration seqlen (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`);
+04-06 compare every variant produced and run once. A step is skipped when its fingerprint (the
+notebook's source, its parameters, the profile, and the fingerprints of the steps before it) is
+unchanged and its executed notebook exists, so an interrupted run resumes where it stopped and a
+finished one costs nothing to repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from colquant import workspace
+from colquant.params import load_profile
+
+log = logging.getLogger(__name__)
+
+NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
+PER_SEQLEN = ("01_architecture", "02_calibration", "03_quantization")
+ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep")
+STATE_FILE = "pipeline_state.json"
+
+
+class PipelineError(RuntimeError):
+    """A notebook failed; the message names it and where its executed copy (with the error) is."""
+
+
+@dataclass(frozen=True)
+class Step:
+    notebook: str
+    parameters: dict[str, Any]
+    output: Path
+
+    @property
+    def key(self) -> str:
+        return self.output.stem
+
+
+def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
+    """The notebooks to execute for this profile, in order."""
+    out = workspace.output_dir(profile)
+    relative = _relative_to_root(profile_path)
+    steps = [
+        Step(name, {"profile_path": relative, "seqlen": seqlen}, out / f"{name}__seqlen{seqlen}.ipynb")
+        for seqlen in profile["calibration"]["seqlens"]
+        for name in PER_SEQLEN
+    ]
+    steps += [Step(name, {"profile_path": relative}, out / f"{name}.ipynb") for name in ACROSS_VARIANTS]
+    return steps
+
+
+def _relative_to_root(path: Path) -> str:
+    path = path.resolve()
+    try:
+        return str(path.relative_to(workspace.REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def fingerprint(step: Step, profile: dict[str, Any], previous: str) -> str:
+    digest = hashlib.sha256()
+    digest.update((NOTEBOOKS_DIR / f"{step.notebook}.ipynb").read_bytes())
+    digest.update(json.dumps([step.parameters, profile, previous], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def run(profile_path: str | Path, *, force: bool = False) -> list[dict[str, Any]]:
+    """Execute the profile's notebooks (skipping unchanged finished ones), then write REPORT.md."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from colquant.reporting import write_report
+
+    profile_path = workspace.resolve(profile_path)
+    profile = load_profile(profile_path)
+    out = workspace.output_dir(profile)
+    state_path = out / STATE_FILE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    summary, previous = [], ""
+    for step in tqdm(plan(profile_path, profile), desc=f"pipeline {profile['profile']}"):
+        previous = fingerprint(step, profile, previous)
+        if not force and state.get(step.key) == previous and step.output.exists():
+            summary.append({"step": step.key, "status": "skipped (unchanged)"})
+            continue
+        state.pop(step.key, None)
+        try:
+            papermill.execute_notebook(
+                str(NOTEBOOKS_DIR / f"{step.notebook}.ipynb"),
+                str(step.output),
+                parameters=step.parameters,
+                cwd=str(workspace.REPO_ROOT),
+                progress_bar=False,
+            )
+        except PapermillExecutionError as error:
+            workspace.write_json(state_path, state)
+            raise PipelineError(
+                f"{step.notebook} failed ({error.ename}: {error.evalue}); the executed notebook with the "
+                f"failing cell is {step.output}"
+            ) from error
+        state[step.key] = previous
+        workspace.write_json(state_path, state)
+        summary.append({"step": step.key, "status": "executed"})
+    report = write_report(profile)
+    summary.append({"step": "REPORT.md", "status": str(report)})
+    return summary

@@ -1,0 +1,118 @@
+"""`outputs/<profile>/REPORT.md`: the seed reports' tables, filled from this run's result files.
+
+The report only reads what the notebooks wrote under `results/` and `plots/`; a section whose
+inputs are missing says so instead of being left out, so a partial run is visibly partial.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from colquant import workspace
+
+
+def write_report(profile: dict[str, Any]) -> Path:
+    results = workspace.results_dir(profile)
+    sections = [
+        f"# ColQuant report: profile `{profile['profile']}`\n\n{workspace.random_weights_notice(profile)}\n\n"
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python -m colquant run`.",
+        _model_section(results),
+        _quantization_section(results),
+        _quality_section(results),
+        _fidelity_section(results),
+        _sweep_section(results),
+        _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile)),
+    ]
+    path = workspace.output_dir(profile) / "REPORT.md"
+    partial = path.with_suffix(".md.partial")
+    partial.write_text("\n\n".join(sections) + "\n")
+    partial.replace(path)
+    return path
+
+
+def _missing(what: str, notebook: str) -> str:
+    return f"_No {what} yet: run `{notebook}` (or `python -m colquant run <profile>`)._"
+
+
+def _table(frame: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    return frame.to_markdown(index=False, floatfmt=floatfmt)
+
+
+def _model_section(results: Path) -> str:
+    path = results / "architecture.json"
+    if not path.exists():
+        return "## Model\n\n" + _missing("architecture summary", "notebooks/01_architecture.ipynb")
+    facts = json.loads(path.read_text())
+    params = pd.DataFrame(facts["colqwen3_4b"]["parameters"])
+    sizes = pd.DataFrame(facts["colqwen3_4b"]["predicted_sizes"])[["scheme", "quantized_params", "GiB", "vs_bf16"]]
+    return (
+        "## Model: ColQwen3-4B (`TomoroAI/tomoro-colqwen3-embed-4b`)\n\n"
+        f"W4A16 on the language model covers {facts['colqwen3_4b']['w4a16_coverage']:.1%} of the parameters.\n\n"
+        f"{_table(params)}\n\nPredicted weight memory:\n\n{_table(sizes, '.3f')}"
+    )
+
+
+def _quantization_section(results: Path) -> str:
+    runs = [run for path in sorted(results.glob("quantization__seqlen*.json")) for run in json.loads(path.read_text())]
+    if not runs:
+        return "## Quantization\n\n" + _missing("quantized variants", "notebooks/03_quantization.ipynb")
+    rows = {
+        run["variant"]: {
+            "variant": run["variant"],
+            "method": run["settings"]["method"],
+            "bits / group / sym": f"{run['settings']['bits']} / {run['settings']['group_size']} / {run['settings']['sym']}",
+            "iters": run["settings"]["iters"],
+            "calibration (used)": f"{run['calibration']['source_used']} {run['calibration']['nsamples']}x{run['calibration']['seqlen']}",
+            "layers": run["quantized_layers"],
+            "size MiB": run["size_on_disk_bytes"] / 2**20,
+            "wall s": run["wall_time_s"],
+            "peak MiB": run["peak_memory_bytes"] / 2**20,
+            "memory": run["memory_kind"],
+        }
+        for run in runs
+    }
+    return "## Quantization (auto-round W4A16, language-model decoder Linear layers)\n\n" + _table(pd.DataFrame(rows.values()))
+
+
+def _quality_section(results: Path) -> str:
+    from colquant.evaluation import change_counts, format_seed_table
+
+    path = results / "ndcg_table.csv"
+    if not path.exists():
+        return "## Retrieval quality (NDCG@5)\n\n" + _missing("mteb results", "notebooks/05_vidore_eval.ipynb")
+    table = pd.read_csv(path, index_col=0)
+    counts = change_counts(table).reset_index()
+    return (
+        "## Retrieval quality: NDCG@5 per task (mteb)\n\n"
+        f"{format_seed_table(table)}\n\nTasks improved / degraded / unchanged against BF16:\n\n{_table(counts)}"
+    )
+
+
+def _fidelity_section(results: Path) -> str:
+    path = results / "fidelity_summary.csv"
+    if not path.exists():
+        return "## Embedding fidelity\n\n" + _missing("fidelity results", "notebooks/04_embedding_fidelity.ipynb")
+    summary = pd.read_csv(path)
+    return "## Embedding fidelity against BF16\n\n" + _table(summary.set_index("variant").T.reset_index(names="metric"))
+
+
+def _sweep_section(results: Path) -> str:
+    same_batch, budgets = results / "sweep_same_batch.csv", results / "sweep_budgets.csv"
+    if not same_batch.exists() or not budgets.exists():
+        return "## Memory and throughput\n\n" + _missing("sweep results", "notebooks/06_memory_sweep.ipynb")
+    return (
+        "## Memory and throughput sweep\n\nSame batch size, side by side:\n\n"
+        f"{_table(pd.read_csv(same_batch))}\n\nBest batch size per memory budget:\n\n{_table(pd.read_csv(budgets))}"
+    )
+
+
+def _plots_section(plots: Path, root: Path) -> str:
+    images = sorted(plots.glob("*.png"))
+    if not images:
+        return "## Plots\n\n_No plots yet._"
+    return "## Plots\n\n" + "\n\n".join(f"![{image.stem}]({image.relative_to(root)})" for image in images)
