@@ -41,7 +41,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         visual_tokens=1280, grid=(1, 64, 80), eager_query_batches=[1, 8],
         reps_small=30, reps_large=5, min_time_s=0.5, calibrate=True, check_ms=[1, 16, 44, 176, 352, 1408,
                                                                                2816, 5632, 11264, 43008],
-        memory_batch=64,
+        memory_batch=64, offload_batches=[1, 64],
     ),
     "tiny": dict(
         config="tiny", dtype="bfloat16", group_size=128,
@@ -181,12 +181,15 @@ def time_forward(model, batch, device, reps, min_time_s, warmup=2):
                 break
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
     del out
+    time_forward.last_spread = (min(times), max(times))
     return statistics.median(times), peak, len(times)
 
 
 def _bench_graph(fn, n_inner, device, reps=20):
     """Time ``fn`` (which launches n_inner GEMMs over rotating weights) as a replayed CUDA graph."""
-    s = torch.cuda.Stream(device)
+    from colquant.kernels.fast_text import capture_stream
+
+    s = capture_stream(device)
     s.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(s):
         fn()
@@ -215,28 +218,32 @@ def _bench_graph(fn, n_inner, device, reps=20):
 
 
 def _candidates(m):
+    """Tile / split-K candidates of the Triton kernel worth timing at ``m`` tokens."""
     c = []
 
     def add(name, **kw):
-        base = dict(GROUP_M=8, num_warps=4, num_stages=4, SCALE_ACC=False, waves=1)
+        base = dict(GROUP_M=8, num_warps=4, num_stages=3, SCALE_ACC=False, waves=1)
         base.update(kw)
         c.append((name, base))
 
     if m <= 64:
-        add("s16x128x128", BM=16, BN=128, BK=128, waves=2)
-        add("s16x256x128", BM=16, BN=256, BK=128, waves=2, num_warps=8)
-        add("s16x128x128sa", BM=16, BN=128, BK=128, waves=2, SCALE_ACC=True)
+        add("s16x128sa-w2", BM=16, BN=128, waves=2, SCALE_ACC=True)
+        add("s16x128sa-w4", BM=16, BN=128, waves=4, SCALE_ACC=True)
+        add("s16x256sa-w2", BM=16, BN=256, waves=2, SCALE_ACC=True, num_warps=8)
+        add("s16x128-w2", BM=16, BN=128, waves=2)
+        add("s16x64sa-w4", BM=16, BN=64, waves=4, SCALE_ACC=True)
     if 16 < m <= 256:
-        add("s32x128x128", BM=32, BN=128, BK=128, waves=2)
-        add("s64x128x64", BM=64, BN=128, BK=64, waves=1)
-        add("s64x128x128sa", BM=64, BN=128, BK=128, waves=1, SCALE_ACC=True, num_stages=3)
+        add("s32x128sa-w2", BM=32, BN=128, waves=2, SCALE_ACC=True)
+        add("s64x128sa-w1", BM=64, BN=128, waves=1, SCALE_ACC=True)
+        add("s64x128sa-w2", BM=64, BN=128, waves=2, SCALE_ACC=True)
+        add("s64x128-w1", BM=64, BN=128, waves=1)
     if 64 < m <= 2048:
-        add("t64x128x64", BM=64, BN=128, BK=64, waves=0)
-        add("t128x128x64", BM=128, BN=128, BK=64, waves=0, num_warps=8, num_stages=3)
-        add("t64x256x64", BM=64, BN=256, BK=64, waves=0, num_warps=8, num_stages=3)
-    if m > 2048:
-        add("t128x128x64", BM=128, BN=128, BK=64, waves=0, num_warps=8, num_stages=3)
-        add("t128x256x64", BM=128, BN=256, BK=64, waves=0, num_warps=8, num_stages=3)
+        add("t64x128", BM=64, BN=128, waves=0)
+        add("t64x256", BM=64, BN=256, waves=0, num_warps=8)
+        add("t128x128", BM=128, BN=128, waves=0, num_warps=8)
+    if m > 512:
+        add("t128x256", BM=128, BN=256, waves=0, num_warps=8)
+        add("t128x256s4", BM=128, BN=256, waves=0, num_warps=8, num_stages=4)
     return c
 
 
@@ -291,14 +298,15 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
                 if c is not None:
                     c = dict(c)
                     waves = c.pop("waves")
-                    c["SPLIT_K"] = tk._split_for(m, N, K, c["BM"], c["BN"], c["BK"], waves=waves) if waves else 1
+                    c["SPLIT_K"] = tk._split_for(m, N, K, c["BM"], c["BN"], 128, waves=waves) if waves else 1
 
                 def run(x, qn, zn, sc, c=c, out=None):
                     if c is None:
-                        w = tk.dequant_w4(qn, zn, sc, G, dtype=torch.bfloat16, out=_scr(K * N, device).view(K, N))
+                        w = tk.dequant_w4(qn, zn, sc, G, dtype=torch.bfloat16, out=_scr(K * N, device).view(K, N),
+                                          sym_zero=8)
                         a = tk.silu_mul(x) if act else x
                         return torch.mm(a, w, out=out) if out is not None else a @ w
-                    return tk.w4a16_matmul(x, qn, zn, sc, G, act=act, cfg=c, out=out)
+                    return tk.w4a16_matmul(x, qn, zn, sc, G, act=act, cfg=c, out=out, sym_zero=8)
 
                 try:
                     out = torch.full((m, N), float("nan"), device=device, dtype=torch.bfloat16)
@@ -402,8 +410,8 @@ def compare(a, b, mask):
                 finite=bool(torch.isfinite(a).all()))
 
 
-def profile_b1(model, batch, device, top=14):
-    """Per-kernel GPU time of one eager (graph-free) batch-1 forward: where batch-1 latency goes."""
+def profile_forward(model, batch, device, label="", top=14):
+    """Per-kernel GPU time of one eager (graph-free) forward: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     from colquant.kernels import find_text_model
@@ -434,7 +442,7 @@ def profile_b1(model, batch, device, top=14):
     rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
     out = dict(total_kernel_us=total, n_kernels=sum(n for _, n in agg.values()),
                top=[dict(kernel=k, us=t, calls=n) for k, (t, n) in rows])
-    _log(f"[bench] eager batch-1 kernels: {out['n_kernels']} launches, {total:.0f} us GPU time; top: "
+    _log(f"[bench] {label} eager kernels: {out['n_kernels']} launches, {total:.0f} us GPU time; top: "
          + "; ".join(f"{r['kernel'][:40]} {r['us']:.0f}us/{r['calls']}" for r in out["top"][:8]))
     return out
 
@@ -524,8 +532,9 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
     rows: list[dict] = []
 
     def add_row(precision, work, batch, sec, peak, n, tokens):
+        lo, hi = getattr(time_forward, "last_spread", (sec, sec))
         rows.append(dict(precision=precision, work=work, batch=batch, ms=sec * 1e3, items_per_s=batch / sec,
-                         peak_mib=peak, reps=n, tokens_per_item=tokens))
+                         peak_mib=peak, reps=n, tokens_per_item=tokens, ms_min=lo * 1e3, ms_max=hi * 1e3))
 
     # ---- BF16 reference (transformers eager)
     qref = query_batch(cfg, 4, dev, seed=11, ragged=True)
@@ -562,11 +571,56 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
                 continue
             add_row(precision, "page", B, sec, peak, n, cfg["visual_tokens"] + 11)
             _log(f"[bench] {precision} pages   B={B:5d}: {sec * 1e3:9.2f} ms  {B / sec:9.1f} p/s  peak {peak:8.0f} MiB")
-        if dev.type == "cuda" and cfg.get("profile_b1", True):
+        if dev.type == "cuda" and cfg.get("profile", True):
+            for label, batch in (("query-b1", query_batch(cfg, 1, dev)), ("page-b1", page_batch(cfg, model, 1, dev))):
+                try:
+                    report.setdefault("profiles", {})[f"{precision} {label}"] = profile_forward(
+                        model, batch, dev, f"{precision} {label}")
+                except Exception as exc:
+                    errors.append(dict(precision=precision, work="profile " + label, error=repr(exc)[:300]))
+
+    def bench_offload(precision):
+        """Token embeddings in host memory: the peak-memory option (queries only)."""
+        from colquant.kernels import offload_embeddings, restore_embeddings
+
+        if dev.type != "cuda" or not cfg.get("offload_batches"):
+            return
+        offload_embeddings(model)
+        try:
+            for B in cfg["offload_batches"]:
+                try:
+                    sec, peak, n = time_forward(model, query_batch(cfg, B, dev), dev, cfg["reps_small"],
+                                                cfg["min_time_s"])
+                except Exception as exc:
+                    errors.append(dict(precision=precision + "+emb-offload", batch=B, error=repr(exc)[:300]))
+                    continue
+                add_row(precision + "+emb-offload", "query", B, sec, peak, n, T)
+                _log(f"[bench] {precision}+emb-offload queries B={B:5d}: {sec * 1e3:9.2f} ms  peak {peak:8.0f} MiB")
+                reset_graphs(model)
+        finally:
+            restore_embeddings(model)
+            reset_graphs(model)
+
+    def time_vision():
+        if dev.type != "cuda":
+            return
+        out = {}
+        for B in cfg["page_batches"]:
+            pb = page_batch(cfg, model, B, dev)
             try:
-                report.setdefault("profile_b1", {})[precision] = profile_b1(model, query_batch(cfg, 1, dev), dev)
+                with torch.no_grad():
+                    fn = model.vlm.model.get_image_features
+                    fn(pb["pixel_values"], pb["image_grid_thw"])
+                    _sync(dev)
+                    t_s = time.perf_counter()
+                    for _ in range(2):
+                        fn(pb["pixel_values"], pb["image_grid_thw"])
+                    _sync(dev)
+                out[B] = (time.perf_counter() - t_s) / 2 * 1e3
             except Exception as exc:
-                errors.append(dict(precision=precision, work="profile", error=repr(exc)[:300]))
+                errors.append(dict(work="vision timing", batch=B, error=repr(exc)[:300]))
+        report["vision_tower_ms"] = out
+        _log(f"[bench] vision tower alone (bf16, transformers), ms per page batch: {out}")
 
     # ---- BF16 accelerated
     accelerate_model(model)
@@ -576,6 +630,8 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
     reset_graphs(model)
     _log(f"[bench] bf16 fused vs transformers: {checks_model}")
     bench_precision("bf16")
+    time_vision()
+    bench_offload("bf16")
     emb_q_bf16 = _embed(model, qref)
     emb_p_bf16 = _embed(model, pref)
     reset_graphs(model)
@@ -612,6 +668,7 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
         DISPATCH.stats.clear()
     bench_precision("w4a16")
     DISPATCH.record_stats = False
+    bench_offload("w4a16")
     report["dispatch_used"] = sorted({(k, n, kind) for (k, n, m, kind) in DISPATCH.stats})
 
     df = pd.DataFrame(rows)
@@ -649,6 +706,7 @@ def summary_table(df):
     eager = df[df.precision == "bf16-hf-eager"]
     t = pd.DataFrame(out)
     t.attrs["eager"] = eager.to_dict(orient="records")
+    t.attrs["offload"] = df[df.precision.str.endswith("+emb-offload")].to_dict(orient="records")
     return t
 
 
@@ -662,6 +720,8 @@ def format_table(t) -> str:
     for e in t.attrs.get("eager", []):
         lines.append(f"(transformers eager bf16, query batch {e['batch']}: {e['ms']:.2f} ms, "
                      f"{e['items_per_s']:.1f} q/s)")
+    for e in t.attrs.get("offload", []):
+        lines.append(f"({e['precision']}, query batch {e['batch']}: {e['ms']:.2f} ms, peak {e['peak_mib']:.0f} MiB)")
     return "\n".join(lines)
 
 
@@ -693,6 +753,11 @@ def evaluate_targets(t, report, cfg):
     mb = q[q.batch == cfg["memory_batch"]]
     if len(mb):
         put(f"mem_ratio_b{cfg['memory_batch']}", mb.mem_ratio.iloc[0], mb.mem_ratio.iloc[0] <= TARGETS["memory_ratio_b64"])
+    off = {(e["precision"], e["batch"]): e for e in t.attrs.get("offload", [])}
+    w4o = off.get(("w4a16+emb-offload", cfg["memory_batch"]))
+    if w4o is not None and len(mb):
+        put(f"mem_ratio_b{cfg['memory_batch']}_w4_emb_offload_vs_bf16", w4o["peak_mib"] / mb.bf16_peak_mib.iloc[0],
+            w4o["peak_mib"] / mb.bf16_peak_mib.iloc[0] <= TARGETS["memory_ratio_b64"])
     if "kernel_worst_rel_err" in report:
         put("kernel_worst_rel_err", report["kernel_worst_rel_err"],
             report["kernel_checks_all_ok"] and report["kernel_worst_rel_err"] <= TARGETS["kernel_rel_err"])

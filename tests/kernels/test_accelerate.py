@@ -77,3 +77,19 @@ def test_bf16_4bit_model_runs_accelerated_on_cpu(tiny_model, batches):
     out = _embed(m, batches[0])
     assert torch.isfinite(out).all()
     _assert_close(out, ref_q, batches[0]["attention_mask"], 0.1)  # 4-bit vs bf16, random tiny weights
+
+
+def test_host_offloaded_embeddings_give_the_same_embeddings(tiny_model, batches):
+    from colquant.kernels import restore_embeddings
+    from colquant.kernels.fast_text import OffloadedEmbedding
+
+    model, _ = tiny_model
+    m = copy.deepcopy(model).float()
+    ref_q = _embed(m, batches[0])
+    accelerate_model(m, offload_embeddings_to_host=True)
+    tm = find_text_model(m)
+    assert isinstance(tm.embed_tokens, OffloadedEmbedding)
+    _assert_close(_embed(m, batches[0]), ref_q, batches[0]["attention_mask"], 1e-5)
+    restore_embeddings(m)
+    assert isinstance(tm.embed_tokens, torch.nn.Embedding)
+    _assert_close(_embed(m, batches[0]), ref_q, batches[0]["attention_mask"], 1e-5)

@@ -37,13 +37,28 @@ def test_gptq_and_kernel_layouts_round_trip_exactly():
     qweight = _rand_words(K // 8, N, gen=gen)
     stored = torch.randint(0, 15, (K // G, N), generator=gen)  # zero - 1 in [0, 14]
     qzeros = pk.pack_int4_cols(stored)
-    qn, zn = pk.gptq_to_kernel(qweight, qzeros)
-    assert qn.shape == (K, N // 8) and zn.shape == (K // G, N // 8)
-    assert torch.equal(pk.unpack_int4_cols(zn).long(), stored + 1)
-    qw2, qz2 = pk.kernel_to_gptq(qn, zn)
+    qk, zu = pk.gptq_to_kernel(qweight, qzeros)
+    assert qk.shape == (K // 8, N) and zu.shape == (K // G, N) and zu.dtype == torch.uint8
+    assert torch.equal(zu.long(), stored + 1)
+    qw2, qz2 = pk.kernel_to_gptq(qk, zu)
     assert torch.equal(qw2, qweight) and torch.equal(qz2, qzeros)
     # the integers themselves are untouched by the relayout
-    assert torch.equal(pk.unpack_int4_cols(qn), pk.unpack_int4_rows(qweight))
+    assert torch.equal(pk.unpack_kblocked(qk), pk.unpack_int4_rows(qweight))
+
+
+def test_kblocked_layout_puts_16_consecutive_features_in_each_nibble():
+    K, N = 256, 8
+    ints = (torch.arange(K)[:, None] % 16).expand(K, N).contiguous()  # feature k holds k % 16
+    ints = ints ^ (torch.arange(K)[:, None] // 16 % 16)  # and depends on k // 16
+    qk = pk.pack_kblocked(ints)
+    assert torch.equal(pk.unpack_kblocked(qk), ints.to(torch.int8))
+    for b in range(K // 128):
+        words = qk[16 * b: 16 * b + 16]  # [16, N]
+        for i in range(8):
+            tile = (words >> (4 * i)) & 0xF  # [16, N]: features 128b + 16i .. +15
+            assert torch.equal(tile, ints[128 * b + 16 * i: 128 * b + 16 * i + 16].to(torch.int32))
+    with pytest.raises(ValueError):
+        pk.pack_kblocked(torch.zeros(64, 8, dtype=torch.int8))
 
 
 def test_pack_rejects_out_of_range_values():

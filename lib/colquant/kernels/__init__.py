@@ -11,7 +11,14 @@
 """
 
 from colquant.kernels.backend import backend_report, fast_path_unavailable, use_fast_path
-from colquant.kernels.fast_text import accelerate_model, find_text_model, fuse_text_model, reset_graphs
+from colquant.kernels.fast_text import (
+    accelerate_model,
+    find_text_model,
+    fuse_text_model,
+    offload_embeddings,
+    reset_graphs,
+    restore_embeddings,
+)
 from colquant.kernels.linear import (
     DISPATCH,
     W4A16Linear,
@@ -40,9 +47,11 @@ __all__ = [
     "fuse_text_model",
     "gptq_to_kernel",
     "kernel_to_gptq",
+    "offload_embeddings",
     "quantize_linears_rtn",
     "replace_quant_linears",
     "reset_graphs",
+    "restore_embeddings",
     "rtn_quantize_gptq",
     "use_fast_path",
 ]

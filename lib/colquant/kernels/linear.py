@@ -128,27 +128,33 @@ def release_scratch() -> None:
 
 class W4A16Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as 4-bit integers, group-wise fp16 scales and 4-bit
-    zero points, in the kernel's n-packed layout (see :mod:`colquant.kernels.packing`)."""
+    zero points, in the kernel's k-blocked layout (see :mod:`colquant.kernels.packing`)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  device=None, dtype=torch.bfloat16):
         super().__init__()
-        if in_features % group_size or out_features % 8:
-            raise ValueError(f"W4A16Linear needs in_features % group_size == 0 and out_features % 8 == 0, "
-                             f"got {in_features}, {out_features}, group {group_size}")
+        if in_features % group_size or in_features % 128 or out_features % 8:
+            raise ValueError(f"W4A16Linear needs in_features % 128 == 0, in_features % group_size == 0 and "
+                             f"out_features % 8 == 0, got {in_features}, {out_features}, group {group_size}")
+        if not (group_size % 128 == 0 or (128 % group_size == 0 and group_size % 16 == 0)):
+            raise ValueError(f"group_size {group_size} must be a multiple of 128 or divide 128 (>= 16)")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
         self.dtype = dtype
+        self.sym_zero = 0  # 8 when every zero point is 8: kernels then skip reading them
         g = in_features // group_size
-        self.register_buffer("qweight_n", torch.zeros((in_features, out_features // 8), dtype=torch.int32,
+        self.register_buffer("qweight_k", torch.zeros((in_features // 8, out_features), dtype=torch.int32,
                                                       device=device))
-        self.register_buffer("zeros_n", torch.zeros((g, out_features // 8), dtype=torch.int32, device=device))
+        self.register_buffer("zeros_u8", torch.zeros((g, out_features), dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros((g, out_features), dtype=torch.float16, device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+
+    def _refresh_sym(self) -> None:
+        self.sym_zero = 8 if bool((self.zeros_u8 == 8).all()) else 0
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -163,12 +169,13 @@ class W4A16Linear(nn.Module):
                 raise NotImplementedError("act-order checkpoints (non-trivial g_idx) are not supported by "
                                           "W4A16Linear; re-export with desc_act=False")
         self = cls(k, n, group_size, bias=bias is not None, device=qweight.device, dtype=dtype)
-        qn, zn = gptq_to_kernel(qweight, qzeros, zero_offset=zero_offset)
-        self.qweight_n.copy_(qn)
-        self.zeros_n.copy_(zn)
+        qk, zu = gptq_to_kernel(qweight, qzeros, zero_offset=zero_offset)
+        self.qweight_k.copy_(qk)
+        self.zeros_u8.copy_(zu)
         self.scales.copy_(scales.to(torch.float16))
         if bias is not None:
             self.bias.copy_(bias.to(dtype))
+        self._refresh_sym()
         return self
 
     @classmethod
@@ -201,10 +208,11 @@ class W4A16Linear(nn.Module):
             raise ValueError("fused parts must share in_features and group_size")
         has_bias = any(p.bias is not None for p in parts)
         n = sum(p.out_features for p in parts)
-        self = cls(k, n, gs, bias=has_bias, device=parts[0].qweight_n.device, dtype=parts[0].dtype)
-        self.qweight_n = torch.cat([p.qweight_n for p in parts], dim=1)
-        self.zeros_n = torch.cat([p.zeros_n for p in parts], dim=1)
+        self = cls(k, n, gs, bias=has_bias, device=parts[0].qweight_k.device, dtype=parts[0].dtype)
+        self.qweight_k = torch.cat([p.qweight_k for p in parts], dim=1)
+        self.zeros_u8 = torch.cat([p.zeros_u8 for p in parts], dim=1)
         self.scales = torch.cat([p.scales for p in parts], dim=1)
+        self._refresh_sym()
         if has_bias:
             self.bias = torch.cat([p.bias if p.bias is not None else
                                    torch.zeros(p.out_features, dtype=self.dtype, device=self.scales.device)
@@ -214,17 +222,17 @@ class W4A16Linear(nn.Module):
     # ----------------------------------------------------------------- views
     def to_gptq(self):
         """(qweight, qzeros, scales) in auto_gptq layout (exact inverse of from_gptq)."""
-        qw, qz = kernel_to_gptq(self.qweight_n, self.zeros_n)
+        qw, qz = kernel_to_gptq(self.qweight_k, self.zeros_u8)
         return qw, qz, self.scales
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """W as [out_features, in_features] (nn.Linear's layout)."""
-        return dequantize_kernel(self.qweight_n, self.zeros_n, self.scales, self.group_size,
+        return dequantize_kernel(self.qweight_k, self.zeros_u8, self.scales, self.group_size,
                                  dtype=dtype or self.dtype).t()
 
     @property
     def weight_bytes(self) -> int:
-        b = self.qweight_n.numel() * 4 + self.zeros_n.numel() * 4 + self.scales.numel() * 2
+        b = self.qweight_k.numel() * 4 + self.zeros_u8.numel() + self.scales.numel() * 2
         return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
@@ -246,7 +254,7 @@ class W4A16Linear(nn.Module):
             x2 = x2.contiguous()
         m = x2.shape[0]
         if m == 0 or x2.dtype not in (torch.float16, torch.bfloat16) or not fast(x2.device):
-            y = ref.w4a16_matmul(x2, self.qweight_n, self.zeros_n, self.scales, self.group_size,
+            y = ref.w4a16_matmul(x2, self.qweight_k, self.zeros_u8, self.scales, self.group_size,
                                  bias=self.bias, act=act)
         else:
             y = self._dispatch(x2, act)
@@ -260,13 +268,14 @@ class W4A16Linear(nn.Module):
         if kind == "dequant+cublas":
             w = _scratch(self.in_features * self.out_features, x2.dtype, x2.device)
             w = w[: self.in_features * self.out_features].view(self.in_features, self.out_features)
-            tk.dequant_w4(self.qweight_n, self.zeros_n, self.scales, self.group_size, out=w)
+            tk.dequant_w4(self.qweight_k, self.zeros_u8, self.scales, self.group_size, out=w,
+                          sym_zero=self.sym_zero)
             a = tk.silu_mul(x2) if act else x2
             if self.bias is not None:
                 return torch.addmm(self.bias.to(a.dtype), a, w)
             return a @ w
-        return tk.w4a16_matmul(x2, self.qweight_n, self.zeros_n, self.scales, self.group_size,
-                               bias=self.bias, act=act, cfg=cfg)
+        return tk.w4a16_matmul(x2, self.qweight_k, self.zeros_u8, self.scales, self.group_size,
+                               bias=self.bias, act=act, cfg=cfg, sym_zero=self.sym_zero)
 
 
 # --------------------------------------------------------------------------------------------

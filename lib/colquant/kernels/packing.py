@@ -12,14 +12,17 @@ the module ``auto_round_extension.torch.qlinear_torch_zp.QuantLinear``), for a L
 * dequantized weight ``W[k, n] = scales[g, n] * (q[k, n] - (qzeros_nibble[g, n] + 1))`` with
   ``g = k // G``, computed by auto-round in fp16 and then cast to the activation dtype.
 
-Kernel layout used by :mod:`colquant.kernels` (``"n-packed"``): the same integers packed along N,
+Kernel layout used by :mod:`colquant.kernels` (``"k-blocked"``): the same integers, packed along K
+inside blocks of 128 input features so that one shift extracts 16 *consecutive* rows:
 
-* ``qweight_n`` int32 ``[K, N/8]``: row ``k`` word ``j`` nibble ``i`` holds output feature ``8j + i``,
-* ``zeros_n`` int32 ``[K/G, N/8]``: the *true* zero points (not minus one), same nibble order,
-* ``scales`` unchanged.
+* ``qweight_k`` int32 ``[K/8, N]``: in block ``b`` (rows ``16b .. 16b+15``), word row ``r``
+  nibble ``i`` holds input feature ``128 b + 16 i + r``;
+* ``zeros_u8`` uint8 ``[K/G, N]``: the *true* zero points (not minus one);
+* ``scales`` unchanged (fp16 ``[K/G, N]``).
 
-Loading a ``[BK, BN/8]`` tile of words and replicating each word 8 times along N (``tl.interleave``)
-gives the ``[BK, BN]`` integers with one shift per column: no gathers, no redundant loads.
+A kernel loads a ``[16, BN]`` tile of words (rows of ``4 BN`` contiguous bytes) per 128 input
+features, and ``(words >> 4i) & 15`` is the ``[16, BN]`` integer tile of features
+``16i .. 16i+15``: eight K=16 tensor-core dots per block, with no register shuffles.
 
 Everything here is plain torch and runs on any device; the round trips are exact.
 """
@@ -36,6 +39,9 @@ __all__ = [
     "pack_int4_cols",
     "gptq_to_intweight",
     "intweight_to_gptq",
+    "KBLOCK",
+    "pack_kblocked",
+    "unpack_kblocked",
     "gptq_to_kernel",
     "kernel_to_gptq",
     "dequantize_gptq",
@@ -46,6 +52,8 @@ __all__ = [
 BITS = 4
 _PER_WORD = 32 // BITS  # 8
 _SHIFTS = tuple(range(0, 32, BITS))
+KBLOCK = 128  # input features per block of the kernel layout
+_ROWS = KBLOCK // _PER_WORD  # 16 word rows per block
 
 
 def _as_u32_nibbles(words: torch.Tensor) -> torch.Tensor:
@@ -114,19 +122,33 @@ def intweight_to_gptq(intweight, zeros, *, zero_offset: int = 1):
     return pack_int4_rows(intweight), pack_int4_cols(stored)
 
 
+def pack_kblocked(intweight: torch.Tensor) -> torch.Tensor:
+    """Integers [K, N] (0..15) -> kernel ``qweight_k`` [K/8, N] (k-blocked, see module doc)."""
+    k, n = intweight.shape
+    if k % KBLOCK:
+        raise ValueError(f"K={k} must be a multiple of {KBLOCK} for the kernel layout")
+    v = intweight.reshape(k // KBLOCK, _PER_WORD, _ROWS, n).permute(0, 2, 3, 1)  # [b, r, n, i]
+    return _pack_nibbles(v).reshape(k // _PER_WORD, n)
+
+
+def unpack_kblocked(qweight_k: torch.Tensor) -> torch.Tensor:
+    """Kernel ``qweight_k`` [K/8, N] -> integers [K, N] (int8 0..15)."""
+    kw, n = qweight_k.shape
+    nib = _as_u32_nibbles(qweight_k).reshape(kw // _ROWS, _ROWS, n, _PER_WORD)  # [b, r, n, i]
+    return nib.permute(0, 3, 1, 2).reshape(kw * _PER_WORD, n).to(torch.int8)
+
+
 def gptq_to_kernel(qweight, qzeros, *, zero_offset: int = 1):
-    """auto_gptq (qweight [K/8,N], qzeros [K/G,N/8]) -> kernel (qweight_n [K,N/8], zeros_n [K/G,N/8])."""
+    """auto_gptq (qweight [K/8,N], qzeros [K/G,N/8]) -> kernel (qweight_k [K/8,N], zeros_u8 [K/G,N])."""
     iw, z = gptq_to_intweight(qweight, qzeros, zero_offset=zero_offset)
     if int(z.min()) < 0 or int(z.max()) > 15:
         raise ValueError("zero points outside [0, 15] cannot be stored in the kernel layout")
-    return pack_int4_cols(iw), pack_int4_cols(z)
+    return pack_kblocked(iw), z.to(torch.uint8)
 
 
-def kernel_to_gptq(qweight_n, zeros_n, *, zero_offset: int = 1):
+def kernel_to_gptq(qweight_k, zeros_u8, *, zero_offset: int = 1):
     """Inverse of :func:`gptq_to_kernel` (exact)."""
-    iw = unpack_int4_cols(qweight_n)
-    z = unpack_int4_cols(zeros_n)
-    return intweight_to_gptq(iw, z, zero_offset=zero_offset)
+    return intweight_to_gptq(unpack_kblocked(qweight_k), zeros_u8.to(torch.int16), zero_offset=zero_offset)
 
 
 def _group_expand(t: torch.Tensor, k: int, group_size: int, g_idx: torch.Tensor | None) -> torch.Tensor:
@@ -145,12 +167,11 @@ def dequantize_gptq(qweight, qzeros, scales, group_size: int, *, g_idx=None, dty
     return w if dtype is None else w.to(dtype)
 
 
-def dequantize_kernel(qweight_n, zeros_n, scales, group_size: int, *, dtype=None):
+def dequantize_kernel(qweight_k, zeros_u8, scales, group_size: int, *, dtype=None):
     """Dequantize the kernel layout to W [K, N] (same arithmetic as :func:`dequantize_gptq`)."""
-    iw = unpack_int4_cols(qweight_n)
-    z = unpack_int4_cols(zeros_n)
+    iw = unpack_kblocked(qweight_k)
     k = iw.shape[0]
-    diff = iw.to(torch.int16) - _group_expand(z.to(torch.int16), k, group_size, None)
+    diff = iw.to(torch.int16) - _group_expand(zeros_u8.to(torch.int16), k, group_size, None)
     w = _group_expand(scales, k, group_size, None) * diff.to(torch.int8)
     return w if dtype is None else w.to(dtype)
 

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from colquant.kernels.packing import dequantize_kernel
 
 
-def w4a16_matmul(x, qweight_n, zeros_n, scales, group_size, *, bias=None, act=False, cfg=None, out=None):
+def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=False, cfg=None, out=None,
+                 sym_zero=0):
     if act:
         x = silu_mul(x)
-    w = dequantize_kernel(qweight_n, zeros_n, scales, group_size, dtype=x.dtype)
+    w = dequantize_kernel(qweight_k, zeros_u8, scales, group_size, dtype=x.dtype)
     y = x @ w
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -25,8 +26,8 @@ def w4a16_matmul(x, qweight_n, zeros_n, scales, group_size, *, bias=None, act=Fa
     return y
 
 
-def dequant_w4(qweight_n, zeros_n, scales, group_size, *, dtype=torch.bfloat16, out=None):
-    w = dequantize_kernel(qweight_n, zeros_n, scales, group_size, dtype=dtype)
+def dequant_w4(qweight_k, zeros_u8, scales, group_size, *, dtype=torch.bfloat16, out=None, sym_zero=0):
+    w = dequantize_kernel(qweight_k, zeros_u8, scales, group_size, dtype=dtype)
     if out is not None:
         out.copy_(w)
         return out

@@ -6,8 +6,8 @@ GPU benchmark compare them.
 
 Kernels
 -------
-* ``w4a16_matmul``: ``y = x @ W`` with ``W`` held as 4-bit integers in the n-packed layout
-  (``qweight_n [K, N/8]``, ``zeros_n [K/G, N/8]``, ``scales [K/G, N]``, see :mod:`.packing`),
+* ``w4a16_matmul``: ``y = x @ W`` with ``W`` held as 4-bit integers in the k-blocked layout
+  (``qweight_k [K/8, N]``, ``zeros_u8 [K/G, N]``, ``scales [K/G, N]``, see :mod:`.packing`),
   dequantized inside the main loop. One kernel covers the GEMV/split-K regime (few tokens: small
   ``BM``, K split over programs, fp32 partials summed by ``splitk_reduce``) and the tiled regime
   (many tokens). Optional prologue ``ACT``: the input is ``[M, 2K]`` = (gate | up) and the kernel
@@ -35,32 +35,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _unpack_cols(words, BN: tl.constexpr):
-    """[R, BN/8] int32 -> [R, BN] int32 nibbles (word j nibble i -> column 8j + i)."""
-    w = tl.interleave(words, words)
-    w = tl.interleave(w, w)
-    w = tl.interleave(w, w)
-    shifts = (tl.arange(0, BN) % 8) * 4
-    return (w >> shifts[None, :]) & 0xF
-
-
-@triton.jit
-def _unpack_vec(words, BN: tl.constexpr):
-    w = tl.interleave(words, words)
-    w = tl.interleave(w, w)
-    w = tl.interleave(w, w)
-    shifts = (tl.arange(0, BN) % 8) * 4
-    return (w >> shifts) & 0xF
+def _group_sz(s_ptr, z_ptr, g, N, offs_n, mask_n, SYM_ZERO: tl.constexpr):
+    s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SYM_ZERO > 0:
+        z = tl.full(offs_n.shape, SYM_ZERO, tl.int32)
+    else:
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.int32)
+    return s, z
 
 
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_kernel(
     x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_om, SPLIT_K,
-    GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PARTIAL: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    SCALE_ACC: tl.constexpr,
+    SCALE_ACC: tl.constexpr, SYM_ZERO: tl.constexpr,
 ):
+    """y[M, N] = x[M, K] @ W[K, N], W in the k-blocked 4-bit layout (see packing.py).
+
+    Per block of 128 input features: one [16, BN] tile of words; nibble i of it is the [16, BN]
+    integer tile of features 16i..16i+15, multiplied by x[:, 16i:16i+16] (eight K=16 dots).
+    """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BM)
@@ -72,47 +68,47 @@ def _w4a16_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
-    NW = N // 8
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_nw = pid_n * (BN // 8) + tl.arange(0, BN // 8)
-    offs_k = tl.arange(0, BK)
+    offs_r = tl.arange(0, 16)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    mask_nw = offs_nw < NW
 
-    n_iters = K // BK
+    n_iters = K // 128
     per_split = tl.cdiv(n_iters, SPLIT_K)
     it0 = pid_k * per_split
     it1 = tl.minimum(it0 + per_split, n_iters)
 
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (it0 * BK + offs_k)[None, :]
-    qw_ptrs = qw_ptr + (it0 * BK + offs_k)[:, None].to(tl.int64) * NW + offs_nw[None, :]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_r[None, :]
+    qw_ptrs = qw_ptr + (it0 * 16 + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for it in range(it0, it1):
-        k = it * BK
-        if ACT:
-            g = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            u = tl.load(x_ptrs + K, mask=mask_m[:, None], other=0.0)
-            gf = g.to(tl.float32)
-            a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype)
-        else:
-            a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-        qw = tl.load(qw_ptrs, mask=mask_nw[None, :], other=0)
-        grp = k // GROUP_SIZE
-        zw = tl.load(z_ptr + grp * NW + offs_nw, mask=mask_nw, other=0)
-        s = tl.load(s_ptr + grp * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        q = _unpack_cols(qw, BN)
-        z = _unpack_vec(zw, BN)
+        kb = it * 128
+        words = tl.load(qw_ptrs, mask=mask_n[None, :], other=0)
+        if GROUP_SIZE >= 128:
+            s, z = _group_sz(s_ptr, z_ptr, kb // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
         if SCALE_ACC:
-            # (q - z) is a small integer: exact in bf16/fp16; scale the partial product instead.
-            w = (q - z[None, :]).to(a.dtype)
-            acc += tl.dot(a, w) * s[None, :]
-        else:
-            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
-            acc = tl.dot(a, w, acc)
-        x_ptrs += BK
-        qw_ptrs += BK * NW
+            part = tl.zeros((BM, BN), dtype=tl.float32)
+        for i in tl.static_range(8):
+            if GROUP_SIZE < 128:
+                s, z = _group_sz(s_ptr, z_ptr, (kb + 16 * i) // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
+            if ACT:
+                g = tl.load(x_rows + kb + 16 * i, mask=mask_m[:, None], other=0.0)
+                u = tl.load(x_rows + kb + 16 * i + K, mask=mask_m[:, None], other=0.0)
+                gf = g.to(tl.float32)
+                a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+            else:
+                a = tl.load(x_rows + kb + 16 * i, mask=mask_m[:, None], other=0.0)
+            q = (words >> (4 * i)) & 0xF
+            if SCALE_ACC:
+                # (q - z) is a small integer: exact in bf16/fp16; the group scale goes on the sum
+                part = tl.dot(a, (q - z[None, :]).to(a.dtype), part)
+            else:
+                w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
+                acc = tl.dot(a, w, acc)
+        if SCALE_ACC:
+            acc += part * s[None, :]
+        qw_ptrs += 16 * N
 
     if not PARTIAL:
         if HAS_BIAS:
@@ -137,56 +133,58 @@ def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K, HAS_BIAS: tl
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def w4a16_matmul(x, qweight_n, zeros_n, scales, group_size, *, bias=None, act=False, cfg=None, out=None):
-    """``x [M, K]`` (or ``[M, 2K]`` with ``act``) times the 4-bit ``W [K, N]`` -> ``[M, N]``.
+def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=False, cfg=None, out=None,
+                 sym_zero=0):
+    """``x [M, K]`` (or ``[M, 2K]`` with ``act``: silu(gate) * up) times the 4-bit ``W [K, N]``.
 
-    ``cfg`` = dict(BM, BN, BK, SPLIT_K, GROUP_M, num_warps, num_stages, SCALE_ACC).
+    ``cfg`` = dict(BM, BN, SPLIT_K, GROUP_M, num_warps, num_stages, SCALE_ACC); ``sym_zero`` = 8
+    when every zero point is 8 (symmetric checkpoints: the zeros are not read).
     """
     M = x.shape[0]
-    K = qweight_n.shape[0]
-    N = qweight_n.shape[1] * 8
+    K = qweight_k.shape[0] * 8
+    N = qweight_k.shape[1]
     assert x.stride(-1) == 1
     assert x.shape[1] == (2 * K if act else K), (x.shape, K, act)
+    assert K % 128 == 0 and (group_size % 128 == 0 or (128 % group_size == 0 and group_size % 16 == 0))
     cfg = cfg or default_config(M, N, K)
-    BM, BN, BK, split = cfg["BM"], cfg["BN"], cfg["BK"], cfg["SPLIT_K"]
-    assert group_size % BK == 0 and K % BK == 0, (group_size, BK, K)
+    BM, BN, split = cfg["BM"], cfg["BN"], cfg["SPLIT_K"]
+    scale_acc = cfg.get("SCALE_ACC", False) and group_size >= 128
     if out is None:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
     grid_mn = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    n_iters = K // BK
+    n_iters = K // 128
     split = max(1, min(split, n_iters))
-    # every split must own at least one iteration
-    while split > 1 and (split - 1) * triton.cdiv(n_iters, split) >= n_iters:
+    while split > 1 and (split - 1) * triton.cdiv(n_iters, split) >= n_iters:  # no empty split
         split -= 1
     target = out if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
     _w4a16_kernel[(grid_mn, split)](
-        x, qweight_n, zeros_n, scales, bias if bias is not None else scales, target,
+        x, qweight_k, zeros_u8, scales, bias if bias is not None else scales, target,
         M, N, K, x.stride(0), out.stride(0) if split == 1 else N, split,
-        GROUP_SIZE=group_size, BM=BM, BN=BN, BK=BK, PARTIAL=split > 1, GROUP_M=cfg.get("GROUP_M", 8),
-        HAS_BIAS=bias is not None and split == 1, ACT=act, SCALE_ACC=cfg.get("SCALE_ACC", False),
+        GROUP_SIZE=group_size, BM=BM, BN=BN, PARTIAL=split > 1, GROUP_M=cfg.get("GROUP_M", 8),
+        HAS_BIAS=bias is not None and split == 1, ACT=act, SCALE_ACC=scale_acc, SYM_ZERO=sym_zero,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     if split > 1:
         MN = M * N
         BLOCK = 1024
         _splitk_reduce_kernel[(triton.cdiv(MN, BLOCK),)](
-            target, bias if bias is not None else target, out, MN, N, SPLIT_K=split,
+            target, bias if bias is not None else target, out, MN, N, split,
             HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=4)
     return out
 
 
 def default_config(M, N, K):
-    """Hand-picked tiles for H100-class GPUs; the benchmark's calibration can override them."""
+    """Hand-picked tiles for H100-class GPUs; the benchmark's calibration overrides them."""
     if M <= 16:
-        return dict(BM=16, BN=128, BK=128, SPLIT_K=_split_for(M, N, K, 16, 128, 128), GROUP_M=1,
-                    num_warps=4, num_stages=4, SCALE_ACC=False)
+        return dict(BM=16, BN=128, SPLIT_K=_split_for(M, N, K, 16, 128, 128, 2), GROUP_M=1,
+                    num_warps=4, num_stages=3, SCALE_ACC=True)
     if M <= 64:
-        return dict(BM=64, BN=128, BK=64, SPLIT_K=_split_for(M, N, K, 64, 128, 64), GROUP_M=1,
-                    num_warps=4, num_stages=4, SCALE_ACC=False)
+        return dict(BM=64, BN=128, SPLIT_K=_split_for(M, N, K, 64, 128, 128, 1), GROUP_M=1,
+                    num_warps=4, num_stages=3, SCALE_ACC=True)
     if M <= 256:
-        return dict(BM=64, BN=128, BK=64, SPLIT_K=_split_for(M, N, K, 64, 128, 64), GROUP_M=8,
-                    num_warps=4, num_stages=4, SCALE_ACC=False)
-    return dict(BM=128, BN=128, BK=64, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=4, SCALE_ACC=False)
+        return dict(BM=64, BN=128, SPLIT_K=_split_for(M, N, K, 64, 128, 128, 1), GROUP_M=8,
+                    num_warps=4, num_stages=3, SCALE_ACC=False)
+    return dict(BM=128, BN=256, SPLIT_K=1, GROUP_M=8, num_warps=8, num_stages=3, SCALE_ACC=False)
 
 
 _SM_COUNT = {}
@@ -199,15 +197,15 @@ def _sm_count(device=None):
     return _SM_COUNT[idx]
 
 
-def _split_for(M, N, K, BM, BN, BK, waves=1.0):
-    """Smallest split-K that gives about one wave of programs."""
+def _split_for(M, N, K, BM, BN, BK=128, waves=1.0):
+    """Smallest power-of-two split-K that gives about ``waves`` waves of programs."""
     try:
         sms = _sm_count()
     except Exception:  # pragma: no cover - no CUDA (interpreter)
         sms = 132
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
     split = 1
-    while tiles * split < waves * sms and split * 2 <= max(1, K // BK // 2):
+    while tiles * split < waves * sms and split * 2 <= max(1, K // 128 // 2):
         split *= 2
     return split
 
@@ -218,39 +216,32 @@ def _split_for(M, N, K, BM, BN, BK, waves=1.0):
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, z_ptr, s_ptr, out_ptr, N, K, GROUP_SIZE: tl.constexpr, BK: tl.constexpr,
-                    BN: tl.constexpr):
-    pid_k = tl.program_id(0)
+def _dequant_kernel(qw_ptr, z_ptr, s_ptr, out_ptr, N, GROUP_SIZE: tl.constexpr, BN: tl.constexpr,
+                    SYM_ZERO: tl.constexpr):
+    blk = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
-    NW = N // 8
-    offs_k = pid_k * BK + tl.arange(0, BK)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_nw = pid_n * (BN // 8) + tl.arange(0, BN // 8)
-    mask_nw = offs_nw < NW
+    offs_r = tl.arange(0, 16)
     mask_n = offs_n < N
-    mask_k = offs_k < K
-    qw = tl.load(qw_ptr + offs_k[:, None].to(tl.int64) * NW + offs_nw[None, :],
-                 mask=mask_k[:, None] & mask_nw[None, :], other=0)
-    grp = (pid_k * BK) // GROUP_SIZE
-    zw = tl.load(z_ptr + grp * NW + offs_nw, mask=mask_nw, other=0)
-    s = tl.load(s_ptr + grp * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    q = _unpack_cols(qw, BN)
-    z = _unpack_vec(zw, BN)
-    # round through fp16 first, exactly like auto-round's dequant (fp16 scales * int -> fp16 -> dtype)
-    w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(tl.float16)
-    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=mask_k[:, None] & mask_n[None, :])
+    words = tl.load(qw_ptr + (blk * 16 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    kb = blk * 128
+    for i in tl.static_range(8):
+        s, z = _group_sz(s_ptr, z_ptr, (kb + 16 * i) // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
+        q = (words >> (4 * i)) & 0xF
+        # round through fp16 first, exactly like auto-round (fp16 scales * int -> fp16 -> dtype)
+        w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(tl.float16)
+        tl.store(out_ptr + (kb + 16 * i + offs_r)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=mask_n[None, :])
 
 
-def dequant_w4(qweight_n, zeros_n, scales, group_size, *, dtype=torch.bfloat16, out=None):
-    K = qweight_n.shape[0]
-    N = qweight_n.shape[1] * 8
+def dequant_w4(qweight_k, zeros_u8, scales, group_size, *, dtype=torch.bfloat16, out=None, sym_zero=0):
+    K = qweight_k.shape[0] * 8
+    N = qweight_k.shape[1]
     if out is None:
-        out = torch.empty((K, N), device=qweight_n.device, dtype=dtype)
-    BK = min(32, group_size)
+        out = torch.empty((K, N), device=qweight_k.device, dtype=dtype)
     BN = 256
-    _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(N, BN))](
-        qweight_n, zeros_n, scales, out, N, K, GROUP_SIZE=group_size, BK=BK, BN=BN, num_warps=4)
+    _dequant_kernel[(K // 128, triton.cdiv(N, BN))](qweight_k, zeros_u8, scales, out, N, GROUP_SIZE=group_size,
+                                                  BN=BN, SYM_ZERO=sym_zero, num_warps=4)
     return out
 
 
@@ -393,58 +384,70 @@ def qk_norm_rope(qkv, cos, sin, q_weight, k_weight, eps, B, T, HQ, HKV, D):
 @triton.jit
 def _short_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, mask_ptr, out_ptr,
                        T, eps, sm_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                       BT: tl.constexpr):
+                       BT: tl.constexpr, BQ: tl.constexpr):
+    """One (sequence, query head, block of BQ queries): q/k RMSNorm + RoPE, masked softmax, P @ V."""
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
+    qb = tl.program_id(2)
     hk = hq // (HQ // HKV)
     HALF: tl.constexpr = D // 2
     ROW: tl.constexpr = (HQ + 2 * HKV) * D
-    t = tl.arange(0, BT)
+    DT = qkv_ptr.dtype.element_ty
     d = tl.arange(0, HALF)
+    dd = tl.arange(0, D)
+    # keys / values: the whole (short) sequence
+    t = tl.arange(0, BT)
     mt = t < T
     tok = b * T + t
+    rows = qkv_ptr + tok[:, None] * ROW
     c1 = tl.load(cos_ptr + tok[:, None] * D + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
     c2 = tl.load(cos_ptr + tok[:, None] * D + HALF + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
     s1 = tl.load(sin_ptr + tok[:, None] * D + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
     s2 = tl.load(sin_ptr + tok[:, None] * D + HALF + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    rows = qkv_ptr + tok[:, None] * ROW
-    # q
-    x1 = tl.load(rows + hq * D + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(rows + hq * D + HALF + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    w1 = tl.load(qw_ptr + d).to(tl.float32)
-    w2 = tl.load(qw_ptr + HALF + d).to(tl.float32)
-    q1, q2 = _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, qkv_ptr.dtype.element_ty)
-    # k
     x1 = tl.load(rows + (HQ + hk) * D + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
     x2 = tl.load(rows + (HQ + hk) * D + HALF + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
     w1 = tl.load(kw_ptr + d).to(tl.float32)
     w2 = tl.load(kw_ptr + HALF + d).to(tl.float32)
-    k1, k2 = _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, qkv_ptr.dtype.element_ty)
-    dd = tl.arange(0, D)
+    k1, k2 = _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, DT)
     v = tl.load(rows + (HQ + HKV + hk) * D + dd[None, :], mask=mt[:, None], other=0.0)
-    dt = v.dtype
-    s = tl.dot(q1.to(dt), tl.trans(k1.to(dt))) + tl.dot(q2.to(dt), tl.trans(k2.to(dt)))
+    # queries of this block
+    tq = qb * BQ + tl.arange(0, BQ)
+    mq = tq < T
+    tokq = b * T + tq
+    rq = qkv_ptr + tokq[:, None] * ROW
+    qc1 = tl.load(cos_ptr + tokq[:, None] * D + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
+    qc2 = tl.load(cos_ptr + tokq[:, None] * D + HALF + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
+    qs1 = tl.load(sin_ptr + tokq[:, None] * D + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
+    qs2 = tl.load(sin_ptr + tokq[:, None] * D + HALF + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
+    y1 = tl.load(rq + hq * D + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
+    y2 = tl.load(rq + hq * D + HALF + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
+    u1 = tl.load(qw_ptr + d).to(tl.float32)
+    u2 = tl.load(qw_ptr + HALF + d).to(tl.float32)
+    q1, q2 = _norm_rope_half(y1, y2, u1, u2, qc1, qc2, qs1, qs2, eps, D, DT)
+    s = tl.dot(q1.to(DT), tl.trans(k1.to(DT))) + tl.dot(q2.to(DT), tl.trans(k2.to(DT)))
     s = s * sm_scale
     key_ok = tl.load(mask_ptr + b * T + t, mask=mt, other=0) != 0
-    i = t[:, None]
+    i = tq[:, None]
     j = t[None, :]
     allowed = (j <= i) & (key_ok[None, :] | (j == i)) & (j < T)
     s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
-    o = tl.dot(p.to(dt), v)
-    tl.store(out_ptr + tok[:, None] * (HQ * D) + hq * D + dd[None, :], o.to(dt), mask=mt[:, None])
+    o = tl.dot(p.to(DT), v)
+    tl.store(out_ptr + tokq[:, None] * (HQ * D) + hq * D + dd[None, :], o.to(DT), mask=mq[:, None])
 
 
 def short_attention(qkv, cos, sin, q_weight, k_weight, key_mask, eps, B, T, HQ, HKV, D):
     """Causal attention for ``T <= 128`` straight from the fused qkv rows; ``key_mask [B, T]``
     (nonzero = real token). Returns ``[B*T, HQ*D]``. A padding query attends only to itself, so
-    padded rows stay finite."""
+    padded rows stay finite. Few sequences: queries are split in blocks of 16 for parallelism."""
     out = torch.empty((B * T, HQ * D), device=qkv.device, dtype=qkv.dtype)
     BT = max(16, triton.next_power_of_2(T))
-    _short_attn_kernel[(B, HQ)](qkv, cos, sin, q_weight, k_weight, key_mask, out, T, eps, D ** -0.5,
-                                HQ=HQ, HKV=HKV, D=D, BT=BT, num_warps=4 if BT <= 64 else 8)
+    BQ = 16 if B * HQ < 512 else BT
+    _short_attn_kernel[(B, HQ, triton.cdiv(T, BQ))](
+        qkv, cos, sin, q_weight, k_weight, key_mask, out, T, eps, D ** -0.5,
+        HQ=HQ, HKV=HKV, D=D, BT=BT, BQ=BQ, num_warps=4 if BT <= 64 else 8)
     return out
 
 
