@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PARAMS ?= params/tiny.yaml
 STAMP  := $(VENV)/.colquant-installed
 
-.PHONY: setup run test test-package test-notebooks lab clean-outputs
+.PHONY: setup run test test-package test-notebooks notebooks lab clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,24 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/python -m colquant run $(PARAMS)
 
-test: test-package
+# Quiet, offline, deterministic settings for executing notebooks as regression tests: no progress
+# bars or timestamped library logs in outputs, and a fresh output directory every time.
+NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOSITY=error \
+	HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore
+
+test: test-package test-notebooks
 
 test-package: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 test-notebooks: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --nbval notebooks --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+	scratch=$$(mktemp -d) && $(NB_ENV) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
+		notebooks --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; \
+		status=$$?; rm -rf $$scratch; exit $$status
+
+# Re-execute the committed notebooks (the nbval reference) after a change that moves results.
+notebooks: setup
+	$(NB_ENV) $(BIN)/python -m colquant notebooks
 
 lab: setup
 	$(BIN)/jupyter lab notebooks

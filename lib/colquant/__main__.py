@@ -14,16 +14,23 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="execute the notebooks for a profile and write REPORT.md")
     run.add_argument("profile", help="params/<profile>.yaml")
     run.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
+    run.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
+    commands.add_parser("notebooks", help="re-execute the committed notebooks/ in place (nbval reference)")
     commands.add_parser("bench", help="4-bit vs BF16 inference benchmark (see colquant.bench)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from colquant.bench import main as bench_main
 
         return bench_main(rest)
-    from colquant.pipeline import PipelineError, run as run_pipeline
+    from colquant.pipeline import PipelineError, refresh_committed_notebooks, run as run_pipeline
 
+    if args.command == "notebooks":
+        for notebook in refresh_committed_notebooks():
+            print(f"executed {notebook}")
+        return 0
+    selected = tuple(args.notebooks.split(",")) if args.notebooks else None
     try:
-        summary = run_pipeline(args.profile, force=args.force)
+        summary = run_pipeline(args.profile, force=args.force, notebooks=selected)
     except PipelineError as error:
         print(f"colquant run: {error}", file=sys.stderr)
         return 1

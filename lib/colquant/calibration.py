@@ -99,9 +99,19 @@ class CalibrationSet:
         return pd.DataFrame(rows)
 
 
+def _require_hub() -> None:
+    """Fail fast instead of letting `datasets` retry with backoff against an unreachable hub."""
+    from colquant.checkpoint import hub_offline
+
+    if hub_offline():
+        raise ConnectionError("the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set)")
+
+
 def load_text_documents(source: str, *, seed: int, limit: int) -> list[tuple[str, str]]:
     """(text, origin) pairs from a hub dataset through `datasets`; raises if it cannot be read."""
     from datasets import load_dataset
+
+    _require_hub()
 
     if source == "pile-10k":
         rows = load_dataset(PILE_10K, split="train")
@@ -328,6 +338,8 @@ def deepstack_replay(language_model: torch.nn.Module) -> Iterator[None]:
 def load_page_images(*, seed: int, limit: int) -> tuple[list[Image.Image], list[str]]:
     """Page images of `vidore/colpali_train_set`, stratified by source (streamed: no full download)."""
     from datasets import load_dataset
+
+    _require_hub()
 
     rows = load_dataset(COLPALI_TRAIN, split="train", streaming=True).shuffle(seed=seed).take(8 * limit)
     picked = _stratified([(row["image"], row["source"]) for row in rows], seed=seed, limit=limit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from colquant.processing import ColQwen3Processor
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "TomoroAI/tomoro-colqwen3-embed-4b"
+HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.py"]
 
 
@@ -47,11 +49,27 @@ def resolve_checkpoint(model_id_or_path: str | Path, revision: str | None = None
     return _download(text, revision)
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set or huggingface.co cannot be reached within a few seconds.
+
+    Asking first avoids minutes of retries with backoff inside huggingface_hub and datasets on
+    machines with no route to the hub (CI, air-gapped GPU boxes).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return True
+    return False
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     try:
         return Path(
             snapshot_download(
@@ -62,8 +80,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise CheckpointError(f"the hub has no model {repo_id!r}: check the id and your access token") from error
     except (LocalEntryNotFoundError, OSError) as error:
         raise CheckpointError(
-            f"cannot get {repo_id!r}: the hub is unreachable"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''} and the model is not in the local cache "
+            f"cannot get {repo_id!r}: the hub is unreachable and the model is not in the local cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Fix: on a machine with hub access run "
             f"`hf download {repo_id}` (or copy its directory here and pass the path), or use the offline "
             "default `params/tiny.yaml`."

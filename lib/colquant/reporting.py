@@ -80,11 +80,11 @@ def _quantization_section(results: Path) -> str:
 
 
 def _quality_section(results: Path) -> str:
-    from colquant.evaluation import change_counts, format_seed_table
-
     path = results / "ndcg_table.csv"
     if not path.exists():
         return "## Retrieval quality (NDCG@5)\n\n" + _missing("mteb results", "notebooks/05_vidore_eval.ipynb")
+    from colquant.evaluation import change_counts, format_seed_table  # needs mteb, absent on some GPU boxes
+
     table = pd.read_csv(path, index_col=0)
     counts = change_counts(table).reset_index()
     return (
