@@ -102,3 +102,15 @@ def test_directory_without_config_is_rejected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):
         colquant.load(tmp_path / "empty")
+
+
+@torch.no_grad()
+def test_accelerated_load_matches_the_plain_forward(tiny_path):
+    """On CPU the fused tower runs its reference ops; it must compute the same embeddings."""
+    plain, processor = colquant.load(tiny_path)
+    fused, _ = colquant.load(tiny_path, accelerate=True)
+    assert getattr(fused, "_colquant_acceleration")["backend"] == "reference"
+    batch = processor.process_queries(["what was the revenue in 2019", "q"])
+    expected, got = plain(**batch).embeddings.float(), fused(**batch).embeddings.float()
+    assert torch.allclose(expected, got, atol=3e-2)
+    assert got[~batch["attention_mask"].bool()].eq(0).all()

@@ -136,12 +136,18 @@ def load(
     max_num_visual_tokens: int = 1280,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    accelerate: bool | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load (model, processor) in eval mode.
 
     Native path (default): the project's ColQwen3 reads the checkpoint with strict key checks.
     `trust_remote_code=True` instead runs the hub's own code (needs a transformers it supports) for
     cross-checks against the native implementation.
+
+    `accelerate` (default: on CUDA) swaps the text tower for the project's fused path: 4-bit layers
+    run the Triton W4A16 kernels, q/k/v and gate/up are fused for both precisions, and short
+    queries replay CUDA graphs (`colquant.kernels`). Where that cannot run, a warning names why and
+    the model keeps transformers' forward.
     """
     path = resolve_checkpoint(model_id_or_path, revision)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -149,9 +155,18 @@ def load(
     if trust_remote_code:
         return _load_remote_code(path, torch_dtype, device, max_num_visual_tokens)
     verify_checkpoint(path)
-    model, info = ColQwen3.from_pretrained(str(path), dtype=torch_dtype, output_loading_info=True)
+    # Loading straight onto the GPU lets transformers' auto-round integration pick a CUDA kernel.
+    device_map = str(device) if device.type == "cuda" else None
+    model, info = ColQwen3.from_pretrained(
+        str(path), dtype=torch_dtype, device_map=device_map, output_loading_info=True
+    )
     _raise_on_key_mismatch(path, info)
     model = model.to(device).eval()
+    accelerate = device.type == "cuda" if accelerate is None else accelerate
+    if accelerate:
+        from colquant.kernels import accelerate_model
+
+        accelerate_model(model)
     processor = ColQwen3Processor.from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
     return model, processor
 
