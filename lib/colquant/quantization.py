@@ -255,11 +255,12 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
             return {**existing, "reused": True}
     base = workspace.base_model(profile)
     model_settings = profile["model"]
-    model, processor = load(
+    model, processor = load(  # auto-round replays transformers' decoder blocks: no fused tower
         base,
         dtype=model_settings["dtype"],
         device=model_settings["device"],
         max_num_visual_tokens=model_settings["max_num_visual_tokens"],
+        accelerate=False,
     )
     autoround, cost = quantize_language_model(model, processor, calibration, settings)
     metadata = quantization_metadata(

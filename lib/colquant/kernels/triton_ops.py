@@ -79,7 +79,7 @@ def _w4a16_kernel(
     it0 = pid_k * per_split
     it1 = tl.minimum(it0 + per_split, n_iters)
 
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_r[None, :]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_r[None, :] + it0 * 128
     qw_ptrs = qw_ptr + (it0 * 16 + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for it in range(it0, it1):
@@ -93,12 +93,12 @@ def _w4a16_kernel(
             if GROUP_SIZE < 128:
                 s, z = _group_sz(s_ptr, z_ptr, (kb + 16 * i) // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
             if ACT:
-                g = tl.load(x_rows + kb + 16 * i, mask=mask_m[:, None], other=0.0)
-                u = tl.load(x_rows + kb + 16 * i + K, mask=mask_m[:, None], other=0.0)
+                g = tl.load(x_rows + 16 * i, mask=mask_m[:, None], other=0.0)
+                u = tl.load(x_rows + 16 * i + K, mask=mask_m[:, None], other=0.0)
                 gf = g.to(tl.float32)
                 a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype)
             else:
-                a = tl.load(x_rows + kb + 16 * i, mask=mask_m[:, None], other=0.0)
+                a = tl.load(x_rows + 16 * i, mask=mask_m[:, None], other=0.0)
             q = (words >> (4 * i)) & 0xF
             if SCALE_ACC:
                 # (q - z) is a small integer: exact in bf16/fp16; the group scale goes on the sum
@@ -109,6 +109,7 @@ def _w4a16_kernel(
         if SCALE_ACC:
             acc += part * s[None, :]
         qw_ptrs += 16 * N
+        x_rows += 128
 
     if not PARTIAL:
         if HAS_BIAS:
@@ -118,6 +119,139 @@ def _w4a16_kernel(
     else:
         o_ptrs = out_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(o_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_kernel_bc(
+    x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, SPLIT_K,
+    GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PARTIAL: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    SCALE_ACC: tl.constexpr, SYM_ZERO: tl.constexpr,
+):
+    """Same contract as _w4a16_kernel, one K=128 dot per block: the [16, BN] words are broadcast to
+    [8, 16, BN], shifted by 4*i along the new axis and reshaped to the [128, BN] integer tile
+    (row 16 i + r), so the activation tile is one contiguous, pipelined [BM, 128] load."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    num_pid_n = tl.cdiv(N, BN)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    offs_k = tl.arange(0, 128)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = (tl.arange(0, 8) * 4)[:, None, None]
+
+    n_iters = K // 128
+    per_split = tl.cdiv(n_iters, SPLIT_K)
+    it0 = pid_k * per_split
+    it1 = tl.minimum(it0 + per_split, n_iters)
+
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (it0 * 128 + offs_k)[None, :]
+    qw_ptrs = qw_ptr + (it0 * 16 + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(it0, it1):
+        kb = it * 128
+        words = tl.load(qw_ptrs, mask=mask_n[None, :], other=0)
+        if ACT:
+            g = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            u = tl.load(x_ptrs + K, mask=mask_m[:, None], other=0.0)
+            gf = g.to(tl.float32)
+            a = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+        else:
+            a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+        q = (tl.broadcast_to(words[None, :, :], (8, 16, BN)) >> shifts) & 0xF
+        q = tl.reshape(q, (128, BN))
+        s, z = _group_sz(s_ptr, z_ptr, kb // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
+        if SCALE_ACC:
+            acc += tl.dot(a, (q - z[None, :]).to(a.dtype)) * s[None, :]
+        else:
+            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
+            acc = tl.dot(a, w, acc)
+        qw_ptrs += 16 * N
+        x_ptrs += 128
+
+    if not PARTIAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        o_ptrs = out_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(o_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_kernel_swap(
+    x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, SPLIT_K,
+    GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PARTIAL: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    SCALE_ACC: tl.constexpr, SYM_ZERO: tl.constexpr,
+):
+    """Few tokens ("swap AB"): computes out^T [BN features, BM tokens] = W^T x^T, so the
+    dequantized weights are the dot's *first* operand (held in registers on Hopper, no shared-memory
+    round trip) and the tokens only need a small N tile; x^T tiles are pipelined loads."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    pid_n = pid // num_pid_m
+    pid_m = pid % num_pid_m
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    offs_k = tl.arange(0, 128)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
+
+    n_iters = K // 128
+    per_split = tl.cdiv(n_iters, SPLIT_K)
+    it0 = pid_k * per_split
+    it1 = tl.minimum(it0 + per_split, n_iters)
+
+    qw_ptrs = qw_ptr + (it0 * 16 + offs_r)[None, :].to(tl.int64) * N + offs_n[:, None]
+    xt_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + (it0 * 128 + offs_k)[:, None]
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for it in range(it0, it1):
+        kb = it * 128
+        wt = tl.load(qw_ptrs, mask=mask_n[:, None], other=0)
+        if ACT:
+            g = tl.load(xt_ptrs, mask=mask_m[None, :], other=0.0)
+            u = tl.load(xt_ptrs + K, mask=mask_m[None, :], other=0.0)
+            gf = g.to(tl.float32)
+            xt = ((gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+        else:
+            xt = tl.load(xt_ptrs, mask=mask_m[None, :], other=0.0)
+        q = (tl.broadcast_to(wt[:, None, :], (BN, 8, 16)) >> shifts) & 0xF
+        q = tl.reshape(q, (BN, 128))
+        s, z = _group_sz(s_ptr, z_ptr, kb // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
+        if SCALE_ACC:
+            acc += tl.dot((q - z[:, None]).to(xt.dtype), xt) * s[:, None]
+        else:
+            w = ((q - z[:, None]).to(tl.float32) * s[:, None]).to(xt.dtype)
+            acc = tl.dot(w, xt, acc)
+        qw_ptrs += 16 * N
+        xt_ptrs += 128
+
+    if not PARTIAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        o_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[None, :] & mask_n[:, None])
+    else:
+        o_ptrs = out_ptr + pid_k.to(tl.int64) * M * N + offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(o_ptrs, acc, mask=mask_m[None, :] & mask_n[:, None])
 
 
 @triton.jit
@@ -137,7 +271,9 @@ def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=F
                  sym_zero=0):
     """``x [M, K]`` (or ``[M, 2K]`` with ``act``: silu(gate) * up) times the 4-bit ``W [K, N]``.
 
-    ``cfg`` = dict(BM, BN, SPLIT_K, GROUP_M, num_warps, num_stages, SCALE_ACC); ``sym_zero`` = 8
+    ``cfg`` = dict(kernel, BM, BN, SPLIT_K, GROUP_M, num_warps, num_stages, SCALE_ACC) with kernel one of
+    "8dot" (eight K=16 dots per block), "bc" (one K=128 dot per block), "swap" (W^T x^T: few
+    tokens); ``sym_zero`` = 8
     when every zero point is 8 (symmetric checkpoints: the zeros are not read).
     """
     M = x.shape[0]
@@ -157,7 +293,9 @@ def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=F
     while split > 1 and (split - 1) * triton.cdiv(n_iters, split) >= n_iters:  # no empty split
         split -= 1
     target = out if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
-    _w4a16_kernel[(grid_mn, split)](
+    kname = cfg.get("kernel", "8dot") if group_size >= 128 else "8dot"  # bc/swap: one group per block
+    kernel = {"8dot": _w4a16_kernel, "bc": _w4a16_kernel_bc, "swap": _w4a16_kernel_swap}[kname]
+    kernel[(grid_mn, split)](
         x, qweight_k, zeros_u8, scales, bias if bias is not None else scales, target,
         M, N, K, x.stride(0), out.stride(0) if split == 1 else N, split,
         GROUP_SIZE=group_size, BM=BM, BN=BN, PARTIAL=split > 1, GROUP_M=cfg.get("GROUP_M", 8),
