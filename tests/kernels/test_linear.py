@@ -84,6 +84,7 @@ def test_act_order_checkpoints_are_refused_clearly():
 
 def test_dispatcher_picks_reference_on_cpu_and_says_why(caplog):
     backend._WARNED.clear()
+    backend.clear_cache()
     q = W4A16Linear.from_linear(nn.Linear(128, 16).to(torch.bfloat16))
     with caplog.at_level(logging.INFO, logger="colquant.kernels"):
         q(torch.randn(2, 128, dtype=torch.bfloat16))
@@ -94,7 +95,7 @@ def test_dispatcher_picks_reference_on_cpu_and_says_why(caplog):
 
 def test_missing_triton_or_cuda_is_named(monkeypatch, caplog):
     backend._WARNED.clear()
-    backend.triton_import_error.cache_clear()
+    backend.clear_cache()
     monkeypatch.setenv("COLQUANT_DISABLE_TRITON", "1")
     try:
         reason = backend.fast_path_unavailable("cuda")
@@ -108,7 +109,7 @@ def test_missing_triton_or_cuda_is_named(monkeypatch, caplog):
         report = backend.backend_report("cuda")
         assert report["backend"] == "reference" and report["reason"] == reason
     finally:
-        backend.triton_import_error.cache_clear()
+        backend.clear_cache()
 
 
 def test_dispatch_table_keys_by_token_bucket():

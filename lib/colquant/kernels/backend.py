@@ -26,6 +26,12 @@ def warn_once(key: str, message: str, level: int = logging.WARNING) -> None:
     logger.log(level, message)
 
 
+def clear_cache() -> None:
+    """Forget cached backend decisions (tests, env changes)."""
+    _FAST_CACHE.clear()
+    triton_import_error.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def triton_import_error() -> str | None:
     """None when Triton imports, else a one-line reason."""
@@ -59,9 +65,18 @@ def fast_path_unavailable(device: torch.device | str | None) -> str | None:
     return None
 
 
+_FAST_CACHE: dict = {}
+
+
 def use_fast_path(device) -> bool:
-    """True on CUDA with Triton; else logs (once per reason) that the reference path runs."""
+    """True on CUDA with Triton; else logs (once per reason) that the reference path runs.
+    Cached per device (this sits on every Linear call)."""
+    key = str(device)
+    hit = _FAST_CACHE.get(key)
+    if hit is not None:
+        return hit
     reason = fast_path_unavailable(device)
+    _FAST_CACHE[key] = reason is None
     if reason is None:
         return True
     on_cpu = torch.device(device).type == "cpu" if device is not None else True
