@@ -117,7 +117,10 @@ def test_dispatch_table_keys_by_token_bucket():
     DISPATCH.set(256, 64, 64, ("dequant+cublas", None))
     try:
         assert DISPATCH.choose(42, 256, 64)[0] == "dequant+cublas"
-        assert DISPATCH.to_json()[0]["kind"] == "dequant+cublas"
+        dumped = DISPATCH.to_json()
+        assert dumped[0]["kind"] == "dequant+cublas"
+        DISPATCH.table.clear()
+        assert DISPATCH.load_json(dumped) == 1 and DISPATCH.choose(42, 256, 64)[0] == "dequant+cublas"
     finally:
         DISPATCH.table.clear()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -80,8 +81,23 @@ class Dispatcher:
     def to_json(self) -> list:
         return [dict(K=k, N=n, M_bucket=b, kind=c[0], cfg=c[1]) for (k, n, b), c in sorted(self.table.items())]
 
+    def load_json(self, entries) -> int:
+        """Fill the table from :meth:`to_json` output (a list, or a path to a JSON file holding
+        that list or a benchmark report with a ``dispatch_table`` key)."""
+        if isinstance(entries, (str, bytes)) or hasattr(entries, "read_text"):
+            import json
+            from pathlib import Path
+
+            data = json.loads(Path(entries).read_text())
+            entries = data.get("dispatch_table", []) if isinstance(data, dict) else data
+        for e in entries:
+            self.set(int(e["K"]), int(e["N"]), int(e["M_bucket"]), (e["kind"], e.get("cfg")))
+        return len(entries)
+
 
 DISPATCH = Dispatcher()
+if os.environ.get("COLQUANT_DISPATCH_TABLE"):
+    DISPATCH.load_json(os.environ["COLQUANT_DISPATCH_TABLE"])
 
 _FORCE_REFERENCE = [False]
 
