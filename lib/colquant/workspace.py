@@ -98,12 +98,22 @@ def results_dir(profile: dict[str, Any]) -> Path:
     return directory
 
 
-def load_variant(profile: dict[str, Any], path: str | Path) -> tuple[Any, Any]:
-    """Load a variant (BF16 or 4-bit) with the profile's dtype, device and visual-token budget."""
+def load_variant(profile: dict[str, Any], path: str | Path, *, accelerate: bool | None = None) -> tuple[Any, Any]:
+    """Load a variant (BF16 or 4-bit) with the profile's dtype, device and visual-token budget.
+
+    `accelerate` as in `colquant.load` (default: the fused fast path on CUDA); pass False where
+    code needs transformers' own decoder layers (per-layer hooks, auto-round's block replay).
+    """
     from colquant.checkpoint import load
 
     model = profile["model"]
-    return load(path, dtype=model["dtype"], device=model["device"], max_num_visual_tokens=model["max_num_visual_tokens"])
+    return load(
+        path,
+        dtype=model["dtype"],
+        device=model["device"],
+        max_num_visual_tokens=model["max_num_visual_tokens"],
+        accelerate=accelerate,
+    )
 
 
 def corpus(profile: dict[str, Any]) -> Any:
