@@ -218,7 +218,8 @@ def _bench_graph(fn, n_inner, device, reps=20):
 
 
 def _candidates(m):
-    """Kernel / tile / split-K candidates worth timing at ``m`` tokens (see triton_ops.w4a16_matmul)."""
+    """Kernel / tile / split-K candidates worth timing at ``m`` tokens (see triton_ops.w4a16_matmul;
+    an earlier sweep also tried the swap-AB kernel and larger tiles: never faster on the H100)."""
     c = []
 
     def add(name, **kw):
@@ -226,25 +227,19 @@ def _candidates(m):
         base.update(kw)
         c.append((name, base))
 
-    if m <= 64:
+    if m <= 16:
         add("8dot16x64sa-w4", kernel="8dot", BM=16, BN=64, waves=4, SCALE_ACC=True)
-        add("swap16x64sa-w2", kernel="swap", BM=16, BN=64, waves=2, SCALE_ACC=True)
-        add("swap16x64-w4", kernel="swap", BM=16, BN=64, waves=4)
+        add("8dot16x128sa-w4", kernel="8dot", BM=16, BN=128, waves=4, SCALE_ACC=True)
     if 16 < m <= 64:
-        add("8dot32x128sa-w2", kernel="8dot", BM=32, BN=128, waves=2, SCALE_ACC=True)
-        add("swap64x64-w1", kernel="swap", BM=64, BN=64, waves=1)
-        add("swap64x64-w2", kernel="swap", BM=64, BN=64, waves=2)
-        add("swap64x64sa-w2", kernel="swap", BM=64, BN=64, waves=2, SCALE_ACC=True)
         add("bc64x64-w2", kernel="bc", BM=64, BN=64, waves=2)
+        add("bc64x64-w4", kernel="bc", BM=64, BN=64, waves=4)
+        add("bc64x64sa-w2", kernel="bc", BM=64, BN=64, waves=2, SCALE_ACC=True)
+        add("8dot32x128sa-w2", kernel="8dot", BM=32, BN=128, waves=2, SCALE_ACC=True)
     if 64 < m <= 512:
-        add("swap64x64-w1", kernel="swap", BM=64, BN=64, waves=1)
-        add("swap128x64-w1", kernel="swap", BM=128, BN=64, waves=1, num_warps=8)
         add("bc64x128-w1", kernel="bc", BM=64, BN=128, waves=1)
-        add("bc128x128", kernel="bc", BM=128, BN=128, waves=0, num_warps=8)
+        add("bc64x64-w1", kernel="bc", BM=64, BN=64, waves=1)
     if m > 512:
-        add("bc128x128", kernel="bc", BM=128, BN=128, waves=0, num_warps=8)
         add("bc128x256", kernel="bc", BM=128, BN=256, waves=0, num_warps=8)
-        add("bc64x256", kernel="bc", BM=64, BN=256, waves=0, num_warps=8)
     return c
 
 
@@ -260,7 +255,7 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
         "qkv": (hidden, (heads + 2 * kv_heads) * head_dim, False),
         "o": (heads * head_dim, hidden, False),
         "gate_up": (hidden, 2 * inter, False),
-        "down(+silu)": (inter, hidden, True),
+        "down": (inter, hidden, False),
     }
     rows, checks = [], []
     worst = 0.0
@@ -527,6 +522,9 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
             c.get("ok") for c in checks)
         report["fused_op_checks"] = fused_op_checks(dev, hidden, heads, kv_heads, head_dim)
         report["dispatch_table"] = DISPATCH.to_json()
+        _SCR.clear()  # the calibration's scratch must not count in the models' peak memory
+        gc.collect()
+        torch.cuda.empty_cache()
         _log(f"[bench] kernel checks: {sum(bool(c.get('ok')) for c in checks)} ok, "
              f"{sum(c.get('ok') is False for c in checks)} failed, {sum(c.get('ok') is None for c in checks)} "
              f"skipped (did not compile), worst "

@@ -53,10 +53,11 @@ class Dispatcher:
     """Per (K, N, M-bucket) choice: ("triton", cfg) or ("dequant+cublas", None).
 
     Without a measured entry: Triton with ``triton_ops.default_config`` below
-    ``dequant_min_m`` tokens, dequantize + cuBLAS from there on.
+    ``dequant_min_m`` tokens, dequantize + cuBLAS from there on (what the H100 calibration of
+    benchmarks/results/bench-synthetic-4b.json picked for every layer of the 4B above 64 tokens).
     """
 
-    dequant_min_m: int = 2048
+    dequant_min_m: int = 65
     table: dict = field(default_factory=dict)
     stats: collections.Counter = field(default_factory=collections.Counter)
     record_stats: bool = False
@@ -119,12 +120,21 @@ def fast(device) -> bool:
 
 _SCRATCH: dict = {}
 _SCRATCH_KEEP: list = []  # never freed: CUDA graphs may hold their addresses
+_SCRATCH_HINT: dict = {}
+
+
+def scratch_hint(numel: int, device) -> None:
+    """Largest weight (K*N) the dequantize+cuBLAS path will need on ``device``: the scratch is then
+    allocated once, at that size, on first use (one buffer shared by every layer)."""
+    key = str(torch.device(device))
+    _SCRATCH_HINT[key] = max(_SCRATCH_HINT.get(key, 0), int(numel))
 
 
 def _scratch(numel: int, dtype, device) -> torch.Tensor:
     key = (str(device), dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < numel:
+        numel = max(numel, _SCRATCH_HINT.get(str(device), 0))
         buf = torch.empty(numel, dtype=dtype, device=device)
         _SCRATCH[key] = buf
         _SCRATCH_KEEP.append(buf)
