@@ -144,3 +144,19 @@ def test_triton_kernel_matches_dequantized_reference_on_gpu(m):
     y = q(x)
     ref = (x.float() @ q.dequantize(torch.float32).t()) + q.bias.float()
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_plain_auto_round_packing_stores_raw_zeros_and_is_read_as_such():
+    qlinear_raw = pytest.importorskip("auto_round_extension.torch.qlinear_torch")
+    torch.manual_seed(7)
+    lin = nn.Linear(256, 64, bias=False)
+    _, _, sc = packing.rtn_quantize_gptq(lin.weight.data, 128)
+    zeros = torch.randint(4, 12, (64, 2)).float()  # asymmetric zero points, stored as-is
+    ql = qlinear_raw.QuantLinear(4, 128, 256, 64, bias=False)
+    ql.device = "cpu"  # auto-round's exporter sets this before packing
+    ql.pack(lin, sc.t().float(), zeros, device="cpu")
+    ours = W4A16Linear.from_quantlinear(ql, dtype=torch.float32)
+    assert ours.sym_zero == 0
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ql(x).float(), rtol=1e-5, atol=1e-5)
