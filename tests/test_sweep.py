@@ -199,3 +199,23 @@ def test_plots_return_figures():
     assert all(isinstance(figure, Figure) for figure in figures)
     for figure in figures:
         plt.close(figure)
+
+
+def test_sweep_variants_measures_each_variant_with_one_model_loaded(tiny_path, tmp_path):
+    import weakref
+
+    import colquant
+    from colquant.sweep import sweep_variants
+
+    alive: list[weakref.ref] = []
+
+    def load(checkpoint):
+        assert all(ref() is None for ref in alive), "previous variant still in memory"
+        model, processor = colquant.load(checkpoint, max_num_visual_tokens=64)
+        alive.append(weakref.ref(model))
+        return model, processor
+
+    results = sweep_variants({"bf16": tiny_path, "again": tiny_path}, load, query_batch_sizes=[1], page_batch_sizes=[1],
+                             query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu")
+    assert sorted(set(zip(results["variant"], results["kind"]))) == [("again", "page"), ("again", "query"), ("bf16", "page"), ("bf16", "query")]
+    assert all(ref() is None for ref in alive)

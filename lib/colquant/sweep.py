@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -420,3 +420,39 @@ def plot_memory(results: pd.DataFrame, budgets_gb: Sequence[float]) -> Figure:
         ax.set(title=f"{kind} encoding", xlabel="batch size", ylabel="peak memory (GiB)")
     fig.tight_layout()
     return fig
+
+
+def sweep_variants(
+    variants: Mapping[str, Any],
+    load: Callable[[Any], tuple[torch.nn.Module, Any]],
+    *,
+    query_batch_sizes: Sequence[int],
+    page_batch_sizes: Sequence[int],
+    query_tokens: int,
+    repeats: int,
+    results_path: str | Path,
+    device: str | torch.device,
+) -> pd.DataFrame:
+    """Sweep queries and pages for each variant in turn, one model in memory at a time.
+
+    Peak memory is measured from whatever is allocated when a batch starts, so the previous
+    variant (its weights, CUDA graphs and their memory pools) must be gone before the next is
+    loaded; otherwise a 4-bit model would be charged for the BF16 model before it.
+    """
+    for name, checkpoint in variants.items():
+        model, processor = load(checkpoint)
+        for kind, sizes in (("query", query_batch_sizes), ("page", page_batch_sizes)):
+            run_sweep(name, model, processor, kind=kind, batch_sizes=sizes, query_tokens=query_tokens,
+                      repeats=repeats, results_path=results_path, device=device)
+        release_model(model)
+        del model, processor
+        _release_memory(torch.device(device))
+    return load_results(results_path)
+
+
+def release_model(model: torch.nn.Module) -> None:
+    """Drop what keeps a model's GPU memory alive beyond its last reference: captured CUDA graphs."""
+    if getattr(model, "_colquant_acceleration", None) is not None:
+        from colquant.kernels import reset_graphs
+
+        reset_graphs(model)

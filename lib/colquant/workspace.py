@@ -48,16 +48,18 @@ def plots_dir(profile: dict[str, Any]) -> Path:
     return directory
 
 
-def base_model(profile: dict[str, Any]) -> str | Path:
-    """The BF16 checkpoint: built locally for the embedded/synthetic profiles, a hub id otherwise."""
+def base_model(profile: dict[str, Any]) -> Path:
+    """The BF16 checkpoint directory: built locally for the embedded/synthetic profiles, otherwise
+    the hub model (downloaded, or from the local cache; a clear CheckpointError when neither works)."""
     from colquant import tiny
+    from colquant.checkpoint import resolve_checkpoint
 
     model = profile["model"]
     if model["id"] == "embedded-tiny":
         return tiny.build(output_dir(profile) / "base-model", size="tiny")
     if model["id"] == "synthetic-4b":
         return tiny.build(output_dir(profile) / "base-model", size="4b", device=model["device"])
-    return model["id"]
+    return resolve_checkpoint(model["id"])
 
 
 def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
@@ -78,7 +80,7 @@ def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
     return {path.name: path for path in sorted(finished, key=order)}
 
 
-def all_variants(profile: dict[str, Any]) -> dict[str, str | Path]:
+def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
     """BF16 first, then every quantized variant: what notebooks 04-06 compare."""
     return {BASELINE: base_model(profile), **quantized_variants(profile)}
 
