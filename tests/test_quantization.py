@@ -33,7 +33,10 @@ def quantized(tiny_path, tmp_path_factory):
     metadata = quantization_metadata(
         "tiny-test", SETTINGS, calibration, cost, base_model=str(tiny_path), random_weights=True, quantized_layers=layers
     )
-    out = save_quantized_model(model, processor, autoround, tmp_path_factory.mktemp("q") / "variant", metadata=metadata)
+    out = save_quantized_model(
+        model, processor, autoround, tmp_path_factory.mktemp("q") / "variant", metadata=metadata,
+        export_formats=("auto_round", "auto_gptq"),
+    )
     return model, processor, out, base
 
 
@@ -91,3 +94,11 @@ def test_group_size_that_does_not_divide_the_layers_is_rejected(tiny_model):
     bad = QuantizationSettings(method="rtn", bits=4, group_size=96, sym=True, iters=0, batch_size=1, seed=0)
     with pytest.raises(ValueError, match="group_size=96 does not divide"):
         quantize_language_model(model, processor, None, bad)  # type: ignore[arg-type]
+
+
+def test_extra_export_format_keeps_the_primary_checkpoint_auto_round(quantized):
+    _, _, out, _ = quantized
+    primary = json.loads((out / "config.json").read_text())["quantization_config"]
+    gptq = json.loads((out / "exports" / "auto_gptq" / "config.json").read_text())["quantization_config"]
+    assert primary["quant_method"] == "auto-round" and gptq["quant_method"] == "gptq"
+    assert (out / "exports" / "auto_gptq" / "model.safetensors").exists()

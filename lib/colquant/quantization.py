@@ -126,9 +126,9 @@ def save_quantized_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     for fmt in export_formats:
         if fmt != "auto_round":
-            autoround.save_quantized(str(staging / EXTRA_FORMAT_DIR / fmt), format=fmt, inplace=False)
+            _save_tower(autoround, staging / EXTRA_FORMAT_DIR / fmt, fmt, inplace=False)
     with tempfile.TemporaryDirectory() as tower_dir:
-        autoround.save_quantized(tower_dir, format="auto_round", inplace=True)  # packs layers in place
+        _save_tower(autoround, Path(tower_dir), "auto_round", inplace=True)  # packs layers in place
         quantization_config = json.loads((Path(tower_dir) / "config.json").read_text())["quantization_config"]
     quantization_config["block_name_to_quantize"] = LANGUAGE_MODEL_BLOCKS
     model.config.quantization_config = quantization_config
@@ -141,6 +141,13 @@ def save_quantized_model(
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)
     return out_dir
+
+
+def _save_tower(autoround: Any, directory: Path, fmt: str, *, inplace: bool) -> None:
+    # auto-round 0.16 keeps the first format it was asked for and ignores `format` on later calls;
+    # assigning the format string makes save_quantized resolve it afresh
+    autoround.formats = fmt
+    autoround.save_quantized(str(directory), format=fmt, inplace=inplace)
 
 
 def _size_of(directory: Path) -> int:
