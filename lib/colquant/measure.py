@@ -1,31 +1,68 @@
 """Wall time and peak memory of a block of work, on CUDA or on the CPU.
 
-On CUDA the peak is `torch.cuda.max_memory_allocated` (tensors only, what a memory budget is about).
-On the CPU there is no allocator peak to reset, so a background thread samples the process's
-resident set size; the figure is labelled `process_rss` so nobody compares it with GPU numbers.
+On CUDA the peak is `torch.cuda.max_memory_allocated` (tensors only: what a memory budget is
+about; the CUDA context, ~0.5 GiB, is not included). On the CPU it is the process's resident-set
+high-water mark (VmHWM), reset through /proc/self/clear_refs so the peak belongs to the measured
+work and not to something larger before it (`ru_maxrss` cannot be reset). The figure is labelled
+`process_rss` so nobody compares it with GPU numbers.
 """
 
 from __future__ import annotations
 
-import threading
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import psutil
 import torch
 
-SAMPLE_INTERVAL_S = 0.02
+MIB = 2**20
 
 
 @dataclass
 class Measurement:
     wall_time_s: float = 0.0
     peak_memory_bytes: int = 0
+    peak_reserved_bytes: int | None = None
+    in_use_before_bytes: int = 0
     memory_kind: str = ""
 
     @property
     def peak_memory_mib(self) -> float:
-        return self.peak_memory_bytes / 2**20
+        return self.peak_memory_bytes / MIB
+
+
+def memory_kind(device: torch.device) -> str:
+    return "cuda_allocated" if device.type == "cuda" else "process_rss"
+
+
+def _proc_status_bytes(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}: CPU peak memory needs Linux")
+    return int(match.group(1)) * 1024
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Start a new peak; return the bytes in use now (weights, caches)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # so `reserved` reflects what follows, not an earlier cache
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_memory(device: torch.device) -> tuple[int, int | None]:
+    """(peak bytes, peak reserved bytes or None on CPU) since the last `reset_peak_memory`."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return _proc_status_bytes("VmHWM"), None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class measure:
@@ -33,31 +70,15 @@ class measure:
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
-        self.result = Measurement(memory_kind="cuda_allocated" if self.device.type == "cuda" else "process_rss")
-        self._stop = threading.Event()
-        self._sampler: threading.Thread | None = None
+        self.result = Measurement(memory_kind=memory_kind(self.device))
 
     def __enter__(self) -> Measurement:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
-            self._sampler.start()
+        synchronize(self.device)
+        self.result.in_use_before_bytes = reset_peak_memory(self.device)
         self._start = time.perf_counter()
         return self.result
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.result.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
+        synchronize(self.device)
         self.result.wall_time_s = time.perf_counter() - self._start
-        if self._sampler is not None:
-            self._stop.set()
-            self._sampler.join()
-
-    def _sample_rss(self) -> None:
-        process = psutil.Process()
-        while not self._stop.is_set():
-            self.result.peak_memory_bytes = max(self.result.peak_memory_bytes, process.memory_info().rss)
-            self._stop.wait(SAMPLE_INTERVAL_S)
+        self.result.peak_memory_bytes, self.result.peak_reserved_bytes = peak_memory(self.device)

@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,13 +36,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import BatchFeature
 
+from colquant.measure import MIB, memory_kind, peak_memory, reset_peak_memory, synchronize
 from colquant.processing import PIXELS_PER_VISUAL_TOKEN, QUERY_AUGMENTATION_TOKENS
 
 KINDS = ("query", "page")
 FINISHED = ("ok", "oom")  # statuses a re-run keeps; `skipped_after_oom` rows are re-decided
 OOM_MARKERS = ("out of memory", "can't allocate memory")  # CUDA / CPU allocator messages
 QUERY_FILLER = "page "  # one token per word for Qwen's BPE, one per byte for the tiny tokenizer
-MIB = 2**20
 COLUMNS = [
     "variant", "kind", "batch_size", "status", "tokens_per_item", "items_per_s", "tokens_per_s",
     "latency_mean_ms", "latency_p50_ms", "peak_memory_mib", "peak_reserved_mib", "peak_increase_mib",
@@ -96,46 +95,13 @@ def encode_batch(model: torch.nn.Module, batch: BatchFeature) -> torch.Tensor:
 # --- measuring one batch size ---------------------------------------------------------------------
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_mib(field: str) -> float:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field}: CPU peak memory needs Linux")
-    return int(match.group(1)) / 1024
-
-
-def _start_memory(device: torch.device) -> float:
-    """Reset the peak counter; return the memory in use now (weights, caches), MiB.
-
-    On CPU the process's high-water mark (VmHWM) is reset through /proc/self/clear_refs, so the peak
-    belongs to this batch and not to an earlier, larger one (ru_maxrss cannot be reset).
-    No gc.collect here (it costs ~0.4 s per call): the previous batch's tensors are freed by reference
-    counting; only after an OOM do reference cycles hold memory, and `_release_memory` collects them.
-    """
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # so `reserved` reflects this batch, not a larger one's cache
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / MIB
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status_mib("VmRSS")
-
-
-def _peak_memory(device: torch.device, in_use_before: float) -> dict[str, Any]:
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / MIB
-        reserved = torch.cuda.max_memory_reserved(device) / MIB
-        kind = "cuda_allocated"
-    else:
-        peak, reserved, kind = _proc_status_mib("VmHWM"), None, "process_rss"
+def _peak_memory(device: torch.device, in_use_before: int) -> dict[str, Any]:
+    peak, reserved = peak_memory(device)
     return {
-        "peak_memory_mib": peak,
-        "peak_reserved_mib": reserved,
-        "peak_increase_mib": peak - in_use_before,
-        "memory_kind": kind,
+        "peak_memory_mib": peak / MIB,
+        "peak_reserved_mib": reserved / MIB if reserved is not None else None,
+        "peak_increase_mib": (peak - in_use_before) / MIB,
+        "memory_kind": memory_kind(device),
     }
 
 
@@ -146,16 +112,18 @@ def measure(model: torch.nn.Module, batch: BatchFeature, *, repeats: int, warmup
     GPU of a given size must hold; `cuda_allocated` excludes the CUDA context, ~0.5 GiB) and what this
     batch added on top (`peak_increase_mib`: activations and workspaces).
     """
-    in_use = _start_memory(device)
+    # No gc.collect before a batch (~0.4 s each): the previous batch's tensors are freed by reference
+    # counting; only after an OOM do reference cycles hold memory, and `_release_memory` collects them.
+    in_use = reset_peak_memory(device)
     batch = batch.to(device)
     for _ in range(warmup):
         encode_batch(model, batch)
     latencies = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         encode_batch(model, batch)
-        _synchronize(device)
+        synchronize(device)
         latencies.append(time.perf_counter() - start)
     batch_size = batch["input_ids"].shape[0]
     tokens = int(batch["attention_mask"].sum())
