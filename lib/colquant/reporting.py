@@ -28,6 +28,7 @@ def write_report(profile: dict[str, Any]) -> Path:
         _sweep_section(results),
         _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile)),
     ]
+    update_variant_cards(profile)
     path = workspace.output_dir(profile) / "REPORT.md"
     partial = path.with_suffix(".md.partial")
     partial.write_text("\n\n".join(sections) + "\n")
@@ -116,3 +117,33 @@ def _plots_section(plots: Path, root: Path) -> str:
     if not images:
         return "## Plots\n\n_No plots yet._"
     return "## Plots\n\n" + "\n\n".join(f"![{image.stem}]({image.relative_to(root)})" for image in images)
+
+
+def variant_results(results: Path) -> dict[str, dict[str, Any]]:
+    """Per variant, the headline numbers known so far: fidelity against BF16 and NDCG@5."""
+    known: dict[str, dict[str, Any]] = {}
+    fidelity = results / "fidelity_summary.csv"
+    if fidelity.exists():
+        for row in pd.read_csv(fidelity).to_dict("records"):
+            known.setdefault(row["variant"], {}).update(
+                {
+                    "query token cosine vs BF16 (mean)": round(row["query_token_cosine_mean"], 4),
+                    "page token cosine vs BF16 (mean)": round(row["page_token_cosine_mean"], 4),
+                    "top-5 page overlap with BF16": round(row["top5_overlap"], 4),
+                }
+            )
+    ndcg = results / "ndcg.csv"
+    if ndcg.exists():
+        for variant, scores in pd.read_csv(ndcg).groupby("variant"):
+            known.setdefault(variant, {})[f"NDCG@5, mean of {len(scores)} tasks"] = round(scores["ndcg_at_5"].mean(), 5)
+    return known
+
+
+def update_variant_cards(profile: dict[str, Any]) -> None:
+    """Write what the later notebooks measured into each quantized variant's model card."""
+    from colquant.quantization import update_model_card
+
+    known = variant_results(workspace.results_dir(profile))
+    for name, path in workspace.quantized_variants(profile).items():
+        if name in known:
+            update_model_card(path, known[name])
