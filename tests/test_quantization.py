@@ -102,3 +102,14 @@ def test_extra_export_format_keeps_the_primary_checkpoint_auto_round(quantized):
     gptq = json.loads((out / "exports" / "auto_gptq" / "config.json").read_text())["quantization_config"]
     assert primary["quant_method"] == "auto-round" and gptq["quant_method"] == "gptq"
     assert (out / "exports" / "auto_gptq" / "model.safetensors").exists()
+
+
+def test_size_on_disk_matches_the_architecture_prediction(quantized):
+    """Notebook 01's predicted W4A16 size is the size the saved checkpoint really has."""
+    from colquant.architecture import meta_model, predicted_sizes
+    from colquant.model import ColQwen3Config
+
+    _, _, out, _ = quantized
+    predicted = predicted_sizes(meta_model(ColQwen3Config.tiny())).set_index("scheme").loc["W4A16 (language model)", "bytes"]
+    actual = json.loads((out / METADATA_FILE).read_text())["size_on_disk_bytes"]
+    assert abs(actual - predicted) / predicted < 0.01
