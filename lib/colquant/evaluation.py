@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from colquant.corpus import FORMAT_VERSION, build_corpus
+from colquant.plots import legend_outside
 from colquant.scoring import Embeddings, pad_embeddings, score
 
 MODEL_ORGANISATION = "colquant"
@@ -425,6 +426,7 @@ def plot_ndcg(results: pd.DataFrame) -> Figure:
     sns.barplot(data=labelled.sort_values("benchmark"), x=NDCG_COLUMN, y="benchmark", hue="variant",
                 hue_order=list(dict.fromkeys(results["variant"])), ax=ax)
     ax.set(xlabel="NDCG@5", ylabel="", title="NDCG@5 per task", xlim=(0, 1))
+    legend_outside(ax)
     return figure
 
 
@@ -439,4 +441,5 @@ def plot_delta(table: pd.DataFrame) -> Figure:
     sns.barplot(data=long, x="delta", y="Benchmark", hue="variant", ax=ax)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set(xlabel="Δ% NDCG@5 vs baseline", ylabel="", title="Change in NDCG@5 against the baseline")
+    legend_outside(ax)
     return figure

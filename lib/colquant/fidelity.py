@@ -24,6 +24,7 @@ from PIL import Image
 from scipy import stats
 from tqdm.auto import tqdm
 
+from colquant.plots import legend_outside
 from colquant.scoring import score
 
 COSINE_THRESHOLD = 0.95  # seed 003's acceptance bar for embedding cosine vs BF16
@@ -318,6 +319,7 @@ def plot_token_cosine(token_cosine: pd.DataFrame, threshold: float = COSINE_THRE
         sns.ecdfplot(data=token_cosine[token_cosine["kind"] == kind], x="cosine", hue="variant", ax=ax)
         ax.axvline(threshold, color="grey", linestyle="--", linewidth=1)
         ax.set(title=f"{kind} tokens", xlabel="cosine to reference", ylabel="fraction of tokens")
+    legend_outside(axes[0])
     fig.tight_layout()
     return fig
 
@@ -333,6 +335,7 @@ def plot_layer_errors(layer_errors_table: pd.DataFrame, metric: str = "relative_
         )
         ax.set_yscale("log")
         ax.set(title=f"{kind} inputs", xlabel="decoder layer", ylabel=metric)
+    legend_outside(axes[0])
     fig.tight_layout()
     return fig
 

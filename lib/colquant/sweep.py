@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature
 
 from colquant.measure import MIB, memory_kind, peak_memory, reset_peak_memory, synchronize
+from colquant.plots import legend_outside
 from colquant.processing import PIXELS_PER_VISUAL_TOKEN, QUERY_AUGMENTATION_TOKENS
 
 KINDS = ("query", "page")
@@ -364,6 +365,7 @@ def plot_throughput(results: pd.DataFrame) -> Figure:
         sns.lineplot(data=ok[ok["kind"] == kind], x="batch_size", y="items_per_s", hue="variant", marker="o", ax=ax)
         ax.set_xscale("log", base=2)
         ax.set(title=f"{kind} encoding", xlabel="batch size", ylabel="items / s")
+    legend_outside(axes[0])
     fig.tight_layout()
     return fig
 
@@ -386,6 +388,7 @@ def plot_memory(results: pd.DataFrame, budgets_gb: Sequence[float]) -> Figure:
                         color="grey", va="bottom")
         ax.set_xscale("log", base=2)
         ax.set(title=f"{kind} encoding", xlabel="batch size", ylabel="peak memory (GiB)")
+    legend_outside(axes[0])
     fig.tight_layout()
     return fig
 
