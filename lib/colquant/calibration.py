@@ -119,7 +119,9 @@ def load_text_documents(source: str, *, seed: int, limit: int) -> list[tuple[str
         random.Random(seed).shuffle(texts)
         return texts
     if source == "colpali-train":
-        rows = load_dataset(COLPALI_TRAIN, split="train").remove_columns(["image"])
+        # streamed without the image column: the text is a few MB, the page images many GB
+        rows = load_dataset(COLPALI_TRAIN, split="train", streaming=True).select_columns(["query", "answer", "source"])
+        rows = rows.shuffle(seed=seed).take(8 * limit)
         return _stratified(
             [(f"{row['query']}\n{row['answer']}", row["source"]) for row in rows], seed=seed, limit=limit
         )
