@@ -243,9 +243,15 @@ def _candidates(m):
     return c
 
 
+# humming-kernels is timed up to this many tokens (above, cuBLAS on dequantized weights is the
+# candidate to beat and humming lost ~10% to plain bf16 cuBLAS in DESIGN.md's measurements)
+HUMMING_MAX_M = 5632
+
+
 def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, head_dim, calibrate=True):
     """Correctness of every candidate on every shape/M (fresh inputs, poisoned outputs) and its
     CUDA-graphed time with rotating weights; bf16 cuBLAS on the same shapes. Fills DISPATCH."""
+    from colquant.kernels import humming_ops as hk
     from colquant.kernels import triton_ops as tk
     from colquant.kernels.linear import DISPATCH, m_bucket
     from colquant.kernels.packing import dequantize_kernel, gptq_to_kernel, rtn_quantize_gptq
@@ -264,12 +270,21 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
         # come from HBM)
         n_copies = max(2, math.ceil(200e6 / (K * N * 2)))
         n_copies_q = max(2, math.ceil(200e6 / (K * N * 0.5)))
-        wq = []
+        wq, hq = [], []
+        use_hk = calibrate and hk.unavailable_reason(device) is None
         for i in range(n_copies_q):
             w = torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02
             qw, qz, sc = rtn_quantize_gptq(w, G)
             qn, zn = gptq_to_kernel(qw, qz)
             wq.append((qn, zn, sc))
+            if use_hk:
+                try:
+                    hq.append(hk.build_handle(qw, sc, G))
+                except Exception as exc:
+                    _log(f"  humming repack failed on {sname}: {type(exc).__name__}: {str(exc)[:200]}")
+                    checks.append(dict(shape=sname, K=K, N=N, cand="humming", ok=None,
+                                       skipped="repack: " + str(exc)[:200]))
+                    use_hk, hq = False, []
             del w, qw, qz
         wd = [torch.randn(N, K, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(n_copies)]
         w_ref = dequantize_kernel(*wq[0], G, dtype=torch.float32)  # auto-round-exact weights, [K, N]
@@ -288,15 +303,18 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
             ref = xa.float() @ w_ref
             ref_norm = ref.norm().item()
             cands = _candidates(m) if calibrate else []
-            cands = cands + [("dequant+cublas", None)]
+            cands = cands + [("dequant+cublas", None)] + ([("humming", "humming")] if use_hk and m <= HUMMING_MAX_M else [])
             best = None
             for name, c in cands:
-                if c is not None:
+                if isinstance(c, dict):
                     c = dict(c)
                     waves = c.pop("waves")
                     c["SPLIT_K"] = tk._split_for(m, N, K, c["BM"], c["BN"], 128, waves=waves) if waves else 1
 
-                def run(x, qn, zn, sc, c=c, out=None):
+                def run(x, qn, zn, sc, h=None, c=c, out=None):
+                    if c == "humming":
+                        a = tk.silu_mul(x) if act else x
+                        return hk.run_layer(h, a, out)
                     if c is None:
                         w = tk.dequant_w4(qn, zn, sc, G, dtype=torch.bfloat16, out=_scr(K * N, device).view(K, N),
                                           sym_zero=8)
@@ -306,12 +324,13 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
 
                 try:
                     out = torch.full((m, N), float("nan"), device=device, dtype=torch.bfloat16)
-                    run(xs[0], *wq[0], out=out)
+                    hs = hq if c == "humming" else [None] * len(wq)
+                    run(xs[0], *wq[0], hs[0], out=out)
                     torch.cuda.synchronize(device)
                     err = ((out.float() - ref).norm() / ref_norm).item()
                     finite = bool(torch.isfinite(out).all())
                     x1 = xs[1]
-                    t = _bench_graph(lambda: [run(x1, *q) for q in wq], len(wq), device)
+                    t = _bench_graph(lambda: [run(x1, *q, h) for q, h in zip(wq, hs)], len(wq), device)
                 except Exception as exc:  # a config that does not compile (e.g. too much shared memory)
                     _log(f"  candidate {name} skipped on {sname} M={m}: {type(exc).__name__}: {str(exc)[:120]}")
                     checks.append(dict(shape=sname, K=K, N=N, M=m, cand=name, ok=None, skipped=str(exc)[:200]))
@@ -325,14 +344,14 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
                     best = (name, t, c)
             if best is None:
                 continue
-            kind = "dequant+cublas" if best[2] is None else "triton"
+            kind = "dequant+cublas" if best[2] is None else ("humming" if best[2] == "humming" else "triton")
             if calibrate:
-                DISPATCH.set(K, N // 1, m_bucket(m), (kind, best[2]))
+                DISPATCH.set(K, N // 1, m_bucket(m), (kind, None if kind == "humming" else best[2]))
             rows.append(dict(shape=sname, K=K, N=N, M=m, bf16_us=t_bf16, w4_us=best[1], w4_choice=best[0],
                              speedup=t_bf16 / best[1]))
             _log(f"  {sname:12s} K={K:5d} N={N:5d} M={m:6d}  bf16 {t_bf16:8.1f} us   w4 {best[1]:8.1f} us "
                  f"({best[0]})  x{t_bf16 / best[1]:.2f}")
-        del wq, wd
+        del wq, wd, hq
         torch.cuda.empty_cache()
     return rows, checks, worst
 
@@ -425,6 +444,19 @@ def profile_forward(model, batch, device, label="", top=14):
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 model(**batch)
                 torch.cuda.synchronize(device)
+        # host side: one more forward with the CPU profiler (what keeps the GPU waiting when the wall
+        # time exceeds the kernel time, e.g. the 4-bit page batch 1)
+        with torch.no_grad():
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(**batch)
+            torch.cuda.synchronize(device)
+            wall_us = (time.perf_counter() - t0) * 1e6
+            with profile(activities=[ProfilerActivity.CPU]) as hprof:
+                model(**batch)
+                torch.cuda.synchronize(device)
+        host = sorted(((e.key, e.self_cpu_time_total, e.count) for e in hprof.key_averages()),
+                      key=lambda r: -r[1])[:12]
     finally:
         if state is not None:
             state.runner = runner
@@ -438,9 +470,12 @@ def profile_forward(model, batch, device, label="", top=14):
     total = sum(t for t, _ in agg.values())
     rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
     out = dict(total_kernel_us=total, n_kernels=sum(n for _, n in agg.values()),
-               top=[dict(kernel=k, us=t, calls=n) for k, (t, n) in rows])
+               top=[dict(kernel=k, us=t, calls=n) for k, (t, n) in rows], wall_us=wall_us,
+               host_top=[dict(op=k[:80], self_cpu_us=t, calls=n) for k, t, n in host])
     _log(f"[bench] {label} eager kernels: {out['n_kernels']} launches, {total:.0f} us GPU time; top: "
          + "; ".join(f"{r['kernel'][:40]} {r['us']:.0f}us/{r['calls']}" for r in out["top"][:8]))
+    _log(f"[bench] {label} eager wall {wall_us:.0f} us; host self-CPU top: "
+         + "; ".join(f"{k[:40]} {t:.0f}us/{n}" for k, t, n in host[:10]))
     return out
 
 
@@ -652,6 +687,23 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         report["w4_weights_mib"] = torch.cuda.memory_allocated(dev) / 2**20
+        # humming's repacked copies, for the layer shapes the calibration sends to it (counted apart)
+        from colquant.kernels import humming_ops
+
+        try:
+            hinfo = humming_ops.prepare_model(tm)
+        except Exception as exc:
+            hinfo = dict(prepared=0, bytes=0, error=repr(exc)[:300])
+            errors_h = report.setdefault("errors", [])
+            errors_h.append(dict(stage="humming repack", error=repr(exc)[:300]))
+            for m_ in tm.modules():
+                humming_ops.release(m_) if isinstance(m_, W4A16Linear) else None
+            DISPATCH.table = {k: v for k, v in DISPATCH.table.items() if v[0] != "humming"}
+        torch.cuda.empty_cache()
+        report["humming_repack"] = hinfo
+        report["w4_plus_humming_mib"] = torch.cuda.memory_allocated(dev) / 2**20
+        _log(f"[bench] humming repack: {hinfo}; allocated {report['w4_weights_mib']:.0f} MiB -> "
+             f"{report['w4_plus_humming_mib']:.0f} MiB")
     report["quantize_s"] = time.perf_counter() - t1
     _log(f"[bench] quantized (RTN W4 g{cfg['group_size']}) in {report['quantize_s']:.1f} s")
     emb_q_w4 = _embed(model, qref)

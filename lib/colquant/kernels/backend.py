@@ -30,6 +30,9 @@ def clear_cache() -> None:
     """Forget cached backend decisions (tests, env changes)."""
     _FAST_CACHE.clear()
     triton_import_error.cache_clear()
+    from colquant.kernels import humming_ops
+
+    humming_ops.clear_cache()
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,4 +109,13 @@ def backend_report(device=None) -> dict:
         info["triton"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    # optional GEMM candidates beside the Triton ones (offered to the dispatcher only when available)
+    from colquant.kernels import humming_ops
+
+    h_reason = humming_ops.unavailable_reason(device)
+    info["candidates"] = {
+        "triton": dict(available=reason is None, reason=reason),
+        "dequant+cublas": dict(available=reason is None, reason=reason),
+        "humming": dict(available=h_reason is None, reason=h_reason, version=humming_ops.version()),
+    }
     return info

@@ -6,7 +6,10 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
   read as 4-bit and dequantized inside the main loop: few tokens -> small tiles, K split over
   programs; more tokens -> larger tiles);
 * ``"dequant+cublas"``: for large ``M`` dequantize the weight once into a shared 16-bit scratch
-  and call cuBLAS (the extra pass costs < 5% once the GEMM is compute-bound).
+  and call cuBLAS (the extra pass costs < 5% once the GEMM is compute-bound);
+* ``"humming"``: humming-kernels' GEMM (optional package, see :mod:`.humming_ops`) on a copy of
+  the weights repacked for it; only ever chosen through a measured table entry, and only where the
+  package imports (elsewhere such entries fall back to the default choice).
 
 Elsewhere (CPU, no Triton, old GPU) it runs the reference path, dequantize + ``torch.matmul``,
 after one logged message naming what is missing. The table of choices per (K, N, M) is
@@ -62,16 +65,19 @@ class Dispatcher:
     stats: collections.Counter = field(default_factory=collections.Counter)
     record_stats: bool = False
 
+    def default(self, m: int, k: int, n: int):
+        """The built-in choice (no measured entry)."""
+        if m >= self.dequant_min_m:
+            return ("dequant+cublas", None)
+        from colquant.kernels.triton_ops import default_config
+
+        return ("triton", default_config(m, n, k))
+
     def choose(self, m: int, k: int, n: int):
         key = (k, n, m_bucket(m))
         hit = self.table.get(key)
         if hit is None:
-            if m >= self.dequant_min_m:
-                hit = ("dequant+cublas", None)
-            else:
-                from colquant.kernels.triton_ops import default_config
-
-                hit = ("triton", default_config(m, n, k))
+            hit = self.default(m, k, n)
         if self.record_stats:
             self.stats[(k, n, m, hit[0])] += 1
         return hit
@@ -259,6 +265,7 @@ class W4A16Linear(nn.Module):
     @property
     def weight_bytes(self) -> int:
         b = self.qweight_k.numel() * 4 + self.zeros_u8.numel() + self.scales.numel() * 2
+        b += getattr(self, "_humming_bytes", 0)  # humming's repacked copy, where one was made
         return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
@@ -291,6 +298,15 @@ class W4A16Linear(nn.Module):
 
         m = x2.shape[0]
         kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
+        if kind == "humming":
+            from colquant.kernels import humming_ops as hk
+
+            if getattr(self, "_humming", None) is None and (
+                    hk.supported(self) or not hk.available(x2.device) or torch.cuda.is_current_stream_capturing()):
+                kind, cfg = DISPATCH.default(m, self.in_features, self.out_features)
+            else:
+                hk.prepare(self)  # no-op once repacked (prepare_model does it at conversion time)
+                return hk.matmul(x2, self, act=act)
         if kind == "dequant+cublas":
             w = _scratch(self.in_features * self.out_features, x2.dtype, x2.device)
             w = w[: self.in_features * self.out_features].view(self.in_features, self.out_features)
