@@ -31,3 +31,16 @@ def test_cli_parses_batches(tmp_path, monkeypatch):
                        "--page-batches", "", "--no-calibrate"]) == 0
     assert seen["p"] == "tiny"
     assert seen["overrides"] == {"query_batches": [1, 8], "page_batches": [], "calibrate": False}
+
+
+def test_single_copy_cost_summarises_rows_where_humming_lost():
+    from colquant.bench import single_copy_cost
+
+    rows = [dict(shape="qkv", M=44, w4_us=10.0, w4_choice="humming", humming_us=10.0),
+            dict(shape="qkv", M=11264, w4_us=100.0, w4_choice="dequant+cublas", humming_us=110.0),
+            dict(shape="o", M=43008, w4_us=200.0, w4_choice="dequant+cublas", humming_us=205.0),
+            dict(shape="o", M=1, w4_us=5.0, w4_choice="triton", humming_us=None)]
+    c = single_copy_cost(rows)
+    assert c["rows"] == 2 and c["worst_slowdown"] == 1.1 and c["worst_at"] == "qkv M=11264"
+    assert abs(c["mean_slowdown"] - 1.0625) < 1e-9
+    assert single_copy_cost([]) == dict(rows=0)

@@ -10,9 +10,16 @@ layers (every zero point 8, ``W4A16Linear.sym_zero == 8``) are offered: humming'
 path reads no zero points. Its scales are held in the activation dtype (bf16): fp16 scales are
 rounded to bf16 (relative error <= 2^-9 per weight group; the calibration's error check covers it).
 
-Memory: the repacked weights are a second 4-bit copy of the layer (+ bf16 scales, + a 8 KiB lock
-buffer). :func:`prepare_model` therefore repacks only the layers whose shape the dispatcher picks
-humming for, and :attr:`W4A16Linear.weight_bytes` counts the copy.
+Memory: the repacked weights (+ bf16 scales, + a 8 KiB lock buffer) would be a second 4-bit copy
+of the layer. By default (``single_copy``) :func:`prepare` therefore moves the layer's kernel-layout
+tensors (``qweight_k``, ``zeros_u8``, ``scales``) to host memory once humming's copy exists, and the
+layer then sends every token count to humming (also where the calibration measured dequant+cuBLAS
+faster, i.e. >= ~11k tokens: see benchmarks/kernel-notes.md for the cost). The host copy keeps the
+reference path (``force_reference``), ``to_gptq``/``dequantize`` and :func:`release` exact; humming's
+layout is produced by a CUDA repack kernel and is not inverted here.
+``COLQUANT_HUMMING_KEEP_KERNEL_COPY=1`` keeps both copies on the GPU (the table's choice per M).
+:func:`prepare_model` repacks only the layers whose shape the dispatcher picks humming for;
+:attr:`W4A16Linear.weight_bytes` counts what stays on the GPU, ``host_bytes`` what moved.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import os
 
 import torch
 
-__all__ = ["Handle", "unavailable_reason", "available", "supported", "build_handle", "prepare", "release",
+__all__ = ["Handle", "unavailable_reason", "available", "supported", "build_handle", "attach", "prepare", "release",
            "matmul", "prepare_model", "version"]
 
 
@@ -159,8 +166,33 @@ def build_handle(qweight, scales, group_size: int, *, bias=None, dtype=torch.bfl
     return Handle(build_from_gptq(qweight, scales, group_size, bias=bias, dtype=dtype))
 
 
-def prepare(mod) -> int:
-    """Repack ``mod``'s weights for humming (once); returns the bytes that copy takes."""
+def _single_copy_default() -> bool:
+    return os.environ.get("COLQUANT_HUMMING_KEEP_KERNEL_COPY", "") in ("", "0")
+
+
+_KERNEL_TENSORS = ("qweight_k", "zeros_u8", "scales")
+
+
+def attach(mod, handle, *, single_copy: bool | None = None) -> int:
+    """Give ``mod`` (a W4A16Linear) the humming ``handle`` made from its weights; with ``single_copy``
+    (default: unless ``COLQUANT_HUMMING_KEEP_KERNEL_COPY=1``) move its kernel-layout tensors to host
+    memory, so that humming's is the only 4-bit copy on the device. Returns humming's bytes."""
+    if single_copy is None:
+        single_copy = _single_copy_default()
+    object.__setattr__(mod, "_humming", handle)  # not a registered submodule: state_dict unchanged
+    object.__setattr__(mod, "_humming_bytes", int(handle.nbytes))
+    if single_copy and not mod.spilled:
+        dev = mod.scales.device
+        for name in _KERNEL_TENSORS:  # still registered buffers (state_dict keeps them), now on the host
+            setattr(mod, name, getattr(mod, name).to("cpu"))
+        object.__setattr__(mod, "_compute_device", dev)
+        object.__setattr__(mod, "_spilled", True)
+    return mod._humming_bytes
+
+
+def prepare(mod, *, single_copy: bool | None = None) -> int:
+    """Repack ``mod``'s weights for humming (once); returns the bytes that copy takes. See
+    :func:`attach` for ``single_copy``."""
     h = getattr(mod, "_humming", None)
     if h is not None:
         return mod._humming_bytes
@@ -169,13 +201,17 @@ def prepare(mod) -> int:
         raise ValueError(f"humming cannot run this layer: {why}")
     qw, _, sc = mod.to_gptq()
     h = build_handle(qw, sc, mod.group_size, bias=mod.bias, dtype=mod.dtype)
-    del qw
-    object.__setattr__(mod, "_humming", h)  # not a registered submodule: state_dict unchanged
-    object.__setattr__(mod, "_humming_bytes", h.nbytes)
-    return mod._humming_bytes
+    del qw, sc
+    return attach(mod, h, single_copy=single_copy)
 
 
 def release(mod) -> None:
+    """Drop humming's copy; spilled kernel-layout tensors go back to the compute device first."""
+    if getattr(mod, "_spilled", False):
+        dev = mod._compute_device
+        for name in _KERNEL_TENSORS:
+            setattr(mod, name, getattr(mod, name).to(dev))
+        object.__setattr__(mod, "_spilled", False)
     if getattr(mod, "_humming", None) is not None:
         object.__setattr__(mod, "_humming", None)
         object.__setattr__(mod, "_humming_bytes", 0)
@@ -198,17 +234,20 @@ def matmul(x: torch.Tensor, mod, *, act: bool = False, out: torch.Tensor | None 
     return run_layer(mod._humming, x, out)
 
 
-def prepare_model(model, *, only_dispatched: bool = True) -> dict:
+def prepare_model(model, *, only_dispatched: bool = True, single_copy: bool | None = None) -> dict:
     """Repack every symmetric W4A16Linear of ``model`` whose (K, N) the dispatcher sends to humming for
-    some token count (all of them with ``only_dispatched=False``). Returns counts and bytes."""
+    some token count (all of them with ``only_dispatched=False``). Returns counts and bytes
+    (``bytes``: humming's copies; ``host_bytes``: kernel-layout copies moved to the host)."""
     from colquant.kernels.linear import DISPATCH, W4A16Linear
 
+    if single_copy is None:
+        single_copy = _single_copy_default()
     shapes = {(k, n) for (k, n, _), c in DISPATCH.table.items() if c[0] == "humming"}
-    info = dict(prepared=0, skipped=0, bytes=0, reason=None)
+    info = dict(prepared=0, skipped=0, bytes=0, host_bytes=0, single_copy=bool(single_copy), reason=None)
     mods = [m for m in model.modules() if isinstance(m, W4A16Linear)]
     if not mods:
         return info
-    dev = mods[0].qweight_k.device
+    dev = mods[0].compute_device
     info["reason"] = unavailable_reason(dev)
     if info["reason"]:
         return info
@@ -218,6 +257,7 @@ def prepare_model(model, *, only_dispatched: bool = True) -> dict:
         if supported(m):
             info["skipped"] += 1
             continue
-        info["bytes"] += prepare(m)
+        info["bytes"] += prepare(m, single_copy=single_copy)
+        info["host_bytes"] += m.host_bytes
         info["prepared"] += 1
     return info

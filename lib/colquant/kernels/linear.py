@@ -9,7 +9,9 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
   and call cuBLAS (the extra pass costs < 5% once the GEMM is compute-bound);
 * ``"humming"``: humming-kernels' GEMM (optional package, see :mod:`.humming_ops`) on a copy of
   the weights repacked for it; only ever chosen through a measured table entry, and only where the
-  package imports (elsewhere such entries fall back to the default choice).
+  package imports (elsewhere such entries fall back to the default choice). Once a layer is
+  repacked, its kernel-layout tensors move to host memory (one 4-bit copy on the GPU) and humming
+  serves every ``M`` of that layer (:attr:`W4A16Linear.spilled`).
 
 Elsewhere (CPU, no Triton, old GPU) it runs the reference path, dequantize + ``torch.matmul``,
 after one logged message naming what is missing. The table of choices per (K, N, M) is
@@ -240,10 +242,12 @@ class W4A16Linear(nn.Module):
             raise ValueError("fused parts must share in_features and group_size")
         has_bias = any(p.bias is not None for p in parts)
         n = sum(p.out_features for p in parts)
-        self = cls(k, n, gs, bias=has_bias, device=parts[0].qweight_k.device, dtype=parts[0].dtype)
-        self.qweight_k = torch.cat([p.qweight_k for p in parts], dim=1)
-        self.zeros_u8 = torch.cat([p.zeros_u8 for p in parts], dim=1)
-        self.scales = torch.cat([p.scales for p in parts], dim=1)
+        dev = parts[0].compute_device
+        self = cls(k, n, gs, bias=has_bias, device=dev, dtype=parts[0].dtype)
+        kt = [p.kernel_tensors(dev) for p in parts]
+        self.qweight_k = torch.cat([t[0] for t in kt], dim=1)
+        self.zeros_u8 = torch.cat([t[1] for t in kt], dim=1)
+        self.scales = torch.cat([t[2] for t in kt], dim=1)
         self._refresh_sym()
         if has_bias:
             self.bias = torch.cat([p.bias if p.bias is not None else
@@ -254,19 +258,48 @@ class W4A16Linear(nn.Module):
     # ----------------------------------------------------------------- views
     def to_gptq(self):
         """(qweight, qzeros, scales) in auto_gptq layout (exact inverse of from_gptq)."""
-        qw, qz = kernel_to_gptq(self.qweight_k, self.zeros_u8)
-        return qw, qz, self.scales
+        qk, zu, sc = self.kernel_tensors()
+        qw, qz = kernel_to_gptq(qk, zu)
+        return qw, qz, sc
 
     def dequantize(self, dtype=None) -> torch.Tensor:
-        """W as [out_features, in_features] (nn.Linear's layout)."""
-        return dequantize_kernel(self.qweight_k, self.zeros_u8, self.scales, self.group_size,
-                                 dtype=dtype or self.dtype).t()
+        """W as [out_features, in_features] (nn.Linear's layout), on :attr:`compute_device`."""
+        return dequantize_kernel(*self.kernel_tensors(), self.group_size, dtype=dtype or self.dtype).t()
+
+    @property
+    def _kernel_bytes(self) -> int:
+        return self.qweight_k.numel() * 4 + self.zeros_u8.numel() + self.scales.numel() * 2
+
+    @property
+    def spilled(self) -> bool:
+        """True when humming's repack is this layer's only 4-bit copy on its device: the kernel-layout
+        tensors (``qweight_k``, ``zeros_u8``, ``scales``) then live in host memory, kept for the
+        reference path, ``to_gptq``/``dequantize`` and :func:`humming_ops.release`."""
+        return bool(getattr(self, "_spilled", False))
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the layer computes (the kernel-layout tensors' device unless they were spilled)."""
+        return self._compute_device if self.spilled else self.scales.device
+
+    def kernel_tensors(self, device=None):
+        """(qweight_k, zeros_u8, scales) on ``device`` (default :attr:`compute_device`); a temporary
+        copy when the layer's own are spilled to the host."""
+        device = torch.device(device) if device is not None else self.compute_device
+        return tuple(t if t.device == device else t.to(device) for t in (self.qweight_k, self.zeros_u8, self.scales))
 
     @property
     def weight_bytes(self) -> int:
-        b = self.qweight_k.numel() * 4 + self.zeros_u8.numel() + self.scales.numel() * 2
+        """Bytes of weights held on the compute device: the kernel-layout tensors unless spilled to the
+        host, humming's repacked copy where one was made, the bias (see :attr:`host_bytes`)."""
+        b = 0 if self.spilled else self._kernel_bytes
         b += getattr(self, "_humming_bytes", 0)  # humming's repacked copy, where one was made
         return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of this layer's weights kept in host memory (the spilled kernel-layout copy)."""
+        return self._kernel_bytes if self.spilled else 0
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -287,16 +320,21 @@ class W4A16Linear(nn.Module):
             x2 = x2.contiguous()
         m = x2.shape[0]
         if m == 0 or x2.dtype not in (torch.float16, torch.bfloat16) or not fast(x2.device):
-            y = ref.w4a16_matmul(x2, self.qweight_k, self.zeros_u8, self.scales, self.group_size,
-                                 bias=self.bias, act=act)
+            y = ref.w4a16_matmul(x2, *self.kernel_tensors(x2.device), self.group_size, bias=self.bias, act=act)
         else:
             y = self._dispatch(x2, act)
         return y.reshape(*shape[:-1], self.out_features)
 
     def _dispatch(self, x2, act):
+        m = x2.shape[0]
+        if self.spilled:  # humming's repack is the only 4-bit copy on the GPU: it serves every M
+            from colquant.kernels import humming_ops as hk
+
+            if DISPATCH.record_stats:
+                DISPATCH.stats[(self.in_features, self.out_features, m, "humming")] += 1
+            return hk.matmul(x2, self, act=act)
         from colquant.kernels import triton_ops as tk
 
-        m = x2.shape[0]
         kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
         if kind == "humming":
             from colquant.kernels import humming_ops as hk
