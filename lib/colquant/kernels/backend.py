@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -52,20 +53,26 @@ def triton_import_error() -> str | None:
     return None
 
 
-def fast_path_unavailable(device: torch.device | str | None) -> str | None:
-    """None when the Triton fast path can run on ``device``; otherwise why not."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
+def gpu_unavailable(device: torch.device, what: str, import_error: Callable[[], str | None]) -> str | None:
+    """None when `what` (a kernel family) can run on ``device``; otherwise why not: not a CUDA
+    device, no CUDA, its package failing to import (`import_error`), or a pre-Ampere GPU."""
     if device.type != "cuda":
-        return f"device is {device.type}, the fused W4A16 kernels need a CUDA GPU"
+        return f"device is {device.type}, {what} needs a CUDA GPU"
     if not torch.cuda.is_available():
         return "CUDA is not available"
-    err = triton_import_error()
+    err = import_error()
     if err:
         return err
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"GPU compute capability {major}.x < 8.0 (bf16 tensor cores needed)"
     return None
+
+
+def fast_path_unavailable(device: torch.device | str | None) -> str | None:
+    """None when the Triton fast path can run on ``device``; otherwise why not."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return gpu_unavailable(device, "the fused W4A16 path", triton_import_error)
 
 
 _FAST_CACHE: dict = {}

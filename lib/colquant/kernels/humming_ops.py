@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from colquant.kernels.backend import gpu_unavailable
+
 __all__ = ["Handle", "unavailable_reason", "available", "supported", "build_handle", "attach", "prepare", "release",
            "matmul", "prepare_model", "version"]
 
@@ -51,17 +53,7 @@ def _import_error() -> str | None:
 def unavailable_reason(device=None) -> str | None:
     """None when the humming candidate can run on ``device`` (default: the current CUDA device)."""
     device = torch.device(device) if device is not None else torch.device("cuda")
-    if device.type != "cuda":
-        return f"device is {device.type}, humming-kernels needs a CUDA GPU"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    err = _import_error()
-    if err:
-        return err
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"GPU compute capability {major}.x < 8.0"
-    return None
+    return gpu_unavailable(device, "humming-kernels", _import_error)
 
 
 _OK: dict = {}
