@@ -20,7 +20,6 @@ One run, on the GPU at hand (CPU works for the `tiny` profile, through the refer
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math

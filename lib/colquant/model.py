@@ -21,7 +21,6 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 )
 
 IMAGE_TOKEN_ID = 151655
-VIDEO_TOKEN_ID = 151656
 VISION_START_TOKEN_ID = 151652
 VISION_END_TOKEN_ID = 151653
 PAD_TOKEN_ID = 151643  # <|endoftext|>

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
@@ -285,10 +286,8 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
     return {**json.loads((out / METADATA_FILE).read_text()), "reused": False}
 
 
-def layer_types(model: torch.nn.Module) -> "pd.DataFrame":
+def layer_types(model: torch.nn.Module) -> pd.DataFrame:
     """Count of layer classes per component, with their bit width: proof of what was quantized."""
-    import pandas as pd
-
     from colquant.architecture import component_of
 
     rows = [

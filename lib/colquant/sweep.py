@@ -313,9 +313,9 @@ def budget_table(
         raise ValueError(f"no 'ok' rows for baseline {baseline!r}; variants: {sorted(set(ok['variant']))}")
     rows = []
     for budget in budgets_gb:
-        for (variant, kind, memory_kind), group in ok.groupby(["variant", "kind", "memory_kind"], sort=False):
+        for (variant, kind, measured_as), group in ok.groupby(["variant", "kind", "memory_kind"], sort=False):
             fitting = group[group[memory_column] <= budget * 1024]
-            row = {"budget_gb": budget, "variant": variant, "kind": kind, "memory_kind": memory_kind,
+            row = {"budget_gb": budget, "variant": variant, "kind": kind, "memory_kind": measured_as,
                    "smallest_peak_mib": group[memory_column].min()}
             if fitting.empty:
                 row.update(fit="does not fit", batch_size=pd.NA, items_per_s=np.nan, peak_memory_mib=np.nan)

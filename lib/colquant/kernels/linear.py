@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from colquant.kernels import reference as ref
-from colquant.kernels.backend import use_fast_path, warn_once
+from colquant.kernels.backend import use_fast_path
 from colquant.kernels.packing import (
     dequantize_kernel,
     gptq_to_kernel,
