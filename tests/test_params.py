@@ -70,7 +70,7 @@ def test_unknown_keys_name_the_nearest_valid_key(tiny, location, key, message):
     [
         ("quantization", "sym", "false", "quantization.sym='false' is a string: input should be a valid boolean"),
         ("quantization", "iters", "20", "quantization.iters='20' is a string: input should be a valid integer"),
-        ("calibration", "seqlens", "512", "calibration.seqlens='512' is a string: input should be a valid list"),
+        ("calibration", "seqlens", "512", "calibration.seqlens='512' is a single value: input should be a valid list; write a list, e.g. [512]"),
         ("random_weights", None, "yes", "random_weights='yes' is a string"),
     ],
 )
@@ -166,6 +166,7 @@ def test_every_problem_is_reported_at_once(tiny):
 
 def test_missing_section_is_named(tiny):
     assert "sweep is missing; add it" in _rejected(tiny, lambda profile: profile.pop("sweep"))
+    assert "sweep must be a mapping of its keys" in _rejected(tiny, lambda profile: profile.__setitem__("sweep", None))
 
 
 def test_compression_settings_follow_the_grammar(tiny):

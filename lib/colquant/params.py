@@ -243,6 +243,10 @@ def _describe(detail: ErrorDetails) -> str:
         nearest = difflib.get_close_matches(str(value), [a or b for a, b in allowed], n=1)
         hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
         return f"{key}={value!r} is not allowed: {message[0].lower()}{message[1:]}{hint}"
+    if kind == "list_type" and isinstance(value, (str, int, float)):
+        return f"{key}={value!r} is a single value: {message[0].lower()}{message[1:]}; write a list, e.g. [{value}]"
+    if kind == "model_type":
+        return f"{key} must be a mapping of its keys (see {EXAMPLE_PROFILE}), got {value!r}"
     if kind.endswith("_type") and isinstance(value, str):
         return f"{key}={value!r} is a string: {message[0].lower()}{message[1:]}; write the value without quotes"
     return f"{key}={value!r}: {message[0].lower()}{message[1:]}"
