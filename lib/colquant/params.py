@@ -10,7 +10,6 @@ Every error names the file, the key path and what is allowed.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 from pathlib import Path
@@ -198,7 +197,10 @@ def quantized_input_widths(model_id: str) -> dict[str, int] | None:
     if model_id in known:
         text = known[model_id]().text_config
     elif config_file.is_file():
-        text = ColQwen3Config.from_dict(json.loads(config_file.read_text())).text_config
+        try:
+            text = ColQwen3Config.from_pretrained(str(config_file.parent)).text_config
+        except (OSError, ValueError, TypeError, AttributeError):  # checkpoint.load reports it, naming the file
+            return None
     else:
         return None
     return {
