@@ -229,6 +229,8 @@ def _expected_tensors(config: ColQwen3Config) -> dict[str, _Expected]:
         for name, tensor in reference.state_dict().items()
     }
     quantization = getattr(config, "quantization_config", None)
+    if hasattr(quantization, "to_dict"):  # transformers may have parsed it into its config class
+        quantization = quantization.to_dict()
     if quantization:
         expected |= _packed_tensors(reference, quantization["bits"], quantization["group_size"])
     return expected
