@@ -273,13 +273,13 @@ def load(
     model_id_or_path: str | Path = DEFAULT_MODEL_ID,
     *,
     dtype: str | torch.dtype = "bfloat16",
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
     max_num_visual_tokens: int = 1280,
     revision: str | None = None,
     trust_remote_code: bool = False,
     accelerate: bool | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load (model, processor) in eval mode.
+    """Load (model, processor) in eval mode, on the GPU when one is present (`device="auto"`).
 
     Native path (default): the project's ColQwen3 reads the checkpoint with strict key checks.
     `trust_remote_code=True` instead runs the hub's own code (needs a transformers it supports) for
@@ -310,6 +310,7 @@ def load(
 
         accelerate_model(model)
     processor = ColQwen3Processor.from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
+    model.processor = processor  # so model.encode_queries/encode_pages need no processor argument
     return model, processor
 
 
