@@ -48,5 +48,5 @@ notebooks: setup
 lab: setup
 	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
-clean-outputs:
-	rm -rf outputs/*
+clean-outputs:  # everything but outputs/README.md
+	rm -rf $(filter-out outputs/README.md,$(wildcard outputs/*))
