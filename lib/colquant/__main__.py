@@ -128,8 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_package_logs() -> None:
+    """colquant's own INFO messages on stderr; other libraries' loggers keep their settings."""
+    package = logging.getLogger("colquant")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    show_package_logs()
     args, rest = build_parser().parse_known_args(argv)
     if rest and args.command != "bench":
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
