@@ -133,11 +133,12 @@ def test_size_on_disk_matches_the_architecture_prediction(quantized):
 
 
 def test_stale_staging_folders_are_removed_and_finished_variants_kept(tmp_path):
-    (tmp_path / ".w4a16-g128-sym-rtn.k2j3").mkdir()
-    (tmp_path / ".w4a16-g128-sym-rtn.k2j3" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a").mkdir()
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a" / "model.safetensors").write_bytes(b"half")
     (tmp_path / "w4a16-g128-sym-rtn").mkdir()
-    assert [p.name for p in remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3"]
-    assert [p.name for p in tmp_path.iterdir()] == ["w4a16-g128-sym-rtn"]
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a staging folder: kept
+    assert [p.name for p in remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3x_9a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "w4a16-g128-sym-rtn"]
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(rest)
     from colquant.pipeline import PipelineError, refresh_committed_notebooks, run as run_pipeline
+    from colquant.workspace import OutputError
 
     if args.command == "notebooks":
         for notebook in refresh_committed_notebooks():
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = tuple(args.notebooks.split(",")) if args.notebooks else None
     try:
         summary = run_pipeline(args.profile, force=args.force, notebooks=selected)
-    except PipelineError as error:
+    except (PipelineError, OutputError) as error:
         print(f"colquant run: {error}", file=sys.stderr)
         return 1
     print(pd.DataFrame(summary).to_string(index=False))

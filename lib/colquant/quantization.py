@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,7 +38,8 @@ LANGUAGE_MODEL_BLOCKS = "vlm.model.language_model.layers"
 METADATA_FILE = "quantization_metadata.json"
 REPORTED_RESULTS_FILE = "reported_results.json"  # later results (fidelity, NDCG@5), kept apart from the metadata
 EXTRA_FORMAT_DIR = "exports"
-SCRATCH_DIR = "ar_work_space"  # auto-round's offload/cache directory, placed under the output root
+SCRATCH_DIR = "ar_work_space"
+STAGING_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")  # auto-round's offload/cache directory, placed under the output root
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,11 @@ def _replace_directory(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def remove_stale_staging(variants_dir: Path) -> list[Path]:
-    """Delete staging folders (`.<variant>.…`) left by interrupted saves; call under the output lock."""
-    stale = [path for path in variants_dir.glob(".*") if path.is_dir()] if variants_dir.exists() else []
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Delete staging folders (`.<name>.<8 random characters>`, from `tempfile.mkdtemp`) that
+    interrupted saves left in `directory`; call under the output lock, when no save is live."""
+    candidates = directory.iterdir() if directory.exists() else []
+    stale = sorted(path for path in candidates if path.is_dir() and STAGING_NAME.fullmatch(path.name))
     for path in stale:
         log.info("removing %s, left by an interrupted save", path)
         shutil.rmtree(path)
