@@ -137,3 +137,25 @@ def test_checkpoint_fingerprint_follows_content_not_the_model_card(tmp_path):
     assert workspace.checkpoint_fingerprint(tmp_path) == first
     (tmp_path / "config.json").write_text('{"a": 2}')
     assert workspace.checkpoint_fingerprint(tmp_path) != first
+
+
+def test_calibration_files_of_other_settings_have_other_names(profile):
+    first = workspace.calibration_file(profile, 256)
+    assert first.suffix == ".safetensors" and first.parent == workspace.output_dir(profile) / "calibration"
+    for section, key, value in (("calibration", "seed", 7), ("model", "dtype", "float32"), ("calibration", "nsamples", 3)):
+        changed = {**profile, section: {**profile[section], key: value}}
+        assert workspace.calibration_file(changed, 256) != first, key
+    assert workspace.calibration_file({**profile, "calibration": {**profile["calibration"], "seqlens": [256]}}, 256) == first
+
+
+def test_evaluation_fingerprint_changes_with_the_checkpoint_and_the_settings(profile, tmp_path):
+    checkpoint = tmp_path / "variant"
+    checkpoint.mkdir()
+    (checkpoint / METADATA_FILE).write_text(json.dumps({"calibration": {"nsamples": 8}}))
+    first = workspace.evaluation_fingerprint(profile, checkpoint)
+    (checkpoint / METADATA_FILE).write_text(json.dumps({"calibration": {"nsamples": 4}}))  # re-quantized
+    requantized = workspace.evaluation_fingerprint(profile, checkpoint)
+    halved = {**profile, "model": {**profile["model"], "max_num_visual_tokens": profile["model"]["max_num_visual_tokens"] // 2}}
+    exact = {**profile, "evaluation": {**profile["evaluation"], "scoring": "exact"}}
+    assert len({first, requantized, workspace.evaluation_fingerprint(halved, checkpoint),
+                workspace.evaluation_fingerprint(exact, checkpoint)}) == 4

@@ -38,8 +38,8 @@ LANGUAGE_MODEL_BLOCKS = "vlm.model.language_model.layers"
 METADATA_FILE = "quantization_metadata.json"
 REPORTED_RESULTS_FILE = "reported_results.json"  # later results (fidelity, NDCG@5), kept apart from the metadata
 EXTRA_FORMAT_DIR = "exports"
-SCRATCH_DIR = "ar_work_space"
-STAGING_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")  # auto-round's offload/cache directory, placed under the output root
+SCRATCH_DIR = "ar_work_space"  # auto-round's offload/cache directory, placed under the output root
+STAGING_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")  # `tempfile.mkdtemp(prefix=".<name>.")` folders
 
 
 @dataclass(frozen=True)

@@ -256,10 +256,14 @@ def corpus_dir(profile: dict[str, Any]) -> Path:
 
 
 def calibration_file(profile: dict[str, Any], seqlen: int) -> Path:
-    """Where notebook 02 stores the set for `seqlen`: its name carries what it was built from."""
+    """Where notebook 02 stores the set for `seqlen`. Its name carries a fingerprint of what the set
+    is built from (the calibration settings and the model that tokenizes and embeds it), so a set
+    built for other settings is never read in place of this one."""
     c = profile["calibration"]
-    name = f"{c['source']}-seqlen{seqlen}-n{c['nsamples']}-seed{c['seed']}-{c['offline_fallback']}.safetensors"
-    return output_dir(profile) / "calibration" / name
+    model = profile["model"]
+    inputs = fingerprint({k: v for k, v in c.items() if k != "seqlens"}, seqlen, model["id"], model.get("revision"),
+                         model["dtype"], profile["corpus"])
+    return output_dir(profile) / "calibration" / f"{c['source']}-seqlen{seqlen}-n{c['nsamples']}-{inputs}.safetensors"
 
 
 def variants_dir(profile: dict[str, Any]) -> Path:
