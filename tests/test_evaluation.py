@@ -173,6 +173,18 @@ def test_halving_the_visual_token_budget_recomputes_instead_of_reading_the_old_r
     assert stored == sorted(revisions)
 
 
+def test_a_result_file_cut_short_by_a_kill_is_evaluated_again(small_model, corpus_root, tmp_path, caplog):
+    first = evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, revision=REV,
+                             batch_size=8, corpus_chunk_size=8)
+    path = result_path(tmp_path, "bf16")
+    path.write_text(path.read_text()[:200])
+    again = evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, revision=REV,
+                             batch_size=8, corpus_chunk_size=8)
+    assert again["ndcg_at_5"].tolist() == first["ndcg_at_5"].tolist()
+    assert json.loads(path.read_text())["task_name"] == TASK
+    assert f"{path} is not a complete mteb result" in caplog.text
+
+
 def test_results_on_another_corpus_are_refused(small_model, corpus_root, tmp_path):
     evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, revision=REV, batch_size=8, corpus_chunk_size=8)
     bigger = ColQuantTinyPagesRetrieval(tmp_path / "other-corpus", n_pages=N_PAGES, n_queries=N_QUERIES + 4)

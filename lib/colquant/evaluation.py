@@ -16,6 +16,8 @@ mteb lacks for this project:
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -43,6 +45,8 @@ from tqdm.auto import tqdm
 from colquant.corpus import FORMAT_VERSION, build_corpus
 from colquant.plots import legend_outside
 from colquant.scoring import Embeddings, pad_embeddings, score
+
+log = logging.getLogger(__name__)
 
 MODEL_ORGANISATION = "colquant"
 # mteb files results under <name>/<revision>/. The revision is the fingerprint of everything the
@@ -286,6 +290,7 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     tasks = list(tasks)
     encoder = ColQuantEncoder(model, processor, variant_name, revision)
     cache = mteb.ResultCache(output_dir)
+    _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
     _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
     result = mteb.evaluate(
         SearchEncoderWrapper(encoder, corpus_chunk_size=corpus_chunk_size),
@@ -298,6 +303,21 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     )
     main_scores = {task.metadata.name: task.metadata.main_score for task in tasks}
     return results_frame(result.task_results, variant_name, main_scores)
+
+
+def _drop_interrupted_results(cache: mteb.ResultCache, meta: ModelMeta, tasks: list[AbsTask]) -> None:
+    """mteb writes a result file in place; one a kill cut short is not a result: remove it (with a
+    warning naming it) so that the task is evaluated again instead of failing every later run."""
+    for task in tasks:
+        path = cache.get_task_result_path(task.metadata.name, meta)
+        if not path.exists():
+            continue
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            log.warning("%s is not a complete mteb result (%s), as a killed write leaves it; evaluating "
+                        "%s again", path, error, task.metadata.name)
+            path.unlink()
 
 
 def _refuse_results_of_other_datasets(cache: mteb.ResultCache, meta: ModelMeta, tasks: list[AbsTask]) -> None:
