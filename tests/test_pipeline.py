@@ -207,3 +207,14 @@ def test_notebooks_run_without_kernel_noise_and_name_themselves_in_the_progress(
     assert "without encryption" not in captured.err and "KeyboardInterrupt" not in captured.err
     assert "1/9 01_architecture__seqlen7: 100%" in captured.err
     assert "7" in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"]
+
+
+def test_the_command_line_reports_a_held_output_dir_in_one_line_after_waiting(tmp_path, stand_in, output_root, capsys):
+    from colquant.__main__ import main
+
+    profile_path = small_profile(tmp_path)
+    output_root.mkdir(parents=True)
+    with workspace.output_lock(output_root):
+        assert main(["run", profile_path, "--wait", "0.3"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("colquant run: ") and "is in use by another run" in error and error.count("\n") == 1

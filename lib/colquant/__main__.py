@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("profile", help="params/<profile>.yaml")
     run.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
     run.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
+    run.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait this long for another run on the same outputs to finish (default: refuse at once)")
     commands.add_parser("notebooks", help="re-execute the committed notebooks/ in place (nbval reference)")
     commands.add_parser("bench", help="4-bit vs BF16 inference benchmark (see colquant.bench)", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     selected = tuple(args.notebooks.split(",")) if args.notebooks else None
     try:
-        summary = run_pipeline(args.profile, force=args.force, notebooks=selected)
+        summary = run_pipeline(args.profile, force=args.force, notebooks=selected, wait_s=args.wait)
     except (PipelineError, OutputError) as error:
         print(f"colquant run: {error}", file=sys.stderr)
         return 1
