@@ -66,17 +66,20 @@ def add_run(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name (tiny, ...) or YAML path")
     parser.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
     parser.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for another run on the same outputs to finish (default: refuse at once)")
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace, rest: list[str]) -> int:
     from colquant.pipeline import PipelineError, run
+    from colquant.workspace import OutputError
 
     require_notebooks()
     selected = tuple(args.notebooks.split(",")) if args.notebooks else None
     try:
-        summary = run(profile_file(args.profile), force=args.force, notebooks=selected)
-    except PipelineError as error:
+        summary = run(profile_file(args.profile), force=args.force, notebooks=selected, wait_s=args.wait)
+    except (PipelineError, OutputError) as error:
         log.error("colquant run: %s", error)
         return 1
     width = max(len(row["step"]) for row in summary)
