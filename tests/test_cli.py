@@ -69,7 +69,7 @@ def test_run_and_notebooks_pass_the_resolved_profile(monkeypatch):
     assert cli.main(["run", "tiny", "--notebooks", "04,05"]) == 0
     assert cli.main(["notebooks", "tiny"]) == 0
     assert seen == [
-        (ROOT / "params/tiny.yaml", {"force": False, "notebooks": ("04", "05")}),
+        (ROOT / "params/tiny.yaml", {"force": False, "notebooks": ("04", "05"), "wait_s": 0.0}),
         (ROOT / "params/tiny.yaml", {}),
     ]
 
