@@ -1,4 +1,5 @@
-"""Command line: `python -m colquant run params/<profile>.yaml` and `python -m colquant bench ...`."""
+"""Command line: `python -m colquant run params/<profile>.yaml`, `python -m colquant bench ...` and
+`python -m colquant tune`."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
     commands.add_parser("notebooks", help="re-execute the committed notebooks/ in place (nbval reference)")
     commands.add_parser("bench", help="4-bit vs BF16 inference benchmark (see colquant.bench)", add_help=False)
+    commands.add_parser("tune", help="tune the 4-bit kernels for this GPU (cached) and print the table",
+                        add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "tune":
+        from colquant.kernels.autotune import tune_main
+
+        return tune_main(rest)
     if args.command == "bench":
         from colquant.bench import main as bench_main
 

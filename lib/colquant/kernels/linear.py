@@ -7,6 +7,9 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
   programs; more tokens -> larger tiles);
 * ``"dequant+cublas"``: for large ``M`` dequantize the weight once into a shared 16-bit scratch
   and call cuBLAS (the extra pass costs < 5% once the GEMM is compute-bound);
+* ``"bf16"``: cuBLAS on a dequantized BF16 copy of the weight, where the tuner measured BF16 faster
+  than every 4-bit kernel and :func:`.autotune.keep_bf16_copies` kept one (else the entry's 4-bit
+  fallback runs);
 * ``"humming"``: humming-kernels' GEMM (optional package, see :mod:`.humming_ops`) on a copy of
   the weights repacked for it; only ever chosen through a measured table entry, and only where the
   package imports (elsewhere such entries fall back to the default choice). Once a layer is
@@ -15,14 +18,14 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
 
 Elsewhere (CPU, no Triton, old GPU) it runs the reference path, dequantize + ``torch.matmul``,
 after one logged message naming what is missing. The table of choices per (K, N, M) is
-``DISPATCH``; the benchmark measures the candidates on the GPU at hand and fills it.
+``DISPATCH``; :mod:`.autotune` measures the candidates on the GPU at hand on first use (cached on
+disk per GPU and versions) and fills it.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -105,8 +108,6 @@ class Dispatcher:
 
 
 DISPATCH = Dispatcher()
-if os.environ.get("COLQUANT_DISPATCH_TABLE"):
-    DISPATCH.load_json(os.environ["COLQUANT_DISPATCH_TABLE"])
 
 _FORCE_REFERENCE = [False]
 
@@ -186,6 +187,13 @@ class W4A16Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        # dequantized [out, in] copy, only where BF16 beats every 4-bit kernel (autotune.keep_bf16_copies);
+        # not saved: the checkpoint stays 4-bit
+        self.register_buffer("bf16_weight", None, persistent=False)
+
+    def keep_bf16_copy(self) -> None:
+        """Hold a dequantized 16-bit weight for the token counts where the tuned table picks ``"bf16"``."""
+        self.bf16_weight = self.dequantize().contiguous()
 
     def _refresh_sym(self) -> None:
         self.sym_zero = 8 if bool((self.zeros_u8 == 8).all()) else 0
@@ -294,6 +302,8 @@ class W4A16Linear(nn.Module):
         host, humming's repacked copy where one was made, the bias (see :attr:`host_bytes`)."""
         b = 0 if self.spilled else self._kernel_bytes
         b += getattr(self, "_humming_bytes", 0)  # humming's repacked copy, where one was made
+        if self.bf16_weight is not None:
+            b += self.bf16_weight.numel() * self.bf16_weight.element_size()
         return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     @property
@@ -336,6 +346,11 @@ class W4A16Linear(nn.Module):
         from colquant.kernels import triton_ops as tk
 
         kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
+        if kind == "bf16":
+            if self.bf16_weight is not None:
+                a = tk.silu_mul(x2) if act else x2
+                return nn.functional.linear(a, self.bf16_weight, self.bias)
+            kind, cfg = cfg["fallback"]
         if kind == "humming":
             from colquant.kernels import humming_ops as hk
 
