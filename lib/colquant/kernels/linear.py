@@ -165,6 +165,13 @@ class W4A16Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as 4-bit integers, group-wise fp16 scales and 4-bit
     zero points, in the kernel's k-blocked layout (see :mod:`colquant.kernels.packing`)."""
 
+    # humming state (humming_ops.attach sets them per instance); class defaults keep the per-call
+    # lookups off nn.Module.__getattr__'s slow miss path (the eager page path is host-bound)
+    _spilled = False
+    _humming = None
+    _humming_bytes = 0
+    _compute_device = None
+
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  device=None, dtype=torch.bfloat16):
         super().__init__()
@@ -283,7 +290,7 @@ class W4A16Linear(nn.Module):
         """True when humming's repack is this layer's only 4-bit copy on its device: the kernel-layout
         tensors (``qweight_k``, ``zeros_u8``, ``scales``) then live in host memory, kept for the
         reference path, ``to_gptq``/``dequantize`` and :func:`humming_ops.release`."""
-        return bool(getattr(self, "_spilled", False))
+        return self._spilled
 
     @property
     def compute_device(self) -> torch.device:
@@ -301,7 +308,7 @@ class W4A16Linear(nn.Module):
         """Bytes of weights held on the compute device: the kernel-layout tensors unless spilled to the
         host, humming's repacked copy where one was made, the bias (see :attr:`host_bytes`)."""
         b = 0 if self.spilled else self._kernel_bytes
-        b += getattr(self, "_humming_bytes", 0)  # humming's repacked copy, where one was made
+        b += self._humming_bytes  # humming's repacked copy, where one was made
         if self.bf16_weight is not None:
             b += self.bf16_weight.numel() * self.bf16_weight.element_size()
         return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
@@ -354,7 +361,7 @@ class W4A16Linear(nn.Module):
         if kind == "humming":
             from colquant.kernels import humming_ops as hk
 
-            if getattr(self, "_humming", None) is None and (
+            if self._humming is None and (
                     hk.supported(self) or not hk.available(x2.device) or torch.cuda.is_current_stream_capturing()):
                 kind, cfg = DISPATCH.default(m, self.in_features, self.out_features)
             else:
@@ -379,8 +386,12 @@ class W4A16Linear(nn.Module):
 
 
 def linear_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused tower's Linear call, without ``nn.Module.__call__``'s hook handling (the eager page
+    path is host-bound: each microsecond per call costs ~0.15 ms per forward on the 4B)."""
     if isinstance(mod, nn.Linear):
         return nn.functional.linear(x, mod.weight, mod.bias)
+    if isinstance(mod, W4A16Linear):
+        return mod._run(x, act=False)
     return mod(x)
 
 
