@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -74,9 +75,7 @@ class Dispatcher:
         """The built-in choice (no measured entry)."""
         if m >= self.dequant_min_m:
             return ("dequant+cublas", None)
-        from colquant.kernels.triton_ops import default_config
-
-        return ("triton", default_config(m, n, k))
+        return ("triton", _triton_ops().default_config(m, n, k))
 
     def choose(self, m: int, k: int, n: int):
         key = (k, n, m_bucket(m))
@@ -110,6 +109,15 @@ class Dispatcher:
 DISPATCH = Dispatcher()
 
 _FORCE_REFERENCE = [False]
+
+
+@functools.cache
+def _triton_ops():
+    """The Triton kernels module, imported once (a ``from ... import`` per call costs microseconds of
+    host time on every Linear of the host-bound eager page path)."""
+    from colquant.kernels import triton_ops
+
+    return triton_ops
 
 
 class force_reference:
@@ -331,8 +339,8 @@ class W4A16Linear(nn.Module):
         return self._run(gate_up, act=True)
 
     def _run(self, x, act):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m = x2.shape[0]
@@ -340,7 +348,7 @@ class W4A16Linear(nn.Module):
             y = ref.w4a16_matmul(x2, *self.kernel_tensors(x2.device), self.group_size, bias=self.bias, act=act)
         else:
             y = self._dispatch(x2, act)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def _dispatch(self, x2, act):
         m = x2.shape[0]
@@ -350,8 +358,7 @@ class W4A16Linear(nn.Module):
             if DISPATCH.record_stats:
                 DISPATCH.stats[(self.in_features, self.out_features, m, "humming")] += 1
             return hk.matmul(x2, self, act=act)
-        from colquant.kernels import triton_ops as tk
-
+        tk = _triton_ops()
         kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
         if kind == "bf16":
             if self.bf16_weight is not None:
