@@ -64,6 +64,7 @@ def test_bf16_is_chosen_only_beyond_the_margin_with_the_4bit_winner_as_fallback(
              "bf16": (9.0, None, "bf16")}
     [e] = autotune._pick(256, 128, 128, 64, timed)
     assert e["kind"] == "bf16" and e["cfg"] == {"fallback": ["triton", {"BM": 16}]} and e["fallback_name"] == "a"
+    assert e["timed_us"] == {"a": 10.0, "dequant+cublas": 12.0, "bf16": 9.0}
     [e] = autotune._pick(256, 128, 128, 64, dict(timed, bf16=(9.9, None, "bf16")))  # within 2%: keep 4-bit
     assert e["kind"] == "triton" and e["name"] == "a"
     assert autotune._pick(256, 128, 128, 64, {"bf16": (9.0, None, "bf16")}) == []

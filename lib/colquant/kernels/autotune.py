@@ -78,6 +78,11 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("8dot16x128sa-s5-w8", "triton", max_m=16, cfg=dict(_tile("8dot", 16, 128, scale_acc=True),
                                                                 num_stages=5), waves=8),
     Candidate("bc16x128-w4", "triton", max_m=16, cfg=_tile("bc", 16, 128), waves=4),
+    Candidate("gemv2x64-w4", "triton", max_m=2, cfg=_tile("gemv", 2, 64), waves=4),
+    Candidate("gemv2x128-w4", "triton", max_m=2, cfg=_tile("gemv", 2, 128), waves=4),
+    Candidate("gemv2x32-w8", "triton", max_m=2, cfg=_tile("gemv", 2, 32), waves=8),
+    Candidate("gemv4x64-w4", "triton", max_m=4, cfg=_tile("gemv", 4, 64), waves=4),
+    Candidate("gemv8x64-w4", "triton", max_m=8, cfg=_tile("gemv", 8, 64, warps=8), waves=4),
     Candidate("bc64x64-w2", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64), waves=2),
     Candidate("bc32x128-w2", "triton", min_m=17, max_m=64, cfg=_tile("bc", 32, 128), waves=2),
     Candidate("bc64x64-w4", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64), waves=4),
@@ -333,14 +338,15 @@ def tune_shape(k: int, n: int, group_size: int, device: torch.device, ms: tuple[
 
 def _pick(k: int, n: int, group_size: int, bucket: int, timed: dict) -> list[dict]:
     """The bucket's entry: the fastest 4-bit candidate, or ``bf16`` when it is more than
-    :data:`BF16_MARGIN` faster (the 4-bit winner then is its fallback)."""
+    :data:`BF16_MARGIN` faster (the 4-bit winner then is its fallback); every candidate's time kept."""
     four_bit = {name: t for name, t in timed.items() if t[2] != "bf16"}
     if not four_bit:
         return []
     name, (us, cfg, kind) = min(four_bit.items(), key=lambda kv: kv[1][0])
     bf16_us = timed["bf16"][0] if "bf16" in timed else None
     entry = dict(K=k, N=n, G=group_size, M_bucket=bucket, kind=kind, cfg=cfg, name=name, us=round(us, 2),
-                 bf16_us=None if bf16_us is None else round(bf16_us, 2))
+                 bf16_us=None if bf16_us is None else round(bf16_us, 2),
+                 timed_us={c: round(t[0], 2) for c, t in timed.items()})  # every route measured, for the notes
     if bf16_us is not None and us > BF16_MARGIN * bf16_us:
         entry.update(kind="bf16", cfg={"fallback": [kind, cfg]}, name="bf16", fallback_name=name)
     return [entry]
