@@ -5,15 +5,17 @@ One run, on the GPU at hand (CPU works for the `tiny` profile, through the refer
 1. builds ColQwen3 with random weights directly on the device (exact 4B shapes for
    `synthetic-4b`; no download);
 2. checks the 4-bit kernels against a dequantized-weights reference on fresh random inputs, for
-   every layer shape of the tower and every token count the benchmark uses, while timing each
-   candidate (tile/split-K configurations of the Triton kernel, dequantize+cuBLAS) to fill the
-   dispatcher's table; bf16 cuBLAS is timed on the same shapes;
+   every layer shape of the tower and every token count the benchmark uses, and times each
+   candidate (the autotuner's Triton tiles, dequantize+cuBLAS, humming where installed) beside
+   bf16 cuBLAS: per-GEMM information; the model itself runs the default path (step 4);
 3. BF16: transformers' eager forward (reference embeddings, a few baseline timings), then
    `accelerate_model` (fused q/k/v + gate/up, fused kernels, CUDA-graph query path), checked
    against the reference and timed on queries (32 + 10 augmentation tokens) and pages
    (1,280 visual tokens);
 4. 4-bit: the same linears quantized RTN W4 g128 sym (auto-round's rule, auto_gptq packing, then
-   the kernel layout), timed the same way; checked against the reference ops and against BF16;
+   the kernel layout), dispatched as `colquant.load` does (the per-GPU tuned table from the disk
+   cache, tuned now on a first run, BF16 copies where memory allows), timed the same way, then
+   again without the BF16 copies; checked against the reference ops and against BF16;
 5. prints one table (4-bit/BF16 ratios last) and writes everything to JSON.
 """
 
@@ -224,12 +226,6 @@ def _candidates(m):
     return [(c.name, dict(c.cfg, waves=c.waves)) for c in CANDIDATES if c.kind == "triton" and c.applies(m)]
 
 
-# humming-kernels is timed up to this many tokens. Every M: a layer repacked for humming keeps only
-# humming's 4-bit copy on the GPU and sends it every M (humming_ops.attach), so its time at the
-# large M where dequant+cuBLAS wins is the cost of that single copy (rows' "humming_us").
-HUMMING_MAX_M = 1 << 62
-
-
 def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, head_dim, calibrate=True):
     """Correctness of every candidate on every shape/M (fresh inputs, poisoned outputs) and its
     CUDA-graphed time with rotating weights; bf16 cuBLAS on the same shapes. Per-GEMM information
@@ -285,7 +281,7 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
             ref = xa.float() @ w_ref
             ref_norm = ref.norm().item()
             cands = _candidates(m) if calibrate else []
-            cands = cands + [("dequant+cublas", None)] + ([("humming", "humming")] if use_hk and m <= HUMMING_MAX_M else [])
+            cands = cands + [("dequant+cublas", None)] + ([("humming", "humming")] if use_hk else [])
             best = None
             t_hk = None
             for name, c in cands:

@@ -59,11 +59,11 @@ def m_bucket(m: int) -> int:
 
 @dataclass
 class Dispatcher:
-    """Per (K, N, M-bucket) choice: ("triton", cfg) or ("dequant+cublas", None).
+    """Per (K, N, M-bucket) choice: ("triton", cfg), ("dequant+cublas", None), ("humming", None) or
+    ("bf16", {"fallback": [kind, cfg]}), filled by :func:`.autotune.ensure_tuned` for the GPU at hand.
 
-    Without a measured entry: Triton with ``triton_ops.default_config`` below
-    ``dequant_min_m`` tokens, dequantize + cuBLAS from there on (what the H100 calibration of
-    benchmarks/results/bench-synthetic-4b.json picked for every layer of the 4B above 64 tokens).
+    Without a tuned entry (a layer used without :func:`accelerate_model`): Triton with
+    ``triton_ops.default_config`` below ``dequant_min_m`` tokens, dequantize + cuBLAS from there on.
     """
 
     dequant_min_m: int = 65
@@ -156,12 +156,6 @@ def _scratch(numel: int, dtype, device) -> torch.Tensor:
         _SCRATCH[key] = buf
         _SCRATCH_KEEP.append(buf)
     return buf
-
-
-def release_scratch() -> None:
-    """Drop the dequantization scratch buffers (only when no CUDA graph uses them)."""
-    _SCRATCH.clear()
-    _SCRATCH_KEEP.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,10 +432,3 @@ def quantize_linears_rtn(module: nn.Module, group_size: int = 128, *, names=None
         _set_module(module, name, W4A16Linear.from_linear(lin, group_size))
         del lin
     return len(todo)
-
-
-def describe_dispatch(m: int, k: int, n: int) -> str:
-    kind, cfg = DISPATCH.choose(m, k, n)
-    if cfg is None:
-        return kind
-    return f"{kind} BM{cfg['BM']} BN{cfg['BN']} BK{cfg['BK']} SK{cfg['SPLIT_K']}"
