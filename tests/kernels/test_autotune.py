@@ -42,6 +42,14 @@ def test_foreign_or_stale_cache_is_ignored_with_a_message(tmp_path, caplog, fiel
     assert words in caplog.text and "re-tuning" in caplog.text
 
 
+def test_unwritable_cache_is_not_fatal_and_says_how_to_fix_it(tmp_path, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
+        assert autotune.save_table(autotune.cache_path(KEY, blocker), KEY, [ENTRY]) is False
+    assert "could not write the kernel tuning cache" in caplog.text and "COLQUANT_CACHE_DIR" in caplog.text
+
+
 def test_unreadable_cache_is_ignored_with_a_message(tmp_path, caplog):
     path = autotune.cache_path(KEY, tmp_path)
     path.write_text("{ not json")

@@ -170,6 +170,19 @@ def write_table(path: Path, key: dict, entries: list[dict]) -> None:
         raise
 
 
+def save_table(path: Path, key: dict, entries: list[dict]) -> bool:
+    """:func:`write_table`, except that an unwritable cache is not fatal: the table just tuned is
+    used for this process, and the warning says how to make it persist."""
+    try:
+        write_table(path, key, entries)
+    except OSError as exc:
+        logger.warning("colquant.kernels: could not write the kernel tuning cache %s (%s); this process uses "
+                       "the table it just tuned, the next one tunes again. Set COLQUANT_CACHE_DIR to a "
+                       "writable directory to keep it", path, exc)
+        return False
+    return True
+
+
 def read_table(path: Path, key: dict) -> list[dict] | None:
     """The cached entries, or None (with a logged reason) when the file is missing, unreadable, or
     was tuned for another GPU / other versions / other kernel sources."""
@@ -387,7 +400,7 @@ def ensure_tuned(shapes: set[tuple[int, int, int]], device: torch.device | str, 
                     [f"{k}x{n}" for k, n, _ in missing], key["gpu"], path)
         for k, n, g in missing:
             entries = [e for e in entries if (e["K"], e["N"]) != (k, n)] + tune_shape(k, n, g, device)
-        write_table(path, key, entries)
+        save_table(path, key, entries)
     for e in entries:
         DISPATCH.set(int(e["K"]), int(e["N"]), int(e["M_bucket"]), (e["kind"], e.get("cfg")))
     _log_choice_once(device, key)
