@@ -1,4 +1,5 @@
-"""colquant: run the notebook pipeline for a profile, benchmark 4-bit against BF16, refresh notebooks.
+"""colquant: run the notebook pipeline for a profile, benchmark 4-bit against BF16, tune the
+4-bit kernels for this GPU, refresh notebooks.
 
 Every subcommand takes the same profile argument: a name from params/ (`tiny`, `colqwen3-4b`,
 `synthetic-4b`) or the path of a profile YAML. Heavy imports (torch, transformers, papermill) happen
@@ -119,7 +120,20 @@ def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
     return bench_main(rest)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run, add_notebooks, add_bench)
+def add_tune(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "tune", add_help=False,
+        help="tune the 4-bit kernels for this GPU once (cached on disk) and print the table (colquant tune --help)",
+    ).set_defaults(handler=tune_command)
+
+
+def tune_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from colquant.kernels.autotune import tune_main
+
+    return tune_main(rest)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run, add_notebooks, add_bench, add_tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +158,7 @@ def show_package_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     show_package_logs()
     args, rest = build_parser().parse_known_args(argv)
-    if rest and args.command != "bench":
+    if rest and args.command not in ("bench", "tune"):
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.handler(args, rest)
