@@ -85,7 +85,7 @@ def test_missing_optional_package_is_named_in_the_logged_choice(monkeypatch, cap
     monkeypatch.setattr(backend, "_WARNED", set())
     try:
         missing = autotune.unavailable_candidates(torch.device("cuda"))
-        assert "humming-kernels is not installed" in missing["humming"] and "colquant[gpu]" in missing["humming"]
+        assert "humming-kernels is not installed" in missing["humming"] and "colquant[humming]" in missing["humming"]
         with caplog.at_level(logging.INFO, logger="colquant.kernels"):
             autotune._log_choice_once(torch.device("cuda"), KEY)
         assert "not offered: humming (humming-kernels is not installed" in caplog.text
