@@ -278,6 +278,7 @@ def load(
     revision: str | None = None,
     trust_remote_code: bool = False,
     accelerate: bool | None = None,
+    bf16_copy: bool | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load (model, processor) in eval mode, on the GPU when one is present (`device="auto"`).
 
@@ -285,10 +286,14 @@ def load(
     `trust_remote_code=True` instead runs the hub's own code (needs a transformers it supports) for
     cross-checks against the native implementation.
 
-    `device="auto"` is CUDA when present, else CPU. `accelerate` (default: on CUDA) swaps the text tower for the project's fused path: 4-bit layers
-    run the Triton W4A16 kernels, q/k/v and gate/up are fused for both precisions, and short
-    queries replay CUDA graphs (`colquant.kernels`). Where that cannot run, a warning names why and
-    the model keeps transformers' forward.
+    `device="auto"` is CUDA when present, else CPU. `accelerate` (default: on CUDA) swaps the text tower for the
+    project's fused path: each 4-bit layer runs the kernel tuned fastest for this GPU, its shape and
+    token count (tuned once, cached on disk: `colquant tune`), q/k/v and gate/up are fused for both
+    precisions, and short queries replay CUDA graphs (`colquant.kernels`). Where no 4-bit kernel beats
+    BF16 cuBLAS, `bf16_copy=None` keeps a BF16 copy of those layers if memory allows (speed first: the
+    4-bit model is then as fast as BF16 but larger than it on the GPU), `False` never does (memory
+    first: about 0.42x BF16's memory, slower at small batches), `True` always. Where the fused path
+    cannot run, a warning names why and the model keeps transformers' forward.
     """
     path = resolve_checkpoint(model_id_or_path, revision)
     torch_dtype = _torch_dtype(dtype)
@@ -308,7 +313,7 @@ def load(
     if accelerate:
         from colquant.kernels import accelerate_model
 
-        accelerate_model(model)
+        accelerate_model(model, bf16_copy=bf16_copy)
     processor = ColQwen3Processor.from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
     model.processor = processor  # so model.encode_queries/encode_pages need no processor argument
     return model, processor
