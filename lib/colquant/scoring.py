@@ -56,8 +56,9 @@ class _Items:
 def _as_items(embeddings: Embeddings, side: str, colpali_batch_size: int) -> _Items:
     """Validate one side's embeddings and split them into real token rows per item.
 
-    `padded_rows` is the width colpali-engine would max over: the tensor's token axis for a padded
-    tensor, and for a list the longest item in the item's group of `colpali_batch_size`.
+    Checks run on all of a side's rows at once (a per-item check costs more than the scoring on
+    short items). `padded_rows` is the width colpali-engine maxes over: the tensor's token axis for
+    a padded tensor, and for a list the longest item in the item's group of `colpali_batch_size`.
     """
     if embeddings is None:
         raise ValueError(f"no {side} embeddings to score (got None)")
@@ -68,15 +69,20 @@ def _as_items(embeddings: Embeddings, side: str, colpali_batch_size: int) -> _It
                 f"{side} embeddings must be (items, tokens, dim) or a list of (tokens, dim), "
                 f"got shape {tuple(tensor.shape)}"
             )
-        items = list(tensor.unbind(0))
-        padded_rows = [tensor.shape[1]] * len(items)
+        lengths = [tensor.shape[1]] * tensor.shape[0]
+        rows, padded_rows = tensor.reshape(-1, tensor.shape[-1]), lengths
     else:
         items = [torch.as_tensor(item) for item in embeddings]
-        padded_rows = _group_widths([item.shape[0] if item.dim() == 2 else 0 for item in items], colpali_batch_size)
-    if not items:
+        _check_shapes(items, side)
+        lengths = [item.shape[0] for item in items]
+        rows = torch.cat(items) if items else torch.empty(0)
+        padded_rows = _group_widths(lengths, colpali_batch_size)
+    if not lengths:
         raise ValueError(f"no {side} embeddings to score (empty input)")
-    dim = _check_items(items, side)
-    return _Items([_real_rows(item, side, index) for index, item in enumerate(items)], padded_rows, dim)
+    if not rows.is_floating_point():
+        raise ValueError(f"{side} embeddings have dtype {rows.dtype}; embeddings must be floating point")
+    _check_finite(rows, lengths, side)
+    return _Items(_real_rows(rows, lengths, side), padded_rows, rows.shape[-1])
 
 
 def _group_widths(rows: list[int], group_size: int) -> list[int]:
@@ -88,33 +94,43 @@ def _group_widths(rows: list[int], group_size: int) -> list[int]:
     return widths
 
 
-def _check_items(items: list[torch.Tensor], side: str) -> int:
-    """Every item a finite (tokens, dim) float tensor with one shared dim; returns that dim."""
+def _check_shapes(items: list[torch.Tensor], side: str) -> None:
+    """Every item a (tokens, dim) tensor, all with one dim."""
     dims: dict[int, int] = {}
     for index, item in enumerate(items):
         if item.dim() != 2:
             raise ValueError(f"{side} item {index} has shape {tuple(item.shape)}; expected (tokens, dim)")
-        if not item.is_floating_point():
-            raise ValueError(f"{side} item {index} has dtype {item.dtype}; embeddings must be floating point")
         dims.setdefault(item.shape[1], index)
     if len(dims) > 1:
         shown = ", ".join(f"dim {dim} (first at item {index})" for dim, index in dims.items())
         raise ValueError(f"{side} embeddings mix dimensions: {shown}; embed all items with one model")
-    for index, item in enumerate(items):
-        if not torch.isfinite(item).all():
-            raise ValueError(
-                f"{side} item {index} contains NaN or Inf; the model or its quantization produced "
-                "non-finite embeddings, check the checkpoint (colquant.load verifies weights) and the dtype"
-            )
-    return next(iter(dims))
 
 
-def _real_rows(item: torch.Tensor, side: str, index: int) -> torch.Tensor:
-    """The item's non-zero token rows (zero rows are the model's and the batch's padding)."""
-    real = item[item.ne(0).any(dim=-1)]
-    if real.shape[0] == 0:
-        raise ValueError(f"{side} item {index} has no non-zero token vectors: nothing to score it with")
-    return real
+def _check_finite(rows: torch.Tensor, lengths: list[int], side: str) -> None:
+    """NaN and Inf survive min/max, so two reductions find them; the item is named on failure."""
+    if rows.numel() == 0 or all(bool(torch.isfinite(value)) for value in torch.aminmax(rows)):
+        return
+    bad = next(index for index, item in enumerate(rows.split(lengths)) if not bool(torch.isfinite(item).all()))
+    raise ValueError(
+        f"{side} item {bad} contains NaN or Inf; the model or its quantization produced non-finite "
+        "embeddings: check the checkpoint (colquant.load verifies weights) and the dtype"
+    )
+
+
+def _real_rows(rows: torch.Tensor, lengths: list[int], side: str) -> list[torch.Tensor]:
+    """Each item's non-zero token rows (all-zero rows are the model's and the batch's padding)."""
+    real = rows.ne(0).any(dim=-1)
+    all_real = bool(real.all())
+    if all_real:
+        counts = lengths
+    else:
+        item_of_row = torch.repeat_interleave(
+            torch.arange(len(lengths), device=rows.device), torch.tensor(lengths, device=rows.device)
+        )
+        counts = torch.bincount(item_of_row[real], minlength=len(lengths)).tolist()
+    if 0 in counts:
+        raise ValueError(f"{side} item {counts.index(0)} has no non-zero token vectors: nothing to score it with")
+    return list((rows if all_real else rows[real]).split(counts))
 
 
 def score(
