@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from colquant.model import ColQwen3
-from colquant.processing import ColQwen3Processor
+from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS, ColQwen3Processor
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def load(
     *,
     dtype: str | torch.dtype = "bfloat16",
     device: str | torch.device | None = None,
-    max_num_visual_tokens: int = 1280,
+    max_num_visual_tokens: int | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     accelerate: bool | None = None,
@@ -148,6 +148,9 @@ def load(
     run the Triton W4A16 kernels, q/k/v and gate/up are fused for both precisions, and short
     queries replay CUDA graphs (`colquant.kernels`). Where that cannot run, a warning names why and
     the model keeps transformers' forward.
+
+    `max_num_visual_tokens` (visual tokens per page) defaults to what the checkpoint saved in
+    `colquant_processor.json`, else the reference's 1280.
     """
     path = resolve_checkpoint(model_id_or_path, revision)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -186,12 +189,12 @@ def _raise_on_key_mismatch(path: Path, info: dict[str, Any]) -> None:
 
 
 def _load_remote_code(
-    path: Path, dtype: torch.dtype, device: torch.device, max_num_visual_tokens: int
+    path: Path, dtype: torch.dtype, device: torch.device, max_num_visual_tokens: int | None
 ) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(
-        str(path), trust_remote_code=True, max_num_visual_tokens=max_num_visual_tokens
+        str(path), trust_remote_code=True, max_num_visual_tokens=max_num_visual_tokens or DEFAULT_MAX_NUM_VISUAL_TOKENS
     )
     return model, processor
