@@ -238,3 +238,15 @@ def test_sixteen_bit_and_float_pages_are_scaled_by_their_range(processor, tmp_pa
     for page in (reopened, grey16, Image.fromarray(np.full((64, 64), 128 / 255, np.float32)),
                  Image.new("I", (64, 64), 32896)):
         assert mean_pixel(processor, page) == pytest.approx(expected, abs=1e-6), page.mode
+
+
+def test_load_uses_the_budget_the_checkpoint_saved(tiny_path, tmp_path):
+    """colquant.load honours colquant_processor.json (256 saved -> 256 used) unless overridden."""
+    import colquant
+
+    for file in tiny_path.iterdir():
+        (tmp_path / file.name).symlink_to(file)
+    (tmp_path / "colquant_processor.json").unlink()
+    (tmp_path / "colquant_processor.json").write_text(json.dumps({"max_num_visual_tokens": 256}))
+    assert colquant.load(tmp_path)[1].max_num_visual_tokens == 256
+    assert colquant.load(tmp_path, max_num_visual_tokens=64)[1].max_num_visual_tokens == 64
