@@ -147,3 +147,11 @@ def test_progress_bar_is_shown_on_request_and_hidden_for_small_inputs(capsys):
     assert "MaxSim" not in capsys.readouterr().err
     score(queries, pages, block_elements=30, show_progress_bar=True)
     assert "MaxSim over page blocks" in capsys.readouterr().err
+
+
+def test_model_outputs_that_require_grad_are_scored_without_gradient():
+    generator = torch.Generator().manual_seed(7)
+    queries, pages = ragged(generator, 2, 2, 5), ragged(generator, 3, 2, 6)
+    got = score([q.clone().requires_grad_() for q in queries], pages)
+    assert not got.requires_grad
+    assert torch.allclose(got, brute_force_maxsim(queries, pages), atol=1e-5)

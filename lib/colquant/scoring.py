@@ -56,9 +56,8 @@ class _Items:
 def _as_items(embeddings: Embeddings, side: str, colpali_batch_size: int) -> _Items:
     """Validate one side's embeddings and split them into real token rows per item.
 
-    Checks run on all of a side's rows at once (a per-item check costs more than the scoring on
-    short items). `padded_rows` is the width colpali-engine maxes over: the tensor's token axis for
-    a padded tensor, and for a list the longest item in the item's group of `colpali_batch_size`.
+    `padded_rows` is the width colpali-engine maxes over: the tensor's token axis for a padded
+    tensor, and for a list the longest item in the item's group of `colpali_batch_size`.
     """
     if embeddings is None:
         raise ValueError(f"no {side} embeddings to score (got None)")
@@ -69,20 +68,17 @@ def _as_items(embeddings: Embeddings, side: str, colpali_batch_size: int) -> _It
                 f"{side} embeddings must be (items, tokens, dim) or a list of (tokens, dim), "
                 f"got shape {tuple(tensor.shape)}"
             )
-        lengths = [tensor.shape[1]] * tensor.shape[0]
-        rows, padded_rows = tensor.reshape(-1, tensor.shape[-1]), lengths
+        items = list(tensor.unbind(0))
+        padded_rows = [tensor.shape[1]] * len(items)
     else:
         items = [torch.as_tensor(item) for item in embeddings]
         _check_shapes(items, side)
-        lengths = [item.shape[0] for item in items]
-        rows = torch.cat(items) if items else torch.empty(0)
-        padded_rows = _group_widths(lengths, colpali_batch_size)
-    if not lengths:
+        padded_rows = _group_widths([item.shape[0] for item in items], colpali_batch_size)
+    if not items:
         raise ValueError(f"no {side} embeddings to score (empty input)")
-    if not rows.is_floating_point():
-        raise ValueError(f"{side} embeddings have dtype {rows.dtype}; embeddings must be floating point")
-    _check_finite(rows, lengths, side)
-    return _Items(_real_rows(rows, lengths, side), padded_rows, rows.shape[-1])
+    if not items[0].is_floating_point():
+        raise ValueError(f"{side} embeddings have dtype {items[0].dtype}; embeddings must be floating point")
+    return _Items([_real_rows(item, side, index) for index, item in enumerate(items)], padded_rows, items[0].shape[-1])
 
 
 def _group_widths(rows: list[int], group_size: int) -> list[int]:
@@ -95,42 +91,32 @@ def _group_widths(rows: list[int], group_size: int) -> list[int]:
 
 
 def _check_shapes(items: list[torch.Tensor], side: str) -> None:
-    """Every item a (tokens, dim) tensor, all with one dim."""
+    """Every item a (tokens, dim) tensor of one floating dtype and one dim."""
     dims: dict[int, int] = {}
     for index, item in enumerate(items):
         if item.dim() != 2:
             raise ValueError(f"{side} item {index} has shape {tuple(item.shape)}; expected (tokens, dim)")
+        if not item.is_floating_point():
+            raise ValueError(f"{side} item {index} has dtype {item.dtype}; embeddings must be floating point")
         dims.setdefault(item.shape[1], index)
     if len(dims) > 1:
         shown = ", ".join(f"dim {dim} (first at item {index})" for dim, index in dims.items())
         raise ValueError(f"{side} embeddings mix dimensions: {shown}; embed all items with one model")
 
 
-def _check_finite(rows: torch.Tensor, lengths: list[int], side: str) -> None:
-    """NaN and Inf survive min/max, so two reductions find them; the item is named on failure."""
-    if rows.numel() == 0 or all(bool(torch.isfinite(value)) for value in torch.aminmax(rows)):
-        return
-    bad = next(index for index, item in enumerate(rows.split(lengths)) if not bool(torch.isfinite(item).all()))
-    raise ValueError(
-        f"{side} item {bad} contains NaN or Inf; the model or its quantization produced non-finite "
-        "embeddings: check the checkpoint (colquant.load verifies weights) and the dtype"
-    )
-
-
-def _real_rows(rows: torch.Tensor, lengths: list[int], side: str) -> list[torch.Tensor]:
-    """Each item's non-zero token rows (all-zero rows are the model's and the batch's padding)."""
-    real = rows.ne(0).any(dim=-1)
-    all_real = bool(real.all())
-    if all_real:
-        counts = lengths
-    else:
-        item_of_row = torch.repeat_interleave(
-            torch.arange(len(lengths), device=rows.device), torch.tensor(lengths, device=rows.device)
+def _real_rows(item: torch.Tensor, side: str, index: int) -> torch.Tensor:
+    """The item's non-zero token rows (all-zero rows are the model's and the batch's padding),
+    after checking it is finite: NaN and Inf survive min/max, so one cheap reduction finds them."""
+    if item.numel() and not all(bool(torch.isfinite(value)) for value in torch.aminmax(item)):
+        raise ValueError(
+            f"{side} item {index} contains NaN or Inf; the model or its quantization produced non-finite "
+            "embeddings: check the checkpoint (colquant.load verifies weights) and the dtype"
         )
-        counts = torch.bincount(item_of_row[real], minlength=len(lengths)).tolist()
-    if 0 in counts:
-        raise ValueError(f"{side} item {counts.index(0)} has no non-zero token vectors: nothing to score it with")
-    return list((rows if all_real else rows[real]).split(counts))
+    real = item.ne(0).any(dim=-1)
+    n_real = int(real.sum())
+    if n_real == 0:
+        raise ValueError(f"{side} item {index} has no non-zero token vectors: nothing to score it with")
+    return item if n_real == len(item) else item[real]
 
 
 def score(
@@ -150,7 +136,8 @@ def score(
     (a padded tensor's token axis, or for lists the longest page among its `colpali_batch_size`
     neighbours) floors every query token's best match at 0.
 
-    Inputs are a padded (items, tokens, dim) tensor or array, or a list of (tokens, dim) items.
+    Inputs are a padded (items, tokens, dim) tensor or array, or a list of (tokens, dim) items;
+    the scores carry no gradient.
     Empty inputs, items without any non-zero token, NaN/Inf and mixed dimensions raise ValueError.
     The work is split into blocks of at most `block_elements` similarity entries;
     `show_progress_bar=None` shows a tqdm bar when there are many blocks.
@@ -170,7 +157,8 @@ def score(
         [mode == "colpali" and len(tokens) < rows for tokens, rows in zip(pages.tokens, pages.padded_rows)],
         device=device,
     )
-    return _blockwise_maxsim(queries.tokens, pages.tokens, floor_at_zero, device, block_elements, show_progress_bar)
+    with torch.no_grad():  # scores for ranking; also lets the blocks write into one reused buffer
+        return _blockwise_maxsim(queries.tokens, pages.tokens, floor_at_zero, device, block_elements, show_progress_bar)
 
 
 def _blockwise_maxsim(
@@ -192,13 +180,16 @@ def _blockwise_maxsim(
     query_spans = [(start, min(start + query_block, n_queries)) for start in range(0, n_queries, query_block)]
     show = len(page_blocks) * len(query_spans) >= PROGRESS_MIN_BLOCKS if show_progress_bar is None else show_progress_bar
     scores = torch.empty(n_queries, len(pages), device=device, dtype=torch.float32)
+    # one similarity buffer for all blocks: a fresh 64 MB per block costs page faults on CPU
+    buffer = torch.empty(min(query_block, n_queries) * query_width * page_block_tokens, device=device)
     for indices in tqdm(page_blocks, desc="MaxSim over page blocks", disable=not show):
         block = _PageBlock.build([pages[i] for i in indices], device)
         columns = torch.tensor(indices, device=device)
         floors = floor_at_zero[columns]
         for start, stop in query_spans:
             rows = query_rows[start * query_width : stop * query_width]
-            scores[start:stop, columns] = block.maxsim(rows, floors).view(stop - start, query_width, -1).sum(1)
+            best = block.maxsim(rows, floors, buffer)
+            scores[start:stop, columns] = best.view(stop - start, query_width, -1).sum(1)
     return scores
 
 
@@ -219,10 +210,11 @@ def _page_blocks(lengths: list[int], max_block_tokens: int) -> list[list[int]]:
 
 @dataclass
 class _PageBlock:
-    """Pages zero-padded to a common width, flattened for one matrix product, with their padding mask."""
+    """Pages zero-padded to a common width, flattened for one matrix product, with the flat
+    indices of their padding rows (few: blocks hold pages of similar length)."""
 
     tokens: torch.Tensor  # (pages * width, dim)
-    padding: torch.Tensor | None  # (pages, width) True on padding rows, None when there are none
+    padding_columns: torch.Tensor  # flat indices into pages * width
     n_pages: int
 
     @classmethod
@@ -230,15 +222,16 @@ class _PageBlock:
         padded = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True).to(device, torch.float32)
         lengths = torch.tensor([len(page) for page in pages], device=device)
         padding = torch.arange(padded.shape[1], device=device)[None, :] >= lengths[:, None]
-        return cls(padded.flatten(0, 1), padding if bool(padding.any()) else None, len(pages))
+        return cls(padded.flatten(0, 1), padding.flatten().nonzero().flatten(), len(pages))
 
-    def maxsim(self, query_rows: torch.Tensor, floor_at_zero: torch.Tensor) -> torch.Tensor:
+    def maxsim(self, query_rows: torch.Tensor, floor_at_zero: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """(query tokens, pages): each query token's best match on each page, padding excluded,
-        then floored at 0 on the pages the colpali reference pads."""
-        sim = (query_rows @ self.tokens.T).view(query_rows.shape[0], self.n_pages, -1)
-        if self.padding is not None:
-            sim.masked_fill_(self.padding, float("-inf"))
-        best = sim.amax(dim=-1)
+        then floored at 0 on the pages the colpali reference pads. `buffer` holds the similarity."""
+        sim = buffer[: query_rows.shape[0] * self.tokens.shape[0]].view(query_rows.shape[0], -1)
+        torch.mm(query_rows, self.tokens.T, out=sim)
+        if len(self.padding_columns):
+            sim.index_fill_(1, self.padding_columns, float("-inf"))
+        best = sim.view(query_rows.shape[0], self.n_pages, -1).amax(dim=-1)
         if bool(floor_at_zero.any()):
             best = torch.where(floor_at_zero, best.clamp_min(0.0), best)
         return best
