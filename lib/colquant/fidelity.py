@@ -268,6 +268,10 @@ def fidelity_report(
 
 
 def _maxsim(queries: list[torch.Tensor], pages: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """MaxSim scores; all NaN for a variant with non-finite embeddings (`colquant.score` refuses
+    them; the report counts them in nan_count/inf_count and fails the variant instead)."""
+    if not all(bool(torch.isfinite(item).all()) for item in [*queries, *pages]):
+        return torch.full((len(queries), len(pages)), float("nan"))
     return score(queries, pages, device=device).cpu()
 
 
