@@ -28,7 +28,7 @@ Embeddings = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 ScoringMode = Literal["exact", "colpali"]
 SCORING_MODES = ("exact", "colpali")
 COLPALI_BATCH_SIZE = 128  # colpali-engine's score_multi_vector default batch_size
-BLOCK_ELEMENTS = 1 << 24  # similarity entries per block: 64 MB of float32
+BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 28}  # similarity entries per block (float32: 64 MB / 1 GB)
 PROGRESS_MIN_BLOCKS = 16  # show_progress_bar=None shows a bar from this many blocks on
 
 
@@ -78,7 +78,7 @@ def _as_items(embeddings: Embeddings, side: str, colpali_batch_size: int) -> _It
         raise ValueError(f"no {side} embeddings to score (empty input)")
     if not items[0].is_floating_point():
         raise ValueError(f"{side} embeddings have dtype {items[0].dtype}; embeddings must be floating point")
-    return _Items([_real_rows(item, side, index) for index, item in enumerate(items)], padded_rows, items[0].shape[-1])
+    return _Items(_real_rows(items, side), padded_rows, items[0].shape[-1])
 
 
 def _group_widths(rows: list[int], group_size: int) -> list[int]:
@@ -104,19 +104,40 @@ def _check_shapes(items: list[torch.Tensor], side: str) -> None:
         raise ValueError(f"{side} embeddings mix dimensions: {shown}; embed all items with one model")
 
 
-def _real_rows(item: torch.Tensor, side: str, index: int) -> torch.Tensor:
-    """The item's non-zero token rows (all-zero rows are the model's and the batch's padding),
-    after checking it is finite: NaN and Inf survive min/max, so one cheap reduction finds them."""
-    if item.numel() and not all(bool(torch.isfinite(value)) for value in torch.aminmax(item)):
+def _real_rows(items: list[torch.Tensor], side: str) -> list[torch.Tensor]:
+    """Each item's non-zero token rows (all-zero rows are the model's and the batch's padding),
+    after checking every value is finite (NaN and Inf survive min/max, so one reduction finds them).
+
+    On a GPU the items are checked in one concatenated pass (per-item kernels and syncs would cost
+    more than the scoring); on CPU item by item, which keeps temporaries small (a fresh
+    corpus-sized buffer costs more in page faults than the checks themselves).
+    """
+    empty = next((index for index, item in enumerate(items) if item.numel() == 0), None)
+    if empty is not None:
+        raise ValueError(f"{side} item {empty} has no non-zero token vectors: nothing to score it with")
+    if items[0].device.type == "cpu":
+        extremes = torch.stack([value for item in items for value in torch.aminmax(item)])
+        masks = [item.ne(0).any(dim=-1) for item in items]
+        counts = torch.stack([mask.sum() for mask in masks]).tolist()
+        real = [item if count == len(item) else item[mask] for item, mask, count in zip(items, masks, counts)]
+    else:
+        lengths = [len(item) for item in items]
+        rows = torch.cat(items)
+        extremes = torch.stack(torch.aminmax(rows))
+        mask = rows.ne(0).any(dim=-1)
+        item_of_row = torch.repeat_interleave(torch.arange(len(items), device=rows.device), torch.tensor(lengths, device=rows.device))
+        counts = torch.zeros(len(items), dtype=torch.long, device=rows.device).index_add_(0, item_of_row, mask.long())
+        counts = counts.tolist()
+        real = list((rows if counts == lengths else rows[mask]).split(counts))
+    if not bool(torch.isfinite(extremes).all()):
+        bad = next(index for index, item in enumerate(items) if not bool(torch.isfinite(item).all()))
         raise ValueError(
-            f"{side} item {index} contains NaN or Inf; the model or its quantization produced non-finite "
+            f"{side} item {bad} contains NaN or Inf; the model or its quantization produced non-finite "
             "embeddings: check the checkpoint (colquant.load verifies weights) and the dtype"
         )
-    real = item.ne(0).any(dim=-1)
-    n_real = int(real.sum())
-    if n_real == 0:
-        raise ValueError(f"{side} item {index} has no non-zero token vectors: nothing to score it with")
-    return item if n_real == len(item) else item[real]
+    if 0 in counts:
+        raise ValueError(f"{side} item {counts.index(0)} has no non-zero token vectors: nothing to score it with")
+    return real
 
 
 def score(
@@ -126,7 +147,7 @@ def score(
     mode: ScoringMode = "exact",
     device: torch.device | str | None = None,
     colpali_batch_size: int = COLPALI_BATCH_SIZE,
-    block_elements: int = BLOCK_ELEMENTS,
+    block_elements: int | None = None,
     show_progress_bar: bool | None = None,
 ) -> torch.Tensor:
     """Late-interaction scores, shape (queries, pages), float32 on `device` (default: the queries').
@@ -139,12 +160,13 @@ def score(
     Inputs are a padded (items, tokens, dim) tensor or array, or a list of (tokens, dim) items;
     the scores carry no gradient.
     Empty inputs, items without any non-zero token, NaN/Inf and mixed dimensions raise ValueError.
-    The work is split into blocks of at most `block_elements` similarity entries;
+    The work is split into blocks of about `block_elements` similarity entries (default: 2^24 on
+    CPU, 2^28 on GPUs, the fastest measured for 1,000 x 500 items);
     `show_progress_bar=None` shows a tqdm bar when there are many blocks.
     """
     if mode not in SCORING_MODES:
         raise ValueError(f"mode={mode!r}: use 'exact' (true MaxSim) or 'colpali' (colpali-engine/mteb's scoring)")
-    if colpali_batch_size < 1 or block_elements < 1:
+    if colpali_batch_size < 1 or (block_elements is not None and block_elements < 1):
         raise ValueError(f"colpali_batch_size ({colpali_batch_size}) and block_elements ({block_elements}) must be >= 1")
     queries = _as_items(query_embeddings, "query", colpali_batch_size)
     pages = _as_items(page_embeddings, "page", colpali_batch_size)
@@ -153,6 +175,8 @@ def score(
     if device is None:
         device = query_embeddings.device if isinstance(query_embeddings, torch.Tensor) else queries.tokens[0].device
     device = torch.device(device)
+    if block_elements is None:
+        block_elements = BLOCK_ELEMENTS["cpu" if device.type == "cpu" else "cuda"]
     floor_at_zero = torch.tensor(
         [mode == "colpali" and len(tokens) < rows for tokens, rows in zip(pages.tokens, pages.padded_rows)],
         device=device,
