@@ -52,3 +52,25 @@ def test_4b_config_reproduces_every_hub_tensor_name_and_shape():
     ours = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     assert ours == hub
     assert parameter_count(model) == sum(math.prod(shape) for shape in hub.values())
+
+
+def test_near_zero_projections_are_floored_at_the_dtypes_eps_as_in_the_reference(tiny_model):
+    """The reference divides by norm.clamp_min(finfo(dtype).eps); torch's normalize would blow a
+    projection of norm 1e-3 up to unit length in bf16 (eps 2^-7), the reference gives 1e-3 / 2^-7."""
+    model, processor = tiny_model
+    batch = processor.process_queries(["q"])
+    proj = model.embedding_proj_layer
+    saved = proj.weight.detach().clone(), proj.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            proj.weight.zero_()
+            proj.bias.zero_()
+            proj.bias[0] = 1e-3
+            embeddings = model(**batch).embeddings
+    finally:
+        with torch.no_grad():
+            proj.weight.copy_(saved[0])
+            proj.bias.copy_(saved[1])
+    norms = embeddings.float().norm(dim=-1)[batch["attention_mask"].bool()]
+    expected = float(torch.tensor(1e-3, dtype=embeddings.dtype)) / torch.finfo(embeddings.dtype).eps
+    assert torch.allclose(norms, torch.full_like(norms, expected), rtol=1e-2)

@@ -38,3 +38,22 @@ def test_build_reuses_a_finished_checkpoint(tiny_path):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_path.iterdir()}
     tiny.build(tiny_path)
     assert {p.name: p.stat().st_mtime_ns for p in tiny_path.iterdir()} == before
+
+
+def test_tiny_checkpoint_carries_qwen3_vl_preprocessor_config(tiny_path):
+    """The real checkpoint's image settings (Qwen3-VL: 65,536 px floor, patch 16, merge 2, mean/std
+    0.5), so the tiny model's pages are sized by the same rules as the 4B's."""
+    config = json.loads((tiny_path / "preprocessor_config.json").read_text())
+    assert config["size"] == {"shortest_edge": 65_536, "longest_edge": 16_777_216}
+    assert (config["patch_size"], config["merge_size"], config["temporal_patch_size"]) == (16, 2, 2)
+    assert config["image_mean"] == config["image_std"] == [0.5, 0.5, 0.5]
+
+
+def test_a_checkpoint_built_by_an_older_format_is_rebuilt(tmp_path):
+    path = tiny.build(tmp_path / "model")
+    marker = path / tiny.TINY_MARKER
+    stale = {key: value for key, value in json.loads(marker.read_text()).items() if key != "format"}
+    marker.write_text(json.dumps(stale))
+    (path / "preprocessor_config.json").write_text("{}")
+    tiny.build(path)
+    assert json.loads((path / "preprocessor_config.json").read_text())["size"]["shortest_edge"] == 65_536

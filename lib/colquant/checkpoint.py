@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from colquant.model import ColQwen3, ColQwen3Config
-from colquant.processing import ColQwen3Processor
+from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS, ColQwen3Processor
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def load(
     *,
     dtype: str | torch.dtype = "bfloat16",
     device: str | torch.device | None = "auto",
-    max_num_visual_tokens: int = 1280,
+    max_num_visual_tokens: int | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     accelerate: bool | None = None,
@@ -294,6 +294,9 @@ def load(
     4-bit model is then as fast as BF16 but larger than it on the GPU), `False` never does (memory
     first: about 0.42x BF16's memory, slower at small batches), `True` always. Where the fused path
     cannot run, a warning names why and the model keeps transformers' forward.
+
+    `max_num_visual_tokens` (visual tokens per page) defaults to what the checkpoint saved in
+    `colquant_processor.json`, else the reference's 1280.
     """
     path = resolve_checkpoint(model_id_or_path, revision)
     torch_dtype = _torch_dtype(dtype)
@@ -354,12 +357,12 @@ def _raise_on_key_mismatch(path: Path, info: dict[str, Any]) -> None:
 
 
 def _load_remote_code(
-    path: Path, dtype: torch.dtype, device: torch.device, max_num_visual_tokens: int
+    path: Path, dtype: torch.dtype, device: torch.device, max_num_visual_tokens: int | None
 ) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=True).to(device).eval()
     processor = AutoProcessor.from_pretrained(
-        str(path), trust_remote_code=True, max_num_visual_tokens=max_num_visual_tokens
+        str(path), trust_remote_code=True, max_num_visual_tokens=max_num_visual_tokens or DEFAULT_MAX_NUM_VISUAL_TOKENS
     )
     return model, processor

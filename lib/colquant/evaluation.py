@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from colquant.corpus import FORMAT_VERSION, build_corpus
 from colquant.plots import legend_outside
-from colquant.scoring import Embeddings, pad_embeddings, score
+from colquant.scoring import Embeddings, score
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +151,10 @@ class ColQuantEncoder(AbsEncoder):
     def similarity(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
         """MaxSim scores (queries, pages), computed on the model's device in float32.
 
-        A (queries, pages, query tokens, page tokens) block per step; with a thousand queries
-        against 1,300-token pages the whole product would be tens of GB, so blocks are sized to
-        keep it near SIMILARITY_ELEMENTS.
+        With a thousand queries against 1,300-token pages the whole similarity would be tens of
+        GB, so `colquant.score` works in blocks of about SIMILARITY_ELEMENTS entries.
         """
-        queries, pages = pad_embeddings(embeddings1), pad_embeddings(embeddings2)
-        tokens_per_pair = max(1, queries.shape[1] * pages.shape[1])
-        query_rows = max(1, min(128, SIMILARITY_ELEMENTS // tokens_per_pair))
-        page_rows = max(1, SIMILARITY_ELEMENTS // (query_rows * tokens_per_pair))
-        return score(queries, pages, query_batch_size=query_rows, page_batch_size=page_rows, device=self.device)
+        return score(embeddings1, embeddings2, device=self.device, block_elements=SIMILARITY_ELEMENTS)
 
     def similarity_pairwise(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
         """MaxSim of each query with the page at the same position (mteb's reranking path)."""

@@ -29,7 +29,6 @@ from colquant.plots import legend_outside
 from colquant.scoring import score
 
 COSINE_THRESHOLD = 0.95  # seed 003's acceptance bar for embedding cosine vs BF16
-SCORE_PAGE_CHUNK = 8  # pages per MaxSim chunk: bounds the (queries, pages, Tq, Td) similarity tensor
 Variant = tuple[torch.nn.Module, Any]  # (model, processor)
 
 
@@ -251,7 +250,11 @@ def fidelity_report(
 
 
 def _maxsim(queries: list[torch.Tensor], pages: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return score(queries, pages, page_batch_size=SCORE_PAGE_CHUNK, device=device).cpu()
+    """MaxSim scores; all NaN for a variant with non-finite embeddings (`colquant.score` refuses
+    them; the report counts them in nan_count/inf_count and fails the variant instead)."""
+    if not all(bool(torch.isfinite(item).all()) for item in [*queries, *pages]):
+        return torch.full((len(queries), len(pages)), float("nan"))
+    return score(queries, pages, device=device).cpu()
 
 
 def _score_table(ref_scores: torch.Tensor, reference_name: str) -> pd.DataFrame:

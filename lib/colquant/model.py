@@ -3,7 +3,8 @@
 The hub ships ColQwen3 as remote code that breaks on transformers 5.x (DESIGN.md §2), so the project
 owns a small implementation that reads the same checkpoint keys (`vlm.model.visual.*`,
 `vlm.model.language_model.*`, `embedding_proj_layer.*`) and reproduces the same forward pass:
-last hidden state -> 320-d projection -> per-token L2 normalisation -> padding rows zeroed.
+last hidden state -> 320-d projection -> per-token L2 normalisation (the reference's eps) -> padding
+rows zeroed.
 """
 
 from __future__ import annotations
@@ -162,11 +163,19 @@ class ColQwen3(Qwen3VLPreTrainedModel):
             **kwargs,
         ).last_hidden_state
         projected = self.embedding_proj_layer(hidden.to(self.embedding_proj_layer.weight.dtype))
-        embeddings = nn.functional.normalize(projected, p=2, dim=-1)
+        embeddings = normalize_tokens(projected)
         keep = attention_mask
         if self.config.mask_non_image_embeddings and pixel_values is not None:
             keep = keep * (input_ids == self.config.image_token_id)
         return ColQwen3Output(embeddings=embeddings * keep.unsqueeze(-1).to(embeddings.dtype))
+
+
+def normalize_tokens(projected: torch.Tensor) -> torch.Tensor:
+    """Per-token L2 normalisation with the reference's floor, `norm.clamp_min(finfo(dtype).eps)`:
+    near-zero projections then shrink as in the published model instead of being blown up to unit
+    length (torch's `normalize` floors at 1e-12 whatever the dtype)."""
+    norm = projected.norm(p=2, dim=-1, keepdim=True)
+    return projected / norm.clamp_min(torch.finfo(projected.dtype).eps)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -32,6 +32,7 @@ QWEN_SPECIAL_TOKENS = {
 }
 TINY_SHARD_SIZE = "16MB"  # small enough that the tiny checkpoint is sharded like the real one
 TINY_MARKER = "colquant_tiny.json"
+TINY_FORMAT = 2  # bumped when the built files change (2: the hub's Qwen3-VL preprocessor_config.json)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -76,7 +77,7 @@ def build(
         raise ValueError(f"size={size!r}: use 'tiny' or '4b'")
     path = Path(path)
     marker = path / TINY_MARKER
-    settings = {"seed": seed, "dtype": str(dtype), "size": size}
+    settings = {"seed": seed, "dtype": str(dtype), "size": size, "format": TINY_FORMAT}
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,7 @@ def build(
     with torch.device(device):
         model = ColQwen3(configs[size]()).to(dtype).eval()
     model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE if size == "tiny" else "2GB")
+    # the 4B's processor files: Qwen3-VL's preprocessor_config.json and the reference's 1280 budget
     ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
     (staging / TINY_MARKER).write_text(json.dumps(settings) + "\n")
     if path.exists():
