@@ -28,6 +28,7 @@ import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
 from colquant.measure import Measurement, measure
+from colquant.remote_code import write_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def save_quantized_model(
     model.config.quantization_config = quantization_config
     model.save_pretrained(str(staging), max_shard_size="2GB")
     processor.save_pretrained(staging)
+    write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
     metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": _size_of(staging)}
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     (staging / "README.md").write_text(model_card(metadata))
