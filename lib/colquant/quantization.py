@@ -29,6 +29,7 @@ import torch
 from colquant.calibration import CalibrationSet, deepstack_replay
 from colquant.measure import Measurement, measure
 from colquant.remote_code import write_remote_code
+from colquant.serving import projection_bias_notice
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,10 @@ def save_quantized_model(
     write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
     metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": _size_of(staging)}
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-    (staging / "README.md").write_text(model_card(metadata))
+    (staging / "README.md").write_text(model_card(metadata, staging))
+    bias_notice = projection_bias_notice(staging)
+    if bias_notice:
+        log.warning(bias_notice)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(staging, out_dir)
@@ -190,49 +194,11 @@ def quantization_metadata(
     }
 
 
-def model_card(metadata: dict[str, Any]) -> str:
-    """README.md for the hub: what the variant is, how it was made, how to load it, known results."""
-    settings, calibration = metadata["settings"], metadata["calibration"]
-    warning = (
-        "\n> **Random weights.** This checkpoint was quantized from a randomly initialised model of the "
-        "ColQwen3 architecture; its numbers check the tooling, not retrieval quality.\n"
-        if metadata["random_weights"]
-        else ""
-    )
-    results = metadata.get("results", {})
-    result_lines = "\n".join(f"| {key} | {value} |" for key, value in results.items()) or "| (none yet) | |"
-    return f"""---
-base_model: {metadata['base_model']}
-library_name: transformers
-tags: [colqwen3, late-interaction, auto-round, w4a16, vidore]
----
-# {metadata['variant']}
-{warning}
-4-bit weight (W{settings['bits']}A16) quantization of `{metadata['base_model']}` made with
-[auto-round](https://github.com/intel/auto-round) by ColQuant. Only the language model's decoder
-Linear layers are quantized ({metadata['quantized_layers']} layers, group size {settings['group_size']},
-{'symmetric' if settings['sym'] else 'asymmetric'}); the vision tower, token embeddings and the
-320-d projection stay 16-bit.
+def model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> str:
+    """README.md for the hub (built by `colquant.hub.build_model_card`)."""
+    from colquant.hub import build_model_card
 
-| setting | value |
-|---|---|
-| method | {settings['method']} (iters {settings['iters']}) |
-| calibration | {calibration['source_used']} (requested {calibration['source']}), {calibration['nsamples']} x {calibration['seqlen']} tokens |
-| quantization time | {metadata['wall_time_s']} s |
-| peak memory while quantizing | {metadata['peak_memory_bytes'] / 2**20:,.0f} MiB ({metadata['memory_kind']}) |
-| size on disk | {metadata['size_on_disk_bytes'] / 2**20:,.1f} MiB |
-
-## Results known so far
-| metric | value |
-|---|---|
-{result_lines}
-
-## Use
-```python
-import colquant
-model, processor = colquant.load("<this directory or repo id>")
-```
-"""
+    return str(build_model_card(metadata, checkpoint))
 
 
 def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
@@ -241,7 +207,7 @@ def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
     metadata = json.loads((checkpoint / METADATA_FILE).read_text())
     metadata["results"] = {**metadata.get("results", {}), **results}
     (checkpoint / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-    (checkpoint / "README.md").write_text(model_card(metadata))
+    (checkpoint / "README.md").write_text(model_card(metadata, checkpoint))
 
 
 def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autoround") -> dict[str, Any]:
