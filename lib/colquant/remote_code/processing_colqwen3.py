@@ -23,6 +23,11 @@ class ColQwen3Processor(_ColQuantProcessor):
         """AutoProcessor passes hub options (trust_remote_code, revision, ...) that a local read ignores."""
         return super().from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """AutoProcessor calls this on remote-code classes; it records the class it was loaded by."""
+        cls._auto_class = auto_class
+
     def __call__(self, images: list | None = None, text: list[str] | None = None, **_: Any):
         """Pages when images are given, queries otherwise (the hub processor's contract)."""
         if images is not None and text is not None:
