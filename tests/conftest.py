@@ -52,4 +52,6 @@ def tiny_w4a16_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -
         quantized_layers=decoder_linear_names(model.language_model),
     )
     out = tmp_path_factory.mktemp("w4a16") / "tiny-w4a16"
-    return save_quantized_model(model, processor, autoround, out, metadata=metadata)
+    return save_quantized_model(
+        model, processor, autoround, out, metadata=metadata, export_formats=("auto_round", "auto_gptq")
+    )

@@ -73,3 +73,15 @@ def test_push_rejects_a_non_variant_or_a_bad_repo_id(bad, variant, tmp_path):
     target, repo_id = (tmp_path, "org/name") if bad == "not-a-variant" else (variant, "no-slash")
     with pytest.raises(PushError, match="variant directory|ORG/NAME"):
         push(target, repo_id, dry_run=True, force=True)
+
+
+def test_variant_model_meta_is_complete_and_validated_by_mteb(variant):
+    from colquant.hub import content_revision, variant_model_meta
+
+    meta = variant_model_meta(variant, "org/tiny-w4a16")
+    assert meta.name == "org/tiny-w4a16" and meta.revision == content_revision(variant) and len(meta.revision) == 40
+    assert meta.embed_dim == 320 and meta.open_weights and meta.license
+    assert meta.adapted_from == "TomoroAI/tomoro-colqwen3-embed-4b" and meta.similarity_fn_name.value == "MaxSim"
+    assert meta.n_parameters > 0 and meta.memory_usage_mb >= 0 and meta.modalities == ["image", "text"]
+    (variant / "config.json").write_text((variant / "config.json").read_text() + " ")
+    assert content_revision(variant) != meta.revision

@@ -61,22 +61,24 @@ def with_projection_bias(source: Path, destination: Path) -> Path:
 def served(serving_python, tiny_path, tiny_w4a16_path, pages, tmp_path_factory) -> dict[str, pd.DataFrame]:
     """name -> per-request comparison table, for every checkpoint vLLM must serve (one vLLM run)."""
     workdir = tmp_path_factory.mktemp("serving")
-    checkpoints = {
-        "bf16": tiny_path,
-        "w4a16": tiny_w4a16_path,
-        "bf16 with projection bias": with_projection_bias(tiny_path, workdir / "tiny-bias"),
+    biased = with_projection_bias(tiny_path, workdir / "tiny-bias")
+    served_and_reference = {  # what vLLM serves -> what colquant.load embeds for comparison
+        "bf16": (tiny_path, tiny_path),
+        "w4a16": (tiny_w4a16_path, tiny_w4a16_path),
+        "w4a16 GPTQ export": (tiny_w4a16_path / "exports" / "auto_gptq", tiny_w4a16_path),
+        "bf16 with projection bias": (biased, biased),
     }
     jobs, ours = [], []
-    for index, checkpoint in enumerate(checkpoints.values()):
-        model, processor = colquant.load(checkpoint)
+    for index, (served_path, reference) in enumerate(served_and_reference.values()):
+        model, processor = colquant.load(reference)
         requests, embeddings = colquant_requests(model, processor, QUERIES, pages, workdir / f"job{index}")
-        jobs.append((checkpoint, requests))
+        jobs.append((served_path, requests))
         ours.append(embeddings)
     theirs = vllm_embeddings(serving_python, jobs)
-    return {name: compare_embeddings(a, b) for name, a, b in zip(checkpoints, ours, theirs)}
+    return {name: compare_embeddings(a, b) for name, a, b in zip(served_and_reference, ours, theirs)}
 
 
-@pytest.mark.parametrize("name", ["bf16", "w4a16", "bf16 with projection bias"])
+@pytest.mark.parametrize("name", ["bf16", "w4a16", "w4a16 GPTQ export", "bf16 with projection bias"])
 def test_vllm_embeds_the_checkpoint_like_colquant(served, name):
     table = served[name]
     print(f"{name}:\n{table.to_string(index=False)}")

@@ -220,3 +220,75 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text)
     partial.replace(path)
+
+
+def content_revision(checkpoint: Path) -> str:
+    """A 40-hex content hash of the weights and config: the revision mteb files results under until
+    the variant is pushed and has a hub commit."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for file in sorted([checkpoint / "config.json", *checkpoint.glob("*.safetensors")]):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def logical_parameters(checkpoint: Path, bits: int) -> int:
+    """Parameters of the model as trained: a packed int32 qweight holds 32/bits weights; the
+    quantization side tensors (scales, zeros, g_idx) are not parameters."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in checkpoint.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as tensors:
+            for name in tensors.keys():
+                if name.endswith((".scales", ".qzeros", ".g_idx")):
+                    continue
+                numel = 1
+                for size in tensors.get_slice(name).get_shape():
+                    numel *= size
+                total += numel * (32 // bits if name.endswith(".qweight") else 1)
+    return total
+
+
+def variant_model_meta(checkpoint: str | Path, repo_id: str, *, base_model: str = "TomoroAI/tomoro-colqwen3-embed-4b"):
+    """mteb's ModelMeta for a quantized variant, complete enough for a results submission.
+
+    Name is the intended hub repo id, revision the content hash until pushed; training data, language
+    and instructions use are the base model's (quantization trains nothing)."""
+    import mteb
+    from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+    from colquant.quantization import METADATA_FILE
+
+    checkpoint = Path(checkpoint)
+    metadata = json.loads((checkpoint / METADATA_FILE).read_text())
+    config = json.loads((checkpoint / "config.json").read_text())
+    base = mteb.get_model_meta(base_model)
+    return ModelMeta(
+        loader=ColQwen3Wrapper,
+        name=repo_id,
+        revision=content_revision(checkpoint),
+        release_date=metadata["created"][:10],
+        languages=base.languages,
+        n_parameters=logical_parameters(checkpoint, metadata["settings"]["bits"]),
+        memory_usage_mb=round(metadata["size_on_disk_bytes"] / 2**20),
+        max_tokens=config["text_config"]["max_position_embeddings"],
+        embed_dim=config["embed_dim"],
+        license=metadata.get("license") or base_model_license(metadata["base_model"]) or base.license,
+        open_weights=True,
+        public_training_code=base.public_training_code,
+        public_training_data=base.public_training_data,
+        framework=["PyTorch", "Transformers", "safetensors"],
+        reference=f"https://huggingface.co/{repo_id}",
+        similarity_fn_name=ScoringFunction.MAX_SIM,
+        use_instructions=base.use_instructions,
+        training_datasets=base.training_datasets,
+        adapted_from=base_model,
+        modalities=["image", "text"],
+        model_type=["late-interaction"],
+    )

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
+from colquant.exports import complete_export
 from colquant.measure import Measurement, measure
 from colquant.remote_code import write_remote_code
 from colquant.serving import projection_bias_notice
@@ -121,8 +122,8 @@ def save_quantized_model(
 ) -> Path:
     """Write the full 4-bit ColQwen3 checkpoint (+ metadata JSON and model card), atomically.
 
-    Formats other than `auto_round` (GPTQ/AWQ layouts read by vLLM and other servers) are exported
-    for the text tower, as auto-round writes them, under `exports/<format>/`.
+    Formats other than `auto_round` (GPTQ/AWQ layouts read by vLLM and other servers) go under
+    `exports/<format>/` as whole ColQwen3 checkpoints (`colquant.exports.complete_export`).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,9 @@ def save_quantized_model(
     model.save_pretrained(str(staging), max_shard_size="2GB")
     processor.save_pretrained(staging)
     write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
+    for fmt in export_formats:
+        if fmt != "auto_round":
+            complete_export(staging, staging / EXTRA_FORMAT_DIR / fmt)  # whole retrievers, not text towers
     metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": _size_of(staging)}
     (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
     (staging / "README.md").write_text(model_card(metadata, staging))
