@@ -19,9 +19,13 @@ class ColQwen3Processor(_ColQuantProcessor):
     """ColQuant's processor with the hub processor's call and scoring interface."""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, max_num_visual_tokens: int = 1280, **_hub_kwargs: Any) -> "ColQwen3Processor":
-        """AutoProcessor passes hub options (trust_remote_code, revision, ...) that a local read ignores."""
-        return super().from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
+    def from_pretrained(
+        cls, path: str | Path, max_num_visual_tokens: int | None = None, **_hub_kwargs: Any
+    ) -> "ColQwen3Processor":
+        """AutoProcessor passes hub options (trust_remote_code, revision, ...) that a local read ignores;
+        without `max_num_visual_tokens` the processor's own default (or the checkpoint's) applies."""
+        budget = {} if max_num_visual_tokens is None else {"max_num_visual_tokens": max_num_visual_tokens}
+        return super().from_pretrained(path, **budget)
 
     @classmethod
     def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
