@@ -11,7 +11,6 @@ compares token by token. The projection-bias defect of vLLM's ColQwen3 is handle
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 from collections.abc import Sequence
@@ -25,8 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from colquant.processing import PAGE_PROMPT
-
-log = logging.getLogger(__name__)
 
 VLLM_PYTHON_ENV = "COLQUANT_VLLM_PYTHON"
 DEFAULT_VLLM_VENV = ".venv-vllm"

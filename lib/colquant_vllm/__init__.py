@@ -12,10 +12,6 @@ plugin loads in a serving environment that has only vLLM.
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 ARCHITECTURE = "ColQwen3"
 PLUGIN_CLASS = "colquant_vllm.model:ColQwen3WithProjectionBias"
 
