@@ -1,66 +1,193 @@
-"""Command line: `python -m colquant run params/<profile>.yaml` and `python -m colquant bench ...`."""
+"""colquant: run the notebook pipeline for a profile, benchmark 4-bit against BF16, tune the
+4-bit kernels for this GPU, refresh notebooks.
+
+Every subcommand takes the same profile argument: a name from params/ (`tiny`, `colqwen3-4b`,
+`synthetic-4b`) or the path of a profile YAML. Heavy imports (torch, transformers, papermill) happen
+inside the subcommand that needs them, so `colquant --help` and `colquant --version` are instant.
+A subcommand is one `add_<name>` function that registers its parser and handler in `SUBCOMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-import pandas as pd
+log = logging.getLogger("colquant")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARAMS_DIR = REPO_ROOT / "params"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+DEFAULT_PROFILE = "tiny"
+CHECKOUT_HINT = (
+    "they ship with the repository, not the installed package: clone it "
+    "(git clone <colquant repo> && cd colquant && pip install -e .) and run colquant from the checkout"
+)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="colquant", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="execute the notebooks for a profile and write REPORT.md")
-    run.add_argument("profile", help="params/<profile>.yaml")
-    run.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
-    run.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
-    commands.add_parser("notebooks", help="re-execute the committed notebooks/ in place (nbval reference)")
-    commands.add_parser("bench", help="4-bit vs BF16 inference benchmark (see colquant.bench)", add_help=False)
-    add_push_command(commands)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "push":
-        return push_command(args)
-    if args.command == "bench":
-        from colquant.bench import main as bench_main
+class CliError(RuntimeError):
+    """A command-line argument names something that does not exist; the message says what does."""
 
-        return bench_main(rest)
-    from colquant.pipeline import PipelineError, refresh_committed_notebooks, run as run_pipeline
 
-    if args.command == "notebooks":
-        for notebook in refresh_committed_notebooks():
-            print(f"executed {notebook}")
-        return 0
+def profile_file(name_or_path: str) -> Path:
+    """`tiny` -> params/tiny.yaml; an existing file or anything ending in .yaml/.yml is a path."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        return candidate
+    if not PARAMS_DIR.is_dir():
+        raise CliError(f"no profile {name_or_path!r}: the profiles in params/ are not here ({PARAMS_DIR}); {CHECKOUT_HINT}")
+    path = PARAMS_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PARAMS_DIR.glob("*.yaml")))
+        raise CliError(f"no profile {name_or_path!r}: pass one of {names} or the path of a profile YAML")
+    return path
+
+
+def require_notebooks() -> None:
+    """The pipeline executes the repository's notebooks; say so plainly when they are absent."""
+    if not NOTEBOOKS_DIR.is_dir():
+        raise CliError(f"the pipeline's notebooks are not at {NOTEBOOKS_DIR}: {CHECKOUT_HINT}")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("colquant")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown (not installed; pip install -e .)"
+
+
+# --- subcommands ----------------------------------------------------------------------------------
+
+
+def add_run(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("run", help="execute the notebooks for a profile and write REPORT.md")
+    parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name (tiny, ...) or YAML path")
+    parser.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
+    parser.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for another run on the same outputs to finish (default: refuse at once)")
+    parser.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from colquant.pipeline import PipelineError, run
+    from colquant.workspace import OutputError
+
+    require_notebooks()
     selected = tuple(args.notebooks.split(",")) if args.notebooks else None
     try:
-        summary = run_pipeline(args.profile, force=args.force, notebooks=selected)
-    except PipelineError as error:
-        print(f"colquant run: {error}", file=sys.stderr)
+        summary = run(profile_file(args.profile), force=args.force, notebooks=selected, wait_s=args.wait)
+    except (PipelineError, OutputError) as error:
+        log.error("colquant run: %s", error)
         return 1
-    print(pd.DataFrame(summary).to_string(index=False))
+    width = max(len(row["step"]) for row in summary)
+    print("\n".join(f"{row['step']:<{width}}  {row['status']}" for row in summary))
     return 0
 
 
-def add_push_command(commands: argparse._SubParsersAction) -> None:
-    push = commands.add_parser("push", help="upload a quantized variant, its model card and results to the hub")
-    push.add_argument("variant", help="the variant's directory (outputs/<profile>/variants/<name>)")
-    push.add_argument("--repo-id", required=True, help="ORG/NAME on the hub")
-    push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--dry-run", action="store_true", help="validate the card and list the files; upload nothing")
-    push.add_argument("--force", action="store_true", help="upload even a random-weight variant")
+def add_notebooks(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("notebooks", help="re-execute the committed notebooks/ in place (nbval reference)")
+    parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name or YAML path")
+    parser.set_defaults(handler=notebooks_command)
 
 
-def push_command(args: argparse.Namespace) -> int:
+def notebooks_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from colquant.pipeline import refresh_committed_notebooks
+
+    require_notebooks()
+    for notebook in refresh_committed_notebooks(profile_file(args.profile)):
+        log.info("executed %s", notebook)
+    return 0
+
+
+def add_bench(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "bench", add_help=False,
+        help="4-bit vs BF16 inference benchmark: colquant bench [profile] [options] (colquant bench --help)",
+    ).set_defaults(handler=bench_command)
+
+
+def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
+    """`colquant bench tiny --no-calibrate` reads as `--profile tiny --no-calibrate`; --profile works too."""
+    from colquant.bench import main as bench_main
+
+    if rest and not rest[0].startswith("-"):
+        profile, *rest = rest
+        rest = ["--profile", Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile, *rest]
+    return bench_main(rest)
+
+
+def add_tune(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "tune", add_help=False,
+        help="tune the 4-bit kernels for this GPU once (cached on disk) and print the table (colquant tune --help)",
+    ).set_defaults(handler=tune_command)
+
+
+def tune_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from colquant.kernels.autotune import tune_main
+
+    return tune_main(rest)
+
+
+def add_push(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("push", help="upload a quantized variant, its model card and results to the hub")
+    parser.add_argument("variant", help="the variant's directory (outputs/<profile>/variants/<name>)")
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME on the hub")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--dry-run", action="store_true", help="validate the card and list the files; upload nothing")
+    parser.add_argument("--force", action="store_true", help="upload even a random-weight variant")
+    parser.set_defaults(handler=push_command)
+
+
+def push_command(args: argparse.Namespace, rest: list[str]) -> int:
+    """The file list is the command's output (stdout); problems are CliErrors like every subcommand's."""
     from colquant.hub import PushError, push
 
     try:
         files = push(args.variant, args.repo_id, private=args.private, dry_run=args.dry_run, force=args.force)
     except PushError as error:
-        print(f"colquant push: {error}", file=sys.stderr)
-        return 1
+        raise CliError(str(error)) from error
     verb = "would upload" if args.dry_run else "uploaded"
     print(f"{verb} {len(files)} files to {args.repo_id} (model card valid):\n" + "\n".join(f"  {name}" for name in files))
     return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run, add_notebooks, add_bench, add_tune, add_push)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colquant", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(commands)
+    return parser
+
+
+def show_package_logs() -> None:
+    """colquant's own INFO messages on stderr; other libraries' loggers keep their settings."""
+    package = logging.getLogger("colquant")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    show_package_logs()
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command not in ("bench", "tune"):
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.handler(args, rest)
+    except CliError as error:
+        log.error("colquant %s: %s", args.command, error)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,15 +5,17 @@ One run, on the GPU at hand (CPU works for the `tiny` profile, through the refer
 1. builds ColQwen3 with random weights directly on the device (exact 4B shapes for
    `synthetic-4b`; no download);
 2. checks the 4-bit kernels against a dequantized-weights reference on fresh random inputs, for
-   every layer shape of the tower and every token count the benchmark uses, while timing each
-   candidate (tile/split-K configurations of the Triton kernel, dequantize+cuBLAS) to fill the
-   dispatcher's table; bf16 cuBLAS is timed on the same shapes;
+   every layer shape of the tower and every token count the benchmark uses, and times each
+   candidate (the autotuner's Triton tiles, dequantize+cuBLAS, humming where installed) beside
+   bf16 cuBLAS: per-GEMM information; the model itself runs the default path (step 4);
 3. BF16: transformers' eager forward (reference embeddings, a few baseline timings), then
    `accelerate_model` (fused q/k/v + gate/up, fused kernels, CUDA-graph query path), checked
    against the reference and timed on queries (32 + 10 augmentation tokens) and pages
    (1,280 visual tokens);
 4. 4-bit: the same linears quantized RTN W4 g128 sym (auto-round's rule, auto_gptq packing, then
-   the kernel layout), timed the same way; checked against the reference ops and against BF16;
+   the kernel layout), dispatched as `colquant.load` does (the per-GPU tuned table from the disk
+   cache, tuned now on a first run, BF16 copies where memory allows), timed the same way, then
+   again without the BF16 copies; checked against the reference ops and against BF16;
 5. prints one table (4-bit/BF16 ratios last) and writes everything to JSON.
 """
 
@@ -217,43 +219,19 @@ def _bench_graph(fn, n_inner, device, reps=20):
 
 
 def _candidates(m):
-    """Kernel / tile / split-K candidates worth timing at ``m`` tokens (see triton_ops.w4a16_matmul;
-    an earlier sweep also tried the swap-AB kernel and larger tiles: never faster on the H100)."""
-    c = []
+    """The autotuner's Triton candidates at ``m`` tokens (:data:`colquant.kernels.autotune.CANDIDATES`):
+    the bench times the same tiles the default path tunes over."""
+    from colquant.kernels.autotune import CANDIDATES
 
-    def add(name, **kw):
-        base = dict(GROUP_M=8, num_warps=4, num_stages=3, SCALE_ACC=False, waves=1)
-        base.update(kw)
-        c.append((name, base))
-
-    if m <= 16:
-        add("8dot16x64sa-w4", kernel="8dot", BM=16, BN=64, waves=4, SCALE_ACC=True)
-        add("8dot16x128sa-w4", kernel="8dot", BM=16, BN=128, waves=4, SCALE_ACC=True)
-    if 16 < m <= 64:
-        add("bc64x64-w2", kernel="bc", BM=64, BN=64, waves=2)
-        add("bc64x64-w4", kernel="bc", BM=64, BN=64, waves=4)
-        add("bc64x64sa-w2", kernel="bc", BM=64, BN=64, waves=2, SCALE_ACC=True)
-        add("8dot32x128sa-w2", kernel="8dot", BM=32, BN=128, waves=2, SCALE_ACC=True)
-    if 64 < m <= 512:
-        add("bc64x128-w1", kernel="bc", BM=64, BN=128, waves=1)
-        add("bc64x64-w1", kernel="bc", BM=64, BN=64, waves=1)
-    if m > 512:
-        add("bc128x256", kernel="bc", BM=128, BN=256, waves=0, num_warps=8)
-    return c
-
-
-# humming-kernels is timed up to this many tokens. Every M: a layer repacked for humming keeps only
-# humming's 4-bit copy on the GPU and sends it every M (humming_ops.attach), so its time at the
-# large M where dequant+cuBLAS wins is the cost of that single copy (rows' "humming_us").
-HUMMING_MAX_M = 1 << 62
+    return [(c.name, dict(c.cfg, waves=c.waves)) for c in CANDIDATES if c.kind == "triton" and c.applies(m)]
 
 
 def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, head_dim, calibrate=True):
     """Correctness of every candidate on every shape/M (fresh inputs, poisoned outputs) and its
-    CUDA-graphed time with rotating weights; bf16 cuBLAS on the same shapes. Fills DISPATCH."""
+    CUDA-graphed time with rotating weights; bf16 cuBLAS on the same shapes. Per-GEMM information
+    only: the model runs the default path (the autotuner's cached table, :func:`prepare_dispatch`)."""
     from colquant.kernels import humming_ops as hk
     from colquant.kernels import triton_ops as tk
-    from colquant.kernels.linear import DISPATCH, m_bucket
     from colquant.kernels.packing import dequantize_kernel, gptq_to_kernel, rtn_quantize_gptq
 
     G = cfg["group_size"]
@@ -303,7 +281,7 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
             ref = xa.float() @ w_ref
             ref_norm = ref.norm().item()
             cands = _candidates(m) if calibrate else []
-            cands = cands + [("dequant+cublas", None)] + ([("humming", "humming")] if use_hk and m <= HUMMING_MAX_M else [])
+            cands = cands + [("dequant+cublas", None)] + ([("humming", "humming")] if use_hk else [])
             best = None
             t_hk = None
             for name, c in cands:
@@ -347,9 +325,6 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
                     best = (name, t, c)
             if best is None:
                 continue
-            kind = "dequant+cublas" if best[2] is None else ("humming" if best[2] == "humming" else "triton")
-            if calibrate:
-                DISPATCH.set(K, N // 1, m_bucket(m), (kind, None if kind == "humming" else best[2]))
             rows.append(dict(shape=sname, K=K, N=N, M=m, bf16_us=t_bf16, w4_us=best[1], w4_choice=best[0],
                              speedup=t_bf16 / best[1], humming_us=t_hk))
             hk_note = (f"   humming {t_hk:8.1f} us (+{(t_hk / best[1] - 1) * 100:.0f}%)"
@@ -512,6 +487,7 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
         backend_report,
         find_text_model,
         force_reference,
+        prepare_dispatch,
         reset_graphs,
     )
     from colquant.kernels.linear import DISPATCH, W4A16Linear
@@ -561,7 +537,6 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
         report["kernel_checks_all_ok"] = all(c.get("ok") is not False for c in checks) and any(
             c.get("ok") for c in checks)
         report["fused_op_checks"] = fused_op_checks(dev, hidden, heads, kv_heads, head_dim)
-        report["dispatch_table"] = DISPATCH.to_json()
         _SCR.clear()  # the calibration's scratch must not count in the models' peak memory
         gc.collect()
         torch.cuda.empty_cache()
@@ -614,7 +589,7 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
                 continue
             add_row(precision, "page", B, sec, peak, n, cfg["visual_tokens"] + 11)
             _log(f"[bench] {precision} pages   B={B:5d}: {sec * 1e3:9.2f} ms  {B / sec:9.1f} p/s  peak {peak:8.0f} MiB")
-        if dev.type == "cuda" and cfg.get("profile", True):
+        if dev.type == "cuda" and cfg.get("profile", True) and precision in ("bf16", "w4a16"):
             for label, batch in (("query-b1", query_batch(cfg, 1, dev)), ("page-b1", page_batch(cfg, model, 1, dev))):
                 try:
                     report.setdefault("profiles", {})[f"{precision} {label}"] = profile_forward(
@@ -717,6 +692,13 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
             report["humming_single_copy_cost"] = single_copy_cost(report["gemm"])
             _log(f"[bench] humming at every M vs the measured best (per GEMM): "
                  f"{report['humming_single_copy_cost']}")
+    if dev.type == "cuda":
+        # the default path, as colquant.load / accelerate_model give it: the tuned table for this GPU
+        # (tuned now on a first run, else read from the disk cache) and BF16 copies where memory allows
+        report["tuning"] = prepare_dispatch(tm, dev)
+        report["dispatch_table"] = DISPATCH.to_json()
+        report["w4_with_copies_mib"] = torch.cuda.memory_allocated(dev) / 2**20
+        _log(f"[bench] default-path dispatch: {report['tuning']}")
     report["quantize_s"] = time.perf_counter() - t1
     _log(f"[bench] quantized (RTN W4 g{cfg['group_size']}) in {report['quantize_s']:.1f} s")
     emb_q_w4 = _embed(model, qref)
@@ -737,6 +719,14 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
     bench_precision("w4a16")
     DISPATCH.record_stats = False
     bench_offload("w4a16")
+    copies = [m_ for m_ in tm.modules() if isinstance(m_, W4A16Linear) and m_.bf16_weight is not None]
+    if copies and cfg.get("memory_first", True):
+        # the same model without the BF16 copies (accelerate_model(..., bf16_copy=False)): what memory-first costs
+        for m_ in copies:
+            m_.bf16_weight = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        bench_precision("w4a16-no-bf16-copy")
     report["dispatch_used"] = sorted({(k, n, kind) for (k, n, m, kind) in DISPATCH.stats})
 
     df = pd.DataFrame(rows)
@@ -789,6 +779,9 @@ def summary_table(df):
     t = pd.DataFrame(out)
     t.attrs["eager"] = eager.to_dict(orient="records")
     t.attrs["offload"] = df[df.precision.str.endswith("+emb-offload")].to_dict(orient="records")
+    t.attrs["no_copy"] = df[df.precision == "w4a16-no-bf16-copy"].merge(
+        bf.reset_index()[["work", "batch", "items_per_s"]], on=["work", "batch"], suffixes=("", "_bf16")
+    ).to_dict(orient="records")
     return t
 
 
@@ -802,6 +795,9 @@ def format_table(t) -> str:
     for e in t.attrs.get("eager", []):
         lines.append(f"(transformers eager bf16, query batch {e['batch']}: {e['ms']:.2f} ms, "
                      f"{e['items_per_s']:.1f} q/s)")
+    for e in t.attrs.get("no_copy", []):
+        lines.append(f"(w4a16 without BF16 copies, {e['work']} batch {e['batch']}: {e['ms']:.2f} ms, peak "
+                     f"{e['peak_mib']:.0f} MiB, w4/bf16 thr {e['items_per_s'] / e['items_per_s_bf16']:.2f})")
     for e in t.attrs.get("offload", []):
         lines.append(f"({e['precision']}, query batch {e['batch']}: {e['ms']:.2f} ms, peak {e['peak_mib']:.0f} MiB)")
     return "\n".join(lines)
@@ -877,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--query-batches", default=None, help="comma list, overrides the profile")
     ap.add_argument("--page-batches", default=None, help="comma list, overrides the profile")
-    ap.add_argument("--no-calibrate", action="store_true", help="use the built-in dispatch table")
+    ap.add_argument("--no-calibrate", action="store_true", help="per-GEMM table: time only dequant+cuBLAS")
     args = ap.parse_args(argv)
     overrides = {}
     if args.query_batches:

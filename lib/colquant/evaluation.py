@@ -16,6 +16,9 @@ mteb lacks for this project:
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,10 +46,13 @@ from colquant.corpus import FORMAT_VERSION, build_corpus
 from colquant.plots import legend_outside
 from colquant.scoring import Embeddings, pad_embeddings, score
 
+log = logging.getLogger(__name__)
+
 MODEL_ORGANISATION = "colquant"
-# mteb files results under <name>/<revision>/; variants are told apart by name, so one fixed
-# revision keeps a variant's results in one place across runs (that is what makes them resumable).
-MODEL_REVISION = "local"
+# mteb files results under <name>/<revision>/. The revision is the fingerprint of everything the
+# scores depend on (checkpoint content, dtype, visual-token budget, scoring mode; see
+# `workspace.evaluation_fingerprint`), so a changed input is recomputed and its old result never read.
+REVISION_PATTERN = re.compile(r"[0-9a-f]{8,64}")
 NDCG_COLUMN = "ndcg_at_5"
 DELTA_SUFFIX = " Δ%"
 # Elements of the MaxSim intermediate per step (~400 MB in float32), the budget mteb's max_sim uses.
@@ -78,18 +84,21 @@ class ColQuantEncoder(AbsEncoder):
 
     `encode` returns a (items, tokens, dim) tensor in the model's dtype, each item's real tokens
     first and zero rows after; `similarity` is `colquant.score`, which ignores those zero rows.
-    The variant name must identify everything that changes scores (weights, dtype, visual-token
-    budget): results are cached under it.
+    Results are cached under (variant name, `revision`); the revision must be the fingerprint of
+    everything that changes scores (weights, dtype, visual-token budget, scoring mode).
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str) -> None:
+        if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
+            raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
+                             "workspace.evaluation_fingerprint(profile, checkpoint)")
         self.model = model
         self.processor = processor
         self.device = next(model.parameters()).device
         self.mteb_model_meta = ModelMeta(
             loader=None,
             name=variant_model_name(variant_name),
-            revision=MODEL_REVISION,
+            revision=revision,
             release_date=None,
             languages=["eng-Latn"],
             n_parameters=None,
@@ -269,17 +278,19 @@ def get_tasks(names: Sequence[str], corpus_root: str | Path | None = None,
 
 
 def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, tasks: Iterable[AbsTask],
-                     output_dir: str | Path, *, batch_size: int, corpus_chunk_size: int) -> pd.DataFrame:
+                     output_dir: str | Path, *, revision: str, batch_size: int, corpus_chunk_size: int) -> pd.DataFrame:
     """Evaluate one variant on `tasks` with mteb; one row per task and subset (see `results_frame`).
 
-    Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/`.
-    Tasks already finished there for this variant name are read back instead of re-run, so an
-    interrupted run resumes; a variant with another name never sees them. The corpus is encoded and
-    scored `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
+    Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/<revision>/`.
+    Tasks already finished there for this name and revision are read back instead of re-run, so an
+    interrupted run resumes; a variant with another name, or re-quantized or evaluated under other
+    settings (another revision), never sees them. The corpus is encoded and scored
+    `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
     """
     tasks = list(tasks)
-    encoder = ColQuantEncoder(model, processor, variant_name)
+    encoder = ColQuantEncoder(model, processor, variant_name, revision)
     cache = mteb.ResultCache(output_dir)
+    _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
     _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
     result = mteb.evaluate(
         SearchEncoderWrapper(encoder, corpus_chunk_size=corpus_chunk_size),
@@ -292,6 +303,21 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     )
     main_scores = {task.metadata.name: task.metadata.main_score for task in tasks}
     return results_frame(result.task_results, variant_name, main_scores)
+
+
+def _drop_interrupted_results(cache: mteb.ResultCache, meta: ModelMeta, tasks: list[AbsTask]) -> None:
+    """mteb writes a result file in place; one a kill cut short is not a result: remove it (with a
+    warning naming it) so that the task is evaluated again instead of failing every later run."""
+    for task in tasks:
+        path = cache.get_task_result_path(task.metadata.name, meta)
+        if not path.exists():
+            continue
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            log.warning("%s is not a complete mteb result (%s), as a killed write leaves it; evaluating "
+                        "%s again", path, error, task.metadata.name)
+            path.unlink()
 
 
 def _refuse_results_of_other_datasets(cache: mteb.ResultCache, meta: ModelMeta, tasks: list[AbsTask]) -> None:

@@ -18,7 +18,7 @@ def test_disabled_by_env(monkeypatch):
     monkeypatch.setenv("COLQUANT_DISABLE_HUMMING", "1")
     humming_ops.clear_cache()
     try:
-        assert "COLQUANT_DISABLE_HUMMING" in (humming_ops._import_error() or "")
+        assert "COLQUANT_DISABLE_HUMMING" in (humming_ops.import_error() or "")
     finally:
         monkeypatch.delenv("COLQUANT_DISABLE_HUMMING")
         humming_ops.clear_cache()

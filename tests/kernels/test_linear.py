@@ -160,3 +160,19 @@ def test_plain_auto_round_packing_stores_raw_zeros_and_is_read_as_such():
     x = torch.randn(3, 256)
     with torch.no_grad():
         assert torch.allclose(ours(x), ql(x).float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("m, split", [(1, 1), (3, 4), (8, 2)])
+def test_gemv_kernel_matches_dequantized_reference_with_asymmetric_zeros_on_gpu(m, split):
+    from colquant.kernels import triton_ops as tk
+
+    torch.manual_seed(m)
+    q = W4A16Linear.from_linear(nn.Linear(512, 384, bias=True).cuda().to(torch.bfloat16))
+    q.zeros_u8.random_(4, 12)
+    q._refresh_sym()
+    x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+    cfg = dict(kernel="gemv", BM=8, BN=64, SPLIT_K=split, num_warps=4, num_stages=3)
+    y = tk.w4a16_matmul(x, q.qweight_k, q.zeros_u8, q.scales, 128, bias=q.bias, cfg=cfg, sym_zero=q.sym_zero)
+    ref = (x.float() @ q.dequantize(torch.float32).t()) + q.bias.float()
+    assert q.sym_zero == 0 and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2

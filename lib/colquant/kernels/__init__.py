@@ -8,8 +8,11 @@
 * :mod:`.triton_ops` the Triton kernels (imported only where Triton is).
 * :mod:`.reference` their torch twins (CPU / no Triton / checks).
 * :mod:`.fast_text` fused text-tower forward, CUDA-graph query path, :func:`accelerate_model`.
+* :mod:`.autotune`  the candidate table, per-GPU tuning on first use and its disk cache
+  (``python -m colquant tune``).
 """
 
+from colquant.kernels.autotune import CANDIDATES, ensure_tuned, keep_bf16_copies, prepare_dispatch
 from colquant.kernels.backend import backend_report, fast_path_unavailable, use_fast_path
 from colquant.kernels.fast_text import (
     accelerate_model,
@@ -35,6 +38,10 @@ from colquant.kernels.packing import (
 )
 
 __all__ = [
+    "CANDIDATES",
+    "ensure_tuned",
+    "keep_bf16_copies",
+    "prepare_dispatch",
     "DISPATCH",
     "W4A16Linear",
     "accelerate_model",

@@ -32,6 +32,7 @@ from torch import nn
 
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import fast_path_unavailable, warn_once
+from colquant.kernels.autotune import prepare_dispatch
 from colquant.kernels.linear import (
     _FORCE_REFERENCE,
     W4A16Linear,
@@ -406,9 +407,15 @@ def restore_embeddings(model: nn.Module) -> None:
 
 
 def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens: int = 4096,
-                     max_graphs: int = 48, offload_embeddings_to_host: bool = False) -> nn.Module:
+                     max_graphs: int = 48, offload_embeddings_to_host: bool = False,
+                     bf16_copy: bool | None = None) -> nn.Module:
     """Swap the text tower's linears for fused ones (4-bit or bf16) and install the fused forward
     with its CUDA-graph query path. Returns ``model`` (modified in place).
+
+    On a CUDA GPU the 4-bit layers dispatch through the kernel table tuned for this GPU (tuned on
+    first use, then read from the disk cache: :mod:`.autotune`). ``bf16_copy``: where BF16 beats
+    every 4-bit kernel, keep a BF16 copy of those layers if memory allows (None), never (False:
+    memory first) or always (True); see :func:`.autotune.keep_bf16_copies`.
 
     ``offload_embeddings_to_host``: keep the token-embedding table in pinned host memory (saves
     742 MiB on the 4B; see :class:`OffloadedEmbedding`)."""
@@ -429,8 +436,11 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
                   f"kernels, no CUDA graphs) because {reason}.",
                   level=logging.INFO if device.type == "cpu" else logging.WARNING)
     sizes = [m.in_features * m.out_features for m in tm.modules() if isinstance(m, W4A16Linear)]
+    tuning = None
     if sizes:
         scratch_hint(max(sizes), device)
+        if reason is None:
+            tuning = prepare_dispatch(tm, device, bf16_copy=bf16_copy)
     state = AccelState(graphs=graphs and reason is None, graph_max_tokens=graph_max_tokens,
                        max_graphs=max_graphs)
     if state.graphs:
@@ -438,7 +448,7 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
     object.__setattr__(tm, "_colquant_accel", state)
     tm.forward = types.MethodType(_fast_forward, tm)
     info = dict(quant_linears_converted=n_q, **counts, backend="triton" if reason is None else "reference",
-                reason=reason, graphs=state.graphs)
+                reason=reason, graphs=state.graphs, tuning=tuning)
     object.__setattr__(model, "_colquant_acceleration", info)
     logger.info("colquant.kernels: accelerated text tower: %s", info)
     return model

@@ -37,11 +37,12 @@ __all__ = ["Handle", "unavailable_reason", "available", "supported", "build_hand
 
 
 @functools.lru_cache(maxsize=None)
-def _import_error() -> str | None:
+def import_error() -> str | None:
+    """None when humming-kernels imports, else why not (what to install)."""
     if os.environ.get("COLQUANT_DISABLE_HUMMING", "") not in ("", "0"):
         return "humming disabled by COLQUANT_DISABLE_HUMMING"
     if importlib.util.find_spec("humming") is None:
-        return "humming-kernels is not installed (pip install humming-kernels==0.1.19)"
+        return "humming-kernels is not installed (pip install 'colquant[humming]')"
     try:
         import humming  # noqa: F401
         from humming.layer import HummingLayer  # noqa: F401
@@ -53,7 +54,7 @@ def _import_error() -> str | None:
 def unavailable_reason(device=None) -> str | None:
     """None when the humming candidate can run on ``device`` (default: the current CUDA device)."""
     device = torch.device(device) if device is not None else torch.device("cuda")
-    return gpu_unavailable(device, "humming-kernels", _import_error)
+    return gpu_unavailable(device, "humming-kernels", import_error)
 
 
 _OK: dict = {}
@@ -69,11 +70,11 @@ def available(device) -> bool:
 
 def clear_cache() -> None:
     _OK.clear()
-    _import_error.cache_clear()
+    import_error.cache_clear()
 
 
 def version() -> str | None:
-    if _import_error():
+    if import_error():
         return None
     import humming
 

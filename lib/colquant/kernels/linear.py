@@ -7,6 +7,9 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
   programs; more tokens -> larger tiles);
 * ``"dequant+cublas"``: for large ``M`` dequantize the weight once into a shared 16-bit scratch
   and call cuBLAS (the extra pass costs < 5% once the GEMM is compute-bound);
+* ``"bf16"``: cuBLAS on a dequantized BF16 copy of the weight, where the tuner measured BF16 faster
+  than every 4-bit kernel and :func:`.autotune.keep_bf16_copies` kept one (else the entry's 4-bit
+  fallback runs);
 * ``"humming"``: humming-kernels' GEMM (optional package, see :mod:`.humming_ops`) on a copy of
   the weights repacked for it; only ever chosen through a measured table entry, and only where the
   package imports (elsewhere such entries fall back to the default choice). Once a layer is
@@ -15,14 +18,15 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
 
 Elsewhere (CPU, no Triton, old GPU) it runs the reference path, dequantize + ``torch.matmul``,
 after one logged message naming what is missing. The table of choices per (K, N, M) is
-``DISPATCH``; the benchmark measures the candidates on the GPU at hand and fills it.
+``DISPATCH``; :mod:`.autotune` measures the candidates on the GPU at hand on first use (cached on
+disk per GPU and versions) and fills it.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import os
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -55,11 +59,11 @@ def m_bucket(m: int) -> int:
 
 @dataclass
 class Dispatcher:
-    """Per (K, N, M-bucket) choice: ("triton", cfg) or ("dequant+cublas", None).
+    """Per (K, N, M-bucket) choice: ("triton", cfg), ("dequant+cublas", None), ("humming", None) or
+    ("bf16", {"fallback": [kind, cfg]}), filled by :func:`.autotune.ensure_tuned` for the GPU at hand.
 
-    Without a measured entry: Triton with ``triton_ops.default_config`` below
-    ``dequant_min_m`` tokens, dequantize + cuBLAS from there on (what the H100 calibration of
-    benchmarks/results/bench-synthetic-4b.json picked for every layer of the 4B above 64 tokens).
+    Without a tuned entry (a layer used without :func:`accelerate_model`): Triton with
+    ``triton_ops.default_config`` below ``dequant_min_m`` tokens, dequantize + cuBLAS from there on.
     """
 
     dequant_min_m: int = 65
@@ -71,9 +75,7 @@ class Dispatcher:
         """The built-in choice (no measured entry)."""
         if m >= self.dequant_min_m:
             return ("dequant+cublas", None)
-        from colquant.kernels.triton_ops import default_config
-
-        return ("triton", default_config(m, n, k))
+        return ("triton", _triton_ops().default_config(m, n, k))
 
     def choose(self, m: int, k: int, n: int):
         key = (k, n, m_bucket(m))
@@ -105,10 +107,17 @@ class Dispatcher:
 
 
 DISPATCH = Dispatcher()
-if os.environ.get("COLQUANT_DISPATCH_TABLE"):
-    DISPATCH.load_json(os.environ["COLQUANT_DISPATCH_TABLE"])
 
 _FORCE_REFERENCE = [False]
+
+
+@functools.cache
+def _triton_ops():
+    """The Triton kernels module, imported once (a ``from ... import`` per call costs microseconds of
+    host time on every Linear of the host-bound eager page path)."""
+    from colquant.kernels import triton_ops
+
+    return triton_ops
 
 
 class force_reference:
@@ -149,12 +158,6 @@ def _scratch(numel: int, dtype, device) -> torch.Tensor:
     return buf
 
 
-def release_scratch() -> None:
-    """Drop the dequantization scratch buffers (only when no CUDA graph uses them)."""
-    _SCRATCH.clear()
-    _SCRATCH_KEEP.clear()
-
-
 # --------------------------------------------------------------------------------------------
 # the module
 # --------------------------------------------------------------------------------------------
@@ -163,6 +166,13 @@ def release_scratch() -> None:
 class W4A16Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as 4-bit integers, group-wise fp16 scales and 4-bit
     zero points, in the kernel's k-blocked layout (see :mod:`colquant.kernels.packing`)."""
+
+    # humming state (humming_ops.attach sets them per instance); class defaults keep the per-call
+    # lookups off nn.Module.__getattr__'s slow miss path (the eager page path is host-bound)
+    _spilled = False
+    _humming = None
+    _humming_bytes = 0
+    _compute_device = None
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  device=None, dtype=torch.bfloat16):
@@ -186,6 +196,13 @@ class W4A16Linear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        # dequantized [out, in] copy, only where BF16 beats every 4-bit kernel (autotune.keep_bf16_copies);
+        # not saved: the checkpoint stays 4-bit
+        self.register_buffer("bf16_weight", None, persistent=False)
+
+    def keep_bf16_copy(self) -> None:
+        """Hold a dequantized 16-bit weight for the token counts where the tuned table picks ``"bf16"``."""
+        self.bf16_weight = self.dequantize().contiguous()
 
     def _refresh_sym(self) -> None:
         self.sym_zero = 8 if bool((self.zeros_u8 == 8).all()) else 0
@@ -275,7 +292,7 @@ class W4A16Linear(nn.Module):
         """True when humming's repack is this layer's only 4-bit copy on its device: the kernel-layout
         tensors (``qweight_k``, ``zeros_u8``, ``scales``) then live in host memory, kept for the
         reference path, ``to_gptq``/``dequantize`` and :func:`humming_ops.release`."""
-        return bool(getattr(self, "_spilled", False))
+        return self._spilled
 
     @property
     def compute_device(self) -> torch.device:
@@ -293,7 +310,9 @@ class W4A16Linear(nn.Module):
         """Bytes of weights held on the compute device: the kernel-layout tensors unless spilled to the
         host, humming's repacked copy where one was made, the bias (see :attr:`host_bytes`)."""
         b = 0 if self.spilled else self._kernel_bytes
-        b += getattr(self, "_humming_bytes", 0)  # humming's repacked copy, where one was made
+        b += self._humming_bytes  # humming's repacked copy, where one was made
+        if self.bf16_weight is not None:
+            b += self.bf16_weight.numel() * self.bf16_weight.element_size()
         return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     @property
@@ -314,8 +333,8 @@ class W4A16Linear(nn.Module):
         return self._run(gate_up, act=True)
 
     def _run(self, x, act):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         m = x2.shape[0]
@@ -323,7 +342,7 @@ class W4A16Linear(nn.Module):
             y = ref.w4a16_matmul(x2, *self.kernel_tensors(x2.device), self.group_size, bias=self.bias, act=act)
         else:
             y = self._dispatch(x2, act)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def _dispatch(self, x2, act):
         m = x2.shape[0]
@@ -333,13 +352,17 @@ class W4A16Linear(nn.Module):
             if DISPATCH.record_stats:
                 DISPATCH.stats[(self.in_features, self.out_features, m, "humming")] += 1
             return hk.matmul(x2, self, act=act)
-        from colquant.kernels import triton_ops as tk
-
+        tk = _triton_ops()
         kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
+        if kind == "bf16":
+            if self.bf16_weight is not None:
+                a = tk.silu_mul(x2) if act else x2
+                return nn.functional.linear(a, self.bf16_weight, self.bias)
+            kind, cfg = cfg["fallback"]
         if kind == "humming":
             from colquant.kernels import humming_ops as hk
 
-            if getattr(self, "_humming", None) is None and (
+            if self._humming is None and (
                     hk.supported(self) or not hk.available(x2.device) or torch.cuda.is_current_stream_capturing()):
                 kind, cfg = DISPATCH.default(m, self.in_features, self.out_features)
             else:
@@ -364,8 +387,12 @@ class W4A16Linear(nn.Module):
 
 
 def linear_forward(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fused tower's Linear call, without ``nn.Module.__call__``'s hook handling (the eager page
+    path is host-bound: each microsecond per call costs ~0.15 ms per forward on the 4B)."""
     if isinstance(mod, nn.Linear):
         return nn.functional.linear(x, mod.weight, mod.bias)
+    if isinstance(mod, W4A16Linear):
+        return mod._run(x, act=False)
     return mod(x)
 
 
@@ -405,10 +432,3 @@ def quantize_linears_rtn(module: nn.Module, group_size: int = 128, *, names=None
         _set_module(module, name, W4A16Linear.from_linear(lin, group_size))
         del lin
     return len(todo)
-
-
-def describe_dispatch(m: int, k: int, n: int) -> str:
-    kind, cfg = DISPATCH.choose(m, k, n)
-    if cfg is None:
-        return kind
-    return f"{kind} BM{cfg['BM']} BN{cfg['BN']} BK{cfg['BK']} SK{cfg['SPLIT_K']}"

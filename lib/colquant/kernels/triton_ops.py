@@ -254,6 +254,51 @@ def _w4a16_kernel_swap(
         tl.store(o_ptrs, acc, mask=mask_m[None, :] & mask_n[:, None])
 
 
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, z_ptr, s_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, SPLIT_K,
+    GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PARTIAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
+):
+    """Few tokens (M <= BM <= 8): no tensor-core dot. Per 128-feature block one [16, BN] word tile;
+    nibble i times x[:, 16i:16i+16] summed in registers ([BM, 16, BN] broadcast, reduced over the 16),
+    the group scale applied once per block (GROUP_SIZE >= 128)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, 16)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    n_iters = K // 128
+    per_split = tl.cdiv(n_iters, SPLIT_K)
+    it0 = pid_k * per_split
+    it1 = tl.minimum(it0 + per_split, n_iters)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_r[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(it0, it1):
+        kb = it * 128
+        words = tl.load(qw_ptr + (it * 16 + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :],
+                        mask=mask_n[None, :], other=0)
+        s, z = _group_sz(s_ptr, z_ptr, kb // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
+        part = tl.zeros((BM, BN), dtype=tl.float32)
+        for i in tl.static_range(8):
+            q = (((words >> (4 * i)) & 0xF) - z[None, :]).to(tl.float32)
+            xi = tl.load(x_rows + kb + 16 * i, mask=mask_m[:, None], other=0.0).to(tl.float32)
+            part += tl.sum(xi[:, :, None] * q[None, :, :], axis=1)
+        acc += part * s[None, :]
+
+    if not PARTIAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        o_ptrs = out_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(o_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
 @triton.jit
 def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K, HAS_BIAS: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -273,7 +318,7 @@ def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=F
 
     ``cfg`` = dict(kernel, BM, BN, SPLIT_K, GROUP_M, num_warps, num_stages, SCALE_ACC) with kernel one of
     "8dot" (eight K=16 dots per block), "bc" (one K=128 dot per block), "swap" (W^T x^T: few
-    tokens); ``sym_zero`` = 8
+    tokens), "gemv" (no dot, M <= BM <= 8, group_size >= 128); ``sym_zero`` = 8
     when every zero point is 8 (symmetric checkpoints: the zeros are not read).
     """
     M = x.shape[0]
@@ -293,15 +338,27 @@ def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=F
     while split > 1 and (split - 1) * triton.cdiv(n_iters, split) >= n_iters:  # no empty split
         split -= 1
     target = out if split == 1 else torch.empty((split, M, N), device=x.device, dtype=torch.float32)
-    kname = cfg.get("kernel", "8dot") if group_size >= 128 else "8dot"  # bc/swap: one group per block
-    kernel = {"8dot": _w4a16_kernel, "bc": _w4a16_kernel_bc, "swap": _w4a16_kernel_swap}[kname]
-    kernel[(grid_mn, split)](
-        x, qweight_k, zeros_u8, scales, bias if bias is not None else scales, target,
-        M, N, K, x.stride(0), out.stride(0) if split == 1 else N, split,
-        GROUP_SIZE=group_size, BM=BM, BN=BN, PARTIAL=split > 1, GROUP_M=cfg.get("GROUP_M", 8),
-        HAS_BIAS=bias is not None and split == 1, ACT=act, SCALE_ACC=scale_acc, SYM_ZERO=sym_zero,
-        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
-    )
+    if cfg.get("kernel") == "gemv":
+        if group_size < 128 or M > BM:
+            raise ValueError(f"the gemv kernel needs group_size >= 128 and M <= BM, got {group_size}, M={M}, BM={BM}")
+        if act:
+            x = silu_mul(x)
+        _w4a16_gemv_kernel[(triton.cdiv(N, BN), split)](
+            x, qweight_k, zeros_u8, scales, bias if bias is not None else scales, target,
+            M, N, K, x.stride(0), out.stride(0) if split == 1 else N, split,
+            GROUP_SIZE=group_size, BM=BM, BN=BN, PARTIAL=split > 1, HAS_BIAS=bias is not None and split == 1,
+            SYM_ZERO=sym_zero, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        )
+    else:
+        kname = cfg.get("kernel", "8dot") if group_size >= 128 else "8dot"  # bc/swap: one group per block
+        kernel = {"8dot": _w4a16_kernel, "bc": _w4a16_kernel_bc, "swap": _w4a16_kernel_swap}[kname]
+        kernel[(grid_mn, split)](
+            x, qweight_k, zeros_u8, scales, bias if bias is not None else scales, target,
+            M, N, K, x.stride(0), out.stride(0) if split == 1 else N, split,
+            GROUP_SIZE=group_size, BM=BM, BN=BN, PARTIAL=split > 1, GROUP_M=cfg.get("GROUP_M", 8),
+            HAS_BIAS=bias is not None and split == 1, ACT=act, SCALE_ACC=scale_acc, SYM_ZERO=sym_zero,
+            num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        )
     if split > 1:
         MN = M * N
         BLOCK = 1024
