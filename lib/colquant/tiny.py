@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from colquant.model import ColQwen3, ColQwen3Config
 from colquant.processing import ColQwen3Processor
+from colquant.remote_code import write_remote_code
 
 # Qwen2/Qwen3 special tokens and the ids the real tokenizer gives them.
 QWEN_SPECIAL_TOKENS = {
@@ -88,6 +89,7 @@ def build(
     model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE if size == "tiny" else "2GB")
     # the 4B's processor files: Qwen3-VL's preprocessor_config.json and the reference's 1280 budget
     ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
+    write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
     (staging / TINY_MARKER).write_text(json.dumps(settings) + "\n")
     if path.exists():
         shutil.rmtree(path)

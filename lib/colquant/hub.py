@@ -1,0 +1,297 @@
+"""Model cards and `colquant push`: what a quantized variant is, how to use it, and its upload.
+
+The card is built with huggingface_hub's `ModelCard`/`ModelCardData`, so its metadata is what the
+hub indexes (base model and relation, library, pipeline tag, license carried from the base model,
+quantization details). Usage snippets are the three ways the checkpoint loads (colquant, transformers
+with the remote code it carries, vLLM with the colquant plugin); tests check that each one runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+log = logging.getLogger(__name__)
+
+PIPELINE_TAG = "visual-document-retrieval"
+REQUIRED_CARD_FIELDS = ("base_model", "library_name", "pipeline_tag", "license", "tags")
+NOT_FOR_USE = "**Not for use: random weights.**"
+UNKNOWN_LICENSE = "other"
+
+
+class PushError(RuntimeError):
+    """A variant cannot be pushed: random weights, an invalid card, no hub access."""
+
+
+def base_model_license(base_model: str) -> str | None:
+    """The license in the base model's own card (local directory or hub cache), or None if unreadable."""
+    from huggingface_hub import hf_hub_download
+
+    local = Path(base_model) / "README.md"
+    try:
+        card_file = local if local.exists() else Path(hf_hub_download(base_model, "README.md", local_files_only=True))
+        return ModelCard.load(card_file).data.license
+    except Exception as error:  # no card, not cached, not a repo id: the card says the license is unknown
+        log.info("no license readable from %s (%s)", base_model, error)
+        return None
+
+
+def card_data(metadata: dict[str, Any]) -> ModelCardData:
+    """Hub metadata for a variant: base model, relation, library, task, license, tags, quantization."""
+    settings = metadata["settings"]
+    license_ = metadata.get("license") or base_model_license(metadata["base_model"]) or UNKNOWN_LICENSE
+    return ModelCardData(
+        base_model=metadata["base_model"],
+        base_model_relation="quantized",
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAG,
+        license=license_,
+        tags=["colqwen3", "late-interaction", "multi-vector", "vidore", "auto-round",
+              f"w{settings['bits']}a16", f"{settings['bits']}-bit", "colquant"]
+        + (["random-weights", "not-for-use"] if metadata["random_weights"] else []),
+        quantization={
+            "method": f"auto-round ({settings['method']})",
+            "bits": settings["bits"],
+            "group_size": settings["group_size"],
+            "sym": settings["sym"],
+            "iters": settings["iters"],
+            "scope": metadata.get("scope", "language-model decoder Linear layers"),
+        },
+    )
+
+
+def results_tables(results: dict[str, Any]) -> tuple[str, str]:
+    """(fidelity table, retrieval table) as markdown rows `| metric | value |`."""
+    retrieval = {k: v for k, v in results.items() if k.lower().startswith("ndcg")}
+    fidelity = {k: v for k, v in results.items() if k not in retrieval}
+
+    def rows(items: dict[str, Any]) -> str:
+        return "\n".join(f"| {key} | {value} |" for key, value in items.items()) or "| (not measured yet) | |"
+
+    return rows(fidelity), rows(retrieval)
+
+
+def card_body(metadata: dict[str, Any], bias_notice: str | None) -> str:
+    settings, calibration = metadata["settings"], metadata["calibration"]
+    name, base = metadata["variant"], metadata["base_model"]
+    first_line = (
+        f"{NOT_FOR_USE} This checkpoint was quantized from a randomly initialised model of the ColQwen3 "
+        "architecture; its numbers check the tooling, not retrieval quality.\n\n"
+        if metadata["random_weights"] else ""
+    )
+    fidelity, retrieval = results_tables(metadata.get("results", {}))
+    size = metadata.get("size_on_disk_bytes")
+    limits = [
+        "Only the language model's decoder Linear layers are 4-bit; the vision tower, token embeddings "
+        "and the 320-d projection stay 16-bit, so pages cost the same vision compute as the base model.",
+        bias_notice or "The projection bias is zero here, so vLLM's handling of it does not matter.",
+    ]
+    if metadata["random_weights"]:
+        limits.insert(0, "Random weights: do not use for retrieval.")
+    return f"""{first_line}# {name}
+
+4-bit weight (W{settings['bits']}A16) quantization of `{base}` made with
+[auto-round](https://github.com/intel/auto-round) by ColQuant. {metadata.get('quantized_layers', 'All')} decoder
+Linear layers are quantized (group size {settings['group_size']}, {'symmetric' if settings['sym'] else 'asymmetric'});
+the vision tower, token embeddings and the 320-d projection stay 16-bit.
+Size on disk: {f"{size / 2**20:,.1f} MiB" if size else "not measured"}.
+
+## Use
+
+With ColQuant:
+```python
+import colquant
+model, processor = colquant.load("{name}")  # a local directory or the hub repo id
+queries = model(**processor.process_queries(["revenue in 2019"])).embeddings
+```
+
+With transformers alone (the checkpoint carries its model and processor code; auto-round restores
+the 4-bit layers):
+```python
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("{name}", trust_remote_code=True, dtype="bfloat16").eval()
+processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True, max_num_visual_tokens=1280)
+queries = model(**processor(text=["revenue in 2019"])).embeddings
+```
+
+With vLLM (`pip install vllm colquant`; the colquant plugin keeps the projection bias):
+```python
+from vllm import LLM
+llm = LLM(model="{name}", runner="pooling")
+token_vectors = llm.encode([{{"prompt_token_ids": processor(text=["revenue in 2019"])["input_ids"][0].tolist()}}],
+                           pooling_task="token_embed")[0].outputs.data
+```
+Score with MaxSim (`colquant.score`, or `processor.score_multi_vector`).
+
+## Calibration
+| setting | value |
+|---|---|
+| method | {settings['method']} (iters {settings['iters']}, seed {settings['seed']}) |
+| data | {calibration['source_used']} (requested {calibration['source']}), {calibration['nsamples']} samples x {calibration['seqlen']} tokens |
+| quantization time | {metadata.get('wall_time_s', 'n/a')} s |
+| peak memory while quantizing | {metadata.get('peak_memory_bytes', 0) / 2**20:,.0f} MiB ({metadata.get('memory_kind', 'n/a')}) |
+
+## Fidelity to the BF16 model
+Per-token cosine of query and page embeddings against the BF16 model on the same inputs, and
+overlap of the top-5 retrieved pages (ColQuant notebook 04).
+
+| metric | value |
+|---|---|
+{fidelity}
+
+## Retrieval (NDCG@5)
+mteb's ViDoRe retrieval tasks, scored with MaxSim (ColQuant notebook 05).
+
+| metric | value |
+|---|---|
+{retrieval}
+
+## Known limits
+""" + "\n".join(f"- {limit}" for limit in limits) + "\n"
+
+
+def build_model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> ModelCard:
+    """The variant's card; `checkpoint` lets it state whether vLLM's bias defect applies."""
+    from colquant.serving import projection_bias_notice
+
+    notice = projection_bias_notice(checkpoint) if checkpoint is not None else None
+    return ModelCard.from_template(card_data(metadata), template_str="---\n{{ card_data }}\n---\n" + _escape(card_body(metadata, notice)))
+
+
+def _escape(text: str) -> str:
+    """The body is final markdown: keep jinja from reading its braces."""
+    return "{% raw %}" + text + "{% endraw %}"
+
+
+def validate_card(card: ModelCard) -> None:
+    """Offline checks of what the hub would reject or mis-index: metadata re-parses, required fields set."""
+    reparsed = ModelCard(str(card)).data.to_dict()
+    missing = [field for field in REQUIRED_CARD_FIELDS if not reparsed.get(field)]
+    if missing:
+        raise PushError(f"the model card lacks {', '.join(missing)} in its metadata")
+    if reparsed["pipeline_tag"] != PIPELINE_TAG:
+        raise PushError(f"pipeline_tag is {reparsed['pipeline_tag']!r}, expected {PIPELINE_TAG!r}")
+
+
+def files_to_upload(checkpoint: Path) -> list[str]:
+    """Every file of the checkpoint (weights, configs, processor files, remote code, metadata, exports)."""
+    return sorted(str(f.relative_to(checkpoint)) for f in checkpoint.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False, force: bool = False) -> list[str]:
+    """Upload a variant with a regenerated card; returns the files (all that would go, on a dry run).
+
+    Checks run before anything is written or sent: the variant's metadata, random weights (refused
+    unless `force`), the card, and (for a real push) that the hub is reachable."""
+    from colquant.checkpoint import hub_offline
+    from colquant.quantization import METADATA_FILE, REPORTED_RESULTS_FILE
+
+    checkpoint = Path(variant)
+    metadata_file = checkpoint / METADATA_FILE
+    if not metadata_file.exists():
+        raise PushError(f"{checkpoint} has no {METADATA_FILE}: pass a variant directory ColQuant wrote (variants/<name>)")
+    if repo_id.count("/") != 1:
+        raise PushError(f"--repo-id {repo_id!r} is not ORG/NAME")
+    metadata = json.loads(metadata_file.read_text())
+    results_file = checkpoint / REPORTED_RESULTS_FILE
+    if results_file.exists():  # fidelity and NDCG@5 recorded by later notebooks
+        metadata["results"] = json.loads(results_file.read_text())
+    if metadata["random_weights"] and not force:
+        raise PushError(f"{checkpoint.name} was quantized from random weights: it is not for use. Pass --force to upload it anyway.")
+    card = build_model_card({**metadata, "variant": repo_id}, checkpoint)
+    validate_card(card)
+    files = sorted(set(files_to_upload(checkpoint)) | {"README.md"})
+    if dry_run:
+        return files
+    if hub_offline():
+        raise PushError("the hub is unreachable (or HF_HUB_OFFLINE is set): nothing was uploaded. Push from a machine with hub access.")
+    from huggingface_hub import HfApi
+
+    _write_atomically(checkpoint / "README.md", str(card))
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(folder_path=str(checkpoint), repo_id=repo_id, repo_type="model",
+                      commit_message=f"Upload {metadata['variant']} (ColQuant)")
+    return files
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def content_revision(checkpoint: Path) -> str:
+    """A 40-hex content hash of the weights and config: the revision mteb files results under until
+    the variant is pushed and has a hub commit."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for file in sorted([checkpoint / "config.json", *checkpoint.glob("*.safetensors")]):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def logical_parameters(checkpoint: Path, bits: int) -> int:
+    """Parameters of the model as trained: a packed int32 qweight holds 32/bits weights; the
+    quantization side tensors (scales, zeros, g_idx) are not parameters."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in checkpoint.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as tensors:
+            for name in tensors.keys():
+                if name.endswith((".scales", ".qzeros", ".g_idx")):
+                    continue
+                numel = 1
+                for size in tensors.get_slice(name).get_shape():
+                    numel *= size
+                total += numel * (32 // bits if name.endswith(".qweight") else 1)
+    return total
+
+
+def variant_model_meta(checkpoint: str | Path, repo_id: str, *, base_model: str = "TomoroAI/tomoro-colqwen3-embed-4b"):
+    """mteb's ModelMeta for a quantized variant, complete enough for a results submission.
+
+    Name is the intended hub repo id, revision the content hash until pushed; training data, language
+    and instructions use are the base model's (quantization trains nothing)."""
+    import mteb
+    from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
+    from mteb.models.model_meta import ModelMeta, ScoringFunction
+
+    from colquant.quantization import METADATA_FILE
+
+    checkpoint = Path(checkpoint)
+    metadata = json.loads((checkpoint / METADATA_FILE).read_text())
+    config = json.loads((checkpoint / "config.json").read_text())
+    base = mteb.get_model_meta(base_model)
+    return ModelMeta(
+        loader=ColQwen3Wrapper,
+        name=repo_id,
+        revision=content_revision(checkpoint),
+        release_date=metadata["created"][:10],
+        languages=base.languages,
+        n_parameters=logical_parameters(checkpoint, metadata["settings"]["bits"]),
+        memory_usage_mb=round(metadata["size_on_disk_bytes"] / 2**20),
+        max_tokens=config["text_config"]["max_position_embeddings"],
+        embed_dim=config["embed_dim"],
+        license=metadata.get("license") or base_model_license(metadata["base_model"]) or base.license,
+        open_weights=True,
+        public_training_code=base.public_training_code,
+        public_training_data=base.public_training_data,
+        framework=["PyTorch", "Transformers", "safetensors"],
+        reference=f"https://huggingface.co/{repo_id}",
+        similarity_fn_name=ScoringFunction.MAX_SIM,
+        use_instructions=base.use_instructions,
+        training_datasets=base.training_datasets,
+        adapted_from=base_model,
+        modalities=["image", "text"],
+        model_type=["late-interaction"],
+    )

@@ -1,0 +1,135 @@
+"""The serving check: do vLLM's embeddings of a ColQuant checkpoint equal `colquant.load`'s?
+
+Users quantize in order to deploy, and the server they deploy with runs its own implementation of
+ColQwen3. vLLM (0.32) lives in its own environment (its transformers and torchvision pins differ from
+this project's), so the comparison runs vLLM in a subprocess with that environment's Python
+(`colquant_vllm.embed`), on the same query token ids and page images ColQuant embeds here, and
+compares token by token. The projection-bias defect of vLLM's ColQwen3 is handled by the
+`colquant_vllm` plugin; `projection_bias_notice` says when a checkpoint depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from colquant.processing import PAGE_PROMPT
+
+VLLM_PYTHON_ENV = "COLQUANT_VLLM_PYTHON"
+DEFAULT_VLLM_VENV = ".venv-vllm"
+UNAVAILABLE_FILE = "UNAVAILABLE"  # written by `make vllm-env` when the serving stack cannot install
+PROJECTION_BIAS = "embedding_proj_layer.bias"
+SERVING_TIMEOUT_S = 900
+
+
+class ServingError(RuntimeError):
+    """vLLM could not load or run a checkpoint, or its outputs cannot be compared."""
+
+
+def vllm_python(repo_root: Path) -> tuple[Path | None, str]:
+    """(python of the serving environment, why not) from $COLQUANT_VLLM_PYTHON or `<repo>/.venv-vllm`."""
+    configured = os.environ.get(VLLM_PYTHON_ENV)
+    venv = repo_root / DEFAULT_VLLM_VENV
+    python = Path(configured) if configured else venv / "bin" / "python"
+    if not configured and (venv / UNAVAILABLE_FILE).exists():
+        return None, f"the vLLM serving environment could not be installed: {(venv / UNAVAILABLE_FILE).read_text().strip()}"
+    if not python.exists():
+        return None, f"no vLLM serving environment at {python}: create it with `make vllm-env` (or set ${VLLM_PYTHON_ENV})"
+    return python, ""
+
+
+@torch.no_grad()
+def colquant_requests(
+    model: torch.nn.Module,
+    processor: Any,
+    queries: Sequence[str],
+    pages: Sequence[Image.Image],
+    workdir: Path,
+) -> tuple[Path, list[torch.Tensor]]:
+    """Write requests.json (query token ids, page prompt + PNG) and return ColQuant's embeddings.
+
+    Items are embedded one at a time, so no padding enters either side's numbers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    requests, embeddings = [], []
+    for query in queries:
+        batch = processor.process_queries([query])
+        requests.append({"token_ids": batch["input_ids"][0].tolist()})
+        embeddings.append(model(**batch).embeddings[0].float().cpu())
+    for index, page in enumerate(pages):
+        image_file = workdir / f"page{index}.png"
+        page.save(image_file)
+        batch = processor.process_images([page])
+        requests.append({"prompt": PAGE_PROMPT, "image": str(image_file)})
+        embeddings.append(model(**batch).embeddings[0].float().cpu())
+    requests_file = workdir / "requests.json"
+    requests_file.write_text(json.dumps(requests))
+    return requests_file, embeddings
+
+
+def vllm_embeddings(
+    python: Path, jobs: Sequence[tuple[Path, Path]], *, dtype: str = "bfloat16"
+) -> list[list[torch.Tensor]]:
+    """Embed each (checkpoint, requests.json) with vLLM in one run of `colquant_vllm.embed` in the
+    serving environment; vLLM's log tail is in the error if it fails."""
+    outs = [requests.with_name(f"vllm-{index}-{checkpoint.name}.safetensors") for index, (checkpoint, requests) in enumerate(jobs)]
+    jobs_file = jobs[0][1].with_name("vllm-jobs.json")
+    jobs_file.write_text(json.dumps([
+        {"model": str(checkpoint), "requests": str(requests), "out": str(out)}
+        for (checkpoint, requests), out in zip(jobs, outs)
+    ]))
+    command = [str(python), "-m", "colquant_vllm.embed", "--jobs", str(jobs_file), "--dtype", dtype]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    environment.pop("PYTHONPATH", None)  # the serving env has its own colquant_vllm install
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=SERVING_TIMEOUT_S)
+    missing = [str(checkpoint) for (checkpoint, _), out in zip(jobs, outs) if not out.exists()]
+    if result.returncode != 0 or missing:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+        raise ServingError(f"vLLM failed (exit {result.returncode}; no embeddings for {missing}):\n{tail}")
+    return [[tensors[str(i)] for i in range(len(tensors))] for tensors in (load_file(str(out)) for out in outs)]
+
+
+def compare_embeddings(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> pd.DataFrame:
+    """Per request: token count, min cosine over tokens and max absolute difference."""
+    if len(ours) != len(theirs):
+        raise ServingError(f"{len(ours)} requests embedded here but {len(theirs)} by vLLM")
+    rows = []
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if a.shape != b.shape:
+            raise ServingError(
+                f"request {index}: {tuple(a.shape)} token embeddings here but {tuple(b.shape)} from vLLM "
+                "(the two sides tokenized or resized the page differently)"
+            )
+        cosine = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+        rows.append({"request": index, "tokens": a.shape[0], "min_cosine": cosine.min().item(),
+                     "max_abs_diff": (a.float() - b.float()).abs().max().item()})
+    return pd.DataFrame(rows)
+
+
+def projection_bias_notice(checkpoint: Path) -> str | None:
+    """A warning when the checkpoint's projection bias is non-zero (vLLM without the plugin drops it)."""
+    index_file = checkpoint / "model.safetensors.index.json"
+    if index_file.exists():
+        shard = checkpoint / json.loads(index_file.read_text())["weight_map"].get(PROJECTION_BIAS, "")
+    else:
+        shard = checkpoint / "model.safetensors"
+    if not shard.is_file():
+        return None
+    with safe_open(str(shard), framework="pt") as tensors:
+        if PROJECTION_BIAS not in tensors.keys() or not tensors.get_tensor(PROJECTION_BIAS).any():
+            return None
+    return (
+        f"{checkpoint.name} has a non-zero {PROJECTION_BIAS}. vLLM 0.32's ColQwen3 drops it (every token "
+        "vector shifts; cosine to the true embedding fell to 0.977 in a test) unless the `colquant_vllm` "
+        "plugin is installed in the serving environment (`pip install colquant`, which registers it under "
+        "vllm.general_plugins). transformers and colquant.load use the bias."
+    )

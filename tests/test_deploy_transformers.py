@@ -1,0 +1,124 @@
+"""Drop-in loading: transformers alone (no colquant) loads ColQuant checkpoints and embeds identically."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import colquant
+from colquant.remote_code import AUTO_MAP, REMOTE_CODE_FILES, write_remote_code
+
+QUERIES = ["what was the revenue of Norbright Labs in 2019?", "pie chart"]
+
+# Runs in a fresh interpreter where `import colquant` fails, so only the checkpoint's own files count.
+STANDALONE = """
+import sys
+sys.modules["colquant"] = None
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoProcessor
+
+path, out, pages = sys.argv[1], sys.argv[2], sys.argv[3:]
+model = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16).eval()
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=True, max_num_visual_tokens=1280)
+queries = {queries!r}
+with torch.no_grad():
+    q = model(**processor(text=queries)).embeddings
+    p = model(**processor(images=[Image.open(page) for page in pages])).embeddings
+layers = sorted({{type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}})
+save_file({{"queries": q.float().contiguous(), "pages": p.float().contiguous()}}, out, metadata={{"layers": ",".join(layers)}})
+"""
+
+
+@pytest.fixture(scope="module")
+def page_files(tmp_path_factory) -> list[Path]:
+    rng = np.random.default_rng(1)
+    folder = tmp_path_factory.mktemp("pages")
+    files = []
+    for index, size in enumerate([(224, 160, 3), (96, 128, 3)]):
+        files.append(folder / f"page{index}.png")
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(files[-1])
+    return files
+
+
+def standalone_embeddings(checkpoint: Path, pages: list[Path], tmp_path: Path) -> tuple[dict, dict]:
+    out = tmp_path / "standalone.safetensors"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE.format(queries=QUERIES), str(checkpoint), str(out), *map(str, pages)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+    return load_file(str(out)), metadata
+
+
+@torch.no_grad()
+def colquant_embeddings(checkpoint: Path, pages: list[Path]) -> dict:
+    model, processor = colquant.load(checkpoint)
+    images = [Image.open(page) for page in pages]
+    return {
+        "queries": model(**processor.process_queries(QUERIES)).embeddings.float(),
+        "pages": model(**processor.process_images(images)).embeddings.float(),
+    }
+
+
+@pytest.mark.parametrize("which", ["bf16", "w4a16"])
+def test_automodel_without_colquant_embeds_exactly_like_colquant_load(which, tiny_path, tiny_w4a16_path, page_files, tmp_path):
+    checkpoint = tiny_path if which == "bf16" else tiny_w4a16_path
+    theirs, metadata = standalone_embeddings(checkpoint, page_files, tmp_path)
+    ours = colquant_embeddings(checkpoint, page_files)
+    for kind in ("queries", "pages"):
+        assert theirs[kind].shape == ours[kind].shape, kind
+        assert torch.equal(theirs[kind], ours[kind]), (kind, (theirs[kind] - ours[kind]).abs().max())
+    assert bool(metadata["layers"]) == (which == "w4a16"), metadata  # 4-bit layers restored by auto-round
+
+
+def test_every_checkpoint_colquant_writes_carries_auto_map_and_code(tiny_path, tiny_w4a16_path):
+    for checkpoint in (tiny_path, tiny_w4a16_path):
+        assert json.loads((checkpoint / "config.json").read_text())["auto_map"] == AUTO_MAP
+        for name in REMOTE_CODE_FILES:
+            assert (checkpoint / name).is_file(), (checkpoint, name)
+
+
+def test_remote_code_files_need_nothing_but_transformers_stack():
+    """transformers refuses remote code whose (non-try-guarded) imports are missing: colquant must not be one."""
+    from transformers.dynamic_module_utils import get_imports
+
+    for name, source in REMOTE_CODE_FILES.items():
+        assert not [module for module in get_imports(source) if module.startswith("colquant")], name
+
+
+def test_write_remote_code_refuses_a_directory_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        write_remote_code(tmp_path)
+
+
+def test_mteb_colqwen3_wrapper_encodes_with_a_colquant_checkpoint(tiny_w4a16_path, page_files, tmp_path, monkeypatch):
+    """mteb's registered ColQwen3 wrapper loads the variant by path and encodes queries and pages.
+
+    (Its DataLoader loop imports torchvision, which has no wheel for this CPU torch; the wrapper's
+    own encode step and similarity are called directly.)"""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
+
+    wrapper = ColQwen3Wrapper(str(tiny_w4a16_path), device="cpu")
+    ours = colquant_embeddings(tiny_w4a16_path, page_files)
+    with torch.no_grad():
+        queries = wrapper._encode_inputs(wrapper.processor(text=QUERIES)).float()
+        pages = wrapper._encode_inputs(wrapper.processor(images=[Image.open(p) for p in page_files])).float()
+    assert torch.equal(queries, ours["queries"]) and torch.equal(pages, ours["pages"])
+    scores = wrapper.similarity(list(queries), list(pages))
+    assert scores.shape == (len(QUERIES), len(page_files)) and torch.isfinite(scores).all()
