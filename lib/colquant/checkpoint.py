@@ -49,6 +49,12 @@ def resolve_checkpoint(model_id_or_path: str | Path, revision: str | None = None
     return _download(text, revision)
 
 
+def snapshot_revision(path: str | Path) -> str | None:
+    """The commit of a checkpoint read from a huggingface_hub cache (`.../snapshots/<commit>`), else None."""
+    path = Path(path)
+    return path.name if path.parent.name == "snapshots" else None
+
+
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE is set or huggingface.co cannot be reached within a few seconds.
 

@@ -162,12 +162,14 @@ def quantization_metadata(
     cost: Measurement,
     *,
     base_model: str,
+    base_model_revision: str,
     random_weights: bool,
     quantized_layers: list[str],
 ) -> dict[str, Any]:
     return {
         "variant": variant,
         "base_model": base_model,
+        "base_model_revision": base_model_revision,
         "random_weights": random_weights,
         "settings": asdict(settings),
         "calibration": {
@@ -214,8 +216,10 @@ Linear layers are quantized ({metadata['quantized_layers']} layers, group size {
 
 | setting | value |
 |---|---|
+| base model revision | {metadata.get('base_model_revision', 'not recorded (made before revisions were)')} |
 | method | {settings['method']} (iters {settings['iters']}) |
 | calibration | {calibration['source_used']} (requested {calibration['source']}), {calibration['nsamples']} x {calibration['seqlen']} tokens |
+| calibration fallback | {calibration.get('fallback_reason') or 'none: the requested source was used'} |
 | quantization time | {metadata['wall_time_s']} s |
 | peak memory while quantizing | {metadata['peak_memory_bytes'] / 2**20:,.0f} MiB ({metadata['memory_kind']}) |
 | size on disk | {metadata['size_on_disk_bytes'] / 2**20:,.1f} MiB |
@@ -253,9 +257,9 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
     from colquant.params import variant_name
 
     settings = QuantizationSettings.from_profile(profile, method)
-    name = variant_name(profile, seqlen, method)
-    out = workspace.variants_dir(profile) / name
     calibration = CalibrationSet.load(workspace.calibration_file(profile, seqlen))
+    name = variant_name(profile, seqlen, method, calibration_source=calibration.source_used)
+    out = workspace.variants_dir(profile) / name
     if (out / METADATA_FILE).exists():
         existing = json.loads((out / METADATA_FILE).read_text())
         same_calibration = method == "rtn" or existing["calibration"]["nsamples"] == calibration.nsamples
@@ -277,6 +281,7 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
         calibration,
         cost,
         base_model=str(profile["model"]["id"]),
+        base_model_revision=workspace.base_model_revision(profile),
         random_weights=profile["random_weights"],
         quantized_layers=decoder_linear_names(model.language_model),
     )

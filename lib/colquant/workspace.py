@@ -59,7 +59,18 @@ def base_model(profile: dict[str, Any]) -> Path:
         return tiny.build(output_dir(profile) / "base-model", size="tiny")
     if model["id"] == "synthetic-4b":
         return tiny.build(output_dir(profile) / "base-model", size="4b", device=model["device"])
-    return resolve_checkpoint(model["id"])
+    return resolve_checkpoint(model["id"], model.get("revision"))
+
+
+def base_model_revision(profile: dict[str, Any]) -> str:
+    """The hub commit the base model was read from (recorded with every result), or "local build"
+    for the models this project builds itself; a hub id without a pinned `model.revision` reports
+    the commit its cached snapshot holds."""
+    from colquant.checkpoint import snapshot_revision
+
+    if profile["model"]["id"] in ("embedded-tiny", "synthetic-4b"):
+        return "local build"
+    return snapshot_revision(base_model(profile)) or profile["model"].get("revision") or "unknown"
 
 
 def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
