@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PARAMS ?= params/tiny.yaml
 STAMP  := $(VENV)/.colquant-installed
 
-.PHONY: setup run test test-package test-notebooks notebooks lab clean-outputs
+.PHONY: setup run test test-package test-notebooks test-twin notebooks lab clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,15 +25,20 @@ run: setup
 NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOSITY=error \
 	HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore
 
-test: test-package test-notebooks
+test: test-package test-notebooks test-twin
 
 test-package: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin"
 
 test-notebooks: setup
 	scratch=$$(mktemp -d) && $(NB_ENV) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
 		notebooks --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; \
 		status=$$?; rm -rf $$scratch; exit $$status
+
+# The real profile end to end, offline: builds the hub twin (scripts/build_hub_twin.py) in a temp dir,
+# runs params/twin.yaml through notebooks 01-06 against it and checks REPORT.md (tests/test_twin.py).
+test-twin: setup
+	$(NB_ENV) $(BIN)/python -m pytest tests/test_twin.py -m twin -p no:cacheprovider
 
 # Re-execute the committed notebooks (the nbval reference) after a change that moves results.
 notebooks: setup
