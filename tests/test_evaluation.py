@@ -93,7 +93,9 @@ def test_encoder_embeddings_equal_the_models_outputs(small_model, corpus_root):
 # at 0 under colpali-engine's scoring, while exact MaxSim keeps the -1
 @pytest.mark.parametrize(("scoring", "expected"), [("exact", [[-1.0, 1.4], [0.0, 0.8]]),
                                                    ("colpali", [[0.0, 1.4], [0.0, 0.8]])])
-def test_encoder_similarity_follows_the_scoring_mode(small_model, scoring, expected):
+@pytest.mark.parametrize("budget", [100_000_000, 2])  # 2 entries: the smallest blocks
+def test_encoder_similarity_follows_the_scoring_mode(small_model, monkeypatch, scoring, expected, budget):
+    monkeypatch.setattr(evaluation, "SIMILARITY_ELEMENTS", budget)
     model, processor = small_model
     encoder = ColQuantEncoder(model, processor, "bf16", scoring)
     queries = torch.nn.utils.rnn.pad_sequence([torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0]])],

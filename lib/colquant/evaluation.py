@@ -54,6 +54,8 @@ MODEL_ORGANISATION = "colquant"
 NDCG_COLUMN = "ndcg_at_5"
 DELTA_SUFFIX = " Δ%"
 DEFAULT_SCORING: ScoringMode = "colpali"
+# Similarity entries per scoring block (~400 MB in float32), the budget mteb's max_sim uses.
+SIMILARITY_ELEMENTS = 100_000_000
 SCORING_LABELS = {"colpali": "colpali scoring", "exact": "exact MaxSim"}
 
 
@@ -167,7 +169,8 @@ class ColQuantEncoder(AbsEncoder):
     def similarity(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
         """Late-interaction scores (queries, pages) in the encoder's scoring mode, float32 on the
         model's device (`colquant.score` works in bounded blocks, whatever the corpus chunk)."""
-        return score(embeddings1, embeddings2, mode=self.scoring, device=self.device, show_progress_bar=False)
+        return score(embeddings1, embeddings2, mode=self.scoring, device=self.device,
+                     block_elements=SIMILARITY_ELEMENTS, show_progress_bar=False)
 
     def similarity_pairwise(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
         """Score of each query with the page at the same position (mteb's reranking path)."""

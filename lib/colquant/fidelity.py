@@ -28,7 +28,6 @@ from colquant.plots import legend_outside
 from colquant.scoring import score
 
 COSINE_THRESHOLD = 0.95  # seed 003's acceptance bar for embedding cosine vs BF16
-SCORE_PAGE_CHUNK = 8  # pages per MaxSim chunk: bounds the (queries, pages, Tq, Td) similarity tensor
 Variant = tuple[torch.nn.Module, Any]  # (model, processor)
 
 
@@ -269,7 +268,7 @@ def fidelity_report(
 
 
 def _maxsim(queries: list[torch.Tensor], pages: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return score(queries, pages, page_batch_size=SCORE_PAGE_CHUNK, device=device).cpu()
+    return score(queries, pages, device=device).cpu()
 
 
 def _score_table(ref_scores: torch.Tensor, reference_name: str) -> pd.DataFrame:

@@ -1,65 +1,244 @@
-"""MaxSim late-interaction scoring over ragged, zero-padded multi-vector embeddings."""
+"""MaxSim late-interaction scoring over ragged, zero-padded multi-vector embeddings.
+
+Two modes, because the field's published numbers and the mathematically exact score differ:
+
+- `mode="exact"` (the library default): score(q, d) = sum_i max_j <q_i, d_j> over the real
+  (non-zero) token vectors of q and d. All-zero rows are padding and take no part.
+- `mode="colpali"`: colpali-engine's `BaseVisualRetrieverProcessor.score_multi_vector`, which mteb
+  uses for the published ViDoRe numbers. Pages are zero-padded (mteb pads the whole encoded chunk;
+  colpali-engine pads a list in groups of `batch_size` pages) and the max runs over the padding
+  too, so on a page shorter than its padded width a query token's best match is floored at 0.
+
+Both are computed as one float32 matrix product per block of (query tokens x page tokens), with
+pages sorted by length so that blocks carry little padding: faster than colpali-engine's
+`einsum("bnd,csd->bcns")` over fully padded batches, and bounded in memory for any corpus size.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-Embeddings = torch.Tensor | Sequence[torch.Tensor]
+Embeddings = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
+ScoringMode = Literal["exact", "colpali"]
+SCORING_MODES = ("exact", "colpali")
+COLPALI_BATCH_SIZE = 128  # colpali-engine's score_multi_vector default batch_size
+BLOCK_ELEMENTS = 1 << 24  # similarity entries per block: 64 MB of float32
+PROGRESS_MIN_BLOCKS = 16  # show_progress_bar=None shows a bar from this many blocks on
 
 
 def pad_embeddings(embeddings: Embeddings) -> torch.Tensor:
     """Stack per-item (tokens, dim) tensors into (items, max_tokens, dim), zero-padding the rest."""
-    if isinstance(embeddings, torch.Tensor):
-        if embeddings.dim() != 3:
-            raise ValueError(f"expected (items, tokens, dim) embeddings, got shape {tuple(embeddings.shape)}")
-        return embeddings
+    if isinstance(embeddings, (torch.Tensor, np.ndarray)):
+        tensor = torch.as_tensor(embeddings)
+        if tensor.dim() != 3:
+            raise ValueError(f"expected (items, tokens, dim) embeddings, got shape {tuple(tensor.shape)}")
+        return tensor
     if len(embeddings) == 0:
         raise ValueError("no embeddings to score")
-    return torch.nn.utils.rnn.pad_sequence(list(embeddings), batch_first=True)
+    return torch.nn.utils.rnn.pad_sequence([torch.as_tensor(item) for item in embeddings], batch_first=True)
+
+
+@dataclass
+class _Items:
+    """Real (non-zero) token vectors per item, and how many rows the reference pads each item to."""
+
+    tokens: list[torch.Tensor]
+    padded_rows: list[int]
+    dim: int
+
+
+def _as_items(embeddings: Embeddings, side: str, colpali_batch_size: int) -> _Items:
+    """Validate one side's embeddings and split them into real token rows per item.
+
+    Checks run on all of a side's rows at once (a per-item check costs more than the scoring on
+    short items). `padded_rows` is the width colpali-engine maxes over: the tensor's token axis for
+    a padded tensor, and for a list the longest item in the item's group of `colpali_batch_size`.
+    """
+    if embeddings is None:
+        raise ValueError(f"no {side} embeddings to score (got None)")
+    if isinstance(embeddings, (torch.Tensor, np.ndarray)):
+        tensor = torch.as_tensor(embeddings)
+        if tensor.dim() != 3:
+            raise ValueError(
+                f"{side} embeddings must be (items, tokens, dim) or a list of (tokens, dim), "
+                f"got shape {tuple(tensor.shape)}"
+            )
+        lengths = [tensor.shape[1]] * tensor.shape[0]
+        rows, padded_rows = tensor.reshape(-1, tensor.shape[-1]), lengths
+    else:
+        items = [torch.as_tensor(item) for item in embeddings]
+        _check_shapes(items, side)
+        lengths = [item.shape[0] for item in items]
+        rows = torch.cat(items) if items else torch.empty(0)
+        padded_rows = _group_widths(lengths, colpali_batch_size)
+    if not lengths:
+        raise ValueError(f"no {side} embeddings to score (empty input)")
+    if not rows.is_floating_point():
+        raise ValueError(f"{side} embeddings have dtype {rows.dtype}; embeddings must be floating point")
+    _check_finite(rows, lengths, side)
+    return _Items(_real_rows(rows, lengths, side), padded_rows, rows.shape[-1])
+
+
+def _group_widths(rows: list[int], group_size: int) -> list[int]:
+    """For each item, the longest item of its group of `group_size` consecutive items."""
+    widths: list[int] = []
+    for start in range(0, len(rows), group_size):
+        group = rows[start : start + group_size]
+        widths.extend([max(group)] * len(group))
+    return widths
+
+
+def _check_shapes(items: list[torch.Tensor], side: str) -> None:
+    """Every item a (tokens, dim) tensor, all with one dim."""
+    dims: dict[int, int] = {}
+    for index, item in enumerate(items):
+        if item.dim() != 2:
+            raise ValueError(f"{side} item {index} has shape {tuple(item.shape)}; expected (tokens, dim)")
+        dims.setdefault(item.shape[1], index)
+    if len(dims) > 1:
+        shown = ", ".join(f"dim {dim} (first at item {index})" for dim, index in dims.items())
+        raise ValueError(f"{side} embeddings mix dimensions: {shown}; embed all items with one model")
+
+
+def _check_finite(rows: torch.Tensor, lengths: list[int], side: str) -> None:
+    """NaN and Inf survive min/max, so two reductions find them; the item is named on failure."""
+    if rows.numel() == 0 or all(bool(torch.isfinite(value)) for value in torch.aminmax(rows)):
+        return
+    bad = next(index for index, item in enumerate(rows.split(lengths)) if not bool(torch.isfinite(item).all()))
+    raise ValueError(
+        f"{side} item {bad} contains NaN or Inf; the model or its quantization produced non-finite "
+        "embeddings: check the checkpoint (colquant.load verifies weights) and the dtype"
+    )
+
+
+def _real_rows(rows: torch.Tensor, lengths: list[int], side: str) -> list[torch.Tensor]:
+    """Each item's non-zero token rows (all-zero rows are the model's and the batch's padding)."""
+    real = rows.ne(0).any(dim=-1)
+    all_real = bool(real.all())
+    if all_real:
+        counts = lengths
+    else:
+        item_of_row = torch.repeat_interleave(
+            torch.arange(len(lengths), device=rows.device), torch.tensor(lengths, device=rows.device)
+        )
+        counts = torch.bincount(item_of_row[real], minlength=len(lengths)).tolist()
+    if 0 in counts:
+        raise ValueError(f"{side} item {counts.index(0)} has no non-zero token vectors: nothing to score it with")
+    return list((rows if all_real else rows[real]).split(counts))
 
 
 def score(
     query_embeddings: Embeddings,
     page_embeddings: Embeddings,
     *,
-    page_batch_size: int = 128,
-    query_batch_size: int = 128,
+    mode: ScoringMode = "exact",
     device: torch.device | str | None = None,
+    colpali_batch_size: int = COLPALI_BATCH_SIZE,
+    block_elements: int = BLOCK_ELEMENTS,
+    show_progress_bar: bool | None = None,
 ) -> torch.Tensor:
-    """MaxSim scores (queries, pages): score(q, d) = sum_i max_j <q_i, d_j>.
+    """Late-interaction scores, shape (queries, pages), float32 on `device` (default: the queries').
 
-    Padding is recognised as all-zero token rows. Padded page rows are excluded from the max (a
-    plain zero-padded max would clamp negative best matches to 0, which reorders pages when token
-    counts differ); padded query rows contribute nothing. Queries and pages are processed in blocks
-    so the (queries x pages x tokens x tokens) similarity never exists whole; computation is float32.
+    `mode="exact"` is exact MaxSim over real tokens; `mode="colpali"` reproduces colpali-engine's
+    `score_multi_vector` (see the module docstring): a page narrower than the width it is padded to
+    (a padded tensor's token axis, or for lists the longest page among its `colpali_batch_size`
+    neighbours) floors every query token's best match at 0.
+
+    Inputs are a padded (items, tokens, dim) tensor or array, or a list of (tokens, dim) items.
+    Empty inputs, items without any non-zero token, NaN/Inf and mixed dimensions raise ValueError.
+    The work is split into blocks of at most `block_elements` similarity entries;
+    `show_progress_bar=None` shows a tqdm bar when there are many blocks.
     """
-    queries = pad_embeddings(query_embeddings)
-    pages = pad_embeddings(page_embeddings)
-    if queries.shape[-1] != pages.shape[-1]:
-        raise ValueError(f"embedding dims differ: queries {queries.shape[-1]}, pages {pages.shape[-1]}")
-    device = torch.device(device) if device is not None else queries.device
-    rows = []
-    for q_start in range(0, queries.shape[0], query_batch_size):
-        query_block = queries[q_start : q_start + query_batch_size].to(device, torch.float32)
-        rows.append(
-            torch.cat(
-                [
-                    _maxsim_block(query_block, pages[p_start : p_start + page_batch_size].to(device, torch.float32))
-                    for p_start in range(0, pages.shape[0], page_batch_size)
-                ],
-                dim=1,
-            )
-        )
-    return torch.cat(rows, dim=0)
+    if mode not in SCORING_MODES:
+        raise ValueError(f"mode={mode!r}: use 'exact' (true MaxSim) or 'colpali' (colpali-engine/mteb's scoring)")
+    if colpali_batch_size < 1 or block_elements < 1:
+        raise ValueError(f"colpali_batch_size ({colpali_batch_size}) and block_elements ({block_elements}) must be >= 1")
+    queries = _as_items(query_embeddings, "query", colpali_batch_size)
+    pages = _as_items(page_embeddings, "page", colpali_batch_size)
+    if queries.dim != pages.dim:
+        raise ValueError(f"embedding dims differ: queries have dim {queries.dim}, pages have dim {pages.dim}")
+    if device is None:
+        device = query_embeddings.device if isinstance(query_embeddings, torch.Tensor) else queries.tokens[0].device
+    device = torch.device(device)
+    floor_at_zero = torch.tensor(
+        [mode == "colpali" and len(tokens) < rows for tokens, rows in zip(pages.tokens, pages.padded_rows)],
+        device=device,
+    )
+    return _blockwise_maxsim(queries.tokens, pages.tokens, floor_at_zero, device, block_elements, show_progress_bar)
 
 
-def _maxsim_block(queries: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
-    query_rows = queries.abs().sum(-1) > 0  # (Q, Tq)
-    page_rows = pages.abs().sum(-1) > 0  # (P, Td)
-    sim = torch.einsum("qid,pjd->qpij", queries, pages)
-    sim = sim.masked_fill(~page_rows[None, :, None, :], float("-inf"))
-    best = sim.max(dim=-1).values  # (Q, P, Tq)
-    best = torch.where(query_rows[:, None, :] & page_rows.any(-1)[None, :, None], best, 0.0)
-    return best.sum(dim=-1)
+def _blockwise_maxsim(
+    queries: list[torch.Tensor],
+    pages: list[torch.Tensor],
+    floor_at_zero: torch.Tensor,
+    device: torch.device,
+    block_elements: int,
+    show_progress_bar: bool | None,
+) -> torch.Tensor:
+    """Scores over page blocks (sorted by length) x query blocks, scattered back to input order."""
+    query_matrix = torch.nn.utils.rnn.pad_sequence(queries, batch_first=True).to(device, torch.float32)
+    n_queries, query_width, dim = query_matrix.shape
+    query_rows = query_matrix.reshape(n_queries * query_width, dim)
+    # All queries against each page block when the budget allows; else fewer queries per block.
+    page_block_tokens = max(max(len(page) for page in pages), block_elements // (n_queries * query_width))
+    page_blocks = _page_blocks([len(page) for page in pages], page_block_tokens)
+    query_block = max(1, block_elements // (query_width * page_block_tokens))
+    query_spans = [(start, min(start + query_block, n_queries)) for start in range(0, n_queries, query_block)]
+    show = len(page_blocks) * len(query_spans) >= PROGRESS_MIN_BLOCKS if show_progress_bar is None else show_progress_bar
+    scores = torch.empty(n_queries, len(pages), device=device, dtype=torch.float32)
+    for indices in tqdm(page_blocks, desc="MaxSim over page blocks", disable=not show):
+        block = _PageBlock.build([pages[i] for i in indices], device)
+        columns = torch.tensor(indices, device=device)
+        floors = floor_at_zero[columns]
+        for start, stop in query_spans:
+            rows = query_rows[start * query_width : stop * query_width]
+            scores[start:stop, columns] = block.maxsim(rows, floors).view(stop - start, query_width, -1).sum(1)
+    return scores
+
+
+def _page_blocks(lengths: list[int], max_block_tokens: int) -> list[list[int]]:
+    """Page indices sorted by length, cut into blocks whose padded token count fits the budget."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    blocks: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # sorted ascending, so this page is the block's widest: the padded size is width x count
+        if current and lengths[index] * (len(current) + 1) > max_block_tokens:
+            blocks.append(current)
+            current = []
+        current.append(index)
+    blocks.append(current)
+    return blocks
+
+
+@dataclass
+class _PageBlock:
+    """Pages zero-padded to a common width, flattened for one matrix product, with their padding mask."""
+
+    tokens: torch.Tensor  # (pages * width, dim)
+    padding: torch.Tensor | None  # (pages, width) True on padding rows, None when there are none
+    n_pages: int
+
+    @classmethod
+    def build(cls, pages: list[torch.Tensor], device: torch.device) -> "_PageBlock":
+        padded = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True).to(device, torch.float32)
+        lengths = torch.tensor([len(page) for page in pages], device=device)
+        padding = torch.arange(padded.shape[1], device=device)[None, :] >= lengths[:, None]
+        return cls(padded.flatten(0, 1), padding if bool(padding.any()) else None, len(pages))
+
+    def maxsim(self, query_rows: torch.Tensor, floor_at_zero: torch.Tensor) -> torch.Tensor:
+        """(query tokens, pages): each query token's best match on each page, padding excluded,
+        then floored at 0 on the pages the colpali reference pads."""
+        sim = (query_rows @ self.tokens.T).view(query_rows.shape[0], self.n_pages, -1)
+        if self.padding is not None:
+            sim.masked_fill_(self.padding, float("-inf"))
+        best = sim.amax(dim=-1)
+        if bool(floor_at_zero.any()):
+            best = torch.where(floor_at_zero, best.clamp_min(0.0), best)
+        return best
