@@ -222,8 +222,20 @@ def prepare_datasets_cache(datasets_cache: Path, snapshot: Path, repo: HubRepo, 
 # Contents: rendered pages and their texts from colquant.corpus
 
 
+# Real ViDoRe pages come in many sizes, so pages in one corpus chunk have different visual-token
+# counts and the reference scoring's zero padding matters; the twin scales its rendered pages to
+# these fractions (in turn) so that the two scoring modes can differ on it too.
+PAGE_SCALES = (0.4, 0.6, 0.8, 1.0)
+
+
 def page_images(corpus: Corpus) -> dict[str, PILImage.Image]:
-    return {page.page_id: corpus.image(page.page_id) for page in corpus.pages}
+    """The corpus's rendered pages, each scaled by one of PAGE_SCALES in turn."""
+    images = {}
+    for index, page in enumerate(corpus.pages):
+        image = corpus.image(page.page_id)
+        scale = PAGE_SCALES[index % len(PAGE_SCALES)]
+        images[page.page_id] = image.resize((round(image.width * scale), round(image.height * scale)))
+    return images
 
 
 def pile_10k(corpus: Corpus, rows: int) -> list[DatasetConfig]:
@@ -314,7 +326,7 @@ def task_dataset(name: str) -> tuple[str, str, str, list[str]]:
     return task.metadata.dataset["path"], task.metadata.dataset["revision"], task.metadata.eval_splits[0], list(task.hf_subsets)
 
 
-def build(root: str | Path, *, pages: int = 24, queries: int = 32, calibration_rows: int = 300) -> Path:
+def build(root: str | Path, *, pages: int = 16, queries: int = 24, calibration_rows: int = 300) -> Path:
     """Write the twin under `root` (replacing a previous twin there) and return `root`."""
     root = Path(root)
     for part in ("hub", "datasets"):
@@ -350,8 +362,8 @@ def build(root: str | Path, *, pages: int = 24, queries: int = 32, calibration_r
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="directory to use as HF_HOME (hub/ and datasets/ are written in it)")
-    parser.add_argument("--pages", type=int, default=24, help="pages per ViDoRe task subset")
-    parser.add_argument("--queries", type=int, default=32, help="queries per ViDoRe task subset")
+    parser.add_argument("--pages", type=int, default=16, help="pages per ViDoRe task subset")
+    parser.add_argument("--queries", type=int, default=24, help="queries per ViDoRe task subset")
     parser.add_argument("--calibration-rows", type=int, default=300, help="rows of pile-10k and colpali_train_set")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
