@@ -2,23 +2,28 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-PARAMS ?= params/tiny.yaml
+PARAMS ?= tiny
+ARGS   ?=
 STAMP  := $(VENV)/.colquant-installed
 
 .PHONY: setup run test test-package test-notebooks test-twin notebooks lab clean-outputs
 
-$(STAMP): pyproject.toml
+# Extras: what `make run`/`make test` need; [gpu] (triton) only where a GPU is. The CPU torch pin
+# lives in the constraints file, not the package: `make setup CONSTRAINTS=` keeps the venv's torch.
+EXTRAS      ?= notebooks,eval,dev$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
+CONSTRAINTS ?= constraints/cpu.txt
+comma := ,
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines
-	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 run: setup
-	$(BIN)/python -m colquant run $(PARAMS)
+	$(BIN)/colquant run $(PARAMS) $(ARGS)
 
 # Quiet, offline, deterministic settings for executing notebooks as regression tests: no progress
 # bars or timestamped library logs in outputs, and a fresh output directory every time.
@@ -42,10 +47,11 @@ test-twin: setup
 
 # Re-execute the committed notebooks (the nbval reference) after a change that moves results.
 notebooks: setup
-	$(NB_ENV) $(BIN)/python -m colquant notebooks
+	$(NB_ENV) $(BIN)/colquant notebooks
 
+# GPU containers run as root, where Jupyter refuses to start without --allow-root.
 lab: setup
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
-clean-outputs:
-	rm -rf outputs/*
+clean-outputs:  # everything but outputs/README.md
+	rm -rf $(filter-out outputs/README.md,$(wildcard outputs/*))

@@ -1,3 +1,7 @@
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from auto_round.compressors.utils import block_forward
@@ -112,10 +116,47 @@ def test_offline_fallback_is_recorded_not_silent(tiny_model, corpus):
 
 
 def test_calibration_set_round_trips(tmp_path, page_set):
-    path = page_set.save(tmp_path / "set.pt")
+    path = page_set.save(tmp_path / "set.safetensors")
     again = CalibrationSet.load(path)
     assert again.source_used == page_set.source_used and again.seqlen == page_set.seqlen
-    assert all(torch.equal(a["deepstack_residual"], b["deepstack_residual"]) for a, b in zip(page_set.items, again.items))
+    assert again.origins == page_set.origins and again.fallback_reason == page_set.fallback_reason
+    assert [sorted(item) for item in again.items] == [sorted(item) for item in page_set.items]
+    assert all(torch.equal(a[key], b[key]) for a, b in zip(page_set.items, again.items) for key in a)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_calibration_set_is_stored_as_safetensors_with_a_json_header(tmp_path, page_set):
+    from safetensors import safe_open
+
+    path = page_set.save(tmp_path / "set.safetensors")
+    with safe_open(str(path), framework="pt") as file:
+        provenance = json.loads(file.metadata()["provenance"])
+    assert provenance["source_used"] == page_set.source_used and provenance["samples"] == page_set.nsamples
+
+
+class _RunsCode:
+    """Unpickling this object runs a shell command (what a crafted `.pt` file can do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_pickle_cannot_run_code(tmp_path):
+    marker, crafted = tmp_path / "pwned", tmp_path / "calibration.pt"
+    torch.save({"items": _RunsCode(marker)}, crafted)
+    with pytest.raises(CalibrationDataError, match=r"(?s)calibration\.pt is not a calibration set.*unpickling can run code"):
+        CalibrationSet.load(crafted)
+    assert not marker.exists()
+
+
+def test_a_truncated_set_is_reported_by_path(tmp_path, page_set):
+    path = page_set.save(tmp_path / "set.safetensors")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CalibrationDataError, match="set.safetensors is not a calibration set.*re-run notebooks/02"):
+        CalibrationSet.load(path)
 
 
 def test_seqlen_too_short_for_a_page_is_rejected():

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 import colquant
-from colquant import evaluation
+from colquant import evaluation, workspace
 from colquant.corpus import Corpus, build_corpus
 from colquant.evaluation import (
     ColQuantEncoder,
@@ -31,11 +31,13 @@ from colquant.evaluation import (
     plot_delta,
     plot_ndcg,
 )
+from colquant.params import load_profile
 from colquant.processing import to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 N_PAGES, N_QUERIES = 8, 16
 TASK = "ColQuantTinyPagesRetrieval"
+REV = "0123456789abcdef"  # a fingerprint of the variant's inputs (workspace.evaluation_fingerprint)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def local_task(corpus_root: Path) -> ColQuantTinyPagesRetrieval:
 
 
 def result_path(output_dir: Path, variant: str) -> Path:
-    return output_dir / "results" / f"colquant__{variant}" / "scoring-colpali" / f"{TASK}.json"
+    return output_dir / "results" / f"colquant__{variant}" / REV / f"{TASK}.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ def result_path(output_dir: Path, variant: str) -> Path:
 
 def test_encoder_embeddings_equal_the_models_outputs(small_model, corpus_root):
     model, processor = small_model
-    encoder = ColQuantEncoder(model, processor, "bf16")
+    encoder = ColQuantEncoder(model, processor, "bf16", REV)
     task = local_task(corpus_root)
     task.load_data()
     split = task.dataset["default"]["test"]
@@ -97,25 +99,27 @@ def test_encoder_embeddings_equal_the_models_outputs(small_model, corpus_root):
 def test_encoder_similarity_follows_the_scoring_mode(small_model, monkeypatch, scoring, expected, budget):
     monkeypatch.setattr(evaluation, "SIMILARITY_ELEMENTS", budget)
     model, processor = small_model
-    encoder = ColQuantEncoder(model, processor, "bf16", scoring)
+    encoder = ColQuantEncoder(model, processor, "bf16", REV, scoring)
     queries = torch.nn.utils.rnn.pad_sequence([torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0]])],
                                               batch_first=True)
     pages = torch.nn.utils.rnn.pad_sequence([torch.tensor([[-1.0, 0.0]]), torch.tensor([[0.6, 0.8], [0.0, -1.0]])],
                                             batch_first=True)
     assert torch.allclose(encoder.similarity(queries, pages), torch.tensor(expected))
+    assert torch.allclose(encoder.similarity_pairwise(queries, pages), torch.tensor(expected).diagonal())
 
 
-def test_scoring_mode_is_part_of_the_results_key(small_model):
-    model, processor = small_model
-    revisions = {ColQuantEncoder(model, processor, "bf16", mode).mteb_model_meta.revision for mode in ("colpali", "exact")}
-    assert revisions == {"scoring-colpali", "scoring-exact"}
+def test_scoring_mode_is_part_of_the_results_key(small_model, tiny_path):
+    profile = load_profile(REPO / "params" / "tiny.yaml")
+    assert (workspace.evaluation_fingerprint(profile, tiny_path, "colpali")
+            != workspace.evaluation_fingerprint(profile, tiny_path, "exact"))
+    assert workspace.evaluation_fingerprint(profile, tiny_path) == workspace.evaluation_fingerprint(profile, tiny_path, "colpali")
     with pytest.raises(ValueError, match="evaluation.scoring"):
-        ColQuantEncoder(model, processor, "bf16", "maxsim")
+        ColQuantEncoder(*small_model, "bf16", REV, "maxsim")
 
 
 def test_variant_names_must_be_mteb_model_name_parts(small_model):
     with pytest.raises(ValueError, match="contain no '/'"):
-        ColQuantEncoder(*small_model, "org/bf16")
+        ColQuantEncoder(*small_model, "org/bf16", REV)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,7 +127,7 @@ def test_variant_names_must_be_mteb_model_name_parts(small_model):
 
 
 def test_local_task_evaluates_end_to_end_and_writes_mteb_json(small_model, corpus_root, tmp_path):
-    frame = evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path,
+    frame = evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, revision=REV,
                              batch_size=4, corpus_chunk_size=3)
     assert len(frame) == 1
     row = frame.iloc[0]
@@ -141,8 +145,8 @@ def test_local_task_evaluates_end_to_end_and_writes_mteb_json(small_model, corpu
 def test_variants_get_separate_results_and_finished_ones_are_reused(small_model, corpus_root, tmp_path,
                                                                       monkeypatch):
     tasks = [local_task(corpus_root)]
-    first = evaluate_variant(*small_model, "bf16", tasks, tmp_path, batch_size=8, corpus_chunk_size=8)
-    evaluate_variant(*small_model, "w4a16-g128-sym-rtn", tasks, tmp_path, batch_size=8, corpus_chunk_size=8)
+    first = evaluate_variant(*small_model, "bf16", tasks, tmp_path, revision=REV, batch_size=8, corpus_chunk_size=8)
+    evaluate_variant(*small_model, "w4a16-g128-sym-rtn", tasks, tmp_path, revision=REV, batch_size=8, corpus_chunk_size=8)
     assert result_path(tmp_path, "bf16").is_file()
     assert result_path(tmp_path, "w4a16-g128-sym-rtn").is_file()
 
@@ -150,15 +154,58 @@ def test_variants_get_separate_results_and_finished_ones_are_reused(small_model,
         raise AssertionError("a finished variant was encoded again")
 
     monkeypatch.setattr(ColQuantEncoder, "encode", must_not_encode)
-    again = evaluate_variant(*small_model, "bf16", tasks, tmp_path, batch_size=8, corpus_chunk_size=8)
+    again = evaluate_variant(*small_model, "bf16", tasks, tmp_path, revision=REV, batch_size=8, corpus_chunk_size=8)
     assert again["ndcg_at_5"].tolist() == first["ndcg_at_5"].tolist()
 
 
+def test_a_revision_must_be_a_fingerprint(small_model):
+    with pytest.raises(ValueError, match="must be a hex fingerprint"):
+        ColQuantEncoder(*small_model, "bf16", "local")
+
+
+def test_halving_the_visual_token_budget_recomputes_instead_of_reading_the_old_result(tiny_path, corpus_root,
+                                                                                       tmp_path, monkeypatch):
+    """Issue 8's probe: max_num_visual_tokens 64 -> 32 left BF16 at its old NDCG@5."""
+    from colquant import workspace
+
+    profile = {"model": {"dtype": "bfloat16", "max_num_visual_tokens": 64}, "evaluation": {"scoring": "colpali"}}
+    encoded = []
+    original = ColQuantEncoder.encode
+
+    def counting(self, *args, **kwargs):
+        encoded.append(self.processor.max_num_visual_tokens)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ColQuantEncoder, "encode", counting)
+    revisions = []
+    for budget in (64, 32):
+        profile["model"]["max_num_visual_tokens"] = budget
+        revisions.append(workspace.evaluation_fingerprint(profile, tiny_path))
+        model, processor = colquant.load(tiny_path, max_num_visual_tokens=budget)
+        evaluate_variant(model, processor, "bf16", [local_task(corpus_root)], tmp_path, revision=revisions[-1],
+                         batch_size=8, corpus_chunk_size=8)
+    assert revisions[0] != revisions[1] and encoded == [64, 64, 32, 32]  # queries and pages, twice
+    stored = sorted(p.parent.name for p in (tmp_path / "results" / "colquant__bf16").glob(f"*/{TASK}.json"))
+    assert stored == sorted(revisions)
+
+
+def test_a_result_file_cut_short_by_a_kill_is_evaluated_again(small_model, corpus_root, tmp_path, caplog):
+    first = evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, revision=REV,
+                             batch_size=8, corpus_chunk_size=8)
+    path = result_path(tmp_path, "bf16")
+    path.write_text(path.read_text()[:200])
+    again = evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, revision=REV,
+                             batch_size=8, corpus_chunk_size=8)
+    assert again["ndcg_at_5"].tolist() == first["ndcg_at_5"].tolist()
+    assert json.loads(path.read_text())["task_name"] == TASK
+    assert f"{path} is not a complete mteb result" in caplog.text
+
+
 def test_results_on_another_corpus_are_refused(small_model, corpus_root, tmp_path):
-    evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, batch_size=8, corpus_chunk_size=8)
+    evaluate_variant(*small_model, "bf16", [local_task(corpus_root)], tmp_path, revision=REV, batch_size=8, corpus_chunk_size=8)
     bigger = ColQuantTinyPagesRetrieval(tmp_path / "other-corpus", n_pages=N_PAGES, n_queries=N_QUERIES + 4)
     with pytest.raises(ValueError, match="dataset revision"):
-        evaluate_variant(*small_model, "bf16", [bigger], tmp_path, batch_size=8, corpus_chunk_size=8)
+        evaluate_variant(*small_model, "bf16", [bigger], tmp_path, revision=REV, batch_size=8, corpus_chunk_size=8)
     assert not (tmp_path / "other-corpus").exists()
 
 
@@ -197,7 +244,7 @@ class PassThroughModel(torch.nn.Module):
 def test_ndcg_at_5_is_one_for_a_perfect_ranker_and_zero_for_an_inverted_one(corpus_root, tmp_path, sign, expected):
     corpus = build_corpus(corpus_root, n_pages=N_PAGES, n_queries=N_QUERIES, progress=False)
     frame = evaluate_variant(PassThroughModel(), OracleProcessor(corpus, sign), f"oracle{sign:+.0f}",
-                             [local_task(corpus_root)], tmp_path, batch_size=4, corpus_chunk_size=3)
+                             [local_task(corpus_root)], tmp_path, revision=REV, batch_size=4, corpus_chunk_size=3)
     assert frame["ndcg_at_5"].item() == expected
 
 

@@ -1,49 +1,210 @@
 import copy
+import re
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from colquant import workspace
-from colquant.params import ProfileError, load_profile, validate_profile, variant_name
+from colquant.params import ProfileError, load_profile, quantized_input_widths, validate_profile, variant_name
+from colquant.quantization import decoder_linear_names
+
+PARAMS = workspace.REPO_ROOT / "params"
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
+    return load_profile(PARAMS / "tiny.yaml")
+
+
+def _rejected(profile: dict, edit) -> str:
+    profile = copy.deepcopy(profile)
+    edit(profile)
+    with pytest.raises(ProfileError) as error:
+        validate_profile(profile, source="params/edited.yaml")
+    message = str(error.value)
+    assert message.startswith("params/edited.yaml"), message  # every message names the file
+    return message
 
 
 @pytest.mark.parametrize("name", ["tiny", "colqwen3-4b", "synthetic-4b"])
 def test_shipped_profiles_are_valid(name):
-    profile = load_profile(workspace.REPO_ROOT / "params" / f"{name}.yaml")
+    profile = load_profile(PARAMS / f"{name}.yaml", check_device=False)
     assert profile["profile"] == name
 
 
+def test_profile_is_a_plain_dict_with_the_defaults_filled_in():
+    profile = load_profile(PARAMS / "colqwen3-4b.yaml", check_device=False)
+    assert type(profile) is dict and all(type(profile[s]) is dict for s in ("model", "evaluation", "sweep"))
+    assert profile["evaluation"]["scoring"] == "colpali"
+    assert "revision" in profile["model"] and profile["compression"] is None
+    assert profile["corpus"]["n_pages"] > 0
+
+
 def test_real_profile_never_falls_back_silently():
-    profile = load_profile(workspace.REPO_ROOT / "params" / "colqwen3-4b.yaml")
+    profile = load_profile(PARAMS / "colqwen3-4b.yaml", check_device=False)
     assert profile["calibration"]["offline_fallback"] == "none"
     assert len(profile["evaluation"]["tasks"]) == 22 and profile["calibration"]["seqlens"] == [256, 512, 1024]
 
 
 @pytest.mark.parametrize(
-    ("section", "key", "value", "message"),
+    ("location", "key", "message"),
     [
-        ("calibration", "source", "wikitext", "calibration.source='wikitext' is not one of"),
-        ("calibration", "seqlens", [512, 0], "calibration.seqlens\\[\\] must be a positive integer"),
-        ("calibration", "seqlens", [], "calibration.seqlens is empty"),
-        ("quantization", "bits", 8, "only W4A16"),
-        ("quantization", "iters", -1, "quantization.iters must be an integer >= 0"),
-        ("quantization", "export_formats", ["gguf"], "export_formats\\[\\]='gguf'"),
+        ("calibration", "nsampels", r"calibration\.nsampels is not a known key; did you mean 'nsamples'\?"),
+        ("quantization", "grup_size", r"quantization\.grup_size is not a known key; did you mean 'group_size'\?"),
+        (None, "seqlenss", r"seqlenss is not a known key; did you mean 'calibration\.seqlens'\?"),
     ],
 )
-def test_bad_settings_name_the_key_and_the_allowed_values(tiny, section, key, value, message):
+def test_unknown_keys_name_the_nearest_valid_key(tiny, location, key, message):
+    def add(profile):
+        (profile[location] if location else profile)[key] = 1
+
+    text = _rejected(tiny, add)
+    assert re.search(message, text), text
+    assert "keys of" in text  # and lists the valid ones
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("quantization", "sym", "false", "quantization.sym='false' is a string: input should be a valid boolean"),
+        ("quantization", "iters", "20", "quantization.iters='20' is a string: input should be a valid integer"),
+        ("calibration", "seqlens", "512", "calibration.seqlens='512' is a single value: input should be a valid list; write a list, e.g. [512]"),
+        ("random_weights", None, "yes", "random_weights='yes' is a string"),
+    ],
+)
+def test_quoted_numbers_and_booleans_are_not_coerced(tiny, section, key, value, message):
+    def edit(profile):
+        if key is None:
+            profile[section] = value
+        else:
+            profile[section][key] = value
+
+    assert message in _rejected(tiny, edit)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("calibration", "source", "wikitext", "calibration.source='wikitext' is not allowed: input should be 'pile-10k'"),
+        ("calibration", "seqlens", [512, 0], "calibration.seqlens[1]=0: input should be greater than 0"),
+        ("calibration", "seqlens", [], "calibration.seqlens is empty"),
+        ("quantization", "bits", 8, "quantization.bits=8 is not allowed: input should be 4"),
+        ("quantization", "iters", -1, "quantization.iters=-1: input should be greater than or equal to 0"),
+        ("quantization", "batch_size", 0, "quantization.batch_size=0: input should be greater than 0"),
+        ("quantization", "export_formats", ["gguf"], "quantization.export_formats[0]='gguf' is not allowed"),
+        ("evaluation", "batch_size", 0, "evaluation.batch_size=0: input should be greater than 0"),
+        ("evaluation", "scoring", "maxsim", "evaluation.scoring='maxsim' is not allowed: input should be 'colpali' or 'exact'"),
+        ("sweep", "query_batch_sizes", [1, 0], "sweep.query_batch_sizes[1]=0: input should be greater than 0"),
+        ("sweep", "page_batch_sizes", [-2], "sweep.page_batch_sizes[0]=-2: input should be greater than 0"),
+        ("model", "dtype", "bfloat61", "model.dtype='bfloat61' is not allowed: input should be 'bfloat16', 'float16' "
+                                       "or 'float32'; did you mean 'bfloat16'?"),
+        ("model", "device", "gpu", "model.device='gpu': use cpu, cuda, cuda:N or auto"),
+    ],
+)
+def test_impossible_values_name_the_key_and_the_allowed_values(tiny, section, key, value, message):
+    assert message in _rejected(tiny, lambda profile: profile[section].__setitem__(key, value))
+
+
+def test_group_size_must_divide_every_quantized_layer_of_the_tiny_model(tiny):
+    message = _rejected(tiny, lambda profile: profile["quantization"].__setitem__("group_size", 96))
+    assert "quantization.group_size=96 does not divide the input width of" in message
+    assert "use a divisor of 128" in message
+
+
+def test_group_size_is_checked_against_the_real_4b_architecture():
+    real = load_profile(PARAMS / "colqwen3-4b.yaml", check_device=False)
+    real["quantization"]["group_size"] = 1024  # divides o_proj's 4096, not 2560 or 9728
+    with pytest.raises(ProfileError, match=r"group_size=1024 does not divide .*\(2560\).*use a divisor of 512"):
+        validate_profile(real, check_device=False)
+
+
+def test_group_size_is_checked_against_a_local_checkpoint(tiny, tiny_path):
+    local = copy.deepcopy(tiny)
+    local["model"]["id"] = str(tiny_path)
+    local["quantization"]["group_size"] = 256
+    with pytest.raises(ProfileError, match=r"group_size=256 does not divide .* in .*model"):
+        validate_profile(local)
+
+
+@torch.no_grad()
+def test_known_widths_are_the_quantized_layers_input_widths(tiny_model):
+    model, _ = tiny_model
+    language_model = model.language_model
+    actual = {language_model.get_submodule(name).in_features for name in decoder_linear_names(language_model)}
+    assert set(quantized_input_widths("embedded-tiny").values()) == actual
+
+
+def test_cuda_without_cuda_is_rejected_at_load(tiny, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = _rejected(tiny, lambda profile: profile["model"].__setitem__("device", "cuda"))
+    assert "model.device='cuda': this machine has no CUDA device" in message and "use device: auto" in message
+    with pytest.raises(ProfileError, match="no CUDA device"):
+        load_profile(PARAMS / "synthetic-4b.yaml")
+
+
+def test_device_auto_is_accepted(tiny):
     profile = copy.deepcopy(tiny)
-    profile[section][key] = value
-    with pytest.raises(ProfileError, match=message):
-        validate_profile(profile)
+    profile["model"]["device"] = "auto"
+    assert validate_profile(profile)["model"]["device"] == "auto"
 
 
-def test_missing_profile_lists_the_available_ones(tmp_path):
+def test_profile_names_are_plain_names(tiny):
+    message = _rejected(tiny, lambda profile: profile.__setitem__("profile", "../../etc"))
+    assert "profile='../../etc': a profile name is a plain name" in message
+
+
+def test_every_problem_is_reported_at_once(tiny):
+    def break_two(profile):
+        profile["quantization"]["iters"] = "20"
+        profile["model"]["dtype"] = "bfloat61"
+
+    message = _rejected(tiny, break_two)
+    assert "has 2 problems" in message and "quantization.iters" in message and "model.dtype" in message
+
+
+def test_missing_section_is_named(tiny):
+    assert "sweep is missing; add it" in _rejected(tiny, lambda profile: profile.pop("sweep"))
+    assert "sweep must be a mapping of its keys" in _rejected(tiny, lambda profile: profile.__setitem__("sweep", None))
+
+
+def test_compression_settings_follow_the_grammar(tiny):
+    profile = copy.deepcopy(tiny)
+    profile["compression"] = {}
+    assert "pool3+binary" in validate_profile(profile)["compression"]["settings"]
+    profile["compression"] = {"settings": ["pool9+int8", "none"]}
+    assert validate_profile(profile)["compression"]["settings"] == ["pool9+int8", "none"]
+    message = _rejected(tiny, lambda p: p.__setitem__("compression", {"settings": ["pool1", "int4"]}))
+    assert "'pool1', 'int4' not understood; each setting is one of none, int8, binary, poolN" in message
+
+
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("profile: tiny\nmodel:\n  id: embedded-tiny\n dtype: bfloat16\n")
+    with pytest.raises(ProfileError, match=r"broken\.yaml is not valid YAML: line 4, column 2"):
+        load_profile(broken)
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_rejected(tmp_path):
+    listing = tmp_path / "list.yaml"
+    listing.write_text(yaml.safe_dump(["model", "sweep"]))
+    with pytest.raises(ProfileError, match=r"list\.yaml must be a YAML mapping of sections"):
+        load_profile(listing)
+
+
+def test_load_profile_names_the_file(tmp_path, tiny):
+    edited = copy.deepcopy(tiny)
+    edited["calibration"]["nsampels"] = 4
+    path = Path(tmp_path / "edited.yaml")
+    path.write_text(yaml.safe_dump(edited))
+    with pytest.raises(ProfileError, match=rf"^{re.escape(str(path))}: calibration\.nsampels"):
+        load_profile(path)
+
+
+def test_missing_profile_lists_the_available_ones():
     with pytest.raises(ProfileError, match="tiny.yaml"):
-        load_profile(workspace.REPO_ROOT / "params" / "nope.yaml")
+        load_profile(PARAMS / "nope.yaml")
 
 
 def test_variant_names_carry_their_settings(tiny):

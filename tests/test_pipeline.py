@@ -1,11 +1,14 @@
-"""The papermill pipeline end to end on a shrunken tiny profile (about a minute on 2 cores)."""
+"""The papermill pipeline: end to end on a shrunken tiny profile (minutes on 2 shared cores), and its
+scheduling (what runs, what is skipped, what survives a kill) with each notebook replaced by a
+stand-in that writes the notebook's declared results, so those tests take seconds."""
 
 import json
 
+import nbformat
 import pytest
 import yaml
 
-from colquant import workspace
+from colquant import pipeline, workspace
 from colquant.params import load_profile
 from colquant.pipeline import PipelineError, plan, run
 
@@ -53,10 +56,10 @@ def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output
     assert {row["status"] for row in second[:-1]} == {"skipped (unchanged)"}
 
 
-def test_changed_parameter_reruns_that_step_and_everything_after(tmp_path, output_root):
+def test_changed_parameter_reruns_that_step(tmp_path, output_root):
     run(small_profile(tmp_path), notebooks=("01",))
     state_before = json.loads((output_root / "pipeline_state.json").read_text())
-    again = run(small_profile(tmp_path, calibration={"nsamples": 3}), notebooks=("01",))
+    again = run(small_profile(tmp_path, model={"max_num_visual_tokens": 32}), notebooks=("01",))
     assert [row["status"] for row in again if row["step"].startswith("01_")] == ["executed", "executed"]
     assert json.loads((output_root / "pipeline_state.json").read_text()) != state_before
 
@@ -65,3 +68,153 @@ def test_failing_notebook_names_itself_and_its_executed_copy(tmp_path, output_ro
     profile_path = small_profile(tmp_path, model={"id": "nobody/no-such-model"})
     with pytest.raises(PipelineError, match=r"(?s)01_architecture failed \(CheckpointError: .*hf download nobody/no-such-model.*01_architecture__seqlen64\.ipynb"):
         run(profile_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduling, with stand-in notebooks
+
+
+class StandIn:
+    """Replaces `pipeline._execute`: records the step and writes what the notebook declares it
+    writes (or not, or is killed half way, as a test asks)."""
+
+    def __init__(self) -> None:
+        self.executed: list[str] = []
+        self.kill_at: str | None = None
+        self.write_results = True
+
+    def __call__(self, step, description):
+        self.executed.append(step.key)
+        step.output.write_text("{}")
+        if step.key == self.kill_at:
+            raise KeyboardInterrupt  # killed while the notebook runs
+        for path in step.results if self.write_results else ():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+        if step.results and not self.write_results:
+            raise PipelineError(f"{step.notebook} finished but did not write {step.results[0]}")
+
+
+@pytest.fixture
+def stand_in(monkeypatch, output_root):
+    notebooks = StandIn()
+    monkeypatch.setattr(pipeline, "_execute", notebooks)
+    monkeypatch.setattr("colquant.reporting.write_report", lambda profile: workspace.output_dir(profile) / "REPORT.md")
+    return notebooks
+
+
+def executed_after(stand_in, profile_path, **options) -> list[str]:
+    stand_in.executed.clear()
+    run(profile_path, **options)
+    return list(stand_in.executed)
+
+
+ALL = ["01_architecture__seqlen64", "02_calibration__seqlen64", "03_quantization__seqlen64",
+       "01_architecture__seqlen128", "02_calibration__seqlen128", "03_quantization__seqlen128",
+       "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep"]
+
+
+def test_sweep_repeats_reruns_only_the_sweep_and_recomputes_its_rows(tmp_path, stand_in, output_root):
+    assert executed_after(stand_in, small_profile(tmp_path)) == ALL
+    assert executed_after(stand_in, small_profile(tmp_path)) == []
+    assert executed_after(stand_in, small_profile(tmp_path, sweep={"repeats": 2})) == ["06_memory_sweep"]
+
+
+def test_deleting_a_result_file_reruns_its_step(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    (output_root / "results" / "ndcg_table.csv").unlink()
+    assert executed_after(stand_in, profile_path) == ["05_vidore_eval"]
+
+
+def test_a_step_killed_during_a_forced_rerun_is_not_later_skipped(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    stand_in.kill_at = "04_embedding_fidelity"
+    with pytest.raises(KeyboardInterrupt):
+        executed_after(stand_in, profile_path, force=True)
+    stand_in.kill_at = None
+    assert executed_after(stand_in, profile_path) == ["04_embedding_fidelity"]  # 05, 06 finished before
+
+
+def test_a_notebook_that_did_not_write_its_results_is_not_recorded_as_done(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    stand_in.write_results = False
+    with pytest.raises(PipelineError, match="did not write"):
+        run(profile_path)
+    stand_in.write_results = True
+    assert executed_after(stand_in, profile_path) == ALL
+
+
+def test_force_recomputes_cached_results(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    mteb_result = output_root / "mteb" / "results" / "old.json"
+    mteb_result.parent.mkdir(parents=True)
+    mteb_result.write_text("{}")
+    (output_root / "results" / "sweep.jsonl").write_text('{"old": "row"}\n')
+    assert executed_after(stand_in, profile_path, force=True, notebooks=("05", "06")) == ["05_vidore_eval", "06_memory_sweep"]
+    assert not mteb_result.exists() and (output_root / "results" / "sweep.jsonl").read_text() == "{}"
+
+
+def test_removing_a_seqlen_reruns_the_comparisons_without_its_variant(tmp_path, stand_in, output_root):
+    executed_after(stand_in, small_profile(tmp_path))
+    profile_path = small_profile(tmp_path, calibration={"seqlens": [64]})
+    assert executed_after(stand_in, profile_path) == ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep"]
+    profile = load_profile(profile_path)
+    assert workspace.autoround_variant(profile, 128) not in workspace.quantized_variants(profile)
+
+
+def test_a_second_run_on_the_same_outputs_is_refused_naming_the_holder(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    output_root.mkdir(parents=True)
+    with workspace.output_lock(output_root):
+        with pytest.raises(workspace.OutputLockedError, match=r"in use by another run \(pid \d+ on .*started"):
+            run(profile_path)
+    assert stand_in.executed == []
+
+
+def test_staging_folders_of_an_interrupted_save_are_removed_on_the_next_run(tmp_path, stand_in, output_root):
+    staging = output_root / "variants" / ".w4a16-g128-sym-rtn.ab12cd34"
+    staging.mkdir(parents=True)
+    run(small_profile(tmp_path), notebooks=("01",))
+    assert not staging.exists()
+
+
+def test_a_profile_named_like_a_path_writes_nothing_outside_the_output_root(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    profile = yaml.safe_load(open(profile_path))
+    profile["profile"] = "../../etc"
+    (tmp_path / "escape.yaml").write_text(yaml.safe_dump(profile))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(workspace.OutputError, match="is not a plain name"):
+        run(tmp_path / "escape.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and stand_in.executed == []
+
+
+def test_notebooks_run_without_kernel_noise_and_name_themselves_in_the_progress(tmp_path, monkeypatch, capfd):
+    """A real papermill run of a two-cell notebook: IPC transport, no interrupt at shutdown."""
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.cells = [nbformat.v4.new_code_cell("seqlen = 0", metadata={"tags": ["parameters"]}),
+                      nbformat.v4.new_code_cell("import time\ntime.sleep(0.5)\nprint(seqlen)")]
+    nbformat.write(notebook, tmp_path / "01_architecture.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    step = pipeline.Step("01_architecture", {"seqlen": 7}, tmp_path / "out.ipynb", (), (), ())
+    pipeline._execute(step, "1/9 01_architecture__seqlen7")
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.err and "KeyboardInterrupt" not in captured.err
+    assert "1/9 01_architecture__seqlen7: 100%" in captured.err
+    assert "7" in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"]
+
+
+def test_the_command_line_reports_a_held_output_dir_in_one_line_after_waiting(tmp_path, stand_in, output_root, capsys):
+    from colquant.__main__ import main
+
+    profile_path = small_profile(tmp_path)
+    output_root.mkdir(parents=True)
+    with workspace.output_lock(output_root):
+        assert main(["run", profile_path, "--wait", "0.3"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("colquant run: ") and "is in use by another run" in error and error.count("\n") == 1

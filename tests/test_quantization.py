@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -13,8 +14,12 @@ from colquant.quantization import (
     quantization_metadata,
     quantize_language_model,
     save_quantized_model,
+    produce_variant,
+    read_metadata,
+    remove_stale_staging,
     update_model_card,
 )
+from colquant.workspace import OutputError
 
 SETTINGS = QuantizationSettings(method="autoround", bits=4, group_size=128, sym=True, iters=2, batch_size=2, seed=0)
 
@@ -85,8 +90,20 @@ def test_metadata_and_model_card_are_written(quantized):
     assert metadata["size_on_disk_bytes"] > 0 and metadata["wall_time_s"] > 0
     card = (out / "README.md").read_text()
     assert "Random weights" in card and "tiny-test" in card
+    before = (out / METADATA_FILE).read_bytes()
     update_model_card(out, {"NDCG@5 (test)": 0.5})
-    assert "| NDCG@5 (test) | 0.5 |" in (out / "README.md").read_text()
+    update_model_card(out, {"top-5 overlap (test)": 0.25})
+    card = (out / "README.md").read_text()
+    assert "| NDCG@5 (test) | 0.5 |" in card and "| top-5 overlap (test) | 0.25 |" in card
+    assert (out / METADATA_FILE).read_bytes() == before  # finished metadata is never rewritten
+
+
+def test_a_corrupt_metadata_file_is_reported_by_path_with_the_fix(tmp_path):
+    (tmp_path / METADATA_FILE).write_text('{"variant": ')
+    with pytest.raises(OutputError, match=rf"{METADATA_FILE} is not valid JSON .*delete the folder .*re-run notebooks/03"):
+        read_metadata(tmp_path)
+    with pytest.raises(OutputError, match="delete the folder"):
+        update_model_card(tmp_path, {"x": 1})
 
 
 def test_group_size_that_does_not_divide_the_layers_is_rejected(tiny_model):
@@ -113,3 +130,63 @@ def test_size_on_disk_matches_the_architecture_prediction(quantized):
     predicted = predicted_sizes(meta_model(ColQwen3Config.tiny())).set_index("scheme").loc["W4A16 (language model)", "bytes"]
     actual = json.loads((out / METADATA_FILE).read_text())["size_on_disk_bytes"]
     assert abs(actual - predicted) / predicted < 0.01
+
+
+def test_stale_staging_folders_are_removed_and_finished_variants_kept(tmp_path):
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a").mkdir()
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "w4a16-g128-sym-rtn").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a staging folder: kept
+    assert [p.name for p in remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3x_9a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "w4a16-g128-sym-rtn"]
+
+
+@pytest.fixture
+def small_profile(tmp_path, monkeypatch):
+    from colquant import workspace
+    from colquant.params import load_profile
+
+    monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
+    profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
+    profile["calibration"].update(seqlens=[64], nsamples=2)
+    profile["quantization"].update(iters=0, batch_size=2, export_formats=["auto_round"])
+    return profile
+
+
+def calibrate(profile, nsamples):
+    """What notebook 02 does: build the profile's calibration set and save it where 03 reads it."""
+    from colquant import workspace
+
+    profile["calibration"]["nsamples"] = nsamples
+    _, processor = colquant.load(workspace.base_model(profile))
+    corpus = build_corpus(workspace.corpus_dir(profile), n_pages=6, n_queries=6, progress=False)
+    calibration = build_text_calibration(processor.tokenizer, source="pile-10k", seqlen=64, nsamples=nsamples, seed=0,
+                                         offline_fallback="embedded", corpus=corpus)
+    calibration.save(workspace.calibration_file(profile, 64))
+
+
+def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_one(small_profile, monkeypatch):
+    """Issue 8's probe: nsamples 8 -> 4 must not keep the old checkpoint (and its cached scores)."""
+    from colquant import workspace
+
+    seen_scratch = []
+    original = colquant.quantization.quantize_language_model
+
+    def recording(*args, **kwargs):
+        seen_scratch.append(os.environ.get("AR_WORK_SPACE"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(colquant.quantization, "quantize_language_model", recording)
+    calibrate(small_profile, 4)
+    first = produce_variant(small_profile, 64)
+    assert not first["reused"] and first["calibration"]["nsamples"] == 4
+    fingerprint = workspace.checkpoint_fingerprint(workspace.variants_dir(small_profile) / first["variant"])
+    assert produce_variant(small_profile, 64)["reused"]
+    calibrate(small_profile, 2)
+    second = produce_variant(small_profile, 64)
+    assert not second["reused"] and second["calibration"]["nsamples"] == 2
+    assert workspace.checkpoint_fingerprint(workspace.variants_dir(small_profile) / second["variant"]) != fingerprint
+    # auto-round's scratch space goes under the output root, never the directory the process runs in
+    assert seen_scratch == [str(workspace.output_dir(small_profile) / "ar_work_space")] * 2
+    assert "AR_WORK_SPACE" not in os.environ
+    assert [p.name for p in workspace.variants_dir(small_profile).iterdir()] == [first["variant"]]

@@ -27,11 +27,11 @@ def variant(tiny_model, tiny_path):
     return tiny_model[0], ColQwen3Processor.from_pretrained(tiny_path, max_num_visual_tokens=64)
 
 
-def sweep_once(variant, path, batch_sizes=(1, 2), kind="query", name="bf16"):
+def sweep_once(variant, path, batch_sizes=(1, 2), kind="query", name="bf16", repeats=1, weights="tiny-weights"):
     model, processor = variant
     return sweep.run_sweep(
         name, model, processor, kind=kind, batch_sizes=list(batch_sizes), query_tokens=QUERY_TOKENS,
-        repeats=1, results_path=path, device="cpu", warmup=1,
+        repeats=repeats, results_path=path, device="cpu", warmup=1, weights_fingerprint=weights,
     )
 
 
@@ -146,13 +146,36 @@ def test_results_file_is_complete_json_after_each_row(variant, tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.jsonl"]  # no staging files left behind
 
 
-def test_a_different_workload_in_the_same_file_is_refused(variant, tmp_path):
+def test_a_different_workload_in_the_same_file_is_measured_again_and_replaces_the_old_row(variant, tmp_path, calls):
     model, processor = variant
     path = tmp_path / "sweep.jsonl"
     sweep_once(variant, path, batch_sizes=(1,))
-    with pytest.raises(ValueError, match="tokens per item"):
-        sweep.run_sweep("bf16", model, processor, kind="query", batch_sizes=[1], query_tokens=QUERY_TOKENS + 1,
-                        repeats=1, results_path=path, device="cpu")
+    sweep.run_sweep("bf16", model, processor, kind="query", batch_sizes=[1], query_tokens=QUERY_TOKENS + 1,
+                    repeats=1, results_path=path, device="cpu", weights_fingerprint="tiny-weights")
+    assert calls.seen == [1, 1, 1, 1]
+    assert list(sweep.load_results(path)["tokens_per_item"]) == [QUERY_TOKENS + 1 + 10]
+
+
+@pytest.mark.parametrize("change", [{"repeats": 2}, {"weights": "requantized-weights"}])
+def test_rows_measured_with_other_repeats_or_weights_are_measured_again(variant, tmp_path, calls, change):
+    """Issue 8: changing sweep.repeats (or re-quantizing) reused the old rows, even with --force."""
+    path = tmp_path / "sweep.jsonl"
+    sweep_once(variant, path, batch_sizes=(1, 2))
+    rows = sweep_once(variant, path, batch_sizes=(1, 2), **change)
+    assert len(calls.seen) == 4 + 2 * (1 + change.get("repeats", 1))
+    assert list(rows["repeats"]) == [change.get("repeats", 1)] * 2 and len(sweep.load_results(path)) == 2
+
+
+def test_a_sweep_killed_half_way_resumes_where_it_stopped_and_finishes(variant, tmp_path, calls):
+    path = tmp_path / "sweep.jsonl"
+    calls.fail_at(4, KeyboardInterrupt())  # the process is killed while measuring the third size
+    with pytest.raises(KeyboardInterrupt):
+        sweep_once(variant, path, batch_sizes=(1, 2, 4, 8))
+    assert list(sweep.load_results(path)["batch_size"]) == [1, 2]
+    calls.failures.clear()
+    calls.seen.clear()
+    rows = sweep_once(variant, path, batch_sizes=(1, 2, 4, 8))
+    assert calls.seen == [4, 4, 8, 8] and list(rows["status"]) == ["ok"] * 4
 
 
 def hand_made_results() -> pd.DataFrame:
@@ -219,3 +242,6 @@ def test_sweep_variants_measures_each_variant_with_one_model_loaded(tiny_path, t
                              query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu")
     assert sorted(set(zip(results["variant"], results["kind"]))) == [("again", "page"), ("again", "query"), ("bf16", "page"), ("bf16", "query")]
     assert all(ref() is None for ref in alive)
+    only_bf16 = sweep_variants({"bf16": tiny_path}, load, query_batch_sizes=[1], page_batch_sizes=[1],
+                               query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu")
+    assert set(only_bf16["variant"]) == {"bf16"}  # a variant no longer compared is not reported

@@ -1,41 +1,156 @@
-"""Command line: `python -m colquant run params/<profile>.yaml` and `python -m colquant bench ...`."""
+"""colquant: run the notebook pipeline for a profile, benchmark 4-bit against BF16, refresh notebooks.
+
+Every subcommand takes the same profile argument: a name from params/ (`tiny`, `colqwen3-4b`,
+`synthetic-4b`) or the path of a profile YAML. Heavy imports (torch, transformers, papermill) happen
+inside the subcommand that needs them, so `colquant --help` and `colquant --version` are instant.
+A subcommand is one `add_<name>` function that registers its parser and handler in `SUBCOMMANDS`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-import pandas as pd
+log = logging.getLogger("colquant")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PARAMS_DIR = REPO_ROOT / "params"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+DEFAULT_PROFILE = "tiny"
+CHECKOUT_HINT = (
+    "they ship with the repository, not the installed package: clone it "
+    "(git clone <colquant repo> && cd colquant && pip install -e .) and run colquant from the checkout"
+)
+
+
+class CliError(RuntimeError):
+    """A command-line argument names something that does not exist; the message says what does."""
+
+
+def profile_file(name_or_path: str) -> Path:
+    """`tiny` -> params/tiny.yaml; an existing file or anything ending in .yaml/.yml is a path."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml") or candidate.is_file():
+        return candidate
+    if not PARAMS_DIR.is_dir():
+        raise CliError(f"no profile {name_or_path!r}: the profiles in params/ are not here ({PARAMS_DIR}); {CHECKOUT_HINT}")
+    path = PARAMS_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PARAMS_DIR.glob("*.yaml")))
+        raise CliError(f"no profile {name_or_path!r}: pass one of {names} or the path of a profile YAML")
+    return path
+
+
+def require_notebooks() -> None:
+    """The pipeline executes the repository's notebooks; say so plainly when they are absent."""
+    if not NOTEBOOKS_DIR.is_dir():
+        raise CliError(f"the pipeline's notebooks are not at {NOTEBOOKS_DIR}: {CHECKOUT_HINT}")
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("colquant")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown (not installed; pip install -e .)"
+
+
+# --- subcommands ----------------------------------------------------------------------------------
+
+
+def add_run(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("run", help="execute the notebooks for a profile and write REPORT.md")
+    parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name (tiny, ...) or YAML path")
+    parser.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
+    parser.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for another run on the same outputs to finish (default: refuse at once)")
+    parser.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from colquant.pipeline import PipelineError, run
+    from colquant.workspace import OutputError
+
+    require_notebooks()
+    selected = tuple(args.notebooks.split(",")) if args.notebooks else None
+    try:
+        summary = run(profile_file(args.profile), force=args.force, notebooks=selected, wait_s=args.wait)
+    except (PipelineError, OutputError) as error:
+        log.error("colquant run: %s", error)
+        return 1
+    width = max(len(row["step"]) for row in summary)
+    print("\n".join(f"{row['step']:<{width}}  {row['status']}" for row in summary))
+    return 0
+
+
+def add_notebooks(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("notebooks", help="re-execute the committed notebooks/ in place (nbval reference)")
+    parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name or YAML path")
+    parser.set_defaults(handler=notebooks_command)
+
+
+def notebooks_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from colquant.pipeline import refresh_committed_notebooks
+
+    require_notebooks()
+    for notebook in refresh_committed_notebooks(profile_file(args.profile)):
+        log.info("executed %s", notebook)
+    return 0
+
+
+def add_bench(commands: argparse._SubParsersAction) -> None:
+    commands.add_parser(
+        "bench", add_help=False,
+        help="4-bit vs BF16 inference benchmark: colquant bench [profile] [options] (colquant bench --help)",
+    ).set_defaults(handler=bench_command)
+
+
+def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
+    """`colquant bench tiny --no-calibrate` reads as `--profile tiny --no-calibrate`; --profile works too."""
+    from colquant.bench import main as bench_main
+
+    if rest and not rest[0].startswith("-"):
+        profile, *rest = rest
+        rest = ["--profile", Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile, *rest]
+    return bench_main(rest)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_run, add_notebooks, add_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colquant", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(commands)
+    return parser
+
+
+def show_package_logs() -> None:
+    """colquant's own INFO messages on stderr; other libraries' loggers keep their settings."""
+    package = logging.getLogger("colquant")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="colquant", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="execute the notebooks for a profile and write REPORT.md")
-    run.add_argument("profile", help="params/<profile>.yaml")
-    run.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
-    run.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
-    commands.add_parser("notebooks", help="re-execute the committed notebooks/ in place (nbval reference)")
-    commands.add_parser("bench", help="4-bit vs BF16 inference benchmark (see colquant.bench)", add_help=False)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        from colquant.bench import main as bench_main
-
-        return bench_main(rest)
-    from colquant.pipeline import PipelineError, refresh_committed_notebooks, run as run_pipeline
-
-    if args.command == "notebooks":
-        for notebook in refresh_committed_notebooks():
-            print(f"executed {notebook}")
-        return 0
-    selected = tuple(args.notebooks.split(",")) if args.notebooks else None
+    show_package_logs()
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and args.command != "bench":
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        summary = run_pipeline(args.profile, force=args.force, notebooks=selected)
-    except PipelineError as error:
-        print(f"colquant run: {error}", file=sys.stderr)
-        return 1
-    print(pd.DataFrame(summary).to_string(index=False))
-    return 0
+        return args.handler(args, rest)
+    except CliError as error:
+        log.error("colquant %s: %s", args.command, error)
+        return 2
 
 
 if __name__ == "__main__":

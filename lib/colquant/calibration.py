@@ -19,6 +19,7 @@ inside the replayed blocks, so every block is calibrated on its real inputs.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 PAGE_EMBEDS_KEY = "colquant_inputs_embeds"
 DEEPSTACK_KEY = "deepstack_residual"
+CALIBRATION_FORMAT_KEY = "format"
+CALIBRATION_FORMAT = "colquant-calibration-v1"
 PILE_10K = "NeelNanda/pile-10k"
 COLPALI_TRAIN = "vidore/colpali_train_set"
 
@@ -68,20 +71,45 @@ class CalibrationSet:
         return bool(self.items) and PAGE_EMBEDS_KEY in self.items[0]
 
     def save(self, path: str | Path) -> Path:
-        """One torch file per set (tensors + provenance), written atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(path.suffix + ".partial")
-        torch.save(self.__dict__, partial)
-        partial.replace(path)
-        return path
+        """One safetensors file per set: tensors `<sample>.<key>`, provenance as JSON in its header.
+
+        A data format, not a pickle: loading it can never run code. Written atomically.
+        """
+        from safetensors.torch import save_file
+
+        from colquant import workspace
+
+        tensors = {f"{index}.{key}": value.detach().clone().contiguous() for index, item in enumerate(self.items) for key, value in item.items()}
+        provenance = {"source": self.source, "source_used": self.source_used, "seqlen": self.seqlen,
+                      "samples": len(self.items), "origins": self.origins, "fallback_reason": self.fallback_reason}
+        metadata = {CALIBRATION_FORMAT_KEY: CALIBRATION_FORMAT, "provenance": json.dumps(provenance)}
+        return workspace.write_atomically(Path(path), lambda staging: save_file(tensors, str(staging), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationSet":
+        """Read a set `save` wrote; anything else (e.g. a pickled `.pt`) is refused, never unpickled."""
+        from safetensors import SafetensorError, safe_open
+
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no calibration set at {path}; run notebooks/02_calibration.ipynb first")
-        return cls(**torch.load(path, weights_only=False))
+        rebuild = "delete it and re-run notebooks/02_calibration.ipynb (or `python -m colquant run <profile>`)"
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                tensors = {key: file.get_tensor(key) for key in file.keys()}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CalibrationDataError(
+                f"{path} is not a calibration set in ColQuant's safetensors format ({error}); files in other "
+                f"formats (pickled .pt) are not loaded, since unpickling can run code: {rebuild}") from error
+        if metadata.get(CALIBRATION_FORMAT_KEY) != CALIBRATION_FORMAT:
+            raise CalibrationDataError(f"{path} lacks the {CALIBRATION_FORMAT} header: {rebuild}")
+        provenance = json.loads(metadata["provenance"])
+        items: list[dict[str, torch.Tensor]] = [{} for _ in range(provenance.pop("samples"))]
+        for name, tensor in tensors.items():
+            index, key = name.split(".", 1)
+            items[int(index)][key] = tensor
+        return cls(items=items, **provenance)
 
     def statistics(self) -> pd.DataFrame:
         """Per-sample token counts and source mix, for the notebook's histogram and table."""

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
 
-from colquant.model import ColQwen3
+from colquant.model import ColQwen3, ColQwen3Config
 from colquant.processing import ColQwen3Processor
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_ID = "TomoroAI/tomoro-colqwen3-embed-4b"
 HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.py"]
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+SHARD_NAME = re.compile(r"model-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors")
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
+                      "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+FLOATING_DTYPES = frozenset({"bfloat16", "float16", "float32"})
+INT32 = frozenset({"int32"})
 
 
 class CheckpointError(RuntimeError):
@@ -40,10 +47,10 @@ def resolve_checkpoint(model_id_or_path: str | Path, revision: str | None = None
             raise CheckpointError(f"{candidate} is a file; pass the checkpoint directory that holds config.json")
         return candidate
     text = str(model_id_or_path)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or candidate.parent.is_dir():
         raise CheckpointError(
-            f"no checkpoint directory at {candidate} and {text!r} is not a hub id (owner/name). "
-            "Pass an existing directory, a hub id such as "
+            f"no checkpoint directory at {candidate.absolute()}: the local folder does not exist"
+            f"{_nearby_folders(candidate)}. Pass an existing directory, a hub id such as "
             f"{DEFAULT_MODEL_ID!r}, or build the offline default with `colquant.tiny.build(path)`."
         )
     return _download(text, revision)
@@ -53,6 +60,23 @@ def snapshot_revision(path: str | Path) -> str | None:
     """The commit of a checkpoint read from a huggingface_hub cache (`.../snapshots/<commit>`), else None."""
     path = Path(path)
     return path.name if path.parent.name == "snapshots" else None
+
+
+def _nearby_folders(candidate: Path) -> str:
+    """The folders beside a missing one, since a typo in the last part is the usual cause."""
+    if not candidate.parent.is_dir():
+        return f" (nor does its parent {candidate.parent})"
+    siblings = sorted(p.name for p in candidate.parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return f" ({candidate.parent} holds: {', '.join(siblings[:10]) or 'no folders'})"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`auto` is CUDA when this machine has it, else CPU; None is CPU; anything else as given."""
+    if device is None:
+        return torch.device("cpu")
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 def hub_offline() -> bool:
@@ -93,28 +117,59 @@ def _download(repo_id: str, revision: str | None) -> Path:
         ) from error
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Check the files the hub layout promises are there and readable: config, index, every shard."""
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check what the hub layout promises before transformers reads it: a config object, the
+    tokenizer and image-processor files, the index and every shard, and each tensor's shape and
+    dtype against the architecture (and the 4-bit packing) the config describes. Returns the config."""
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json: it is not a model checkpoint directory")
-    config = json.loads(config_file.read_text())
+    config = _read_json_object(config_file, "re-download the checkpoint or restore config.json from its source")
     if config.get("model_type") != "colqwen3":
         raise CheckpointError(
             f"{config_file} says model_type={config.get('model_type')!r}, expected 'colqwen3'. "
             "For hub repos with their own code use load(..., trust_remote_code=True)."
         )
-    for shard in _shard_files(path):
+    missing = [name for name in PROCESSOR_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {', '.join(missing)}: the processor cannot be built without them. Re-download the "
+            "checkpoint, or copy them from its base model (`processor.save_pretrained(path)` writes them)."
+        )
+    shards = _shard_files(path)
+    for shard in shards:
         _verify_shard(shard)
+    _verify_tensors(path, shards)
+    return config
+
+
+def _read_json_object(file: Path, fix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error}); {fix}") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object of settings; {fix}")
+    return data
 
 
 def _shard_files(path: Path) -> list[Path]:
     index_file = path / "model.safetensors.index.json"
     if index_file.exists():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-        shards = [path / name for name in sorted(set(weight_map.values()))]
-    else:
-        shards = sorted(path.glob("*.safetensors"))
+        index = _read_json_object(index_file, "re-download it (it maps every tensor to its shard)")
+        if not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{index_file} has no weight_map object; re-download it")
+        return [path / name for name in sorted(set(index["weight_map"].values()))]
+    shards = sorted(path.glob("*.safetensors"))
+    numbered = [match for shard in shards if (match := SHARD_NAME.fullmatch(shard.name))]
+    if numbered:
+        total = int(numbered[0]["total"])
+        absent = sorted(set(range(1, total + 1)) - {int(match["number"]) for match in numbered})
+        gaps = f"; shard(s) {', '.join(map(str, absent))} of {total} are missing too" if absent else ""
+        raise CheckpointError(
+            f"{path} holds sharded weights (model-*-of-{total:05d}.safetensors) but no model.safetensors.index.json"
+            f"{gaps}. Re-download the checkpoint: without the index the shards cannot be read as one model."
+        )
     if not shards:
         raise CheckpointError(f"{path} holds no *.safetensors weights")
     return shards
@@ -134,30 +189,116 @@ def _verify_shard(shard: Path) -> None:
         ) from error
 
 
+def _verify_tensors(path: Path, shards: list[Path]) -> None:
+    """Every tensor's shape and dtype as the config's architecture (and its 4-bit packing, for a
+    quantized checkpoint) requires: transformers would otherwise cast a wrong dtype silently and
+    report a wrong shape as a bare RuntimeError. Reads only the shards' headers."""
+    config = ColQwen3Config.from_pretrained(str(path))
+    expected = _expected_tensors(config)
+    problems, fixes = [], []
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as reader:
+            for name in reader.keys():
+                header = reader.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(header.get_dtype(), header.get_dtype())
+                problem = _tensor_problem(name, tuple(header.get_shape()), dtype, expected)
+                if problem:
+                    problems.append(f"{shard.name}: {problem[0]}")
+                    fixes += [problem[1]] if problem[1] not in fixes else []
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} tensors in all)" if len(problems) > 4 else "")
+        raise CheckpointError(f"{path} does not match its config.json: {shown}. {' '.join(fixes)}")
+
+
+class _Expected(NamedTuple):
+    """What one tensor must look like, and what to do when it does not."""
+
+    shape: tuple[int, ...]
+    dtypes: frozenset[str]
+    shape_fix: str
+    dtype_fix: str
+
+
+def _expected_tensors(config: ColQwen3Config) -> dict[str, _Expected]:
+    """Per tensor name, from a weightless (meta-device) model of the config; a quantized Linear's
+    packed tensors follow from its widths and the config's quantization settings."""
+    with torch.device("meta"):
+        reference = ColQwen3(config)
+    declared = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
+    shape_fix = "The checkpoint is corrupt or from another model than its config.json describes: re-download it."
+    dtype_fix = (f"config.json declares dtype {declared or 'none'} and loading would cast silently: "
+                 "re-save the checkpoint in one dtype or correct config.json.")
+    floating = frozenset({declared}) if declared else FLOATING_DTYPES
+    expected = {
+        name: _Expected(tuple(tensor.shape), floating if tensor.is_floating_point()
+                        else frozenset({str(tensor.dtype).removeprefix("torch.")}), shape_fix, dtype_fix)
+        for name, tensor in reference.state_dict().items()
+    }
+    quantization = getattr(config, "quantization_config", None)
+    if hasattr(quantization, "to_dict"):  # transformers may have parsed it into its config class
+        quantization = quantization.to_dict()
+    if quantization:
+        expected |= _packed_tensors(reference, quantization["bits"], quantization["group_size"])
+    return expected
+
+
+def _packed_tensors(reference: torch.nn.Module, bits: int, group_size: int) -> dict[str, _Expected]:
+    """The GPTQ-style packing auto-round writes: int32 words of 32/bits weights, one scale and one
+    packed zero point per group of `group_size` inputs (one group per row when group_size <= 0)."""
+    fix = (f"config.json's quantization_config says bits={bits}, group_size={group_size}, which does not describe "
+           "these tensors: re-export the checkpoint, or set quantization_config to the settings it was quantized with.")
+    expected = {}
+    for name, module in reference.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            n_in, n_out = module.in_features, module.out_features
+            groups = 1 if group_size <= 0 else -(-n_in // group_size)
+            for part, shape, dtypes in (("qweight", (n_in * bits // 32, n_out), INT32),
+                                        ("qzeros", (groups, n_out * bits // 32), INT32),
+                                        ("scales", (groups, n_out), FLOATING_DTYPES),
+                                        ("g_idx", (n_in,), INT32)):
+                expected[f"{name}.{part}"] = _Expected(shape, dtypes, fix, fix)
+    return expected
+
+
+def _tensor_problem(
+    name: str, shape: tuple[int, ...], dtype: str, expected: dict[str, _Expected]
+) -> tuple[str, str] | None:
+    """(what is wrong with one tensor, the fix); names the model does not know are left to the key
+    check after loading."""
+    want = expected.get(name)
+    if want is None:
+        return None
+    if shape != want.shape:
+        return f"{name} has shape {list(shape)}, the architecture needs {list(want.shape)}", want.shape_fix
+    if dtype not in want.dtypes:
+        return f"{name} is stored as {dtype}, expected {' or '.join(sorted(want.dtypes))}", want.dtype_fix
+    return None
+
+
 def load(
     model_id_or_path: str | Path = DEFAULT_MODEL_ID,
     *,
     dtype: str | torch.dtype = "bfloat16",
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = "auto",
     max_num_visual_tokens: int = 1280,
     revision: str | None = None,
     trust_remote_code: bool = False,
     accelerate: bool | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load (model, processor) in eval mode.
+    """Load (model, processor) in eval mode, on the GPU when one is present (`device="auto"`).
 
     Native path (default): the project's ColQwen3 reads the checkpoint with strict key checks.
     `trust_remote_code=True` instead runs the hub's own code (needs a transformers it supports) for
     cross-checks against the native implementation.
 
-    `accelerate` (default: on CUDA) swaps the text tower for the project's fused path: 4-bit layers
+    `device="auto"` is CUDA when present, else CPU. `accelerate` (default: on CUDA) swaps the text tower for the project's fused path: 4-bit layers
     run the Triton W4A16 kernels, q/k/v and gate/up are fused for both precisions, and short
     queries replay CUDA graphs (`colquant.kernels`). Where that cannot run, a warning names why and
     the model keeps transformers' forward.
     """
     path = resolve_checkpoint(model_id_or_path, revision)
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    torch_dtype = _torch_dtype(dtype)
+    device = resolve_device(device)
     if trust_remote_code:
         return _load_remote_code(path, torch_dtype, device, max_num_visual_tokens)
     verify_checkpoint(path)
@@ -167,6 +308,7 @@ def load(
         str(path), dtype=torch_dtype, device_map=device_map, output_loading_info=True
     )
     _raise_on_key_mismatch(path, info)
+    _raise_on_non_finite(path, model)
     model = model.to(device).eval()
     accelerate = device.type == "cuda" if accelerate is None else accelerate
     if accelerate:
@@ -174,7 +316,28 @@ def load(
 
         accelerate_model(model)
     processor = ColQwen3Processor.from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
+    model.processor = processor  # so model.encode_queries/encode_pages need no processor argument
     return model, processor
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in FLOATING_DTYPES:
+        raise CheckpointError(f"dtype={dtype!r} is not a weight dtype; use one of {', '.join(sorted(FLOATING_DTYPES))}")
+    return getattr(torch, dtype)
+
+
+def _raise_on_non_finite(path: Path, model: torch.nn.Module) -> None:
+    """One pass over the loaded weights: a NaN or Inf would otherwise surface as NaN scores far
+    downstream (or as a quality drop blamed on quantization), with no hint of the tensor at fault."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{path}: tensor {name} holds {count} NaN/Inf value(s) (after casting to {tensor.dtype}); the "
+                "checkpoint is corrupt or was saved from a diverged run: re-download it or re-create the variant"
+            )
 
 
 def _raise_on_key_mismatch(path: Path, info: dict[str, Any]) -> None:

@@ -23,6 +23,9 @@ the key mteb stores results under.
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,13 @@ from colquant.corpus import FORMAT_VERSION, build_corpus
 from colquant.plots import legend_outside
 from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
+log = logging.getLogger(__name__)
+
 MODEL_ORGANISATION = "colquant"
+# mteb files results under <name>/<revision>/. The revision is the fingerprint of everything the
+# scores depend on (checkpoint content, dtype, visual-token budget, scoring mode; see
+# `workspace.evaluation_fingerprint`), so a changed input is recomputed and its old result never read.
+REVISION_PATTERN = re.compile(r"[0-9a-f]{8,64}")
 NDCG_COLUMN = "ndcg_at_5"
 DELTA_SUFFIX = " Δ%"
 DEFAULT_SCORING: ScoringMode = "colpali"
@@ -63,21 +72,15 @@ SCORING_LABELS = {"colpali": "colpali scoring", "exact": "exact MaxSim"}
 # Encoder
 
 
-def results_revision(scoring: ScoringMode) -> str:
-    """The revision mteb files a variant's results under (`<name>/<revision>/`): the scoring mode.
-
-    Variants are told apart by name and scoring modes by revision, so a variant's results for one
-    mode stay in one place across runs (that is what makes them resumable) and a result scored one
-    way is never read back as the other.
-    """
+def check_scoring(scoring: str) -> None:
+    """Refuse a scoring mode `colquant.score` does not have, naming the two it has."""
     if scoring not in SCORING_MODES:
         raise ValueError(f"evaluation.scoring={scoring!r}: use 'colpali' (mteb's published scoring) or 'exact' (true MaxSim)")
-    return f"scoring-{scoring}"
 
 
 def other_scoring(scoring: ScoringMode) -> ScoringMode:
     """The mode shown in the extra column beside the main one."""
-    results_revision(scoring)
+    check_scoring(scoring)
     return "exact" if scoring == "colpali" else "colpali"
 
 
@@ -103,12 +106,17 @@ class ColQuantEncoder(AbsEncoder):
     `encode` returns a (items, tokens, dim) tensor in the model's dtype, each item's real tokens
     first and zero rows after (mteb pads a corpus chunk the same way); `similarity` is
     `colquant.score` in the `scoring` mode: `colpali` maxes over those zero rows as colpali-engine
-    does, `exact` ignores them. The variant name must identify everything that changes scores
-    (weights, dtype, visual-token budget): results are cached under it and the scoring mode.
+    does, `exact` ignores them. Results are cached under (variant name, `revision`); the revision
+    must be the fingerprint of everything that changes scores (weights, dtype, visual-token budget,
+    scoring mode: `workspace.evaluation_fingerprint`).
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str,
+    def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str,
                  scoring: ScoringMode = DEFAULT_SCORING) -> None:
+        if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
+            raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
+                             "workspace.evaluation_fingerprint(profile, checkpoint, scoring)")
+        check_scoring(scoring)
         self.model = model
         self.processor = processor
         self.scoring = scoring
@@ -116,7 +124,7 @@ class ColQuantEncoder(AbsEncoder):
         self.mteb_model_meta = ModelMeta(
             loader=None,
             name=variant_model_name(variant_name),
-            revision=results_revision(scoring),
+            revision=revision,
             release_date=None,
             languages=["eng-Latn"],
             n_parameters=None,
@@ -290,20 +298,22 @@ def get_tasks(names: Sequence[str], corpus_root: str | Path | None = None,
 
 
 def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, tasks: Iterable[AbsTask],
-                     output_dir: str | Path, *, batch_size: int, corpus_chunk_size: int,
+                     output_dir: str | Path, *, revision: str, batch_size: int, corpus_chunk_size: int,
                      scoring: ScoringMode = DEFAULT_SCORING, model_revision: str | None = None) -> pd.DataFrame:
     """Evaluate one variant on `tasks` with mteb; one row per task and subset (see `results_frame`).
 
-    Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/
-    scoring-<mode>/`. Tasks already finished there for this variant name and scoring mode are read
-    back instead of re-run, so an interrupted run resumes; another variant or mode never sees them.
-    The corpus is encoded and scored `corpus_chunk_size` pages at a time, which bounds the memory
-    held by page embeddings. `model_revision` (the hub commit of the base model) is recorded in
-    every row.
+    Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/<revision>/`.
+    Tasks already finished there for this name and revision are read back instead of re-run, so an
+    interrupted run resumes; a variant with another name, or re-quantized or evaluated under other
+    settings (another revision: pass `workspace.evaluation_fingerprint(profile, checkpoint, scoring)`,
+    which covers the scoring mode), never sees them. The corpus is encoded and scored
+    `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
+    `model_revision` (the hub commit of the base model) is recorded in every row.
     """
     tasks = list(tasks)
-    encoder = ColQuantEncoder(model, processor, variant_name, scoring)
+    encoder = ColQuantEncoder(model, processor, variant_name, revision, scoring)
     cache = mteb.ResultCache(output_dir)
+    _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
     _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
     result = mteb.evaluate(
         SearchEncoderWrapper(encoder, corpus_chunk_size=corpus_chunk_size),
@@ -317,6 +327,21 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     main_scores = {task.metadata.name: task.metadata.main_score for task in tasks}
     return results_frame(result.task_results, variant_name, main_scores).assign(
         scoring=scoring, model_revision=model_revision)
+
+
+def _drop_interrupted_results(cache: mteb.ResultCache, meta: ModelMeta, tasks: list[AbsTask]) -> None:
+    """mteb writes a result file in place; one a kill cut short is not a result: remove it (with a
+    warning naming it) so that the task is evaluated again instead of failing every later run."""
+    for task in tasks:
+        path = cache.get_task_result_path(task.metadata.name, meta)
+        if not path.exists():
+            continue
+        try:
+            json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            log.warning("%s is not a complete mteb result (%s), as a killed write leaves it; evaluating "
+                        "%s again", path, error, task.metadata.name)
+            path.unlink()
 
 
 def _refuse_results_of_other_datasets(cache: mteb.ResultCache, meta: ModelMeta, tasks: list[AbsTask]) -> None:

@@ -22,8 +22,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy import stats
-from tqdm.auto import tqdm
 
+from colquant import encode
+from colquant.encode import model_device
 from colquant.plots import legend_outside
 from colquant.scoring import score
 
@@ -34,35 +35,16 @@ Variant = tuple[torch.nn.Module, Any]  # (model, processor)
 # --- encoding -------------------------------------------------------------------------------------
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device inputs must go to (models here live on one device)."""
-    return next(model.parameters()).device
-
-
 def encode_queries(model: torch.nn.Module, processor: Any, texts: Sequence[str], batch_size: int) -> list[torch.Tensor]:
-    """Per-query (tokens, dim) float32 embeddings on CPU, padding removed."""
-    return _encode(model, processor.process_queries, list(texts), batch_size, "queries")
+    """Per-query (tokens, dim) float32 embeddings on CPU, padding removed (`colquant.encode`)."""
+    return encode.encode_queries(model, texts, processor=processor, batch_size=batch_size, show_progress_bar=True)
 
 
 def encode_pages(
     model: torch.nn.Module, processor: Any, images: Sequence[Image.Image], batch_size: int
 ) -> list[torch.Tensor]:
-    """Per-page (tokens, dim) float32 embeddings on CPU, padding removed."""
-    return _encode(model, processor.process_images, list(images), batch_size, "pages")
-
-
-def _encode(model: torch.nn.Module, process: Any, items: list[Any], batch_size: int, label: str) -> list[torch.Tensor]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = model_device(model)
-    out: list[torch.Tensor] = []
-    for start in tqdm(range(0, len(items), batch_size), desc=f"encoding {label}", leave=False):
-        batch = process(items[start : start + batch_size]).to(device)
-        with torch.inference_mode():
-            embeddings = model(**batch).embeddings
-        keep = batch["attention_mask"].bool()
-        out.extend(e[k].float().cpu() for e, k in zip(embeddings, keep))
-    return out
+    """Per-page (tokens, dim) float32 embeddings on CPU, padding removed (`colquant.encode`)."""
+    return encode.encode_pages(model, images, processor=processor, batch_size=batch_size, show_progress_bar=True)
 
 
 # --- embedding and ranking agreement --------------------------------------------------------------

@@ -8,6 +8,7 @@ last hidden state -> 320-d projection -> per-token L2 normalisation -> padding r
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,18 @@ class ColQwen3(Qwen3VLPreTrainedModel):
     @property
     def visual(self) -> nn.Module:
         return self.vlm.model.visual
+
+    def encode_queries(self, texts: Sequence[str], **options: Any) -> Any:
+        """Embed query texts in length-sorted batches; see `colquant.encode.encode_queries`."""
+        from colquant.encode import encode_queries
+
+        return encode_queries(self, texts, **options)
+
+    def encode_pages(self, images: Iterable[Any], **options: Any) -> Any:
+        """Embed page images (PIL, paths, a datasets column); see `colquant.encode.encode_pages`."""
+        from colquant.encode import encode_pages
+
+        return encode_pages(self, images, **options)
 
     def forward(
         self,

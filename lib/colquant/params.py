@@ -1,72 +1,298 @@
 """Run profiles: the YAML files in `params/` that parameterise every notebook and the pipeline.
 
-A profile is read once, checked, and passed around as a plain dict so notebooks can show it. The
-checks catch the mistakes that would otherwise surface an hour into a GPU run (a misspelt
-calibration source, a seqlen that is not a positive integer, a group size that does not divide
-the layers).
+A profile is read once, validated against a typed schema (one pydantic model per section) and
+passed around as a plain dict with the defaults filled in, so notebooks can show it and code can
+index it. The schema is strict on purpose: a misspelt key, a quoted number or boolean, or a setting
+the model cannot take would otherwise surface an hour into a GPU run, or never (a wrong result).
+Every error names the file, the key path and what is allowed.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import ErrorDetails
 
-REQUIRED_SECTIONS = ("model", "corpus", "calibration", "quantization", "evaluation", "fidelity", "sweep")
-CALIBRATION_SOURCES = ("pile-10k", "colpali-train", "pages")
-OFFLINE_FALLBACKS = ("embedded", "none")
-EXPORT_FORMATS = ("auto_round", "auto_gptq", "auto_awq")
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+DEVICE_FORMS = "cpu, cuda, cuda:N or auto (CUDA when present, else CPU)"
+_DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+COMPRESSION_FORMS = "none, int8, binary, poolN, poolN+int8 or poolN+binary (N from 2 to 9)"
+_COMPRESSION_PATTERN = re.compile(r"^(none|int8|binary|pool[2-9](\+(int8|binary))?)$")
+EXAMPLE_PROFILE = "params/tiny.yaml"
 
 
 class ProfileError(ValueError):
     """A profile file is missing, malformed, or names an impossible setting."""
 
 
-def load_profile(path: str | Path) -> dict[str, Any]:
-    """Read and validate `params/<name>.yaml`; relative paths inside stay relative to the repo root."""
+class _Section(BaseModel):
+    """Strict: no string-to-number/boolean coercion, and unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class ModelSection(_Section):
+    id: str = Field(min_length=1)
+    revision: str | None = None  # a hub commit sha for hub ids; null for local or built models
+    dtype: Literal["bfloat16", "float16", "float32"]
+    device: str
+    max_num_visual_tokens: PositiveInt
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, device: str, info: ValidationInfo) -> str:
+        if not _DEVICE_PATTERN.match(device):
+            raise ValueError(f"use {DEVICE_FORMS}")
+        if (info.context or {}).get("check_device", True):
+            reason = cuda_unavailable_reason(device)
+            if reason:
+                raise ValueError(f"{reason}; use device: auto (CUDA when present, else CPU) or cpu, or run on a GPU machine")
+        return device
+
+
+class CorpusSection(_Section):
+    source: Literal["embedded", "vidore"]
+    n_pages: PositiveInt = 60
+    n_queries: PositiveInt = 120
+    seed: NonNegativeInt = 0
+
+
+class CalibrationSection(_Section):
+    source: Literal["pile-10k", "colpali-train", "pages"]
+    offline_fallback: Literal["embedded", "none"]
+    nsamples: PositiveInt
+    seqlens: list[PositiveInt] = Field(min_length=1)
+    seed: NonNegativeInt
+
+
+class QuantizationSection(_Section):
+    bits: Literal[4]  # only W4A16 is supported
+    group_size: PositiveInt
+    sym: bool
+    iters: NonNegativeInt  # 0 = RTN
+    batch_size: PositiveInt
+    rtn_baseline: bool
+    export_formats: list[Literal["auto_round", "auto_gptq", "auto_awq"]] = Field(min_length=1)
+
+
+class EvaluationSection(_Section):
+    tasks: list[str] = Field(min_length=1)
+    languages: list[str] | None = None
+    scoring: Literal["colpali", "exact"] = "colpali"  # colpali-engine's scoring, as the published numbers
+    batch_size: PositiveInt
+    corpus_chunk_size: PositiveInt
+
+
+class FidelitySection(_Section):
+    n_queries: PositiveInt
+    n_pages: PositiveInt
+
+
+class SweepSection(_Section):
+    query_batch_sizes: list[PositiveInt] = Field(min_length=1)
+    page_batch_sizes: list[PositiveInt] = Field(min_length=1)
+    query_tokens: PositiveInt
+    repeats: PositiveInt
+    memory_budgets_gb: list[PositiveFloat] = Field(min_length=1)
+
+
+class CompressionSection(_Section):
+    settings: list[str] = Field(default=["none", "pool2", "pool3", "int8", "binary", "pool3+binary"], min_length=1)
+
+    @field_validator("settings")
+    @classmethod
+    def _settings_follow_the_grammar(cls, settings: list[str]) -> list[str]:
+        wrong = [setting for setting in settings if not _COMPRESSION_PATTERN.match(setting)]
+        if wrong:
+            raise ValueError(f"{', '.join(map(repr, wrong))} not understood; each setting is one of {COMPRESSION_FORMS}")
+        return settings
+
+
+class Profile(_Section):
+    """A whole profile; `model_dump()` is the plain dict the notebooks and the pipeline read."""
+
+    profile: str
+    random_weights: bool
+    model: ModelSection
+    corpus: CorpusSection
+    calibration: CalibrationSection
+    quantization: QuantizationSection
+    evaluation: EvaluationSection
+    fidelity: FidelitySection
+    sweep: SweepSection
+    compression: CompressionSection | None = None
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_is_a_plain_name(cls, name: str) -> str:
+        """Outputs go to <output root>/<profile>: a name with '/' or '..' would write elsewhere."""
+        if not _PLAIN_NAME.match(name) or ".." in name:
+            raise ValueError("a profile name is a plain name: letters, digits, '.', '_' and '-', no '/' and no '..'")
+        return name
+
+
+def load_profile(path: str | Path, *, check_device: bool = True) -> dict[str, Any]:
+    """Read and validate `params/<name>.yaml`; relative paths inside stay relative to the repo root.
+
+    `check_device=False` validates a profile for another machine (e.g. a CUDA profile on a CPU box).
+    """
     path = Path(path)
     if not path.exists():
         available = ", ".join(sorted(p.name for p in path.parent.glob("*.yaml"))) or "none"
         raise ProfileError(f"no profile at {path} (profiles in {path.parent}: {available})")
-    profile = yaml.safe_load(path.read_text())
+    try:
+        profile = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ProfileError(f"{path} is not valid YAML: {_yaml_problem(error)}") from error
     if not isinstance(profile, dict):
-        raise ProfileError(f"{path} must be a YAML mapping of sections")
-    validate_profile(profile, source=str(path))
-    return profile
+        raise ProfileError(f"{path} must be a YAML mapping of sections; see {EXAMPLE_PROFILE} for a complete profile")
+    return validate_profile(profile, source=str(path), check_device=check_device)
 
 
-def validate_profile(profile: dict[str, Any], source: str = "profile") -> None:
-    missing = [s for s in ("profile", "random_weights", *REQUIRED_SECTIONS) if s not in profile]
-    if missing:
-        raise ProfileError(f"{source} lacks {', '.join(missing)}; see params/tiny.yaml for a complete profile")
-    calibration, quantization = profile["calibration"], profile["quantization"]
-    _one_of(source, "calibration.source", calibration["source"], CALIBRATION_SOURCES)
-    _one_of(source, "calibration.offline_fallback", calibration["offline_fallback"], OFFLINE_FALLBACKS)
-    for key in ("nsamples",):
-        _positive_int(source, f"calibration.{key}", calibration[key])
-    if not calibration["seqlens"]:
-        raise ProfileError(f"{source}: calibration.seqlens is empty; give at least one, e.g. [512]")
-    for seqlen in calibration["seqlens"]:
-        _positive_int(source, "calibration.seqlens[]", seqlen)
-    if quantization["bits"] != 4:
-        raise ProfileError(f"{source}: quantization.bits={quantization['bits']}; only W4A16 (bits: 4) is supported")
-    _positive_int(source, "quantization.group_size", quantization["group_size"])
-    if quantization["iters"] < 0 or not isinstance(quantization["iters"], int):
-        raise ProfileError(f"{source}: quantization.iters must be an integer >= 0 (0 = RTN), got {quantization['iters']!r}")
-    _positive_int(source, "quantization.batch_size", quantization["batch_size"])
-    for fmt in quantization["export_formats"]:
-        _one_of(source, "quantization.export_formats[]", fmt, EXPORT_FORMATS)
+def validate_profile(profile: dict[str, Any], source: str = "profile", *, check_device: bool = True) -> dict[str, Any]:
+    """The profile as a plain dict with defaults filled in, or a ProfileError listing every problem."""
+    try:
+        validated = Profile.model_validate(profile, context={"check_device": check_device})
+    except ValidationError as error:
+        problems = [_describe(detail) for detail in error.errors(include_url=False)]
+        raise ProfileError(_problem_report(source, problems)) from None
+    problems = _group_size_problems(validated)
+    if problems:
+        raise ProfileError(_problem_report(source, problems))
+    return validated.model_dump()
 
 
-def _one_of(source: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ProfileError(f"{source}: {key}={value!r} is not one of {', '.join(allowed)}")
+def cuda_unavailable_reason(device: str) -> str | None:
+    """Why `device` (cpu, auto, cuda, cuda:N) cannot run here, or None when it can."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"this machine has no CUDA device (torch {torch.__version__})"
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    return f"this machine has {count} CUDA device(s), so {device} does not exist" if index >= count else None
 
 
-def _positive_int(source: str, key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ProfileError(f"{source}: {key} must be a positive integer, got {value!r}")
+def quantized_input_widths(model_id: str) -> dict[str, int] | None:
+    """Input widths of the decoder Linears auto-round quantizes, by layer, for models whose
+    architecture is known before loading: the embedded tiny model, the synthetic and real 4B, and a
+    local checkpoint directory (from its config.json). None when unknown (checked at quantization)."""
+    from colquant.checkpoint import DEFAULT_MODEL_ID
+    from colquant.model import ColQwen3Config
+
+    known = {"embedded-tiny": ColQwen3Config.tiny, "synthetic-4b": ColQwen3Config.colqwen3_4b,
+             DEFAULT_MODEL_ID: ColQwen3Config.colqwen3_4b}
+    config_file = Path(model_id) / "config.json"
+    if model_id in known:
+        text = known[model_id]().text_config
+    elif config_file.is_file():
+        try:
+            text = ColQwen3Config.from_pretrained(str(config_file.parent)).text_config
+        except (OSError, ValueError, TypeError, AttributeError):  # checkpoint.load reports it, naming the file
+            return None
+    else:
+        return None
+    return {
+        "q/k/v_proj, gate/up_proj": text.hidden_size,
+        "o_proj": text.num_attention_heads * text.head_dim,
+        "down_proj": text.intermediate_size,
+    }
+
+
+def _group_size_problems(profile: Profile) -> list[str]:
+    widths = quantized_input_widths(profile.model.id)
+    group_size = profile.quantization.group_size
+    narrow = {name: width for name, width in (widths or {}).items() if width % group_size}
+    if not narrow:
+        return []
+    shown = ", ".join(f"{name} ({width})" for name, width in narrow.items())
+    return [
+        f"quantization.group_size={group_size} does not divide the input width of {shown} in {profile.model.id}; "
+        f"use a divisor of {math.gcd(*widths.values())} (every quantized layer's input width is a multiple of it)"
+    ]
+
+
+def _problem_report(source: str, problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return f"{source} has {len(problems)} problems:\n" + "\n".join(f"  - {problem}" for problem in problems)
+
+
+def _describe(detail: ErrorDetails) -> str:
+    """One pydantic error as a sentence: the key path, what was found, what is allowed."""
+    location, kind, value = detail["loc"], detail["type"], detail.get("input")
+    key = _key_path(location)
+    message = detail["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        return _unknown_key(location)
+    if kind == "missing":
+        return f"{key} is missing; add it (see {EXAMPLE_PROFILE} for a complete profile)"
+    if kind == "too_short":
+        return f"{key} is empty; give at least one value"
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'|(\d+)", detail.get("ctx", {}).get("expected", ""))
+        nearest = difflib.get_close_matches(str(value), [a or b for a, b in allowed], n=1)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        return f"{key}={value!r} is not allowed: {message[0].lower()}{message[1:]}{hint}"
+    if kind == "list_type" and isinstance(value, (str, int, float)):
+        return f"{key}={value!r} is a single value: {message[0].lower()}{message[1:]}; write a list, e.g. [{value}]"
+    if kind == "model_type":
+        return f"{key} must be a mapping of its keys (see {EXAMPLE_PROFILE}), got {value!r}"
+    if kind.endswith("_type") and isinstance(value, str):
+        return f"{key}={value!r} is a string: {message[0].lower()}{message[1:]}; write the value without quotes"
+    return f"{key}={value!r}: {message[0].lower()}{message[1:]}"
+
+
+def _key_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "the profile"
+
+
+def _unknown_key(location: tuple[int | str, ...]) -> str:
+    """Names the nearest valid key: at the same level, else in a section (a top-level `seqlens`)."""
+    *parent, name = location
+    section = _section_model(tuple(parent))
+    allowed = list(section.model_fields)
+    nearest = difflib.get_close_matches(str(name), allowed, n=1)
+    if not nearest:
+        nested = {key: f"{field}.{key}" for field in allowed for key in _nested_keys(section, field)}
+        nearest = [nested[key] for key in difflib.get_close_matches(str(name), list(nested), n=1)]
+    hint = f"did you mean {nearest[0]!r}? " if nearest else ""
+    where = _key_path(tuple(parent)) if parent else "the top level"
+    return f"{_key_path(location)} is not a known key; {hint}keys of {where}: {', '.join(allowed)}"
+
+
+def _nested_keys(section: type[BaseModel], field: str) -> list[str]:
+    annotation = section.model_fields[field].annotation
+    models = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return list(models[0].model_fields) if models else []
+
+
+def _section_model(location: tuple[int | str, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = Profile
+    for part in location:
+        annotation = model.model_fields[str(part)].annotation
+        model = next(a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel))
+    return model
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def variant_name(profile: dict[str, Any], seqlen: int, method: str = "autoround", *,

@@ -1,10 +1,12 @@
 """Headless runs: execute the numbered notebooks with papermill for a profile, then write the report.
 
 Notebooks 01-03 run once per calibration seqlen (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`);
-04-06 compare every variant produced and run once. A step is skipped when its fingerprint (the
-notebook's source, its parameters, the profile, and the fingerprints of the steps before it) is
-unchanged and its executed notebook exists, so an interrupted run resumes where it stopped and a
-finished one costs nothing to repeat.
+04-06 compare every variant the profile produces and run once. A step is skipped only when its
+fingerprint is the one recorded when it last *finished* and every result it declares exists. The
+fingerprint covers the notebook's source, its parameters, the profile sections it reads and the
+fingerprints of the steps whose outputs it reads, so a change re-runs exactly the steps it affects
+(e.g. `sweep.repeats` re-runs only 06). A step's record is removed before it runs, so a run killed
+half way never leaves a step that looks finished. One run at a time holds the output directory.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from jupyter_client.manager import AsyncKernelManager
+from traitlets import CaselessStrEnum
 
 from colquant import workspace
-from colquant.params import load_profile
+from colquant.params import load_profile, variant_name
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +31,35 @@ NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
 PER_SEQLEN = ("01_architecture", "02_calibration", "03_quantization")
 ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep")
 STATE_FILE = "pipeline_state.json"
+# The profile sections each notebook reads (besides the profile's name and random_weights).
+SECTIONS = {
+    "01_architecture": ("model",),
+    "02_calibration": ("model", "corpus", "calibration"),
+    "03_quantization": ("model", "calibration", "quantization"),
+    "04_embedding_fidelity": ("model", "corpus", "fidelity", "evaluation"),
+    "05_vidore_eval": ("model", "corpus", "evaluation"),
+    "06_memory_sweep": ("model", "sweep"),
+}
 
 
 class PipelineError(RuntimeError):
-    """A notebook failed; the message names it and where its executed copy (with the error) is."""
+    """A notebook failed or did not write its results; the message names it and its executed copy."""
+
+
+class QuietKernelManager(AsyncKernelManager):
+    """The notebooks' kernel, without the noise of a normal run at its source.
+
+    IPC sockets instead of TCP (the kernel warns that TCP carries code unencrypted), and no SIGINT
+    to a kernel that is being shut down after its notebook finished (jupyter_client interrupts
+    before asking it to exit, and the idle kernel logs "KeyboardInterrupt caught in kernel").
+    """
+
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    async def _async_interrupt_kernel(self) -> None:
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
 
 
 @dataclass(frozen=True)
@@ -38,6 +67,9 @@ class Step:
     notebook: str
     parameters: dict[str, Any]
     output: Path
+    results: tuple[Path, ...]  # what the notebook must have written for the step to count as done
+    caches: tuple[Path, ...]  # reused results `--force` removes so that they are recomputed
+    depends_on: tuple[str, ...]  # keys of the steps whose outputs it reads
 
     @property
     def key(self) -> str:
@@ -45,15 +77,36 @@ class Step:
 
 
 def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
-    """The notebooks to execute for this profile, in order."""
+    """The notebooks to execute for this profile, in order, with what each writes and reads."""
     out = workspace.output_dir(profile)
+    results = out / "results"
     relative = _relative_to_root(profile_path)
-    steps = [
-        Step(name, {"profile_path": relative, "seqlen": seqlen}, out / f"{name}__seqlen{seqlen}.ipynb")
-        for seqlen in profile["calibration"]["seqlens"]
-        for name in PER_SEQLEN
-    ]
-    steps += [Step(name, {"profile_path": relative}, out / f"{name}.ipynb") for name in ACROSS_VARIANTS]
+    rtn = [variant_name(profile, 0, "rtn")] if profile["quantization"].get("rtn_baseline") else []
+    steps, quantized = [], []
+    for seqlen in profile["calibration"]["seqlens"]:
+        variants = tuple(workspace.variants_dir(profile) / name for name in [workspace.autoround_variant(profile, seqlen), *rtn])
+        per_seqlen = {
+            "01_architecture": ((results / "architecture.json",), (), ()),
+            "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
+            "03_quantization": (
+                (results / f"quantization__seqlen{seqlen}.json", *(v / "quantization_metadata.json" for v in variants)),
+                variants, (f"02_calibration__seqlen{seqlen}",),
+            ),
+        }
+        for name in PER_SEQLEN:
+            written, caches, depends_on = per_seqlen[name]
+            steps.append(Step(name, {"profile_path": relative, "seqlen": seqlen}, out / f"{name}__seqlen{seqlen}.ipynb",
+                              written, caches, depends_on))
+        quantized.append(f"03_quantization__seqlen{seqlen}")
+    across = {
+        "04_embedding_fidelity": ((results / f"fidelity_{n}.csv" for n in ("summary", "layer_errors", "embeddings")), ()),
+        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (out / "mteb",)),
+        "06_memory_sweep": ((results / f"{n}" for n in ("sweep.jsonl", "sweep_same_batch.csv", "sweep_budgets.csv")),
+                            (results / "sweep.jsonl",)),
+    }
+    for name in ACROSS_VARIANTS:
+        written, caches = across[name]
+        steps.append(Step(name, {"profile_path": relative}, out / f"{name}.ipynb", tuple(written), caches, tuple(quantized)))
     return steps
 
 
@@ -65,61 +118,114 @@ def _relative_to_root(path: Path) -> str:
         return str(path)
 
 
-def fingerprint(step: Step, profile: dict[str, Any], previous: str) -> str:
+def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -> str:
+    """The step's notebook source, parameters, the profile sections it reads, its upstream steps'."""
+    sections = {name: profile[name] for name in SECTIONS[step.notebook]}
+    if "seqlen" in step.parameters and "calibration" in sections:  # its own seqlen is a parameter
+        sections["calibration"] = {k: v for k, v in sections["calibration"].items() if k != "seqlens"}
     digest = hashlib.sha256()
     digest.update((NOTEBOOKS_DIR / f"{step.notebook}.ipynb").read_bytes())
-    digest.update(json.dumps([step.parameters, profile, previous], sort_keys=True, default=str).encode())
+    identity = [step.parameters, profile["profile"], profile["random_weights"], sections,
+                [upstream[key] for key in step.depends_on]]
+    digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
 def run(
-    profile_path: str | Path, *, force: bool = False, notebooks: tuple[str, ...] | None = None
+    profile_path: str | Path, *, force: bool = False, notebooks: tuple[str, ...] | None = None,
+    wait_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Execute the profile's notebooks (skipping unchanged finished ones), then write REPORT.md.
 
     `notebooks` restricts the run to some of them by number (e.g. ("01", "02", "03", "06") on a
-    machine without mteb); the others are neither run nor forgotten.
+    machine without mteb); the others are neither run nor forgotten. `force` re-runs the selected
+    steps and recomputes their cached results (mteb results, sweep rows, quantized variants).
+    A second run on the same output directory waits up to `wait_s` seconds, then refuses.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     from colquant.reporting import write_report
 
     profile_path = workspace.resolve(profile_path)
     profile = load_profile(profile_path)
     out = workspace.output_dir(profile)
-    state_path = out / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    summary, previous = [], ""
-    for step in tqdm(plan(profile_path, profile), desc=f"pipeline {profile['profile']}"):
-        previous = fingerprint(step, profile, previous)
-        if notebooks is not None and step.notebook[:2] not in notebooks:
-            summary.append({"step": step.key, "status": "not selected"})
-            continue
-        if not force and state.get(step.key) == previous and step.output.exists():
-            summary.append({"step": step.key, "status": "skipped (unchanged)"})
-            continue
-        state.pop(step.key, None)
-        try:
-            papermill.execute_notebook(
-                str(NOTEBOOKS_DIR / f"{step.notebook}.ipynb"),
-                str(step.output),
-                parameters=step.parameters,
-                cwd=str(workspace.REPO_ROOT),
-                progress_bar=False,
-            )
-        except PapermillExecutionError as error:
+    with workspace.output_lock(out, wait_s=wait_s):
+        _remove_interrupted_staging(profile)
+        state_path = out / STATE_FILE
+        state = _read_state(state_path)
+        summary: list[dict[str, Any]] = []
+        fingerprints: dict[str, str] = {}
+        steps = plan(profile_path, profile)
+        for index, step in enumerate(steps, 1):
+            # planned again: a variant's name carries the calibration source 02 actually used
+            step = {fresh.key: fresh for fresh in plan(profile_path, profile)}[step.key]
+            fingerprints[step.key] = fingerprint(step, profile, fingerprints)
+            if notebooks is not None and step.notebook[:2] not in notebooks:
+                summary.append({"step": step.key, "status": "not selected"})
+                continue
+            if not force and _finished(step, state, fingerprints[step.key]):
+                log.info("%d/%d %s: unchanged, skipped", index, len(steps), step.key)
+                summary.append({"step": step.key, "status": "skipped (unchanged)"})
+                continue
+            state.pop(step.key, None)
+            workspace.write_json(state_path, state)  # a kill from here on leaves the step not done
+            if force:
+                _remove_caches(step)
+            _execute(step, f"{index}/{len(steps)} {step.key}")
+            state[step.key] = fingerprints[step.key]
             workspace.write_json(state_path, state)
-            raise PipelineError(
-                f"{step.notebook} failed ({error.ename}: {error.evalue}); the executed notebook with the "
-                f"failing cell is {step.output}"
-            ) from error
-        state[step.key] = previous
-        workspace.write_json(state_path, state)
-        summary.append({"step": step.key, "status": "executed"})
-    report = write_report(profile)
+            summary.append({"step": step.key, "status": "executed"})
+        report = write_report(profile)
     summary.append({"step": "REPORT.md", "status": str(report)})
     return summary
+
+
+def _read_state(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    return workspace.read_json(path, "delete it: every step then runs again (finished results are reused)")
+
+
+def _finished(step: Step, state: dict[str, str], current: str) -> bool:
+    return state.get(step.key) == current and step.output.exists() and all(path.exists() for path in step.results)
+
+
+def _remove_caches(step: Step) -> None:
+    for path in step.caches:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _remove_interrupted_staging(profile: dict[str, Any]) -> None:
+    """Staging folders of saves a killed run left behind (this run holds the lock, so none is live)."""
+    from colquant.quantization import remove_stale_staging
+
+    remove_stale_staging(workspace.output_dir(profile))
+    remove_stale_staging(workspace.variants_dir(profile))
+
+
+def _execute(step: Step, description: str) -> None:
+    """Run one notebook with papermill, one progress line per notebook counting its cells."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(
+            str(NOTEBOOKS_DIR / f"{step.notebook}.ipynb"),
+            str(step.output),
+            parameters=step.parameters,
+            cwd=str(workspace.REPO_ROOT),
+            progress_bar={"desc": description, "leave": True},
+            kernel_manager_class=QuietKernelManager,
+        )
+    except PapermillExecutionError as error:
+        raise PipelineError(
+            f"{step.notebook} failed ({error.ename}: {error.evalue}); the executed notebook with the "
+            f"failing cell is {step.output}"
+        ) from error
+    missing = [str(path) for path in step.results if not path.exists()]
+    if missing:
+        raise PipelineError(f"{step.notebook} finished but did not write {', '.join(missing)}; see {step.output}")
 
 
 def refresh_committed_notebooks(profile_path: str | Path = "params/tiny.yaml") -> list[Path]:
@@ -140,7 +246,8 @@ def refresh_committed_notebooks(profile_path: str | Path = "params/tiny.yaml") -
             for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
                 papermill.execute_notebook(
                     str(notebook), str(notebook), parameters={"profile_path": str(profile_path)},
-                    cwd=str(NOTEBOOKS_DIR), progress_bar=False,
+                    cwd=str(NOTEBOOKS_DIR), progress_bar={"desc": notebook.stem, "leave": True},
+                    kernel_manager_class=QuietKernelManager,
                 )
                 executed.append(notebook)
         finally:

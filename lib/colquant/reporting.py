@@ -23,18 +23,14 @@ def write_report(profile: dict[str, Any]) -> Path:
         f"Base model revision: `{workspace.base_model_revision(profile)}`. "
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python -m colquant run`.",
         _model_section(results),
-        _quantization_section(results),
+        _quantization_section(results, profile),
         _quality_section(results, profile["evaluation"].get("scoring", "colpali")),
         _fidelity_section(results),
         _sweep_section(results),
         _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile)),
     ]
     update_variant_cards(profile)
-    path = workspace.output_dir(profile) / "REPORT.md"
-    partial = path.with_suffix(".md.partial")
-    partial.write_text("\n\n".join(sections) + "\n")
-    partial.replace(path)
-    return path
+    return workspace.write_text(workspace.output_dir(profile) / "REPORT.md", "\n\n".join(sections) + "\n")
 
 
 def _missing(what: str, notebook: str) -> str:
@@ -59,8 +55,11 @@ def _model_section(results: Path) -> str:
     )
 
 
-def _quantization_section(results: Path) -> str:
-    runs = [run for path in sorted(results.glob("quantization__seqlen*.json")) for run in json.loads(path.read_text())]
+def _quantization_section(results: Path, profile: dict[str, Any]) -> str:
+    """The variants of the profile's current seqlens only (a seqlen removed from it is not reported)."""
+    paths = [results / f"quantization__seqlen{seqlen}.json" for seqlen in sorted(profile["calibration"]["seqlens"])]
+    fix = "delete it and re-run notebooks/03_quantization.ipynb (or `python -m colquant run <profile>`)"
+    runs = [run for path in paths if path.exists() for run in workspace.read_json(path, fix)]
     if not runs:
         return "## Quantization\n\n" + _missing("quantized variants", "notebooks/03_quantization.ipynb")
     rows = {

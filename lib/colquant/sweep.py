@@ -11,6 +11,8 @@ that fills the processor's visual-token budget (compute does not depend on what 
 
 Sweeps take long on the real model and may die half way (a device lease ends, an OOM takes the
 process down), so each finished row is written at once, atomically, and a re-run skips what is done.
+A row is "done" only for the inputs it was measured with (`inputs_fingerprint`: the weights, the
+workload, repeats, warm-up and device); a row measured with other inputs is measured again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import gc
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -39,6 +40,7 @@ from transformers import BatchFeature
 from colquant.measure import MIB, memory_kind, peak_memory, reset_peak_memory, synchronize
 from colquant.plots import legend_outside
 from colquant.processing import PIXELS_PER_VISUAL_TOKEN, QUERY_AUGMENTATION_TOKENS
+from colquant.workspace import checkpoint_fingerprint, fingerprint, write_atomically
 
 KINDS = ("query", "page")
 FINISHED = ("ok", "oom")  # statuses a re-run keeps; `skipped_after_oom` rows are re-decided
@@ -47,7 +49,7 @@ QUERY_FILLER = "page "  # one token per word for Qwen's BPE, one per byte for th
 COLUMNS = [
     "variant", "kind", "batch_size", "status", "tokens_per_item", "items_per_s", "tokens_per_s",
     "latency_mean_ms", "latency_p50_ms", "peak_memory_mib", "peak_reserved_mib", "peak_increase_mib",
-    "memory_kind", "repeats", "warmup", "device", "device_name", "error", "measured_at",
+    "memory_kind", "repeats", "warmup", "device", "device_name", "error", "measured_at", "inputs_fingerprint",
 ]
 
 
@@ -164,18 +166,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace the whole file atomically: readers (and a resumed run) never see half a row."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        os.unlink(staging)
-        raise
+    write_atomically(path, lambda staging: staging.write_text(text))
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str, int]:
@@ -203,21 +195,14 @@ def _row(variant: str, kind: str, batch_size: int, status: str, **values: Any) -
     return row
 
 
-def _finished_rows(path: Path, variant: str, kind: str, tokens_per_item: int) -> dict[int, dict[str, Any]]:
-    """Rows of this (variant, kind) a re-run keeps, by batch size; refuses rows of another workload."""
-    finished = {
+def _finished_rows(path: Path, variant: str, kind: str, inputs: str) -> dict[int, dict[str, Any]]:
+    """Rows of this (variant, kind) a re-run keeps, by batch size: finished ones measured with the same inputs."""
+    return {
         row["batch_size"]: row
         for row in _read_rows(path)
         if row["variant"] == variant and row["kind"] == kind and row["status"] in FINISHED
+        and row.get("inputs_fingerprint") == inputs
     }
-    stale = sorted(size for size, row in finished.items() if row["tokens_per_item"] != tokens_per_item)
-    if stale:
-        raise ValueError(
-            f"{path} holds {variant} {kind} rows (batch sizes {stale}) measured with "
-            f"{finished[stale[0]]['tokens_per_item']} tokens per item, but this sweep's items have "
-            f"{tokens_per_item}: use another results file or delete those rows"
-        )
-    return finished
 
 
 def run_sweep(
@@ -231,6 +216,7 @@ def run_sweep(
     repeats: int,
     results_path: str | Path,
     device: str | torch.device,
+    weights_fingerprint: str,
     warmup: int = 1,
     page_image: Image.Image | None = None,
 ) -> pd.DataFrame:
@@ -238,7 +224,9 @@ def run_sweep(
 
     Each row goes into `results_path` (JSON lines, the whole file replaced atomically) as soon as it
     is measured, replacing an older row of the same (variant, kind, batch size). Rows already there
-    with status 'ok' or 'oom' for (variant, kind, batch size) are reused, not re-measured. An
+    with status 'ok' or 'oom' for (variant, kind, batch size) and the same inputs (the weights'
+    `weights_fingerprint`, e.g. `workspace.checkpoint_fingerprint`, the workload, repeats, warm-up,
+    device, dtype) are reused, not re-measured; rows measured with other inputs are replaced. An
     out-of-memory batch becomes an 'oom' row and every larger size a 'skipped_after_oom' row; any
     other error propagates. `model` must already be on `device`; `page_image` defaults to
     `synthetic_page` at the processor's visual-token budget.
@@ -250,11 +238,13 @@ def run_sweep(
     device, path = torch.device(device), Path(results_path)
     page = page_image if page_image is not None else synthetic_page(processor.max_num_visual_tokens)
     tokens_per_item = int(build_batch(processor, kind, 1, query_tokens, page)["attention_mask"].sum())
-    finished = _finished_rows(path, variant_name, kind, tokens_per_item)
     context = dict(
         tokens_per_item=tokens_per_item, repeats=repeats, warmup=warmup,
         device=str(device), device_name=_device_name(device),
     )
+    inputs = fingerprint(weights_fingerprint, str(next(model.parameters()).dtype), page.size, context)
+    context["inputs_fingerprint"] = inputs
+    finished = _finished_rows(path, variant_name, kind, inputs)
     rows, oom_seen = [], False
     for batch_size in tqdm(sorted(set(batch_sizes)), desc=f"{variant_name} {kind} sweep", leave=False):
         if batch_size in finished:
@@ -404,21 +394,24 @@ def sweep_variants(
     results_path: str | Path,
     device: str | torch.device,
 ) -> pd.DataFrame:
-    """Sweep queries and pages for each variant in turn, one model in memory at a time.
+    """Sweep queries and pages for each variant in turn, one model in memory at a time; return the
+    rows of these variants (rows of others in the file, e.g. of a seqlen since removed, are left out).
 
-    Peak memory is measured from whatever is allocated when a batch starts, so the previous
+    `variants` maps names to checkpoint directories (their content fingerprint keys the rows). Peak memory is measured from whatever is allocated when a batch starts, so the previous
     variant (its weights, CUDA graphs and their memory pools) must be gone before the next is
     loaded; otherwise a 4-bit model would be charged for the BF16 model before it.
     """
     for name, checkpoint in variants.items():
+        weights = checkpoint_fingerprint(checkpoint)
         model, processor = load(checkpoint)
         for kind, sizes in (("query", query_batch_sizes), ("page", page_batch_sizes)):
             run_sweep(name, model, processor, kind=kind, batch_sizes=sizes, query_tokens=query_tokens,
-                      repeats=repeats, results_path=results_path, device=device)
+                      repeats=repeats, results_path=results_path, device=device, weights_fingerprint=weights)
         release_model(model)
         del model, processor
         _release_memory(torch.device(device))
-    return load_results(results_path)
+    results = load_results(results_path)
+    return results[results["variant"].isin(list(variants))].reset_index(drop=True)
 
 
 def release_model(model: torch.nn.Module) -> None:

@@ -7,14 +7,37 @@ outputs elsewhere: `make test-notebooks` uses it to run nbval against a fresh di
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUT_ROOT_ENV = "COLQUANT_OUTPUT_ROOT"
 BASELINE = "bf16"
+LOCK_FILE = ".colquant.lock"
+# A profile name becomes a directory name: letters, digits, '.', '_', '-', not starting with a dot.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Files a finished checkpoint may get later without its weights changing (the report rewrites them).
+NOT_CHECKPOINT_CONTENT = ("README.md", "reported_results.json")
+FINGERPRINT_LENGTH = 16
+
+
+class OutputError(RuntimeError):
+    """An output cannot be written (read-only directory, full disk) or read back (corrupt file)."""
+
+
+class OutputLockedError(OutputError):
+    """Another live run holds the output directory."""
 
 
 def resolve(path: str | Path) -> Path:
@@ -22,11 +45,211 @@ def resolve(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def output_root() -> Path:
+    return Path(os.environ.get(OUTPUT_ROOT_ENV) or REPO_ROOT / "outputs")
+
+
 def output_dir(profile: dict[str, Any]) -> Path:
-    root = Path(os.environ.get(OUTPUT_ROOT_ENV) or REPO_ROOT / "outputs")
-    directory = root / profile["profile"]
-    directory.mkdir(parents=True, exist_ok=True)
+    """`<output root>/<profile name>`; the name must be a plain name, so outputs stay under the root."""
+    name = profile["profile"]
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise OutputError(
+            f"profile name {name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/', no '..', "
+            f"not starting with '.'): it names the directory under {output_root()}, so rename the profile, "
+            "e.g. 'tiny-nsamples4'")
+    directory = output_root() / name
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     return directory
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` into one OutputError that names the path and the fix."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {_fix_for(error)}") from error
+
+
+def _fix_for(error: OSError) -> str:
+    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+        return ("the disk is full (no space left on device); free space there or set "
+                f"{OUTPUT_ROOT_ENV} to a directory on a disk with room")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"the directory is not writable ({error.strerror}); fix its permissions or set "
+                f"{OUTPUT_ROOT_ENV} to a writable directory")
+    return f"{error.strerror or error} (errno {error.errno})"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(temporary path)` in `path`'s directory, fsync, then rename onto `path`.
+
+    A kill or a full disk at any moment leaves either the old file or the new one, never half of
+    one; the temporary file is removed when writing fails.
+    """
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+        staging = Path(name)
+        try:
+            write(staging)
+            with open(staging, "rb+") as file:
+                os.fsync(file.fileno())
+            os.chmod(staging, 0o644)
+            os.replace(staging, path)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file atomically."""
+    return write_atomically(path, lambda staging: staging.write_text(text))
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """Read a JSON result, naming the file and `fix` when it is empty or corrupt (e.g. a killed write)."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        state = "is empty" if not text.strip() else f"is not valid JSON ({error})"
+        raise OutputError(f"{path} {state}; {fix}") from error
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints: what a cached result depends on
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (dict keys sorted)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """The content identity of a checkpoint directory, cheap enough for an 8 GB model.
+
+    JSON files (config, safetensors index, quantization metadata, tokenizer) enter by content; every
+    other file (weights) by name, size and modification time, so re-quantizing or rebuilding a
+    checkpoint changes the fingerprint without reading gigabytes. The model card and the results
+    the report records are left out: they change after the checkpoint is finished.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory at {root}")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root)
+        if relative.name in NOT_CHECKPOINT_CONTENT or relative.parts[0].startswith("."):
+            continue
+        digest.update(str(relative).encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+        else:
+            stat = file.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def scoring_mode(profile: dict[str, Any]) -> str:
+    return profile["evaluation"].get("scoring", "colpali")
+
+
+def evaluation_fingerprint(profile: dict[str, Any], checkpoint: str | Path, scoring: str | None = None) -> str:
+    """What a variant's retrieval scores depend on besides the task: weights, dtype, the
+    visual-token budget and the scoring mode (the profile's, or `scoring` for the extra column
+    notebook 05 adds). mteb files results under this as the revision."""
+    model = profile["model"]
+    return fingerprint(
+        checkpoint_fingerprint(checkpoint), model["dtype"], model["max_num_visual_tokens"], scoring or scoring_mode(profile)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One run per output directory
+
+
+@contextmanager
+def output_lock(directory: Path, *, wait_s: float = 0.0, poll_s: float = 1.0) -> Iterator[Path]:
+    """Hold `directory/.colquant.lock` (naming pid, host and start time) for the duration.
+
+    A second run on the same directory waits up to `wait_s` seconds, then refuses with the holder's
+    details; a lock left by a dead process on this host is taken over.
+    """
+    lock = Path(directory) / LOCK_FILE
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    deadline = time.monotonic() + wait_s
+    while not _try_lock(lock, holder):
+        current = _lock_holder(lock)
+        if current is not None and _is_stale(current):
+            _remove_stale(lock, current)
+            continue
+        if time.monotonic() >= deadline:
+            raise OutputLockedError(
+                f"{directory} is in use by another run (pid {current.get('pid') if current else '?'} on "
+                f"{current.get('host') if current else '?'}, started {current.get('started') if current else '?'}; "
+                f"lock file {lock}). Wait for it to finish, or use another output directory ({OUTPUT_ROOT_ENV}); "
+                "if that process is gone on another machine, delete the lock file")
+        time.sleep(poll_s)
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock) == holder:
+            lock.unlink(missing_ok=True)
+
+
+def _try_lock(lock: Path, holder: dict[str, Any]) -> bool:
+    """Create the lock with its content in one step (write a temp file, hard-link it into place)."""
+    with writing(lock):
+        handle, name = tempfile.mkstemp(prefix=f"{lock.name}.", dir=lock.parent)
+        try:
+            with os.fdopen(handle, "w") as file:
+                json.dump(holder, file)
+            os.link(name, lock)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(name)
+
+
+def _lock_holder(lock: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(lock.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """Held by a process of this host that no longer exists."""
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _remove_stale(lock: Path, holder: dict[str, Any]) -> None:
+    """Move the dead holder's lock aside (atomic), so two runs taking it over cannot both win."""
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    if _lock_holder(aside) != holder and not lock.exists():  # a live run took it over meanwhile
+        os.rename(aside, lock)
+    aside.unlink(missing_ok=True)
 
 
 def corpus_dir(profile: dict[str, Any]) -> Path:
@@ -34,8 +257,14 @@ def corpus_dir(profile: dict[str, Any]) -> Path:
 
 
 def calibration_file(profile: dict[str, Any], seqlen: int) -> Path:
+    """Where notebook 02 stores the set for `seqlen`. Its name carries a fingerprint of what the set
+    is built from (the calibration settings and the model that tokenizes and embeds it), so a set
+    built for other settings is never read in place of this one."""
     c = profile["calibration"]
-    return output_dir(profile) / "calibration" / f"{c['source']}-seqlen{seqlen}-n{c['nsamples']}.pt"
+    model = profile["model"]
+    inputs = fingerprint({k: v for k, v in c.items() if k != "seqlens"}, seqlen, model["id"], model.get("revision"),
+                         model["dtype"], profile["corpus"])
+    return output_dir(profile) / "calibration" / f"{c['source']}-seqlen{seqlen}-n{c['nsamples']}-{inputs}.safetensors"
 
 
 def variants_dir(profile: dict[str, Any]) -> Path:
@@ -73,22 +302,49 @@ def base_model_revision(profile: dict[str, Any]) -> str:
     return snapshot_revision(base_model(profile)) or profile["model"].get("revision") or "unknown"
 
 
+def calibration_source_used(profile: dict[str, Any], seqlen: int) -> str:
+    """The source notebook 02 actually calibrated on at `seqlen` (its results JSON records it);
+    before 02 has run, the requested source, which is what it uses unless the profile's offline
+    fallback is taken. Variant names carry it."""
+    record = output_dir(profile) / "results" / f"calibration__seqlen{seqlen}.json"
+    if record.exists():
+        return read_json(record, "delete it and re-run notebooks/02_calibration.ipynb")["source_used"]
+    return profile["calibration"]["source"]
+
+
+def autoround_variant(profile: dict[str, Any], seqlen: int) -> str:
+    """The name of the auto-round variant at `seqlen`, with the calibration source used."""
+    from colquant.params import variant_name
+
+    return variant_name(profile, seqlen, calibration_source=calibration_source_used(profile, seqlen))
+
+
+def expected_variants(profile: dict[str, Any]) -> list[str]:
+    """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN."""
+    from colquant.params import variant_name
+
+    names = [autoround_variant(profile, seqlen) for seqlen in sorted(profile["calibration"]["seqlens"])]
+    if profile["quantization"].get("rtn_baseline"):
+        names.append(variant_name(profile, profile["calibration"]["seqlens"][0], "rtn"))
+    return names
+
+
 def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
-    """Finished quantized checkpoints (those with their metadata written), by variant name."""
-    from colquant.quantization import METADATA_FILE
+    """Finished quantized checkpoints of this profile (metadata written), by variant name.
+
+    Only variants the current profile produces count: a folder left by a seqlen since removed from
+    the profile, or a staging folder (`.<name>.…`) of an interrupted save, is never compared.
+    """
+    from colquant.quantization import read_metadata
 
     directory = variants_dir(profile)
-    finished = {
-        path: json.loads((path / METADATA_FILE).read_text())
-        for path in (directory.iterdir() if directory.exists() else [])
-        if (path / METADATA_FILE).exists()
-    }
-
-    def order(path: Path) -> tuple[bool, int, str]:  # auto-round by seqlen, then the RTN baseline
-        metadata = finished[path]
-        return metadata["settings"]["method"] == "rtn", metadata["calibration"]["seqlen"], path.name
-
-    return {path.name: path for path in sorted(finished, key=order)}
+    finished = {}
+    for name in expected_variants(profile):
+        path = directory / name
+        if (path / "quantization_metadata.json").exists():
+            read_metadata(path)  # a corrupt file is reported here, by path, with the fix
+            finished[name] = path
+    return finished
 
 
 def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
@@ -98,11 +354,7 @@ def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
 
 def write_json(path: Path, data: Any) -> Path:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    partial.replace(path)
-    return path
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def results_dir(profile: dict[str, Any]) -> Path:
@@ -139,11 +391,7 @@ def corpus(profile: dict[str, Any]) -> Any:
 
 def write_csv(path: Path, frame: Any) -> Path:
     """Write a DataFrame as CSV atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(path.suffix + ".partial")
-    frame.to_csv(partial, index=False)
-    partial.replace(path)
-    return path
+    return write_atomically(path, lambda staging: frame.to_csv(staging, index=False))
 
 
 def random_weights_notice(profile: dict[str, Any]) -> str:

@@ -1,0 +1,107 @@
+"""The `colquant` command line: instant --help/--version, one profile argument for every subcommand,
+clear errors for unknown profiles and missing notebooks, and `make lab` usable as root."""
+
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from colquant import __main__ as cli
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "pandas", "papermill", "PIL")
+
+
+def run_cli_in_fresh_interpreter(*args: str) -> subprocess.CompletedProcess:
+    code = (
+        "import sys\nfrom colquant.__main__ import main\n"
+        f"try:\n    main({list(args)!r})\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY:', [m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_no_heavy_package(flag):
+    result = run_cli_in_fresh_interpreter(flag)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY: []" in result.stdout, result.stdout
+
+
+def test_version_is_the_installed_one(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"colquant {version('colquant')}"
+
+
+def test_profile_is_a_name_or_a_path(tmp_path):
+    assert cli.profile_file("tiny") == ROOT / "params" / "tiny.yaml"
+    own = tmp_path / "mine.yaml"
+    assert cli.profile_file(str(own)) == own
+    assert cli.profile_file("params/colqwen3-4b.yaml") == Path("params/colqwen3-4b.yaml")
+
+
+def test_unknown_profile_names_the_known_ones(caplog):
+    with pytest.raises(cli.CliError, match="pass one of colqwen3-4b, synthetic-4b, tiny"):
+        cli.profile_file("tinny")
+    assert cli.main(["run", "tinny"]) == 2
+    assert "no profile 'tinny'" in caplog.text
+
+
+def test_outside_a_checkout_the_error_says_to_clone(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "PARAMS_DIR", tmp_path / "params")
+    monkeypatch.setattr(cli, "NOTEBOOKS_DIR", tmp_path / "notebooks")
+    with pytest.raises(cli.CliError, match="clone it"):
+        cli.profile_file("tiny")
+    with pytest.raises(cli.CliError, match="notebooks are not at .* clone it"):
+        cli.require_notebooks()
+
+
+def test_run_and_notebooks_pass_the_resolved_profile(monkeypatch):
+    from colquant import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda path, **kw: seen.append((path, kw)) or [{"step": "x", "status": "ok"}])
+    monkeypatch.setattr(pipeline, "refresh_committed_notebooks", lambda path: seen.append((path, {})) or [])
+    assert cli.main(["run", "tiny", "--notebooks", "04,05"]) == 0
+    assert cli.main(["notebooks", "tiny"]) == 0
+    assert seen == [
+        (ROOT / "params/tiny.yaml", {"force": False, "notebooks": ("04", "05"), "wait_s": 0.0}),
+        (ROOT / "params/tiny.yaml", {}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["bench", "tiny", "--no-calibrate"], ["--profile", "tiny", "--no-calibrate"]),
+        (["bench", "params/synthetic-4b.yaml"], ["--profile", "synthetic-4b"]),
+        (["bench", "--profile", "tiny"], ["--profile", "tiny"]),
+    ],
+)
+def test_bench_takes_the_same_profile_argument(monkeypatch, argv, expected):
+    from colquant import bench
+
+    seen = []
+    monkeypatch.setattr(bench, "main", lambda rest: seen.append(rest) or 0)
+    assert cli.main(argv) == 0
+    assert seen == [expected]
+
+
+def test_unknown_options_are_refused_outside_bench(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "tiny", "--frobnicate"])
+    assert "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+
+def test_make_lab_passes_extra_args_and_allow_root_as_root():
+    stamp = ".venv/.colquant-installed"
+    result = subprocess.run(
+        ["make", "-n", "-o", stamp, "lab", "ARGS=--port 9999"], cwd=ROOT, capture_output=True, text=True
+    )
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.endswith("--port 9999") and "jupyter lab notebooks" in line
+    assert ("--allow-root" in line) == (os.getuid() == 0)

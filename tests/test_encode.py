@@ -1,0 +1,113 @@
+"""The public encode API on the tiny model: input order kept, length-sorted batches, no-grad results,
+pages from PIL images, paths or a datasets column, and clear errors for inputs it cannot take."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import colquant
+from colquant import encode
+
+QUERIES = ["short", "a much longer query about the revenue of Norbright Labs in 2019", "capex", "headcount at year end"]
+
+
+@pytest.fixture(scope="module")
+def pages() -> list[Image.Image]:
+    """Pages of different sizes, so visual-token counts (and sorting) differ."""
+    rng = np.random.default_rng(0)
+    sizes = [(96, 128), (160, 224), (64, 64), (128, 160)]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def test_queries_come_back_in_input_order_and_match_one_at_a_time(tiny_model):
+    model, _ = tiny_model
+    batched = model.encode_queries(QUERIES, batch_size=2)
+    assert [q.shape for q in batched] == [(len(text) + 10, 320) for text in QUERIES]  # byte tokenizer + 10
+    single = [model.encode_queries([text], batch_size=1)[0] for text in QUERIES]
+    for b, s in zip(batched, single):
+        torch.testing.assert_close(b, s, atol=2e-2, rtol=0)
+
+
+def test_batches_are_sorted_by_length(tiny_model, monkeypatch):
+    model, processor = tiny_model
+    seen: list[list[int]] = []
+    process = processor.process_queries
+    monkeypatch.setattr(processor, "process_queries", lambda texts: seen.append([len(t) for t in texts]) or process(texts))
+    model.encode_queries(["a" * 5, "b" * 50, "c" * 6, "d" * 49], batch_size=2)
+    assert seen == [[50, 49], [6, 5]]
+
+
+def test_results_are_plain_no_grad_cpu_float32_tensors(tiny_model):
+    model, _ = tiny_model
+    for tensor in model.encode_queries(QUERIES[:2]):
+        assert tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+        assert not tensor.requires_grad and not tensor.is_inference()
+        tensor.mul_(1.0)  # usable in place, as a user's own tensor
+
+
+def test_padded_output_matches_the_list(tiny_model):
+    model, _ = tiny_model
+    items = model.encode_queries(QUERIES, batch_size=3)
+    padded, mask = model.encode_queries(QUERIES, batch_size=3, padded=True)
+    assert padded.shape == (len(QUERIES), max(len(q) for q in items), 320)
+    assert mask.sum(dim=1).tolist() == [len(q) for q in items]
+    for row, row_mask, item in zip(padded, mask, items):
+        torch.testing.assert_close(row[row_mask], item)
+        assert not row[~row_mask].any()
+
+
+def test_pages_from_pil_paths_and_a_datasets_column_agree(tiny_model, pages, tmp_path: Path):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    model, processor = tiny_model
+    from_pil = model.encode_pages(pages, batch_size=3)
+    expected_tokens = [processor.visual_tokens(page) for page in pages]
+    assert [p.shape[0] - t for p, t in zip(from_pil, expected_tokens)] == [from_pil[0].shape[0] - expected_tokens[0]] * 4
+    paths = []
+    for index, page in enumerate(pages):
+        paths.append(tmp_path / f"page{index}.png")
+        page.save(paths[-1])
+    from_paths = model.encode_pages([str(p) for p in paths], batch_size=3)
+    column = Dataset.from_dict({"image": [str(p) for p in paths]}).cast_column("image", ImageFeature())["image"]
+    from_column = model.encode_pages(column, batch_size=3)
+    raw = Dataset.from_dict({"image": [str(p) for p in paths]}).cast_column("image", ImageFeature(decode=False))
+    from_raw = model.encode_pages(raw["image"], batch_size=3)
+    for reference, *others in zip(from_pil, from_paths, from_column, from_raw):
+        for other in others:
+            torch.testing.assert_close(other, reference)
+
+
+def test_processor_can_be_passed_when_none_is_attached(tiny_model):
+    model, processor = tiny_model
+    bare = colquant.ColQwen3(model.config).eval()
+    with pytest.raises(ValueError, match="no processor attached"):
+        encode.encode_queries(bare, ["q"])
+    assert encode.encode_queries(bare, ["q"], processor=processor)[0].shape == (11, 320)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda m: m.encode_queries("one string"), TypeError, "wrap it as"),
+        (lambda m: m.encode_queries(["ok", 3]), TypeError, r"texts\[1\] is a int"),
+        (lambda m: m.encode_queries(["ok"], batch_size=0), ValueError, "batch_size must be >= 1"),
+        (lambda m: m.encode_pages([42]), TypeError, "page 0 is a int"),
+        (lambda m: m.encode_pages(["/nonexistent/page.png"]), FileNotFoundError, "page 0: no image file"),
+        (lambda m: m.encode_queries([], padded=True), ValueError, "nothing to pad"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_problem(tiny_model, call, error, message):
+    model, _ = tiny_model
+    with pytest.raises(error, match=message):
+        call(model)
+
+
+def test_load_defaults_to_the_gpu_when_present(tiny_path):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = colquant.load(tiny_path, accelerate=False)  # device="auto" is the default
+    assert encode.model_device(model).type == expected
+    assert model.processor is processor
