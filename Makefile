@@ -6,7 +6,7 @@ PARAMS ?= tiny
 ARGS   ?=
 STAMP  := $(VENV)/.colquant-installed
 
-.PHONY: setup vllm-env run test test-package test-notebooks notebooks lab clean-outputs
+.PHONY: setup vllm-env run test test-package test-notebooks test-twin notebooks lab clean-outputs
 
 # Extras: what `make run`/`make test` need; [gpu] (triton) only where a GPU is. The CPU torch pin
 # lives in the constraints file, not the package: `make setup CONSTRAINTS=` keeps the venv's torch.
@@ -50,15 +50,20 @@ run: setup
 NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOSITY=error \
 	HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore
 
-test: test-package test-notebooks
+test: test-package test-notebooks test-twin
 
 test-package: setup vllm-env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin"
 
 test-notebooks: setup
 	scratch=$$(mktemp -d) && $(NB_ENV) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
 		notebooks --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; \
 		status=$$?; rm -rf $$scratch; exit $$status
+
+# The real profile end to end, offline: builds the hub twin (scripts/build_hub_twin.py) in a temp dir,
+# runs params/twin.yaml through notebooks 01-06 against it and checks REPORT.md (tests/test_twin.py).
+test-twin: setup
+	$(NB_ENV) $(BIN)/python -m pytest tests/test_twin.py -m twin -p no:cacheprovider
 
 # Re-execute the committed notebooks (the nbval reference) after a change that moves results.
 notebooks: setup

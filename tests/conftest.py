@@ -48,7 +48,7 @@ def tiny_w4a16_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -
     )
     autoround, cost = quantize_language_model(model, processor, calibration, settings)
     metadata = quantization_metadata(
-        "tiny-w4a16", settings, calibration, cost, base_model=str(tiny_path), random_weights=True,
+        "tiny-w4a16", settings, calibration, cost, base_model=str(tiny_path), base_model_revision="local build", random_weights=True,
         quantized_layers=decoder_linear_names(model.language_model),
     )
     out = tmp_path_factory.mktemp("w4a16") / "tiny-w4a16"

@@ -37,7 +37,7 @@ def rtn_checkpoint(tiny_path, tmp_path_factory) -> Path:
     )
     settings = QuantizationSettings(method="rtn", bits=4, group_size=128, sym=True, iters=0, batch_size=2, seed=0)
     autoround, cost = quantize_language_model(model, processor, calibration, settings)
-    metadata = quantization_metadata("rtn-test", settings, calibration, cost, base_model=str(tiny_path),
+    metadata = quantization_metadata("rtn-test", settings, calibration, cost, base_model=str(tiny_path), base_model_revision="local build",
                                      random_weights=True, quantized_layers=decoder_linear_names(model.language_model))
     return save_quantized_model(model, processor, autoround, tmp_path_factory.mktemp("q") / "rtn", metadata=metadata)
 

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 import colquant
-from colquant import evaluation
+from colquant import evaluation, workspace
 from colquant.corpus import Corpus, build_corpus
 from colquant.evaluation import (
     ColQuantEncoder,
@@ -31,6 +31,7 @@ from colquant.evaluation import (
     plot_delta,
     plot_ndcg,
 )
+from colquant.params import load_profile
 from colquant.processing import to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,16 +91,30 @@ def test_encoder_embeddings_equal_the_models_outputs(small_model, corpus_root):
     task.unload_data()
 
 
-@pytest.mark.parametrize("budget", [100_000_000, 2])  # 2 elements: one query and one page per step
-def test_encoder_similarity_is_maxsim(small_model, monkeypatch, budget):
+# page 0 has one token, page 1 two: padded to two rows, page 0's padding floors a negative best match
+# at 0 under colpali-engine's scoring, while exact MaxSim keeps the -1
+@pytest.mark.parametrize(("scoring", "expected"), [("exact", [[-1.0, 1.4], [0.0, 0.8]]),
+                                                   ("colpali", [[0.0, 1.4], [0.0, 0.8]])])
+@pytest.mark.parametrize("budget", [100_000_000, 2])  # 2 entries: the smallest blocks
+def test_encoder_similarity_follows_the_scoring_mode(small_model, monkeypatch, scoring, expected, budget):
     monkeypatch.setattr(evaluation, "SIMILARITY_ELEMENTS", budget)
     model, processor = small_model
-    encoder = ColQuantEncoder(model, processor, "bf16", REV)
-    queries = [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0]])]
-    pages = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8], [0.0, -1.0]])]
-    expected = torch.tensor([[1.0, 1.4], [0.0, 0.8]])
-    assert torch.allclose(encoder.similarity(queries, pages), expected)
-    assert torch.allclose(encoder.similarity_pairwise(queries, pages), expected.diagonal())
+    encoder = ColQuantEncoder(model, processor, "bf16", REV, scoring)
+    queries = torch.nn.utils.rnn.pad_sequence([torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0]])],
+                                              batch_first=True)
+    pages = torch.nn.utils.rnn.pad_sequence([torch.tensor([[-1.0, 0.0]]), torch.tensor([[0.6, 0.8], [0.0, -1.0]])],
+                                            batch_first=True)
+    assert torch.allclose(encoder.similarity(queries, pages), torch.tensor(expected))
+    assert torch.allclose(encoder.similarity_pairwise(queries, pages), torch.tensor(expected).diagonal())
+
+
+def test_scoring_mode_is_part_of_the_results_key(small_model, tiny_path):
+    profile = load_profile(REPO / "params" / "tiny.yaml")
+    assert (workspace.evaluation_fingerprint(profile, tiny_path, "colpali")
+            != workspace.evaluation_fingerprint(profile, tiny_path, "exact"))
+    assert workspace.evaluation_fingerprint(profile, tiny_path) == workspace.evaluation_fingerprint(profile, tiny_path, "colpali")
+    with pytest.raises(ValueError, match="evaluation.scoring"):
+        ColQuantEncoder(*small_model, "bf16", REV, "maxsim")
 
 
 def test_variant_names_must_be_mteb_model_name_parts(small_model):
@@ -119,6 +134,7 @@ def test_local_task_evaluates_end_to_end_and_writes_mteb_json(small_model, corpu
     assert (row["task"], row["subset"], row["language"], row["variant"]) == (TASK, "default", "English", "bf16")
     assert row["main_score"] == "ndcg_at_5" and row["main_score_value"] == row["ndcg_at_5"]
     assert 0.0 <= row["ndcg_at_5"] <= 1.0 and row["evaluation_time_s"] > 0
+    assert row["scoring"] == "colpali" and row["model_revision"] is None
 
     stored = json.loads(result_path(tmp_path, "bf16").read_text())
     assert stored["task_name"] == TASK
@@ -327,6 +343,22 @@ def test_ndcg_table_deltas_and_average_on_hand_made_scores():
     assert table["w4 Δ%"].tolist() == pytest.approx([-25.0, 10.0, (0.575 - 0.65) / 0.65 * 100])
     assert table.loc["Average", "bf16"] == pytest.approx(0.65)
     assert change_counts(table, tolerance=15.0).to_dict() == {"w4": {"Improved": 0, "Degraded": 1, "Unchanged": 1}}
+
+
+def test_ndcg_table_uses_the_main_scoring_and_adds_the_baseline_scored_the_other_way():
+    colpali = hand_made_results().assign(scoring="colpali")
+    exact_bf16 = pd.DataFrame({"task": ["A", "B"], "language": ["English"] * 2, "variant": ["bf16"] * 2,
+                               "ndcg_at_5": [0.9, 0.4], "scoring": ["exact"] * 2})
+    exact_w4 = exact_bf16.assign(variant="w4", ndcg_at_5=[0.1, 0.1])  # not shown: one extra column only
+    table = ndcg_table(pd.concat([colpali, exact_bf16, exact_w4]), scoring="colpali")
+    assert table.columns.tolist() == ["bf16", "bf16 (exact MaxSim)", "w4", "w4 Δ%"]
+    assert table["bf16 (exact MaxSim)"].tolist() == pytest.approx([0.9, 0.4, 0.65])
+    assert table["w4 Δ%"].tolist() == pytest.approx(ndcg_table(hand_made_results())["w4 Δ%"].tolist())
+    assert format_seed_table(table).splitlines()[0] == "| Benchmark | bf16 | bf16 (exact MaxSim) | w4 | Δ% |"
+    assert change_counts(table).columns.tolist() == ["w4"]
+    swapped = ndcg_table(pd.concat([colpali, exact_bf16, exact_w4]), scoring="exact")
+    assert swapped.columns.tolist() == ["bf16", "bf16 (colpali scoring)", "w4", "w4 Δ%"]
+    assert swapped["bf16"].tolist() == pytest.approx([0.9, 0.4, 0.65])
 
 
 def test_ndcg_table_refuses_a_missing_baseline_or_uneven_tasks():

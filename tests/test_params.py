@@ -208,5 +208,14 @@ def test_missing_profile_lists_the_available_ones():
 
 
 def test_variant_names_carry_their_settings(tiny):
-    assert variant_name(tiny, 1024) == "w4a16-g128-sym-pile10k-seqlen1024-iters20"
+    assert variant_name(tiny, 1024, calibration_source="pile-10k") == "w4a16-g128-sym-pile10k-seqlen1024-iters20"
     assert variant_name(tiny, 1024, "rtn") == "w4a16-g128-sym-rtn"
+
+
+def test_variant_names_carry_the_calibration_source_actually_used(tiny):
+    """The tiny profile requests pile-10k but calibrates on the embedded fallback offline: its
+    variants must not be called pile10k."""
+    assert variant_name(tiny, 512, calibration_source="embedded") == "w4a16-g128-sym-embedded-seqlen512-iters20"
+    assert variant_name(tiny, 512, calibration_source="embedded pages") == "w4a16-g128-sym-embeddedpages-seqlen512-iters20"
+    with pytest.raises(ValueError, match="source_used"):
+        variant_name(tiny, 512)

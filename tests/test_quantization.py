@@ -36,7 +36,7 @@ def quantized(tiny_path, tmp_path_factory):
     autoround, cost = quantize_language_model(model, processor, calibration, SETTINGS)
     layers = decoder_linear_names(model.language_model)
     metadata = quantization_metadata(
-        "tiny-test", SETTINGS, calibration, cost, base_model=str(tiny_path), random_weights=True, quantized_layers=layers
+        "tiny-test", SETTINGS, calibration, cost, base_model=str(tiny_path), base_model_revision="local build", random_weights=True, quantized_layers=layers
     )
     out = save_quantized_model(
         model, processor, autoround, tmp_path_factory.mktemp("q") / "variant", metadata=metadata,

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from colquant import reporting, workspace
-from colquant.params import load_profile, variant_name
+from colquant.params import load_profile
 from colquant.quantization import METADATA_FILE, model_card
 
 
@@ -39,7 +39,7 @@ def test_report_marks_missing_sections_and_random_weights(profile):
 
 def test_later_results_reach_the_model_card_and_the_metadata_is_never_rewritten(profile):
     profile["calibration"]["seqlens"] = [64]
-    w4 = variant_name(profile, 64)
+    w4 = workspace.autoround_variant(profile, 64)
     fake_variant(profile, w4)
     metadata_before = (workspace.variants_dir(profile) / w4 / METADATA_FILE).read_bytes()
     results = workspace.results_dir(profile)
@@ -56,18 +56,18 @@ def test_later_results_reach_the_model_card_and_the_metadata_is_never_rewritten(
 
 def test_a_seqlen_removed_from_the_profile_leaves_the_report(profile):
     profile["calibration"]["seqlens"] = [64, 128]
-    runs = {seqlen: fake_variant(profile, variant_name(profile, seqlen), seqlen) for seqlen in (64, 128)}
+    runs = {seqlen: fake_variant(profile, workspace.autoround_variant(profile, seqlen), seqlen) for seqlen in (64, 128)}
     for seqlen, run in runs.items():
         workspace.write_json(workspace.results_dir(profile) / f"quantization__seqlen{seqlen}.json", [run])
-    assert variant_name(profile, 128) in reporting.write_report(profile).read_text()
+    assert workspace.autoround_variant(profile, 128) in reporting.write_report(profile).read_text()
     profile["calibration"]["seqlens"] = [64]
     report = reporting.write_report(profile).read_text()
-    assert variant_name(profile, 64) in report and variant_name(profile, 128) not in report
+    assert workspace.autoround_variant(profile, 64) in report and workspace.autoround_variant(profile, 128) not in report
 
 
 def test_a_corrupt_metadata_file_is_reported_by_path_not_as_a_bare_json_error(profile):
     profile["calibration"]["seqlens"] = [64]
-    fake_variant(profile, variant_name(profile, 64))
-    (workspace.variants_dir(profile) / variant_name(profile, 64) / METADATA_FILE).write_text("")
-    with pytest.raises(workspace.OutputError, match=rf"{variant_name(profile, 64)}/{METADATA_FILE} is empty; delete the folder"):
+    fake_variant(profile, workspace.autoround_variant(profile, 64))
+    (workspace.variants_dir(profile) / workspace.autoround_variant(profile, 64) / METADATA_FILE).write_text("")
+    with pytest.raises(workspace.OutputError, match=rf"{workspace.autoround_variant(profile, 64)}/{METADATA_FILE} is empty; delete the folder"):
         reporting.write_report(profile)

@@ -31,22 +31,30 @@ def finish_variant(profile, name, method="autoround", seqlen=256):
 
 def test_outputs_follow_the_override_and_variants_sort_by_seqlen_then_rtn(profile, tmp_path):
     assert workspace.output_dir(profile) == tmp_path / "outputs" / "tiny"
-    s256, s1024, rtn = (variant_name(profile, 256), variant_name(profile, 1024), variant_name(profile, 256, "rtn"))
+    s256, s1024 = workspace.autoround_variant(profile, 256), workspace.autoround_variant(profile, 1024)
+    rtn = variant_name(profile, 256, "rtn")
     for name in (rtn, s1024, s256):
         finish_variant(profile, name)
-    (workspace.variants_dir(profile) / variant_name(profile, 512)).mkdir()  # unfinished: no metadata
+    (workspace.variants_dir(profile) / workspace.autoround_variant(profile, 512)).mkdir()  # unfinished: no metadata
     assert list(workspace.quantized_variants(profile)) == [s256, s1024, rtn]
 
 
 def test_variants_of_a_removed_seqlen_and_staging_folders_are_not_picked_up(profile):
-    finish_variant(profile, variant_name(profile, 256))
-    finish_variant(profile, variant_name(profile, 512))  # a seqlen the profile no longer has
-    finish_variant(profile, f".{variant_name(profile, 1024)}.abc123")  # an interrupted save
-    assert list(workspace.quantized_variants(profile)) == [variant_name(profile, 256)]
+    finish_variant(profile, workspace.autoround_variant(profile, 256))
+    finish_variant(profile, workspace.autoround_variant(profile, 512))  # a seqlen the profile no longer has
+    finish_variant(profile, f".{workspace.autoround_variant(profile, 1024)}.abc123")  # an interrupted save
+    assert list(workspace.quantized_variants(profile)) == [workspace.autoround_variant(profile, 256)]
+
+
+def test_variant_names_follow_the_calibration_source_notebook_02_used(profile):
+    assert workspace.autoround_variant(profile, 256) == "w4a16-g128-sym-pile10k-seqlen256-iters20"  # not run yet
+    workspace.write_json(workspace.results_dir(profile) / "calibration__seqlen256.json", {"source_used": "embedded"})
+    assert workspace.autoround_variant(profile, 256) == "w4a16-g128-sym-embedded-seqlen256-iters20"
+    assert workspace.expected_variants(profile)[0] == "w4a16-g128-sym-embedded-seqlen256-iters20"
 
 
 def test_a_corrupt_metadata_file_is_reported_by_path_with_the_fix(profile):
-    directory = finish_variant(profile, variant_name(profile, 256))
+    directory = finish_variant(profile, workspace.autoround_variant(profile, 256))
     (directory / METADATA_FILE).write_text("")
     with pytest.raises(workspace.OutputError, match=rf"{METADATA_FILE} is empty; delete the folder .* re-run notebooks/03"):
         workspace.quantized_variants(profile)

@@ -168,11 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever `sys.stderr` is at emit time, not at creation:
+    `main` may be called many times in one process (tests, notebooks) that swap stderr."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def show_package_logs() -> None:
     """colquant's own INFO messages on stderr; other libraries' loggers keep their settings."""
     package = logging.getLogger("colquant")
     if not package.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         package.addHandler(handler)
     package.setLevel(logging.INFO)

@@ -127,19 +127,27 @@ class CalibrationSet:
         return pd.DataFrame(rows)
 
 
-def _require_hub() -> None:
-    """Fail fast instead of letting `datasets` retry with backoff against an unreachable hub."""
+def _require_hub_or_offline_cache() -> None:
+    """Fail fast instead of letting `datasets` retry with backoff against an unreachable hub.
+
+    In offline mode (HF_HUB_OFFLINE=1, as `datasets` read it) `datasets` goes straight to its local
+    cache and raises ConnectionError at once when the dataset is not there, so a dataset downloaded
+    earlier (or copied into HF_HOME) is used; only an unreachable hub outside offline mode is refused.
+    """
+    from datasets import config as datasets_config
+
     from colquant.checkpoint import hub_offline
 
-    if hub_offline():
-        raise ConnectionError("the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set)")
+    if not datasets_config.HF_HUB_OFFLINE and hub_offline():
+        raise ConnectionError("the Hugging Face hub is unreachable; set HF_HUB_OFFLINE=1 to read the dataset "
+                              "from the local cache (HF_HOME) instead")
 
 
 def load_text_documents(source: str, *, seed: int, limit: int) -> list[tuple[str, str]]:
     """(text, origin) pairs from a hub dataset through `datasets`; raises if it cannot be read."""
     from datasets import load_dataset
 
-    _require_hub()
+    _require_hub_or_offline_cache()
 
     if source == "pile-10k":
         rows = load_dataset(PILE_10K, split="train")
@@ -369,7 +377,7 @@ def load_page_images(*, seed: int, limit: int) -> tuple[list[Image.Image], list[
     """Page images of `vidore/colpali_train_set`, stratified by source (streamed: no full download)."""
     from datasets import load_dataset
 
-    _require_hub()
+    _require_hub_or_offline_cache()
 
     rows = load_dataset(COLPALI_TRAIN, split="train", streaming=True).shuffle(seed=seed).take(8 * limit)
     picked = _stratified([(row["image"], row["source"]) for row in rows], seed=seed, limit=limit)

@@ -56,6 +56,12 @@ def resolve_checkpoint(model_id_or_path: str | Path, revision: str | None = None
     return _download(text, revision)
 
 
+def snapshot_revision(path: str | Path) -> str | None:
+    """The commit of a checkpoint read from a huggingface_hub cache (`.../snapshots/<commit>`), else None."""
+    path = Path(path)
+    return path.name if path.parent.name == "snapshots" else None
+
+
 def _nearby_folders(candidate: Path) -> str:
     """The folders beside a missing one, since a typo in the last part is the usual cause."""
     if not candidate.parent.is_dir():

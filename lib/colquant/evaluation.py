@@ -12,6 +12,13 @@ mteb lacks for this project:
   results, returning one row per task and subset;
 - `ndcg_table`, `change_counts`, `format_seed_table`, `plot_ndcg`, `plot_delta`: the comparison
   report of seed 000 (NDCG@5 per task and variant, Δ% against the baseline, an Average row).
+
+Scoring: the published ViDoRe numbers were computed by mteb with colpali-engine's
+`score_multi_vector`, which maxes over zero-padded page rows (`colquant.score(..., mode="colpali")`).
+The evaluation scores the same way by default (`evaluation.scoring: colpali`), so the BF16 row can
+reproduce the published column; the baseline is also scored with the other mode (exact MaxSim) and
+shown as one extra column, so readers see whether the choice matters. The scoring mode is part of
+the key mteb stores results under.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from tqdm.auto import tqdm
 
 from colquant.corpus import FORMAT_VERSION, build_corpus
 from colquant.plots import legend_outside
-from colquant.scoring import Embeddings, score
+from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +62,26 @@ MODEL_ORGANISATION = "colquant"
 REVISION_PATTERN = re.compile(r"[0-9a-f]{8,64}")
 NDCG_COLUMN = "ndcg_at_5"
 DELTA_SUFFIX = " Δ%"
-# Elements of the MaxSim intermediate per step (~400 MB in float32), the budget mteb's max_sim uses.
+DEFAULT_SCORING: ScoringMode = "colpali"
+# Similarity entries per scoring block (~400 MB in float32), the budget mteb's max_sim uses.
 SIMILARITY_ELEMENTS = 100_000_000
+SCORING_LABELS = {"colpali": "colpali scoring", "exact": "exact MaxSim"}
 
 
 # --------------------------------------------------------------------------------------------
 # Encoder
+
+
+def check_scoring(scoring: str) -> None:
+    """Refuse a scoring mode `colquant.score` does not have, naming the two it has."""
+    if scoring not in SCORING_MODES:
+        raise ValueError(f"evaluation.scoring={scoring!r}: use 'colpali' (mteb's published scoring) or 'exact' (true MaxSim)")
+
+
+def other_scoring(scoring: ScoringMode) -> ScoringMode:
+    """The mode shown in the extra column beside the main one."""
+    check_scoring(scoring)
+    return "exact" if scoring == "colpali" else "colpali"
 
 
 def variant_model_name(variant_name: str) -> str:
@@ -83,17 +104,22 @@ class ColQuantEncoder(AbsEncoder):
     mteb's own ColQwen3 wrapper that produced the published ViDoRe scores.
 
     `encode` returns a (items, tokens, dim) tensor in the model's dtype, each item's real tokens
-    first and zero rows after; `similarity` is `colquant.score`, which ignores those zero rows.
-    Results are cached under (variant name, `revision`); the revision must be the fingerprint of
-    everything that changes scores (weights, dtype, visual-token budget, scoring mode).
+    first and zero rows after (mteb pads a corpus chunk the same way); `similarity` is
+    `colquant.score` in the `scoring` mode: `colpali` maxes over those zero rows as colpali-engine
+    does, `exact` ignores them. Results are cached under (variant name, `revision`); the revision
+    must be the fingerprint of everything that changes scores (weights, dtype, visual-token budget,
+    scoring mode: `workspace.evaluation_fingerprint`).
     """
 
-    def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str,
+                 scoring: ScoringMode = DEFAULT_SCORING) -> None:
         if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
             raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
-                             "workspace.evaluation_fingerprint(profile, checkpoint)")
+                             "workspace.evaluation_fingerprint(profile, checkpoint, scoring)")
+        check_scoring(scoring)
         self.model = model
         self.processor = processor
+        self.scoring = scoring
         self.device = next(model.parameters()).device
         self.mteb_model_meta = ModelMeta(
             loader=None,
@@ -149,20 +175,19 @@ class ColQuantEncoder(AbsEncoder):
         return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
 
     def similarity(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
-        """MaxSim scores (queries, pages), computed on the model's device in float32.
-
-        With a thousand queries against 1,300-token pages the whole similarity would be tens of
-        GB, so `colquant.score` works in blocks of about SIMILARITY_ELEMENTS entries.
-        """
-        return score(embeddings1, embeddings2, device=self.device, block_elements=SIMILARITY_ELEMENTS)
+        """Late-interaction scores (queries, pages) in the encoder's scoring mode, float32 on the
+        model's device (`colquant.score` works in bounded blocks, whatever the corpus chunk)."""
+        return score(embeddings1, embeddings2, mode=self.scoring, device=self.device,
+                     block_elements=SIMILARITY_ELEMENTS, show_progress_bar=False)
 
     def similarity_pairwise(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
-        """MaxSim of each query with the page at the same position (mteb's reranking path)."""
+        """Score of each query with the page at the same position (mteb's reranking path)."""
         if len(embeddings1) != len(embeddings2):
             raise ValueError(f"pairwise similarity needs as many queries as pages, got "
                              f"{len(embeddings1)} and {len(embeddings2)}")
         return torch.stack([
-            score(embeddings1[i : i + 1], embeddings2[i : i + 1], device=self.device)[0, 0].cpu()
+            score(embeddings1[i : i + 1], embeddings2[i : i + 1], mode=self.scoring, device=self.device,
+                  show_progress_bar=False)[0, 0].cpu()
             for i in range(len(embeddings1))
         ])
 
@@ -273,17 +298,20 @@ def get_tasks(names: Sequence[str], corpus_root: str | Path | None = None,
 
 
 def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, tasks: Iterable[AbsTask],
-                     output_dir: str | Path, *, revision: str, batch_size: int, corpus_chunk_size: int) -> pd.DataFrame:
+                     output_dir: str | Path, *, revision: str, batch_size: int, corpus_chunk_size: int,
+                     scoring: ScoringMode = DEFAULT_SCORING, model_revision: str | None = None) -> pd.DataFrame:
     """Evaluate one variant on `tasks` with mteb; one row per task and subset (see `results_frame`).
 
     Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/<revision>/`.
     Tasks already finished there for this name and revision are read back instead of re-run, so an
     interrupted run resumes; a variant with another name, or re-quantized or evaluated under other
-    settings (another revision), never sees them. The corpus is encoded and scored
+    settings (another revision: pass `workspace.evaluation_fingerprint(profile, checkpoint, scoring)`,
+    which covers the scoring mode), never sees them. The corpus is encoded and scored
     `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
+    `model_revision` (the hub commit of the base model) is recorded in every row.
     """
     tasks = list(tasks)
-    encoder = ColQuantEncoder(model, processor, variant_name, revision)
+    encoder = ColQuantEncoder(model, processor, variant_name, revision, scoring)
     cache = mteb.ResultCache(output_dir)
     _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
     _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
@@ -297,7 +325,8 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
         raise_error=True,
     )
     main_scores = {task.metadata.name: task.metadata.main_score for task in tasks}
-    return results_frame(result.task_results, variant_name, main_scores)
+    return results_frame(result.task_results, variant_name, main_scores).assign(
+        scoring=scoring, model_revision=model_revision)
 
 
 def _drop_interrupted_results(cache: mteb.ResultCache, meta: ModelMeta, tasks: list[AbsTask]) -> None:
@@ -360,14 +389,32 @@ def delta_column(variant: str) -> str:
     return variant + DELTA_SUFFIX
 
 
-def ndcg_table(results: pd.DataFrame, baseline: str = "bf16") -> pd.DataFrame:
+def scoring_column(baseline: str, scoring: ScoringMode) -> str:
+    """Name of the extra column: the baseline scored in the other mode, e.g. `bf16 (exact MaxSim)`."""
+    return f"{baseline} ({SCORING_LABELS[scoring]})"
+
+
+def main_scoring_rows(results: pd.DataFrame, scoring: ScoringMode = DEFAULT_SCORING) -> pd.DataFrame:
+    """The rows scored in the main mode (all rows of a frame without a `scoring` column)."""
+    return results[results["scoring"] == scoring] if "scoring" in results else results
+
+
+def ndcg_table(results: pd.DataFrame, baseline: str = "bf16", scoring: ScoringMode = DEFAULT_SCORING) -> pd.DataFrame:
     """NDCG@5 per task (rows, "Task [Language]") per variant (columns, baseline first), each other
     variant followed by its Δ% against the baseline, plus an "Average" row.
 
-    The Average row holds the mean NDCG@5 and the Δ% of those means (as in seed 000), not the mean
-    of the per-task Δ%. Every variant must cover the same tasks, else the averages would compare
-    different benchmarks.
+    Columns come from the rows scored in `scoring` mode; when `results` also holds the baseline
+    scored in the other mode, that is one extra column right after the baseline's
+    (`scoring_column`). The Average row holds the mean NDCG@5 and the Δ% of those means (as in seed
+    000), not the mean of the per-task Δ%. Every variant must cover the same tasks, else the
+    averages would compare different benchmarks.
     """
+    extra_mode = other_scoring(scoring)
+    extra = (results[(results["scoring"] == extra_mode) & (results["variant"] == baseline)]
+             if "scoring" in results else results.iloc[:0])
+    results = main_scoring_rows(results, scoring)
+    if extra.shape[0]:
+        results = pd.concat([results, extra.assign(variant=scoring_column(baseline, extra_mode))])
     variants = list(dict.fromkeys(results["variant"]))
     if baseline not in variants:
         raise ValueError(f"baseline {baseline!r} is not among the variants {variants}; "
@@ -386,8 +433,10 @@ def ndcg_table(results: pd.DataFrame, baseline: str = "bf16") -> pd.DataFrame:
     table = pd.DataFrame(index=scores.index)
     table.index.name = "Benchmark"
     table[baseline] = scores[baseline]
+    if extra.shape[0]:
+        table[scoring_column(baseline, extra_mode)] = scores[scoring_column(baseline, extra_mode)]
     for variant in variants:
-        if variant != baseline:
+        if variant not in (baseline, scoring_column(baseline, extra_mode)):
             table[variant] = scores[variant]
             table[delta_column(variant)] = (scores[variant] - scores[baseline]) / scores[baseline] * 100
     return table
@@ -438,8 +487,9 @@ def format_seed_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot_ndcg(results: pd.DataFrame) -> Figure:
-    """Horizontal bars of NDCG@5 per task, one bar per variant."""
+def plot_ndcg(results: pd.DataFrame, scoring: ScoringMode = DEFAULT_SCORING) -> Figure:
+    """Horizontal bars of NDCG@5 per task, one bar per variant (rows scored in `scoring` mode)."""
+    results = main_scoring_rows(results, scoring)
     labelled = results.assign(benchmark=results["task"] + " [" + results["language"] + "]")
     n_tasks = labelled["benchmark"].nunique()
     figure = Figure(figsize=(9, 1.5 + 0.2 * n_tasks * labelled["variant"].nunique()), layout="constrained")

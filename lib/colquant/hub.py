@@ -130,8 +130,10 @@ Score with MaxSim (`colquant.score`, or `processor.score_multi_vector`).
 ## Calibration
 | setting | value |
 |---|---|
+| base model revision | {metadata.get('base_model_revision') or 'not recorded'} |
 | method | {settings['method']} (iters {settings['iters']}, seed {settings['seed']}) |
 | data | {calibration['source_used']} (requested {calibration['source']}), {calibration['nsamples']} samples x {calibration['seqlen']} tokens |
+| calibration fallback | {calibration.get('fallback_reason') or 'none: the requested source was used'} |
 | quantization time | {metadata.get('wall_time_s', 'n/a')} s |
 | peak memory while quantizing | {metadata.get('peak_memory_bytes', 0) / 2**20:,.0f} MiB ({metadata.get('memory_kind', 'n/a')}) |
 

@@ -295,15 +295,22 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
-def variant_name(profile: dict[str, Any], seqlen: int, method: str = "autoround") -> str:
+def variant_name(profile: dict[str, Any], seqlen: int, method: str = "autoround", *,
+                 calibration_source: str | None = None) -> str:
     """A quantized variant's name, made of its settings, so notebooks and mteb tell variants apart.
 
     e.g. `w4a16-g128-sym-pile10k-seqlen512-iters200` (auto-round) or `...-rtn` for the baseline.
+    `calibration_source` is the source the calibration set actually came from
+    (`CalibrationSet.source_used`), not the one the profile requested: a variant calibrated on the
+    embedded fallback is `...-embedded-...`, never `...-pile10k-...`.
     """
-    q, c = profile["quantization"], profile["calibration"]
+    q = profile["quantization"]
     symmetry = "sym" if q["sym"] else "asym"
     base = f"w{q['bits']}a16-g{q['group_size']}-{symmetry}"
     if method == "rtn":
         return f"{base}-rtn"
-    source = c["source"].replace("-", "")
+    if not calibration_source:
+        raise ValueError("an auto-round variant's name needs calibration_source: the source its calibration "
+                         "set actually used (CalibrationSet.source_used)")
+    source = "".join(character for character in calibration_source if character.isalnum())
     return f"{base}-{source}-seqlen{seqlen}-iters{q['iters']}"

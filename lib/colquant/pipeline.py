@@ -84,7 +84,7 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     rtn = [variant_name(profile, 0, "rtn")] if profile["quantization"].get("rtn_baseline") else []
     steps, quantized = [], []
     for seqlen in profile["calibration"]["seqlens"]:
-        variants = tuple(workspace.variants_dir(profile) / name for name in [variant_name(profile, seqlen), *rtn])
+        variants = tuple(workspace.variants_dir(profile) / name for name in [workspace.autoround_variant(profile, seqlen), *rtn])
         per_seqlen = {
             "01_architecture": ((results / "architecture.json",), (), ()),
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
@@ -155,6 +155,8 @@ def run(
         fingerprints: dict[str, str] = {}
         steps = plan(profile_path, profile)
         for index, step in enumerate(steps, 1):
+            # planned again: a variant's name carries the calibration source 02 actually used
+            step = {fresh.key: fresh for fresh in plan(profile_path, profile)}[step.key]
             fingerprints[step.key] = fingerprint(step, profile, fingerprints)
             if notebooks is not None and step.notebook[:2] not in notebooks:
                 summary.append({"step": step.key, "status": "not selected"})

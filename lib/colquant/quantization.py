@@ -243,12 +243,14 @@ def quantization_metadata(
     cost: Measurement,
     *,
     base_model: str,
+    base_model_revision: str,
     random_weights: bool,
     quantized_layers: list[str],
 ) -> dict[str, Any]:
     return {
         "variant": variant,
         "base_model": base_model,
+        "base_model_revision": base_model_revision,
         "random_weights": random_weights,
         "settings": asdict(settings),
         "calibration": {
@@ -305,10 +307,10 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
     from colquant.params import variant_name
 
     settings = QuantizationSettings.from_profile(profile, method)
-    name = variant_name(profile, seqlen, method)
-    out = workspace.variants_dir(profile) / name
     calibration_path = workspace.calibration_file(profile, seqlen)
     calibration = CalibrationSet.load(calibration_path)
+    name = variant_name(profile, seqlen, method, calibration_source=calibration.source_used)
+    out = workspace.variants_dir(profile) / name
     base = workspace.base_model(profile)
     inputs = variant_inputs_fingerprint(profile, settings, base, None if method == "rtn" else calibration_path)
     if (out / METADATA_FILE).exists():
@@ -331,6 +333,7 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
             calibration,
             cost,
             base_model=str(profile["model"]["id"]),
+            base_model_revision=workspace.base_model_revision(profile),
             random_weights=profile["random_weights"],
             quantized_layers=decoder_linear_names(model.language_model),
         )

@@ -20,10 +20,11 @@ def write_report(profile: dict[str, Any]) -> Path:
     results = workspace.results_dir(profile)
     sections = [
         f"# ColQuant report: profile `{profile['profile']}`\n\n{workspace.random_weights_notice(profile)}\n\n"
+        f"Base model revision: `{workspace.base_model_revision(profile)}`. "
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python -m colquant run`.",
         _model_section(results),
         _quantization_section(results, profile),
-        _quality_section(results),
+        _quality_section(results, profile["evaluation"].get("scoring", "colpali")),
         _fidelity_section(results),
         _sweep_section(results),
         _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile)),
@@ -79,17 +80,22 @@ def _quantization_section(results: Path, profile: dict[str, Any]) -> str:
     return "## Quantization (auto-round W4A16, language-model decoder Linear layers)\n\n" + _table(pd.DataFrame(rows.values()))
 
 
-def _quality_section(results: Path) -> str:
+def _quality_section(results: Path, scoring: str) -> str:
     path = results / "ndcg_table.csv"
     if not path.exists():
         return "## Retrieval quality (NDCG@5)\n\n" + _missing("mteb results", "notebooks/05_vidore_eval.ipynb")
-    from colquant.evaluation import change_counts, format_seed_table  # needs mteb, absent on some GPU boxes
+    # needs mteb, absent on some GPU boxes
+    from colquant.evaluation import SCORING_LABELS, change_counts, format_seed_table, other_scoring, scoring_column
 
     table = pd.read_csv(path, index_col=0)
     counts = change_counts(table).reset_index()
+    extra = scoring_column(workspace.BASELINE, other_scoring(scoring))
+    note = (f"Scores use {SCORING_LABELS[scoring]} (`evaluation.scoring: {scoring}`)"
+            + (f"; the `{extra}` column scores BF16 the other way, to show whether the choice matters." if extra in table
+               else "."))
     return (
         "## Retrieval quality: NDCG@5 per task (mteb)\n\n"
-        f"{format_seed_table(table)}\n\nTasks improved / degraded / unchanged against BF16:\n\n{_table(counts)}"
+        f"{note}\n\n{format_seed_table(table)}\n\nTasks improved / degraded / unchanged against BF16:\n\n{_table(counts)}"
     )
 
 
@@ -118,8 +124,9 @@ def _plots_section(plots: Path, root: Path) -> str:
     return "## Plots\n\n" + "\n\n".join(f"![{image.stem}]({image.relative_to(root)})" for image in images)
 
 
-def variant_results(results: Path) -> dict[str, dict[str, Any]]:
-    """Per variant, the headline numbers known so far: fidelity against BF16 and NDCG@5."""
+def variant_results(results: Path, scoring: str = "colpali") -> dict[str, dict[str, Any]]:
+    """Per variant, the headline numbers known so far: fidelity against BF16 and NDCG@5 (in the
+    evaluation's main scoring mode)."""
     known: dict[str, dict[str, Any]] = {}
     fidelity = results / "fidelity_summary.csv"
     if fidelity.exists():
@@ -133,7 +140,9 @@ def variant_results(results: Path) -> dict[str, dict[str, Any]]:
             )
     ndcg = results / "ndcg.csv"
     if ndcg.exists():
-        for variant, scores in pd.read_csv(ndcg).groupby("variant"):
+        frame = pd.read_csv(ndcg)
+        frame = frame[frame["scoring"] == scoring] if "scoring" in frame else frame
+        for variant, scores in frame.groupby("variant"):
             known.setdefault(variant, {})[f"NDCG@5, mean of {len(scores)} tasks"] = round(scores["ndcg_at_5"].mean(), 5)
     return known
 
@@ -142,7 +151,7 @@ def update_variant_cards(profile: dict[str, Any]) -> None:
     """Write what the later notebooks measured into each quantized variant's model card."""
     from colquant.quantization import update_model_card
 
-    known = variant_results(workspace.results_dir(profile))
+    known = variant_results(workspace.results_dir(profile), profile["evaluation"].get("scoring", "colpali"))
     for name, path in workspace.quantized_variants(profile).items():
         if name in known:
             update_model_card(path, known[name])

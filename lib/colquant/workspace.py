@@ -161,12 +161,13 @@ def scoring_mode(profile: dict[str, Any]) -> str:
     return profile["evaluation"].get("scoring", "colpali")
 
 
-def evaluation_fingerprint(profile: dict[str, Any], checkpoint: str | Path) -> str:
+def evaluation_fingerprint(profile: dict[str, Any], checkpoint: str | Path, scoring: str | None = None) -> str:
     """What a variant's retrieval scores depend on besides the task: weights, dtype, the
-    visual-token budget and the scoring mode. mteb files results under this as the revision."""
+    visual-token budget and the scoring mode (the profile's, or `scoring` for the extra column
+    notebook 05 adds). mteb files results under this as the revision."""
     model = profile["model"]
     return fingerprint(
-        checkpoint_fingerprint(checkpoint), model["dtype"], model["max_num_visual_tokens"], scoring_mode(profile)
+        checkpoint_fingerprint(checkpoint), model["dtype"], model["max_num_visual_tokens"], scoring or scoring_mode(profile)
     )
 
 
@@ -287,14 +288,42 @@ def base_model(profile: dict[str, Any]) -> Path:
         return tiny.build(output_dir(profile) / "base-model", size="tiny")
     if model["id"] == "synthetic-4b":
         return tiny.build(output_dir(profile) / "base-model", size="4b", device=model["device"])
-    return resolve_checkpoint(model["id"])
+    return resolve_checkpoint(model["id"], model.get("revision"))
+
+
+def base_model_revision(profile: dict[str, Any]) -> str:
+    """The hub commit the base model was read from (recorded with every result), or "local build"
+    for the models this project builds itself; a hub id without a pinned `model.revision` reports
+    the commit its cached snapshot holds."""
+    from colquant.checkpoint import snapshot_revision
+
+    if profile["model"]["id"] in ("embedded-tiny", "synthetic-4b"):
+        return "local build"
+    return snapshot_revision(base_model(profile)) or profile["model"].get("revision") or "unknown"
+
+
+def calibration_source_used(profile: dict[str, Any], seqlen: int) -> str:
+    """The source notebook 02 actually calibrated on at `seqlen` (its results JSON records it);
+    before 02 has run, the requested source, which is what it uses unless the profile's offline
+    fallback is taken. Variant names carry it."""
+    record = output_dir(profile) / "results" / f"calibration__seqlen{seqlen}.json"
+    if record.exists():
+        return read_json(record, "delete it and re-run notebooks/02_calibration.ipynb")["source_used"]
+    return profile["calibration"]["source"]
+
+
+def autoround_variant(profile: dict[str, Any], seqlen: int) -> str:
+    """The name of the auto-round variant at `seqlen`, with the calibration source used."""
+    from colquant.params import variant_name
+
+    return variant_name(profile, seqlen, calibration_source=calibration_source_used(profile, seqlen))
 
 
 def expected_variants(profile: dict[str, Any]) -> list[str]:
     """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN."""
     from colquant.params import variant_name
 
-    names = [variant_name(profile, seqlen) for seqlen in sorted(profile["calibration"]["seqlens"])]
+    names = [autoround_variant(profile, seqlen) for seqlen in sorted(profile["calibration"]["seqlens"])]
     if profile["quantization"].get("rtn_baseline"):
         names.append(variant_name(profile, profile["calibration"]["seqlens"][0], "rtn"))
     return names
