@@ -269,16 +269,19 @@ def get_tasks(names: Sequence[str], corpus_root: str | Path | None = None,
 
 
 def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, tasks: Iterable[AbsTask],
-                     output_dir: str | Path, *, batch_size: int, corpus_chunk_size: int) -> pd.DataFrame:
+                     output_dir: str | Path, *, batch_size: int, corpus_chunk_size: int,
+                     encoder: ColQuantEncoder | None = None) -> pd.DataFrame:
     """Evaluate one variant on `tasks` with mteb; one row per task and subset (see `results_frame`).
 
     Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/`.
     Tasks already finished there for this variant name are read back instead of re-run, so an
     interrupted run resumes; a variant with another name never sees them. The corpus is encoded and
     scored `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
+    `encoder` replaces the default `ColQuantEncoder(model, processor, variant_name)`, e.g. with
+    `colquant.compress_eval.CompressedIndexEncoder`, which scores a compressed page index.
     """
     tasks = list(tasks)
-    encoder = ColQuantEncoder(model, processor, variant_name)
+    encoder = encoder or ColQuantEncoder(model, processor, variant_name)
     cache = mteb.ResultCache(output_dir)
     _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
     result = mteb.evaluate(
