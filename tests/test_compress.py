@@ -32,7 +32,7 @@ def ragged(generator: torch.Generator, count: int, low: int, high: int, dim: int
 
 def stored_pages(pages) -> list[torch.Tensor]:
     """Each page's vectors as the scorer sees them (dequantised), read back from the format."""
-    return [pages.dequantized_rows(int(a), int(b), torch.float32) for a, b in zip(pages.offsets[:-1], pages.offsets[1:])]
+    return [pages.dequantize(torch.arange(int(a), int(b)), torch.float32) for a, b in zip(pages.offsets[:-1], pages.offsets[1:])]
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -213,3 +213,9 @@ def test_a_page_with_no_real_tokens_scores_zero_as_in_colquant_score():
         assert compressed.lengths[0] == 0
         assert torch.equal(score_compressed(queries, compressed)[:, 0], torch.zeros(2))
     assert torch.allclose(score_compressed(queries, compress_pages(pages, "none")), score(queries, pages), atol=1e-5)
+
+
+def test_an_index_of_empty_pages_scores_zero():
+    pages = compress_pages(torch.zeros(3, 4, 8), "binary")
+    assert pages.lengths.tolist() == [0, 0, 0]
+    assert torch.equal(score_compressed([torch.ones(2, 8)], pages), torch.zeros(1, 3))

@@ -129,8 +129,8 @@ class _RaggedPages:
     def bytes_per_page(self) -> float:
         return self.nbytes / len(self)
 
-    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Stored rows start:stop as (rows, dim) vectors of `dtype`, as scored."""
+    def dequantize(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The stored rows at indices `rows` as (len(rows), dim) vectors of `dtype`, as scored."""
         raise NotImplementedError
 
     def to(self, device: torch.device | str) -> _RaggedPages:
@@ -148,8 +148,8 @@ class FloatPages(_RaggedPages):
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.vectors,)
 
-    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.vectors[start:stop].to(dtype)
+    def dequantize(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.vectors[rows].to(dtype)
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,8 @@ class Int8Pages(_RaggedPages):
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.codes, self.scales)
 
-    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        return (self.codes[start:stop].to(torch.float32) * self.scales[start:stop, None]).to(dtype)
+    def dequantize(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (self.codes[rows].to(torch.float32) * self.scales[rows, None]).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,8 @@ class BinaryPages(_RaggedPages):
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.bits,)
 
-    def dequantized_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        return unpack_signs(self.bits[start:stop], self.dim, dtype)
+    def dequantize(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return unpack_signs(self.bits[rows], self.dim, dtype)
 
 
 CompressedPages = FloatPages | Int8Pages | BinaryPages
@@ -230,7 +230,7 @@ def pack_signs(vectors: torch.Tensor) -> torch.Tensor:
     positive = (vectors > 0).to(torch.uint8)
     tail = (-positive.shape[-1]) % 8
     positive = torch.nn.functional.pad(positive, (0, tail))
-    groups = positive.reshape(*positive.shape[:-1], -1, 8)
+    groups = positive.reshape(*positive.shape[:-1], positive.shape[-1] // 8, 8)
     return (groups * _BIT_WEIGHTS.to(vectors.device)).sum(-1, dtype=torch.uint8)
 
 
@@ -238,7 +238,7 @@ def unpack_signs(bits: torch.Tensor, dim: int, dtype: torch.dtype = torch.float3
     """Packed sign bits back to ±1 vectors of `dim` values."""
     shifts = torch.arange(7, -1, -1, device=bits.device, dtype=torch.uint8)
     unpacked = (bits[..., None] >> shifts) & 1
-    signs = unpacked.reshape(*bits.shape[:-1], -1)[..., :dim].to(dtype)
+    signs = unpacked.reshape(*bits.shape[:-1], bits.shape[-1] * 8)[..., :dim].to(dtype)
     return signs * 2 - 1
 
 
@@ -296,14 +296,21 @@ def score_compressed(
     lengths = pages.lengths
     if binary_queries:  # the Hamming path holds (query vector, page vector, byte) integers
         similarity_elements = max(1, similarity_elements // (8 * pages.bits.shape[-1]))
-    page_blocks = _page_blocks(lengths, queries.shape[0] * queries.shape[1], similarity_elements)
+    n_query_vectors = queries.shape[0] * queries.shape[1]
+    if int(pages.offsets[-1]) == 0:
+        return torch.zeros(queries.shape[0], len(pages), device=device)
+    # Pages of similar length share a block, so little of the padded similarity is padding.
+    order = torch.argsort(lengths, stable=True)
+    blocks = [order[start:stop] for start, stop in _page_blocks(lengths[order], n_query_vectors, similarity_elements)]
     if binary_queries:
-        packed_queries = pack_signs(queries)
-        columns = [_hamming_block(packed_queries, pages, start, stop) for start, stop in page_blocks]
+        packed_queries = pack_signs(queries).reshape(n_query_vectors, -1)
+        columns = [_hamming_block(packed_queries, pages, block) for block in blocks]
     else:
-        flat_queries = queries.reshape(-1, pages.dim).to(compute_dtype)
-        columns = [_float_block(flat_queries, pages, start, stop, compute_dtype) for start, stop in page_blocks]
-    best = torch.cat(columns, dim=1).reshape(queries.shape[0], queries.shape[1], len(pages))  # (Q, Tq, P)
+        flat_queries = queries.reshape(n_query_vectors, pages.dim).to(compute_dtype)
+        columns = [_float_block(flat_queries, pages, block) for block in blocks]
+    best = torch.empty(n_query_vectors, len(pages), device=device)
+    best[:, order] = torch.cat(columns, dim=1)
+    best = best.reshape(queries.shape[0], queries.shape[1], len(pages))  # (Q, Tq, P)
     best = torch.where(query_rows[:, :, None] & (lengths > 0)[None, None, :], best, 0.0)
     return best.sum(dim=1)
 
@@ -321,42 +328,39 @@ def _page_blocks(lengths: torch.Tensor, query_vectors: int, similarity_elements:
     return blocks
 
 
-def _padded_rows(pages: CompressedPages, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices (pages, longest) into the stored tensors for pages start:stop, clamped to stored
-    rows (padding positions repeat a real row), and the mask of real positions."""
-    offsets, lengths = pages.offsets[start:stop], pages.lengths[start:stop]
+def _padded_rows(pages: CompressedPages, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (pages, longest) into the stored tensors for the pages of `block`, clamped to
+    stored rows (padding positions repeat a real row), and the mask of real positions."""
+    offsets, lengths = pages.offsets[block], pages.lengths[block]
     positions = torch.arange(max(1, int(lengths.max())), device=offsets.device)
     real = positions[None, :] < lengths[:, None]
     rows = (offsets[:, None] + positions[None, :]).clamp(max=int(pages.offsets[-1]) - 1)
     return rows, real
 
 
-def _float_block(flat_queries: torch.Tensor, pages: CompressedPages, start: int, stop: int,
-                 compute_dtype: torch.dtype) -> torch.Tensor:
-    """Best match per (query vector, page) for pages start:stop: (Q * Tq, pages)."""
-    first, last = int(pages.offsets[start]), int(pages.offsets[stop])
-    if last == first:
-        return flat_queries.new_zeros(flat_queries.shape[0], stop - start, dtype=torch.float32)
-    vectors = pages.dequantized_rows(first, last, compute_dtype)  # (rows, dim)
-    rows, real = _padded_rows(pages, start, stop)
-    sim = flat_queries @ vectors.T  # (Q * Tq, rows)
-    padded = sim[:, (rows - first).clamp(max=last - first - 1)]  # (Q * Tq, pages, longest)
-    padded.masked_fill_(~real[None], float("-inf"))
-    return padded.amax(dim=-1).to(torch.float32)
+def _float_block(flat_queries: torch.Tensor, pages: CompressedPages, block: torch.Tensor) -> torch.Tensor:
+    """Best match per (query vector, page) for the pages of `block`: (Q * Tq, pages).
+
+    One matrix product against the block's padded vectors, with -inf added to the padding columns
+    in the same call (addmm's bias), then a max over each page's columns.
+    """
+    rows, real = _padded_rows(pages, block)
+    vectors = pages.dequantize(rows.reshape(-1), flat_queries.dtype)  # (pages * longest, dim)
+    padding = torch.zeros(real.numel(), dtype=flat_queries.dtype, device=real.device)
+    padding.masked_fill_(~real.reshape(-1), float("-inf"))
+    sim = torch.addmm(padding, flat_queries, vectors.T)  # (Q * Tq, pages * longest)
+    return sim.view(flat_queries.shape[0], *rows.shape).amax(dim=-1).to(torch.float32)
 
 
 _POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int16)
 
 
-def _hamming_block(packed_queries: torch.Tensor, pages: BinaryPages, start: int, stop: int) -> torch.Tensor:
-    """Best ±1 dot product (dim - 2 * hamming) per (query vector, page) for pages start:stop."""
-    flat = packed_queries.reshape(-1, packed_queries.shape[-1])  # (Q * Tq, bytes)
-    if int(pages.offsets[stop]) == int(pages.offsets[start]):
-        return torch.zeros(flat.shape[0], stop - start, device=flat.device)
-    rows, real = _padded_rows(pages, start, stop)
+def _hamming_block(packed_queries: torch.Tensor, pages: BinaryPages, block: torch.Tensor) -> torch.Tensor:
+    """Best ±1 dot product (dim - 2 * hamming) per (query vector, page) for the pages of `block`."""
+    rows, real = _padded_rows(pages, block)
     page_bits = pages.bits[rows]  # (pages, longest, bytes)
-    popcount = _POPCOUNT.to(flat.device)
-    distance = popcount[(flat[:, None, None, :] ^ page_bits[None]).long()].sum(-1)  # (Q * Tq, pages, longest)
+    popcount = _POPCOUNT.to(packed_queries.device)
+    distance = popcount[(packed_queries[:, None, None, :] ^ page_bits[None]).long()].sum(-1)  # (Q * Tq, pages, longest)
     similarity = (pages.dim - 2 * distance).to(torch.float32)
     similarity.masked_fill_(~real[None], float("-inf"))
     return similarity.amax(dim=-1)
