@@ -12,14 +12,12 @@ from matplotlib.figure import Figure
 
 import colquant
 from colquant.compress import compress_pages, parse_setting, score_compressed
+from colquant.compress import compression_report, compression_table, pareto_front, recommend
 from colquant.compress_eval import (
     CompressedIndexEncoder,
     EmbeddingMemo,
-    compression_table,
     evaluate_setting,
-    pareto_front,
     plot_pareto,
-    recommend,
 )
 from colquant.corpus import build_corpus
 from colquant.evaluation import ColQuantEncoder, get_tasks
@@ -101,3 +99,12 @@ def test_table_front_and_recommendation_on_hand_made_scores():
     assert isinstance(plot_pareto(table), Figure)
     with pytest.raises(ValueError, match="no 'none' setting"):
         compression_table(grid().query("setting != 'none'"))
+
+
+def test_report_section_reads_the_notebooks_table(tmp_path):
+    assert "No compression grid yet" in compression_report(tmp_path)
+    compression_table(grid()).to_csv(tmp_path / "compression_table.csv", index=False)
+    section = compression_report(tmp_path)
+    assert sum(line.startswith("| w4 ") or line.startswith("| bf16 ") for line in section.splitlines()) == 6
+    assert section.rstrip().endswith("and the smallest index that is.")
+    assert "Use bf16 with the binary index" in section

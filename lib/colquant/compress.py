@@ -29,8 +29,8 @@ lets mteb evaluate a (variant, setting) pair under a model name of its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -39,6 +39,9 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from colquant.scoring import Embeddings, pad_embeddings
+
+NDCG_COLUMN = "ndcg_at_5"  # as colquant.evaluation, which needs mteb
+COMPRESSION_TABLE = "compression_table.csv"
 
 Quantization = Literal["float", "int8", "binary"]
 DEFAULT_SETTINGS = ("none", "pool2", "pool3", "int8", "binary", "pool3+binary")
@@ -364,3 +367,55 @@ def _hamming_block(packed_queries: torch.Tensor, pages: BinaryPages, block: torc
     similarity = (pages.dim - 2 * distance).to(torch.float32)
     similarity.masked_fill_(~real[None], float("-inf"))
     return similarity.amax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# The (variant x setting) grid: table, Pareto front, recommendation, report section
+
+
+def compression_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (variant, setting): mean NDCG@5 over tasks, mean bytes per page, the index's size
+    relative to the uncompressed one of the same variant, and NDCG@5 relative to that one (%)."""
+    grid = (results.groupby(["variant", "setting"], sort=False)
+            .agg(ndcg_at_5=(NDCG_COLUMN, "mean"), bytes_per_page=("bytes_per_page", "mean"), tasks=("task", "size"))
+            .reset_index())
+    if "none" not in set(grid["setting"]):
+        raise ValueError("the grid has no 'none' setting to compare with; add none to compression.settings")
+    reference = grid[grid["setting"] == "none"].set_index("variant")
+    grid["size_vs_none"] = grid["bytes_per_page"] / grid["variant"].map(reference["bytes_per_page"])
+    grid["ndcg_vs_none_%"] = (grid["ndcg_at_5"] / grid["variant"].map(reference["ndcg_at_5"]) - 1) * 100
+    return grid
+
+
+def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `compression_table` no other row beats on both NDCG@5 and bytes per page."""
+    dominated = [
+        ((table["ndcg_at_5"] >= row.ndcg_at_5) & (table["bytes_per_page"] <= row.bytes_per_page)
+         & ((table["ndcg_at_5"] > row.ndcg_at_5) | (table["bytes_per_page"] < row.bytes_per_page))).any()
+        for row in table.itertuples()
+    ]
+    return table[[not d for d in dominated]].sort_values("bytes_per_page")
+
+
+def recommend(table: pd.DataFrame, tolerance_pct: float = 2.0) -> str:
+    """A sentence naming the smallest index whose NDCG@5 is within `tolerance_pct` % of the best."""
+    best = table.loc[table["ndcg_at_5"].idxmax()]
+    within = table[table["ndcg_at_5"] >= best["ndcg_at_5"] * (1 - tolerance_pct / 100)]
+    pick = within.loc[within["bytes_per_page"].idxmin()]
+    return (f"Use {pick['variant']} with the {pick['setting']} index: {pick['bytes_per_page'] / 1024:.3g} KiB per page "
+            f"({pick['size_vs_none']:.1%} of its uncompressed index) at NDCG@5 {pick['ndcg_at_5']:.4f}, within "
+            f"{tolerance_pct:g}% of the best combination ({best['variant']} / {best['setting']}, "
+            f"{best['ndcg_at_5']:.4f}) and the smallest index that is.")
+
+
+def compression_report(results_dir: Path) -> str:
+    """The report's section: notebook 07's table (results/compression_table.csv) and the recommendation."""
+    path = results_dir / COMPRESSION_TABLE
+    title = "## Index compression: NDCG@5 against bytes per page (mteb)\n\n"
+    if not path.exists():
+        return title + ("_No compression grid yet: run `notebooks/07_index_compression.ipynb` "
+                        "(or `python -m colquant run <profile>`)._")
+    table = pd.read_csv(path)
+    shown = table.assign(kib_per_page=table["bytes_per_page"] / 1024).drop(columns=["bytes_per_page"])
+    return title + shown.to_markdown(index=False, floatfmt=".4g") + "\n\n" + recommend(table)
+

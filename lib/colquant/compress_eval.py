@@ -10,8 +10,8 @@ scoring benchmark do not have. The pieces:
   each task once, not once per setting.
 - `evaluate_setting`: `evaluation.evaluate_variant` with that encoder, plus the index's bytes per
   page (measured on the compressed tensors, stored beside mteb's results so resumed runs have them).
-- `compression_table`, `plot_pareto`, `recommend`: the grid as a table, quality against index
-  size, and the combination to use.
+- `plot_pareto`: quality against index size (the table and the recommendation are in
+  `colquant.compress`, which the report reads without mteb).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from mteb.types import PromptType
 from torch.utils.data import DataLoader
 
 from colquant import workspace
-from colquant.compress import CompressionSetting, compress_pages, score_compressed
-from colquant.evaluation import NDCG_COLUMN, SIMILARITY_ELEMENTS, ColQuantEncoder, evaluate_variant
+from colquant.compress import CompressionSetting, compress_pages, pareto_front, score_compressed
+from colquant.evaluation import SIMILARITY_ELEMENTS, ColQuantEncoder, evaluate_variant
 from colquant.plots import legend_outside
 from colquant.scoring import Embeddings
 
@@ -163,41 +163,6 @@ def _stored_index_stats(path: Path, measured: dict[str, dict[str, int]]) -> dict
 
 # --------------------------------------------------------------------------------------------
 # The grid
-
-
-def compression_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (variant, setting): mean NDCG@5 over tasks, mean bytes per page, the index's size
-    relative to the uncompressed one of the same variant, and NDCG@5 relative to that one (%)."""
-    grid = (results.groupby(["variant", "setting"], sort=False)
-            .agg(ndcg_at_5=(NDCG_COLUMN, "mean"), bytes_per_page=("bytes_per_page", "mean"), tasks=("task", "size"))
-            .reset_index())
-    if "none" not in set(grid["setting"]):
-        raise ValueError("the grid has no 'none' setting to compare with; add none to compression.settings")
-    reference = grid[grid["setting"] == "none"].set_index("variant")
-    grid["size_vs_none"] = grid["bytes_per_page"] / grid["variant"].map(reference["bytes_per_page"])
-    grid["ndcg_vs_none_%"] = (grid["ndcg_at_5"] / grid["variant"].map(reference["ndcg_at_5"]) - 1) * 100
-    return grid
-
-
-def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
-    """The rows of `compression_table` no other row beats on both NDCG@5 and bytes per page."""
-    dominated = [
-        ((table["ndcg_at_5"] >= row.ndcg_at_5) & (table["bytes_per_page"] <= row.bytes_per_page)
-         & ((table["ndcg_at_5"] > row.ndcg_at_5) | (table["bytes_per_page"] < row.bytes_per_page))).any()
-        for row in table.itertuples()
-    ]
-    return table[[not d for d in dominated]].sort_values("bytes_per_page")
-
-
-def recommend(table: pd.DataFrame, tolerance_pct: float = 2.0) -> str:
-    """A sentence naming the smallest index whose NDCG@5 is within `tolerance_pct` % of the best."""
-    best = table.loc[table["ndcg_at_5"].idxmax()]
-    within = table[table["ndcg_at_5"] >= best["ndcg_at_5"] * (1 - tolerance_pct / 100)]
-    pick = within.loc[within["bytes_per_page"].idxmin()]
-    return (f"Use {pick['variant']} with the {pick['setting']} index: {pick['bytes_per_page'] / 1024:.1f} KiB per page "
-            f"({pick['size_vs_none']:.1%} of its uncompressed index) at NDCG@5 {pick['ndcg_at_5']:.4f}, within "
-            f"{tolerance_pct:g}% of the best combination ({best['variant']} / {best['setting']}, "
-            f"{best['ndcg_at_5']:.4f}) and the smallest index that is.")
 
 
 def plot_pareto(table: pd.DataFrame) -> Figure:

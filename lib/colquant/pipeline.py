@@ -1,7 +1,7 @@
 """Headless runs: execute the numbered notebooks with papermill for a profile, then write the report.
 
 Notebooks 01-03 run once per calibration seqlen (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`);
-04-06 compare every variant produced and run once. A step is skipped when its fingerprint (the
+04-07 compare every variant produced and run once. A step is skipped when its fingerprint (the
 notebook's source, its parameters, the profile, and the fingerprints of the steps before it) is
 unchanged and its executed notebook exists, so an interrupted run resumes where it stopped and a
 finished one costs nothing to repeat.
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
 PER_SEQLEN = ("01_architecture", "02_calibration", "03_quantization")
-ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep")
+ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression")
 STATE_FILE = "pipeline_state.json"
 
 
