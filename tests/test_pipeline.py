@@ -112,7 +112,7 @@ def executed_after(stand_in, profile_path, **options) -> list[str]:
 
 ALL = ["01_architecture__seqlen64", "02_calibration__seqlen64", "03_quantization__seqlen64",
        "01_architecture__seqlen128", "02_calibration__seqlen128", "03_quantization__seqlen128",
-       "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep"]
+       "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
 
 
 def test_sweep_repeats_reruns_only_the_sweep_and_recomputes_its_rows(tmp_path, stand_in, output_root):
@@ -161,7 +161,8 @@ def test_force_recomputes_cached_results(tmp_path, stand_in, output_root):
 def test_removing_a_seqlen_reruns_the_comparisons_without_its_variant(tmp_path, stand_in, output_root):
     executed_after(stand_in, small_profile(tmp_path))
     profile_path = small_profile(tmp_path, calibration={"seqlens": [64]})
-    assert executed_after(stand_in, profile_path) == ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep"]
+    assert executed_after(stand_in, profile_path) == ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep",
+                                                   "07_index_compression"]
     profile = load_profile(profile_path)
     assert workspace.autoround_variant(profile, 128) not in workspace.quantized_variants(profile)
 

@@ -299,7 +299,8 @@ def get_tasks(names: Sequence[str], corpus_root: str | Path | None = None,
 
 def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, tasks: Iterable[AbsTask],
                      output_dir: str | Path, *, revision: str, batch_size: int, corpus_chunk_size: int,
-                     scoring: ScoringMode = DEFAULT_SCORING, model_revision: str | None = None) -> pd.DataFrame:
+                     scoring: ScoringMode = DEFAULT_SCORING, model_revision: str | None = None,
+                     encoder: ColQuantEncoder | None = None) -> pd.DataFrame:
     """Evaluate one variant on `tasks` with mteb; one row per task and subset (see `results_frame`).
 
     Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/<revision>/`.
@@ -308,10 +309,12 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     settings (another revision: pass `workspace.evaluation_fingerprint(profile, checkpoint, scoring)`,
     which covers the scoring mode), never sees them. The corpus is encoded and scored
     `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
-    `model_revision` (the hub commit of the base model) is recorded in every row.
+    `model_revision` (the hub commit of the base model) is recorded in every row. `encoder` replaces
+    the default `ColQuantEncoder`, e.g. with `colquant.compress_eval.CompressedIndexEncoder`, which
+    scores a compressed page index (its name carries the setting).
     """
     tasks = list(tasks)
-    encoder = ColQuantEncoder(model, processor, variant_name, revision, scoring)
+    encoder = encoder or ColQuantEncoder(model, processor, variant_name, revision, scoring)
     cache = mteb.ResultCache(output_dir)
     _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
     _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)

@@ -1,7 +1,7 @@
 """Headless runs: execute the numbered notebooks with papermill for a profile, then write the report.
 
 Notebooks 01-03 run once per calibration seqlen (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`);
-04-06 compare every variant the profile produces and run once. A step is skipped only when its
+04-07 compare every variant the profile produces and run once. A step is skipped only when its
 fingerprint is the one recorded when it last *finished* and every result it declares exists. The
 fingerprint covers the notebook's source, its parameters, the profile sections it reads and the
 fingerprints of the steps whose outputs it reads, so a change re-runs exactly the steps it affects
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
 PER_SEQLEN = ("01_architecture", "02_calibration", "03_quantization")
-ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep")
+ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression")
 STATE_FILE = "pipeline_state.json"
 # The profile sections each notebook reads (besides the profile's name and random_weights).
 SECTIONS = {
@@ -39,6 +39,7 @@ SECTIONS = {
     "04_embedding_fidelity": ("model", "corpus", "fidelity", "evaluation"),
     "05_vidore_eval": ("model", "corpus", "evaluation"),
     "06_memory_sweep": ("model", "sweep"),
+    "07_index_compression": ("model", "corpus", "evaluation", "compression"),
 }
 
 
@@ -103,6 +104,7 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
         "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (out / "mteb",)),
         "06_memory_sweep": ((results / f"{n}" for n in ("sweep.jsonl", "sweep_same_batch.csv", "sweep_budgets.csv")),
                             (results / "sweep.jsonl",)),
+        "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"), ()),
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]

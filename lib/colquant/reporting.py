@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from colquant import workspace
+from colquant.compress import compression_report
 
 
 def write_report(profile: dict[str, Any]) -> Path:
@@ -25,6 +26,7 @@ def write_report(profile: dict[str, Any]) -> Path:
         _model_section(results),
         _quantization_section(results, profile),
         _quality_section(results, profile["evaluation"].get("scoring", "colpali")),
+        compression_report(results),
         _fidelity_section(results),
         _sweep_section(results),
         _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile)),
