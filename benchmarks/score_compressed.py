@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=1_280)
     parser.add_argument("--dim", type=int, default=320)
     parser.add_argument("--settings", default="none,binary,int8,pool3+binary,pool3")
-    parser.add_argument("--similarity-elements", type=int, default=2_000_000_000)
+    parser.add_argument("--similarity-elements", type=int, default=500_000_000)
     parser.add_argument("--time-budget-s", type=float, default=150.0, help="settings not started by then are skipped")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
