@@ -99,8 +99,11 @@ def test_unknown_options_are_refused_outside_bench(capsys):
 
 def test_make_lab_passes_extra_args_and_allow_root_as_root():
     stamp = ".venv/.colquant-installed"
+    # Under `make test` the outer make's MAKEFLAGS/MAKELEVEL would make this one print directories.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        ["make", "-n", "-o", stamp, "lab", "ARGS=--port 9999"], cwd=ROOT, capture_output=True, text=True
+        ["make", "--no-print-directory", "-n", "-o", stamp, "lab", "ARGS=--port 9999"],
+        cwd=ROOT, capture_output=True, text=True, env=env,
     )
     line = result.stdout.strip().splitlines()[-1]
     assert line.endswith("--port 9999") and "jupyter lab notebooks" in line

@@ -38,7 +38,7 @@ def test_profile_is_a_plain_dict_with_the_defaults_filled_in():
     profile = load_profile(PARAMS / "colqwen3-4b.yaml", check_device=False)
     assert type(profile) is dict and all(type(profile[s]) is dict for s in ("model", "evaluation", "sweep"))
     assert profile["evaluation"]["scoring"] == "colpali"
-    assert "revision" in profile["model"] and profile["compression"] is None
+    assert "revision" in profile["model"] and "pool3+binary" in profile["compression"]["settings"]
     assert profile["corpus"]["n_pages"] > 0
 
 
