@@ -51,6 +51,7 @@ from huggingface_hub.file_download import repo_folder_name
 from PIL import Image as PILImage
 
 from colquant import tiny
+from colquant.remote_code import REMOTE_CODE_FILES
 from colquant.corpus import Corpus, build_corpus
 
 log = logging.getLogger("build_hub_twin")
@@ -60,8 +61,9 @@ PILE_10K = "NeelNanda/pile-10k"
 COLPALI_TRAIN = "vidore/colpali_train_set"
 VIDORE_V1_TASK = "VidoreArxivQARetrieval"
 VIDORE_V3_TASK = "Vidore3HrRetrieval"
-# Files a ColQuant build writes that the hub repo does not have: the twin holds the real file set only.
-COLQUANT_ONLY_FILES = ("colquant_processor.json", tiny.TINY_MARKER)
+# Files a ColQuant build writes that the hub repo does not have: the twin holds the real file set only
+# (the hub repo's own remote code is TomoroAI's, which the twin cannot carry; ColQuant's is not it).
+COLQUANT_ONLY_FILES = ("colquant_processor.json", tiny.TINY_MARKER, *REMOTE_CODE_FILES)
 # config.json of the hub repo points transformers at the repo's own code (DESIGN.md §2 and §7:
 # "transformers cannot load model_type colqwen3 without auto_map + remote code").
 AUTO_MAP = {
