@@ -12,6 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def auto_round_scratch(tmp_path_factory: pytest.TempPathFactory):
+    """Tests that call auto-round directly (not through the pipeline, which points it under the output
+    root) keep its scratch directory out of the working tree."""
+    from colquant.quantization import scratch_dir
+
+    with scratch_dir(tmp_path_factory.mktemp("ar_work_space")):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from colquant import tiny

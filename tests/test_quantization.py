@@ -170,6 +170,7 @@ def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_on
     from colquant import workspace
 
     seen_scratch = []
+    before = os.environ.get("AR_WORK_SPACE")  # the session's scratch (tests/conftest.py)
     original = colquant.quantization.quantize_language_model
 
     def recording(*args, **kwargs):
@@ -188,5 +189,5 @@ def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_on
     assert workspace.checkpoint_fingerprint(workspace.variants_dir(small_profile) / second["variant"]) != fingerprint
     # auto-round's scratch space goes under the output root, never the directory the process runs in
     assert seen_scratch == [str(workspace.output_dir(small_profile) / "ar_work_space")] * 2
-    assert "AR_WORK_SPACE" not in os.environ
+    assert os.environ.get("AR_WORK_SPACE") == before  # restored after quantizing
     assert [p.name for p in workspace.variants_dir(small_profile).iterdir()] == [first["variant"]]
