@@ -186,33 +186,6 @@ def time_forward(model, batch, device, reps, min_time_s, warmup=2):
     return statistics.median(times), peak, len(times)
 
 
-def _bench_graph(fn, n_inner, device, reps=20):
-    """Time ``fn`` (which launches n_inner GEMMs over rotating weights) as a replayed CUDA graph."""
-    from colquant.kernels.fast_text import capture_stream
-
-    s = capture_stream(device)
-    s.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream(device).wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / n_inner)
-    del g
-    return statistics.median(times)
-
-
 # --------------------------------------------------------------------------------------------
 # kernel checks and dispatcher calibration
 # --------------------------------------------------------------------------------------------
@@ -233,6 +206,7 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
     from colquant.kernels import humming_ops as hk
     from colquant.kernels import triton_ops as tk
     from colquant.kernels.packing import dequantize_kernel, gptq_to_kernel, rtn_quantize_gptq
+    from colquant.kernels.autotune import graph_time_us
 
     G = cfg["group_size"]
     shapes = {
@@ -277,7 +251,7 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
             xa = tk.silu_mul(xs[0]) if act else xs[0]
             # bf16 cuBLAS time (weights as nn.Linear holds them)
             ab = xa
-            t_bf16 = _bench_graph(lambda: [torch.nn.functional.linear(ab, w) for w in wd], n_copies, device)
+            t_bf16 = graph_time_us(lambda: [torch.nn.functional.linear(ab, w) for w in wd], n_copies, device, reps=20)
             ref = xa.float() @ w_ref
             ref_norm = ref.norm().item()
             cands = _candidates(m) if calibrate else []
@@ -309,7 +283,7 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
                     err = ((out.float() - ref).norm() / ref_norm).item()
                     finite = bool(torch.isfinite(out).all())
                     x1 = xs[1]
-                    t = _bench_graph(lambda: [run(x1, *q, h) for q, h in zip(wq, hs)], len(wq), device)
+                    t = graph_time_us(lambda: [run(x1, *q, h) for q, h in zip(wq, hs)], len(wq), device, reps=20)
                 except Exception as exc:  # a config that does not compile (e.g. too much shared memory)
                     _log(f"  candidate {name} skipped on {sname} M={m}: {type(exc).__name__}: {str(exc)[:120]}")
                     checks.append(dict(shape=sname, K=K, N=N, M=m, cand=name, ok=None, skipped=str(exc)[:200]))

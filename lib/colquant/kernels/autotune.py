@@ -209,7 +209,7 @@ def read_table(path: Path, key: dict) -> list[dict] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _graph_time_us(fn, n_inner: int, device: torch.device, reps: int = 10) -> float:
+def graph_time_us(fn, n_inner: int, device: torch.device, reps: int = 10) -> float:
     """Median µs per GEMM of ``fn`` (``n_inner`` GEMMs over rotating weights) replayed as a CUDA graph:
     launch overhead counts as it does in the model's graphed query path."""
     from colquant.kernels.fast_text import capture_stream
@@ -336,7 +336,7 @@ def tune_shape(k: int, n: int, group_size: int, device: torch.device, ms: tuple[
                     logger.warning("colquant.kernels: tuning: %s on K=%d N=%d M=%d is off by %.2e "
                                    "(limit %.0e); not used", cand.name, k, n, m, err, CHECK_REL_ERR)
                     continue
-                us = _graph_time_us(lambda: [run(x, i, None) for i in range(copies)], copies, device)
+                us = graph_time_us(lambda: [run(x, i, None) for i in range(copies)], copies, device)
             except Exception as exc:  # a tile that does not compile here (shared memory, arch)
                 logger.warning("colquant.kernels: tuning: %s on K=%d N=%d M=%d failed (%s: %s); not used",
                                cand.name, k, n, m, type(exc).__name__, str(exc)[:160])
