@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors import safe_open
 
+from colquant import fp8
 from colquant.model import ColQwen3, ColQwen3Config
 from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS, ColQwen3Processor
 
@@ -30,7 +31,8 @@ CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model",
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
 SHARD_NAME = re.compile(r"model-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors")
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
-                      "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+                      "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn"}
 FLOATING_DTYPES = frozenset({"bfloat16", "float16", "float32"})
 INT32 = frozenset({"int32"})
 
@@ -237,7 +239,11 @@ def _expected_tensors(config: ColQwen3Config) -> dict[str, _Expected]:
     quantization = getattr(config, "quantization_config", None)
     if hasattr(quantization, "to_dict"):  # transformers may have parsed it into its config class
         quantization = quantization.to_dict()
-    if quantization:
+    if fp8.is_fp8_config(quantization):
+        fix = "The FP8 checkpoint does not match its quantization_config: re-create the variant (notebook 03)."
+        expected |= {name: _Expected(shape, dtypes, fix, fix)
+                     for name, (shape, dtypes) in fp8.expected_tensors(reference, quantization).items()}
+    elif quantization:
         expected |= _packed_tensors(reference, quantization["bits"], quantization["group_size"])
     return expected
 
@@ -309,19 +315,23 @@ def load(
     device = resolve_device(device)
     if trust_remote_code:
         return _load_remote_code(path, torch_dtype, device, max_num_visual_tokens)
-    verify_checkpoint(path)
-    # Loading straight onto the GPU lets transformers' auto-round integration pick a CUDA kernel.
-    device_map = str(device) if device.type == "cuda" else None
-    model, info = ColQwen3.from_pretrained(
-        str(path), dtype=torch_dtype, device_map=device_map, output_loading_info=True
-    )
-    _raise_on_key_mismatch(path, info)
-    _raise_on_non_finite(path, model)
+    config = verify_checkpoint(path)
+    if fp8.is_fp8_config(config.get("quantization_config")):
+        model = fp8.load_model(path, torch_dtype, device)  # W8A8 FP8 (compressed-tensors layout)
+    else:
+        # Loading straight onto the GPU lets transformers' auto-round integration pick a CUDA kernel.
+        device_map = str(device) if device.type == "cuda" else None
+        model, info = ColQwen3.from_pretrained(
+            str(path), dtype=torch_dtype, device_map=device_map, output_loading_info=True
+        )
+        _raise_on_key_mismatch(path, info)
+        _raise_on_non_finite(path, model)
     model = model.to(device).eval()
     accelerate = device.type == "cuda" if accelerate is None else accelerate
     if accelerate:
         from colquant.kernels import accelerate_model
 
+        fp8.fuse_text_projections(model)  # no-op without FP8 layers
         accelerate_model(model, bf16_copy=bf16_copy)
     processor = ColQwen3Processor.from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
     model.processor = processor  # so model.encode_queries/encode_pages need no processor argument

@@ -82,6 +82,7 @@ class QuantizationSection(_Section):
     batch_size: PositiveInt
     rtn_baseline: bool
     export_formats: list[Literal["auto_round", "auto_gptq", "auto_awq"]] = Field(min_length=1)
+    fp8: list[Literal["lm", "all"]] = []  # W8A8 FP8 variants (colquant.fp8): fp8-lm, fp8-all (+ vision tower)
 
 
 class EvaluationSection(_Section):

@@ -273,8 +273,11 @@ def quantization_metadata(
 
 def model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> str:
     """README.md for the hub (built by `colquant.hub.build_model_card`)."""
+    from colquant import fp8
     from colquant.hub import build_model_card
 
+    if metadata["settings"]["method"] == fp8.METHOD:
+        return fp8.model_card(metadata)
     return str(build_model_card(metadata, checkpoint))
 
 
@@ -368,6 +371,6 @@ def layer_types(model: torch.nn.Module) -> pd.DataFrame:
     rows = [
         {"component": component_of(name), "layer type": type(module).__name__, "bits": getattr(module, "bits", 16)}
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) or hasattr(module, "qweight")
+        if isinstance(module, torch.nn.Linear) or hasattr(module, "qweight") or hasattr(module, "weight_scale")
     ]
     return pd.DataFrame(rows).value_counts().rename("layers").reset_index().sort_values(["component", "bits"], ignore_index=True)

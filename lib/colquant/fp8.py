@@ -1,0 +1,524 @@
+"""W8A8 FP8 variants: e4m3 weights per output channel, dynamic per-token e4m3 activations.
+
+Why: page encoding is compute-bound, so 4-bit weights cannot speed it up; FP8 tensor cores (sm89+,
+Hopper's H100/H200) double the matrix ceiling. `quantize_fp8(model, scope)` swaps the Linear layers
+of the language model's decoder (`scope="lm"`) or of the vision tower too (`"lm+vision"`) for
+`FP8Linear`. Dynamic FP8 needs no calibration: weight scales come from the weights themselves (absmax
+per output channel / 448) and activation scales are computed per token at run time.
+
+`FP8Linear` runs, on CUDA GPUs of compute capability 8.9 or more with Triton, a fused Triton kernel
+that quantizes each activation row in one pass (:mod:`colquant.kernels.fp8_ops`) and
+`torch._scaled_mm` with rowwise scales (bf16 out). Elsewhere (CPU, older GPUs) it runs the same
+arithmetic in PyTorch, a dequantized reference: activations quantized per token and dequantized,
+times the dequantized weight, in fp32, cast to the activation dtype. It logs once which path runs and
+why (naming the device and its compute capability).
+
+Checkpoints use the `compressed-tensors` `float-quantized` layout that vLLM reads: `<layer>.weight`
+float8_e4m3fn [out, in], `<layer>.weight_scale` float32 [out, 1], and a `quantization_config`
+(`quant_method: compressed-tensors`, channel-wise weights, dynamic token-wise activations).
+`colquant.load` reads them back with the same strict checks as the 4-bit path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+SCALE_FLOOR = 1e-12  # scale of an all-zero row (its values stay 0)
+LANGUAGE_MODEL = "vlm.model.language_model.layers."
+VISION_TOWER = "vlm.model.visual."
+SCOPES: dict[str, tuple[str, ...]] = {"lm": (LANGUAGE_MODEL,), "lm+vision": (LANGUAGE_MODEL, VISION_TOWER)}
+VARIANTS: dict[str, tuple[str, str]] = {"lm": ("fp8-lm", "lm"), "all": ("fp8-all", "lm+vision")}  # kind -> (name, scope)
+METHOD = "fp8-dynamic"
+NO_CALIBRATION = "dynamic FP8 needs no calibration: weight scales from the weights, activation scales per token at run time"
+
+
+# --------------------------------------------------------------------------------------------
+# the arithmetic (torch; the CPU path and the kernels' references)
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [out, in], fp32 scale [out, 1]) with ``weight ≈ q.float() * scale``, one scale per output channel."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(SCALE_FLOOR)
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows, fp32 scale [M, 1]) of a 2-D activation, one scale per token: the fused kernel's twin."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(SCALE_FLOOR)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 values of e4m3 rows times their scales."""
+    return q.float() * scale
+
+
+def add_rmsnorm_reference(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, RMSNorm(h) * weight) with ``h = residual + delta``, as transformers' Qwen3 RMSNorm rounds it."""
+    h = residual if delta is None else (residual.float() + delta.float()).to(residual.dtype)
+    hf = h.float()
+    normed = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return h, weight.to(h.dtype) * normed
+
+
+def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for ``gate_up = [..., 2N]`` (gate first), in the activation dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+# --------------------------------------------------------------------------------------------
+# which path runs
+# --------------------------------------------------------------------------------------------
+
+
+def fp8_unavailable_reason(device: torch.device | str) -> str | None:
+    """None when the FP8 kernels (Triton quantization + `_scaled_mm`) can run on ``device``; else why not."""
+    from colquant.kernels.backend import triton_import_error
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"device is {device.type}, which has no FP8 tensor cores"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; FP8 tensor cores need 8.9 or more"
+    return triton_import_error()
+
+
+@functools.cache
+def _kernels_run_on(device: str) -> bool:
+    """Cached per device (this sits on every FP8 Linear call); logs once which path runs."""
+    from colquant.kernels.backend import warn_once
+
+    reason = fp8_unavailable_reason(device)
+    if reason is None:
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        warn_once(f"fp8:{device}", f"FP8Linear: fused FP8 quantization + torch._scaled_mm on {device} "
+                                   f"(compute capability {major}.{minor})", level=logging.INFO)
+        return True
+    on_cpu = torch.device(device).type == "cpu"
+    warn_once(f"fp8-ref:{reason}", f"FP8Linear: running the dequantized reference (PyTorch) because {reason}",
+              level=logging.INFO if on_cpu else logging.WARNING)
+    return False
+
+
+class FP8Linear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` stored as e4m3 [out, in] and one fp32 scale per output channel;
+    activations are quantized to e4m3 per token at run time (W8A8, dynamic).
+
+    ``forward`` takes a bf16/fp16/fp32 activation (quantized inside) or a pre-quantized pair
+    ``(e4m3 rows [M, in], fp32 scales [M, 1])`` from a fused producer (RMSNorm, silu·mul)."""
+
+    bits = 8  # read by `quantization.layer_types`
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.register_buffer("weight", torch.zeros((out_features, in_features), dtype=FP8_DTYPE, device=device))
+        self.register_buffer("weight_scale", torch.ones((out_features, 1), dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        # cuBLASLt's FP8 GEMM needs both widths to be multiples of 16
+        self.gemm_shape_ok = in_features % 16 == 0 and out_features % 16 == 0
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        """Quantize a float Linear (its weights per output channel); the bias stays in its dtype."""
+        w = linear.weight
+        self = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=w.dtype, device=w.device)
+        self.weight, self.weight_scale = quantize_weight(w)
+        if linear.bias is not None:
+            self.bias.copy_(linear.bias)
+        return self
+
+    @classmethod
+    def concat(cls, parts: list["FP8Linear"]) -> "FP8Linear":
+        """Fuse layers that share their input (q/k/v, gate/up) along the output dimension: per-channel
+        scales make this exact."""
+        k = parts[0].in_features
+        if any(part.in_features != k for part in parts):
+            raise ValueError("fused FP8 layers must share in_features")
+        first = parts[0]
+        has_bias = any(part.bias is not None for part in parts)
+        fused = cls(k, sum(p.out_features for p in parts), has_bias, dtype=first.dtype, device="meta")
+        fused.weight = torch.cat([p.weight for p in parts])
+        fused.weight_scale = torch.cat([p.weight_scale for p in parts])
+        if has_bias:
+            fused.bias = torch.cat([p.bias if p.bias is not None else p.weight_scale.new_zeros(p.out_features, dtype=first.dtype)
+                                    for p in parts])
+        return fused
+
+    def dequantize(self) -> torch.Tensor:
+        """W as fp32 [out, in]."""
+        return dequantize(self.weight, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, tuple):
+            q, scale = x
+            if self._fast(q, self.dtype):
+                from colquant.kernels import fp8_ops
+
+                return fp8_ops.scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, self.dtype)
+            return self._reference(q, scale, self.dtype)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self._fast(x2, x.dtype):
+            from colquant.kernels import fp8_ops
+
+            q, scale = fp8_ops.quantize_rows(x2.contiguous())
+            y = fp8_ops.scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        else:
+            y = self._reference(*quantize_rows_reference(x2), x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _fast(self, rows: torch.Tensor, out_dtype: torch.dtype) -> bool:
+        """The FP8 kernels serve this call: bf16 output (rowwise `_scaled_mm`'s only type), GEMM widths
+        it takes, at least one row, and a device that has them (checked once per device, and logged)."""
+        from colquant.kernels.linear import _FORCE_REFERENCE
+
+        return (out_dtype == torch.bfloat16 and self.gemm_shape_ok and rows.shape[0] > 0 and not _FORCE_REFERENCE[0]
+                and _kernels_run_on(str(rows.device)))
+
+    def _reference(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The same W8A8 arithmetic in PyTorch: dequantized activations times dequantized weights in fp32."""
+        y = dequantize(q, scale) @ self.dequantize().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# quantizing a model
+# --------------------------------------------------------------------------------------------
+
+
+def fp8_targets(model: nn.Module, scope: str) -> list[str]:
+    """Names of the Linear layers ``scope`` covers (see SCOPES); the 320-d projection stays 16-bit."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r}: use one of {', '.join(SCOPES)}")
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(SCOPES[scope])]
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+@torch.no_grad()
+def quantize_fp8(model: nn.Module, scope: str = "lm") -> list[str]:
+    """Replace the Linear layers in ``scope`` ("lm" or "lm+vision") by `FP8Linear`, in place, one at
+    a time so memory stays flat; returns their names."""
+    names = fp8_targets(model, scope)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear layers under {', '.join(SCOPES[scope])}: "
+                         "quantize_fp8 expects a ColQwen3 (colquant.load)")
+    for name in names:
+        _set_module(model, name, FP8Linear.from_linear(model.get_submodule(name)))
+    return names
+
+
+def fuse_text_projections(model: nn.Module) -> int:
+    """Fuse the text tower's FP8 q/k/v and gate/up into `qkv_proj` / `gate_up_proj` (what the fused
+    tower of :mod:`colquant.kernels.fast_text` calls; its own fusion knows nn.Linear and W4A16Linear
+    only). Call only right before `accelerate_model`: transformers' decoder layers need the parts."""
+    fused = 0
+    for name, module in model.named_modules():
+        if not name.endswith("language_model") or not hasattr(module, "layers"):
+            continue
+        for layer in module.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if isinstance(getattr(attn, "q_proj", None), FP8Linear):
+                attn.qkv_proj = FP8Linear.concat([attn.q_proj, attn.k_proj, attn.v_proj])
+                del attn.q_proj, attn.k_proj, attn.v_proj
+                fused += 1
+            if isinstance(getattr(mlp, "gate_proj", None), FP8Linear):
+                mlp.gate_up_proj = FP8Linear.concat([mlp.gate_proj, mlp.up_proj])
+                del mlp.gate_proj, mlp.up_proj
+                fused += 1
+    return fused
+
+
+def prepare_fp8(model: nn.Module, scope: str = "lm", *, accelerate: bool = True) -> nn.Module:
+    """The bench's FP8 model from a loaded BF16 one: quantize ``scope`` in place and, where the fused
+    text tower runs, fuse the FP8 projections and install it (CUDA graphs for queries). Returns ``model``."""
+    quantize_fp8(model, scope)
+    if accelerate:
+        from colquant.kernels import accelerate_model
+
+        fuse_text_projections(model)
+        accelerate_model(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# the checkpoint format (compressed-tensors "float-quantized", as vLLM reads it)
+# --------------------------------------------------------------------------------------------
+
+
+def quantization_config(scope: str) -> dict[str, Any]:
+    """config.json's `quantization_config`: channel-wise e4m3 weights, dynamic token-wise e4m3
+    activations, for the Linear layers whose names start with the scope's prefixes."""
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": [f"re:^{re.escape(prefix)}.*" for prefix in SCOPES[scope]],
+            "weights": {**fp8, "strategy": "channel", "dynamic": False},
+            "input_activations": {**fp8, "strategy": "token", "dynamic": True},
+            "output_activations": None,
+            "format": "float-quantized",
+        }},
+        "ignore": ["embedding_proj_layer"],
+        "kv_cache_scheme": None,
+        "colquant_scope": scope,
+    }
+
+
+def is_fp8_config(quantization: Any) -> bool:
+    """True for a compressed-tensors float-quantized config (the FP8 variants' checkpoints)."""
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors" \
+        and quantization.get("format") == "float-quantized"
+
+
+def check_config(quantization: dict[str, Any], where: Path | str) -> list[str]:
+    """The target patterns of a supported FP8 config; a CheckpointError naming what is not supported."""
+    from colquant.checkpoint import CheckpointError
+
+    groups = quantization.get("config_groups") or {}
+    fix = ("ColQuant reads FP8 checkpoints with 8-bit float weights per output channel and dynamic per-token "
+           "activations (colquant.fp8.quantization_config); re-create the variant with notebook 03")
+    if len(groups) != 1:
+        raise CheckpointError(f"{where}: quantization_config has {len(groups)} config_groups, expected one. {fix}")
+    group = next(iter(groups.values()))
+    weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
+    wanted = {"weights": (weights, {"num_bits": 8, "type": "float", "strategy": "channel"}),
+              "input_activations": (acts, {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True})}
+    for part, (given, need) in wanted.items():
+        wrong = {key: given.get(key) for key, value in need.items() if given.get(key) != value}
+        if wrong:
+            raise CheckpointError(f"{where}: quantization_config {part} has {wrong}, expected {need}. {fix}")
+    targets = group.get("targets") or []
+    if not targets or not all(isinstance(t, str) and t.startswith("re:") for t in targets):
+        raise CheckpointError(f"{where}: quantization_config targets {targets} are not 're:' patterns of layer names. {fix}")
+    return [t.removeprefix("re:") for t in targets]
+
+
+def quantized_layer_names(model: nn.Module, quantization: dict[str, Any], where: Path | str = "checkpoint") -> list[str]:
+    """The Linear layers of ``model`` that a config's targets cover (minus its `ignore` list)."""
+    patterns = [re.compile(p) for p in check_config(quantization, where)]
+    ignore = set(quantization.get("ignore") or [])
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name not in ignore and any(p.match(name) for p in patterns)]
+
+
+def expected_tensors(reference: nn.Module, quantization: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:
+    """Shape and dtype of each FP8 layer's `weight` and `weight_scale`, for the checkpoint's header check."""
+    expected = {}
+    for name in quantized_layer_names(reference, quantization):
+        module = reference.get_submodule(name)
+        expected[f"{name}.weight"] = ((module.out_features, module.in_features), frozenset({"float8_e4m3fn"}))
+        expected[f"{name}.weight_scale"] = ((module.out_features, 1), frozenset({"float32"}))
+    return expected
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """An FP8 ColQwen3 from a checkpoint written by `save_fp8_model` (header checks already done by
+    `colquant.checkpoint.verify_checkpoint`); missing or unexpected tensors raise CheckpointError."""
+    from safetensors import safe_open
+    from transformers import initialization
+
+    from colquant.checkpoint import CheckpointError, _shard_files
+    from colquant.model import ColQwen3, ColQwen3Config
+
+    config = ColQwen3Config.from_pretrained(str(path))
+    quantization = config.quantization_config
+    del config.quantization_config  # the FP8 layers are built here, not by a transformers quantizer
+    with initialization.no_init_weights(), torch.device(device):
+        model = ColQwen3._from_config(config, dtype=dtype)
+    for name in quantized_layer_names(model, quantization, path):
+        linear = model.get_submodule(name)
+        _set_module(model, name, FP8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                           dtype=dtype, device=device))
+    model.config.quantization_config = quantization
+    wanted = model.state_dict()
+    found: set[str] = set()
+    for shard in _shard_files(path):
+        with safe_open(str(shard), framework="pt") as reader:
+            for key in reader.keys():
+                if key in wanted:
+                    wanted[key].copy_(reader.get_tensor(key))
+                    found.add(key)
+                elif not any(re.fullmatch(p, key) for p in ColQwen3._keys_to_ignore_on_load_unexpected):
+                    raise CheckpointError(f"{path}: {shard.name} holds {key}, which the FP8 ColQwen3 of its config.json "
+                                          "does not have; the checkpoint is from another model or scope: re-create it")
+    missing = sorted(set(wanted) - found)
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" ... ({len(missing)} in all)" if len(missing) > 6 else "")
+        raise CheckpointError(f"{path} lacks {shown}: an FP8 layer needs its weight and weight_scale. The checkpoint "
+                              "is incomplete: re-create the variant (notebook 03) or re-download it")
+    _raise_on_non_finite(path, model)
+    return model
+
+
+def _raise_on_non_finite(path: Path, model: nn.Module) -> None:
+    from colquant.checkpoint import CheckpointError
+
+    for name, tensor in model.state_dict().items():
+        values = tensor.float() if tensor.dtype == FP8_DTYPE else tensor
+        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+            raise CheckpointError(f"{path}: tensor {name} holds NaN/Inf values; the checkpoint is corrupt: re-create the variant")
+
+
+# --------------------------------------------------------------------------------------------
+# variants (notebook 03)
+# --------------------------------------------------------------------------------------------
+
+
+def variant_names(profile: dict[str, Any]) -> list[str]:
+    """The FP8 variants a profile asks for (`quantization.fp8`: `lm`, `all`), in that order."""
+    return [VARIANTS[kind][0] for kind in profile["quantization"].get("fp8", [])]
+
+
+def save_fp8_model(model: nn.Module, processor: Any, out_dir: Path, scope: str, metadata: dict[str, Any]) -> Path:
+    """Write the FP8 ColQwen3 (compressed-tensors layout + metadata JSON and model card) atomically:
+    into a staging folder first, swapped in whole (`quantization._replace_directory`)."""
+    from colquant import workspace
+    from colquant.quantization import METADATA_FILE, _replace_directory, _size_of
+    from colquant.remote_code import write_remote_code
+
+    out_dir = Path(out_dir)
+    with workspace.writing(out_dir.parent):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with workspace.writing(staging):
+            model.config.quantization_config = quantization_config(scope)
+            model.save_pretrained(str(staging), max_shard_size="2GB")
+            processor.save_pretrained(staging)
+            write_remote_code(staging)
+            metadata = {**metadata, "quantization_config": model.config.quantization_config,
+                        "size_on_disk_bytes": _size_of(staging)}
+            workspace.write_json(staging / METADATA_FILE, metadata)
+            workspace.write_text(staging / "README.md", model_card(metadata))
+        _replace_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def fp8_metadata(profile: dict[str, Any], name: str, scope: str, layers: list[str], cost: Any) -> dict[str, Any]:
+    """What notebook 03, the report and the card read about a variant; FP8 has no calibration."""
+    from colquant import workspace
+
+    return {
+        "variant": name,
+        "base_model": str(profile["model"]["id"]),
+        "base_model_revision": workspace.base_model_revision(profile),
+        "random_weights": profile["random_weights"],
+        "settings": {"method": METHOD, "bits": 8, "format": "float8_e4m3fn", "group_size": None, "sym": True,
+                     "iters": 0, "seed": None, "weights": "per output channel", "activations": "dynamic per token",
+                     "scope": scope},
+        "calibration": {"source": "none", "source_used": "none", "fallback_reason": None, "seqlen": None,
+                        "nsamples": 0, "multimodal": False, "needed": False, "note": NO_CALIBRATION},
+        "wall_time_s": round(cost.wall_time_s, 2),
+        "peak_memory_bytes": cost.peak_memory_bytes,
+        "memory_kind": cost.memory_kind,
+        "quantized_layers": len(layers),
+        "scope": f"{' and '.join(SCOPES[scope])}* (Linear layers); embeddings and the 320-d projection kept 16-bit",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+def produce_fp8_variant(profile: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Quantize the profile's base model to the FP8 variant `kind` ("lm" or "all") in
+    `variants/<name>`, unless one made from the same base weights and dtype exists. Returns its
+    metadata (`reused: True` when nothing had to be done)."""
+    from colquant import workspace
+    from colquant.checkpoint import load
+    from colquant.measure import measure
+    from colquant.quantization import METADATA_FILE, read_metadata
+
+    if kind not in VARIANTS:
+        raise ValueError(f"FP8 variant kind {kind!r}: use one of {', '.join(VARIANTS)}")
+    name, scope = VARIANTS[kind]
+    out = workspace.variants_dir(profile) / name
+    base = workspace.base_model(profile)
+    inputs = workspace.fingerprint(METHOD, scope, workspace.checkpoint_fingerprint(base), profile["model"]["dtype"])
+    if (out / METADATA_FILE).exists():
+        existing = read_metadata(out)
+        if existing.get("inputs_fingerprint") == inputs:
+            return {**existing, "reused": True}
+    settings = profile["model"]
+    model, processor = load(base, dtype=settings["dtype"], device=settings["device"],
+                            max_num_visual_tokens=settings["max_num_visual_tokens"], accelerate=False)
+    with measure(model.device) as cost:
+        layers = quantize_fp8(model, scope)
+    metadata = fp8_metadata(profile, name, scope, layers, cost)
+    save_fp8_model(model, processor, out, scope, {**metadata, "inputs_fingerprint": inputs})
+    return {**read_metadata(out), "reused": False}
+
+
+def model_card(metadata: dict[str, Any]) -> str:
+    """README.md of an FP8 variant: what it is, how it was made, what was measured so far."""
+    settings = metadata["settings"]
+    warning = ("\n> **Random weights**: this checkpoint checks the machinery only; it retrieves nothing.\n"
+               if metadata["random_weights"] else "")
+    results = metadata.get("results") or {}
+    measured = "\n".join(f"| {key} | {value} |" for key, value in results.items()) or "| (none yet) | |"
+    return f"""---
+base_model: {metadata['base_model']}
+library_name: colquant
+tags: [colqwen3, fp8, w8a8, compressed-tensors, colquant]
+---
+# {metadata['variant']}
+{warning}
+W8A8 FP8 (e4m3) version of `{metadata['base_model']}` made by ColQuant: weights {settings['weights']},
+activations {settings['activations']} (computed at run time). {metadata['quantized_layers']} Linear layers of
+{metadata['scope']}. {NO_CALIBRATION}.
+
+Stored in the `compressed-tensors` `float-quantized` layout (`weight` float8_e4m3fn, `weight_scale`
+float32 per output channel). `colquant.load(path)` reads it: on GPUs of compute capability 8.9 or
+more it runs FP8 tensor cores (`torch._scaled_mm`, rowwise scales), elsewhere a dequantized reference.
+
+| | |
+|---|---|
+| base model revision | {metadata.get('base_model_revision') or 'not recorded'} |
+| size on disk | {metadata.get('size_on_disk_bytes', 0) / 2**20:,.0f} MiB |
+| quantization time | {metadata.get('wall_time_s', 'n/a')} s |
+
+| result | value |
+|---|---|
+{measured}
+"""

@@ -1,0 +1,265 @@
+"""Triton kernels that produce FP8 (e4m3) activations with per-token scales in one pass, the
+`torch._scaled_mm` call that consumes them, and the GEMM comparison the bench reports.
+
+Why fused: quantizing an activation with plain PyTorch ops (absmax, divide, clamp, cast) reads and
+writes the tensor several times and launches several kernels; measured on the H200 that costs more
+than the FP8 GEMM saves over bf16 (issue 14). Each kernel here reads its input once and writes the
+FP8 rows plus one fp32 scale per row:
+
+* :func:`quantize_rows`: any bf16/fp16 activation (the standalone fused absmax + scale + cast);
+* :func:`add_rmsnorm_quant`: residual add + RMSNorm + quantization (the producer of the q/k/v and
+  gate/up inputs in the text tower);
+* :func:`silu_mul_quant`: silu(gate) * up + quantization (the producer of the down projection's input).
+
+Imported only where Triton is (like :mod:`.triton_ops`); their torch twins live in
+:mod:`colquant.fp8` and are what CPU runs. On CPU the kernels can be checked with
+``TRITON_INTERPRET=1`` on tiny shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from colquant.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
+
+__all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "scaled_mm", "gemm_comparison",
+           "lm_shapes", "vision_shapes"]
+
+
+@triton.jit
+def _round_to_e4m3_grid(x):
+    """Round fp32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, in fp32.
+
+    The following cast is then exact. Triton 3.6's CPU interpreter (``TRITON_INTERPRET=1``) drops the
+    carry when rounding bumps the exponent (7.99 -> 4.0 instead of 8.0), so without this the CPU
+    checks of these kernels would fail; on the GPU it costs a few integer ops per element of a
+    memory-bound kernel. Normal range (|x| >= 2^-6): round the fp32 mantissa to 3 bits; subnormals:
+    round to a multiple of 2^-9 (adding and subtracting 1.5 * 2^14 does it in fp32)."""
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # clear 20 low bits
+    magic = 24576.0
+    sub = (x + magic) - magic
+    return tl.where(tl.abs(x) >= 0.015625, normal, sub)
+
+
+@triton.jit
+def _store_quantized(row_values, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C: tl.constexpr,
+                     FLOOR: tl.constexpr):
+    amax = tl.max(tl.where(mask, tl.abs(row_values), 0.0), axis=0)
+    scale = tl.maximum(amax / FP8_MAX_C, FLOOR)
+    q = tl.clamp(row_values / scale, -FP8_MAX_C, FP8_MAX_C)
+    q = _round_to_e4m3_grid(q)
+    tl.store(q_ptr + row * N + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, BLOCK: tl.constexpr,
+                          FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    _store_quantized(x, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+
+
+@triton.jit
+def _add_rmsnorm_quant_kernel(res_ptr, delta_ptr, w_ptr, res_out_ptr, q_ptr, s_ptr, N, eps,
+                              HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+                              FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    h = tl.load(res_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        h = h + tl.load(delta_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        h = h.to(res_out_ptr.dtype.element_ty)  # the residual stream is kept in the activation dtype
+        tl.store(res_out_ptr + row * N + offs, h, mask=mask)
+        h = h.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # transformers' Qwen3 RMSNorm: normalise in fp32, cast to the activation dtype, then scale by w
+    normed = (h * tl.rsqrt(var + eps)).to(res_out_ptr.dtype.element_ty).to(tl.float32) * w
+    normed = normed.to(res_out_ptr.dtype.element_ty).to(tl.float32)
+    _store_quantized(normed, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                           FLOOR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(gu_ptr + row * 2 * N + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * N + N + offs, mask=mask, other=0.0).to(tl.float32)
+    act_dtype = gu_ptr.dtype.element_ty
+    # as transformers computes it in bf16: silu(gate) rounded, times up, rounded
+    a = (g * tl.sigmoid(g)).to(act_dtype).to(tl.float32)
+    a = (a * u).to(act_dtype).to(tl.float32)
+    _store_quantized(a, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+
+
+def _launch_args(n: int) -> dict[str, Any]:
+    block = triton.next_power_of_2(n)
+    return dict(BLOCK=block, FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, num_warps=min(16, max(1, block // 512)))
+
+
+def _outputs(rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((rows, n), dtype=torch.float8_e4m3fn, device=device),
+            torch.empty((rows, 1), dtype=torch.float32, device=device))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 rows, fp32 scale per row) of a 2-D activation: ``x ≈ q.float() * scale``."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"quantize_rows takes a 2-D tensor with contiguous rows, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    m, n = x.shape
+    q, s = _outputs(m, n, x.device)
+    if m:
+        _quantize_rows_kernel[(m,)](x, q, s, n, x.stride(0), **_launch_args(n))
+    return q, s
+
+
+def add_rmsnorm_quant(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h = residual + delta`` (when given), then RMSNorm(h) * weight quantized per row.
+    Returns (h, e4m3 rows, fp32 scales); h is ``residual`` itself when ``delta`` is None."""
+    m, n = residual.shape
+    residual = residual.contiguous()
+    res_out = torch.empty_like(residual) if delta is not None else residual
+    q, s = _outputs(m, n, residual.device)
+    if m:
+        _add_rmsnorm_quant_kernel[(m,)](residual, delta.contiguous() if delta is not None else residual, weight,
+                                        res_out, q, s, n, eps, HAS_DELTA=delta is not None, **_launch_args(n))
+    return res_out, q, s
+
+
+def silu_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate) * up for ``gate_up = [M, 2N]`` (gate first), quantized per row: (e4m3 [M, N], scales)."""
+    gate_up = gate_up.contiguous()
+    m, n2 = gate_up.shape
+    n = n2 // 2
+    q, s = _outputs(m, n, gate_up.device)
+    if m:
+        _silu_mul_quant_kernel[(m,)](gate_up, q, s, n, **_launch_args(n))
+    return q, s
+
+
+def scaled_mm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``(q * scale) @ (weight * weight_scale).T + bias`` on FP8 tensor cores, rowwise scales.
+
+    ``weight`` is [N, K] row-major (so ``weight.t()`` is the column-major operand cuBLASLt wants),
+    ``weight_scale`` [N, 1] fp32; the output is bf16 (rowwise scaling's only output type)."""
+    y = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), out_dtype=out_dtype)
+    return y if bias is None else y.add_(bias)
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM comparison (the bench calls it beside its model timings)
+# --------------------------------------------------------------------------------------------
+
+LM_TOKENS = (1408, 5120, 43008)
+VISION_TOKENS = (5120, 1408, 43008)
+
+
+def lm_shapes(text_config: Any, tokens: Iterable[int] = LM_TOKENS) -> list[dict[str, Any]]:
+    """The text tower's fused GEMMs (qkv, o, gate_up, down) at each token count, from its config."""
+    h, heads, kv, d, inter = (text_config.hidden_size, text_config.num_attention_heads,
+                              text_config.num_key_value_heads, text_config.head_dim, text_config.intermediate_size)
+    layers = {"qkv": (h, (heads + 2 * kv) * d), "o": (heads * d, h), "gate_up": (h, 2 * inter), "down": (inter, h)}
+    return [dict(tower="lm", layer=name, M=m, K=k, N=n, producer=_LM_PRODUCER[name])
+            for m in tokens for name, (k, n) in layers.items()]
+
+
+_LM_PRODUCER = {"qkv": "rmsnorm", "o": "plain", "gate_up": "rmsnorm", "down": "silu_mul"}
+
+
+def vision_shapes(vision_config: Any, tokens: Iterable[int] = VISION_TOKENS) -> list[dict[str, Any]]:
+    """The vision blocks' GEMMs (qkv, proj, fc1, fc2) at each patch count, from its config."""
+    h, inter = vision_config.hidden_size, vision_config.intermediate_size
+    layers = {"qkv": (h, 3 * h), "proj": (h, h), "fc1": (h, inter), "fc2": (inter, h)}
+    return [dict(tower="vision", layer=name, M=m, K=k, N=n, producer="plain")
+            for m in tokens for name, (k, n) in layers.items()]
+
+
+def _median_us(fn: Callable[[], Any], device: torch.device, reps: int = 20) -> float:
+    """Median µs of ``fn`` replayed as a CUDA graph (warm-up on a side stream, then captured)."""
+    from colquant.kernels.autotune import graph_time_us
+
+    return graph_time_us(fn, 1, device, reps=reps)
+
+
+def gemm_comparison(shapes: list[dict[str, Any]], device: str | torch.device = "cuda",
+                    reps: int = 20) -> list[dict[str, Any]]:
+    """bf16 cuBLAS vs FP8 ``_scaled_mm`` (rowwise) per shape, CUDA-graphed, in µs and TFLOP/s.
+
+    Columns: ``bf16_us``; ``fp8_gemm_us`` (GEMM only, activations already FP8);
+    ``fp8_torch_quant_us`` (plain PyTorch per-token quantization, then the GEMM);
+    ``fp8_fused_us`` (the fused Triton quantization of the layer's producer, then the GEMM);
+    the bf16 side includes the same producer in bf16 where it is an RMSNorm or silu·mul, so the
+    end-to-end columns compare like with like (``bf16_e2e_us``)."""
+    device = torch.device(device)
+    return [_compare_one(shape, device, reps) for shape in shapes]
+
+
+def _compare_one(shape: dict[str, Any], device: torch.device, reps: int) -> dict[str, Any]:
+    from colquant.fp8 import add_rmsnorm_reference, quantize_weight, silu_mul_reference
+
+    m, k, n, producer = shape["M"], shape["K"], shape["N"], shape.get("producer", "plain")
+    gen = torch.Generator(device=device).manual_seed(m * 7 + k * 3 + n)
+    x = torch.randn((m, k), device=device, dtype=torch.bfloat16, generator=gen)
+    w = torch.randn((n, k), device=device, dtype=torch.bfloat16, generator=gen) * k ** -0.5
+    wq, ws = quantize_weight(w)
+    norm_w = torch.rand(k, device=device, dtype=torch.bfloat16, generator=gen) + 0.5
+    gate_up = torch.randn((m, 2 * k), device=device, dtype=torch.bfloat16, generator=gen)
+    xq, xs = quantize_rows(x)
+
+    def bf16_producer() -> torch.Tensor:
+        if producer == "rmsnorm":
+            return add_rmsnorm_reference(x, None, norm_w, 1e-6)[1]
+        if producer == "silu_mul":
+            return silu_mul_reference(gate_up)
+        return x
+
+    def fused_producer() -> tuple[torch.Tensor, torch.Tensor]:
+        if producer == "rmsnorm":
+            return add_rmsnorm_quant(x, None, norm_w, 1e-6)[1:]
+        if producer == "silu_mul":
+            return silu_mul_quant(gate_up)
+        return quantize_rows(x)
+
+    timings = {
+        "bf16_us": _median_us(lambda: x @ w.t(), device, reps),
+        "bf16_e2e_us": _median_us(lambda: bf16_producer() @ w.t(), device, reps),
+        "fp8_gemm_us": _median_us(lambda: scaled_mm(xq, xs, wq, ws, None), device, reps),
+        "fp8_torch_quant_us": _median_us(lambda: scaled_mm(*quantize_rows_reference(bf16_producer()), wq, ws, None),
+                                         device, reps),
+        "fp8_fused_us": _median_us(lambda: scaled_mm(*fused_producer(), wq, ws, None), device, reps),
+    }
+    flop = 2.0 * m * k * n
+    row = dict(shape, **{key: round(value, 2) for key, value in timings.items()})
+    row["bf16_tflops"] = round(flop / timings["bf16_us"] / 1e6, 1)
+    row["fp8_gemm_tflops"] = round(flop / timings["fp8_gemm_us"] / 1e6, 1)
+    row["speedup_gemm"] = round(timings["bf16_us"] / timings["fp8_gemm_us"], 3)
+    row["speedup_torch_quant"] = round(timings["bf16_e2e_us"] / timings["fp8_torch_quant_us"], 3)
+    row["speedup_fused"] = round(timings["bf16_e2e_us"] / timings["fp8_fused_us"], 3)
+    return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> str:
+    """The comparison as a markdown table (one line per shape)."""
+    head = "| tower | layer | M | K→N | bf16 µs | fp8 GEMM µs (×) | + torch quant µs (×) | + fused quant µs (×) |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['tower']} | {r['layer']} | {r['M']} | {r['K']}→{r['N']} | {r['bf16_us']} | "
+                     f"{r['fp8_gemm_us']} ({r['speedup_gemm']}) | {r['fp8_torch_quant_us']} ({r['speedup_torch_quant']}) | "
+                     f"{r['fp8_fused_us']} ({r['speedup_fused']}) |")
+    return "\n".join(lines)
