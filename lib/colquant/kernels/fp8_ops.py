@@ -11,6 +11,14 @@ FP8 rows plus one fp32 scale per row:
   gate/up inputs in the text tower);
 * :func:`silu_mul_quant`: silu(gate) * up + quantization (the producer of the down projection's input).
 
+The hook the fused text tower (:func:`colquant.kernels.fast_text.fused_core`) needs to use the
+fused producers: where the next layer is an :class:`colquant.fp8.FP8Linear`, call
+``add_rmsnorm_quant`` instead of ``add_rmsnorm`` (keeping the residual it returns) and pass the
+``(q, scale)`` pair to ``qkv_proj`` / ``gate_up_proj``; call ``silu_mul_quant`` instead of
+``silu_mul`` and pass its pair to ``down_proj``. `FP8Linear.forward` accepts such pairs as they are.
+Until then each FP8 layer quantizes its bf16 input with :func:`quantize_rows` (one extra read of
+the activation).
+
 Imported only where Triton is (like :mod:`.triton_ops`); their torch twins live in
 :mod:`colquant.fp8` and are what CPU runs. On CPU the kernels can be checked with
 ``TRITON_INTERPRET=1`` on tiny shapes.
