@@ -25,7 +25,7 @@ import torch
 
 from colquant import bench, fp8
 from colquant.kernels import accelerate_model, reset_graphs
-from colquant.kernels.fp8_ops import gemm_comparison, lm_shapes, summarize, vision_shapes
+from colquant.kernels.fp8_ops import gemm_comparison, lm_shapes, producer_sweep, summarize, vision_shapes
 from colquant.model import ColQwen3Config
 
 log = logging.getLogger("fp8_bench")
@@ -56,6 +56,19 @@ def fidelity(model, cfg: dict, device: torch.device, reference: dict[str, torch.
     row = {"query_" + k: v for k, v in bench.compare(out["q"], reference["q"], out["qmask"]).items()}
     row |= {"page_" + k: v for k, v in bench.compare(out["p"], reference["p"], out["pmask"]).items()}
     row |= rank_agreement(score(out["q"], out["p"]), score(reference["q"], reference["p"]))
+    return row
+
+
+def w4a16_fidelity(cfg: dict, device: torch.device, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The same model (same seed) with RTN W4 g128 decoder Linears, through transformers' forward and
+    the untuned default dispatch: W4A16's error beside FP8's."""
+    from colquant.kernels import find_text_model, quantize_linears_rtn
+
+    model = bench.build_model(cfg, device)
+    quantize_linears_rtn(find_text_model(model), cfg["group_size"])
+    row = fidelity(model, cfg, device, reference)
+    del model
+    torch.cuda.empty_cache()
     return row
 
 
@@ -92,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         report["gemm"] = gemm_comparison(lm_shapes(config.text_config) + vision_shapes(config.vision_config), device)
         log.info("GEMM comparison in %.0f s\n%s", time.perf_counter() - t0, summarize(report["gemm"]))
+        report["producers"] = producer_sweep(device)
+        log.info("fused producers (M=43008):\n%s", "\n".join(map(str, report["producers"])))
     cfg = bench._resolve("synthetic-4b")
     model = accelerate_model(bench.build_model(cfg, device))
     reference = fidelity(model, cfg, device, None)
+    report["fidelity"] = {"w4a16-rtn": w4a16_fidelity(cfg, device, reference)}
+    log.info("w4a16-rtn fidelity: %s", report["fidelity"]["w4a16-rtn"])
     rows = time_model(model, "bf16", cfg, device)
-    report["fidelity"] = {}
     for label, scope in (("fp8-lm", "lm"), ("fp8-all", "lm+vision")):
         names = fp8.quantize_fp8(model, scope)  # fp8-all adds the vision tower to fp8-lm's layers
         reset_graphs(model)
@@ -115,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             base, lm, al = by[("bf16", work, b)], by[("fp8-lm", work, b)], by[("fp8-all", work, b)]
             lines.append(f"| {work} | {b} | {base['ms']:.2f} | {lm['ms']:.2f} ({base['ms'] / lm['ms']:.2f}) | "
                          f"{al['ms']:.2f} ({base['ms'] / al['ms']:.2f}) | {al['items_per_s']:.1f} |")
+    lines += ["", "| variant | query token cos mean / min | page token cos mean / min | MaxSim top-1 | Kendall tau |",
+              "|---|---|---|---|---|"]
     for label, row in report["fidelity"].items():
-        lines.append(f"{label}: query token cos mean {row['query_cos_mean']:.5f} min {row['query_cos_min']:.4f}; page "
-                     f"{row['page_cos_mean']:.5f} / {row['page_cos_min']:.4f}; MaxSim top-1 {row['top1_agreement']:.3f}, "
-                     f"Kendall tau {row['kendall_tau']:.3f}")
+        lines.append(f"| {label} | {row['query_cos_mean']:.4f} / {row['query_cos_min']:.4f} | {row['page_cos_mean']:.4f} / "
+                     f"{row['page_cos_min']:.4f} | {row['top1_agreement']:.3f} | {row['kendall_tau']:.3f} |")
+    if report.get("gemm"):
+        lines += ["", summarize(report["gemm"])]
     (args.out / "fp8-bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

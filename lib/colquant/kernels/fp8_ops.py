@@ -113,9 +113,11 @@ def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr, FP8_MAX
     _store_quantized(a, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
 
 
-def _launch_args(n: int) -> dict[str, Any]:
+def _launch_args(n: int, num_warps: int | None) -> dict[str, Any]:
+    """One program per row holding the whole row (BLOCK = next power of two of its width); by default
+    one warp per 512 elements, at most 16 (`num_warps` overrides it: the bench sweeps it)."""
     block = triton.next_power_of_2(n)
-    return dict(BLOCK=block, FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, num_warps=min(16, max(1, block // 512)))
+    return dict(BLOCK=block, FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, num_warps=num_warps or min(16, max(1, block // 512)))
 
 
 def _outputs(rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +125,7 @@ def _outputs(rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, tor
             torch.empty((rows, 1), dtype=torch.float32, device=device))
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 rows, fp32 scale per row) of a 2-D activation: ``x ≈ q.float() * scale``."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"quantize_rows takes a 2-D tensor with contiguous rows, got shape {tuple(x.shape)} "
@@ -131,12 +133,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape
     q, s = _outputs(m, n, x.device)
     if m:
-        _quantize_rows_kernel[(m,)](x, q, s, n, x.stride(0), **_launch_args(n))
+        _quantize_rows_kernel[(m,)](x, q, s, n, x.stride(0), **_launch_args(n, num_warps))
     return q, s
 
 
-def add_rmsnorm_quant(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def add_rmsnorm_quant(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
+                      num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h = residual + delta`` (when given), then RMSNorm(h) * weight quantized per row.
     Returns (h, e4m3 rows, fp32 scales); h is ``residual`` itself when ``delta`` is None."""
     m, n = residual.shape
@@ -145,18 +147,19 @@ def add_rmsnorm_quant(residual: torch.Tensor, delta: torch.Tensor | None, weight
     q, s = _outputs(m, n, residual.device)
     if m:
         _add_rmsnorm_quant_kernel[(m,)](residual, delta.contiguous() if delta is not None else residual, weight,
-                                        res_out, q, s, n, eps, HAS_DELTA=delta is not None, **_launch_args(n))
+                                        res_out, q, s, n, eps, HAS_DELTA=delta is not None,
+                                        **_launch_args(n, num_warps))
     return res_out, q, s
 
 
-def silu_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_quant(gate_up: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(gate) * up for ``gate_up = [M, 2N]`` (gate first), quantized per row: (e4m3 [M, N], scales)."""
     gate_up = gate_up.contiguous()
     m, n2 = gate_up.shape
     n = n2 // 2
     q, s = _outputs(m, n, gate_up.device)
     if m:
-        _silu_mul_quant_kernel[(m,)](gate_up, q, s, n, **_launch_args(n))
+        _silu_mul_quant_kernel[(m,)](gate_up, q, s, n, **_launch_args(n, num_warps))
     return q, s
 
 
@@ -174,7 +177,7 @@ def scaled_mm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight
 # GEMM comparison (the bench calls it beside its model timings)
 # --------------------------------------------------------------------------------------------
 
-LM_TOKENS = (1408, 5120, 43008)
+LM_TOKENS = (42, 2688, 1408, 5120, 43008)  # 42-token queries at batch 1 and 64; pages; 1,024 queries
 VISION_TOKENS = (5120, 1408, 43008)
 
 
@@ -212,14 +215,15 @@ def gemm_comparison(shapes: list[dict[str, Any]], device: str | torch.device = "
     Columns: ``bf16_us``; ``fp8_gemm_us`` (GEMM only, activations already FP8);
     ``fp8_torch_quant_us`` (plain PyTorch per-token quantization, then the GEMM);
     ``fp8_fused_us`` (the fused Triton quantization of the layer's producer, then the GEMM);
-    the bf16 side includes the same producer in bf16 where it is an RMSNorm or silu·mul, so the
-    end-to-end columns compare like with like (``bf16_e2e_us``)."""
+    ``bf16_e2e_us`` is the same producer in bf16 (the bf16 fused tower's Triton RMSNorm / silu·mul
+    kernels) before the bf16 GEMM, so the end-to-end columns compare like with like."""
     device = torch.device(device)
     return [_compare_one(shape, device, reps) for shape in shapes]
 
 
 def _compare_one(shape: dict[str, Any], device: torch.device, reps: int) -> dict[str, Any]:
-    from colquant.fp8 import add_rmsnorm_reference, quantize_weight, silu_mul_reference
+    from colquant.fp8 import quantize_weight
+    from colquant.kernels import triton_ops
 
     m, k, n, producer = shape["M"], shape["K"], shape["N"], shape.get("producer", "plain")
     gen = torch.Generator(device=device).manual_seed(m * 7 + k * 3 + n)
@@ -230,11 +234,11 @@ def _compare_one(shape: dict[str, Any], device: torch.device, reps: int) -> dict
     gate_up = torch.randn((m, 2 * k), device=device, dtype=torch.bfloat16, generator=gen)
     xq, xs = quantize_rows(x)
 
-    def bf16_producer() -> torch.Tensor:
+    def bf16_producer() -> torch.Tensor:  # the bf16 fused tower's own Triton kernels
         if producer == "rmsnorm":
-            return add_rmsnorm_reference(x, None, norm_w, 1e-6)[1]
+            return triton_ops.add_rmsnorm(x, None, norm_w, 1e-6)[1]
         if producer == "silu_mul":
-            return silu_mul_reference(gate_up)
+            return triton_ops.silu_mul(gate_up)
         return x
 
     def fused_producer() -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +264,39 @@ def _compare_one(shape: dict[str, Any], device: torch.device, reps: int) -> dict
     row["speedup_torch_quant"] = round(timings["bf16_e2e_us"] / timings["fp8_torch_quant_us"], 3)
     row["speedup_fused"] = round(timings["bf16_e2e_us"] / timings["fp8_fused_us"], 3)
     return row
+
+
+def producer_sweep(device: str | torch.device = "cuda", m: int = 43008, reps: int = 20,
+                   warps: Iterable[int] = (4, 8, 16, 32)) -> list[dict[str, Any]]:
+    """µs and achieved GB/s of each fused producer (and its bf16 Triton twin) at the LM widths, per
+    ``num_warps``: the data behind `_launch_args`' default."""
+    from colquant.kernels import triton_ops
+    from colquant.kernels.autotune import graph_time_us
+
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for name, n in (("quantize_rows", 4096), ("add_rmsnorm_quant", 2560), ("silu_mul_quant", 9728)):
+        width = 2 * n if name == "silu_mul_quant" else n
+        x = torch.randn((m, width), device=device, dtype=torch.bfloat16, generator=gen)
+        delta = torch.randn((m, n), device=device, dtype=torch.bfloat16, generator=gen)
+        w = torch.rand(n, device=device, dtype=torch.bfloat16, generator=gen) + 0.5
+        runs = {
+            "quantize_rows": (lambda nw: quantize_rows(x, num_warps=nw), None, 2 * m * n + m * n),
+            "add_rmsnorm_quant": (lambda nw: add_rmsnorm_quant(x, delta, w, 1e-6, num_warps=nw),
+                                  lambda: triton_ops.add_rmsnorm(x, delta, w, 1e-6), 3 * 2 * m * n + m * n),
+            "silu_mul_quant": (lambda nw: silu_mul_quant(x, num_warps=nw), lambda: triton_ops.silu_mul(x),
+                               2 * 2 * m * n + m * n),
+        }
+        fused, bf16_twin, nbytes = runs[name]
+        for nw in warps:
+            us = graph_time_us(lambda: fused(nw), 1, device, reps=reps)
+            rows.append(dict(kernel=name, M=m, N=n, num_warps=nw, us=round(us, 1), gb_per_s=round(nbytes / us / 1e3, 0)))
+        if bf16_twin is not None:
+            us = graph_time_us(bf16_twin, 1, device, reps=reps)
+            rows.append(dict(kernel=f"bf16 {name.removesuffix('_quant')} (triton_ops)", M=m, N=n, num_warps=None,
+                             us=round(us, 1), gb_per_s=None))
+    return rows
 
 
 def summarize(rows: list[dict[str, Any]]) -> str:
