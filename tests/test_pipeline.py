@@ -46,6 +46,8 @@ def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output
             assert (output_root / f"{name}__seqlen{seqlen}.ipynb").exists()
     variants = sorted(p.name for p in (output_root / "variants").iterdir())
     assert variants == [
+        "fp8-all",  # W8A8 FP8 (quantization.fp8: [lm, all]), made once: no calibration
+        "fp8-lm",
         "w4a16-g128-sym-embedded-seqlen128-iters2",  # offline, the profile's embedded fallback was used
         "w4a16-g128-sym-embedded-seqlen64-iters2",
         "w4a16-g128-sym-rtn",
