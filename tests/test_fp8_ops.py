@@ -87,10 +87,11 @@ def test_add_rmsnorm_quant_matches_the_torch_twin():
     assert_same_quantization(q2, scale2, add_rmsnorm_reference(residual, None, weight, 1e-6)[1], bf16_steps=2)
 
 
-def test_silu_mul_quant_matches_the_torch_twin():
-    gate_up = rows(4, 96, seed=3)
+@pytest.mark.parametrize("m,n", [(4, 48), (3, fp8_ops.SILU_CHUNK + 52)])  # one chunk; two, the last partial
+def test_silu_mul_quant_matches_the_torch_twin(m, n):
+    gate_up = rows(m, 2 * n, seed=3)
     q, scale = fp8_ops.silu_mul_quant(gate_up)
-    assert q.shape == (4, 48)
+    assert q.shape == (m, n)
     assert_same_quantization(q, scale, silu_mul_reference(gate_up), bf16_steps=2)
 
 
