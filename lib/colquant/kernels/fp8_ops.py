@@ -189,9 +189,11 @@ def scaled_mm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight
     """``(q * scale) @ (weight * weight_scale).T + bias`` on FP8 tensor cores, rowwise scales.
 
     ``weight`` is [N, K] row-major (so ``weight.t()`` is the column-major operand cuBLASLt wants),
-    ``weight_scale`` [N, 1] fp32; the output is bf16 (rowwise scaling's only output type)."""
-    y = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), out_dtype=out_dtype)
-    return y if bias is None else y.add_(bias)
+    ``weight_scale`` [N, 1] fp32; the output is bf16 (rowwise scaling's only output type). The bias
+    goes to cuBLASLt's epilogue: a separate broadcast add cost the vision tower (whose Linears all
+    have one) more than its FP8 GEMMs saved (H200 profile, benchmarks/results/fp8-bench-h200-run3.log)."""
+    return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias,
+                            out_dtype=out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
