@@ -185,15 +185,18 @@ def silu_mul_quant(gate_up: torch.Tensor, *, num_warps: int | None = None) -> tu
 
 
 def scaled_mm(q: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-              bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+              bias: torch.Tensor | None, out_dtype: torch.dtype = torch.bfloat16, *, fast_accum: bool = False
+              ) -> torch.Tensor:
     """``(q * scale) @ (weight * weight_scale).T + bias`` on FP8 tensor cores, rowwise scales.
 
     ``weight`` is [N, K] row-major (so ``weight.t()`` is the column-major operand cuBLASLt wants),
     ``weight_scale`` [N, 1] fp32; the output is bf16 (rowwise scaling's only output type). The bias
-    goes to cuBLASLt's epilogue: a separate broadcast add cost the vision tower (whose Linears all
-    have one) more than its FP8 GEMMs saved (H200 profile, benchmarks/results/fp8-bench-h200-run3.log)."""
+    goes to the GEMM's epilogue: a separate broadcast add cost the vision tower (whose Linears all
+    have one) more than its FP8 GEMMs saved (H200 profile, benchmarks/results/fp8-bench-h200-run3.log).
+    ``fast_accum``: Hopper's faster FP8 accumulation (fewer fp32 promotions); off by default, the
+    GEMM comparison times both."""
     return torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.view(1, -1), bias=bias,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +238,8 @@ def gemm_comparison(shapes: list[dict[str, Any]], device: str | torch.device = "
                     reps: int = 20) -> list[dict[str, Any]]:
     """bf16 cuBLAS vs FP8 ``_scaled_mm`` (rowwise) per shape, CUDA-graphed, in µs and TFLOP/s.
 
-    Columns: ``bf16_us``; ``fp8_gemm_us`` (GEMM only, activations already FP8);
+    Columns: ``bf16_us``; ``fp8_gemm_us`` (GEMM only, activations already FP8; ``_fast_accum_us``
+    with Hopper's fast accumulation);
     ``fp8_torch_quant_us`` (plain PyTorch per-token quantization, then the GEMM);
     ``fp8_fused_us`` (the fused Triton quantization of the layer's producer, then the GEMM);
     ``bf16_e2e_us`` is the same producer in bf16 (the bf16 fused tower's Triton RMSNorm / silu·mul
@@ -275,6 +279,7 @@ def _compare_one(shape: dict[str, Any], device: torch.device, reps: int) -> dict
         "bf16_us": _median_us(lambda: x @ w.t(), device, reps),
         "bf16_e2e_us": _median_us(lambda: bf16_producer() @ w.t(), device, reps),
         "fp8_gemm_us": _median_us(lambda: scaled_mm(xq, xs, wq, ws, None), device, reps),
+        "fp8_gemm_fast_accum_us": _median_us(lambda: scaled_mm(xq, xs, wq, ws, None, fast_accum=True), device, reps),
         "fp8_torch_quant_us": _median_us(lambda: scaled_mm(*quantize_rows_reference(bf16_producer()), wq, ws, None),
                                          device, reps),
         "fp8_fused_us": _median_us(lambda: scaled_mm(*fused_producer(), wq, ws, None), device, reps),
@@ -284,6 +289,7 @@ def _compare_one(shape: dict[str, Any], device: torch.device, reps: int) -> dict
     row["bf16_tflops"] = round(flop / timings["bf16_us"] / 1e6, 1)
     row["fp8_gemm_tflops"] = round(flop / timings["fp8_gemm_us"] / 1e6, 1)
     row["speedup_gemm"] = round(timings["bf16_us"] / timings["fp8_gemm_us"], 3)
+    row["speedup_gemm_fast_accum"] = round(timings["bf16_us"] / timings["fp8_gemm_fast_accum_us"], 3)
     row["speedup_torch_quant"] = round(timings["bf16_e2e_us"] / timings["fp8_torch_quant_us"], 3)
     row["speedup_fused"] = round(timings["bf16_e2e_us"] / timings["fp8_fused_us"], 3)
     return row
@@ -324,10 +330,12 @@ def producer_sweep(device: str | torch.device = "cuda", m: int = 43008, reps: in
 
 def summarize(rows: list[dict[str, Any]]) -> str:
     """The comparison as a markdown table (one line per shape)."""
-    head = "| tower | layer | M | K→N | bf16 µs | fp8 GEMM µs (×) | + torch quant µs (×) | + fused quant µs (×) |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = ("| tower | layer | M | K→N | bf16 µs | fp8 GEMM µs (×) | fast accum µs (×) | + torch quant µs (×) "
+            "| + fused quant µs (×) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tower']} | {r['layer']} | {r['M']} | {r['K']}→{r['N']} | {r['bf16_us']} | "
-                     f"{r['fp8_gemm_us']} ({r['speedup_gemm']}) | {r['fp8_torch_quant_us']} ({r['speedup_torch_quant']}) | "
+                     f"{r['fp8_gemm_us']} ({r['speedup_gemm']}) | {r['fp8_gemm_fast_accum_us']} ({r['speedup_gemm_fast_accum']}) | "
+                     f"{r['fp8_torch_quant_us']} ({r['speedup_torch_quant']}) | "
                      f"{r['fp8_fused_us']} ({r['speedup_fused']}) |")
     return "\n".join(lines)
