@@ -72,9 +72,9 @@ def w4a16_fidelity(cfg: dict, device: torch.device, reference: dict[str, torch.T
     return row
 
 
-def time_model(model, label: str, cfg: dict, device: torch.device) -> list[dict[str, Any]]:
+def time_model(model, label: str, cfg: dict, device: torch.device, query_batches: list[int]) -> list[dict[str, Any]]:
     rows = []
-    for batch in QUERY_BATCHES:
+    for batch in query_batches:
         sec, peak, n = bench.time_forward(model, bench.query_batch(cfg, batch, device), device,
                                           cfg["reps_small"] if batch <= 64 else cfg["reps_large"], cfg["min_time_s"])
         rows.append(dict(precision=label, work="query", batch=batch, ms=sec * 1e3, items_per_s=batch / sec, peak_mib=peak, reps=n))
@@ -110,7 +110,9 @@ def vision_ms(model, cfg: dict, batch: int, device: torch.device, reps: int = 3)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--skip-gemm", action="store_true", help="skip the GEMM comparison and the producer sweep")
+    parser.add_argument("--query-batches", type=int, nargs="*", default=list(QUERY_BATCHES))
+    parser.add_argument("--no-extras", action="store_true", help="skip W4A16 fidelity and the kernel profiles")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     device = torch.device("cuda")
@@ -129,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bench._resolve("synthetic-4b")
     model = accelerate_model(bench.build_model(cfg, device))
     reference = fidelity(model, cfg, device, None)
-    report["fidelity"] = {"w4a16-rtn": w4a16_fidelity(cfg, device, reference)}
-    log.info("w4a16-rtn fidelity: %s", report["fidelity"]["w4a16-rtn"])
-    rows = time_model(model, "bf16", cfg, device)
-    report["profiles"] = {"bf16 page-b4": bench.profile_forward(model, bench.page_batch(cfg, model, 4, device), device,
-                                                                "bf16 page-b4", top=16)}
+    report["fidelity"], report["profiles"] = {}, {}
+    if not args.no_extras:
+        report["fidelity"]["w4a16-rtn"] = w4a16_fidelity(cfg, device, reference)
+        log.info("w4a16-rtn fidelity: %s", report["fidelity"]["w4a16-rtn"])
+    rows = time_model(model, "bf16", cfg, device, args.query_batches)
+    if not args.no_extras:
+        report["profiles"]["bf16 page-b4"] = bench.profile_forward(model, bench.page_batch(cfg, model, 4, device), device,
+                                                                   "bf16 page-b4", top=16)
     for label, scope in (("fp8-lm", "lm"), ("fp8-all", "lm+vision")):
         names = fp8.quantize_fp8(model, scope)  # fp8-all adds the vision tower to fp8-lm's layers
         reset_graphs(model)
@@ -141,15 +146,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: %d more FP8 layers, %.0f MiB allocated", label, len(names), torch.cuda.memory_allocated(device) / 2**20)
         report["fidelity"][label] = fidelity(model, cfg, device, reference)
         log.info("%s fidelity: %s", label, report["fidelity"][label])
-        rows += time_model(model, label, cfg, device)
-        report["profiles"][f"{label} page-b4"] = bench.profile_forward(
-            model, bench.page_batch(cfg, model, 4, device), device, f"{label} page-b4", top=16)
+        rows += time_model(model, label, cfg, device, args.query_batches)
+        if not args.no_extras:
+            report["profiles"][f"{label} page-b4"] = bench.profile_forward(
+                model, bench.page_batch(cfg, model, 4, device), device, f"{label} page-b4", top=16)
     report["models"] = rows
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fp8-bench.json").write_text(json.dumps(report, indent=2, default=str))
     by = {(r["precision"], r["work"], r["batch"]): r for r in rows}
     lines = ["| work | batch | bf16 ms | fp8-lm ms (×) | fp8-all ms (×) | fp8-all items/s |", "|---|---|---|---|---|---|"]
-    for work, batches in (("query", QUERY_BATCHES), ("page", PAGE_BATCHES), ("vision tower", PAGE_BATCHES)):
+    for work, batches in (("query", args.query_batches), ("page", PAGE_BATCHES), ("vision tower", PAGE_BATCHES)):
         for b in batches:
             base, lm, al = by[("bf16", work, b)], by[("fp8-lm", work, b)], by[("fp8-all", work, b)]
             lines.append(f"| {work} | {b} | {base['ms']:.2f} | {lm['ms']:.2f} ({base['ms'] / lm['ms']:.2f}) | "
