@@ -254,3 +254,27 @@ def test_notebook_03_makes_the_fp8_variant_once(tmp_path, monkeypatch):
     assert list(workspace.quantized_variants(profile)) == ["fp8-lm"]
     with pytest.raises(ValueError, match="kind 'half'"):
         fp8.produce_fp8_variant(profile, "half")
+
+
+def test_the_fused_text_tower_runs_fp8_layers_like_transformers_forward(fp8_variant):
+    """`load(..., accelerate=True)` fuses the FP8 q/k/v and gate/up (exact: per-channel scales) and
+    installs the fused tower; on CPU its reference ops give what transformers' forward gives."""
+    texts = ["What was the 2019 revenue?", "Which table lists the staff?"]
+    plain, processor = colquant.load(fp8_variant, device="cpu", accelerate=False)
+    fused, _ = colquant.load(fp8_variant, device="cpu", accelerate=True)
+    attn = fused.language_model.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, FP8Linear) and not hasattr(attn, "q_proj")
+    assert isinstance(fused.language_model.layers[0].mlp.gate_up_proj, FP8Linear)
+    a = plain.encode_queries(texts, processor=processor)
+    b = fused.encode_queries(texts, processor=processor)
+    assert all(torch.allclose(x, y, atol=2e-2) for x, y in zip(a, b))
+
+
+def test_prepare_fp8_gives_the_bench_an_fp8_model(tiny_path):
+    model, processor = colquant.load(tiny_path, device="cpu", accelerate=False)
+    reference = model.encode_queries(["energy use per site"], processor=processor)[0]
+    fp8.prepare_fp8(model, "lm")
+    assert getattr(model, "_colquant_acceleration")["unfused"] == 0
+    assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 4 * 4  # qkv, o, gate_up, down per layer
+    cosine = (model.encode_queries(["energy use per site"], processor=processor)[0] * reference).sum(-1)
+    assert cosine.min() > 0.95
