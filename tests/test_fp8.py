@@ -82,10 +82,10 @@ def test_fused_projections_equal_the_separate_ones():
     assert torch.equal(fused(x), torch.cat([part(x) for part in parts], dim=-1))
 
 
-def test_cpu_says_once_that_it_runs_the_reference(caplog):
+def test_cpu_says_once_that_it_runs_the_reference(caplog, monkeypatch):
     from colquant.kernels import backend
 
-    backend._WARNED.discard("fp8-ref:device is cpu, which has no FP8 tensor cores")
+    monkeypatch.setattr(backend, "_WARNED", set())
     fp8._kernels_run_on.cache_clear()
     layer = FP8Linear.from_linear(make_linear(64, 16))
     with caplog.at_level(logging.INFO, logger="colquant.kernels"):
@@ -278,3 +278,17 @@ def test_prepare_fp8_gives_the_bench_an_fp8_model(tiny_path):
     assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 4 * 4  # qkv, o, gate_up, down per layer
     cosine = (model.encode_queries(["energy use per site"], processor=processor)[0] * reference).sum(-1)
     assert cosine.min() > 0.95
+
+
+def test_a_gpu_layer_that_cannot_use_fp8_kernels_says_why(monkeypatch, caplog):
+    """On an FP8 GPU, fp16 activations (rowwise _scaled_mm outputs bf16 only) run the reference and
+    say so; checked here with the device check answered as a GPU would."""
+    from colquant.kernels import backend
+
+    monkeypatch.setattr(backend, "_WARNED", set())
+    monkeypatch.setattr(fp8, "_kernels_run_on", lambda device: True)
+    layer = FP8Linear.from_linear(make_linear(64, 16).to(torch.float16))
+    with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
+        y = layer(torch.randn(2, 64, dtype=torch.float16))
+    assert y.dtype == torch.float16
+    assert any("torch.float16 (rowwise torch._scaled_mm outputs bfloat16 only" in r.getMessage() for r in caplog.records)

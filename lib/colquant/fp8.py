@@ -122,6 +122,23 @@ def _kernels_run_on(device: str) -> bool:
     return False
 
 
+@functools.cache
+def _fp8_ops() -> Any:
+    """The Triton kernels module, imported once (an import statement per call costs host time on
+    every Linear of the eager page path)."""
+    from colquant.kernels import fp8_ops
+
+    return fp8_ops
+
+
+@functools.cache
+def _force_reference() -> list[bool]:
+    """`colquant.kernels.force_reference`'s switch (a one-element list, read on every call)."""
+    from colquant.kernels.linear import _FORCE_REFERENCE
+
+    return _FORCE_REFERENCE
+
+
 class FP8Linear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as e4m3 [out, in] and one fp32 scale per output channel;
     activations are quantized to e4m3 per token at run time (W8A8, dynamic).
@@ -183,17 +200,14 @@ class FP8Linear(nn.Module):
         if isinstance(x, tuple):
             q, scale = x
             if self._fast(q, self.dtype):
-                from colquant.kernels import fp8_ops
-
-                return fp8_ops.scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, self.dtype)
+                return _fp8_ops().scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, self.dtype)
             return self._reference(q, scale, self.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._fast(x2, x.dtype):
-            from colquant.kernels import fp8_ops
-
-            q, scale = fp8_ops.quantize_rows(x2.contiguous())
-            y = fp8_ops.scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, x.dtype)
+            ops = _fp8_ops()
+            q, scale = ops.quantize_rows(x2.contiguous())
+            y = ops.scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, x.dtype)
         else:
             y = self._reference(*quantize_rows_reference(x2), x.dtype)
         return y.reshape(*lead, self.out_features)
@@ -201,10 +215,17 @@ class FP8Linear(nn.Module):
     def _fast(self, rows: torch.Tensor, out_dtype: torch.dtype) -> bool:
         """The FP8 kernels serve this call: bf16 output (rowwise `_scaled_mm`'s only type), GEMM widths
         it takes, at least one row, and a device that has them (checked once per device, and logged)."""
-        from colquant.kernels.linear import _FORCE_REFERENCE
+        if rows.shape[0] == 0 or _force_reference()[0] or not _kernels_run_on(str(rows.device)):
+            return False
+        if out_dtype == torch.bfloat16 and self.gemm_shape_ok:
+            return True
+        from colquant.kernels.backend import warn_once
 
-        return (out_dtype == torch.bfloat16 and self.gemm_shape_ok and rows.shape[0] > 0 and not _FORCE_REFERENCE[0]
-                and _kernels_run_on(str(rows.device)))
+        why = (f"its activations are {out_dtype} (rowwise torch._scaled_mm outputs bfloat16 only; load the model in "
+               "bfloat16)" if out_dtype != torch.bfloat16 else
+               f"its widths {self.in_features}->{self.out_features} are not multiples of 16 (FP8 GEMM)")
+        warn_once(f"fp8-layer:{why}", f"FP8Linear: a layer runs the dequantized reference on {rows.device} because {why}")
+        return False
 
     def _reference(self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """The same W8A8 arithmetic in PyTorch: dequantized activations times dequantized weights in fp32."""
