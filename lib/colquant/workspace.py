@@ -321,13 +321,12 @@ def autoround_variant(profile: dict[str, Any], seqlen: int) -> str:
 
 def expected_variants(profile: dict[str, Any]) -> list[str]:
     """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN, then FP8."""
+    from colquant.fp8 import variant_names
     from colquant.params import variant_name
 
     names = [autoround_variant(profile, seqlen) for seqlen in sorted(profile["calibration"]["seqlens"])]
     if profile["quantization"].get("rtn_baseline"):
         names.append(variant_name(profile, profile["calibration"]["seqlens"][0], "rtn"))
-    from colquant.fp8 import variant_names
-
     return names + variant_names(profile)
 
 
