@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +30,8 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
+
+from colquant.files import atomic_directory
 
 FORMAT_VERSION = 1
 LAYOUTS = ("paragraphs", "table", "chart", "mixed")
@@ -581,25 +580,6 @@ def _write_corpus(directory: Path, contents: list[_PageContent], queries: list[Q
                                              encoding="utf-8")
 
 
-def _sibling(root: Path, purpose: str) -> Path:
-    """A fresh hidden directory next to ``root`` (same filesystem, so renames are atomic)."""
-    path = root.with_name(f".{root.name}.{purpose}-{uuid.uuid4().hex[:12]}")
-    path.mkdir()
-    return path
-
-
-def _move_into_place(built: Path, root: Path) -> None:
-    """Rename the finished build onto ``root``; a previous corpus there is moved aside first,
-    because a directory can only be renamed onto an empty one."""
-    if not root.exists():
-        os.replace(built, root)
-        return
-    previous = _sibling(root, "previous")
-    os.replace(root, previous)
-    os.replace(built, root)
-    shutil.rmtree(previous)
-
-
 # --------------------------------------------------------------------------------------------
 # Public functions
 
@@ -657,14 +637,8 @@ def build_corpus(root: str | Path, *, n_pages: int = 60, n_queries: int = 120, s
     rng = random.Random(seed)
     contents = _generate_contents(rng, n_pages)
     queries = _make_queries(rng, contents, n_queries)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    building = _sibling(root, "building")
-    try:
+    with atomic_directory(root) as building:
         _write_corpus(building, contents, queries, params, progress)
-        _move_into_place(building, root)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
     return load_corpus(root)
 
 

@@ -40,7 +40,8 @@ from transformers import BatchFeature
 from colquant.measure import MIB, memory_kind, peak_memory, reset_peak_memory, synchronize
 from colquant.plots import legend_outside
 from colquant.processing import PIXELS_PER_VISUAL_TOKEN, QUERY_AUGMENTATION_TOKENS
-from colquant.workspace import checkpoint_fingerprint, fingerprint, write_atomically
+from colquant.files import write_text
+from colquant.workspace import checkpoint_fingerprint, fingerprint
 
 KINDS = ("query", "page")
 FINISHED = ("ok", "oom")  # statuses a re-run keeps; `skipped_after_oom` rows are re-decided
@@ -167,7 +168,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace the whole file atomically: readers (and a resumed run) never see half a row."""
     text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
-    write_atomically(path, lambda staging: staging.write_text(text))
+    write_text(path, text)
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str, int]:

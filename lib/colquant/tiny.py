@@ -10,15 +10,13 @@ machinery, not retrieval quality.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from colquant.files import atomic_directory
 from colquant.model import ColQwen3, ColQwen3Config
 from colquant.processing import ColQwen3Processor
 from colquant.remote_code import write_remote_code
@@ -81,17 +79,13 @@ def build(
     settings = {"seed": seed, "dtype": str(dtype), "size": size, "format": TINY_FORMAT}
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = ColQwen3(configs[size]()).to(dtype).eval()
-    model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE if size == "tiny" else "2GB")
-    # the 4B's processor files: Qwen3-VL's preprocessor_config.json and the reference's 1280 budget
-    ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
-    write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
-    (staging / TINY_MARKER).write_text(json.dumps(settings) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
+    with atomic_directory(path) as staging:
+        with torch.device(device):
+            model = ColQwen3(configs[size]()).to(dtype).eval()
+        model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE if size == "tiny" else "2GB")
+        # the 4B's processor files: Qwen3-VL's preprocessor_config.json and the reference's 1280 budget
+        ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
+        write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
+        (staging / TINY_MARKER).write_text(json.dumps(settings) + "\n")
     return path
