@@ -17,18 +17,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from colquant.files import atomic_directory
-from colquant.model import ColQwen3, ColQwen3Config
+from colquant.model import QWEN_SPECIAL_TOKENS, ColQwen3, ColQwen3Config
 from colquant.processing import ColQwen3Processor
 from colquant.remote_code import write_remote_code
 
-# Qwen2/Qwen3 special tokens and the ids the real tokenizer gives them.
-QWEN_SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-    "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
-    "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
-    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655, "<|video_pad|>": 151656,
-}
 TINY_SHARD_SIZE = "16MB"  # small enough that the tiny checkpoint is sharded like the real one
 TINY_MARKER = "colquant_tiny.json"
 TINY_FORMAT = 2  # bumped when the built files change (2: the hub's Qwen3-VL preprocessor_config.json)
