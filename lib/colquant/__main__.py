@@ -110,11 +110,14 @@ def notebooks_command(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def add_passthrough(commands: argparse._SubParsersAction, name: str, handler: Callable[..., int], help: str) -> None:
+    """A subcommand that parses its own options (`colquant <name> --help` shows them)."""
+    commands.add_parser(name, add_help=False, help=help).set_defaults(handler=handler)
+
+
 def add_bench(commands: argparse._SubParsersAction) -> None:
-    commands.add_parser(
-        "bench", add_help=False,
-        help="4-bit vs BF16 inference benchmark: colquant bench [profile] [options] (colquant bench --help)",
-    ).set_defaults(handler=bench_command)
+    add_passthrough(commands, "bench", bench_command,
+                    "4-bit vs BF16 inference benchmark: colquant bench [profile] [options] (colquant bench --help)")
 
 
 def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
@@ -128,10 +131,8 @@ def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def add_tune(commands: argparse._SubParsersAction) -> None:
-    commands.add_parser(
-        "tune", add_help=False,
-        help="tune the 4-bit kernels for this GPU once (cached on disk) and print the table (colquant tune --help)",
-    ).set_defaults(handler=tune_command)
+    add_passthrough(commands, "tune", tune_command,
+                    "tune the 4-bit kernels for this GPU once (cached on disk) and print the table (colquant tune --help)")
 
 
 def tune_command(args: argparse.Namespace, rest: list[str]) -> int:
