@@ -71,7 +71,7 @@ def add_run(commands: argparse._SubParsersAction) -> None:
                         help="wait this long for another run on the same outputs to finish (default: refuse at once)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a profile setting, validated like the file (repeatable), e.g. "
-                             "--set quantization.iters=50 --set calibration.seqlens=[256]")
+                             "--set quantization.iters=50 --set 'calibration.seqlens=[256]'")
     parser.set_defaults(handler=run_command)
 
 
