@@ -43,10 +43,10 @@ def test_later_results_reach_the_model_card_and_the_metadata_is_never_rewritten(
     fake_variant(profile, w4)
     metadata_before = (workspace.variants_dir(profile) / w4 / METADATA_FILE).read_bytes()
     results = workspace.results_dir(profile)
-    pd.DataFrame([{"variant": w4, "query_token_cosine_mean": 0.98, "page_token_cosine_mean": 0.99, "top5_overlap": 0.9}]).to_csv(
-        results / "fidelity_summary.csv", index=False)
-    pd.DataFrame([{"task": "T", "variant": w4, "ndcg_at_5": 0.5}, {"task": "T", "variant": "bf16", "ndcg_at_5": 0.6}]).to_csv(
-        results / "ndcg.csv", index=False)
+    workspace.write_csv(results / "fidelity_summary.csv", pd.DataFrame(
+        [{"variant": w4, "query_token_cosine_mean": 0.98, "page_token_cosine_mean": 0.99, "top5_overlap": 0.9}]))
+    workspace.write_csv(results / "ndcg.csv", pd.DataFrame(
+        [{"task": "T", "variant": w4, "ndcg_at_5": 0.5}, {"task": "T", "variant": "bf16", "ndcg_at_5": 0.6}]))
     reporting.write_report(profile)
     card = (workspace.variants_dir(profile) / w4 / "README.md").read_text()
     assert "| top-5 page overlap with BF16 | 0.9 |" in card
