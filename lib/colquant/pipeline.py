@@ -2,14 +2,14 @@
 
 Notebook 01 describes the model and runs once; 02-03 run once per calibration seqlen
 (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`); 04-07 compare every variant the profile produces
-and run once. A step is skipped only when its
-fingerprint is the one recorded when it last *finished* and every result it declares exists. The
-fingerprint covers the notebook's source, its parameters, the profile sections it reads and the
-fingerprints of the steps whose outputs it reads, so a change re-runs exactly the steps it affects
-(e.g. `sweep.repeats` re-runs only 06). A step's record is removed before it runs, so a run killed
-half way never leaves a step that looks finished. One run at a time holds the output directory.
-Command-line overrides (`--set quantization.iters=50`) reach the notebooks as the validated
-profile written to `outputs/<profile>/profile.yaml`, which they then read in place of the file.
+and run once. A step is skipped only when its fingerprint is the one recorded when it last
+*finished* and every result it declares exists. The fingerprint covers the notebook's source, its
+parameters, the profile sections it reads and the fingerprints of the steps whose outputs it
+reads, so a change re-runs exactly the steps it affects (e.g. `sweep.repeats` re-runs only 06). A
+step's record is removed before it runs, so a run killed half way never leaves a step that looks
+finished. One run at a time holds the output directory. Command-line overrides
+(`--set quantization.iters=50`) reach the notebooks as the validated profile written to
+`outputs/<profile>/profile.yaml`, which they then read in place of the file.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ from colquant.params import load_profile, quantization_section
 log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
-ONCE = ("01_architecture",)
 PER_SEQLEN = ("02_calibration", "03_quantization")
 ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression")
 STATE_FILE = "pipeline_state.json"
