@@ -205,14 +205,14 @@ def test_notebooks_run_without_kernel_noise_and_name_themselves_in_the_progress(
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.cells = [nbformat.v4.new_code_cell("seqlen = 0", metadata={"tags": ["parameters"]}),
                       nbformat.v4.new_code_cell("import time\ntime.sleep(0.5)\nprint(seqlen)")]
-    nbformat.write(notebook, tmp_path / "01_architecture.ipynb")
+    nbformat.write(notebook, tmp_path / "02_calibration.ipynb")
     monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    step = pipeline.Step("01_architecture", {"seqlen": 7}, tmp_path / "out.ipynb", (), (), ())
-    pipeline._execute(step, "1/9 01_architecture__seqlen7")
+    step = pipeline.Step("02_calibration", {"seqlen": 7}, tmp_path / "out.ipynb", (), (), ())
+    pipeline._execute(step, "2/9 02_calibration__seqlen7")
     captured = capfd.readouterr()
     assert "without encryption" not in captured.err and "KeyboardInterrupt" not in captured.err
-    assert "1/9 01_architecture__seqlen7: 100%" in captured.err
+    assert "2/9 02_calibration__seqlen7: 100%" in captured.err
     assert "7" in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"]
 
 
