@@ -7,7 +7,6 @@ import torch
 import colquant
 from colquant.calibration import build_text_calibration
 from colquant.corpus import build_corpus
-from colquant.files import remove_stale_staging
 from colquant.quantization import (
     METADATA_FILE,
     QuantizationSettings,
@@ -129,15 +128,6 @@ def test_size_on_disk_matches_the_architecture_prediction(quantized):
     predicted = predicted_sizes(meta_model(ColQwen3Config.tiny())).set_index("scheme").loc["W4A16 (language model)", "bytes"]
     actual = json.loads((out / METADATA_FILE).read_text())["size_on_disk_bytes"]
     assert abs(actual - predicted) / predicted < 0.01
-
-
-def test_stale_staging_folders_are_removed_and_finished_variants_kept(tmp_path):
-    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a").mkdir()
-    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a" / "model.safetensors").write_bytes(b"half")
-    (tmp_path / "w4a16-g128-sym-rtn").mkdir()
-    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a staging folder: kept
-    assert [p.name for p in remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3x_9a"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "w4a16-g128-sym-rtn"]
 
 
 @pytest.fixture

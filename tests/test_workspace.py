@@ -196,3 +196,12 @@ def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
 def test_the_lock_creates_the_output_directory_it_guards(tmp_path):
     with workspace.output_lock(tmp_path / "outputs" / "tiny") as lock:
         assert lock.exists()
+
+
+def test_stale_staging_folders_are_removed_and_finished_variants_kept(tmp_path):
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a").mkdir()
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "w4a16-g128-sym-rtn").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a staging folder: kept
+    assert [p.name for p in workspace.remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3x_9a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "w4a16-g128-sym-rtn"]

@@ -26,6 +26,7 @@ from colquant.files import (  # noqa: F401  (re-exported: notebooks write throug
     atomic_directory,
     atomic_write,
     read_json,
+    remove_stale_staging,
     write_csv,
     write_json,
     write_text,
