@@ -210,7 +210,7 @@ def calibration_file(profile: dict[str, Any], seqlen: int) -> Path:
     built for other settings is never read in place of this one."""
     c = profile["calibration"]
     model = profile["model"]
-    inputs = fingerprint({k: v for k, v in c.items() if k != "seqlens"}, seqlen, model["id"], model.get("revision"),
+    inputs = fingerprint({k: v for k, v in c.items() if k != "seqlens"}, seqlen, model["id"], model["revision"],
                          model["dtype"], profile["corpus"])
     return output_dir(profile) / "calibration" / f"{c['source']}-seqlen{seqlen}-n{c['nsamples']}-{inputs}.safetensors"
 
@@ -238,7 +238,7 @@ def base_model(profile: dict[str, Any]) -> Path:
         return tiny.build(output_dir(profile) / "base-model", size="tiny")
     if model["id"] == "synthetic-4b":
         return tiny.build(output_dir(profile) / "base-model", size="4b", device=model["device"])
-    return resolve_checkpoint(model["id"], model.get("revision"))
+    return resolve_checkpoint(model["id"], model["revision"])
 
 
 def base_model_revision(profile: dict[str, Any]) -> str:
@@ -249,7 +249,7 @@ def base_model_revision(profile: dict[str, Any]) -> str:
 
     if profile["model"]["id"] in ("embedded-tiny", "synthetic-4b"):
         return "local build"
-    return snapshot_revision(base_model(profile)) or profile["model"].get("revision") or "unknown"
+    return snapshot_revision(base_model(profile)) or profile["model"]["revision"] or "unknown"
 
 
 def calibration_source_used(profile: dict[str, Any], seqlen: int) -> str:
