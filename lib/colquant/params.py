@@ -5,6 +5,11 @@ passed around as a plain dict with the defaults filled in, so notebooks can show
 index it. The schema is strict on purpose: a misspelt key, a quoted number or boolean, or a setting
 the model cannot take would otherwise surface an hour into a GPU run, or never (a wrong result).
 Every error names the file, the key path and what is allowed.
+
+The schema (`Profile`) is the one place defaults live; code reads the validated dict without
+fallbacks of its own. Command-line overrides (`--set quantization.iters=50`) edit the file's content
+before validation, so they meet the same checks; the quantization settings name the variants
+(`QuantizationSection.variant_name`).
 """
 
 from __future__ import annotations
