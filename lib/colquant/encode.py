@@ -5,11 +5,18 @@
 sentence-transformers' conventions: batches under `torch.inference_mode`, an optional progress bar,
 and per-item results in input order. Items are sorted by length before batching, so a batch pads
 to similar lengths instead of to the longest item of the whole input, then restored to input order.
+
+Pages run as a pipeline: a `DataLoader` prepares batches (decoding, resizing, patchifying: the
+processor's work, tens of milliseconds a page on one core) in worker processes, in pinned memory,
+while the GPU encodes the batch before; inputs are copied to the GPU without blocking. The order of
+batches, and so every result, is the same whatever the number of workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,7 @@ from tqdm.auto import tqdm
 PageInput = Image.Image | str | Path | dict[str, Any]
 QUERY_BATCH_SIZE = 32
 PAGE_BATCH_SIZE = 8
+MAX_DEFAULT_WORKERS = 8
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -60,7 +68,7 @@ def encode_queries(
     processor = attached_processor(model, processor)
     lengths = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]] if texts else []
     embeddings = _encode_sorted(
-        model, processor.process_queries, texts, lengths, batch_size, show_progress_bar, "queries"
+        model, processor.process_queries, texts, lengths, batch_size, show_progress_bar, "queries", num_workers=0
     )
     return _as_padded(embeddings) if padded else embeddings
 
@@ -73,35 +81,50 @@ def encode_pages(
     batch_size: int = PAGE_BATCH_SIZE,
     show_progress_bar: bool = False,
     padded: bool = False,
+    num_workers: int | None = None,
 ) -> list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
     """Multi-vector embeddings of page images: per page a (tokens, dim) float32 CPU tensor.
 
     `images` holds PIL images, image file paths, or a `datasets` image column (decoded images, or
     `{"bytes": ..., "path": ...}` dicts when the column is not decoded). Pages are batched by
-    pixel area, which orders them by visual-token count without running the image processor twice.
+    pixel area (read from the image headers), which orders them by visual-token count without
+    running the image processor twice. `num_workers` processes prepare batches ahead of the model
+    (default: up to 8 on a GPU, none on a CPU, where they would compete with the model for cores).
     """
-    pages = [open_page(item, index) for index, item in enumerate(images)]
+    described = [page_source(item, index) for index, item in enumerate(images)]
     processor = attached_processor(model, processor)
-    areas = [page.width * page.height for page in pages]
-    embeddings = _encode_sorted(model, processor.process_images, pages, areas, batch_size, show_progress_bar, "pages")
+    embeddings = _encode_sorted(
+        model, processor.process_images, [source for source, _ in described], [area for _, area in described],
+        batch_size, show_progress_bar, "pages",
+        num_workers=default_workers(model_device(model)) if num_workers is None else num_workers,
+    )
     return _as_padded(embeddings) if padded else embeddings
 
 
-def open_page(item: PageInput, index: int) -> Image.Image:
-    """A PIL image from a PIL image, a path, or a `datasets` image dict (bytes or path)."""
+def default_workers(device: torch.device) -> int:
+    """Page-preparing worker processes: on a GPU up to 8 (one core stays with the main process); on a
+    CPU none."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) - 1))
+
+
+def page_source(item: PageInput, index: int) -> tuple[Image.Image | str | bytes, int]:
+    """What a worker decodes for a page (the PIL image, a file path or encoded bytes: all cheap to
+    hand over) and the page's pixel area, read from the image header without decoding it."""
     if isinstance(item, Image.Image):
-        return item
+        return item, item.width * item.height
     if isinstance(item, (str, Path)):
         path = Path(item).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"page {index}: no image file at {path}")
-        return Image.open(path)
+        with Image.open(path) as image:
+            return str(path), image.width * image.height
     if isinstance(item, dict) and (item.get("bytes") or item.get("path")):
         if item.get("bytes"):
-            from io import BytesIO
-
-            return Image.open(BytesIO(item["bytes"]))
-        return open_page(item["path"], index)
+            with Image.open(BytesIO(item["bytes"])) as image:
+                return item["bytes"], image.width * image.height
+        return page_source(item["path"], index)
     raise TypeError(
         f"page {index} is a {type(item).__name__}; pass PIL images, image file paths, or a datasets image column"
     )
@@ -115,24 +138,57 @@ def _encode_sorted(
     batch_size: int,
     show_progress_bar: bool,
     label: str,
+    *,
+    num_workers: int,
 ) -> list[torch.Tensor]:
     """Encode items in batches of similar length; results come back in input order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     order = sorted(range(len(items)), key=lambda i: lengths[i], reverse=True)
+    batches = [order[start : start + batch_size] for start in range(0, len(items), batch_size)]
     device = model_device(model)
     results: list[torch.Tensor | None] = [None] * len(items)
-    starts = range(0, len(items), batch_size)
-    for start in tqdm(starts, desc=f"encoding {label}", disable=not show_progress_bar, leave=False):
-        indices = order[start : start + batch_size]
+    prepared = prepared_batches(process, items, batches, num_workers, pin=device.type == "cuda")
+    for indices, batch in tqdm(zip(batches, prepared), total=len(batches), desc=f"encoding {label}",
+                               disable=not show_progress_bar, leave=False):
         with torch.inference_mode():
-            batch = process([items[i] for i in indices]).to(device)
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             embeddings = model(**batch).embeddings
         keep = batch["attention_mask"].bool()
         for i, row, mask in zip(indices, embeddings, keep):
             # Indexed outside inference mode: a copy that is an ordinary tensor, usable in place.
             results[i] = row[mask].float().cpu()
     return results  # type: ignore[return-value]  # every slot is filled: order is a permutation
+
+
+class PreparedBatches(torch.utils.data.Dataset):
+    """Batch `i` of the length-sorted items as the model's input tensors (a plain dict, so the
+    DataLoader can pin it), prepared on access: in a worker process when there are workers."""
+
+    def __init__(self, process: Callable[[list[Any]], Any], items: list[Any], batches: list[list[int]]) -> None:
+        self.process, self.items, self.batches = process, items, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return dict(self.process([self.items[i] for i in self.batches[index]]))
+
+
+def prepared_batches(process: Callable[[list[Any]], Any], items: list[Any], batches: list[list[int]],
+                     num_workers: int, *, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches in order, prepared `num_workers` processes ahead (0: in this process, on demand)."""
+    dataset = PreparedBatches(process, items, batches)
+    workers = min(num_workers, len(batches))
+    if workers == 0 and not pin:
+        return (dataset[index] for index in range(len(dataset)))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+        prefetch_factor=2 if workers else None,
+    )
+    return iter(loader)
 
 
 def _as_padded(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
