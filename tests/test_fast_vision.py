@@ -77,8 +77,8 @@ def test_plan_groups_equal_frames_and_is_cached(tiny_tower):
     assert fast_vision.grid_plan(tiny_tower, grid.clone(), settings) is plan
 
 
-def test_cpu_keeps_the_eager_tower(tiny_model):
-    model, _ = tiny_model
+def test_cpu_keeps_the_eager_tower():
+    model = ColQwen3(ColQwen3Config.tiny()).eval()
     info = fast_vision.accelerate_vision(model)
     assert info == dict(installed=False, reason="device is cpu; the fast vision tower needs a CUDA GPU")
     assert type(model.visual).__name__ == "Qwen3VLVisionModel"

@@ -181,6 +181,10 @@ class Bench:
             raise ValueError(f"bench.precisions: unknown precision {precision!r}; known: {', '.join(PREPARE)}")
         model, processor = load_model(self.profile, self.device)
         info = PREPARE[precision](model, self.profile)
+        if precision != "bf16-eager" and "fast" in self.settings["vision"]:  # checked with the tower it times
+            from colquant.kernels.fast_vision import accelerate_vision
+
+            info["vision"] = accelerate_vision(model)
         logger.info("%s: %s", precision, info)
         found = {f"{precision}_vs_transformers_{work}": checks.compare(embed(model, batch), reference[work][1],
                                                                         batch["attention_mask"].cpu())
@@ -249,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--query-batches", default=None, help="comma list, overrides bench.query_batches")
     parser.add_argument("--page-batches", default=None, help="comma list, overrides bench.page_batches")
+    parser.add_argument("--precisions", default=None, help="comma list, overrides bench.precisions")
     parser.add_argument("--no-kernel-checks", action="store_true", help="skip the GEMM and fused-op checks")
     args = parser.parse_args(argv)
     show_package_logs()
@@ -256,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, key in ((args.query_batches, "query_batches"), (args.page_batches, "page_batches")):
         if option is not None:
             profile["bench"][key] = [int(x) for x in option.split(",") if x]
+    if args.precisions:
+        profile["bench"]["precisions"] = args.precisions.split(",")
     if args.no_kernel_checks:
         profile["bench"]["kernel_checks"] = False
     run_bench(profile, args.out or f"benchmarks/results/bench-{profile['profile']}.json", device=args.device)
