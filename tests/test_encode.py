@@ -94,14 +94,18 @@ def test_page_pipeline_gives_the_same_results_in_the_same_order_with_workers(tin
         torch.testing.assert_close(result, expected, atol=2e-2, rtol=0)
 
 
-def test_prepared_batches_keep_batch_order_across_workers(tiny_model, pages):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pages_prepared_one_by_one_join_into_the_processors_batch(tiny_model, pages, num_workers):
+    """Pages of different sizes (so prompts pad differently), prepared apart and joined, equal the
+    processor's own batch of them, batch by batch in order."""
     _, processor = tiny_model
-    batches = [[3], [0, 1], [2]]
-    inline = list(encode.prepared_batches(processor.process_images, pages, batches, 0, pin=False))
-    workers = list(encode.prepared_batches(processor.process_images, pages, batches, 2, pin=False))
-    assert [b["image_grid_thw"].tolist() for b in workers] == [b["image_grid_thw"].tolist() for b in inline]
-    for a, b in zip(inline, workers):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    batches = [[3], [0, 1, 2]]
+    joined = list(encode.prepared_pages(processor, pages, batches, num_workers, pin=False))
+    for batch, got in zip(batches, joined):
+        expected = processor.process_images([pages[i] for i in batch])
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
 
 
 def test_default_workers_only_on_a_gpu():

@@ -168,8 +168,8 @@ class Bench:
                                 count, work="page-e2e", **labels)
         sources = [encode.page_source(image, i)[0] for i, image in enumerate(images)]
         batches = [list(range(i, min(i + size, count))) for i in range(0, count, size)]
-        cpu = self.timed(lambda: list(encode.prepared_batches(processor.process_images, sources, batches, workers,
-                                                              pin=False)), count, work="preprocess", **labels)
+        cpu = self.timed(lambda: list(encode.prepared_pages(processor, sources, batches, workers, pin=False)),
+                         count, work="preprocess", **labels)
         if end_to_end is not None and cpu is not None:
             bound = "GPU" if tensors["items_per_s"] <= cpu["items_per_s"] else "CPU preprocessing"
             end_to_end.update(over_tensors=end_to_end["items_per_s"] / tensors["items_per_s"], bound=bound,
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-batches", default=None, help="comma list, overrides bench.query_batches")
     parser.add_argument("--page-batches", default=None, help="comma list, overrides bench.page_batches")
     parser.add_argument("--precisions", default=None, help="comma list, overrides bench.precisions")
+    parser.add_argument("--vision", default=None, help="comma list (eager,fast), overrides bench.vision")
     parser.add_argument("--no-kernel-checks", action="store_true", help="skip the GEMM and fused-op checks")
     args = parser.parse_args(argv)
     show_package_logs()
@@ -261,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     for option, key in ((args.query_batches, "query_batches"), (args.page_batches, "page_batches")):
         if option is not None:
             profile["bench"][key] = [int(x) for x in option.split(",") if x]
-    if args.precisions:
-        profile["bench"]["precisions"] = args.precisions.split(",")
+    for option, key in ((args.precisions, "precisions"), (args.vision, "vision")):
+        if option:
+            profile["bench"][key] = option.split(",")
     if args.no_kernel_checks:
         profile["bench"]["kernel_checks"] = False
     run_bench(profile, args.out or f"benchmarks/results/bench-{profile['profile']}.json", device=args.device)

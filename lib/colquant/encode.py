@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 PageInput = Image.Image | str | Path | dict[str, Any]
 QUERY_BATCH_SIZE = 32
 PAGE_BATCH_SIZE = 8
-MAX_DEFAULT_WORKERS = 8
+MAX_DEFAULT_WORKERS = 16
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -68,7 +68,8 @@ def encode_queries(
     processor = attached_processor(model, processor)
     lengths = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]] if texts else []
     embeddings = _encode_sorted(
-        model, processor.process_queries, texts, lengths, batch_size, show_progress_bar, "queries", num_workers=0
+        model, lambda batches: (dict(processor.process_queries([texts[i] for i in b])) for b in batches),
+        lengths, batch_size, show_progress_bar, "queries",
     )
     return _as_padded(embeddings) if padded else embeddings
 
@@ -89,21 +90,26 @@ def encode_pages(
     `{"bytes": ..., "path": ...}` dicts when the column is not decoded). Pages are batched by
     pixel area (read from the image headers), which orders them by visual-token count without
     running the image processor twice. `num_workers` processes prepare batches ahead of the model
-    (default: up to 8 on a GPU, none on a CPU, where they would compete with the model for cores).
+    (default: a core's worth each, up to 16, on a GPU; none on a CPU, where they would compete with
+    the model for cores). Each page is prepared on its own, so workers share a batch's pages.
     """
     described = [page_source(item, index) for index, item in enumerate(images)]
     processor = attached_processor(model, processor)
+    workers = default_workers(model_device(model)) if num_workers is None else num_workers
+    if workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {workers}")
+    pin = model_device(model).type == "cuda"
+    sources = [source for source, _ in described]
     embeddings = _encode_sorted(
-        model, processor.process_images, [source for source, _ in described], [area for _, area in described],
-        batch_size, show_progress_bar, "pages",
-        num_workers=default_workers(model_device(model)) if num_workers is None else num_workers,
+        model, lambda batches: prepared_pages(processor, sources, batches, workers, pin=pin),
+        [area for _, area in described], batch_size, show_progress_bar, "pages",
     )
     return _as_padded(embeddings) if padded else embeddings
 
 
 def default_workers(device: torch.device) -> int:
-    """Page-preparing worker processes: on a GPU up to 8 (one core stays with the main process); on a
-    CPU none."""
+    """Page-preparing worker processes: on a GPU one per core but one (the main process drives the
+    GPU), at most 16; on a CPU none."""
     if device.type != "cuda":
         return 0
     return max(0, min(MAX_DEFAULT_WORKERS, (os.cpu_count() or 1) - 1))
@@ -132,26 +138,21 @@ def page_source(item: PageInput, index: int) -> tuple[Image.Image | str | bytes,
 
 def _encode_sorted(
     model: torch.nn.Module,
-    process: Callable[[list[Any]], Any],
-    items: list[Any],
+    prepare: Callable[[list[list[int]]], Iterable[dict[str, torch.Tensor]]],
     lengths: list[int],
     batch_size: int,
     show_progress_bar: bool,
     label: str,
-    *,
-    num_workers: int,
 ) -> list[torch.Tensor]:
-    """Encode items in batches of similar length; results come back in input order."""
+    """Encode items in batches of similar length (`prepare` turns batches of item indices into model
+    inputs, in order); results come back in input order."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    order = sorted(range(len(items)), key=lambda i: lengths[i], reverse=True)
-    batches = [order[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches = [order[start : start + batch_size] for start in range(0, len(lengths), batch_size)]
     device = model_device(model)
-    results: list[torch.Tensor | None] = [None] * len(items)
-    prepared = prepared_batches(process, items, batches, num_workers, pin=device.type == "cuda")
-    for indices, batch in tqdm(zip(batches, prepared), total=len(batches), desc=f"encoding {label}",
+    results: list[torch.Tensor | None] = [None] * len(lengths)
+    for indices, batch in tqdm(zip(batches, prepare(batches)), total=len(batches), desc=f"encoding {label}",
                                disable=not show_progress_bar, leave=False):
         with torch.inference_mode():
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
@@ -163,32 +164,56 @@ def _encode_sorted(
     return results  # type: ignore[return-value]  # every slot is filled: order is a permutation
 
 
-class PreparedBatches(torch.utils.data.Dataset):
-    """Batch `i` of the length-sorted items as the model's input tensors (a plain dict, so the
-    DataLoader can pin it), prepared on access: in a worker process when there are workers."""
+class PreparedPages(torch.utils.data.Dataset):
+    """Page `i` as the processor's tensors for a batch of one (decoded, resized, patchified on
+    access: in a worker process when there are workers)."""
 
-    def __init__(self, process: Callable[[list[Any]], Any], items: list[Any], batches: list[list[int]]) -> None:
-        self.process, self.items, self.batches = process, items, batches
+    def __init__(self, processor: Any, sources: list[Any]) -> None:
+        self.processor, self.sources = processor, sources
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.sources)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return dict(self.process([self.items[i] for i in self.batches[index]]))
+        return dict(self.processor.process_images([self.sources[index]]))
 
 
-def prepared_batches(process: Callable[[list[Any]], Any], items: list[Any], batches: list[list[int]],
-                     num_workers: int, *, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """The batches in order, prepared `num_workers` processes ahead (0: in this process, on demand)."""
-    dataset = PreparedBatches(process, items, batches)
-    workers = min(num_workers, len(batches))
-    if workers == 0 and not pin:
-        return (dataset[index] for index in range(len(dataset)))
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-        prefetch_factor=2 if workers else None,
-    )
-    return iter(loader)
+class JoinPages:
+    """Pages prepared one by one -> the batch the processor would have made of them: prompts
+    left-padded to the longest (pad token, mask 0), pixel patches and grids concatenated; into
+    pinned memory when `pin`, so the copy to the GPU does not block."""
+
+    def __init__(self, pad_token_id: int, pin: bool) -> None:
+        self.pad = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+        self.pin = pin
+
+    def __call__(self, pages: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(page["input_ids"].shape[1] for page in pages)
+        return {key: self._joined([self._padded(key, page[key], longest) for page in pages]) for key in pages[0]}
+
+    def _padded(self, key: str, value: torch.Tensor, longest: int) -> torch.Tensor:
+        if key not in self.pad:
+            return value
+        return torch.nn.functional.pad(value, (longest - value.shape[1], 0), value=self.pad[key])
+
+    def _joined(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+        return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=self.pin))
+
+
+def prepared_pages(processor: Any, sources: list[Any], batches: list[list[int]], num_workers: int, *,
+                   pin: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """The page batches in order. With workers, pages are prepared ahead of the model one by one
+    across `num_workers` processes (so a batch's pages are prepared in parallel), in batch order."""
+    dataset, join = PreparedPages(processor, sources), JoinPages(processor.tokenizer.pad_token_id, pin)
+    workers = min(num_workers, len(sources))
+    if workers == 0:
+        pages: Iterator[dict[str, torch.Tensor]] = (dataset[i] for batch in batches for i in batch)
+    else:
+        pages = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[i for b in batches for i in b],
+                                                 num_workers=workers))
+    for batch in batches:
+        yield join([next(pages) for _ in batch])
 
 
 def _as_padded(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
