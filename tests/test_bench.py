@@ -75,3 +75,24 @@ def test_cli_overrides_the_profile(monkeypatch, tmp_path):
     assert seen["p"]["profile"] == "tiny" and seen["o"] == str(tmp_path / "x.json")
     assert seen["p"]["bench"]["query_batches"] == [1, 8] and seen["p"]["bench"]["page_batches"] == []
     assert seen["p"]["bench"]["kernel_checks"] is False
+
+
+def test_summary_pairs_bf16_with_4bit_and_survives_missing_rows():
+    page = dict(vision="fast", work="page", batch=16, reps=3)
+    rows = [dict(page, precision="bf16", ms=400.0, items_per_s=40.0, peak_mib=100.0),
+            dict(page, precision="bf16", vision="eager", ms=600.0, items_per_s=26.7, peak_mib=900.0),
+            dict(page, precision="w4a16", ms=500.0, items_per_s=32.0, peak_mib=50.0)]
+    table = bench_report.summary(rows)
+    assert table.to_dict(orient="records") == [dict(work="page", batch=16, bf16_ms=400.0, bf16_per_s=40.0,
+                                                     bf16_peak_mib=100.0, w4_ms=500.0, w4_per_s=32.0,
+                                                     w4_peak_mib=50.0, thr_ratio=0.8, mem_ratio=0.5)]
+    assert bench_report.summary(rows[:2]).empty and bench_report.summary([]).empty  # no 4-bit rows: no pairs
+    assert "bf16       fast      16" in bench_report.format_report(bench_report.summary(rows[:1]), rows[:1], {})
+
+
+def test_a_gemm_shape_with_no_passing_route_fails_the_checks():
+    from colquant.kernels import checks
+
+    assert checks._gemm_row("qkv", 2560, 6144, 16, None) == dict(shape="qkv", K=2560, N=6144, M=16, ok=False)
+    row = checks._gemm_row("o", 4096, 2560, 16, dict(name="bf16", fallback_name="triton-a", us=20.0, bf16_us=10.0))
+    assert row["ok"] and row["w4_choice"] == "triton-a" and row["dispatch"] == "bf16" and row["speedup"] == 0.5

@@ -7,20 +7,27 @@ from collections.abc import Callable
 from typing import Any
 
 
+SUMMARY_COLUMNS = ["work", "batch", "bf16_ms", "bf16_per_s", "bf16_peak_mib", "w4_ms", "w4_per_s", "w4_peak_mib",
+                   "thr_ratio", "mem_ratio"]
+
+
 def summary(rows: list[dict]):
-    """BF16 beside 4-bit for each (work, batch), fast vision where timed: throughput and memory ratios last."""
+    """BF16 beside 4-bit for each (work, batch) both timed (pages with the fast vision tower where it
+    was timed): throughput and memory ratios last."""
     import pandas as pd
 
     vision = "fast" if any(r.get("vision") == "fast" and "error" not in r for r in rows) else "eager"
-    timed = pd.DataFrame([r for r in rows if "error" not in r and r["work"] in ("query", "page")
-                          and r.get("vision", vision) == vision])
-    side = {p: timed[timed.precision == p].set_index(["work", "batch"]) for p in ("bf16", "w4a16")}
-    out = [dict(work=work, batch=batch, bf16_ms=b.ms, bf16_per_s=b.items_per_s, bf16_peak_mib=b.peak_mib,
-                w4_ms=q.ms, w4_per_s=q.items_per_s, w4_peak_mib=q.peak_mib,
-                thr_ratio=q.items_per_s / b.items_per_s, mem_ratio=q.peak_mib / b.peak_mib)
-           for (work, batch), b in side["bf16"].iterrows() if (work, batch) in side["w4a16"].index
-           for q in [side["w4a16"].loc[(work, batch)]]]
-    return pd.DataFrame(out)
+    timed = {(r["precision"], r["work"], r["batch"]): r for r in rows if "error" not in r
+             and r["work"] in ("query", "page") and r.get("vision", vision) == vision}
+    out = []
+    for (precision, work, batch), b in timed.items():
+        q = timed.get(("w4a16", work, batch))
+        if precision == "bf16" and q is not None:
+            out.append(dict(work=work, batch=batch, bf16_ms=b["ms"], bf16_per_s=b["items_per_s"],
+                            bf16_peak_mib=b["peak_mib"], w4_ms=q["ms"], w4_per_s=q["items_per_s"],
+                            w4_peak_mib=q["peak_mib"], thr_ratio=q["items_per_s"] / b["items_per_s"],
+                            mem_ratio=q["peak_mib"] / b["peak_mib"]))
+    return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
 
 TARGETS: dict[str, Callable[[list[dict]], float]] = {
