@@ -83,10 +83,20 @@ def unavailable_reason(device: torch.device | str) -> str | None:
 
 def find_vision_tower(model: nn.Module) -> nn.Module:
     """The Qwen3-VL vision tower inside `model` (or `model` itself)."""
-    for module in (model, *model.modules()):
-        if all(hasattr(module, name) for name in ("patch_embed", "blocks", "merger", "rotary_pos_emb")):
-            return module
-    raise ValueError(f"no Qwen3-VL vision tower (patch_embed, blocks, merger) found in {type(model).__name__}")
+    tower = _vision_tower(model)
+    if tower is None:
+        raise ValueError(f"no Qwen3-VL vision tower (patch_embed, blocks, merger) found in {type(model).__name__}")
+    return tower
+
+
+def has_vision_tower(model: nn.Module) -> bool:
+    """Whether `model` holds a Qwen3-VL vision tower (a bare text tower does not)."""
+    return _vision_tower(model) is not None
+
+
+def _vision_tower(model: nn.Module) -> nn.Module | None:
+    names = ("patch_embed", "blocks", "merger", "rotary_pos_emb")
+    return next((m for m in (model, *model.modules()) if all(hasattr(m, name) for name in names)), None)
 
 
 def accelerate_vision(model: nn.Module, settings: VisionSettings | None = None) -> dict[str, Any]:
