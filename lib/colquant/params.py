@@ -144,6 +144,30 @@ class CompressionSection(_Section):
         return settings
 
 
+class BenchSettings(_Section):
+    """`python -m colquant bench`: what is timed, at which sizes, against which targets.
+
+    `precisions` are timed in order, each on a freshly loaded model (`colquant.bench.PREPARE` names
+    the choices); `vision` times pages with transformers' eager vision tower and/or the fast one;
+    `page_size` is the page image's (height, width) in pixels before the processor resizes it to the
+    model's visual-token budget. `targets` are minimums (`*_per_s`, `*_ratio_min`) or maximums (`*_ms`)."""
+
+    precisions: list[str] = Field(default=["bf16-eager", "bf16", "w4a16"], min_length=1)
+    vision: list[Literal["eager", "fast"]] = Field(default=["eager", "fast"], min_length=1)
+    query_tokens: PositiveInt = 32
+    query_batches: list[PositiveInt] = Field(default=[1, 4], min_length=1)
+    eager_query_batches: list[PositiveInt] = Field(default=[1])
+    page_batches: list[PositiveInt] = Field(default=[1], min_length=1)
+    page_size: list[PositiveInt] = Field(default=[256, 256], min_length=2, max_length=2)
+    end_to_end_batches: int = Field(default=3, ge=0)  # page batches per end-to-end (PIL) timing; 0 = none
+    workers: NonNegativeInt = 0  # DataLoader workers decoding/resizing pages in the end-to-end timing
+    reps: PositiveInt = 3
+    min_time_s: float = Field(default=0.0, ge=0)
+    kernel_checks: bool = True  # GEMM candidates and fused ops against their references (CUDA only)
+    check_ms: list[PositiveInt] = Field(default=[1, 16, 44, 176, 1408])
+    targets: dict[str, float] = Field(default_factory=dict)
+
+
 class Profile(_Section):
     """A whole profile; `model_dump()` is the plain dict the notebooks and the pipeline read."""
 
@@ -157,6 +181,7 @@ class Profile(_Section):
     fidelity: FidelitySection
     sweep: SweepSection
     compression: CompressionSection = Field(default_factory=CompressionSection)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
 
     @field_validator("profile")
     @classmethod
