@@ -262,7 +262,7 @@ def kernel_checks_and_calibration(cfg, device, hidden, inter, heads, kv_heads, h
                 if isinstance(c, dict):
                     c = dict(c)
                     waves = c.pop("waves")
-                    c["SPLIT_K"] = tk._split_for(m, N, K, c["BM"], c["BN"], 128, waves=waves) if waves else 1
+                    c["SPLIT_K"] = tk.split_for(m, N, K, c["BM"], c["BN"], waves) if waves else 1
 
                 def run(x, qn, zn, sc, h=None, c=c, out=None):
                     if c == "humming":
@@ -643,9 +643,10 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
         report["w4_weights_mib"] = torch.cuda.memory_allocated(dev) / 2**20
         # humming's repacked copies, for the layer shapes the calibration sends to it (counted apart)
         from colquant.kernels import humming_ops
+        from colquant.kernels.copies import prepare_humming
 
         try:
-            hinfo = humming_ops.prepare_model(tm)
+            hinfo = prepare_humming(tm)
         except Exception as exc:
             hinfo = dict(prepared=0, bytes=0, error=repr(exc)[:300])
             errors_h = report.setdefault("errors", [])
@@ -698,6 +699,9 @@ def run_bench(profile_name_or_cfg="synthetic-4b", out_json: str | Path | None = 
         # the same model without the BF16 copies (accelerate_model(..., bf16_copy=False)): what memory-first costs
         for m_ in copies:
             m_.bf16_weight = None
+        from colquant.kernels.copies import keep_copies
+
+        report["no_bf16_copy_tinygemm_copy"] = keep_copies(tm, "tinygemm")  # what accelerate_model(bf16_copy=False) keeps
         gc.collect()
         torch.cuda.empty_cache()
         bench_precision("w4a16-no-bf16-copy")

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from colquant.kernels import reference as ref
-from colquant.kernels.backend import fast_path_unavailable, warn_once
-from colquant.kernels.autotune import prepare_dispatch
+from colquant.kernels.backend import capture_stream, fast_path_unavailable, warn_once
+from colquant.kernels.copies import prepare_dispatch
 from colquant.kernels.linear import (
     _FORCE_REFERENCE,
     W4A16Linear,
@@ -265,18 +265,6 @@ def _bucket_B(b: int) -> int:
     return -(-b // 8) * 8
 
 
-_CAPTURE_STREAMS: dict = {}
-
-
-def capture_stream(device) -> torch.cuda.Stream:
-    """One side stream per device for graph warm-ups and captures (every new stream that runs a
-    cuBLAS call gets its own, never-freed cuBLAS workspace)."""
-    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
-    if key not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
-    return _CAPTURE_STREAMS[key]
-
-
 class _Graph:
     __slots__ = ("graph", "emb", "pos", "mask", "out")
 
@@ -445,11 +433,11 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
                        max_graphs=max_graphs)
     if state.graphs:
         state.runner = QueryGraphs(tm, graph_max_tokens, max_graphs)
-    object.__setattr__(tm, "_colquant_accel", state)
+    tm._colquant_accel = state
     tm.forward = types.MethodType(_fast_forward, tm)
     info = dict(quant_linears_converted=n_q, **counts, backend="triton" if reason is None else "reference",
                 reason=reason, graphs=state.graphs, tuning=tuning)
-    object.__setattr__(model, "_colquant_acceleration", info)
+    model._colquant_acceleration = info
     logger.info("colquant.kernels: accelerated text tower: %s", info)
     return model
 
