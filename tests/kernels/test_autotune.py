@@ -129,7 +129,7 @@ def test_bf16_copy_kept_only_when_allowed_and_not_saved(caplog):
     lin = W4A16Linear.from_linear(torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16))
     model = torch.nn.Sequential(lin)
     saved = dict(DISPATCH.table)
-    DISPATCH.set(256, 64, 8, ("bf16", {"fallback": ["dequant+cublas", None]}))
+    DISPATCH.set(256, 64, 64, ("bf16", {"fallback": ["dequant+cublas", None]}))
     try:
         with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
             info = copies.keep_copies(model, "bf16")  # CPU: no free GPU memory to spend
@@ -143,14 +143,17 @@ def test_bf16_copy_kept_only_when_allowed_and_not_saved(caplog):
         DISPATCH.table = saved
 
 
-def test_tinygemm_copy_is_wanted_only_where_no_held_copy_serves_first():
+def test_tinygemm_copy_is_wanted_only_for_token_counts_a_forward_reaches_and_no_held_copy_serves():
     torch.manual_seed(0)
     lin = W4A16Linear.from_linear(torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16))
     model = torch.nn.Sequential(lin)
     tiny = {"inner_k_tiles": 8, "fallback": ["dequant+cublas", None]}
     saved = dict(DISPATCH.table)
-    DISPATCH.set(256, 64, 1, ("bf16", {"fallback": ["tinygemm", tiny]}))
+    DISPATCH.set(256, 64, 4, ("tinygemm", tiny))
     try:
+        assert copies.wanted_copies(model, "tinygemm") == {}  # 4 tokens: fewer than any ColQwen3 forward
+        assert copies.wanted_copies(model, "tinygemm", min_tokens=1) == {(256, 64): tiny}
+        DISPATCH.set(256, 64, 64, ("bf16", {"fallback": ["tinygemm", tiny]}))
         assert copies.wanted_copies(model, "tinygemm") == {(256, 64): tiny}  # no BF16 copy held
         lin.keep_bf16_copy()
         assert copies.wanted_copies(model, "tinygemm") == {}  # the BF16 copy serves that bucket

@@ -99,3 +99,33 @@ def test_tinygemm_matches_dequantized_reference_on_gpu(m, inner_k_tiles):
     x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ lin.dequantize(torch.float32).t()
     assert _rel_err(tinygemm.matmul(x, packed, sz, 128), ref) < 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
+def test_cuda_layout_unpacks_to_the_layers_integers_on_gpu(inner_k_tiles):
+    lin = _layer(512, 384, 128, asym=False, device="cuda")
+    packed, _ = tinygemm.pack(lin.qweight_k, lin.zeros_u8, lin.scales, inner_k_tiles=inner_k_tiles)
+    assert torch.equal(tinygemm.unpack_cuda(packed), tinygemm.int4_values(lin.qweight_k))
+
+
+def _pack_like_torch_cuda(q: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """torch's CUDA ``matrix_to_m16n8k16_Bint4_layout`` written out as loops (int4mm.cu), on CPU."""
+    n, k = q.shape
+    out = torch.zeros((n // 8, k // (16 * inner_k_tiles), 32, inner_k_tiles // 2), dtype=torch.int64)
+    for nt in range(out.shape[0]):
+        for ko in range(out.shape[1]):
+            for t in range(32):
+                for kt in range(0, inner_k_tiles, 2):
+                    k0 = (ko * inner_k_tiles + kt) * 16 + (t % 4) * 2
+                    ks = [k0, k0 + 1, k0 + 8, k0 + 9, k0 + 16, k0 + 17, k0 + 24, k0 + 25]
+                    v = [int(q[nt * 8 + t // 4, kk]) for kk in ks]
+                    out[nt, ko, t, kt // 2] = ((v[7] << 28) | (v[5] << 24) | (v[3] << 20) | (v[1] << 16)
+                                               | (v[6] << 12) | (v[4] << 8) | (v[2] << 4) | v[0])
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+@pytest.mark.parametrize("inner_k_tiles", [2, 8])
+def test_cuda_layout_reader_inverts_torch_documented_packing(inner_k_tiles):
+    q = torch.randint(0, 16, (16, 256), generator=torch.Generator().manual_seed(inner_k_tiles), dtype=torch.int32)
+    assert torch.equal(tinygemm.unpack_cuda(_pack_like_torch_cuda(q, inner_k_tiles)), q)

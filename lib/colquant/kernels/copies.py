@@ -25,6 +25,9 @@ from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear
 logger = logging.getLogger("colquant.kernels")
 
 COPY_FREE_FRACTION = 0.5  # keep copies only if they take at most half the free GPU memory
+# the fewest tokens one forward of a ColQwen3 tower carries (the query template and its 10 augmentation
+# tokens alone are more): a copy that only serves token buckets below this is never used
+MIN_TOKENS = 16
 
 
 def _kinds_in_chain(choice) -> list[tuple[str, dict | None]]:
@@ -37,14 +40,15 @@ def _kinds_in_chain(choice) -> list[tuple[str, dict | None]]:
     return chain
 
 
-def wanted_copies(model: nn.Module, kind: str) -> dict[tuple[int, int], dict | None]:
-    """(K, N) -> the cfg of the ``kind`` copy the table would run somewhere (its most frequent one):
-    each entry's choice and fallbacks are walked until one is ``kind`` or a copy the layers hold."""
+def wanted_copies(model: nn.Module, kind: str, min_tokens: int = MIN_TOKENS) -> dict[tuple[int, int], dict | None]:
+    """(K, N) -> the cfg of the ``kind`` copy the table would run at some token bucket reaching
+    ``min_tokens`` (its most frequent one): each entry's choice and fallbacks are walked until one is
+    ``kind`` or a copy the layers hold."""
     held = {(m.in_features, m.out_features): m for m in model.modules() if isinstance(m, W4A16Linear)}
     seen: dict[tuple[int, int], collections.Counter] = collections.defaultdict(collections.Counter)
     cfgs: dict = {}
-    for (k, n, _), choice in DISPATCH.table.items():
-        if (k, n) not in held:
+    for (k, n, bucket), choice in DISPATCH.table.items():
+        if (k, n) not in held or bucket < min_tokens:
             continue
         for ck, cfg in _kinds_in_chain(choice):
             if ck == kind:
@@ -64,10 +68,10 @@ def _copy_bytes(kind: str, m: W4A16Linear) -> int:
     return m.in_features * m.out_features // 2 + groups * m.out_features * 2 * 2  # weights + bf16 scales/zeros
 
 
-def keep_copies(model: nn.Module, kind: str, *, allow: bool | None = None) -> dict:
+def keep_copies(model: nn.Module, kind: str, *, allow: bool | None = None, min_tokens: int = MIN_TOKENS) -> dict:
     """Give the 4-bit layers of ``model`` the ``kind`` copy (``"bf16"`` or ``"tinygemm"``) the tuned
-    table asks for. Returns what was decided (layers, bytes, kept) and logs it."""
-    wanted = wanted_copies(model, kind)
+    table asks for at ``min_tokens`` or more. Returns what was decided (layers, bytes, kept) and logs it."""
+    wanted = wanted_copies(model, kind, min_tokens)
     layers = [(m, wanted[(m.in_features, m.out_features)]) for m in model.modules()
               if isinstance(m, W4A16Linear) and (m.in_features, m.out_features) in wanted
               and not m.has_copy(kind, wanted[(m.in_features, m.out_features)])]
@@ -118,7 +122,7 @@ def prepare_humming(model: nn.Module, *, only_dispatched: bool = True, single_co
 
 
 def prepare_dispatch(model: nn.Module, device: torch.device | str, *, bf16_copy: bool | None = None,
-                     cache_dir: Path | str | None = None) -> dict:
+                     cache_dir: Path | str | None = None, min_tokens: int = MIN_TOKENS) -> dict:
     """What :func:`accelerate_model` does for the 4-bit layers: the tuned table, then the copies it
     asks for: BF16 first (``bf16_copy``, see :func:`keep_copies`), then tinygemm's where no BF16 copy
     serves those token counts (a quarter of a BF16 copy)."""
@@ -127,6 +131,6 @@ def prepare_dispatch(model: nn.Module, device: torch.device | str, *, bf16_copy:
         return dict(tuned=False, reason="no 4-bit layers")
     info = ensure_tuned(shapes, device, cache_dir=cache_dir)
     if "reason" not in info:
-        info["bf16_copy"] = keep_copies(model, "bf16", allow=bf16_copy)
-        info["tinygemm_copy"] = keep_copies(model, "tinygemm")
+        info["bf16_copy"] = keep_copies(model, "bf16", allow=bf16_copy, min_tokens=min_tokens)
+        info["tinygemm_copy"] = keep_copies(model, "tinygemm", min_tokens=min_tokens)
     return info

@@ -32,7 +32,7 @@ from torch import nn
 
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import capture_stream, fast_path_unavailable, warn_once
-from colquant.kernels.copies import prepare_dispatch
+from colquant.kernels.copies import MIN_TOKENS, prepare_dispatch
 from colquant.kernels.linear import (
     _FORCE_REFERENCE,
     W4A16Linear,
@@ -396,14 +396,15 @@ def restore_embeddings(model: nn.Module) -> None:
 
 def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens: int = 4096,
                      max_graphs: int = 48, offload_embeddings_to_host: bool = False,
-                     bf16_copy: bool | None = None) -> nn.Module:
+                     bf16_copy: bool | None = None, min_tokens: int = MIN_TOKENS) -> nn.Module:
     """Swap the text tower's linears for fused ones (4-bit or bf16) and install the fused forward
     with its CUDA-graph query path. Returns ``model`` (modified in place).
 
     On a CUDA GPU the 4-bit layers dispatch through the kernel table tuned for this GPU (tuned on
     first use, then read from the disk cache: :mod:`.autotune`). ``bf16_copy``: where BF16 beats
     every 4-bit kernel, keep a BF16 copy of those layers if memory allows (None), never (False:
-    memory first) or always (True); see :func:`.autotune.keep_bf16_copies`.
+    memory first) or always (True); see :func:`.copies.keep_copies`. ``min_tokens``: the fewest tokens
+    one forward carries; copies that would serve only fewer are not kept (tinygemm wins only there).
 
     ``offload_embeddings_to_host``: keep the token-embedding table in pinned host memory (saves
     742 MiB on the 4B; see :class:`OffloadedEmbedding`)."""
@@ -428,7 +429,7 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
     if sizes:
         scratch_hint(max(sizes), device)
         if reason is None:
-            tuning = prepare_dispatch(tm, device, bf16_copy=bf16_copy)
+            tuning = prepare_dispatch(tm, device, bf16_copy=bf16_copy, min_tokens=min_tokens)
     state = AccelState(graphs=graphs and reason is None, graph_max_tokens=graph_max_tokens,
                        max_graphs=max_graphs)
     if state.graphs:

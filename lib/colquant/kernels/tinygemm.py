@@ -92,6 +92,19 @@ def pack(qweight_k: torch.Tensor, zeros_u8: torch.Tensor, scales: torch.Tensor, 
     return packed, scales_and_zeros(zeros_u8, scales, dtype)
 
 
+def unpack_cuda(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of the CUDA :func:`pack`: int32 ``[N, K]`` values from the ``[N/8, K/(16 t), 32, t/2]``
+    words of ``_convert_weight_to_int4pack`` (layout of torch's ``matrix_to_m16n8k16_Bint4_layout``:
+    lane ``l`` of an n8 x k16 tile pair holds row ``l // 4``, columns ``2 (l % 4) + {0, 1, 8, 9}`` of
+    both k-tiles; nibble ``e`` of a word is (odd column, second k-tile, +8) = bits (2, 1, 0) of ``e``)."""
+    n_tiles, k_outer, lanes, pairs = packed.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nib = (packed.unsqueeze(-1) >> shifts) & 0xF  # [nT, kO, 32, J, 8]
+    nib = nib.view(n_tiles, k_outer, 8, 4, pairs, 2, 2, 2)  # [nT, kO, row, col pair, J, odd, sub, hi8]
+    q = nib.permute(0, 2, 1, 4, 6, 7, 3, 5)  # [nT, row, kO, J, sub, hi8, col pair, odd]
+    return q.reshape(n_tiles * 8, k_outer * pairs * 32).contiguous()
+
+
 def matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int, *,
            bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W`` with ``W`` as :func:`pack` made it; ``out``, when given, receives the result."""
