@@ -84,28 +84,20 @@ class Candidate:
         return None
 
 
-def _tile(kernel: str, bm: int, bn: int, *, scale_acc: bool = False, warps: int = 4, fixup: bool = False,
-          magic: bool = False) -> dict:
+def _tile(kernel: str, bm: int, bn: int, *, scale_acc: bool = False, warps: int = 4, fixup: bool = False) -> dict:
     return dict(kernel=kernel, BM=bm, BN=bn, GROUP_M=8, num_warps=warps, num_stages=3, SCALE_ACC=scale_acc,
-                FIXUP=fixup, MAGIC=magic)
+                FIXUP=fixup)
 
 
 _TINY = dict(requires=("triton", "tinygemm"), groups=tinygemm.GROUP_SIZES, keeps=COPY_KINDS["tinygemm"])
 
 CANDIDATES: tuple[Candidate, ...] = (
-    # few tokens: split-K Triton tiles. "-fx": the split-K sums reduced in the same launch;
-    # "m": the integers made by bit operations (no int-to-float conversion), see triton_gemm
-    Candidate("8dot16x64sa-w4", "triton", max_m=16, cfg=_tile("8dot", 16, 64, scale_acc=True), waves=4),
-    Candidate("8dot16x64sa-w8", "triton", max_m=16, cfg=_tile("8dot", 16, 64, scale_acc=True), waves=8),
+    # what won a bucket or came within a few % on the H200 (benchmarks/kernel-notes.md has every route)
+    # few tokens: split-K Triton tiles whose partial sums are reduced in the same launch ("-fx")
     Candidate("8dot16x64sa-w4-fx", "triton", max_m=16, cfg=_tile("8dot", 16, 64, scale_acc=True, fixup=True), waves=4),
     Candidate("8dot16x64sa-w8-fx", "triton", max_m=16, cfg=_tile("8dot", 16, 64, scale_acc=True, fixup=True), waves=8),
     Candidate("8dot16x64sa-w16-fx", "triton", max_m=16, cfg=_tile("8dot", 16, 64, scale_acc=True, fixup=True),
               waves=16),
-    Candidate("8dot16x64m-w4-fx", "triton", max_m=16, cfg=_tile("8dot", 16, 64, scale_acc=True, fixup=True, magic=True),
-              waves=4),
-    Candidate("8dot16x64m-w8-fx", "triton", max_m=16, cfg=_tile("8dot", 16, 64, scale_acc=True, fixup=True, magic=True),
-              waves=8),
-    Candidate("bc16x64m-w8-fx", "triton", max_m=16, cfg=_tile("bc", 16, 64, fixup=True, magic=True), waves=8),
     # tinygemm (torch core), on its own copy of the weights in its layout; it loses from 8 tokens on
     Candidate("tinygemm-k8", "tinygemm", max_m=8, cfg=dict(inner_k_tiles=8), **_TINY),
     Candidate("tinygemm-k4", "tinygemm", max_m=8, cfg=dict(inner_k_tiles=4), **_TINY),
@@ -113,21 +105,11 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("bc64x64-w2", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64), waves=2),
     Candidate("bc64x64-w4", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64), waves=4),
     Candidate("8dot32x128sa-w2", "triton", min_m=17, max_m=64, cfg=_tile("8dot", 32, 128, scale_acc=True), waves=2),
-    Candidate("bc32x64m-w4-fx", "triton", min_m=17, max_m=32, cfg=_tile("bc", 32, 64, fixup=True, magic=True), waves=4),
-    Candidate("bc64x64m-w2-fx", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64, fixup=True, magic=True), waves=2),
-    Candidate("bc64x64m-w4-fx", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64, fixup=True, magic=True), waves=4),
-    Candidate("bc64x128m-w2-fx", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 128, fixup=True, magic=True,
-                                                                         warps=8), waves=2),
     # hundreds of tokens and more
     Candidate("bc64x128-w1", "triton", min_m=65, max_m=512, cfg=_tile("bc", 64, 128), waves=1),
     Candidate("bc64x64-w1", "triton", min_m=65, max_m=512, cfg=_tile("bc", 64, 64), waves=1),
     Candidate("bc128x128-w1", "triton", min_m=65, max_m=512, cfg=_tile("bc", 128, 128, warps=8), waves=1),
-    Candidate("bc64x64m-w1", "triton", min_m=65, max_m=512, cfg=_tile("bc", 64, 64, magic=True), waves=1),
-    Candidate("bc64x128m-w1", "triton", min_m=65, max_m=1024, cfg=_tile("bc", 64, 128, magic=True, warps=8), waves=1),
-    Candidate("bc128x128m-w1", "triton", min_m=65, max_m=4096, cfg=_tile("bc", 128, 128, magic=True, warps=8),
-              waves=1),
     Candidate("bc128x256", "triton", min_m=513, cfg=_tile("bc", 128, 256, warps=8)),
-    Candidate("bc128x256m", "triton", min_m=513, cfg=_tile("bc", 128, 256, warps=8, magic=True)),
     Candidate("dequant+cublas", "dequant+cublas"),
     Candidate("humming", "humming", requires=("humming-kernels",), keeps="humming's repacked 4-bit copy"),
     Candidate("bf16", "bf16", keeps=COPY_KINDS["bf16"]),

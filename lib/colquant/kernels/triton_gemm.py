@@ -7,12 +7,8 @@ Kernels (``cfg["kernel"]``):
 * ``"8dot"``: per 128 input features one ``[16, BN]`` tile of words, eight K=16 tensor-core dots;
 * ``"bc"``: the same words broadcast to the ``[128, BN]`` integer tile, one K=128 dot per block.
 
-``cfg["MAGIC"]`` (group size >= 128): the integers enter the dot as ``MAGIC + q`` made by bit
-operations alone (no int-to-float conversion, the dequantization's cost in these kernels), and the
-zero point comes off once per block through the activations' row sums (:func:`_biased_int4`).
-
-(A dot-free GEMV kernel and a swap-AB variant were measured and never won: see
-benchmarks/kernel-notes.md.)
+(A dot-free GEMV kernel, a swap-AB variant and integers made by bit operations instead of an
+int-to-float conversion were measured and never won: see benchmarks/kernel-notes.md.)
 
 Few tokens leave most SMs idle, so K is split over ``SPLIT_K`` programs per output tile. The fp32
 partial sums are then reduced either by a second launch (``splitk_reduce``) or, with
@@ -87,20 +83,6 @@ def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, st
 
 
 @triton.jit
-def _biased_int4(q, DT: tl.constexpr):
-    """4-bit integers ``q`` (int32, 0..15) as ``MAGIC + q`` in the activation dtype with no
-    int-to-float conversion: OR-ing ``q`` into the mantissa of ``MAGIC`` (bf16 128, fp16 1024,
-    whose mantissa step is 1) and reinterpreting the bits. The kernel subtracts
-    ``(MAGIC + z) * rowsum(x)`` from the dot instead of ``z`` from every weight (``MAGIC``: the
-    kernels' constexpr, 128 or 1024 by the activation dtype, 0 when off)."""
-    if DT == tl.bfloat16:
-        w = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        w = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    return w
-
-
-@triton.jit
 def _act_tile(ptrs, K, mask_m, ACT: tl.constexpr):
     """The activation tile at ``ptrs``; with ``ACT`` the input is gate | up and silu(gate) * up is
     returned, rounded like transformers (silu in fp32 -> dtype, product -> dtype)."""
@@ -120,7 +102,7 @@ def _w4a16_kernel(
     M, N, K, stride_xm, stride_om, SPLIT_K,
     GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PARTIAL: tl.constexpr, FIXUP: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SCALE_ACC: tl.constexpr,
-    SYM_ZERO: tl.constexpr, MAGIC: tl.constexpr,
+    SYM_ZERO: tl.constexpr,
 ):
     """"8dot": per block of 128 input features one [16, BN] tile of words; nibble i of it is the
     [16, BN] integer tile of features 16i..16i+15, multiplied by x[:, 16i:16i+16] (eight K=16 dots)."""
@@ -141,25 +123,18 @@ def _w4a16_kernel(
             s, z = _group_sz(s_ptr, z_ptr, kb // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
         if SCALE_ACC:
             part = tl.zeros((BM, BN), dtype=tl.float32)
-            rows = tl.zeros((BM,), dtype=tl.float32)
         for i in tl.static_range(8):
             if GROUP_SIZE < 128:
                 s, z = _group_sz(s_ptr, z_ptr, (kb + 16 * i) // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
             a = _act_tile(x_rows + 16 * i, K, mask_m, ACT)
             q = (words >> (4 * i)) & 0xF
-            if SCALE_ACC and MAGIC > 0:
-                part = tl.dot(a, _biased_int4(q, a.dtype), part)
-                rows += tl.sum(a.to(tl.float32), axis=1)
-            elif SCALE_ACC:
+            if SCALE_ACC:
                 # (q - z) is a small integer: exact in bf16/fp16; the group scale goes on the sum
                 part = tl.dot(a, (q - z[None, :]).to(a.dtype), part)
             else:
                 w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
                 acc = tl.dot(a, w, acc)
-        if SCALE_ACC and MAGIC > 0:
-            zb = (z + MAGIC).to(tl.float32)
-            acc += (part - rows[:, None] * zb[None, :]) * s[None, :]
-        elif SCALE_ACC:
+        if SCALE_ACC:
             acc += part * s[None, :]
         qw_ptrs += 16 * N
         x_rows += 128
@@ -173,7 +148,7 @@ def _w4a16_kernel_bc(
     M, N, K, stride_xm, stride_om, SPLIT_K,
     GROUP_SIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PARTIAL: tl.constexpr, FIXUP: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SCALE_ACC: tl.constexpr,
-    SYM_ZERO: tl.constexpr, MAGIC: tl.constexpr,
+    SYM_ZERO: tl.constexpr,
 ):
     """"bc": one K=128 dot per block: the [16, BN] words are broadcast to [8, 16, BN], shifted by
     4*i along the new axis and reshaped to the [128, BN] integer tile (row 16 i + r), so the
@@ -194,11 +169,7 @@ def _w4a16_kernel_bc(
         a = _act_tile(x_ptrs, K, mask_m, ACT)
         q = tl.reshape((tl.broadcast_to(words[None, :, :], (8, 16, BN)) >> shifts) & 0xF, (128, BN))
         s, z = _group_sz(s_ptr, z_ptr, (it * 128) // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
-        if MAGIC > 0:
-            zb = (z + MAGIC).to(tl.float32)
-            part = tl.dot(a, _biased_int4(q, a.dtype)) - tl.sum(a.to(tl.float32), axis=1)[:, None] * zb[None, :]
-            acc += part * s[None, :]
-        elif SCALE_ACC:
+        if SCALE_ACC:
             acc += tl.dot(a, (q - z[None, :]).to(a.dtype)) * s[None, :]
         else:
             w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
@@ -249,7 +220,7 @@ def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=F
                  sym_zero=0):
     """``x [M, K]`` (or ``[M, 2K]`` with ``act``: silu(gate) * up) times the 4-bit ``W [K, N]``.
 
-    ``cfg`` = dict(kernel, BM, BN, SPLIT_K, GROUP_M, num_warps, num_stages, SCALE_ACC, FIXUP, MAGIC) with
+    ``cfg`` = dict(kernel, BM, BN, SPLIT_K, GROUP_M, num_warps, num_stages, SCALE_ACC, FIXUP) with
     kernel one of "8dot", "bc" (module doc); ``sym_zero`` = 8 when every zero point is 8
     (symmetric checkpoints: the zeros are not read).
     """
@@ -275,11 +246,8 @@ def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=F
                   HAS_BIAS=bias is not None and (split == 1 or fixup), SYM_ZERO=sym_zero,
                   num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     kernel = {"8dot": _w4a16_kernel, "bc": _w4a16_kernel_bc}[kname]
-    magic = 0  # else MAGIC's value in the activation dtype (the bias of the bit-made integers)
-    if cfg.get("MAGIC") and group_size >= 128 and (kname == "bc" or scale_acc):
-        magic = 128 if x.dtype == torch.bfloat16 else 1024
     kernel[(grid_mn, split)](*tensors, *sizes, GROUP_M=cfg.get("GROUP_M", 8), ACT=act, SCALE_ACC=scale_acc,
-                             MAGIC=magic, **common)
+                             **common)
     if split > 1 and not fixup:
         BLOCK = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, BLOCK),)](ws, bias if bias is not None else ws, out, M * N, N,
