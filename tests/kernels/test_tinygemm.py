@@ -129,3 +129,23 @@ def _pack_like_torch_cuda(q: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
 def test_cuda_layout_reader_inverts_torch_documented_packing(inner_k_tiles):
     q = torch.randint(0, 16, (16, 256), generator=torch.Generator().manual_seed(inner_k_tiles), dtype=torch.int32)
     assert torch.equal(tinygemm.unpack_cuda(_pack_like_torch_cuda(q, inner_k_tiles)), q)
+
+
+def test_table_naming_tinygemm_on_a_torch_without_it_keeps_no_copy_and_says_why(monkeypatch, caplog):
+    import logging
+
+    from colquant.kernels import copies
+    from colquant.kernels.linear import DISPATCH
+
+    lin = _layer(256, 64, 128, asym=False)
+    saved = dict(DISPATCH.table)
+    DISPATCH.set(256, 64, 64, ("tinygemm", {"inner_k_tiles": 8, "fallback": ["dequant+cublas", None]}))
+    monkeypatch.setattr(tinygemm, "OPS", ("_no_such_int4_op",))
+    try:
+        with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
+            info = copies.keep_copies(nn.Sequential(lin), "tinygemm", allow=True)
+        assert info["kept"] is False and lin.tinygemm_weight is None
+        assert "has no aten._no_such_int4_op" in caplog.text and "next-best kernel" in caplog.text
+        assert lin._resolve(64, "cpu")[0] == "dequant+cublas"
+    finally:
+        DISPATCH.table = saved

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from colquant.kernels import humming_ops
+from colquant.kernels import humming_ops, tinygemm
 from colquant.kernels.autotune import ensure_tuned, layer_shapes
 from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear
 
@@ -79,6 +79,11 @@ def keep_copies(model: nn.Module, kind: str, *, allow: bool | None = None, min_t
     info = dict(layers=len(layers), bytes=need, kept=False)
     if not layers:
         return info
+    missing = tinygemm.op_missing() if kind == "tinygemm" else None
+    if missing:  # a table tuned elsewhere (or loaded from JSON) names a kernel this torch lacks
+        logger.warning("colquant.kernels: the tuned table runs tinygemm for %d layers, but %s: those token "
+                       "counts run the next-best kernel", len(layers), missing)
+        return dict(info, reason=missing)
     device = layers[0][0].compute_device
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     keep = need <= COPY_FREE_FRACTION * free if allow is None else allow

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from colquant.kernels import humming_ops
 from colquant.kernels.backend import triton_import_error
 
 logger = logging.getLogger("colquant.kernels")
@@ -47,8 +48,6 @@ def kernel_sources_digest() -> str:
 
 def cache_key(device: torch.device | str) -> dict:
     """What a tuned table depends on: GPU name, colquant/torch/triton/humming versions, kernel sources."""
-    from colquant.kernels import humming_ops
-
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     triton_version = None
