@@ -193,17 +193,18 @@ def _splitk_reduce_kernel(p_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K, HAS_BIAS: tl
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_LOCKS: dict = {}
+_LOCKS: dict[str, torch.Tensor] = {}
+_LOCKS_KEEP: list[torch.Tensor] = []  # outgrown counter buffers: CUDA graphs may still hold their addresses
 
 
 def _tile_locks(n_tiles: int, device: torch.device) -> torch.Tensor:
     """Per-device split-K arrival counters, zero between calls (each tile's last program resets
-    its own). Never freed or shrunk: CUDA graphs keep their addresses."""
+    its own). Never freed: CUDA graphs keep their addresses."""
     key = str(device)
     buf = _LOCKS.get(key)
     if buf is None or buf.numel() < n_tiles:
         buf = torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device)
-        _LOCKS.setdefault(key + ":all", []).append(buf)
+        _LOCKS_KEEP.append(buf)
         _LOCKS[key] = buf
     return buf
 
