@@ -437,10 +437,18 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
     tm._colquant_accel = state
     tm.forward = types.MethodType(_fast_forward, tm)
     info = dict(quant_linears_converted=n_q, **counts, backend="triton" if reason is None else "reference",
-                reason=reason, graphs=state.graphs, tuning=tuning)
+                reason=reason, graphs=state.graphs, tuning=tuning, vision=_accelerate_vision_tower(model))
     model._colquant_acceleration = info
     logger.info("colquant.kernels: accelerated text tower: %s", info)
     return model
+
+
+def _accelerate_vision_tower(model: nn.Module) -> dict | None:
+    """Pages spend most of their time in the vision tower: install its fast path too (it says why
+    not on CPU or without the kernels); a bare text tower has none."""
+    from colquant.kernels.fast_vision import accelerate_vision, has_vision_tower
+
+    return accelerate_vision(model) if has_vision_tower(model) else None
 
 
 def reset_graphs(model: nn.Module) -> None:
