@@ -55,8 +55,6 @@ PEAK_MEMORY_MIB = Metric("peak_memory_mib", "peak memory while encoding at the r
                          "06_memory_sweep", ("variant", "kind"))
 ITEMS_PER_S = Metric("items_per_s", "encoding throughput at the reference batch size", "06_memory_sweep",
                      ("variant", "kind"))
-CHECKPOINT_MIB = Metric("checkpoint_size_mib", "size of the quantized checkpoint on disk", "03_quantization",
-                        ("variant",))
 INDEX_BYTES_PER_PAGE = Metric("index_bytes_per_page", "stored bytes per page of the page index",
                               "07_index_compression", ("variant", "setting"))
 INDEX_NDCG_AT_5 = Metric("index_ndcg_at_5", "mean NDCG@5 with the compressed page index", "07_index_compression",
@@ -64,7 +62,7 @@ INDEX_NDCG_AT_5 = Metric("index_ndcg_at_5", "mean NDCG@5 with the compressed pag
 
 REGISTRY: dict[str, Metric] = {metric.name: metric for metric in (
     NDCG_AT_5, TASKS_EVALUATED, TOKEN_COSINE, TOP5_OVERLAP, FIDELITY_PASSES, REFERENCE_BATCH, PEAK_MEMORY_MIB,
-    ITEMS_PER_S, CHECKPOINT_MIB, INDEX_BYTES_PER_PAGE, INDEX_NDCG_AT_5)}
+    ITEMS_PER_S, INDEX_BYTES_PER_PAGE, INDEX_NDCG_AT_5)}
 
 
 def _registered(metric: Metric) -> Metric:
