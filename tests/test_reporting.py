@@ -148,3 +148,5 @@ def test_the_budget_table_collapses_to_one_row_per_budget_with_the_best_choice_p
     assert collapsed.columns.tolist() == ["budget (GB)", "BF16", "W4A16"]
     assert collapsed["BF16"].tolist() == ["does not fit", "`bf16` · batch 32 · 9/s"]
     assert collapsed["W4A16"].tolist() == [f"`{RTN}` · batch 16 · 6/s", f"`{W4_256}` · batch 64 · 7/s"]
+    same = pd.DataFrame([{**row, "budget_gb": budget} for budget in (8, 12, 16) for row in rows if row["budget_gb"] == 80])
+    assert reporting.collapse_budgets(same)["page"]["budget (GB)"].tolist() == ["8–16"]

@@ -16,6 +16,14 @@ import pandas as pd
 from colquant.plots import BASELINE, variant_order
 
 
+PLURALS = {"page": "pages", "query": "queries"}
+
+
+def plural(kind: str) -> str:
+    """"pages", "queries": the sweep's item kinds as prose."""
+    return PLURALS.get(kind, f"{kind}s")
+
+
 def _name(variant: str) -> str:
     return f"`{variant}`"
 
@@ -236,7 +244,7 @@ def sweep_rows(results: pd.DataFrame) -> str:
         return text + "; no batch ran out of memory, so the largest batch sizes did not reach this device's limit."
     first = failed.groupby(["variant", "kind"])["batch_size"].min()
     return text + "; out of memory: " + "; ".join(
-        f"{_name(variant)} {kind}s from batch {batch}" for (variant, kind), batch in first.items()) + "."
+        f"{_name(variant)} {plural(kind)} from batch {batch}" for (variant, kind), batch in first.items()) + "."
 
 
 def reference_rows(results: pd.DataFrame) -> pd.DataFrame:
@@ -258,14 +266,15 @@ def sweep(reference: pd.DataFrame, baseline: str = BASELINE) -> str:
     for kind, rows in reference.groupby("kind", sort=False):
         rows = rows.set_index("variant")
         if baseline not in rows.index:
-            lines.append(f"- {kind}s: no {baseline} row at a batch every variant ran, so no ratio.")
+            lines.append(f"- {plural(kind)}: no {baseline} row at a batch every variant ran, so no ratio.")
             continue
         base = rows.loc[baseline]
         parts = [f"{_name(v)} {rows.loc[v, 'peak_memory_mib'] / base['peak_memory_mib']:.2f}× memory, "
                  f"{rows.loc[v, 'items_per_s'] / base['items_per_s']:.2f}× throughput"
                  for v in variant_order(rows.index) if v != baseline]
-        lines.append(f"- {kind}s at batch {int(base['batch_size'])} ({base['memory_kind']}), against {baseline}'s "
-                     f"{base['peak_memory_mib']:,.0f} MiB and {base['items_per_s']:.3g} {kind}s/s: " + "; ".join(parts) + ".")
+        lines.append(f"- {plural(kind)} at batch {int(base['batch_size'])} ({base['memory_kind']}), against {baseline}'s "
+                     f"{base['peak_memory_mib']:,.0f} MiB and {base['items_per_s']:.3g} {plural(kind)}/s: "
+                     + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n\nBelow 1× memory is the saving; below 1× throughput, the price of dequantizing on the fly."
 
 
@@ -278,7 +287,7 @@ def budgets(table: pd.DataFrame) -> str:
         return text + "no variant fits at any measured batch size."
     best = fits.loc[fits["items_per_s"].idxmax()]
     text += (f"{fits['variant'].nunique()} of {smallest['variant'].nunique()} variants fit; the fastest is "
-             f"{_name(best.variant)} ({best.kind}s, batch {best.batch_size}, {best.items_per_s:.3g}/s).")
+             f"{_name(best.variant)} ({plural(best.kind)}, batch {best.batch_size}, {best.items_per_s:.3g}/s).")
     if fits["batch_size"].max() == table["batch_size"].max():
         text += " The largest measured batch fits everywhere: the budgets bind only at larger batches than this profile sweeps."
     return text

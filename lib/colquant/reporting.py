@@ -10,7 +10,6 @@ and a missing or NaN number is shown as missing, never as a pass.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pandas as pd
 
 from colquant import metrics, workspace
 from colquant.compress import compression_report
+from colquant.interpret import plural
 from colquant.plots import BASELINE, variant_order, variant_precision
 
 # A variant whose mean NDCG@5 is within this many percent of BF16's may be recommended over it.
@@ -84,11 +84,11 @@ def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str) -> lis
         return ["Its memory and speed are not measured yet: run `notebooks/06_memory_sweep.ipynb`."]
     batch = f" at batch {int(batches[kind])}" if kind in batches else ""
     ratio = memory[(pick, kind)] / memory[(BASELINE, kind)]
-    sentences = [f"Encoding {kind}s{batch}, it peaks at {memory[(pick, kind)]:,.0f} MiB against BF16's "
+    sentences = [f"Encoding {plural(kind)}{batch}, it peaks at {memory[(pick, kind)]:,.0f} MiB against BF16's "
                  f"{memory[(BASELINE, kind)]:,.0f} MiB ({ratio:.2f}×, {abs(1 - ratio):.0%} {'less' if ratio <= 1 else 'more'})."]
     if (pick, kind) in speed and (BASELINE, kind) in speed:
         pace = speed[(pick, kind)] / speed[(BASELINE, kind)]
-        sentences.append(f"It encodes {speed[(pick, kind)]:.3g} {kind}s/s against BF16's {speed[(BASELINE, kind)]:.3g} "
+        sentences.append(f"It encodes {speed[(pick, kind)]:.3g} {plural(kind)}/s against BF16's {speed[(BASELINE, kind)]:.3g} "
                          f"({pace:.2f}×: {abs(1 - pace):.0%} {'faster' if pace >= 1 else 'slower'}).")
     else:
         sentences.append("Its throughput is not measured yet: run `notebooks/06_memory_sweep.ipynb`.")
@@ -205,25 +205,30 @@ def _sweep_section(results: Path) -> str:
     same_batch, budgets = results / "sweep_same_batch.csv", results / "sweep_budgets.csv"
     if not same_batch.exists() or not budgets.exists():
         return "## Memory and throughput\n\n" + _missing("sweep results", "notebooks/06_memory_sweep.ipynb")
-    comparison = pd.read_csv(same_batch)
-    fixed = [column for column in comparison.columns if column in ("kind", "batch_size")]
-    ordered = _same_batch_column_order([column for column in comparison.columns if column not in fixed])
-    budget_tables = "\n\n".join(f"{kind.capitalize()}s:\n\n{_table(table)}"
+    budget_tables = "\n\n".join(f"{plural(kind).capitalize()}:\n\n{_table(table)}"
                                  for kind, table in collapse_budgets(pd.read_csv(budgets)).items())
     return (
-        "## Memory and throughput sweep\n\nSame batch size, side by side (items/s, and the ratio to BF16):\n\n"
-        f"{_table(comparison[fixed + ordered])}\n\nBest choice per precision under each memory budget (the "
-        f"variant, batch size and items/s with the highest throughput that fits):\n\n{budget_tables}"
+        "## Memory and throughput sweep\n\nItems/s per variant at each batch size, and the ratio to BF16's at the "
+        f"same batch:\n\n{_table(same_batch_rows(pd.read_csv(same_batch)))}\n\nBest choice per precision under each "
+        f"memory budget (the variant, batch size and items/s with the highest throughput that fits):\n\n{budget_tables}"
     )
 
 
-def _same_batch_column_order(columns: list[str]) -> list[str]:
-    """`<variant>_items_per_s` then `<variant>_vs_<baseline>`, variants in variant order."""
-    def variant(column: str) -> str:
-        return re.sub(r"_(items_per_s|vs_[^_]+)$", "", column)
-
-    order = variant_order(variant(column) for column in columns)
-    return sorted(columns, key=lambda column: (order.index(variant(column)), not column.endswith("_items_per_s")))
+def same_batch_rows(comparison: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """`sweep.same_batch_comparison`'s wide table turned to one row per variant (in variant order) and one
+    column per kind and batch size, each cell "items/s (ratio to the baseline)": long variant names
+    become row labels instead of twenty column headers."""
+    suffix = "_items_per_s"
+    variants = variant_order(column.removesuffix(suffix) for column in comparison.columns if column.endswith(suffix))
+    rows = []
+    for variant in variants:
+        row: dict[str, Any] = {"variant": f"`{variant}`"}
+        for record in comparison.to_dict("records"):
+            speed, ratio = record[variant + suffix], record.get(f"{variant}_vs_{baseline}")
+            cell = _cell(speed) if ratio is None or pd.isna(ratio) or pd.isna(speed) else f"{_cell(speed)} ({ratio:.2f}×)"
+            row[f"{plural(record['kind'])}, batch {int(record['batch_size'])}"] = cell
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def collapse_budgets(budgets: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -245,8 +250,20 @@ def collapse_budgets(budgets: pd.DataFrame) -> dict[str, pd.DataFrame]:
                     row[precision] = (f"`{best['variant']}` · batch {int(best['batch_size'])} · "
                                       f"{_cell(float(best['items_per_s']))}/s")
             table.append(row)
-        collapsed[kind] = pd.DataFrame(table)
+        collapsed[kind] = _merge_equal_budgets(table)
     return collapsed
+
+
+def _merge_equal_budgets(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Consecutive budgets with the same choices become one row ("8–80"): the table shows where the choice changes."""
+    merged: list[dict[str, Any]] = []
+    for row in rows:
+        choices = {k: v for k, v in row.items() if k != "budget (GB)"}
+        if merged and {k: v for k, v in merged[-1].items() if k not in ("budget (GB)", "_first")} == choices:
+            merged[-1]["budget (GB)"] = f"{merged[-1]['_first']:g}–{row['budget (GB)']:g}"
+        else:
+            merged.append({"budget (GB)": f"{row['budget (GB)']:g}", "_first": row["budget (GB)"], **choices})
+    return pd.DataFrame(merged).drop(columns="_first")
 
 
 def _plots_section(plots: Path, root: Path) -> str:
