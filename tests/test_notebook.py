@@ -1,6 +1,7 @@
 """colquant.notebook (the setup every notebook calls), colquant.interpret (the sentences after each
 result) and the committed notebooks' shape: no widget state, no stale parameters cell."""
 
+import os
 import random
 
 import matplotlib
@@ -111,3 +112,11 @@ def test_the_ndcg_prose_ranks_variants_by_their_mean():
     text = interpret.ndcg(table, change_counts(table))
     assert text.startswith(f"Over 2 tasks, bf16 scores a mean NDCG@5 of 0.7000; the best quantized variant, `{W4}`, 0.6950 (-0.71%).")
     assert f"The lowest is `{RTN}` at 0.6000 (-14.29%)." in text and f"`{W4}` is worse than bf16 on 1 of 2 tasks." in text
+
+
+def test_setup_quiets_library_logs_through_the_environment_but_keeps_a_users_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path))
+    monkeypatch.delenv("AR_LOG_LEVEL", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    notebook.setup("params/tiny.yaml", notice=False)
+    assert os.environ["AR_LOG_LEVEL"] == "ERROR" and os.environ["TRANSFORMERS_VERBOSITY"] == "info"

@@ -100,7 +100,9 @@ def calibration_source(summary: Mapping[str, Any]) -> str:
 def calibration_stats(stats: pd.DataFrame) -> str:
     """How long the samples are and which origin dominates."""
     tokens, origins = stats["tokens"], stats["main_origin"].value_counts()
-    return (f"Samples hold {tokens.min():,}–{tokens.max():,} tokens (mean {tokens.mean():,.0f}); {origins.iloc[0]} of "
+    lengths = (f"Every sample holds {tokens.min():,} tokens" if tokens.min() == tokens.max()
+               else f"Samples hold {tokens.min():,}–{tokens.max():,} tokens (mean {tokens.mean():,.0f})")
+    return (f"{lengths}; {origins.iloc[0]} of "
             f"{len(stats)} come mainly from `{origins.index[0]}`"
             + (f", the rest from {len(origins) - 1} other origin{'s' if len(origins) > 2 else ''}." if len(origins) > 1
                else ": a single origin, so the set covers one kind of text only."))

@@ -12,6 +12,7 @@ live in `colquant.interpret`, beside nothing else, so the notebooks stay a metho
 from __future__ import annotations
 
 import logging
+import os
 import random
 import warnings
 from collections.abc import Iterable, Mapping
@@ -31,7 +32,10 @@ from colquant.params import load_profile
 from colquant.plots import BASELINE, mark_random_weights, variant_palette
 
 # Libraries whose INFO logs and warnings would fill executed notebooks (and vary between runs).
-QUIET_LOGGERS = ("auto_round", "transformers", "datasets", "huggingface_hub", "mteb", "matplotlib", "PIL")
+QUIET_LOGGERS = ("autoround", "transformers", "datasets", "huggingface_hub", "mteb", "matplotlib", "PIL")
+# auto-round and transformers set their loggers' levels from these when first imported (after setup),
+# so the environment is where to quiet them; a value the user set is kept.
+QUIET_ENVIRONMENT = {"AR_LOG_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ def setup(profile_path: str | Path, *, seed: int = 0, notice: bool = True) -> No
 
 
 def _quiet_libraries() -> None:
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
