@@ -42,7 +42,7 @@ def test_setup_loads_the_profile_seeds_and_gives_every_variant_its_colour(tmp_pa
 def test_show_saves_the_figure_with_the_random_weights_note(book):
     figure = Figure()
     figure.subplots().plot([0, 1], [0, 1])
-    book.show(figure, "00_line")
+    assert book.show(figure, "00_line") is None  # a cell ending with it must not display the figure again
     assert (book.plots / "00_line.png").stat().st_size > 0
     assert plots.RANDOM_WEIGHTS_NOTE in [text.get_text() for text in figure.texts]
     assert not list(book.plots.glob(".*partial"))

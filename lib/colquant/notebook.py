@@ -55,18 +55,18 @@ class Notebook:
         (e.g. a variant kind the profile does not name), the same in every figure of the run."""
         return variant_palette([BASELINE, *workspace.expected_variants(self.profile), *variants])
 
-    def show(self, figure: Figure, stem: str) -> Figure:
-        """Mark, save (atomically, as `plots/<stem>.png`) and display a figure.
+    def show(self, figure: Figure, stem: str) -> None:
+        """Mark, save (atomically, as `plots/<stem>.png`) and display a figure, once.
 
         Figures built with `matplotlib.figure.Figure` (not pyplot) do not display themselves at
-        the end of a cell; this displays every figure the same way.
+        the end of a cell; this displays every figure the same way. It returns nothing, so a cell
+        that ends with it does not display the figure a second time as its value.
         """
         mark_random_weights(figure, self.random_weights)
         workspace.write_atomically(self.plots / f"{stem}.png",
                                    lambda staging: figure.savefig(staging, format="png", bbox_inches="tight"))
         display(figure)
         plt.close(figure)  # a pyplot figure would otherwise be displayed a second time at the cell's end
-        return figure
 
     def record(self, metric: metrics.Metric, values: Mapping[Any, Any] | float | None) -> None:
         """Record a named metric for the report and the tests (`colquant.metrics.record`)."""
