@@ -39,10 +39,13 @@ def test_setup_loads_the_profile_seeds_and_gives_every_variant_its_colour(tmp_pa
     assert len(set(palette.values())) == len(palette)
 
 
-def test_show_saves_the_figure_with_the_random_weights_note(book):
-    figure = Figure()
+def test_show_saves_and_displays_the_figure_as_png_with_the_random_weights_note(book, monkeypatch):
+    shown = []
+    monkeypatch.setattr(notebook, "display", shown.append)
+    figure = Figure()  # no pyplot: IPython has no PNG formatter for it unless the inline backend is loaded
     figure.subplots().plot([0, 1], [0, 1])
     assert book.show(figure, "00_line") is None  # a cell ending with it must not display the figure again
+    assert shown[0].format == "png" and shown[0].data == (book.plots / "00_line.png").read_bytes()
     assert (book.plots / "00_line.png").stat().st_size > 0
     assert plots.RANDOM_WEIGHTS_NOTE in [text.get_text() for text in figure.texts]
     assert not list(book.plots.glob(".*partial"))

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
 import seaborn as sns
-from IPython.display import Markdown, display
+from IPython.display import Image, Markdown, display
 from matplotlib.figure import Figure
 
 from colquant import metrics, workspace
@@ -59,13 +59,15 @@ class Notebook:
         """Mark, save (atomically, as `plots/<stem>.png`) and display a figure, once.
 
         Figures built with `matplotlib.figure.Figure` (not pyplot) do not display themselves at
-        the end of a cell; this displays every figure the same way. It returns nothing, so a cell
-        that ends with it does not display the figure a second time as its value.
+        the end of a cell; this displays every figure the same way, as the PNG it saved. It returns
+        nothing, so a cell that ends with it does not display the figure a second time as its value.
         """
         mark_random_weights(figure, self.random_weights)
-        workspace.write_atomically(self.plots / f"{stem}.png",
-                                   lambda staging: figure.savefig(staging, format="png", bbox_inches="tight"))
-        display(figure)
+        path = workspace.write_atomically(self.plots / f"{stem}.png",
+                                          lambda staging: figure.savefig(staging, format="png", bbox_inches="tight"))
+        # the saved file, not the figure object: a Figure made without pyplot has no PNG formatter
+        # until pyplot's inline backend is loaded, and would display as "<Figure size ...>"
+        display(Image(filename=str(path)))
         plt.close(figure)  # a pyplot figure would otherwise be displayed a second time at the cell's end
 
     def record(self, metric: metrics.Metric, values: Mapping[Any, Any] | float | None) -> None:
