@@ -123,3 +123,15 @@ def test_setup_quiets_library_logs_through_the_environment_but_keeps_a_users_cho
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
     notebook.setup("params/tiny.yaml", notice=False)
     assert os.environ["AR_LOG_LEVEL"] == "ERROR" and os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+
+
+def test_the_budget_prose_names_the_fastest_fit_per_kind_and_says_when_nothing_fits():
+    table = pd.DataFrame([
+        {"budget_gb": 8, "variant": "bf16", "kind": "page", "fit": "does not fit", "batch_size": pd.NA, "items_per_s": np.nan},
+        {"budget_gb": 8, "variant": RTN, "kind": "page", "fit": "fits", "batch_size": 4, "items_per_s": 2.5},
+        {"budget_gb": 8, "variant": "bf16", "kind": "query", "fit": "does not fit", "batch_size": pd.NA, "items_per_s": np.nan},
+        {"budget_gb": 80, "variant": "bf16", "kind": "page", "fit": "fits", "batch_size": 64, "items_per_s": 9.0},
+    ])
+    text = interpret.budgets(table)
+    assert f"- pages: 1 of 2 variants fit; the fastest is `{RTN}` at batch 4, 2.5 pages/s." in text
+    assert "- queries: no variant fits at any measured batch size." in text and "bind only" not in text

@@ -275,23 +275,30 @@ def sweep(reference: pd.DataFrame, baseline: str = BASELINE) -> str:
                  f"{rows.loc[v, 'items_per_s'] / base['items_per_s']:.2f}× throughput"
                  for v in variant_order(rows.index) if v != baseline]
         lines.append(f"- {plural(kind)} at batch {int(base['batch_size'])} ({base['memory_kind']}), against {baseline}'s "
-                     f"{base['peak_memory_mib']:,.0f} MiB and {base['items_per_s']:.3g} {plural(kind)}/s: "
+                     f"{base['peak_memory_mib']:,.0f} MiB and {_rate(base['items_per_s'])} {plural(kind)}/s: "
                      + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n\nBelow 1× memory is the saving; below 1× throughput, the price of dequantizing on the fly."
 
 
+def _rate(items_per_s: float) -> str:
+    return f"{items_per_s:,.0f}" if items_per_s >= 100 else f"{items_per_s:.3g}"
+
+
 def budgets(table: pd.DataFrame) -> str:
-    """For the smallest budget, who fits and at what batch."""
+    """Under the smallest budget, per kind, who fits and the fastest choice."""
     smallest = table[table["budget_gb"] == table["budget_gb"].min()]
-    fits = smallest[smallest["fit"] == "fits"]
-    text = f"Under the smallest budget ({smallest['budget_gb'].iloc[0]:g} GB): "
-    if fits.empty:
-        return text + "no variant fits at any measured batch size."
-    best = fits.loc[fits["items_per_s"].idxmax()]
-    text += (f"{fits['variant'].nunique()} of {smallest['variant'].nunique()} variants fit; the fastest is "
-             f"{_name(best.variant)} ({plural(best.kind)}, batch {best.batch_size}, {best.items_per_s:.3g}/s).")
-    if fits["batch_size"].max() == table["batch_size"].max():
-        text += " The largest measured batch fits everywhere: the budgets bind only at larger batches than this profile sweeps."
+    lines = []
+    for kind, rows in smallest.groupby("kind", sort=False):
+        fits = rows[rows["fit"] == "fits"]
+        if fits.empty:
+            lines.append(f"- {plural(kind)}: no variant fits at any measured batch size.")
+            continue
+        best = fits.loc[fits["items_per_s"].idxmax()]
+        lines.append(f"- {plural(kind)}: {fits['variant'].nunique()} of {rows['variant'].nunique()} variants fit; the "
+                     f"fastest is {_name(best.variant)} at batch {best.batch_size}, {_rate(best.items_per_s)} {plural(kind)}/s.")
+    text = f"Under the smallest budget ({smallest['budget_gb'].iloc[0]:g} GB):\n" + "\n".join(lines)
+    if (table["fit"] == "fits").all():
+        text += "\n\nEvery variant fits every budget at its largest measured batch: the budgets bind only at larger batches."
     return text
 
 
