@@ -94,7 +94,7 @@ def test_the_headline_picks_the_best_variant_within_tolerance_and_states_its_cos
         memory={"bf16": 9000, W4_256: 4000, W4_1024: 4000, RTN: 4000}, speed={"bf16": 10, W4_256: 5, W4_1024: 5, RTN: 6}))
     assert text.startswith(f"Use **`{W4_1024}`**: its mean NDCG@5 over 22 tasks is 0.7920 against BF16's 0.8000 (-1.00%)")
     assert "peaks at 4,000 MiB against BF16's 9,000 MiB (0.44×, 56% less)" in text
-    assert "5 pages/s against BF16's 10 (0.50×: 50% slower)" in text
+    assert "5 pages/s against BF16's 10 (0.50×, 50% slower)" in text
     assert text.count(". ") + text.endswith(".") == 3
 
 

@@ -85,14 +85,21 @@ def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str) -> lis
     batch = f" at batch {int(batches[kind])}" if kind in batches else ""
     ratio = memory[(pick, kind)] / memory[(BASELINE, kind)]
     sentences = [f"Encoding {plural(kind)}{batch}, it peaks at {memory[(pick, kind)]:,.0f} MiB against BF16's "
-                 f"{memory[(BASELINE, kind)]:,.0f} MiB ({ratio:.2f}×, {abs(1 - ratio):.0%} {'less' if ratio <= 1 else 'more'})."]
+                 f"{memory[(BASELINE, kind)]:,.0f} MiB ({_change(ratio, 'less', 'more')})."]
     if (pick, kind) in speed and (BASELINE, kind) in speed:
         pace = speed[(pick, kind)] / speed[(BASELINE, kind)]
         sentences.append(f"It encodes {speed[(pick, kind)]:.3g} {plural(kind)}/s against BF16's {speed[(BASELINE, kind)]:.3g} "
-                         f"({pace:.2f}×: {abs(1 - pace):.0%} {'faster' if pace >= 1 else 'slower'}).")
+                         f"({_change(pace, 'slower', 'faster')}).")
     else:
         sentences.append("Its throughput is not measured yet: run `notebooks/06_memory_sweep.ipynb`.")
     return sentences
+
+
+def _change(ratio: float, below: str, above: str) -> str:
+    """0.44 -> "0.44×, 56% less"; 1.3 -> "1.30×, 30% more"; 31 -> "31×" (a percentage that large reads as noise)."""
+    if ratio >= 2:
+        return f"{ratio:.3g}×"
+    return f"{ratio:.2f}×, {abs(1 - ratio):.0%} {below if ratio < 1 else above}"
 
 
 def _missing(what: str, notebook: str) -> str:
