@@ -382,8 +382,8 @@ def plot_memory(results: pd.DataFrame, budgets_gb: Sequence[float], *,
             ax.annotate(f"{budget:g} GB", (0, budget), xycoords=("axes fraction", "data"), fontsize=8,
                         color="grey", va="bottom")
         if not shown:
-            ax.annotate(f"all peaks below the smallest budget ({min(budgets_gb):g} GB)", (0.02, 0.95),
-                        xycoords="axes fraction", fontsize=8, color="grey", va="top")
+            ax.annotate(f"all peaks below the smallest budget ({min(budgets_gb):g} GB)", (0.5, -0.3),
+                        xycoords="axes fraction", fontsize=8, color="grey", ha="center", va="top")
         ax.set_xscale("log", base=2)
         ax.set(title=f"{kind} encoding", xlabel="batch size", ylabel="peak memory (GiB)")
     legend_outside(axes[0])
