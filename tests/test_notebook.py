@@ -135,3 +135,13 @@ def test_the_budget_prose_names_the_fastest_fit_per_kind_and_says_when_nothing_f
     text = interpret.budgets(table)
     assert f"- pages: 1 of 2 variants fit; the fastest is `{RTN}` at batch 4, 2.5 pages/s." in text
     assert "- queries: no variant fits at any measured batch size." in text and "bind only" not in text
+
+
+def test_every_registered_metric_is_recorded_by_the_notebook_it_names():
+    from colquant import metrics
+
+    constants = {metric.name: name for name, metric in vars(metrics).items() if isinstance(metric, metrics.Metric)}
+    for metric in metrics.REGISTRY.values():
+        source = "\n".join(cell.source for cell in nbformat.read(pipeline.NOTEBOOKS_DIR / f"{metric.notebook}.ipynb",
+                                                                  as_version=4).cells)
+        assert f"book.record(metrics.{constants[metric.name]}," in source, (metric.name, metric.notebook)
