@@ -38,6 +38,7 @@ PER_SEQLEN = ("02_calibration", "03_quantization")
 ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression")
 STATE_FILE = "pipeline_state.json"
 OVERRIDDEN_PROFILE = "profile.yaml"  # the profile with the command line's --set applied, as notebooks read it
+NOTEBOOK_DEFAULT_PROFILE = "params/tiny.yaml"  # what every notebook's `parameters` cell sets
 # The profile sections each notebook reads (besides the profile's name and random_weights).
 SECTIONS = {
     "01_architecture": ("model",),
@@ -238,6 +239,7 @@ def _execute(step: Step, description: str) -> None:
             cwd=str(workspace.REPO_ROOT),
             progress_bar={"desc": description, "leave": True},
             kernel_manager_class=QuietKernelManager,
+            store_widget_state=False,  # tqdm bars are ipywidgets in a kernel: their state is 50-400 KB of noise
         )
     except PapermillExecutionError as error:
         raise PipelineError(
@@ -249,7 +251,7 @@ def _execute(step: Step, description: str) -> None:
         raise PipelineError(f"{step.notebook} finished but did not write {', '.join(missing)}; see {step.output}")
 
 
-def refresh_committed_notebooks(profile_path: str | Path = "params/tiny.yaml") -> list[Path]:
+def refresh_committed_notebooks(profile_path: str | Path = NOTEBOOK_DEFAULT_PROFILE) -> list[Path]:
     """Execute notebooks/*.ipynb in place, in order, against a fresh output directory.
 
     The committed notebooks are the regression reference nbval compares with (`make test`), so
@@ -261,14 +263,16 @@ def refresh_committed_notebooks(profile_path: str | Path = "params/tiny.yaml") -
     import papermill
 
     executed = []
+    # the notebooks' own default needs no injected "# Parameters" cell, which would carry this machine's path
+    default = workspace.resolve(profile_path) == workspace.resolve(NOTEBOOK_DEFAULT_PROFILE)
     with tempfile.TemporaryDirectory(prefix="colquant-notebooks-") as scratch:
         os.environ[workspace.OUTPUT_ROOT_ENV] = scratch
         try:
             for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
                 papermill.execute_notebook(
-                    str(notebook), str(notebook), parameters={"profile_path": str(profile_path)},
+                    str(notebook), str(notebook), parameters={} if default else {"profile_path": str(profile_path)},
                     cwd=str(NOTEBOOKS_DIR), progress_bar={"desc": notebook.stem, "leave": True},
-                    kernel_manager_class=QuietKernelManager,
+                    kernel_manager_class=QuietKernelManager, store_widget_state=False,
                 )
                 executed.append(notebook)
         finally:
