@@ -36,6 +36,14 @@ def tiny_model(tiny_path: Path):
     return colquant.load(tiny_path)
 
 
+@pytest.fixture(scope="module")
+def small_model(tiny_path: Path):
+    """The tiny model with a 64-visual-token budget, so pages encode in milliseconds (one per module)."""
+    import colquant
+
+    return colquant.load(tiny_path, max_num_visual_tokens=64)
+
+
 @pytest.fixture(scope="session")
 def tiny_w4a16_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An auto-round W4A16 variant of the tiny model (2 iterations), saved as ColQuant saves variants."""

@@ -1,46 +1,98 @@
-"""The benchmark's plumbing on CPU (tiny profile, reference path): table, ratios, JSON."""
+"""The benchmark's plumbing on CPU (tiny profile, reference path): rows, checks, tables, JSON."""
 
 from __future__ import annotations
 
 import json
 
-from colquant import bench
+import pytest
+
+from colquant import bench, bench_report
+from colquant.params import load_profile
 
 
-def test_tiny_bench_runs_on_cpu_and_writes_json(tmp_path, capsys):
+@pytest.fixture
+def tiny_profile(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLQUANT_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    return load_profile("params/tiny.yaml")
+
+
+def test_tiny_bench_runs_on_cpu_and_writes_json(tiny_profile, tmp_path, monkeypatch, caplog):
+    built, load = [], bench.load_model
+    monkeypatch.setattr(bench, "load_model", lambda profile, device: built.append(device) or load(profile, device))
     out = tmp_path / "bench.json"
-    table = bench.run_bench("tiny", out, device="cpu", overrides=dict(query_batches=[1, 2], page_batches=[1]))
+    with caplog.at_level("INFO", logger="colquant.bench"):
+        table = bench.run_bench(tiny_profile, out, device="cpu")
     assert list(table.columns)[-2:] == ["thr_ratio", "mem_ratio"]  # ratios last
     assert set(table.work) == {"query", "page"}
+    assert len(built) == 1 + len(tiny_profile["bench"]["precisions"])  # reference + one fresh model each
     data = json.loads(out.read_text())
-    assert data["env"]["backend"] == "reference" and "cpu" in data["env"]["reason"]
+    assert data["env"]["backend"] == "reference" and data["env"]["memory_kind"] == "process_rss"
     checks = data["model_checks"]
-    assert checks["bf16_fast_vs_hf_queries"]["cos_min"] > 0.999
-    assert checks["bf16_fast_vs_hf_page"]["cos_min"] > 0.999
-    assert checks["w4_fast_vs_dequant_reference_queries"]["cos_min"] > 0.999
+    assert checks["bf16-eager_vs_transformers_queries"]["cos_min"] > 0.9999
+    assert checks["bf16_vs_transformers_queries"]["cos_min"] > 0.999
+    assert checks["bf16_vs_transformers_page"]["cos_min"] > 0.999
+    assert checks["w4a16_vs_dequant_reference_queries"]["cos_min"] > 0.999
     assert all(c["padding_exact_zero"] for c in checks.values())
-    assert {r["precision"] for r in data["results"]} == {"bf16-hf-eager", "bf16", "w4a16"}
-    printed = capsys.readouterr().out
-    assert "w4/bf16 thr" in printed and "targets:" in printed
+    works = {(r["precision"], r["work"]) for r in data["results"]}
+    assert {("bf16-eager", "query"), ("bf16", "page"), ("w4a16", "page-e2e"), ("w4a16", "preprocess")} <= works
+    e2e = [r for r in data["results"] if r["work"] == "page-e2e"]
+    assert all(r["bound"] in ("GPU", "CPU preprocessing") and r["over_tensors"] > 0 for r in e2e)
+    assert "w4/bf16 thr" in caplog.text and "PIL e2e p/s" in caplog.text and "targets:" in caplog.text
 
 
-def test_cli_parses_batches(tmp_path, monkeypatch):
+def test_query_texts_come_from_the_tokenizer_at_the_asked_length(tiny_model):
+    _, processor = tiny_model
+    texts = bench.query_texts(processor.tokenizer, 3, 12)
+    assert len(set(texts)) == 3
+    assert [len(processor.tokenizer(t)["input_ids"]) for t in texts] == [12, 12, 12]
+    ragged = bench.query_texts(processor.tokenizer, 4, 12, ragged=True)
+    assert len({len(processor.tokenizer(t)["input_ids"]) for t in ragged}) > 1
+
+
+def test_unknown_precision_and_target_are_refused(tiny_profile):
+    with pytest.raises(ValueError, match="unknown precision 'fp4'; known: bf16-eager, bf16, w4a16"):
+        bench.Bench(tiny_profile, __import__("torch").device("cpu")).precision("fp4", {})
+    with pytest.raises(ValueError, match=r"bench.targets: unknown \['pages'\]"):
+        bench_report.targets_met([], {"pages": 1.0})
+
+
+def test_targets_read_the_rows():
+    rows = [dict(precision="bf16", work="page", batch=16, items_per_s=40.0),
+            dict(precision="bf16", work="page-e2e", batch=16, items_per_s=36.0, over_tensors=0.9),
+            dict(precision="bf16", work="query", batch=1, error="out of memory")]
+    met = bench_report.targets_met(rows, {"bf16_pages_per_s": 42.0, "end_to_end_over_tensors_ratio_min": 0.85,
+                                          "bf16_queries_per_s": 10.0})
+    assert met["bf16_pages_per_s"] == dict(target=42.0, value=40.0, met=False)
+    assert met["end_to_end_over_tensors_ratio_min"]["met"] is True
+    assert met["bf16_queries_per_s"] == dict(target=10.0, value=None, met=False)  # only an error row
+
+
+def test_cli_overrides_the_profile(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr(bench, "run_bench", lambda p, o, **kw: seen.update(p=p, o=o, **kw))
+    monkeypatch.setattr(bench, "run_bench", lambda profile, out, device=None: seen.update(p=profile, o=out))
     assert bench.main(["--profile", "tiny", "--out", str(tmp_path / "x.json"), "--query-batches", "1,8",
-                       "--page-batches", "", "--no-calibrate"]) == 0
-    assert seen["p"] == "tiny"
-    assert seen["overrides"] == {"query_batches": [1, 8], "page_batches": [], "calibrate": False}
+                       "--page-batches", "", "--no-kernel-checks"]) == 0
+    assert seen["p"]["profile"] == "tiny" and seen["o"] == str(tmp_path / "x.json")
+    assert seen["p"]["bench"]["query_batches"] == [1, 8] and seen["p"]["bench"]["page_batches"] == []
+    assert seen["p"]["bench"]["kernel_checks"] is False
 
 
-def test_single_copy_cost_summarises_rows_where_humming_lost():
-    from colquant.bench import single_copy_cost
+def test_summary_pairs_bf16_with_4bit_and_survives_missing_rows():
+    page = dict(vision="fast", work="page", batch=16, reps=3)
+    rows = [dict(page, precision="bf16", ms=400.0, items_per_s=40.0, peak_mib=100.0),
+            dict(page, precision="bf16", vision="eager", ms=600.0, items_per_s=26.7, peak_mib=900.0),
+            dict(page, precision="w4a16", ms=500.0, items_per_s=32.0, peak_mib=50.0)]
+    table = bench_report.summary(rows)
+    assert table.to_dict(orient="records") == [dict(work="page", batch=16, bf16_ms=400.0, bf16_per_s=40.0,
+                                                     bf16_peak_mib=100.0, w4_ms=500.0, w4_per_s=32.0,
+                                                     w4_peak_mib=50.0, thr_ratio=0.8, mem_ratio=0.5)]
+    assert bench_report.summary(rows[:2]).empty and bench_report.summary([]).empty  # no 4-bit rows: no pairs
+    assert "bf16       fast      16" in bench_report.format_report(bench_report.summary(rows[:1]), rows[:1], {})
 
-    rows = [dict(shape="qkv", M=44, w4_us=10.0, w4_choice="humming", humming_us=10.0),
-            dict(shape="qkv", M=11264, w4_us=100.0, w4_choice="dequant+cublas", humming_us=110.0),
-            dict(shape="o", M=43008, w4_us=200.0, w4_choice="dequant+cublas", humming_us=205.0),
-            dict(shape="o", M=1, w4_us=5.0, w4_choice="triton", humming_us=None)]
-    c = single_copy_cost(rows)
-    assert c["rows"] == 2 and c["worst_slowdown"] == 1.1 and c["worst_at"] == "qkv M=11264"
-    assert abs(c["mean_slowdown"] - 1.0625) < 1e-9
-    assert single_copy_cost([]) == dict(rows=0)
+
+def test_a_gemm_shape_with_no_passing_route_fails_the_checks():
+    from colquant.kernels import checks
+
+    assert checks._gemm_row("qkv", 2560, 6144, 16, None) == dict(shape="qkv", K=2560, N=6144, M=16, ok=False)
+    row = checks._gemm_row("o", 4096, 2560, 16, dict(name="bf16", fallback_name="triton-a", us=20.0, bf16_us=10.0))
+    assert row["ok"] and row["w4_choice"] == "triton-a" and row["dispatch"] == "bf16" and row["speedup"] == 0.5

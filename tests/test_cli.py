@@ -68,9 +68,12 @@ def test_run_and_notebooks_pass_the_resolved_profile(monkeypatch):
     monkeypatch.setattr(pipeline, "refresh_committed_notebooks", lambda path: seen.append((path, {})) or [])
     assert cli.main(["run", "tiny", "--notebooks", "04,05"]) == 0
     assert cli.main(["notebooks", "tiny"]) == 0
+    assert cli.main(["run", "tiny", "--set", "quantization.iters=50", "--set", "sweep.repeats=2"]) == 0
     assert seen == [
-        (ROOT / "params/tiny.yaml", {"force": False, "notebooks": ("04", "05"), "wait_s": 0.0}),
+        (ROOT / "params/tiny.yaml", {"overrides": [], "force": False, "notebooks": ("04", "05"), "wait_s": 0.0}),
         (ROOT / "params/tiny.yaml", {}),
+        (ROOT / "params/tiny.yaml", {"overrides": ["quantization.iters=50", "sweep.repeats=2"], "force": False,
+                                     "notebooks": None, "wait_s": 0.0}),
     ]
 
 

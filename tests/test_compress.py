@@ -1,5 +1,6 @@
 import pytest
 import torch
+import yaml
 
 from colquant.compress import (
     BinaryPages,
@@ -57,13 +58,18 @@ def test_bad_settings_name_the_allowed_forms(text):
         parse_setting(text)
 
 
-def test_profile_settings_default_and_refusals():
-    assert [s.name for s in profile_settings({})] == ["none", "pool2", "pool3", "int8", "binary", "pool3+binary"]
-    assert [s.name for s in profile_settings({"compression": {"settings": ["binary"]}})] == ["binary"]
-    with pytest.raises(ValueError, match="more than once"):
-        profile_settings({"compression": {"settings": ["int8", "int8"]}})
-    with pytest.raises(ValueError, match="empty"):
-        profile_settings({"compression": {"settings": []}})
+def test_profile_settings_are_the_validated_profiles_parsed():
+    """The default grid and the refusals live in the profile schema (tests/test_params.py)."""
+    from colquant.params import validate_profile
+    from colquant.workspace import REPO_ROOT
+
+    profile = yaml.safe_load((REPO_ROOT / "params" / "tiny.yaml").read_text())
+    profile.pop("compression", None)
+    default = validate_profile(profile, check_device=False)
+    assert [s.name for s in profile_settings(default)] == ["none", "pool2", "pool3", "int8", "binary", "pool3+binary"]
+    profile["compression"] = {"settings": ["binary", "pool4+int8"]}
+    assert profile_settings(validate_profile(profile, check_device=False)) == [
+        CompressionSetting(None, "binary"), CompressionSetting(4, "int8")]
 
 
 # --- formats ----------------------------------------------------------------------------------

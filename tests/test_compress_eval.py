@@ -10,7 +10,6 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-import colquant
 from colquant.compress import compress_pages, parse_setting, score_compressed
 from colquant.compress import compression_report, compression_table, pareto_front, recommend
 from colquant.compress_eval import (
@@ -31,11 +30,6 @@ def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("compress-eval") / "corpus"
     build_corpus(root, n_pages=N_PAGES, n_queries=N_QUERIES, progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def small_model(tiny_path: Path):
-    return colquant.load(tiny_path, max_num_visual_tokens=64)
 
 
 REVISION = "0123456789abcdef"  # the evaluation fingerprint (hex) results are filed under

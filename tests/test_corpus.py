@@ -97,7 +97,7 @@ def test_interrupted_build_leaves_no_corpus_and_keeps_the_old_one(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "corpus"
     old = build_corpus(root, **SMALL)
-    render = corpus_module._render
+    render = corpus_module.render_page
     calls = []
 
     def render_then_fail(*args, **kwargs):
@@ -106,7 +106,7 @@ def test_interrupted_build_leaves_no_corpus_and_keeps_the_old_one(tmp_path: Path
             raise KeyboardInterrupt
         return render(*args, **kwargs)
 
-    monkeypatch.setattr(corpus_module, "_render", render_then_fail)
+    monkeypatch.setattr(corpus_module, "render_page", render_then_fail)
     with pytest.raises(KeyboardInterrupt):
         build_corpus(tmp_path / "fresh", **SMALL)
     calls.clear()

@@ -81,6 +81,38 @@ def test_pages_from_pil_paths_and_a_datasets_column_agree(tiny_model, pages, tmp
             torch.testing.assert_close(other, reference)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_page_pipeline_gives_the_same_results_in_the_same_order_with_workers(tiny_model, pages, num_workers):
+    """Worker processes prepare batches ahead of the model; the results equal a plain loop that
+    processes and encodes one page at a time, in input order."""
+    model, processor = tiny_model
+    piped = encode.encode_pages(model, pages, batch_size=2, num_workers=num_workers)
+    for page, result in zip(pages, piped):
+        with torch.inference_mode():
+            batch = processor.process_images([page])
+            expected = model(**batch).embeddings[0][batch["attention_mask"][0].bool()].float()
+        torch.testing.assert_close(result, expected, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pages_prepared_one_by_one_join_into_the_processors_batch(tiny_model, pages, num_workers):
+    """Pages of different sizes (so prompts pad differently), prepared apart and joined, equal the
+    processor's own batch of them, batch by batch in order."""
+    _, processor = tiny_model
+    batches = [[3], [0, 1, 2]]
+    joined = list(encode.prepared_pages(processor, pages, batches, num_workers, pin=False))
+    for batch, got in zip(batches, joined):
+        expected = processor.process_images([pages[i] for i in batch])
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+
+
+def test_default_workers_only_on_a_gpu():
+    assert encode.default_workers(torch.device("cpu")) == 0
+    assert 0 <= encode.default_workers(torch.device("cuda")) <= encode.MAX_DEFAULT_WORKERS
+
+
 def test_processor_can_be_passed_when_none_is_attached(tiny_model):
     model, processor = tiny_model
     bare = colquant.ColQwen3(model.config).eval()
@@ -98,6 +130,7 @@ def test_processor_can_be_passed_when_none_is_attached(tiny_model):
         (lambda m: m.encode_pages([42]), TypeError, "page 0 is a int"),
         (lambda m: m.encode_pages(["/nonexistent/page.png"]), FileNotFoundError, "page 0: no image file"),
         (lambda m: m.encode_queries([], padded=True), ValueError, "nothing to pad"),
+        (lambda m: m.encode_pages([], num_workers=-1), ValueError, "num_workers must be >= 0"),
     ],
 )
 def test_bad_inputs_raise_naming_the_problem(tiny_model, call, error, message):

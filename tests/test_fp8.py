@@ -292,3 +292,23 @@ def test_a_gpu_layer_that_cannot_use_fp8_kernels_says_why(monkeypatch, caplog):
         y = layer(torch.randn(2, 64, dtype=torch.float16))
     assert y.dtype == torch.float16
     assert any("torch.float16 (rowwise torch._scaled_mm outputs bfloat16 only" in r.getMessage() for r in caplog.records)
+
+
+def test_fp8_vision_layers_keep_transformers_vision_forward(fp8_variant, monkeypatch):
+    """The fast vision tower (installed by accelerate_model on CUDA) multiplies by weights directly:
+    with FP8 vision layers, loading puts the eager vision forward back. Forced on here on CPU, where
+    the fast tower runs its torch equivalents."""
+    from PIL import Image
+
+    from colquant.kernels import fast_vision
+
+    monkeypatch.setattr(fast_vision, "unavailable_reason", lambda device: None)
+    image = Image.new("RGB", (256, 320), "white")
+    model, processor = colquant.load(fp8_variant, device="cpu", accelerate=True)
+    visual = fast_vision.find_vision_tower(model)
+    assert not getattr(type(visual), "_colquant_fast", False)
+    assert model.encode_pages([image], processor=processor)[0].isfinite().all()
+    fast_vision.accelerate_vision(model)  # what the hook undoes: the fast tower cannot read e4m3 weights
+    with pytest.raises(RuntimeError):
+        model.encode_pages([image], processor=processor)
+    assert fp8.keep_eager_vision(model) and not fp8.keep_eager_vision(model)

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from colquant import workspace
-from colquant.params import ProfileError, load_profile, quantized_input_widths, validate_profile, variant_name
+from colquant.params import ProfileError, load_profile, quantization_section, quantized_input_widths, validate_profile
 from colquant.quantization import decoder_linear_names
 
 PARAMS = workspace.REPO_ROOT / "params"
@@ -177,6 +177,14 @@ def test_compression_settings_follow_the_grammar(tiny):
     assert validate_profile(profile)["compression"]["settings"] == ["pool9+int8", "none"]
     message = _rejected(tiny, lambda p: p.__setitem__("compression", {"settings": ["pool1", "int4"]}))
     assert "'pool1', 'int4' not understood; each setting is one of none, int8, binary, poolN" in message
+    assert "int8 listed more than once" in _rejected(tiny, lambda p: p.__setitem__("compression", {"settings": ["int8", "none", "int8"]}))
+    assert "compression.settings is empty" in _rejected(tiny, lambda p: p.__setitem__("compression", {"settings": []}))
+
+
+def test_a_profile_without_a_compression_section_gets_the_default_grid(tiny):
+    profile = copy.deepcopy(tiny)
+    profile.pop("compression")
+    assert validate_profile(profile)["compression"]["settings"] == ["none", "pool2", "pool3", "int8", "binary", "pool3+binary"]
 
 
 def test_yaml_syntax_errors_name_the_file_and_line(tmp_path):
@@ -208,14 +216,53 @@ def test_missing_profile_lists_the_available_ones():
 
 
 def test_variant_names_carry_their_settings(tiny):
-    assert variant_name(tiny, 1024, calibration_source="pile-10k") == "w4a16-g128-sym-pile10k-seqlen1024-iters20"
-    assert variant_name(tiny, 1024, "rtn") == "w4a16-g128-sym-rtn"
+    settings = quantization_section(tiny)
+    assert settings.variant_name(1024, calibration_source="pile-10k") == "w4a16-g128-sym-pile10k-seqlen1024-iters20"
+    assert settings.variant_name(1024, "rtn") == "w4a16-g128-sym-rtn"
+    asymmetric = quantization_section({"quantization": {**tiny["quantization"], "sym": False, "group_size": 64}})
+    assert asymmetric.variant_name(256, calibration_source="pages") == "w4a16-g64-asym-pages-seqlen256-iters20"
 
 
 def test_variant_names_carry_the_calibration_source_actually_used(tiny):
     """The tiny profile requests pile-10k but calibrates on the embedded fallback offline: its
     variants must not be called pile10k."""
-    assert variant_name(tiny, 512, calibration_source="embedded") == "w4a16-g128-sym-embedded-seqlen512-iters20"
-    assert variant_name(tiny, 512, calibration_source="embedded pages") == "w4a16-g128-sym-embeddedpages-seqlen512-iters20"
+    settings = quantization_section(tiny)
+    assert settings.variant_name(512, calibration_source="embedded") == "w4a16-g128-sym-embedded-seqlen512-iters20"
+    assert settings.variant_name(512, calibration_source="embedded pages") == "w4a16-g128-sym-embeddedpages-seqlen512-iters20"
     with pytest.raises(ValueError, match="source_used"):
-        variant_name(tiny, 512)
+        settings.variant_name(512)
+
+
+# --- command-line overrides (`colquant run <profile> --set KEY.PATH=VALUE`) -----------------------
+
+
+def test_overrides_set_values_of_their_yaml_type_and_repeat():
+    profile = load_profile(PARAMS / "tiny.yaml", overrides=[
+        "quantization.iters=50", "calibration.seqlens=[128, 64]", "quantization.sym=false", "profile=tiny-iters50"])
+    assert profile["quantization"]["iters"] == 50 and profile["calibration"]["seqlens"] == [128, 64]
+    assert profile["quantization"]["sym"] is False and profile["profile"] == "tiny-iters50"
+    assert quantization_section(profile).variant_name(64, calibration_source="embedded").endswith("seqlen64-iters50")
+
+
+def test_an_override_may_add_an_optional_section_or_key():
+    profile = load_profile(PARAMS / "tiny.yaml", overrides=["compression.settings=[binary]", "corpus.seed=3"])
+    assert profile["compression"]["settings"] == ["binary"] and profile["corpus"]["seed"] == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("quantization.iterz=50", r"tiny\.yaml with --set quantization\.iterz=50: quantization\.iterz is not a known key; did you mean 'iters'\?"),
+        ("quantizaton.iters=50", r"quantizaton is not a known key; did you mean 'quantization'\?"),
+        ("quantization.iters=abc", r"quantization\.iters='abc' is a string: input should be a valid integer"),
+        ("quantization.iters=-1", r"quantization\.iters=-1: input should be greater than or equal to 0"),
+        ("model.dtype=bf16", r"model\.dtype='bf16' is not allowed"),
+        ("quantization.iters", r"--set 'quantization\.iters' is not KEY=VALUE with a dotted key; write e\.g\. --set quantization\.iters=50"),
+        ("quantization..iters=5", r"is not KEY=VALUE with a dotted key"),
+        ("quantization.iters.max=5", r"quantization\.iters is a value \(20\), not a section with keys"),
+        ("quantization.iters=[1", r"--set 'quantization\.iters=\[1': the value is not valid YAML"),
+    ],
+)
+def test_bad_overrides_are_refused_by_the_same_validation(override, message):
+    with pytest.raises(ProfileError, match=message):
+        load_profile(PARAMS / "tiny.yaml", overrides=[override])

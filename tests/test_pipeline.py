@@ -41,8 +41,9 @@ def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output
     first = run(profile_path)
     executed = [row["step"] for row in first if row["status"] == "executed"]
     assert executed == [step.key for step in plan(workspace.resolve(profile_path), load_profile(profile_path))]
+    assert (output_root / "01_architecture.ipynb").exists()  # once: the model does not depend on the seqlen
     for seqlen in (64, 128):
-        for name in ("01_architecture", "02_calibration", "03_quantization"):
+        for name in ("02_calibration", "03_quantization"):
             assert (output_root / f"{name}__seqlen{seqlen}.ipynb").exists()
     variants = sorted(p.name for p in (output_root / "variants").iterdir())
     assert variants == [
@@ -62,13 +63,13 @@ def test_changed_parameter_reruns_that_step(tmp_path, output_root):
     run(small_profile(tmp_path), notebooks=("01",))
     state_before = json.loads((output_root / "pipeline_state.json").read_text())
     again = run(small_profile(tmp_path, model={"max_num_visual_tokens": 32}), notebooks=("01",))
-    assert [row["status"] for row in again if row["step"].startswith("01_")] == ["executed", "executed"]
+    assert [row["status"] for row in again if row["step"].startswith("01_")] == ["executed"]
     assert json.loads((output_root / "pipeline_state.json").read_text()) != state_before
 
 
 def test_failing_notebook_names_itself_and_its_executed_copy(tmp_path, output_root):
     profile_path = small_profile(tmp_path, model={"id": "nobody/no-such-model"})
-    with pytest.raises(PipelineError, match=r"(?s)01_architecture failed \(CheckpointError: .*hf download nobody/no-such-model.*01_architecture__seqlen64\.ipynb"):
+    with pytest.raises(PipelineError, match=r"(?s)01_architecture failed \(CheckpointError: .*hf download nobody/no-such-model.*01_architecture\.ipynb"):
         run(profile_path)
 
 
@@ -82,11 +83,13 @@ class StandIn:
 
     def __init__(self) -> None:
         self.executed: list[str] = []
+        self.parameters: list[dict] = []
         self.kill_at: str | None = None
         self.write_results = True
 
     def __call__(self, step, description):
         self.executed.append(step.key)
+        self.parameters.append(step.parameters)
         step.output.write_text("{}")
         if step.key == self.kill_at:
             raise KeyboardInterrupt  # killed while the notebook runs
@@ -112,8 +115,8 @@ def executed_after(stand_in, profile_path, **options) -> list[str]:
     return list(stand_in.executed)
 
 
-ALL = ["01_architecture__seqlen64", "02_calibration__seqlen64", "03_quantization__seqlen64",
-       "01_architecture__seqlen128", "02_calibration__seqlen128", "03_quantization__seqlen128",
+ALL = ["01_architecture", "02_calibration__seqlen64", "03_quantization__seqlen64",
+       "02_calibration__seqlen128", "03_quantization__seqlen128",
        "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
 
 
@@ -204,14 +207,14 @@ def test_notebooks_run_without_kernel_noise_and_name_themselves_in_the_progress(
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook.cells = [nbformat.v4.new_code_cell("seqlen = 0", metadata={"tags": ["parameters"]}),
                       nbformat.v4.new_code_cell("import time\ntime.sleep(0.5)\nprint(seqlen)")]
-    nbformat.write(notebook, tmp_path / "01_architecture.ipynb")
+    nbformat.write(notebook, tmp_path / "02_calibration.ipynb")
     monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    step = pipeline.Step("01_architecture", {"seqlen": 7}, tmp_path / "out.ipynb", (), (), ())
-    pipeline._execute(step, "1/9 01_architecture__seqlen7")
+    step = pipeline.Step("02_calibration", {"seqlen": 7}, tmp_path / "out.ipynb", (), (), ())
+    pipeline._execute(step, "2/9 02_calibration__seqlen7")
     captured = capfd.readouterr()
     assert "without encryption" not in captured.err and "KeyboardInterrupt" not in captured.err
-    assert "1/9 01_architecture__seqlen7: 100%" in captured.err
+    assert "2/9 02_calibration__seqlen7: 100%" in captured.err
     assert "7" in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs[0]["text"]
 
 
@@ -224,3 +227,34 @@ def test_the_command_line_reports_a_held_output_dir_in_one_line_after_waiting(tm
         assert main(["run", profile_path, "--wait", "0.3"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("colquant run: ") and "is in use by another run" in error and error.count("\n") == 1
+
+
+def test_notebook_01_runs_once_per_profile_without_a_seqlen(tmp_path, stand_in, output_root):
+    steps = plan(workspace.resolve(small_profile(tmp_path)), load_profile(small_profile(tmp_path)))
+    architecture = [step for step in steps if step.notebook == "01_architecture"]
+    assert len(architecture) == 1 and "seqlen" not in architecture[0].parameters
+    assert architecture[0].output == output_root / "01_architecture.ipynb"
+    assert executed_after(stand_in, small_profile(tmp_path)) == ALL
+    assert executed_after(stand_in, small_profile(tmp_path, calibration={"seqlens": [64, 128, 256]})) == [
+        "02_calibration__seqlen256", "03_quantization__seqlen256", "04_embedding_fidelity", "05_vidore_eval",
+        "06_memory_sweep", "07_index_compression"]  # a new seqlen leaves 01 alone
+
+
+def test_overrides_reach_the_notebooks_and_rerun_only_what_they_change(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    stand_in.parameters.clear()
+    assert executed_after(stand_in, profile_path, overrides=["sweep.repeats=3"]) == ["06_memory_sweep"]
+    written = output_root / pipeline.OVERRIDDEN_PROFILE
+    assert stand_in.parameters == [{"profile_path": str(written)}]  # what the notebook loads
+    assert load_profile(written) == load_profile(profile_path, overrides=["sweep.repeats=3"])
+    assert load_profile(written)["sweep"]["repeats"] == 3
+
+
+def test_a_bad_override_on_the_command_line_is_one_line_naming_the_nearest_key(tmp_path, stand_in, output_root, capsys):
+    from colquant.__main__ import main
+
+    assert main(["run", small_profile(tmp_path), "--set", "quantization.iterz=50"]) == 2
+    error = capsys.readouterr().err
+    assert "quantization.iterz is not a known key; did you mean 'iters'?" in error and error.count("\n") == 1
+    assert stand_in.executed == []

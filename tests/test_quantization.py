@@ -14,12 +14,10 @@ from colquant.quantization import (
     quantization_metadata,
     quantize_language_model,
     save_quantized_model,
-    produce_variant,
-    read_metadata,
-    remove_stale_staging,
     update_model_card,
 )
-from colquant.workspace import OutputError
+from colquant.variants import produce_variant
+from colquant.workspace import OutputError, read_variant_metadata
 
 SETTINGS = QuantizationSettings(method="autoround", bits=4, group_size=128, sym=True, iters=2, batch_size=2, seed=0)
 
@@ -101,7 +99,7 @@ def test_metadata_and_model_card_are_written(quantized):
 def test_a_corrupt_metadata_file_is_reported_by_path_with_the_fix(tmp_path):
     (tmp_path / METADATA_FILE).write_text('{"variant": ')
     with pytest.raises(OutputError, match=rf"{METADATA_FILE} is not valid JSON .*delete the folder .*re-run notebooks/03"):
-        read_metadata(tmp_path)
+        read_variant_metadata(tmp_path)
     with pytest.raises(OutputError, match="delete the folder"):
         update_model_card(tmp_path, {"x": 1})
 
@@ -130,15 +128,6 @@ def test_size_on_disk_matches_the_architecture_prediction(quantized):
     predicted = predicted_sizes(meta_model(ColQwen3Config.tiny())).set_index("scheme").loc["W4A16 (language model)", "bytes"]
     actual = json.loads((out / METADATA_FILE).read_text())["size_on_disk_bytes"]
     assert abs(actual - predicted) / predicted < 0.01
-
-
-def test_stale_staging_folders_are_removed_and_finished_variants_kept(tmp_path):
-    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a").mkdir()
-    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a" / "model.safetensors").write_bytes(b"half")
-    (tmp_path / "w4a16-g128-sym-rtn").mkdir()
-    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a staging folder: kept
-    assert [p.name for p in remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3x_9a"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "w4a16-g128-sym-rtn"]
 
 
 @pytest.fixture
@@ -171,13 +160,13 @@ def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_on
 
     seen_scratch = []
     before = os.environ.get("AR_WORK_SPACE")  # the session's scratch (tests/conftest.py)
-    original = colquant.quantization.quantize_language_model
+    original = colquant.variants.quantize_language_model
 
     def recording(*args, **kwargs):
         seen_scratch.append(os.environ.get("AR_WORK_SPACE"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(colquant.quantization, "quantize_language_model", recording)
+    monkeypatch.setattr(colquant.variants, "quantize_language_model", recording)
     calibrate(small_profile, 4)
     first = produce_variant(small_profile, 64)
     assert not first["reused"] and first["calibration"]["nsamples"] == 4

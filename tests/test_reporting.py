@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from colquant import reporting, workspace
+from colquant import metrics, reporting, workspace
 from colquant.params import load_profile
 from colquant.quantization import METADATA_FILE, model_card
 
@@ -43,10 +43,10 @@ def test_later_results_reach_the_model_card_and_the_metadata_is_never_rewritten(
     fake_variant(profile, w4)
     metadata_before = (workspace.variants_dir(profile) / w4 / METADATA_FILE).read_bytes()
     results = workspace.results_dir(profile)
-    pd.DataFrame([{"variant": w4, "query_token_cosine_mean": 0.98, "page_token_cosine_mean": 0.99, "top5_overlap": 0.9}]).to_csv(
-        results / "fidelity_summary.csv", index=False)
-    pd.DataFrame([{"task": "T", "variant": w4, "ndcg_at_5": 0.5}, {"task": "T", "variant": "bf16", "ndcg_at_5": 0.6}]).to_csv(
-        results / "ndcg.csv", index=False)
+    workspace.write_csv(results / "fidelity_summary.csv", pd.DataFrame(
+        [{"variant": w4, "query_token_cosine_mean": 0.98, "page_token_cosine_mean": 0.99, "top5_overlap": 0.9}]))
+    workspace.write_csv(results / "ndcg.csv", pd.DataFrame(
+        [{"task": "T", "variant": w4, "ndcg_at_5": 0.5}, {"task": "T", "variant": "bf16", "ndcg_at_5": 0.6}]))
     reporting.write_report(profile)
     card = (workspace.variants_dir(profile) / w4 / "README.md").read_text()
     assert "| top-5 page overlap with BF16 | 0.9 |" in card
@@ -71,3 +71,82 @@ def test_a_corrupt_metadata_file_is_reported_by_path_not_as_a_bare_json_error(pr
     (workspace.variants_dir(profile) / workspace.autoround_variant(profile, 64) / METADATA_FILE).write_text("")
     with pytest.raises(workspace.OutputError, match=rf"{workspace.autoround_variant(profile, 64)}/{METADATA_FILE} is empty; delete the folder"):
         reporting.write_report(profile)
+
+
+W4_256, W4_1024, RTN = ("w4a16-g128-sym-pile10k-seqlen256-iters200", "w4a16-g128-sym-pile10k-seqlen1024-iters200",
+                        "w4a16-g128-sym-rtn")
+
+
+def recorded(tmp_path, ndcg, memory=None, speed=None):
+    """A synthetic metrics set, written and read back as the notebooks and the report do."""
+    metrics.record(tmp_path, metrics.NDCG_AT_5, ndcg)
+    metrics.record(tmp_path, metrics.TASKS_EVALUATED, {name: 22 for name in ndcg})
+    if memory is not None:
+        metrics.record(tmp_path, metrics.REFERENCE_BATCH, {"page": 8})
+        metrics.record(tmp_path, metrics.PEAK_MEMORY_MIB, {(name, "page"): value for name, value in memory.items()})
+        metrics.record(tmp_path, metrics.ITEMS_PER_S, {(name, "page"): value for name, value in speed.items()})
+    return metrics.read(tmp_path)
+
+
+def test_the_headline_picks_the_best_variant_within_tolerance_and_states_its_costs(tmp_path):
+    text = reporting.headline(recorded(
+        tmp_path, {"bf16": 0.80, W4_256: 0.79, W4_1024: 0.792, RTN: 0.75},
+        memory={"bf16": 9000, W4_256: 4000, W4_1024: 4000, RTN: 4000}, speed={"bf16": 10, W4_256: 5, W4_1024: 5, RTN: 6}))
+    assert text.startswith(f"Use **`{W4_1024}`**: its mean NDCG@5 over 22 tasks is 0.7920 against BF16's 0.8000 (-1.00%)")
+    assert "peaks at 4,000 MiB against BF16's 9,000 MiB (0.44×, 56% less)" in text
+    assert "5 pages/s against BF16's 10 (0.50×, 50% slower)" in text
+    assert text.count(". ") + text.endswith(".") == 3
+
+
+def test_the_headline_keeps_bf16_when_every_variant_loses_too_much(tmp_path):
+    text = reporting.headline(recorded(tmp_path, {"bf16": 0.80, W4_256: 0.70, RTN: 0.60}))
+    assert text.startswith("Keep **BF16** where quality decides") and f"the closest, `{W4_256}`, scores 0.7000 (-12.50%)" in text
+    assert "not measured yet: run `notebooks/06_memory_sweep.ipynb`" in text
+
+
+def test_a_nan_score_is_never_a_pass_and_missing_scores_give_no_recommendation(tmp_path):
+    text = reporting.headline(recorded(tmp_path, {"bf16": 0.80, W4_256: float("nan"), RTN: 0.70}))
+    assert W4_256 not in text and "Keep **BF16**" in text
+    assert reporting.headline(recorded(tmp_path, {"bf16": 0.8, W4_256: float("nan")})).startswith(
+        "No recommendation yet: mean NDCG@5 is missing for every quantized variant")
+    assert reporting.headline(recorded(tmp_path, {"bf16": float("nan"), W4_256: 0.8})).startswith(
+        "No recommendation yet: mean NDCG@5 is missing for BF16")
+    assert reporting.headline({}).startswith("No recommendation yet")
+
+
+def test_the_report_opens_with_the_headline_and_orders_variants_bf16_seqlen_baselines(profile):
+    results = workspace.results_dir(profile)
+    recorded(results, {"bf16": 0.8, W4_256: 0.79, "fp8-lm": 0.8, RTN: 0.7, W4_1024: 0.78})
+    pd.DataFrame([{"variant": name, "query_token_cosine_mean": 0.98, "page_token_cosine_mean": float("nan"),
+                   "top5_overlap": 0.9, "passes": False} for name in ("fp8-lm", RTN, W4_1024, W4_256)]).to_csv(
+        results / "fidelity_summary.csv", index=False)
+    report = reporting.write_report(profile).read_text()
+    assert report.index("## Headline") < report.index("## Model")
+    assert "Use **`fp8-lm`**" in report
+    fidelity = report[report.index("## Embedding fidelity"):]
+    header = fidelity.splitlines()[2]
+    assert [header.index(name) for name in (W4_256, W4_1024, RTN, "fp8-lm")] == sorted(
+        header.index(name) for name in (W4_256, W4_1024, RTN, "fp8-lm"))
+    assert "| page_token_cosine_mean  | –" in fidelity and "nan" not in fidelity.lower()
+
+
+def test_table_cells_format_integers_and_never_show_nan():
+    frame = pd.DataFrame({"params": [3633315840, 819520], "share": [0.8186, 4.4e-05], "GiB": [8.2676, float("nan")],
+                          "passes": [True, False]})
+    table = reporting._table(frame)
+    assert "3,633,315,840" in table and "819,520" in table and "0.8186" in table and "–" in table
+    assert "e+" not in table and "nan" not in table
+
+
+def test_the_budget_table_collapses_to_one_row_per_budget_with_the_best_choice_per_precision():
+    rows = []
+    for budget, fits in ((8, {"bf16": None, W4_256: (8, 5.0), RTN: (16, 6.0)}), (80, {"bf16": (32, 9.0), W4_256: (64, 7.0), RTN: (64, 6.5)})):
+        for name, fit in fits.items():
+            rows.append({"budget_gb": budget, "variant": name, "kind": "page", "fit": "fits" if fit else "does not fit",
+                         "batch_size": fit[0] if fit else pd.NA, "items_per_s": fit[1] if fit else float("nan")})
+    collapsed = reporting.collapse_budgets(pd.DataFrame(rows))["page"]
+    assert collapsed.columns.tolist() == ["budget (GB)", "BF16", "W4A16"]
+    assert collapsed["BF16"].tolist() == ["does not fit", "`bf16` · batch 32 · 9/s"]
+    assert collapsed["W4A16"].tolist() == [f"`{RTN}` · batch 16 · 6/s", f"`{W4_256}` · batch 64 · 7/s"]
+    same = pd.DataFrame([{**row, "budget_gb": budget} for budget in (8, 12, 16) for row in rows if row["budget_gb"] == 80])
+    assert reporting.collapse_budgets(same)["page"]["budget (GB)"].tolist() == ["8–16"]

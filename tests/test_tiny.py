@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from colquant import tiny
-from colquant.model import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+from colquant.model import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, ColQwen3Config
 
 
 def test_tiny_checkpoint_has_the_hub_layout(tiny_path):
@@ -23,6 +23,8 @@ def test_tokenizer_keeps_qwen_special_token_ids():
     tokenizer = tiny.build_tokenizer()
     ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>"])
     assert ids == [IMAGE_TOKEN_ID, VISION_START_TOKEN_ID, VISION_END_TOKEN_ID, PAD_TOKEN_ID]
+    config = ColQwen3Config.colqwen3_4b()  # Qwen3-VL's own ids, which the model's forward pass looks for
+    assert [config.image_token_id, config.vision_start_token_id, config.vision_end_token_id] == ids[:3]
     text = "Revenue 2019: 412 M€ <|image_pad|>"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 

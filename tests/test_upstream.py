@@ -30,7 +30,7 @@ def test_fidelity_without_variants_says_what_to_run(profile):
         upstream.variants_to_compare(profile, "04_embedding_fidelity", need_quantized=True)
     message = str(error.value)
     assert "04_embedding_fidelity" in message and "03_quantization.ipynb" in message
-    assert "colquant run tiny --notebooks 01,02,03" in message
+    assert "colquant run tiny --notebooks 02,03" in message
 
 
 def test_eval_and_sweep_warn_and_run_on_bf16_alone(profile, caplog):

@@ -93,8 +93,10 @@ def test_projection_bias_notice_names_the_defect_only_for_a_nonzero_bias(tiny_pa
 
 
 def test_compare_embeddings_refuses_mismatched_token_counts():
-    with pytest.raises(ServingError, match="tokenized or resized"):
+    with pytest.raises(ServingError, match=r"item 0: reference \(3, 4\) vs candidate \(2, 4\).*tokenized or resized"):
         compare_embeddings([torch.ones(3, 4)], [torch.ones(2, 4)])
+    with pytest.raises(ServingError, match="2 reference items but 1 candidate items"):
+        compare_embeddings([torch.ones(3, 4)] * 2, [torch.ones(3, 4)])
 
 
 def test_serving_env_absent_or_failed_is_reported_with_the_fix(tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import pytest
 
 from colquant import workspace
-from colquant.params import load_profile, variant_name
-from colquant.quantization import METADATA_FILE
+from colquant.params import load_profile, quantization_section
+from colquant.workspace import METADATA_FILE
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def finish_variant(profile, name, method="autoround", seqlen=256):
 def test_outputs_follow_the_override_and_variants_sort_by_seqlen_then_rtn(profile, tmp_path):
     assert workspace.output_dir(profile) == tmp_path / "outputs" / "tiny"
     s256, s1024 = workspace.autoround_variant(profile, 256), workspace.autoround_variant(profile, 1024)
-    rtn = variant_name(profile, 256, "rtn")
+    rtn = quantization_section(profile).variant_name(256, "rtn")
     for name in (rtn, s1024, s256):
         finish_variant(profile, name)
     (workspace.variants_dir(profile) / workspace.autoround_variant(profile, 512)).mkdir()  # unfinished: no metadata
@@ -60,6 +60,17 @@ def test_a_corrupt_metadata_file_is_reported_by_path_with_the_fix(profile):
         workspace.quantized_variants(profile)
 
 
+def test_looking_up_output_paths_creates_nothing(profile, tmp_path):
+    """Directories appear where something is written into them, not where a path is looked up."""
+    for lookup in (workspace.output_dir, workspace.results_dir, workspace.variants_dir, workspace.corpus_dir):
+        lookup(profile)
+    workspace.calibration_file(profile, 256)
+    workspace.expected_variants(profile)
+    assert not (tmp_path / "outputs").exists()
+    workspace.write_json(workspace.results_dir(profile) / "r.json", {})
+    assert (tmp_path / "outputs" / "tiny" / "results" / "r.json").exists()
+
+
 @pytest.mark.parametrize("name", ["../../etc", "..", "a/b", "/abs", ".hidden", "", "x\0y"])
 def test_a_profile_name_that_is_not_a_plain_name_cannot_write_outside_the_root(profile, tmp_path, name):
     profile["profile"] = name
@@ -82,7 +93,7 @@ def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_temporary(tmp_pat
         raise KeyboardInterrupt  # a kill in the middle of the write
 
     with pytest.raises(KeyboardInterrupt):
-        workspace.write_atomically(path, crash)
+        workspace.atomic_write(path, crash)
     assert json.loads(path.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["r.json"]
 
 
@@ -91,7 +102,7 @@ def test_a_full_disk_gives_one_message_naming_the_path(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(workspace.OutputError, match=r"cannot write .*r\.json: the disk is full.*COLQUANT_OUTPUT_ROOT"):
-        workspace.write_atomically(tmp_path / "r.json", full)
+        workspace.atomic_write(tmp_path / "r.json", full)
     assert os.listdir(tmp_path) == []
 
 
@@ -167,3 +178,30 @@ def test_evaluation_fingerprint_changes_with_the_checkpoint_and_the_settings(pro
     exact = {**profile, "evaluation": {**profile["evaluation"], "scoring": "exact"}}
     assert len({first, requantized, workspace.evaluation_fingerprint(halved, checkpoint),
                 workspace.evaluation_fingerprint(exact, checkpoint)}) == 4
+
+
+def test_a_directory_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "variant"
+    with workspace.atomic_directory(target) as staging:
+        (staging / "weights").write_text("old")
+    with pytest.raises(KeyboardInterrupt), workspace.atomic_directory(target) as staging:
+        (staging / "weights").write_text("half")
+        raise KeyboardInterrupt  # killed while writing the new one
+    assert (target / "weights").read_text() == "old" and os.listdir(tmp_path) == ["variant"]
+    with workspace.atomic_directory(target) as staging:
+        (staging / "weights").write_text("new")
+    assert (target / "weights").read_text() == "new" and os.listdir(tmp_path) == ["variant"]
+
+
+def test_the_lock_creates_the_output_directory_it_guards(tmp_path):
+    with workspace.output_lock(tmp_path / "outputs" / "tiny") as lock:
+        assert lock.exists()
+
+
+def test_stale_staging_folders_are_removed_and_finished_variants_kept(tmp_path):
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a").mkdir()
+    (tmp_path / ".w4a16-g128-sym-rtn.k2j3x_9a" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / "w4a16-g128-sym-rtn").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # not a staging folder: kept
+    assert [p.name for p in workspace.remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3x_9a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "w4a16-g128-sym-rtn"]

@@ -69,17 +69,24 @@ def add_run(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait this long for another run on the same outputs to finish (default: refuse at once)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a profile setting, validated like the file (repeatable), e.g. "
+                             "--set quantization.iters=50 --set 'calibration.seqlens=[256]'")
     parser.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace, rest: list[str]) -> int:
+    from colquant.params import ProfileError
     from colquant.pipeline import PipelineError, run
     from colquant.workspace import OutputError
 
     require_notebooks()
     selected = tuple(args.notebooks.split(",")) if args.notebooks else None
     try:
-        summary = run(profile_file(args.profile), force=args.force, notebooks=selected, wait_s=args.wait)
+        summary = run(profile_file(args.profile), overrides=args.overrides, force=args.force, notebooks=selected,
+                      wait_s=args.wait)
+    except ProfileError as error:
+        raise CliError(str(error)) from error
     except (PipelineError, OutputError) as error:
         log.error("colquant run: %s", error)
         return 1
@@ -103,11 +110,14 @@ def notebooks_command(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def add_passthrough(commands: argparse._SubParsersAction, name: str, handler: Callable[..., int], help: str) -> None:
+    """A subcommand that parses its own options (`colquant <name> --help` shows them)."""
+    commands.add_parser(name, add_help=False, help=help).set_defaults(handler=handler)
+
+
 def add_bench(commands: argparse._SubParsersAction) -> None:
-    commands.add_parser(
-        "bench", add_help=False,
-        help="4-bit vs BF16 inference benchmark: colquant bench [profile] [options] (colquant bench --help)",
-    ).set_defaults(handler=bench_command)
+    add_passthrough(commands, "bench", bench_command,
+                    "4-bit vs BF16 inference benchmark: colquant bench [profile] [options] (colquant bench --help)")
 
 
 def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
@@ -121,10 +131,8 @@ def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def add_tune(commands: argparse._SubParsersAction) -> None:
-    commands.add_parser(
-        "tune", add_help=False,
-        help="tune the 4-bit kernels for this GPU once (cached on disk) and print the table (colquant tune --help)",
-    ).set_defaults(handler=tune_command)
+    add_passthrough(commands, "tune", tune_command,
+                    "tune the 4-bit kernels for this GPU once (cached on disk) and print the table (colquant tune --help)")
 
 
 def tune_command(args: argparse.Namespace, rest: list[str]) -> int:

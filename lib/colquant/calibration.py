@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from colquant.files import atomic_write
 from colquant.processing import PAGE_PROMPT, PIXELS_PER_VISUAL_TOKEN, ColQwen3Processor
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,11 @@ class CalibrationSet:
         """
         from safetensors.torch import save_file
 
-        from colquant import workspace
-
         tensors = {f"{index}.{key}": value.detach().clone().contiguous() for index, item in enumerate(self.items) for key, value in item.items()}
         provenance = {"source": self.source, "source_used": self.source_used, "seqlen": self.seqlen,
                       "samples": len(self.items), "origins": self.origins, "fallback_reason": self.fallback_reason}
         metadata = {CALIBRATION_FORMAT_KEY: CALIBRATION_FORMAT, "provenance": json.dumps(provenance)}
-        return workspace.write_atomically(Path(path), lambda staging: save_file(tensors, str(staging), metadata=metadata))
+        return atomic_write(Path(path), lambda staging: save_file(tensors, str(staging), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationSet":

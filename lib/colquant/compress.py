@@ -28,7 +28,6 @@ lets mteb evaluate a (variant, setting) pair under a model name of its own.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,15 +37,13 @@ import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from colquant.params import COMPRESSION_FORMS, COMPRESSION_PATTERN
 from colquant.scoring import Embeddings, pad_embeddings
 
 NDCG_COLUMN = "ndcg_at_5"  # as colquant.evaluation, which needs mteb
 COMPRESSION_TABLE = "compression_table.csv"
 
 Quantization = Literal["float", "int8", "binary"]
-DEFAULT_SETTINGS = ("none", "pool2", "pool3", "int8", "binary", "pool3+binary")
-SETTING_FORMS = "none, int8, binary, poolN, poolN+int8 or poolN+binary (N an integer from 2 to 9)"
-_SETTING_PATTERN = re.compile(r"^(?:none|int8|binary|pool([2-9])(?:\+(int8|binary))?)$")
 # Elements of the (queries x query tokens x pages x page tokens) similarity per step: about 400 MB
 # in float32, the budget mteb's max_sim and ColQuantEncoder.similarity use.
 SIMILARITY_ELEMENTS = 100_000_000
@@ -80,9 +77,9 @@ class CompressionSetting:
 
 def parse_setting(text: str) -> CompressionSetting:
     """A profile's compression setting (e.g. `pool3+binary`) as a `CompressionSetting`."""
-    match = _SETTING_PATTERN.match(text) if isinstance(text, str) else None
+    match = COMPRESSION_PATTERN.match(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(f"compression setting {text!r} is not one of the allowed forms: {SETTING_FORMS}; "
+        raise ValueError(f"compression setting {text!r} is not one of the allowed forms: {COMPRESSION_FORMS}; "
                          "e.g. pool3+binary")
     if match.group(1) is None:
         return CompressionSetting(None, "float" if text == "none" else text)  # type: ignore[arg-type]
@@ -90,15 +87,9 @@ def parse_setting(text: str) -> CompressionSetting:
 
 
 def profile_settings(profile: dict[str, Any]) -> list[CompressionSetting]:
-    """The profile's `compression.settings` (default: the grid of issue 15), parsed, duplicates refused."""
-    names = (profile.get("compression") or {}).get("settings", list(DEFAULT_SETTINGS))
-    if not names:
-        raise ValueError("compression.settings is empty; list at least one, e.g. [none, pool3, binary]")
-    settings = [parse_setting(name) for name in names]
-    duplicated = sorted({s.name for s in settings if [t.name for t in settings].count(s.name) > 1})
-    if duplicated:
-        raise ValueError(f"compression.settings lists {', '.join(duplicated)} more than once; list each once")
-    return settings
+    """The (validated) profile's `compression.settings`, parsed; the schema in `colquant.params`
+    holds their default (the grid of issue 15) and refuses malformed or repeated ones."""
+    return [parse_setting(name) for name in profile["compression"]["settings"]]
 
 
 # --------------------------------------------------------------------------------------------

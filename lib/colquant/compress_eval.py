@@ -17,7 +17,7 @@ scoring benchmark do not have. The pieces:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from colquant import workspace
 from colquant.compress import CompressionSetting, compress_pages, pareto_front, score_compressed
 from colquant.evaluation import SIMILARITY_ELEMENTS, ColQuantEncoder, evaluate_variant
-from colquant.plots import legend_outside
+from colquant.plots import hue_style, legend_outside
 from colquant.scoring import Embeddings
 
 INDEX_STATS_DIR = "index_stats"
@@ -166,13 +166,13 @@ def _stored_index_stats(path: Path, measured: dict[str, dict[str, int]]) -> dict
 # The grid
 
 
-def plot_pareto(table: pd.DataFrame) -> Figure:
+def plot_pareto(table: pd.DataFrame, *, palette: Mapping[str, Any] | None = None) -> Figure:
     """NDCG@5 against bytes per page (log scale), one marker per setting and colour per variant,
     the Pareto front drawn as a line."""
     figure = Figure(figsize=(9, 5), layout="constrained")
     ax = figure.subplots()
     sns.scatterplot(data=table.assign(kib=table["bytes_per_page"] / 1024), x="kib", y="ndcg_at_5",
-                    hue="variant", style="setting", s=90, ax=ax)
+                    hue="variant", style="setting", s=90, ax=ax, **hue_style(table["variant"], palette))
     front = pareto_front(table)
     ax.plot(front["bytes_per_page"] / 1024, front["ndcg_at_5"], color="black", linewidth=0.8, linestyle="--",
             label="Pareto front")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from colquant.corpus import FORMAT_VERSION, build_corpus
-from colquant.plots import legend_outside
+from colquant.plots import hue_style, legend_outside
 from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
 log = logging.getLogger(__name__)
@@ -490,7 +490,8 @@ def format_seed_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def plot_ndcg(results: pd.DataFrame, scoring: ScoringMode = DEFAULT_SCORING) -> Figure:
+def plot_ndcg(results: pd.DataFrame, scoring: ScoringMode = DEFAULT_SCORING, *,
+              palette: Mapping[str, Any] | None = None) -> Figure:
     """Horizontal bars of NDCG@5 per task, one bar per variant (rows scored in `scoring` mode)."""
     results = main_scoring_rows(results, scoring)
     labelled = results.assign(benchmark=results["task"] + " [" + results["language"] + "]")
@@ -498,13 +499,13 @@ def plot_ndcg(results: pd.DataFrame, scoring: ScoringMode = DEFAULT_SCORING) -> 
     figure = Figure(figsize=(9, 1.5 + 0.2 * n_tasks * labelled["variant"].nunique()), layout="constrained")
     ax = figure.subplots()
     sns.barplot(data=labelled.sort_values("benchmark"), x=NDCG_COLUMN, y="benchmark", hue="variant",
-                hue_order=list(dict.fromkeys(results["variant"])), ax=ax)
+                ax=ax, **hue_style(results["variant"], palette))
     ax.set(xlabel="NDCG@5", ylabel="", title="NDCG@5 per task", xlim=(0, 1))
     legend_outside(ax)
     return figure
 
 
-def plot_delta(table: pd.DataFrame) -> Figure:
+def plot_delta(table: pd.DataFrame, *, palette: Mapping[str, Any] | None = None) -> Figure:
     """Horizontal bars of Δ% NDCG@5 against the baseline per task (and Average), zero line marked."""
     long = (table[[delta_column(variant) for variant in _variants(table)]]
             .rename(columns=lambda column: column.removesuffix(DELTA_SUFFIX))
@@ -512,7 +513,7 @@ def plot_delta(table: pd.DataFrame) -> Figure:
             .melt(id_vars="Benchmark", var_name="variant", value_name="delta"))
     figure = Figure(figsize=(9, 1.5 + 0.2 * len(long)), layout="constrained")
     ax = figure.subplots()
-    sns.barplot(data=long, x="delta", y="Benchmark", hue="variant", ax=ax)
+    sns.barplot(data=long, x="delta", y="Benchmark", hue="variant", ax=ax, **hue_style(long["variant"], palette))
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set(xlabel="Δ% NDCG@5 vs baseline", ylabel="", title="Change in NDCG@5 against the baseline")
     legend_outside(ax)

@@ -25,7 +25,7 @@ from scipy import stats
 
 from colquant import encode
 from colquant.encode import model_device
-from colquant.plots import legend_outside
+from colquant.plots import hue_style, legend_outside
 from colquant.scoring import score
 
 COSINE_THRESHOLD = 0.95  # seed 003's acceptance bar for embedding cosine vs BF16
@@ -293,7 +293,8 @@ def _summary_row(name: str, per_kind: dict[str, dict[str, float]], ranking: dict
 # --- plots ----------------------------------------------------------------------------------------
 
 
-def plot_token_cosine(token_cosine: pd.DataFrame, threshold: float = COSINE_THRESHOLD) -> Figure:
+def plot_token_cosine(token_cosine: pd.DataFrame, threshold: float = COSINE_THRESHOLD, *,
+                      palette: Mapping[str, Any] | None = None) -> Figure:
     """Cumulative distribution of per-token cosine vs the reference, per variant, queries and pages apart.
 
     An ECDF rather than a histogram: cosines pile up near 1, and what matters is the tail on the left.
@@ -301,7 +302,8 @@ def plot_token_cosine(token_cosine: pd.DataFrame, threshold: float = COSINE_THRE
     kinds = list(dict.fromkeys(token_cosine["kind"]))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False, sharey=True)
     for ax, kind in zip(axes[0], kinds):
-        sns.ecdfplot(data=token_cosine[token_cosine["kind"] == kind], x="cosine", hue="variant", ax=ax)
+        sns.ecdfplot(data=token_cosine[token_cosine["kind"] == kind], x="cosine", hue="variant", ax=ax,
+                     **hue_style(token_cosine["variant"], palette))
         ax.axvline(threshold, color="grey", linestyle="--", linewidth=1)
         ax.set(title=f"{kind} tokens", xlabel="cosine to reference", ylabel="fraction of tokens")
     legend_outside(axes[0])
@@ -309,14 +311,15 @@ def plot_token_cosine(token_cosine: pd.DataFrame, threshold: float = COSINE_THRE
     return fig
 
 
-def plot_layer_errors(layer_errors_table: pd.DataFrame, metric: str = "relative_l2") -> Figure:
+def plot_layer_errors(layer_errors_table: pd.DataFrame, metric: str = "relative_l2", *,
+                      palette: Mapping[str, Any] | None = None) -> Figure:
     """Error of each decoder layer's output vs the reference (log scale), per variant, queries and pages apart."""
     kinds = list(dict.fromkeys(layer_errors_table["kind"]))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False, sharey=True)
     for ax, kind in zip(axes[0], kinds):
         sns.lineplot(
             data=layer_errors_table[layer_errors_table["kind"] == kind], x="layer", y=metric, hue="variant",
-            marker="o", ax=ax,
+            marker="o", ax=ax, **hue_style(layer_errors_table["variant"], palette),
         )
         ax.set_yscale("log")
         ax.set(title=f"{kind} inputs", xlabel="decoder layer", ylabel=metric)
@@ -325,15 +328,17 @@ def plot_layer_errors(layer_errors_table: pd.DataFrame, metric: str = "relative_
     return fig
 
 
-def plot_score_scatter(ref_scores: Any, cand_scores: Mapping[str, Any]) -> Figure:
+def plot_score_scatter(ref_scores: Any, cand_scores: Mapping[str, Any], *,
+                       palette: Mapping[str, Any] | None = None) -> Figure:
     """Candidate MaxSim score against the reference's for every query-page pair, one panel per variant.
 
     Points on the diagonal mean unchanged scores; what reorders pages is scatter across it.
     """
     ref = np.asarray(ref_scores, dtype=np.float64).ravel()
+    colours = hue_style(cand_scores, palette)["palette"]
     fig, axes = plt.subplots(1, len(cand_scores), figsize=(4.5 * len(cand_scores), 4.5), squeeze=False)
-    for ax, (name, cand) in zip(axes[0], cand_scores.items()):
-        ax.scatter(ref, np.asarray(cand, dtype=np.float64).ravel(), s=4, alpha=0.4)
+    for ax, name in zip(axes[0], colours):
+        ax.scatter(ref, np.asarray(cand_scores[name], dtype=np.float64).ravel(), s=4, alpha=0.4, color=colours[name])
         low, high = np.nanmin(ref), np.nanmax(ref)
         ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1)
         ax.set(title=name, xlabel="reference MaxSim", ylabel=f"{name} MaxSim")

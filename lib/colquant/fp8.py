@@ -24,8 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -287,6 +285,24 @@ def fuse_text_projections(model: nn.Module) -> int:
     return fused
 
 
+def keep_eager_vision(model: nn.Module) -> bool:
+    """Put transformers' vision forward back where the vision tower holds FP8 layers and the fast
+    vision tower (:mod:`colquant.kernels.fast_vision`, installed by `accelerate_model` on CUDA) is
+    on: it multiplies by the Linears' weights directly, which in an FP8 layer are e4m3 codes.
+    Returns True when it did (and logs why). Drop once the fast tower calls FP8 layers."""
+    from colquant.kernels.fast_vision import find_vision_tower, has_vision_tower, restore_vision
+
+    if not has_vision_tower(model):
+        return False
+    visual = find_vision_tower(model)
+    if not getattr(type(visual), "_colquant_fast", False) or not any(isinstance(m, FP8Linear) for m in visual.modules()):
+        return False
+    restore_vision(model)
+    log.warning("FP8 vision layers: the vision tower runs transformers' eager forward (with FP8 GEMMs), not the fast "
+                "vision tower, which reads bf16 weights directly")
+    return True
+
+
 def prepare_fp8(model: nn.Module, scope: str = "lm", *, accelerate: bool = True) -> nn.Module:
     """The bench's FP8 model from a loaded BF16 one: quantize ``scope`` in place and, where the fused
     text tower runs, fuse the FP8 projections and install it (CUDA graphs for queries). Returns ``model``."""
@@ -296,6 +312,7 @@ def prepare_fp8(model: nn.Module, scope: str = "lm", *, accelerate: bool = True)
 
         fuse_text_projections(model)
         accelerate_model(model)
+        keep_eager_vision(model)
     return model
 
 
@@ -432,30 +449,22 @@ def variant_names(profile: dict[str, Any]) -> list[str]:
 
 def save_fp8_model(model: nn.Module, processor: Any, out_dir: Path, scope: str, metadata: dict[str, Any]) -> Path:
     """Write the FP8 ColQwen3 (compressed-tensors layout + metadata JSON and model card) atomically:
-    into a staging folder first, swapped in whole (`quantization._replace_directory`)."""
-    from colquant import workspace
-    from colquant.quantization import METADATA_FILE, _replace_directory, _size_of
+    into a staging folder first, swapped in whole (`files.atomic_directory`)."""
+    from colquant.files import atomic_directory, write_json, write_text
+    from colquant.quantization import _size_of
     from colquant.remote_code import write_remote_code
+    from colquant.workspace import METADATA_FILE
 
-    out_dir = Path(out_dir)
-    with workspace.writing(out_dir.parent):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with workspace.writing(staging):
-            model.config.quantization_config = quantization_config(scope)
-            model.save_pretrained(str(staging), max_shard_size="2GB")
-            processor.save_pretrained(staging)
-            write_remote_code(staging)
-            metadata = {**metadata, "quantization_config": model.config.quantization_config,
-                        "size_on_disk_bytes": _size_of(staging)}
-            workspace.write_json(staging / METADATA_FILE, metadata)
-            workspace.write_text(staging / "README.md", model_card(metadata))
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    with atomic_directory(Path(out_dir)) as staging:
+        model.config.quantization_config = quantization_config(scope)
+        model.save_pretrained(str(staging), max_shard_size="2GB")
+        processor.save_pretrained(staging)
+        write_remote_code(staging)
+        metadata = {**metadata, "quantization_config": model.config.quantization_config,
+                    "size_on_disk_bytes": _size_of(staging)}
+        write_json(staging / METADATA_FILE, metadata)
+        write_text(staging / "README.md", model_card(metadata))
+    return Path(out_dir)
 
 
 def fp8_metadata(profile: dict[str, Any], name: str, scope: str, layers: list[str], cost: Any) -> dict[str, Any]:
@@ -487,9 +496,7 @@ def produce_fp8_variant(profile: dict[str, Any], kind: str) -> dict[str, Any]:
     `variants/<name>`, unless one made from the same base weights and dtype exists. Returns its
     metadata (`reused: True` when nothing had to be done)."""
     from colquant import workspace
-    from colquant.checkpoint import load
     from colquant.measure import measure
-    from colquant.quantization import METADATA_FILE, read_metadata
 
     if kind not in VARIANTS:
         raise ValueError(f"FP8 variant kind {kind!r}: use one of {', '.join(VARIANTS)}")
@@ -497,18 +504,16 @@ def produce_fp8_variant(profile: dict[str, Any], kind: str) -> dict[str, Any]:
     out = workspace.variants_dir(profile) / name
     base = workspace.base_model(profile)
     inputs = workspace.fingerprint(METHOD, scope, workspace.checkpoint_fingerprint(base), profile["model"]["dtype"])
-    if (out / METADATA_FILE).exists():
-        existing = read_metadata(out)
+    if (out / workspace.METADATA_FILE).exists():
+        existing = workspace.read_variant_metadata(out)
         if existing.get("inputs_fingerprint") == inputs:
             return {**existing, "reused": True}
-    settings = profile["model"]
-    model, processor = load(base, dtype=settings["dtype"], device=settings["device"],
-                            max_num_visual_tokens=settings["max_num_visual_tokens"], accelerate=False)
+    model, processor = workspace.load_variant(profile, base, accelerate=False)  # quantize transformers' layers
     with measure(model.device) as cost:
         layers = quantize_fp8(model, scope)
     metadata = fp8_metadata(profile, name, scope, layers, cost)
     save_fp8_model(model, processor, out, scope, {**metadata, "inputs_fingerprint": inputs})
-    return {**read_metadata(out), "reused": False}
+    return {**workspace.read_variant_metadata(out), "reused": False}
 
 
 def model_card(metadata: dict[str, Any]) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from colquant.files import write_text
+
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "visual-document-retrieval"
@@ -190,7 +192,7 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     Checks run before anything is written or sent: the variant's metadata, random weights (refused
     unless `force`), the card, and (for a real push) that the hub is reachable."""
     from colquant.checkpoint import hub_offline
-    from colquant.quantization import METADATA_FILE, REPORTED_RESULTS_FILE
+    from colquant.workspace import METADATA_FILE, REPORTED_RESULTS_FILE
 
     checkpoint = Path(variant)
     metadata_file = checkpoint / METADATA_FILE
@@ -213,18 +215,12 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
         raise PushError("the hub is unreachable (or HF_HUB_OFFLINE is set): nothing was uploaded. Push from a machine with hub access.")
     from huggingface_hub import HfApi
 
-    _write_atomically(checkpoint / "README.md", str(card))
+    write_text(checkpoint / "README.md", str(card))
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(folder_path=str(checkpoint), repo_id=repo_id, repo_type="model",
                       commit_message=f"Upload {metadata['variant']} (ColQuant)")
     return files
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    partial.replace(path)
 
 
 def content_revision(checkpoint: Path) -> str:
@@ -268,7 +264,7 @@ def variant_model_meta(checkpoint: str | Path, repo_id: str, *, base_model: str 
     from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
     from mteb.models.model_meta import ModelMeta, ScoringFunction
 
-    from colquant.quantization import METADATA_FILE
+    from colquant.workspace import METADATA_FILE
 
     checkpoint = Path(checkpoint)
     metadata = json.loads((checkpoint / METADATA_FILE).read_text())

@@ -22,10 +22,21 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLPreTrainedModel,
 )
 
-IMAGE_TOKEN_ID = 151655
-VISION_START_TOKEN_ID = 151652
-VISION_END_TOKEN_ID = 151653
-PAD_TOKEN_ID = 151643  # <|endoftext|>
+# Qwen2/Qwen3 special tokens and the ids Qwen's tokenizer gives them: the one definition in the
+# package (the tiny tokenizer is built from it; code that writes token ids by hand imports these).
+QWEN_SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+    "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
+    "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
+    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655, "<|video_pad|>": 151656,
+}
+PAD_TOKEN_ID = QWEN_SPECIAL_TOKENS["<|endoftext|>"]
+IM_START_TOKEN_ID = QWEN_SPECIAL_TOKENS["<|im_start|>"]
+IM_END_TOKEN_ID = QWEN_SPECIAL_TOKENS["<|im_end|>"]
+VISION_START_TOKEN_ID = QWEN_SPECIAL_TOKENS["<|vision_start|>"]
+VISION_END_TOKEN_ID = QWEN_SPECIAL_TOKENS["<|vision_end|>"]
+IMAGE_TOKEN_ID = QWEN_SPECIAL_TOKENS["<|image_pad|>"]
 
 
 class ColQwen3Config(Qwen3VLConfig):

@@ -5,6 +5,11 @@ passed around as a plain dict with the defaults filled in, so notebooks can show
 index it. The schema is strict on purpose: a misspelt key, a quoted number or boolean, or a setting
 the model cannot take would otherwise surface an hour into a GPU run, or never (a wrong result).
 Every error names the file, the key path and what is allowed.
+
+The schema (`Profile`) is the one place defaults live; code reads the validated dict without
+fallbacks of its own. Command-line overrides (`--set quantization.iters=50`) edit the file's content
+before validation, so they meet the same checks; the quantization settings name the variants
+(`QuantizationSection.variant_name`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -25,8 +31,9 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 DEVICE_FORMS = "cpu, cuda, cuda:N or auto (CUDA when present, else CPU)"
 _DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-COMPRESSION_FORMS = "none, int8, binary, poolN, poolN+int8 or poolN+binary (N from 2 to 9)"
-_COMPRESSION_PATTERN = re.compile(r"^(none|int8|binary|pool[2-9](\+(int8|binary))?)$")
+COMPRESSION_FORMS = "none, int8, binary, poolN, poolN+int8 or poolN+binary (N an integer from 2 to 9)"
+# group 1: the pool factor (or None), group 2: the number format after pooling (or None)
+COMPRESSION_PATTERN = re.compile(r"^(?:none|int8|binary|pool([2-9])(?:\+(int8|binary))?)$")
 EXAMPLE_PROFILE = "params/tiny.yaml"
 
 
@@ -84,6 +91,23 @@ class QuantizationSection(_Section):
     export_formats: list[Literal["auto_round", "auto_gptq", "auto_awq"]] = Field(min_length=1)
     fp8: list[Literal["lm", "all"]] = []  # W8A8 FP8 variants (colquant.fp8): fp8-lm, fp8-all (+ vision tower)
 
+    def variant_name(self, seqlen: int, method: str = "autoround", *, calibration_source: str | None = None) -> str:
+        """A quantized variant's name, made of its settings, so notebooks and mteb tell variants apart.
+
+        e.g. `w4a16-g128-sym-pile10k-seqlen512-iters200` (auto-round) or `...-rtn` for the baseline.
+        `calibration_source` is the source the calibration set actually came from
+        (`CalibrationSet.source_used`), not the one the profile requested: a variant calibrated on the
+        embedded fallback is `...-embedded-...`, never `...-pile10k-...`.
+        """
+        base = f"w{self.bits}a16-g{self.group_size}-{'sym' if self.sym else 'asym'}"
+        if method == "rtn":
+            return f"{base}-rtn"
+        if not calibration_source:
+            raise ValueError("an auto-round variant's name needs calibration_source: the source its calibration "
+                             "set actually used (CalibrationSet.source_used)")
+        source = "".join(character for character in calibration_source if character.isalnum())
+        return f"{base}-{source}-seqlen{seqlen}-iters{self.iters}"
+
 
 class EvaluationSection(_Section):
     tasks: list[str] = Field(min_length=1)
@@ -112,10 +136,37 @@ class CompressionSection(_Section):
     @field_validator("settings")
     @classmethod
     def _settings_follow_the_grammar(cls, settings: list[str]) -> list[str]:
-        wrong = [setting for setting in settings if not _COMPRESSION_PATTERN.match(setting)]
+        wrong = [setting for setting in settings if not COMPRESSION_PATTERN.match(setting)]
         if wrong:
             raise ValueError(f"{', '.join(map(repr, wrong))} not understood; each setting is one of {COMPRESSION_FORMS}")
+        repeated = sorted({setting for setting in settings if settings.count(setting) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once; list each setting once")
         return settings
+
+
+class BenchSettings(_Section):
+    """`python -m colquant bench`: what is timed, at which sizes, against which targets.
+
+    `precisions` are timed in order, each on a freshly loaded model (`colquant.bench.PREPARE` names
+    the choices); `vision` times pages with transformers' eager vision tower and/or the fast one;
+    `page_size` is the page image's (height, width) in pixels before the processor resizes it to the
+    model's visual-token budget. `targets` are minimums (`*_per_s`, `*_ratio_min`) or maximums (`*_ms`)."""
+
+    precisions: list[str] = Field(default=["bf16-eager", "bf16", "w4a16"], min_length=1)
+    vision: list[Literal["eager", "fast"]] = Field(default=["eager", "fast"], min_length=1)
+    query_tokens: PositiveInt = 32
+    query_batches: list[PositiveInt] = Field(default=[1, 4], min_length=1)
+    eager_query_batches: list[PositiveInt] = Field(default=[1])
+    page_batches: list[PositiveInt] = Field(default=[1], min_length=1)
+    page_size: list[PositiveInt] = Field(default=[256, 256], min_length=2, max_length=2)
+    end_to_end_batches: int = Field(default=3, ge=0)  # page batches per end-to-end (PIL) timing; 0 = none
+    workers: NonNegativeInt = 0  # DataLoader workers decoding/resizing pages in the end-to-end timing
+    reps: PositiveInt = 3
+    min_time_s: float = Field(default=0.0, ge=0)
+    kernel_checks: bool = True  # GEMM candidates and fused ops against their references (CUDA only)
+    check_ms: list[PositiveInt] = Field(default=[1, 16, 44, 176, 1408])
+    targets: dict[str, float] = Field(default_factory=dict)
 
 
 class Profile(_Section):
@@ -130,7 +181,8 @@ class Profile(_Section):
     evaluation: EvaluationSection
     fidelity: FidelitySection
     sweep: SweepSection
-    compression: CompressionSection | None = None
+    compression: CompressionSection = Field(default_factory=CompressionSection)
+    bench: BenchSettings = Field(default_factory=BenchSettings)
 
     @field_validator("profile")
     @classmethod
@@ -141,9 +193,11 @@ class Profile(_Section):
         return name
 
 
-def load_profile(path: str | Path, *, check_device: bool = True) -> dict[str, Any]:
+def load_profile(path: str | Path, *, overrides: Sequence[str] = (), check_device: bool = True) -> dict[str, Any]:
     """Read and validate `params/<name>.yaml`; relative paths inside stay relative to the repo root.
 
+    `overrides` are the command line's `--set KEY.PATH=VALUE` (e.g. `quantization.iters=50`), applied
+    to the file's content before validation, so they pass the same checks as the file itself.
     `check_device=False` validates a profile for another machine (e.g. a CUDA profile on a CPU box).
     """
     path = Path(path)
@@ -156,7 +210,37 @@ def load_profile(path: str | Path, *, check_device: bool = True) -> dict[str, An
         raise ProfileError(f"{path} is not valid YAML: {_yaml_problem(error)}") from error
     if not isinstance(profile, dict):
         raise ProfileError(f"{path} must be a YAML mapping of sections; see {EXAMPLE_PROFILE} for a complete profile")
-    return validate_profile(profile, source=str(path), check_device=check_device)
+    for override in overrides:
+        apply_override(profile, override)
+    source = f"{path} with --set {' --set '.join(overrides)}" if overrides else str(path)
+    return validate_profile(profile, source=source, check_device=check_device)
+
+
+def apply_override(profile: dict[str, Any], override: str) -> None:
+    """Set `KEY.PATH=VALUE` in a raw (not yet validated) profile, the value read as YAML (`50` is a
+    number, `true` a boolean, `[256, 512]` a list); keys are checked by the validation that follows."""
+    key, equals, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not equals or not all(parts):
+        raise ProfileError(f"--set {override!r} is not KEY=VALUE with a dotted key; write e.g. --set quantization.iters=50")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ProfileError(f"--set {override!r}: the value is not valid YAML ({_yaml_problem(error)})") from error
+    node = profile
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            section = ".".join(parts[: depth + 1])
+            raise ProfileError(f"--set {override!r}: {section} is a value ({child!r}), not a section with keys; "
+                               f"set it directly, e.g. --set {section}=...")
+        node = child
+    node[parts[-1]] = value
+
+
+def quantization_section(profile: dict[str, Any]) -> QuantizationSection:
+    """The (validated) profile's quantization settings as their typed model, which names variants."""
+    return QuantizationSection.model_validate(profile["quantization"])
 
 
 def validate_profile(profile: dict[str, Any], source: str = "profile", *, check_device: bool = True) -> dict[str, Any]:
@@ -294,24 +378,3 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error)
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
-
-
-def variant_name(profile: dict[str, Any], seqlen: int, method: str = "autoround", *,
-                 calibration_source: str | None = None) -> str:
-    """A quantized variant's name, made of its settings, so notebooks and mteb tell variants apart.
-
-    e.g. `w4a16-g128-sym-pile10k-seqlen512-iters200` (auto-round) or `...-rtn` for the baseline.
-    `calibration_source` is the source the calibration set actually came from
-    (`CalibrationSet.source_used`), not the one the profile requested: a variant calibrated on the
-    embedded fallback is `...-embedded-...`, never `...-pile10k-...`.
-    """
-    q = profile["quantization"]
-    symmetry = "sym" if q["sym"] else "asym"
-    base = f"w{q['bits']}a16-g{q['group_size']}-{symmetry}"
-    if method == "rtn":
-        return f"{base}-rtn"
-    if not calibration_source:
-        raise ValueError("an auto-round variant's name needs calibration_source: the source its calibration "
-                         "set actually used (CalibrationSet.source_used)")
-    source = "".join(character for character in calibration_source if character.isalnum())
-    return f"{base}-{source}-seqlen{seqlen}-iters{q['iters']}"

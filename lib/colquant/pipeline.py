@@ -1,12 +1,15 @@
 """Headless runs: execute the numbered notebooks with papermill for a profile, then write the report.
 
-Notebooks 01-03 run once per calibration seqlen (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`);
-04-07 compare every variant the profile produces and run once. A step is skipped only when its
-fingerprint is the one recorded when it last *finished* and every result it declares exists. The
-fingerprint covers the notebook's source, its parameters, the profile sections it reads and the
-fingerprints of the steps whose outputs it reads, so a change re-runs exactly the steps it affects
-(e.g. `sweep.repeats` re-runs only 06). A step's record is removed before it runs, so a run killed
-half way never leaves a step that looks finished. One run at a time holds the output directory.
+Notebook 01 describes the model and runs once; 02-03 run once per calibration seqlen
+(`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`); 04-07 compare every variant the profile produces
+and run once. A step is skipped only when its fingerprint is the one recorded when it last
+*finished* and every result it declares exists. The fingerprint covers the notebook's source, its
+parameters, the profile sections it reads and the fingerprints of the steps whose outputs it
+reads, so a change re-runs exactly the steps it affects (e.g. `sweep.repeats` re-runs only 06). A
+step's record is removed before it runs, so a run killed half way never leaves a step that looks
+finished. One run at a time holds the output directory. Command-line overrides
+(`--set quantization.iters=50`) reach the notebooks as the validated profile written to
+`outputs/<profile>/profile.yaml`, which they then read in place of the file.
 """
 
 from __future__ import annotations
@@ -15,22 +18,27 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jupyter_client.manager import AsyncKernelManager
 from traitlets import CaselessStrEnum
 
 from colquant import workspace
-from colquant.params import load_profile, variant_name
+from colquant.files import remove_stale_staging
+from colquant.params import load_profile, quantization_section
 
 log = logging.getLogger(__name__)
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
-PER_SEQLEN = ("01_architecture", "02_calibration", "03_quantization")
+PER_SEQLEN = ("02_calibration", "03_quantization")
 ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression")
 STATE_FILE = "pipeline_state.json"
+OVERRIDDEN_PROFILE = "profile.yaml"  # the profile with the command line's --set applied, as notebooks read it
+NOTEBOOK_DEFAULT_PROFILE = "params/tiny.yaml"  # what every notebook's `parameters` cell sets
 # The profile sections each notebook reads (besides the profile's name and random_weights).
 SECTIONS = {
     "01_architecture": ("model",),
@@ -80,23 +88,23 @@ class Step:
 def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     """The notebooks to execute for this profile, in order, with what each writes and reads."""
     out = workspace.output_dir(profile)
-    results = out / "results"
-    relative = _relative_to_root(profile_path)
-    rtn = [variant_name(profile, 0, "rtn")] if profile["quantization"].get("rtn_baseline") else []
-    steps, quantized = [], []
+    results = workspace.results_dir(profile)
+    parameters = {"profile_path": _relative_to_root(profile_path)}
+    rtn = [quantization_section(profile).variant_name(0, "rtn")] if profile["quantization"]["rtn_baseline"] else []
+    steps = [Step("01_architecture", parameters, out / "01_architecture.ipynb", (results / "architecture.json",), (), ())]
+    quantized = []
     for seqlen in profile["calibration"]["seqlens"]:
         variants = tuple(workspace.variants_dir(profile) / name for name in [workspace.autoround_variant(profile, seqlen), *rtn])
         per_seqlen = {
-            "01_architecture": ((results / "architecture.json",), (), ()),
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (
-                (results / f"quantization__seqlen{seqlen}.json", *(v / "quantization_metadata.json" for v in variants)),
+                (results / f"quantization__seqlen{seqlen}.json", *(v / workspace.METADATA_FILE for v in variants)),
                 variants, (f"02_calibration__seqlen{seqlen}",),
             ),
         }
         for name in PER_SEQLEN:
             written, caches, depends_on = per_seqlen[name]
-            steps.append(Step(name, {"profile_path": relative, "seqlen": seqlen}, out / f"{name}__seqlen{seqlen}.ipynb",
+            steps.append(Step(name, {**parameters, "seqlen": seqlen}, out / f"{name}__seqlen{seqlen}.ipynb",
                               written, caches, depends_on))
         quantized.append(f"03_quantization__seqlen{seqlen}")
     across = {
@@ -108,7 +116,7 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]
-        steps.append(Step(name, {"profile_path": relative}, out / f"{name}.ipynb", tuple(written), caches, tuple(quantized)))
+        steps.append(Step(name, parameters, out / f"{name}.ipynb", tuple(written), caches, tuple(quantized)))
     return steps
 
 
@@ -121,21 +129,25 @@ def _relative_to_root(path: Path) -> str:
 
 
 def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -> str:
-    """The step's notebook source, parameters, the profile sections it reads, its upstream steps'."""
+    """The step's notebook source, parameters, the profile sections it reads, its upstream steps'.
+
+    The profile enters by content, not by path: `--set` hands the notebooks another file
+    (`profile.yaml` in the outputs), which must re-run only the steps whose sections it changes."""
     sections = {name: profile[name] for name in SECTIONS[step.notebook]}
     if "seqlen" in step.parameters and "calibration" in sections:  # its own seqlen is a parameter
         sections["calibration"] = {k: v for k, v in sections["calibration"].items() if k != "seqlens"}
     digest = hashlib.sha256()
     digest.update((NOTEBOOKS_DIR / f"{step.notebook}.ipynb").read_bytes())
-    identity = [step.parameters, profile["profile"], profile["random_weights"], sections,
+    parameters = {key: value for key, value in step.parameters.items() if key != "profile_path"}
+    identity = [parameters, profile["profile"], profile["random_weights"], sections,
                 [upstream[key] for key in step.depends_on]]
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
 def run(
-    profile_path: str | Path, *, force: bool = False, notebooks: tuple[str, ...] | None = None,
-    wait_s: float = 0.0,
+    profile_path: str | Path, *, overrides: Sequence[str] = (), force: bool = False,
+    notebooks: tuple[str, ...] | None = None, wait_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Execute the profile's notebooks (skipping unchanged finished ones), then write REPORT.md.
 
@@ -143,14 +155,17 @@ def run(
     machine without mteb); the others are neither run nor forgotten. `force` re-runs the selected
     steps and recomputes their cached results (mteb results, sweep rows, quantized variants).
     A second run on the same output directory waits up to `wait_s` seconds, then refuses.
+    `overrides` (`KEY.PATH=VALUE`) change the profile's settings for this run, validated as the file is.
     """
     from colquant.reporting import write_report
 
     profile_path = workspace.resolve(profile_path)
-    profile = load_profile(profile_path)
+    profile = load_profile(profile_path, overrides=overrides)
     out = workspace.output_dir(profile)
     with workspace.output_lock(out, wait_s=wait_s):
         _remove_interrupted_staging(profile)
+        if overrides:
+            profile_path = _write_overridden_profile(profile, profile_path, overrides)
         state_path = out / STATE_FILE
         state = _read_state(state_path)
         summary: list[dict[str, Any]] = []
@@ -180,6 +195,13 @@ def run(
     return summary
 
 
+def _write_overridden_profile(profile: dict[str, Any], source: Path, overrides: Sequence[str]) -> Path:
+    """The validated profile as YAML in its output directory, for the notebooks to read."""
+    header = f"# {source} with --set {' --set '.join(overrides)}, written by `colquant run`; edit the source instead\n"
+    return workspace.write_text(workspace.output_dir(profile) / OVERRIDDEN_PROFILE,
+                                header + yaml.safe_dump(profile, sort_keys=False))
+
+
 def _read_state(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
@@ -200,8 +222,6 @@ def _remove_caches(step: Step) -> None:
 
 def _remove_interrupted_staging(profile: dict[str, Any]) -> None:
     """Staging folders of saves a killed run left behind (this run holds the lock, so none is live)."""
-    from colquant.quantization import remove_stale_staging
-
     remove_stale_staging(workspace.output_dir(profile))
     remove_stale_staging(workspace.variants_dir(profile))
 
@@ -219,6 +239,7 @@ def _execute(step: Step, description: str) -> None:
             cwd=str(workspace.REPO_ROOT),
             progress_bar={"desc": description, "leave": True},
             kernel_manager_class=QuietKernelManager,
+            store_widget_state=False,  # tqdm bars are ipywidgets in a kernel: their state is 50-400 KB of noise
         )
     except PapermillExecutionError as error:
         raise PipelineError(
@@ -230,7 +251,7 @@ def _execute(step: Step, description: str) -> None:
         raise PipelineError(f"{step.notebook} finished but did not write {', '.join(missing)}; see {step.output}")
 
 
-def refresh_committed_notebooks(profile_path: str | Path = "params/tiny.yaml") -> list[Path]:
+def refresh_committed_notebooks(profile_path: str | Path = NOTEBOOK_DEFAULT_PROFILE) -> list[Path]:
     """Execute notebooks/*.ipynb in place, in order, against a fresh output directory.
 
     The committed notebooks are the regression reference nbval compares with (`make test`), so
@@ -242,14 +263,16 @@ def refresh_committed_notebooks(profile_path: str | Path = "params/tiny.yaml") -
     import papermill
 
     executed = []
+    # the notebooks' own default needs no injected "# Parameters" cell, which would carry this machine's path
+    default = workspace.resolve(profile_path) == workspace.resolve(NOTEBOOK_DEFAULT_PROFILE)
     with tempfile.TemporaryDirectory(prefix="colquant-notebooks-") as scratch:
         os.environ[workspace.OUTPUT_ROOT_ENV] = scratch
         try:
             for notebook in sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb")):
                 papermill.execute_notebook(
-                    str(notebook), str(notebook), parameters={"profile_path": str(profile_path)},
+                    str(notebook), str(notebook), parameters={} if default else {"profile_path": str(profile_path)},
                     cwd=str(NOTEBOOKS_DIR), progress_bar={"desc": notebook.stem, "leave": True},
-                    kernel_manager_class=QuietKernelManager,
+                    kernel_manager_class=QuietKernelManager, store_widget_state=False,
                 )
                 executed.append(notebook)
         finally:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import tempfile
 from collections.abc import Sequence

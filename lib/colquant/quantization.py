@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,18 +29,17 @@ import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
 from colquant.exports import complete_export
+from colquant.files import atomic_directory, read_json, write_json, write_text
 from colquant.measure import Measurement, measure
 from colquant.remote_code import write_remote_code
 from colquant.serving import projection_bias_notice
+from colquant.workspace import METADATA_FILE, REPORTED_RESULTS_FILE, read_variant_metadata
 
 log = logging.getLogger(__name__)
 
 LANGUAGE_MODEL_BLOCKS = "vlm.model.language_model.layers"
-METADATA_FILE = "quantization_metadata.json"
-REPORTED_RESULTS_FILE = "reported_results.json"  # later results (fidelity, NDCG@5), kept apart from the metadata
 EXTRA_FORMAT_DIR = "exports"
 SCRATCH_DIR = "ar_work_space"  # auto-round's offload/cache directory, placed under the output root
-STAGING_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")  # `tempfile.mkdtemp(prefix=".<name>.")` folders
 
 
 @dataclass(frozen=True)
@@ -146,28 +143,15 @@ def save_quantized_model(
     Formats other than `auto_round` (GPTQ/AWQ layouts read by vLLM and other servers) go under
     `exports/<format>/` as whole ColQwen3 checkpoints (`colquant.exports.complete_export`).
     """
-    from colquant import workspace
-
-    out_dir = Path(out_dir)
-    with workspace.writing(out_dir.parent):
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        with workspace.writing(staging):
-            _write_checkpoint(model, processor, autoround, staging, metadata, export_formats)
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    with atomic_directory(Path(out_dir)) as staging:
+        _write_checkpoint(model, processor, autoround, staging, metadata, export_formats)
+    return Path(out_dir)
 
 
 def _write_checkpoint(
     model: torch.nn.Module, processor: Any, autoround: Any, staging: Path, metadata: dict[str, Any],
     export_formats: tuple[str, ...],
 ) -> None:
-    from colquant import workspace
-
     for fmt in export_formats:
         if fmt != "auto_round":
             _save_tower(autoround, staging / EXTRA_FORMAT_DIR / fmt, fmt, inplace=False)
@@ -183,46 +167,11 @@ def _write_checkpoint(
         if fmt != "auto_round":
             complete_export(staging, staging / EXTRA_FORMAT_DIR / fmt)  # whole retrievers, not text towers
     metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": _size_of(staging)}
-    workspace.write_json(staging / METADATA_FILE, metadata)
-    workspace.write_text(staging / "README.md", model_card(metadata, staging))
+    write_json(staging / METADATA_FILE, metadata)
+    write_text(staging / "README.md", model_card(metadata, staging))
     bias_notice = projection_bias_notice(staging)
     if bias_notice:
         log.warning(bias_notice)
-
-
-def _replace_directory(staging: Path, out_dir: Path) -> None:
-    """Swap the finished staging folder in; the old variant is moved aside first and deleted last,
-    so at every moment `out_dir` is either the old complete checkpoint or the new one (or absent)."""
-    from colquant import workspace
-
-    with workspace.writing(out_dir):
-        if not out_dir.exists():
-            os.replace(staging, out_dir)
-            return
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.retired.", dir=out_dir.parent))
-        os.replace(out_dir, retired / out_dir.name)
-        os.replace(staging, out_dir)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def remove_stale_staging(directory: Path) -> list[Path]:
-    """Delete staging folders (`.<name>.<8 random characters>`, from `tempfile.mkdtemp`) that
-    interrupted saves left in `directory`; call under the output lock, when no save is live."""
-    candidates = directory.iterdir() if directory.exists() else []
-    stale = sorted(path for path in candidates if path.is_dir() and STAGING_NAME.fullmatch(path.name))
-    for path in stale:
-        log.info("removing %s, left by an interrupted save", path)
-        shutil.rmtree(path)
-    return stale
-
-
-def read_metadata(checkpoint: str | Path) -> dict[str, Any]:
-    """A variant's metadata; an empty or corrupt file is reported by path with the fix."""
-    from colquant import workspace
-
-    path = Path(checkpoint) / METADATA_FILE
-    return workspace.read_json(path, f"delete the folder {path.parent} and re-run notebooks/03_quantization.ipynb "
-                                     "(or `python -m colquant run <profile>`) to quantize it again")
 
 
 def _save_tower(autoround: Any, directory: Path, fmt: str, *, inplace: bool) -> None:
@@ -287,81 +236,13 @@ def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
     The metadata is never rewritten after quantization (a kill there would lose it); results go to
     their own file, and both it and the card are replaced atomically.
     """
-    from colquant import workspace
-
     checkpoint = Path(checkpoint)
-    metadata = read_metadata(checkpoint)
+    metadata = read_variant_metadata(checkpoint)
     known = checkpoint / REPORTED_RESULTS_FILE
-    previous = workspace.read_json(known, f"delete {known}; the next report rewrites it") if known.exists() else {}
+    previous = read_json(known, f"delete {known}; the next report rewrites it") if known.exists() else {}
     results = {**previous, **results}
-    workspace.write_json(known, results)
-    workspace.write_text(checkpoint / "README.md", model_card({**metadata, "results": results}, checkpoint))
-
-
-def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autoround") -> dict[str, Any]:
-    """Quantize the profile's base model into `variants/<name>` unless an identical one exists.
-
-    Identical means the same `inputs_fingerprint`: settings, the calibration file notebook 02 saved
-    for `seqlen` and the base checkpoint's content, dtype. Returns the variant's metadata (with
-    `reused: True` when nothing had to be done).
-    """
-    from colquant import workspace
-    from colquant.checkpoint import load
-    from colquant.params import variant_name
-
-    settings = QuantizationSettings.from_profile(profile, method)
-    calibration_path = workspace.calibration_file(profile, seqlen)
-    calibration = CalibrationSet.load(calibration_path)
-    name = variant_name(profile, seqlen, method, calibration_source=calibration.source_used)
-    out = workspace.variants_dir(profile) / name
-    base = workspace.base_model(profile)
-    inputs = variant_inputs_fingerprint(profile, settings, base, None if method == "rtn" else calibration_path)
-    if (out / METADATA_FILE).exists():
-        existing = read_metadata(out)
-        if existing.get("inputs_fingerprint") == inputs:
-            return {**existing, "reused": True}
-    model_settings = profile["model"]
-    model, processor = load(  # auto-round replays transformers' decoder blocks: no fused tower
-        base,
-        dtype=model_settings["dtype"],
-        device=model_settings["device"],
-        max_num_visual_tokens=model_settings["max_num_visual_tokens"],
-        accelerate=False,
-    )
-    with scratch_dir(workspace.output_dir(profile) / SCRATCH_DIR):
-        autoround, cost = quantize_language_model(model, processor, calibration, settings)
-        metadata = quantization_metadata(
-            name,
-            settings,
-            calibration,
-            cost,
-            base_model=str(profile["model"]["id"]),
-            base_model_revision=workspace.base_model_revision(profile),
-            random_weights=profile["random_weights"],
-            quantized_layers=decoder_linear_names(model.language_model),
-        )
-        save_quantized_model(
-            model, processor, autoround, out, metadata={**metadata, "inputs_fingerprint": inputs},
-            export_formats=tuple(profile["quantization"]["export_formats"]),
-        )
-    return {**read_metadata(out), "reused": False}
-
-
-def variant_inputs_fingerprint(
-    profile: dict[str, Any], settings: QuantizationSettings, base: Path, calibration_path: Path | None
-) -> str:
-    """Everything a quantized checkpoint is made from: settings, base weights, dtype, calibration
-    file (by name, size and time; RTN reads none), and the export formats written beside it."""
-    from colquant import workspace
-
-    calibration = None
-    if calibration_path is not None:
-        stat = calibration_path.stat()
-        calibration = [calibration_path.name, stat.st_size, stat.st_mtime_ns]
-    return workspace.fingerprint(
-        asdict(settings), workspace.checkpoint_fingerprint(base), profile["model"]["dtype"], calibration,
-        sorted(profile["quantization"]["export_formats"]),
-    )
+    write_json(known, results)
+    write_text(checkpoint / "README.md", model_card({**metadata, "results": results}, checkpoint))
 
 
 def layer_types(model: torch.nn.Module) -> pd.DataFrame:

@@ -100,19 +100,18 @@ def vllm_embeddings(
 
 def compare_embeddings(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tensor]) -> pd.DataFrame:
     """Per request: token count, min cosine over tokens and max absolute difference."""
-    if len(ours) != len(theirs):
-        raise ServingError(f"{len(ours)} requests embedded here but {len(theirs)} by vLLM")
-    rows = []
-    for index, (a, b) in enumerate(zip(ours, theirs)):
-        if a.shape != b.shape:
-            raise ServingError(
-                f"request {index}: {tuple(a.shape)} token embeddings here but {tuple(b.shape)} from vLLM "
-                "(the two sides tokenized or resized the page differently)"
-            )
-        cosine = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-        rows.append({"request": index, "tokens": a.shape[0], "min_cosine": cosine.min().item(),
-                     "max_abs_diff": (a.float() - b.float()).abs().max().item()})
-    return pd.DataFrame(rows)
+    from colquant.fidelity import token_cosines
+
+    try:
+        cosines = token_cosines(ours, theirs)
+    except ValueError as error:
+        raise ServingError(f"embeddings here (reference) and from vLLM (candidate) do not pair up: {error} "
+                           "(the two sides tokenized or resized the page differently)") from error
+    return pd.DataFrame([
+        {"request": index, "tokens": a.shape[0], "min_cosine": cosine.min().item(),
+         "max_abs_diff": (a.float() - b.float()).abs().max().item()}
+        for index, (a, b, cosine) in enumerate(zip(ours, theirs, cosines))
+    ])
 
 
 def projection_bias_notice(checkpoint: Path) -> str | None:

@@ -38,9 +38,10 @@ from tqdm.auto import tqdm
 from transformers import BatchFeature
 
 from colquant.measure import MIB, memory_kind, peak_memory, reset_peak_memory, synchronize
-from colquant.plots import legend_outside
+from colquant.plots import hue_style, legend_outside
 from colquant.processing import PIXELS_PER_VISUAL_TOKEN, QUERY_AUGMENTATION_TOKENS
-from colquant.workspace import checkpoint_fingerprint, fingerprint, write_atomically
+from colquant.files import write_text
+from colquant.workspace import checkpoint_fingerprint, fingerprint
 
 KINDS = ("query", "page")
 FINISHED = ("ok", "oom")  # statuses a re-run keeps; `skipped_after_oom` rows are re-decided
@@ -167,7 +168,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace the whole file atomically: readers (and a resumed run) never see half a row."""
     text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
-    write_atomically(path, lambda staging: staging.write_text(text))
+    write_text(path, text)
 
 
 def _key(row: dict[str, Any]) -> tuple[str, str, int]:
@@ -346,13 +347,14 @@ def same_batch_comparison(results: pd.DataFrame, baseline: str = "bf16") -> pd.D
 # --- plots ----------------------------------------------------------------------------------------
 
 
-def plot_throughput(results: pd.DataFrame) -> Figure:
+def plot_throughput(results: pd.DataFrame, *, palette: Mapping[str, Any] | None = None) -> Figure:
     """Items/s against batch size (log2), one line per variant, queries and pages side by side."""
     ok = results[results["status"] == "ok"]
     kinds = [k for k in KINDS if k in set(ok["kind"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        sns.lineplot(data=ok[ok["kind"] == kind], x="batch_size", y="items_per_s", hue="variant", marker="o", ax=ax)
+        sns.lineplot(data=ok[ok["kind"] == kind], x="batch_size", y="items_per_s", hue="variant", marker="o", ax=ax,
+                     **hue_style(ok["variant"], palette))
         ax.set_xscale("log", base=2)
         ax.set(title=f"{kind} encoding", xlabel="batch size", ylabel="items / s")
     legend_outside(axes[0])
@@ -360,22 +362,29 @@ def plot_throughput(results: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_memory(results: pd.DataFrame, budgets_gb: Sequence[float]) -> Figure:
+def plot_memory(results: pd.DataFrame, budgets_gb: Sequence[float], *,
+                palette: Mapping[str, Any] | None = None) -> Figure:
     """Peak memory (GiB) against batch size (log2) per variant, with the budgets as horizontal lines.
 
-    Only budgets up to the first one above every measured peak are drawn, so the lines stay readable.
+    The y axis is the data's: only budgets inside the measured range are drawn (a 0.4 GiB curve
+    under an 80 GB line would be flat at zero); when every peak is below the smallest budget, the
+    panel says so instead.
     """
     ok = results[results["status"] == "ok"].assign(peak_memory_gib=lambda d: d["peak_memory_mib"] / 1024)
     kinds = [k for k in KINDS if k in set(ok["kind"])]
     highest = ok["peak_memory_gib"].max()
-    shown = [b for b in sorted(budgets_gb) if b < highest] + [b for b in sorted(budgets_gb) if b >= highest][:1]
+    shown = [b for b in sorted(budgets_gb) if b <= highest * 1.1]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        sns.lineplot(data=ok[ok["kind"] == kind], x="batch_size", y="peak_memory_gib", hue="variant", marker="o", ax=ax)
+        sns.lineplot(data=ok[ok["kind"] == kind], x="batch_size", y="peak_memory_gib", hue="variant", marker="o", ax=ax,
+                     **hue_style(ok["variant"], palette))
         for budget in shown:
             ax.axhline(budget, color="grey", linestyle=":", linewidth=1)
             ax.annotate(f"{budget:g} GB", (0, budget), xycoords=("axes fraction", "data"), fontsize=8,
                         color="grey", va="bottom")
+        if not shown:
+            ax.annotate(f"all peaks below the smallest budget ({min(budgets_gb):g} GB)", (0.5, -0.3),
+                        xycoords="axes fraction", fontsize=8, color="grey", ha="center", va="top")
         ax.set_xscale("log", base=2)
         ax.set(title=f"{kind} encoding", xlabel="batch size", ylabel="peak memory (GiB)")
     legend_outside(axes[0])

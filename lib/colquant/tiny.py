@@ -10,27 +10,17 @@ machinery, not retrieval quality.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from colquant.model import ColQwen3, ColQwen3Config
+from colquant.files import atomic_directory
+from colquant.model import QWEN_SPECIAL_TOKENS, ColQwen3, ColQwen3Config
 from colquant.processing import ColQwen3Processor
 from colquant.remote_code import write_remote_code
 
-# Qwen2/Qwen3 special tokens and the ids the real tokenizer gives them.
-QWEN_SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-    "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
-    "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
-    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655, "<|video_pad|>": 151656,
-}
 TINY_SHARD_SIZE = "16MB"  # small enough that the tiny checkpoint is sharded like the real one
 TINY_MARKER = "colquant_tiny.json"
 TINY_FORMAT = 2  # bumped when the built files change (2: the hub's Qwen3-VL preprocessor_config.json)
@@ -81,17 +71,13 @@ def build(
     settings = {"seed": seed, "dtype": str(dtype), "size": size, "format": TINY_FORMAT}
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = ColQwen3(configs[size]()).to(dtype).eval()
-    model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE if size == "tiny" else "2GB")
-    # the 4B's processor files: Qwen3-VL's preprocessor_config.json and the reference's 1280 budget
-    ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
-    write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
-    (staging / TINY_MARKER).write_text(json.dumps(settings) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(staging, path)
+    with atomic_directory(path) as staging:
+        with torch.device(device):
+            model = ColQwen3(configs[size]()).to(dtype).eval()
+        model.save_pretrained(str(staging), max_shard_size=TINY_SHARD_SIZE if size == "tiny" else "2GB")
+        # the 4B's processor files: Qwen3-VL's preprocessor_config.json and the reference's 1280 budget
+        ColQwen3Processor(build_tokenizer()).save_pretrained(staging)
+        write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
+        (staging / TINY_MARKER).write_text(json.dumps(settings) + "\n")
     return path

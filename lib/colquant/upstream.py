@@ -21,8 +21,8 @@ class MissingInputError(RuntimeError):
     """A notebook's inputs do not exist yet; the message names the notebook and command that make them."""
 
 
-def how_to_produce(profile: dict[str, Any], notebooks: str = "01,02,03") -> str:
-    """The two ways to create quantized variants for this profile."""
+def how_to_produce(profile: dict[str, Any], notebooks: str = "02,03") -> str:
+    """The two ways to create quantized variants for this profile (01 describes the model only)."""
     return (
         f"run notebooks/02_calibration.ipynb then notebooks/{PRODUCER}.ipynb (once per calibration seqlen), "
         f"or `colquant run {profile['profile']} --notebooks {notebooks}`"

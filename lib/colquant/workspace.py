@@ -7,7 +7,6 @@ outputs elsewhere: `make test-notebooks` uses it to run nbval against a fresh di
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -15,25 +14,37 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from colquant.files import (  # noqa: F401  (re-exported: notebooks write through workspace)
+    OUTPUT_ROOT_ENV,
+    OutputError,
+    atomic_directory,
+    atomic_write,
+    read_json,
+    remove_stale_staging,
+    write_csv,
+    write_json,
+    write_text,
+    writing,
+)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-OUTPUT_ROOT_ENV = "COLQUANT_OUTPUT_ROOT"
 BASELINE = "bf16"
 LOCK_FILE = ".colquant.lock"
 # A profile name becomes a directory name: letters, digits, '.', '_', '-', not starting with a dot.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A quantized variant's folder: its metadata (written once, with the checkpoint) and the results
+# the report records later (fidelity, NDCG@5), kept apart so the metadata is never rewritten.
+METADATA_FILE = "quantization_metadata.json"
+REPORTED_RESULTS_FILE = "reported_results.json"
 # Files a finished checkpoint may get later without its weights changing (the report rewrites them).
-NOT_CHECKPOINT_CONTENT = ("README.md", "reported_results.json")
+NOT_CHECKPOINT_CONTENT = ("README.md", REPORTED_RESULTS_FILE)
 FINGERPRINT_LENGTH = 16
-
-
-class OutputError(RuntimeError):
-    """An output cannot be written (read-only directory, full disk) or read back (corrupt file)."""
 
 
 class OutputLockedError(OutputError):
@@ -50,76 +61,16 @@ def output_root() -> Path:
 
 
 def output_dir(profile: dict[str, Any]) -> Path:
-    """`<output root>/<profile name>`; the name must be a plain name, so outputs stay under the root."""
+    """`<output root>/<profile name>`; the name must be a plain name, so outputs stay under the root.
+
+    A lookup: nothing is created here; whatever writes into it creates what it needs."""
     name = profile["profile"]
     if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
         raise OutputError(
             f"profile name {name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/', no '..', "
             f"not starting with '.'): it names the directory under {output_root()}, so rename the profile, "
             "e.g. 'tiny-nsamples4'")
-    directory = output_root() / name
-    with writing(directory):
-        directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-@contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Turn an OSError while writing `path` into one OutputError that names the path and the fix."""
-    try:
-        yield
-    except OSError as error:
-        raise OutputError(f"cannot write {path}: {_fix_for(error)}") from error
-
-
-def _fix_for(error: OSError) -> str:
-    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
-        return ("the disk is full (no space left on device); free space there or set "
-                f"{OUTPUT_ROOT_ENV} to a directory on a disk with room")
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"the directory is not writable ({error.strerror}); fix its permissions or set "
-                f"{OUTPUT_ROOT_ENV} to a writable directory")
-    return f"{error.strerror or error} (errno {error.errno})"
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(temporary path)` in `path`'s directory, fsync, then rename onto `path`.
-
-    A kill or a full disk at any moment leaves either the old file or the new one, never half of
-    one; the temporary file is removed when writing fails.
-    """
-    path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        os.close(handle)
-        staging = Path(name)
-        try:
-            write(staging)
-            with open(staging, "rb+") as file:
-                os.fsync(file.fileno())
-            os.chmod(staging, 0o644)
-            os.replace(staging, path)
-        except BaseException:
-            staging.unlink(missing_ok=True)
-            raise
-    return path
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write a text file atomically."""
-    return write_atomically(path, lambda staging: staging.write_text(text))
-
-
-def read_json(path: Path, fix: str) -> Any:
-    """Read a JSON result, naming the file and `fix` when it is empty or corrupt (e.g. a killed write)."""
-    path = Path(path)
-    text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        state = "is empty" if not text.strip() else f"is not valid JSON ({error})"
-        raise OutputError(f"{path} {state}; {fix}") from error
+    return output_root() / name
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,17 +108,13 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()[:FINGERPRINT_LENGTH]
 
 
-def scoring_mode(profile: dict[str, Any]) -> str:
-    return profile["evaluation"].get("scoring", "colpali")
-
-
 def evaluation_fingerprint(profile: dict[str, Any], checkpoint: str | Path, scoring: str | None = None) -> str:
     """What a variant's retrieval scores depend on besides the task: weights, dtype, the
     visual-token budget and the scoring mode (the profile's, or `scoring` for the extra column
     notebook 05 adds). mteb files results under this as the revision."""
     model = profile["model"]
     return fingerprint(
-        checkpoint_fingerprint(checkpoint), model["dtype"], model["max_num_visual_tokens"], scoring or scoring_mode(profile)
+        checkpoint_fingerprint(checkpoint), model["dtype"], model["max_num_visual_tokens"], scoring or profile["evaluation"]["scoring"]
     )
 
 
@@ -208,6 +155,7 @@ def output_lock(directory: Path, *, wait_s: float = 0.0, poll_s: float = 1.0) ->
 def _try_lock(lock: Path, holder: dict[str, Any]) -> bool:
     """Create the lock with its content in one step (write a temp file, hard-link it into place)."""
     with writing(lock):
+        lock.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f"{lock.name}.", dir=lock.parent)
         try:
             with os.fdopen(handle, "w") as file:
@@ -262,7 +210,7 @@ def calibration_file(profile: dict[str, Any], seqlen: int) -> Path:
     built for other settings is never read in place of this one."""
     c = profile["calibration"]
     model = profile["model"]
-    inputs = fingerprint({k: v for k, v in c.items() if k != "seqlens"}, seqlen, model["id"], model.get("revision"),
+    inputs = fingerprint({k: v for k, v in c.items() if k != "seqlens"}, seqlen, model["id"], model["revision"],
                          model["dtype"], profile["corpus"])
     return output_dir(profile) / "calibration" / f"{c['source']}-seqlen{seqlen}-n{c['nsamples']}-{inputs}.safetensors"
 
@@ -272,6 +220,8 @@ def variants_dir(profile: dict[str, Any]) -> Path:
 
 
 def plots_dir(profile: dict[str, Any]) -> Path:
+    """The figures' folder, created here because notebooks hand it to matplotlib's `savefig`,
+    which does not create folders."""
     directory = output_dir(profile) / "plots"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
@@ -288,7 +238,7 @@ def base_model(profile: dict[str, Any]) -> Path:
         return tiny.build(output_dir(profile) / "base-model", size="tiny")
     if model["id"] == "synthetic-4b":
         return tiny.build(output_dir(profile) / "base-model", size="4b", device=model["device"])
-    return resolve_checkpoint(model["id"], model.get("revision"))
+    return resolve_checkpoint(model["id"], model["revision"])
 
 
 def base_model_revision(profile: dict[str, Any]) -> str:
@@ -299,14 +249,14 @@ def base_model_revision(profile: dict[str, Any]) -> str:
 
     if profile["model"]["id"] in ("embedded-tiny", "synthetic-4b"):
         return "local build"
-    return snapshot_revision(base_model(profile)) or profile["model"].get("revision") or "unknown"
+    return snapshot_revision(base_model(profile)) or profile["model"]["revision"] or "unknown"
 
 
 def calibration_source_used(profile: dict[str, Any], seqlen: int) -> str:
     """The source notebook 02 actually calibrated on at `seqlen` (its results JSON records it);
     before 02 has run, the requested source, which is what it uses unless the profile's offline
     fallback is taken. Variant names carry it."""
-    record = output_dir(profile) / "results" / f"calibration__seqlen{seqlen}.json"
+    record = results_dir(profile) / f"calibration__seqlen{seqlen}.json"
     if record.exists():
         return read_json(record, "delete it and re-run notebooks/02_calibration.ipynb")["source_used"]
     return profile["calibration"]["source"]
@@ -314,19 +264,19 @@ def calibration_source_used(profile: dict[str, Any], seqlen: int) -> str:
 
 def autoround_variant(profile: dict[str, Any], seqlen: int) -> str:
     """The name of the auto-round variant at `seqlen`, with the calibration source used."""
-    from colquant.params import variant_name
+    from colquant.params import quantization_section
 
-    return variant_name(profile, seqlen, calibration_source=calibration_source_used(profile, seqlen))
+    return quantization_section(profile).variant_name(seqlen, calibration_source=calibration_source_used(profile, seqlen))
 
 
 def expected_variants(profile: dict[str, Any]) -> list[str]:
     """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN, then FP8."""
     from colquant.fp8 import variant_names
-    from colquant.params import variant_name
+    from colquant.params import quantization_section
 
     names = [autoround_variant(profile, seqlen) for seqlen in sorted(profile["calibration"]["seqlens"])]
-    if profile["quantization"].get("rtn_baseline"):
-        names.append(variant_name(profile, profile["calibration"]["seqlens"][0], "rtn"))
+    if profile["quantization"]["rtn_baseline"]:
+        names.append(quantization_section(profile).variant_name(0, "rtn"))
     return names + variant_names(profile)
 
 
@@ -336,16 +286,21 @@ def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
     Only variants the current profile produces count: a folder left by a seqlen since removed from
     the profile, or a staging folder (`.<name>.…`) of an interrupted save, is never compared.
     """
-    from colquant.quantization import read_metadata
-
     directory = variants_dir(profile)
     finished = {}
     for name in expected_variants(profile):
         path = directory / name
-        if (path / "quantization_metadata.json").exists():
-            read_metadata(path)  # a corrupt file is reported here, by path, with the fix
+        if (path / METADATA_FILE).exists():
+            read_variant_metadata(path)  # a corrupt file is reported here, by path, with the fix
             finished[name] = path
     return finished
+
+
+def read_variant_metadata(checkpoint: str | Path) -> dict[str, Any]:
+    """A quantized variant's metadata; an empty or corrupt file is reported by path with the fix."""
+    path = Path(checkpoint) / METADATA_FILE
+    return read_json(path, f"delete the folder {path.parent} and re-run notebooks/03_quantization.ipynb "
+                           "(or `python -m colquant run <profile>`) to quantize it again")
 
 
 def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
@@ -353,15 +308,9 @@ def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
     return {BASELINE: base_model(profile), **quantized_variants(profile)}
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a result."""
-    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
 def results_dir(profile: dict[str, Any]) -> Path:
-    directory = output_dir(profile) / "results"
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+    """Where notebooks write their JSON/CSV results (created by the first write)."""
+    return output_dir(profile) / "results"
 
 
 def load_variant(profile: dict[str, Any], path: str | Path, *, accelerate: bool | None = None) -> tuple[Any, Any]:
@@ -387,12 +336,7 @@ def corpus(profile: dict[str, Any]) -> Any:
     from colquant.corpus import build_corpus
 
     c = profile["corpus"]
-    return build_corpus(corpus_dir(profile), n_pages=c.get("n_pages", 60), n_queries=c.get("n_queries", 120), seed=c.get("seed", 0), progress=False)
-
-
-def write_csv(path: Path, frame: Any) -> Path:
-    """Write a DataFrame as CSV atomically."""
-    return write_atomically(path, lambda staging: frame.to_csv(staging, index=False))
+    return build_corpus(corpus_dir(profile), n_pages=c["n_pages"], n_queries=c["n_queries"], seed=c["seed"], progress=False)
 
 
 def random_weights_notice(profile: dict[str, Any]) -> str:

@@ -10,22 +10,22 @@ import logging
 import pytest
 import torch
 
-from colquant.kernels import W4A16Linear, autotune, backend, humming_ops
+from colquant.kernels import W4A16Linear, autotune, backend, copies, humming_ops, tune_cache
 from colquant.kernels.linear import DISPATCH
 
 CUDA = torch.cuda.is_available() and backend.triton_import_error() is None
 
-KEY = dict(schema=autotune.SCHEMA, gpu="NVIDIA H200", colquant="0.1.0", torch="2.11.0+cu130", triton="3.6.0",
+KEY = dict(schema=tune_cache.SCHEMA, gpu="NVIDIA H200", colquant="0.1.0", torch="2.11.0+cu130", triton="3.6.0",
            humming="none", kernels="abc123def456")
 ENTRY = dict(K=256, N=128, G=128, M_bucket=4, kind="triton", cfg=dict(kernel="8dot", BM=16, BN=64, SPLIT_K=2),
              name="8dot16x64sa-w4", us=3.5, bf16_us=4.0)
 
 
 def test_cache_round_trips_and_names_gpu_and_versions(tmp_path):
-    path = autotune.cache_path(KEY, tmp_path)
+    path = tune_cache.cache_path(KEY, tmp_path)
     assert path.name == "nvidia-h200-0.1.0-2.11.0-cu130-3.6.0-none.json"
-    autotune.write_table(path, KEY, [ENTRY])
-    assert autotune.read_table(path, KEY) == [ENTRY]
+    tune_cache.write_table(path, KEY, [ENTRY])
+    assert tune_cache.read_table(path, KEY) == [ENTRY]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
 
@@ -35,10 +35,10 @@ def test_cache_round_trips_and_names_gpu_and_versions(tmp_path):
     ("triton", "3.4.0", "triton '3.4.0'"),
 ])
 def test_foreign_or_stale_cache_is_ignored_with_a_message(tmp_path, caplog, field, other, words):
-    path = autotune.cache_path(KEY, tmp_path)
-    autotune.write_table(path, dict(KEY, **{field: other}), [ENTRY])
+    path = tune_cache.cache_path(KEY, tmp_path)
+    tune_cache.write_table(path, dict(KEY, **{field: other}), [ENTRY])
     with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
-        assert autotune.read_table(path, KEY) is None
+        assert tune_cache.read_table(path, KEY) is None
     assert words in caplog.text and "re-tuning" in caplog.text
 
 
@@ -46,24 +46,24 @@ def test_unwritable_cache_is_not_fatal_and_says_how_to_fix_it(tmp_path, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
-        assert autotune.save_table(autotune.cache_path(KEY, blocker), KEY, [ENTRY]) is False
+        assert tune_cache.save_table(tune_cache.cache_path(KEY, blocker), KEY, [ENTRY]) is False
     assert "could not write the kernel tuning cache" in caplog.text and "COLQUANT_CACHE_DIR" in caplog.text
 
 
 def test_unreadable_cache_is_ignored_with_a_message(tmp_path, caplog):
-    path = autotune.cache_path(KEY, tmp_path)
+    path = tune_cache.cache_path(KEY, tmp_path)
     path.write_text("{ not json")
     with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
-        assert autotune.read_table(path, KEY) is None
+        assert tune_cache.read_table(path, KEY) is None
     assert "unreadable" in caplog.text
 
 
 def test_missing_cache_is_silently_absent(tmp_path):
-    assert autotune.read_table(tmp_path / "none.json", KEY) is None
+    assert tune_cache.read_table(tmp_path / "none.json", KEY) is None
 
 
 def test_key_tracks_kernel_sources():
-    key = autotune.cache_key("cpu")
+    key = tune_cache.cache_key("cpu")
     assert key["gpu"] == "cpu" and len(key["kernels"]) == 12 and key["torch"] == torch.__version__
 
 
@@ -78,6 +78,16 @@ def test_bf16_is_chosen_only_beyond_the_margin_with_the_4bit_winner_as_fallback(
     assert autotune._pick(256, 128, 128, 64, {"bf16": (9.0, None, "bf16")}) == []
 
 
+def test_a_winner_needing_its_own_copy_falls_back_to_the_best_on_the_layers_tensors():
+    timed = {"a": (10.0, {"BM": 16}, "triton"), "tinygemm-k8": (6.0, {"inner_k_tiles": 8}, "tinygemm"),
+             "dequant+cublas": (12.0, None, "dequant+cublas"), "bf16": (8.0, None, "bf16")}
+    [e] = autotune._pick(256, 128, 128, 1, timed)
+    assert e["kind"] == "tinygemm" and e["fallback_name"] == "a"
+    assert e["cfg"] == {"inner_k_tiles": 8, "fallback": ["triton", {"BM": 16}]}
+    [e] = autotune._pick(256, 128, 128, 1, dict(timed, bf16=(5.0, None, "bf16")))  # bf16 first, then the chain
+    assert e["cfg"] == {"fallback": ["tinygemm", {"inner_k_tiles": 8, "fallback": ["triton", {"BM": 16}]}]}
+
+
 def test_missing_optional_package_is_named_in_the_logged_choice(monkeypatch, caplog):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "humming" else real(name, *a))
@@ -88,7 +98,7 @@ def test_missing_optional_package_is_named_in_the_logged_choice(monkeypatch, cap
         assert "humming-kernels is not installed" in missing["humming"] and "colquant[humming]" in missing["humming"]
         with caplog.at_level(logging.INFO, logger="colquant.kernels"):
             autotune._log_choice_once(torch.device("cuda"), KEY)
-        assert "not offered: humming (humming-kernels is not installed" in caplog.text
+        assert "not offered: " in caplog.text and "humming (humming-kernels is not installed" in caplog.text
     finally:
         humming_ops.clear_cache()
 
@@ -114,26 +124,55 @@ def test_text_tower_shapes_of_the_4b():
     assert shapes == {(2560, 6144, 128), (4096, 2560, 128), (2560, 19456, 128), (9728, 2560, 128)}
 
 
-def _table_with_bf16(k: int, n: int):
-    saved = dict(DISPATCH.table)
-    DISPATCH.set(k, n, 8, ("bf16", {"fallback": ["dequant+cublas", None]}))
-    return saved
-
-
 def test_bf16_copy_kept_only_when_allowed_and_not_saved(caplog):
     torch.manual_seed(0)
     lin = W4A16Linear.from_linear(torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16))
     model = torch.nn.Sequential(lin)
-    saved = _table_with_bf16(256, 64)
+    saved = dict(DISPATCH.table)
+    DISPATCH.set(256, 64, 64, ("bf16", {"fallback": ["dequant+cublas", None]}))
     try:
         with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
-            info = autotune.keep_bf16_copies(model)  # CPU: no free GPU memory to spend
-        assert info["kept"] is False and lin.bf16_weight is None and "no BF16 copy kept" in caplog.text
+            info = copies.keep_copies(model, "bf16")  # CPU: no free GPU memory to spend
+        assert info["kept"] is False and lin.bf16_weight is None and "not kept" in caplog.text
         before = lin.weight_bytes
-        info = autotune.keep_bf16_copies(model, allow=True)
+        info = copies.keep_copies(model, "bf16", allow=True)
         assert info["kept"] is True and torch.equal(lin.bf16_weight, lin.dequantize())
         assert lin.weight_bytes == before + 256 * 64 * 2
         assert "bf16_weight" not in lin.state_dict()
+    finally:
+        DISPATCH.table = saved
+
+
+def test_tinygemm_copy_is_wanted_only_for_token_counts_a_forward_reaches_and_no_held_copy_serves():
+    torch.manual_seed(0)
+    lin = W4A16Linear.from_linear(torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16))
+    model = torch.nn.Sequential(lin)
+    tiny = {"inner_k_tiles": 8, "fallback": ["dequant+cublas", None]}
+    saved = dict(DISPATCH.table)
+    DISPATCH.set(256, 64, 4, ("tinygemm", tiny))
+    try:
+        assert copies.wanted_copies(model, "tinygemm") == {}  # 4 tokens: fewer than any ColQwen3 forward
+        assert copies.wanted_copies(model, "tinygemm", min_tokens=1) == {(256, 64): tiny}
+        DISPATCH.set(256, 64, 64, ("bf16", {"fallback": ["tinygemm", tiny]}))
+        assert copies.wanted_copies(model, "tinygemm") == {(256, 64): tiny}  # no BF16 copy held
+        lin.keep_bf16_copy()
+        assert copies.wanted_copies(model, "tinygemm") == {}  # the BF16 copy serves that bucket
+    finally:
+        DISPATCH.table = saved
+
+
+def test_dispatch_walks_fallbacks_to_what_the_layer_holds():
+    torch.manual_seed(0)
+    lin = W4A16Linear.from_linear(torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16))
+    tiny = {"inner_k_tiles": 8, "fallback": ["triton", {"BM": 16}]}
+    saved = dict(DISPATCH.table)
+    DISPATCH.set(256, 64, 1, ("bf16", {"fallback": ["tinygemm", tiny]}))
+    try:
+        assert lin._resolve(1, "cpu") == ("triton", {"BM": 16})
+        lin.keep_tinygemm_copy(8)  # the CPU flavour of tinygemm's packing
+        assert lin._resolve(1, "cpu") == ("tinygemm", tiny)
+        lin.keep_bf16_copy()
+        assert lin._resolve(1, "cpu")[0] == "bf16"
     finally:
         DISPATCH.table = saved
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from colquant.kernels import backend_report, humming_ops
+from colquant.kernels.copies import prepare_humming
 from colquant.kernels.linear import DISPATCH, Dispatcher, W4A16Linear
 
 
@@ -27,10 +28,10 @@ def test_disabled_by_env(monkeypatch):
 def test_supported_needs_symmetric_zero_points():
     torch.manual_seed(0)
     lin = W4A16Linear.from_linear(torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16))
-    assert lin.sym_zero == 8 and humming_ops.supported(lin) is None
+    assert lin.sym_zero == 8 and humming_ops.unsupported_reason(lin) is None
     lin.zeros_u8[0, 0] = 7
     lin._refresh_sym()
-    assert humming_ops.supported(lin) is not None
+    assert humming_ops.unsupported_reason(lin) is not None
 
 
 def test_humming_entry_roundtrips_and_has_default():
@@ -44,7 +45,7 @@ def test_humming_entry_roundtrips_and_has_default():
 
 def test_prepare_model_without_package_or_gpu_is_a_noop():
     lin = W4A16Linear.from_linear(torch.nn.Linear(256, 64, bias=False))
-    info = humming_ops.prepare_model(torch.nn.Sequential(lin), only_dispatched=False)
+    info = prepare_humming(torch.nn.Sequential(lin), only_dispatched=False)
     assert info["prepared"] == 0 and info["reason"]
     assert lin.weight_bytes == lin.qweight_k.numel() * 4 + lin.zeros_u8.numel() + lin.scales.numel() * 2
 

@@ -5,15 +5,19 @@
 
 * :mod:`.packing`   auto_gptq <-> kernel layout (exact), auto-round-exact dequantization, RTN W4.
 * :mod:`.linear`    :class:`W4A16Linear`, the token-count dispatcher, QuantLinear conversion.
-* :mod:`.triton_ops` the Triton kernels (imported only where Triton is).
+* :mod:`.triton_gemm` the Triton W4A16 GEMMs; :mod:`.triton_ops` the other Triton kernels (both
+  imported only where Triton is).
+* :mod:`.tinygemm` torch core's 4-bit GEMM (``aten._weight_int4pack_mm``) as a candidate.
+* :mod:`.humming_ops` humming-kernels (optional package) as a candidate.
 * :mod:`.reference` their torch twins (CPU / no Triton / checks).
 * :mod:`.fast_text` fused text-tower forward, CUDA-graph query path, :func:`accelerate_model`.
-* :mod:`.autotune`  the candidate table, per-GPU tuning on first use and its disk cache
-  (``python -m colquant tune``).
+* :mod:`.autotune`  the candidate table and per-GPU tuning on first use (``python -m colquant tune``);
+  :mod:`.tune_cache` its disk cache; :mod:`.copies` the weight copies a tuned table may ask for.
 """
 
-from colquant.kernels.autotune import CANDIDATES, ensure_tuned, keep_bf16_copies, prepare_dispatch
-from colquant.kernels.backend import backend_report, fast_path_unavailable, use_fast_path
+from colquant.kernels.autotune import CANDIDATES, backend_report, ensure_tuned
+from colquant.kernels.backend import fast_path_unavailable, use_fast_path
+from colquant.kernels.copies import keep_copies, prepare_dispatch
 from colquant.kernels.fast_text import (
     accelerate_model,
     find_text_model,
@@ -40,7 +44,7 @@ from colquant.kernels.packing import (
 __all__ = [
     "CANDIDATES",
     "ensure_tuned",
-    "keep_bf16_copies",
+    "keep_copies",
     "prepare_dispatch",
     "DISPATCH",
     "W4A16Linear",

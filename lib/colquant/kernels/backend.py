@@ -31,9 +31,6 @@ def clear_cache() -> None:
     """Forget cached backend decisions (tests, env changes)."""
     _FAST_CACHE.clear()
     triton_import_error.cache_clear()
-    from colquant.kernels import humming_ops
-
-    humming_ops.clear_cache()
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,31 +95,15 @@ def use_fast_path(device) -> bool:
     return False
 
 
-def backend_report(device=None) -> dict:
-    """What would run where: for logs, the benchmark JSON and the loader's message."""
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    reason = fast_path_unavailable(device)
-    info = {
-        "device": str(device),
-        "backend": "triton" if reason is None else "reference",
-        "reason": reason,
-        "torch": torch.__version__,
-    }
-    try:
-        import triton
+_CAPTURE_STREAMS: dict = {}
 
-        info["triton"] = triton.__version__
-    except Exception:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    # optional GEMM candidates beside the Triton ones (offered to the dispatcher only when available)
-    from colquant.kernels import humming_ops
 
-    h_reason = humming_ops.unavailable_reason(device)
-    info["candidates"] = {
-        "triton": dict(available=reason is None, reason=reason),
-        "dequant+cublas": dict(available=reason is None, reason=reason),
-        "humming": dict(available=h_reason is None, reason=h_reason, version=humming_ops.version()),
-    }
-    return info
+def capture_stream(device) -> torch.cuda.Stream:
+    """One side stream per device for CUDA-graph warm-ups and captures (the model's query graphs and
+    the tuner's timings): every new stream that runs a cuBLAS call gets its own, never-freed cuBLAS
+    workspace."""
+    device = torch.device(device)
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
+    return _CAPTURE_STREAMS[key]

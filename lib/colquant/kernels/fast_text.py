@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from colquant.kernels import reference as ref
-from colquant.kernels.backend import fast_path_unavailable, warn_once
-from colquant.kernels.autotune import prepare_dispatch
+from colquant.kernels.backend import capture_stream, fast_path_unavailable, warn_once
+from colquant.kernels.copies import MIN_TOKENS, prepare_dispatch
 from colquant.kernels.linear import (
     _FORCE_REFERENCE,
     W4A16Linear,
@@ -265,18 +265,6 @@ def _bucket_B(b: int) -> int:
     return -(-b // 8) * 8
 
 
-_CAPTURE_STREAMS: dict = {}
-
-
-def capture_stream(device) -> torch.cuda.Stream:
-    """One side stream per device for graph warm-ups and captures (every new stream that runs a
-    cuBLAS call gets its own, never-freed cuBLAS workspace)."""
-    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
-    if key not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
-    return _CAPTURE_STREAMS[key]
-
-
 class _Graph:
     __slots__ = ("graph", "emb", "pos", "mask", "out")
 
@@ -408,14 +396,15 @@ def restore_embeddings(model: nn.Module) -> None:
 
 def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens: int = 4096,
                      max_graphs: int = 48, offload_embeddings_to_host: bool = False,
-                     bf16_copy: bool | None = None) -> nn.Module:
+                     bf16_copy: bool | None = None, min_tokens: int = MIN_TOKENS) -> nn.Module:
     """Swap the text tower's linears for fused ones (4-bit or bf16) and install the fused forward
     with its CUDA-graph query path. Returns ``model`` (modified in place).
 
     On a CUDA GPU the 4-bit layers dispatch through the kernel table tuned for this GPU (tuned on
     first use, then read from the disk cache: :mod:`.autotune`). ``bf16_copy``: where BF16 beats
     every 4-bit kernel, keep a BF16 copy of those layers if memory allows (None), never (False:
-    memory first) or always (True); see :func:`.autotune.keep_bf16_copies`.
+    memory first) or always (True); see :func:`.copies.keep_copies`. ``min_tokens``: the fewest tokens
+    one forward carries; copies that would serve only fewer are not kept (tinygemm wins only there).
 
     ``offload_embeddings_to_host``: keep the token-embedding table in pinned host memory (saves
     742 MiB on the 4B; see :class:`OffloadedEmbedding`)."""
@@ -440,18 +429,26 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
     if sizes:
         scratch_hint(max(sizes), device)
         if reason is None:
-            tuning = prepare_dispatch(tm, device, bf16_copy=bf16_copy)
+            tuning = prepare_dispatch(tm, device, bf16_copy=bf16_copy, min_tokens=min_tokens)
     state = AccelState(graphs=graphs and reason is None, graph_max_tokens=graph_max_tokens,
                        max_graphs=max_graphs)
     if state.graphs:
         state.runner = QueryGraphs(tm, graph_max_tokens, max_graphs)
-    object.__setattr__(tm, "_colquant_accel", state)
+    tm._colquant_accel = state
     tm.forward = types.MethodType(_fast_forward, tm)
     info = dict(quant_linears_converted=n_q, **counts, backend="triton" if reason is None else "reference",
-                reason=reason, graphs=state.graphs, tuning=tuning)
-    object.__setattr__(model, "_colquant_acceleration", info)
+                reason=reason, graphs=state.graphs, tuning=tuning, vision=_accelerate_vision_tower(model))
+    model._colquant_acceleration = info
     logger.info("colquant.kernels: accelerated text tower: %s", info)
     return model
+
+
+def _accelerate_vision_tower(model: nn.Module) -> dict | None:
+    """Pages spend most of their time in the vision tower: install its fast path too (it says why
+    not on CPU or without the kernels); a bare text tower has none."""
+    from colquant.kernels.fast_vision import accelerate_vision, has_vision_tower
+
+    return accelerate_vision(model) if has_vision_tower(model) else None
 
 
 def reset_graphs(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ faster, i.e. >= ~11k tokens: see benchmarks/kernel-notes.md for the cost). The h
 reference path (``force_reference``), ``to_gptq``/``dequantize`` and :func:`release` exact; humming's
 layout is produced by a CUDA repack kernel and is not inverted here.
 ``COLQUANT_HUMMING_KEEP_KERNEL_COPY=1`` keeps both copies on the GPU (the table's choice per M).
-:func:`prepare_model` repacks only the layers whose shape the dispatcher picks humming for;
+:func:`colquant.kernels.copies.prepare_humming` repacks only the layers whose shape the dispatcher picks humming for;
 :attr:`W4A16Linear.weight_bytes` counts what stays on the GPU, ``host_bytes`` what moved.
 """
 
@@ -32,8 +32,8 @@ import torch
 
 from colquant.kernels.backend import gpu_unavailable
 
-__all__ = ["Handle", "unavailable_reason", "available", "supported", "build_handle", "attach", "prepare", "release",
-           "matmul", "prepare_model", "version"]
+__all__ = ["Handle", "unavailable_reason", "available", "unsupported_reason", "build_handle", "attach", "prepare",
+           "release", "matmul", "version"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +81,7 @@ def version() -> str | None:
     return getattr(humming, "__version__", None)
 
 
-def supported(mod) -> str | None:
+def unsupported_reason(mod) -> str | None:
     """None when ``mod`` (a W4A16Linear) can be repacked for humming, else why not."""
     if mod.sym_zero != 8:
         return "asymmetric zero points (humming's gptq path is symmetric-only here)"
@@ -172,14 +172,14 @@ def attach(mod, handle, *, single_copy: bool | None = None) -> int:
     memory, so that humming's is the only 4-bit copy on the device. Returns humming's bytes."""
     if single_copy is None:
         single_copy = _single_copy_default()
-    object.__setattr__(mod, "_humming", handle)  # not a registered submodule: state_dict unchanged
-    object.__setattr__(mod, "_humming_bytes", int(handle.nbytes))
+    mod._humming = handle  # a plain attribute (not a module or buffer): state_dict unchanged
+    mod._humming_bytes = int(handle.nbytes)
     if single_copy and not mod.spilled:
         dev = mod.scales.device
         for name in _KERNEL_TENSORS:  # still registered buffers (state_dict keeps them), now on the host
             setattr(mod, name, getattr(mod, name).to("cpu"))
-        object.__setattr__(mod, "_compute_device", dev)
-        object.__setattr__(mod, "_spilled", True)
+        mod._compute_device = dev
+        mod._spilled = True
     return mod._humming_bytes
 
 
@@ -189,7 +189,7 @@ def prepare(mod, *, single_copy: bool | None = None) -> int:
     h = getattr(mod, "_humming", None)
     if h is not None:
         return mod._humming_bytes
-    why = supported(mod)
+    why = unsupported_reason(mod)
     if why:
         raise ValueError(f"humming cannot run this layer: {why}")
     qw, _, sc = mod.to_gptq()
@@ -204,10 +204,10 @@ def release(mod) -> None:
         dev = mod._compute_device
         for name in _KERNEL_TENSORS:
             setattr(mod, name, getattr(mod, name).to(dev))
-        object.__setattr__(mod, "_spilled", False)
+        mod._spilled = False
     if getattr(mod, "_humming", None) is not None:
-        object.__setattr__(mod, "_humming", None)
-        object.__setattr__(mod, "_humming_bytes", 0)
+        mod._humming = None
+        mod._humming_bytes = 0
 
 
 def run_layer(h, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,31 +226,3 @@ def matmul(x: torch.Tensor, mod, *, act: bool = False, out: torch.Tensor | None 
         x = silu_mul(x)
     return run_layer(mod._humming, x, out)
 
-
-def prepare_model(model, *, only_dispatched: bool = True, single_copy: bool | None = None) -> dict:
-    """Repack every symmetric W4A16Linear of ``model`` whose (K, N) the dispatcher sends to humming for
-    some token count (all of them with ``only_dispatched=False``). Returns counts and bytes
-    (``bytes``: humming's copies; ``host_bytes``: kernel-layout copies moved to the host)."""
-    from colquant.kernels.linear import DISPATCH, W4A16Linear
-
-    if single_copy is None:
-        single_copy = _single_copy_default()
-    shapes = {(k, n) for (k, n, _), c in DISPATCH.table.items() if c[0] == "humming"}
-    info = dict(prepared=0, skipped=0, bytes=0, host_bytes=0, single_copy=bool(single_copy), reason=None)
-    mods = [m for m in model.modules() if isinstance(m, W4A16Linear)]
-    if not mods:
-        return info
-    dev = mods[0].compute_device
-    info["reason"] = unavailable_reason(dev)
-    if info["reason"]:
-        return info
-    for m in mods:
-        if only_dispatched and (m.in_features, m.out_features) not in shapes:
-            continue
-        if supported(m):
-            info["skipped"] += 1
-            continue
-        info["bytes"] += prepare(m, single_copy=single_copy)
-        info["host_bytes"] += m.host_bytes
-        info["prepared"] += 1
-    return info

@@ -10,6 +10,9 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
 * ``"bf16"``: cuBLAS on a dequantized BF16 copy of the weight, where the tuner measured BF16 faster
   than every 4-bit kernel and :func:`.autotune.keep_bf16_copies` kept one (else the entry's 4-bit
   fallback runs);
+* ``"tinygemm"``: torch core's ``aten._weight_int4pack_mm`` (:mod:`.tinygemm`) on a copy of the
+  4-bit weights in its layout, kept where the tuner measured it fastest and memory allows
+  (:mod:`.copies`; else the entry's fallback runs);
 * ``"humming"``: humming-kernels' GEMM (optional package, see :mod:`.humming_ops`) on a copy of
   the weights repacked for it; only ever chosen through a measured table entry, and only where the
   package imports (elsewhere such entries fall back to the default choice). Once a layer is
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from colquant.kernels import humming_ops, tinygemm
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import use_fast_path
 from colquant.kernels.packing import (
@@ -49,6 +53,10 @@ __all__ = ["W4A16Linear", "DISPATCH", "Dispatcher", "quantize_linears_rtn", "rep
 # dispatcher
 # --------------------------------------------------------------------------------------------
 
+# kinds that run on a copy of the weights besides the layer's own 4-bit tensors: what that copy is
+COPY_KINDS = {"bf16": "a BF16 copy of the layer's weight",
+              "tinygemm": "a second copy of the 4-bit weights in tinygemm's layout"}
+
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 62)
 
 
@@ -59,8 +67,9 @@ def m_bucket(m: int) -> int:
 
 @dataclass
 class Dispatcher:
-    """Per (K, N, M-bucket) choice: ("triton", cfg), ("dequant+cublas", None), ("humming", None) or
-    ("bf16", {"fallback": [kind, cfg]}), filled by :func:`.autotune.ensure_tuned` for the GPU at hand.
+    """Per (K, N, M-bucket) choice: ("triton", cfg), ("dequant+cublas", None), ("humming", None),
+    ("tinygemm", {"inner_k_tiles": t, "fallback": [kind, cfg]}) or ("bf16", {"fallback": [kind, cfg]})
+    (a copy kind names what runs where the layer holds no such copy), filled by :func:`.autotune.ensure_tuned` for the GPU at hand.
 
     Without a tuned entry (a layer used without :func:`accelerate_model`): Triton with
     ``triton_ops.default_config`` below ``dequant_min_m`` tokens, dequantize + cuBLAS from there on.
@@ -173,6 +182,7 @@ class W4A16Linear(nn.Module):
     _humming = None
     _humming_bytes = 0
     _compute_device = None
+    tinygemm_inner_k_tiles = 0  # set with the tinygemm copy (its layout depends on it)
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  device=None, dtype=torch.bfloat16):
@@ -199,10 +209,29 @@ class W4A16Linear(nn.Module):
         # dequantized [out, in] copy, only where BF16 beats every 4-bit kernel (autotune.keep_bf16_copies);
         # not saved: the checkpoint stays 4-bit
         self.register_buffer("bf16_weight", None, persistent=False)
+        # tinygemm's packed weight and [K/G, N, 2] scales-and-zeros, only where the tuner picked it
+        self.register_buffer("tinygemm_weight", None, persistent=False)
+        self.register_buffer("tinygemm_sz", None, persistent=False)
 
     def keep_bf16_copy(self) -> None:
         """Hold a dequantized 16-bit weight for the token counts where the tuned table picks ``"bf16"``."""
         self.bf16_weight = self.dequantize().contiguous()
+
+    def keep_tinygemm_copy(self, inner_k_tiles: int = 8) -> None:
+        """Hold the weights in tinygemm's layout for the token counts where the table picks ``"tinygemm"``."""
+        why = tinygemm.layer_unsupported_reason(self.in_features, self.out_features, self.group_size, self.dtype,
+                                                inner_k_tiles)
+        if why:
+            raise ValueError(f"tinygemm cannot run this layer: {why}")
+        self.tinygemm_weight, self.tinygemm_sz = tinygemm.pack(*self.kernel_tensors(), inner_k_tiles=inner_k_tiles,
+                                                               dtype=self.dtype)
+        self.tinygemm_inner_k_tiles = inner_k_tiles
+
+    def has_copy(self, kind: str, cfg: dict | None) -> bool:
+        """Whether this layer holds the copy a :data:`COPY_KINDS` choice runs on."""
+        if kind == "bf16":
+            return self.bf16_weight is not None
+        return self.tinygemm_weight is not None and self.tinygemm_inner_k_tiles == (cfg or {}).get("inner_k_tiles")
 
     def _refresh_sym(self) -> None:
         self.sym_zero = 8 if bool((self.zeros_u8 == 8).all()) else 0
@@ -311,8 +340,9 @@ class W4A16Linear(nn.Module):
         host, humming's repacked copy where one was made, the bias (see :attr:`host_bytes`)."""
         b = 0 if self.spilled else self._kernel_bytes
         b += self._humming_bytes  # humming's repacked copy, where one was made
-        if self.bf16_weight is not None:
-            b += self.bf16_weight.numel() * self.bf16_weight.element_size()
+        for t in (self.bf16_weight, self.tinygemm_weight, self.tinygemm_sz):
+            if t is not None:
+                b += t.numel() * t.element_size()
         return b + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     @property
@@ -347,38 +377,41 @@ class W4A16Linear(nn.Module):
     def _dispatch(self, x2, act):
         m = x2.shape[0]
         if self.spilled:  # humming's repack is the only 4-bit copy on the GPU: it serves every M
-            from colquant.kernels import humming_ops as hk
-
             if DISPATCH.record_stats:
                 DISPATCH.stats[(self.in_features, self.out_features, m, "humming")] += 1
-            return hk.matmul(x2, self, act=act)
+            return humming_ops.matmul(x2, self, act=act)
         tk = _triton_ops()
-        kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
+        kind, cfg = self._resolve(m, x2.device)
+        if kind == "triton":
+            return tk.w4a16_matmul(x2, self.qweight_k, self.zeros_u8, self.scales, self.group_size,
+                                   bias=self.bias, act=act, cfg=cfg, sym_zero=self.sym_zero)
+        a = tk.silu_mul(x2) if act else x2
         if kind == "bf16":
-            if self.bf16_weight is not None:
-                a = tk.silu_mul(x2) if act else x2
-                return nn.functional.linear(a, self.bf16_weight, self.bias)
-            kind, cfg = cfg["fallback"]
+            return nn.functional.linear(a, self.bf16_weight, self.bias)
+        if kind == "tinygemm":
+            return tinygemm.matmul(a, self.tinygemm_weight, self.tinygemm_sz, self.group_size, bias=self.bias)
         if kind == "humming":
-            from colquant.kernels import humming_ops as hk
+            humming_ops.prepare(self)  # no-op once repacked (copies.prepare_humming does it at conversion time)
+            return humming_ops.matmul(a, self)
+        w = _scratch(self.in_features * self.out_features, x2.dtype, x2.device)
+        w = w[: self.in_features * self.out_features].view(self.in_features, self.out_features)
+        tk.dequant_w4(self.qweight_k, self.zeros_u8, self.scales, self.group_size, out=w, sym_zero=self.sym_zero)
+        if self.bias is not None:
+            return torch.addmm(self.bias.to(a.dtype), a, w)
+        return a @ w
 
-            if self._humming is None and (
-                    hk.supported(self) or not hk.available(x2.device) or torch.cuda.is_current_stream_capturing()):
-                kind, cfg = DISPATCH.default(m, self.in_features, self.out_features)
-            else:
-                hk.prepare(self)  # no-op once repacked (prepare_model does it at conversion time)
-                return hk.matmul(x2, self, act=act)
-        if kind == "dequant+cublas":
-            w = _scratch(self.in_features * self.out_features, x2.dtype, x2.device)
-            w = w[: self.in_features * self.out_features].view(self.in_features, self.out_features)
-            tk.dequant_w4(self.qweight_k, self.zeros_u8, self.scales, self.group_size, out=w,
-                          sym_zero=self.sym_zero)
-            a = tk.silu_mul(x2) if act else x2
-            if self.bias is not None:
-                return torch.addmm(self.bias.to(a.dtype), a, w)
-            return a @ w
-        return tk.w4a16_matmul(x2, self.qweight_k, self.zeros_u8, self.scales, self.group_size,
-                               bias=self.bias, act=act, cfg=cfg, sym_zero=self.sym_zero)
+    def _resolve(self, m: int, device):
+        """The table's choice at ``m`` tokens, walked down its fallbacks to one this layer can run:
+        a copy it holds, humming where it can be repacked now, else its own 4-bit tensors."""
+        kind, cfg = DISPATCH.choose(m, self.in_features, self.out_features)
+        while kind in COPY_KINDS and not self.has_copy(kind, cfg):
+            fallback = (cfg or {}).get("fallback")
+            kind, cfg = fallback if fallback else DISPATCH.default(m, self.in_features, self.out_features)
+        if kind == "humming" and self._humming is None and (
+                humming_ops.unsupported_reason(self) or not humming_ops.available(device)
+                or torch.cuda.is_current_stream_capturing()):
+            kind, cfg = DISPATCH.default(m, self.in_features, self.out_features)
+        return kind, cfg
 
 
 # --------------------------------------------------------------------------------------------

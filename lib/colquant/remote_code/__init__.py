@@ -13,10 +13,10 @@ the `quantization_config` the checkpoint already holds.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from colquant.files import write_text
 
 PACKAGE = Path(__file__).resolve().parent.parent  # lib/colquant
 REMOTE_CODE_FILES = {
@@ -41,12 +41,5 @@ def write_remote_code(checkpoint: str | Path) -> Path:
         shutil.copyfile(source, checkpoint / name)
     config = json.loads(config_file.read_text())
     config["auto_map"] = AUTO_MAP
-    _write_atomically(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return checkpoint
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(partial, path)

@@ -1,0 +1,144 @@
+"""Writing results so that a kill, a full disk or a read-only directory never leaves half of one.
+
+Every file the package writes goes through `atomic_write` (a temporary sibling, fsync, rename) and
+every directory it builds (a checkpoint, the tiny model, the corpus) through `atomic_directory` (a
+hidden staging sibling swapped in when complete). This module imports nothing from colquant, so
+the lowest modules (processing, tiny, corpus, hub) can use it; `colquant.workspace` re-exports it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+OUTPUT_ROOT_ENV = "COLQUANT_OUTPUT_ROOT"
+# `tempfile.mkdtemp(prefix=".<name>.")` folders: what `atomic_directory` stages in
+STAGING_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")
+
+
+class OutputError(RuntimeError):
+    """An output cannot be written (read-only directory, full disk) or read back (corrupt file)."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` into one OutputError that names the path and the fix."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {_fix_for(error)}") from error
+
+
+def _fix_for(error: OSError) -> str:
+    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+        return ("the disk is full (no space left on device); free space there or set "
+                f"{OUTPUT_ROOT_ENV} to a directory on a disk with room")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"the directory is not writable ({error.strerror}); fix its permissions or set "
+                f"{OUTPUT_ROOT_ENV} to a writable directory")
+    return f"{error.strerror or error} (errno {error.errno})"
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(temporary path)` in `path`'s directory (created if needed), fsync, then rename
+    onto `path`.
+
+    A kill or a full disk at any moment leaves either the old file or the new one, never half of
+    one; the temporary file is removed when writing fails.
+    """
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(handle)
+        staging = Path(name)
+        try:
+            write(staging)
+            with open(staging, "rb+") as file:
+                os.fsync(file.fileno())
+            os.chmod(staging, 0o644)
+            os.replace(staging, path)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file atomically."""
+    return atomic_write(path, lambda staging: staging.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically, so a crash never leaves half a result."""
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, frame: Any) -> Path:
+    """Write a DataFrame as CSV atomically."""
+    return atomic_write(path, lambda staging: frame.to_csv(staging, index=False))
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """Read a JSON result, naming the file and `fix` when it is empty or corrupt (e.g. a killed write)."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        state = "is empty" if not text.strip() else f"is not valid JSON ({error})"
+        raise OutputError(f"{path} {state}; {fix}") from error
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `target` (`.<name>.<8 characters>`); when the block
+    finishes, it replaces `target`; when it fails, it is deleted and `target` is untouched.
+
+    The old `target` is moved aside first and deleted last, so at every moment `target` is the old
+    complete directory or the new one (or absent), never a half-written one.
+    """
+    target = Path(target)
+    with writing(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with writing(staging):
+            yield staging
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    with writing(target):
+        if not target.exists():
+            os.replace(staging, target)
+            return
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.retired.", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Delete staging folders that interrupted `atomic_directory` blocks left in `directory`;
+    call only when no build is live there (e.g. under the output lock)."""
+    candidates = directory.iterdir() if directory.exists() else []
+    stale = sorted(path for path in candidates if path.is_dir() and STAGING_NAME.fullmatch(path.name))
+    for path in stale:
+        log.info("removing %s, left by an interrupted save", path)
+        shutil.rmtree(path)
+    return stale

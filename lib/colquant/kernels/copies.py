@@ -1,0 +1,141 @@
+"""Extra weight copies a tuned table may ask for, kept only where GPU memory allows.
+
+Why a separate step: the tuner (:mod:`.autotune`) measures which kernel is fastest per layer shape
+and token bucket, but some winners run on their own copy of the weights: BF16 cuBLAS (where no 4-bit
+kernel beats it: the never-slower-than-BF16 rule), tinygemm (its own 4-bit layout), humming (its
+repack). Whether to pay that memory is a policy: by default a copy is kept only if all copies asked
+for take at most :data:`COPY_FREE_FRACTION` of the free GPU memory; ``allow=False`` never keeps them
+(memory first: those token counts run the entry's fallback, which needs no copy), ``True`` always.
+Every decision is logged with its cost.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from colquant.kernels import humming_ops, tinygemm
+from colquant.kernels.autotune import ensure_tuned, layer_shapes
+from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear
+
+logger = logging.getLogger("colquant.kernels")
+
+COPY_FREE_FRACTION = 0.5  # keep copies only if they take at most half the free GPU memory
+# the fewest tokens one forward of a ColQwen3 tower carries (the query template and its 10 augmentation
+# tokens alone are more): a copy that only serves token buckets below this is never used
+MIN_TOKENS = 16
+
+
+def _kinds_in_chain(choice) -> list[tuple[str, dict | None]]:
+    """The choice and its fallbacks, in order."""
+    chain = []
+    while choice is not None:
+        kind, cfg = choice
+        chain.append((kind, cfg))
+        choice = (cfg or {}).get("fallback") if kind in COPY_KINDS else None
+    return chain
+
+
+def wanted_copies(model: nn.Module, kind: str, min_tokens: int = MIN_TOKENS) -> dict[tuple[int, int], dict | None]:
+    """(K, N) -> the cfg of the ``kind`` copy the table would run at some token bucket reaching
+    ``min_tokens`` (its most frequent one): each entry's choice and fallbacks are walked until one is
+    ``kind`` or a copy the layers hold."""
+    held = {(m.in_features, m.out_features): m for m in model.modules() if isinstance(m, W4A16Linear)}
+    seen: dict[tuple[int, int], collections.Counter] = collections.defaultdict(collections.Counter)
+    cfgs: dict = {}
+    for (k, n, bucket), choice in DISPATCH.table.items():
+        if (k, n) not in held or bucket < min_tokens:
+            continue
+        for ck, cfg in _kinds_in_chain(choice):
+            if ck == kind:
+                key = (cfg or {}).get("inner_k_tiles")
+                seen[(k, n)][key] += 1
+                cfgs[(k, n, key)] = cfg
+                break
+            if ck in COPY_KINDS and held[(k, n)].has_copy(ck, cfg):
+                break
+    return {kn: cfgs[(*kn, c.most_common(1)[0][0])] for kn, c in seen.items()}
+
+
+def _copy_bytes(kind: str, m: W4A16Linear) -> int:
+    if kind == "bf16":
+        return m.in_features * m.out_features * 2
+    groups = m.in_features // m.group_size
+    return m.in_features * m.out_features // 2 + groups * m.out_features * 2 * 2  # weights + bf16 scales/zeros
+
+
+def keep_copies(model: nn.Module, kind: str, *, allow: bool | None = None, min_tokens: int = MIN_TOKENS) -> dict:
+    """Give the 4-bit layers of ``model`` the ``kind`` copy (``"bf16"`` or ``"tinygemm"``) the tuned
+    table asks for at ``min_tokens`` or more. Returns what was decided (layers, bytes, kept) and logs it."""
+    wanted = wanted_copies(model, kind, min_tokens)
+    layers = [(m, wanted[(m.in_features, m.out_features)]) for m in model.modules()
+              if isinstance(m, W4A16Linear) and (m.in_features, m.out_features) in wanted
+              and not m.has_copy(kind, wanted[(m.in_features, m.out_features)])]
+    need = sum(_copy_bytes(kind, m) for m, _ in layers)
+    info = dict(layers=len(layers), bytes=need, kept=False)
+    if not layers:
+        return info
+    missing = tinygemm.op_missing() if kind == "tinygemm" else None
+    if missing:  # a table tuned elsewhere (or loaded from JSON) names a kernel this torch lacks
+        logger.warning("colquant.kernels: the tuned table runs tinygemm for %d layers, but %s: those token "
+                       "counts run the next-best kernel", len(layers), missing)
+        return dict(info, reason=missing)
+    device = layers[0][0].compute_device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    keep = need <= COPY_FREE_FRACTION * free if allow is None else allow
+    if keep:
+        for m, cfg in layers:
+            if kind == "bf16":
+                m.keep_bf16_copy()
+            else:
+                m.keep_tinygemm_copy((cfg or {}).get("inner_k_tiles", 8))
+    info.update(kept=bool(keep), free_bytes=int(free))
+    why = "not allowed" if allow is False else f"only {free / 2**20:.0f} MiB free"
+    logger.warning("colquant.kernels: the tuned table runs %s on %s at some token counts for %d layers; %s",
+                   kind, COPY_KINDS[kind], len(layers),
+                   f"kept them ({need / 2**20:.0f} MiB more GPU memory)" if keep else
+                   f"not kept ({need / 2**20:.0f} MiB; {why}): those token counts run the next-best kernel")
+    return info
+
+
+def prepare_humming(model: nn.Module, *, only_dispatched: bool = True, single_copy: bool | None = None) -> dict:
+    """Repack every symmetric W4A16Linear of ``model`` whose (K, N) the dispatcher sends to humming for
+    some token count (all of them with ``only_dispatched=False``). Returns counts and bytes
+    (``bytes``: humming's copies; ``host_bytes``: kernel-layout copies moved to the host)."""
+    shapes = {(k, n) for (k, n, _), c in DISPATCH.table.items() if c[0] == "humming"}
+    info = dict(prepared=0, skipped=0, bytes=0, host_bytes=0, reason=None)
+    mods = [m for m in model.modules() if isinstance(m, W4A16Linear)]
+    if not mods:
+        return info
+    info["reason"] = humming_ops.unavailable_reason(mods[0].compute_device)
+    if info["reason"]:
+        return info
+    for m in mods:
+        if only_dispatched and (m.in_features, m.out_features) not in shapes:
+            continue
+        if humming_ops.unsupported_reason(m):
+            info["skipped"] += 1
+            continue
+        info["bytes"] += humming_ops.prepare(m, single_copy=single_copy)
+        info["host_bytes"] += m.host_bytes
+        info["prepared"] += 1
+    return info
+
+
+def prepare_dispatch(model: nn.Module, device: torch.device | str, *, bf16_copy: bool | None = None,
+                     cache_dir: Path | str | None = None, min_tokens: int = MIN_TOKENS) -> dict:
+    """What :func:`accelerate_model` does for the 4-bit layers: the tuned table, then the copies it
+    asks for: BF16 first (``bf16_copy``, see :func:`keep_copies`), then tinygemm's where no BF16 copy
+    serves those token counts (a quarter of a BF16 copy)."""
+    shapes = layer_shapes(model)
+    if not shapes:
+        return dict(tuned=False, reason="no 4-bit layers")
+    info = ensure_tuned(shapes, device, cache_dir=cache_dir)
+    if "reason" not in info:
+        info["bf16_copy"] = keep_copies(model, "bf16", allow=bf16_copy, min_tokens=min_tokens)
+        info["tinygemm_copy"] = keep_copies(model, "tinygemm", min_tokens=min_tokens)
+    return info

@@ -1,0 +1,80 @@
+"""Producing a profile's quantized variants: notebook 03's one call.
+
+`colquant.quantization` knows how to quantize a model and save it; `colquant.workspace` knows where
+a profile's inputs and outputs live. This module joins the two for a profile: it names the variant
+from its settings, decides whether an identical checkpoint already exists, and otherwise loads the
+base model (through `workspace.load_variant`), quantizes it and saves it under `variants/<name>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from colquant import workspace
+from colquant.calibration import CalibrationSet
+from colquant.params import quantization_section
+from colquant.quantization import (
+    SCRATCH_DIR,
+    QuantizationSettings,
+    decoder_linear_names,
+    quantization_metadata,
+    quantize_language_model,
+    save_quantized_model,
+    scratch_dir,
+)
+
+
+def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autoround") -> dict[str, Any]:
+    """Quantize the profile's base model into `variants/<name>` unless an identical one exists.
+
+    Identical means the same `inputs_fingerprint`: settings, the calibration file notebook 02 saved
+    for `seqlen` and the base checkpoint's content, dtype. Returns the variant's metadata (with
+    `reused: True` when nothing had to be done).
+    """
+    settings = QuantizationSettings.from_profile(profile, method)
+    calibration_path = workspace.calibration_file(profile, seqlen)
+    calibration = CalibrationSet.load(calibration_path)
+    name = quantization_section(profile).variant_name(seqlen, method, calibration_source=calibration.source_used)
+    out = workspace.variants_dir(profile) / name
+    base = workspace.base_model(profile)
+    inputs = variant_inputs_fingerprint(profile, settings, base, None if method == "rtn" else calibration_path)
+    if (out / workspace.METADATA_FILE).exists():
+        existing = workspace.read_variant_metadata(out)
+        if existing.get("inputs_fingerprint") == inputs:
+            return {**existing, "reused": True}
+    model, processor = workspace.load_variant(profile, base, accelerate=False)  # auto-round replays transformers' blocks
+    with scratch_dir(workspace.output_dir(profile) / SCRATCH_DIR):
+        autoround, cost = quantize_language_model(model, processor, calibration, settings)
+        metadata = quantization_metadata(
+            name,
+            settings,
+            calibration,
+            cost,
+            base_model=str(profile["model"]["id"]),
+            base_model_revision=workspace.base_model_revision(profile),
+            random_weights=profile["random_weights"],
+            quantized_layers=decoder_linear_names(model.language_model),
+        )
+        save_quantized_model(
+            model, processor, autoround, out, metadata={**metadata, "inputs_fingerprint": inputs},
+            export_formats=tuple(profile["quantization"]["export_formats"]),
+        )
+    return {**workspace.read_variant_metadata(out), "reused": False}
+
+
+def variant_inputs_fingerprint(
+    profile: dict[str, Any], settings: QuantizationSettings, base: Path, calibration_path: Path | None
+) -> str:
+    """Everything a quantized checkpoint is made from: settings, base weights, dtype, calibration
+    file (by name, size and time; RTN reads none), and the export formats written beside it."""
+    calibration = None
+    if calibration_path is not None:
+        stat = calibration_path.stat()
+        calibration = [calibration_path.name, stat.st_size, stat.st_mtime_ns]
+    return workspace.fingerprint(
+        asdict(settings), workspace.checkpoint_fingerprint(base), profile["model"]["dtype"], calibration,
+        sorted(profile["quantization"]["export_formats"]),
+    )
+

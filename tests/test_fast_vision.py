@@ -1,0 +1,135 @@
+"""The fast vision tower against transformers' eager tower, on fresh random inputs.
+
+On CPU the fused math runs with torch reference ops (and `accelerate_vision` installs nothing: the
+eager tower is what CPU runs); on CUDA the Triton rotary kernel, cuBLASLt GELU epilogue and batched
+flash attention run, on the 4B's vision shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colquant.kernels import fast_vision
+from colquant.model import ColQwen3, ColQwen3Config
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def random_tower(config: ColQwen3Config, device: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with torch.device(device):
+        visual = ColQwen3(config).to(torch.bfloat16).eval().visual
+    with torch.no_grad():  # every term of the same order (unit-variance signals), so a wrong one shows
+        for name, p in visual.named_parameters():
+            if p.ndim == 1:
+                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
+            elif "pos_embed" in name:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+    return visual
+
+
+def pages(visual: torch.nn.Module, grids: list[tuple[int, int, int]], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    cfg = visual.config
+    width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    patches = sum(t * h * w for t, h, w in grids)
+    device = next(visual.parameters()).device
+    pixels = torch.randn(patches, width, generator=generator).to(device=device, dtype=torch.bfloat16)
+    return pixels, torch.tensor(grids, device=device)
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).min().item()
+
+
+def assert_matches_eager(visual, grids, seed, settings=None, floor=0.999):
+    pixels, grid = pages(visual, grids, seed)
+    with torch.no_grad():
+        eager = visual(pixels, grid_thw=grid, return_dict=True)
+        fast = fast_vision.fast_vision_forward(visual, pixels, grid, settings)
+    assert token_cosine(fast.last_hidden_state, eager.last_hidden_state) >= floor
+    assert token_cosine(fast.pooler_output, eager.pooler_output) >= floor
+    assert len(fast.deepstack_features) == len(eager.deepstack_features) == 3
+    for a, b in zip(fast.deepstack_features, eager.deepstack_features):
+        assert a.shape == b.shape and token_cosine(a, b) >= floor
+
+
+@pytest.fixture(scope="module")
+def tiny_tower():
+    return random_tower(ColQwen3Config.tiny(), "cpu")
+
+
+@pytest.mark.parametrize("grids", [[(1, 8, 8)], [(1, 8, 12), (1, 8, 12), (1, 4, 6), (1, 8, 12)], [(2, 4, 4)]])
+def test_fused_math_matches_eager_on_cpu(tiny_tower, grids):
+    """Mixed image sizes (equal ones batched, order kept) and a 2-frame grid (attention per frame)."""
+    assert_matches_eager(tiny_tower, grids, seed=len(grids))
+
+
+def test_plan_groups_equal_frames_and_is_cached(tiny_tower):
+    settings = fast_vision.VisionSettings()
+    grid = torch.tensor([(1, 8, 12), (1, 8, 12), (1, 4, 6), (2, 4, 4)])
+    plan = fast_vision.grid_plan(tiny_tower, grid, settings)
+    assert plan.segments == [(0, 2, 96), (192, 1, 24), (216, 2, 16)]
+    assert plan.cu_seqlens.tolist() == [0, 96, 192, 216, 232, 248]
+    assert fast_vision.grid_plan(tiny_tower, grid.clone(), settings) is plan
+
+
+def test_cpu_keeps_the_eager_tower():
+    model = ColQwen3(ColQwen3Config.tiny()).eval()
+    info = fast_vision.accelerate_vision(model)
+    assert info == dict(installed=False, reason="device is cpu; the fast vision tower needs a CUDA GPU")
+    assert type(model.visual).__name__ == "Qwen3VLVisionModel"
+    assert fast_vision.has_vision_tower(model) and not fast_vision.has_vision_tower(model.language_model)
+    with pytest.raises(ValueError, match="no Qwen3-VL vision tower"):
+        fast_vision.accelerate_vision(model.language_model)
+
+
+@CUDA
+def test_rope_kernel_matches_the_float32_reference():
+    for n, heads, dim in ((5120, 16, 64), (333, 2, 32)):
+        qkv = torch.randn(n, 3 * heads * dim, device="cuda", dtype=torch.bfloat16)
+        angles = torch.rand(n, dim // 2, device="cuda") * 50
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        for fast, ref in zip(fast_vision.rope_qk_triton(qkv, cos, sin, heads),
+                             fast_vision.rope_qk_reference(qkv, cos, sin, heads)):
+            torch.testing.assert_close(fast, ref, atol=1e-2, rtol=1e-2)
+
+
+@CUDA
+def test_cublaslt_gelu_epilogue_is_the_tanh_approximation():
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) * 0.05
+    b = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True).float()
+    pre = torch.addmm(b.float(), x.float(), w.float().t())
+    tanh = torch.nn.functional.gelu(pre, approximate="tanh")
+    assert (fused - tanh).norm() / tanh.norm() < 1e-2
+
+
+@CUDA
+@pytest.mark.parametrize("attention", ["sdpa", "varlen"])
+def test_fast_tower_matches_eager_on_4b_shapes(attention):
+    visual = random_tower(ColQwen3Config.colqwen3_4b(), "cuda", seed=1)
+    settings = fast_vision.VisionSettings(attention=attention)
+    assert_matches_eager(visual, [(1, 64, 80), (1, 64, 80), (1, 32, 48)], seed=7, settings=settings)
+
+
+@CUDA
+def test_accelerate_vision_installs_and_restores():
+    torch.manual_seed(0)
+    model = ColQwen3(ColQwen3Config.tiny()).to("cuda", torch.bfloat16).eval()
+    keys = list(model.state_dict())
+    assert fast_vision.accelerate_vision(model)["installed"]
+    assert type(model.visual).__name__ == "FastQwen3VLVisionModel" and list(model.state_dict()) == keys
+    pixels, grid = pages(model.visual, [(1, 8, 8)], seed=3)
+    with torch.no_grad():
+        fast = model.vlm.model.get_image_features(pixels, grid)
+    assert model.visual._colquant_vision.calls == 1
+    fast_vision.restore_vision(model)
+    assert type(model.visual).__name__ == "Qwen3VLVisionModel"
+    with torch.no_grad():
+        eager = model.vlm.model.get_image_features(pixels, grid)
+    assert token_cosine(torch.cat(fast.pooler_output), torch.cat(eager.pooler_output)) >= 0.999
