@@ -63,8 +63,8 @@ class Notebook:
         nothing, so a cell that ends with it does not display the figure a second time as its value.
         """
         mark_random_weights(figure, self.random_weights)
-        path = workspace.write_atomically(self.plots / f"{stem}.png",
-                                          lambda staging: figure.savefig(staging, format="png", bbox_inches="tight"))
+        path = workspace.atomic_write(self.plots / f"{stem}.png",
+                                      lambda staging: figure.savefig(staging, format="png", bbox_inches="tight"))
         # the saved file, not the figure object: a Figure made without pyplot has no PNG formatter
         # until pyplot's inline backend is loaded, and would display as "<Figure size ...>"
         display(Image(filename=str(path)))
@@ -87,6 +87,7 @@ def setup(profile_path: str | Path, *, seed: int = 0, notice: bool = True) -> No
     _seed_everything(seed)
     profile = load_profile(workspace.resolve(profile_path))
     book = Notebook(profile=profile, results=workspace.results_dir(profile), plots=workspace.plots_dir(profile))
+    book.results.mkdir(parents=True, exist_ok=True)  # notebooks write their results here
     if notice:
         display(Markdown(workspace.random_weights_notice(profile)))
     return book
