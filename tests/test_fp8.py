@@ -273,7 +273,8 @@ def test_the_fused_text_tower_runs_fp8_layers_like_transformers_forward(fp8_vari
 def test_prepare_fp8_gives_the_bench_an_fp8_model(tiny_path):
     model, processor = colquant.load(tiny_path, device="cpu", accelerate=False)
     reference = model.encode_queries(["energy use per site"], processor=processor)[0]
-    fp8.prepare_fp8(model, "lm")
+    info = fp8.prepare_fp8(model, {}, scope="lm")
+    assert info["fp8_layers"] == 4 * 7 and info["fused_projections"] == 4 * 2
     assert getattr(model, "_colquant_acceleration")["unfused"] == 0
     assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 4 * 4  # qkv, o, gate_up, down per layer
     cosine = (model.encode_queries(["energy use per site"], processor=processor)[0] * reference).sum(-1)

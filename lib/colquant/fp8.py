@@ -303,17 +303,21 @@ def keep_eager_vision(model: nn.Module) -> bool:
     return True
 
 
-def prepare_fp8(model: nn.Module, scope: str = "lm", *, accelerate: bool = True) -> nn.Module:
-    """The bench's FP8 model from a loaded BF16 one: quantize ``scope`` in place and, where the fused
-    text tower runs, fuse the FP8 projections and install it (CUDA graphs for queries). Returns ``model``."""
-    quantize_fp8(model, scope)
+def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scope: str = "lm",
+                accelerate: bool = True) -> dict[str, Any]:
+    """The bench's FP8 precision (its `PREPARE` signature: model, profile -> info): quantize ``scope``
+    of a loaded BF16 model in place and, where ``accelerate``, fuse the FP8 projections and install the
+    fused text tower (CUDA graphs for queries); FP8 vision layers keep transformers' vision forward
+    (`keep_eager_vision`). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")`` for fp8-all."""
+    names = quantize_fp8(model, scope)
+    info: dict[str, Any] = dict(scope=scope, fp8_layers=len(names), calibration=NO_CALIBRATION)
     if accelerate:
         from colquant.kernels import accelerate_model
 
-        fuse_text_projections(model)
+        info["fused_projections"] = fuse_text_projections(model)
         accelerate_model(model)
-        keep_eager_vision(model)
-    return model
+        info["eager_vision"] = keep_eager_vision(model)
+    return info
 
 
 # --------------------------------------------------------------------------------------------
