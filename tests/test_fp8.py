@@ -313,3 +313,13 @@ def test_fp8_vision_layers_keep_transformers_vision_forward(fp8_variant, monkeyp
     with pytest.raises(RuntimeError):
         model.encode_pages([image], processor=processor)
     assert fp8.keep_eager_vision(model) and not fp8.keep_eager_vision(model)
+
+
+def test_notebook_03s_layer_check_names_the_fp8_layers(fp8_variant):
+    from colquant import interpret
+    from colquant.quantization import layer_types
+
+    model, _ = colquant.load(fp8_variant, device="cpu", accelerate=False)
+    said = interpret.layer_check({"fp8-all": layer_types(model)})
+    expected = sum(isinstance(m, FP8Linear) for m in model.modules())
+    assert f"{expected:,} FP8 (e4m3) layers, in " in said and "vision" in said and "4-bit" not in said
