@@ -96,3 +96,15 @@ def test_a_gemm_shape_with_no_passing_route_fails_the_checks():
     assert checks._gemm_row("qkv", 2560, 6144, 16, None) == dict(shape="qkv", K=2560, N=6144, M=16, ok=False)
     row = checks._gemm_row("o", 4096, 2560, 16, dict(name="bf16", fallback_name="triton-a", us=20.0, bf16_us=10.0))
     assert row["ok"] and row["w4_choice"] == "triton-a" and row["dispatch"] == "bf16" and row["speedup"] == 0.5
+
+
+def test_fp8_and_memory_first_precisions_are_timed_and_checked(tiny_profile, tmp_path):
+    tiny_profile["bench"].update(precisions=["bf16", "w4a16-memory", "fp8-lm", "fp8-all"], query_batches=[1],
+                                 page_batches=[1], end_to_end_batches=0)
+    bench.run_bench(tiny_profile, tmp_path / "bench.json", device="cpu")
+    data = json.loads((tmp_path / "bench.json").read_text())
+    checks = data["model_checks"]
+    assert checks["fp8-all_vs_transformers_queries"]["cos_min"] > 0.95  # W8A8 on a random tiny model
+    assert checks["w4a16-memory_vs_dequant_reference_queries"]["cos_min"] > 0.999
+    timed = {(r["precision"], r["work"]) for r in data["results"] if "ms" in r}
+    assert {("fp8-lm", "query"), ("fp8-all", "page"), ("w4a16-memory", "query")} <= timed

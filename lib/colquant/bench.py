@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from colquant import encode, measure
+from colquant import encode, fp8, measure
 from colquant.bench_report import format_report, summary, targets_met
 from colquant.kernels import checks
 
@@ -56,8 +57,18 @@ def prepare_w4a16(model: nn.Module, profile: dict) -> dict:
     return dict(prepare_bf16(model, profile), rtn_linears=quantized)
 
 
+def prepare_w4a16_memory_first(model: nn.Module, profile: dict) -> dict:
+    """As `w4a16`, keeping no BF16 copy of any layer (`colquant.load(..., bf16_copy=False)`)."""
+    from colquant.kernels import accelerate_model, find_text_model, quantize_linears_rtn
+
+    quantized = quantize_linears_rtn(find_text_model(model), profile["quantization"]["group_size"])
+    return dict(accelerate_model(model, bf16_copy=False)._colquant_acceleration, rtn_linears=quantized)
+
+
 PREPARE: dict[str, Callable[[nn.Module, dict], dict]] = {
     "bf16-eager": prepare_eager, "bf16": prepare_bf16, "w4a16": prepare_w4a16,
+    "w4a16-memory": prepare_w4a16_memory_first,
+    "fp8-lm": partial(fp8.prepare_fp8, scope="lm"), "fp8-all": partial(fp8.prepare_fp8, scope="lm+vision"),
 }
 
 
@@ -189,12 +200,12 @@ class Bench:
         found = {f"{precision}_vs_transformers_{work}": checks.compare(embed(model, batch), reference[work][1],
                                                                         batch["attention_mask"].cpu())
                  for work, (batch, _) in reference.items()}
-        if precision == "w4a16":
+        if precision.startswith("w4a16"):
             from colquant.kernels import force_reference
 
             with force_reference():
                 dequantized = {work: embed(model, batch) for work, (batch, _) in reference.items()}
-            found.update({f"w4a16_vs_dequant_reference_{work}": checks.compare(
+            found.update({f"{precision}_vs_dequant_reference_{work}": checks.compare(
                 embed(model, batch), dequantized[work], batch["attention_mask"].cpu()) for work, (batch, _)
                 in reference.items()})
         self.queries(model, processor, precision)

@@ -107,7 +107,7 @@ def accelerate_vision(model: nn.Module, settings: VisionSettings | None = None) 
     :func:`restore_vision` puts transformers' forward back."""
     visual = find_vision_tower(model)
     device = next(visual.parameters()).device
-    reason = unavailable_reason(device)
+    reason = unavailable_reason(device) or _non_16bit_linears(visual)
     if reason is not None:
         logger.info("colquant.kernels: the vision tower keeps transformers' eager forward because %s", reason)
         return dict(installed=False, reason=reason)
@@ -119,6 +119,14 @@ def accelerate_vision(model: nn.Module, settings: VisionSettings | None = None) 
                 sdpa_backends=visual._colquant_vision.sdpa_backends)
     logger.info("colquant.kernels: fast vision tower: %s", info)
     return info
+
+
+def _non_16bit_linears(visual: nn.Module) -> str | None:
+    """The fast tower multiplies by the Linears' weights directly: quantized layers (FP8 codes, say)
+    would be read as numbers. Those towers keep transformers' forward, which calls the layers."""
+    quantized = sorted({type(m).__name__ for m in visual.modules()
+                        if hasattr(m, "in_features") and type(m) is not nn.Linear})
+    return f"its Linears are quantized ({', '.join(quantized)}) and the fast tower reads 16-bit weights" if quantized else None
 
 
 def restore_vision(model: nn.Module) -> None:
