@@ -7,7 +7,7 @@ and MaxSim rank agreement against BF16 (and W4A16 RTN's beside them).
 
 Every precision runs the fused text tower (`accelerate_model`: fused q/k/v and gate/up, CUDA graphs
 for queries); pages are timed with transformers' eager vision tower for all three (the same method),
-and with the fast vision tower where it can run (not with FP8 vision layers: `fp8.keep_eager_vision`).
+and with the fast vision tower where it can run (not with FP8 vision layers, which `accelerate_vision` refuses).
 FP8 layers quantize their inputs with the fused Triton kernel; the fused tower does not yet hand them
 pre-quantized activations from its RMSNorm / silu·mul (the hook is described in kernels/fp8_ops.py).
 H200 results and notes: benchmarks/results/fp8-bench-h200-*, benchmarks/fp8-notes.md.
@@ -96,7 +96,7 @@ class Fp8Bench:
             rows.append(self._row(lambda: model(**batch), size, precision=label, work="query", batch=size))
             reset_graphs(model)
         for vision in vision_modes:
-            if vision == "fast" and (fp8.keep_eager_vision(model) or not accelerate_vision(model)["installed"]):
+            if vision == "fast" and not accelerate_vision(model)["installed"]:
                 continue
             if vision == "eager":
                 restore_vision(model)
@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = runner.time(model, "bf16", args.query_batches, ["eager", "fast"])
     for label, scope in (("fp8-lm", "lm"), ("fp8-all", "lm+vision")):
         fp8.quantize_fp8(model, scope)  # fp8-all adds the vision tower to fp8-lm's layers
-        fp8.keep_eager_vision(model)  # the fast vision tower (installed for fp8-lm) cannot read FP8 weights
         reset_graphs(model)
         report["fidelity"][label] = runner.fidelity(model, reference)
         log.info("%s fidelity: %s", label, report["fidelity"][label])

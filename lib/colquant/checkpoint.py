@@ -333,7 +333,6 @@ def load(
 
         fp8.fuse_text_projections(model)  # no-op without FP8 layers
         accelerate_model(model, bf16_copy=bf16_copy)
-        fp8.keep_eager_vision(model)  # no-op without FP8 vision layers
     processor = ColQwen3Processor.from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
     model.processor = processor  # so model.encode_queries/encode_pages need no processor argument
     return model, processor

@@ -285,30 +285,12 @@ def fuse_text_projections(model: nn.Module) -> int:
     return fused
 
 
-def keep_eager_vision(model: nn.Module) -> bool:
-    """Put transformers' vision forward back where the vision tower holds FP8 layers and the fast
-    vision tower (:mod:`colquant.kernels.fast_vision`, installed by `accelerate_model` on CUDA) is
-    on: it multiplies by the Linears' weights directly, which in an FP8 layer are e4m3 codes.
-    Returns True when it did (and logs why). Drop once the fast tower calls FP8 layers."""
-    from colquant.kernels.fast_vision import find_vision_tower, has_vision_tower, restore_vision
-
-    if not has_vision_tower(model):
-        return False
-    visual = find_vision_tower(model)
-    if not getattr(type(visual), "_colquant_fast", False) or not any(isinstance(m, FP8Linear) for m in visual.modules()):
-        return False
-    restore_vision(model)
-    log.warning("FP8 vision layers: the vision tower runs transformers' eager forward (with FP8 GEMMs), not the fast "
-                "vision tower, which reads bf16 weights directly")
-    return True
-
-
 def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scope: str = "lm",
                 accelerate: bool = True) -> dict[str, Any]:
     """The bench's FP8 precision (its `PREPARE` signature: model, profile -> info): quantize ``scope``
     of a loaded BF16 model in place and, where ``accelerate``, fuse the FP8 projections and install the
     fused text tower (CUDA graphs for queries); FP8 vision layers keep transformers' vision forward
-    (`keep_eager_vision`). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")`` for fp8-all."""
+    (`fast_vision.accelerate_vision` refuses quantized vision Linears). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")`` for fp8-all."""
     names = quantize_fp8(model, scope)
     info: dict[str, Any] = dict(scope=scope, fp8_layers=len(names), calibration=NO_CALIBRATION)
     if accelerate:
@@ -316,7 +298,6 @@ def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scop
 
         info["fused_projections"] = fuse_text_projections(model)
         accelerate_model(model)
-        info["eager_vision"] = keep_eager_vision(model)
     return info
 
 
