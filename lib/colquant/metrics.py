@@ -9,7 +9,6 @@ a file name or a column name of the other (the recommenders pattern of `sb.glue`
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
