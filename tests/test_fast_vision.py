@@ -80,7 +80,7 @@ def test_plan_groups_equal_frames_and_is_cached(tiny_tower):
 def test_cpu_keeps_the_eager_tower():
     model = ColQwen3(ColQwen3Config.tiny()).eval()
     info = fast_vision.accelerate_vision(model)
-    assert info == dict(installed=False, reason="device is cpu; the fast vision tower needs a CUDA GPU")
+    assert info == dict(installed=False, reason="device is cpu, the fast vision tower needs a CUDA GPU")
     assert type(model.visual).__name__ == "Qwen3VLVisionModel"
     assert fast_vision.has_vision_tower(model) and not fast_vision.has_vision_tower(model.language_model)
     with pytest.raises(ValueError, match="no Qwen3-VL vision tower"):

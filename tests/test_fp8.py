@@ -92,7 +92,7 @@ def test_cpu_says_once_that_it_runs_the_reference(caplog, monkeypatch):
         layer(torch.randn(2, 64, dtype=torch.bfloat16))
         layer(torch.randn(2, 64, dtype=torch.bfloat16))
     said = [r.getMessage() for r in caplog.records if "FP8Linear" in r.getMessage()]
-    assert said == ["FP8Linear: running the dequantized reference (PyTorch) because device is cpu, which has no FP8 tensor cores"]
+    assert said == ["FP8Linear: running the dequantized reference (PyTorch) because device is cpu, the FP8 path needs a CUDA GPU"]
 
 
 def test_scopes_cover_the_language_model_or_both_towers(tiny_path):

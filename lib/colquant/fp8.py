@@ -88,17 +88,10 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 def fp8_unavailable_reason(device: torch.device | str) -> str | None:
     """None when the FP8 kernels (Triton quantization + `_scaled_mm`) can run on ``device``; else why not."""
-    from colquant.kernels.backend import triton_import_error
+    from colquant.kernels.backend import gpu_unavailable, triton_import_error
 
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"device is {device.type}, which has no FP8 tensor cores"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; FP8 tensor cores need 8.9 or more"
-    return triton_import_error()
+    return gpu_unavailable(device, "the FP8 path", triton_import_error, min_capability=(8, 9),
+                           needed_for="FP8 tensor cores")
 
 
 @functools.cache

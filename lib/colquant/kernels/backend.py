@@ -11,7 +11,7 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,36 +33,47 @@ def clear_cache() -> None:
     triton_import_error.cache_clear()
 
 
-@functools.lru_cache(maxsize=None)
-def triton_import_error() -> str | None:
-    """None when Triton imports, else a one-line reason."""
-    if os.environ.get("COLQUANT_DISABLE_TRITON", "") not in ("", "0"):
-        return "Triton disabled by COLQUANT_DISABLE_TRITON"
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install 'colquant[gpu]' or triton>=3.4)"
+def package_import_error(package: str, disable_env: str, install_hint: str, modules: Sequence[str]) -> str | None:
+    """None when every one of ``modules`` imports, else a one-line reason naming ``package``: switched
+    off by ``disable_env``, not installed (``install_hint`` says what to install), or failing to import.
+    One probe for every optional kernel package (Triton, humming-kernels), so they all say why alike."""
+    if os.environ.get(disable_env, "") not in ("", "0"):
+        return f"{package} disabled by {disable_env}"
+    if importlib.util.find_spec(modules[0]) is None:
+        return f"{package} is not installed ({install_hint})"
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-
-        from colquant.kernels import triton_ops  # noqa: F401
+        for module in modules:
+            importlib.import_module(module)
     except Exception as exc:  # pragma: no cover - depends on the install
-        return f"Triton failed to import ({type(exc).__name__}: {exc})"
+        return f"{package} failed to import ({type(exc).__name__}: {str(exc)[:160]})"
     return None
 
 
-def gpu_unavailable(device: torch.device, what: str, import_error: Callable[[], str | None]) -> str | None:
-    """None when `what` (a kernel family) can run on ``device``; otherwise why not: not a CUDA
-    device, no CUDA, its package failing to import (`import_error`), or a pre-Ampere GPU."""
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    """None when Triton (and the project's Triton kernels) import, else a one-line reason."""
+    return package_import_error("Triton", "COLQUANT_DISABLE_TRITON", "pip install 'colquant[gpu]' or triton>=3.4",
+                                ("triton", "triton.language", "colquant.kernels.triton_ops"))
+
+
+def gpu_unavailable(device: torch.device | str, what: str, missing: Callable[[], str | None], *,
+                    min_capability: tuple[int, int] = (8, 0), needed_for: str = "bf16 tensor cores") -> str | None:
+    """None when ``what`` (a kernel family) can run on ``device``; otherwise why not: not a CUDA
+    device, no CUDA, what it depends on missing (``missing()``: a package failing to import, a torch
+    op absent), or a GPU below ``min_capability`` (``needed_for`` says what needs it).
+    Every kernel family's availability goes through this one check, so the reasons read alike."""
+    device = torch.device(device)
     if device.type != "cuda":
         return f"device is {device.type}, {what} needs a CUDA GPU"
     if not torch.cuda.is_available():
         return "CUDA is not available"
-    err = import_error()
+    err = missing()
     if err:
         return err
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"GPU compute capability {major}.x < 8.0 (bf16 tensor cores needed)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < min_capability:
+        return (f"{torch.cuda.get_device_name(device)} has compute capability {capability[0]}.{capability[1]}; "
+                f"{needed_for} need {min_capability[0]}.{min_capability[1]} or more")
     return None
 
 

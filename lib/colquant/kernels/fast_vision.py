@@ -23,7 +23,6 @@ reference ops, which is how the tests check the math against transformers withou
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +30,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from colquant.kernels.backend import gpu_unavailable, triton_import_error
 
 logger = logging.getLogger("colquant.kernels")
 
@@ -70,15 +71,8 @@ class GridPlan:
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
-    """None when the fast tower can run on `device`; else why not (CPU, no CUDA, no Triton)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"device is {device.type}; the fast vision tower needs a CUDA GPU"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install 'colquant[gpu]')"
-    return None
+    """None when the fast tower can run on `device`; else why not (CPU, no CUDA, no Triton, pre-Ampere)."""
+    return gpu_unavailable(device, "the fast vision tower", triton_import_error)
 
 
 def find_vision_tower(model: nn.Module) -> nn.Module:

@@ -25,12 +25,11 @@ layout is produced by a CUDA repack kernel and is not inverted here.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
 
-from colquant.kernels.backend import gpu_unavailable
+from colquant.kernels.backend import gpu_unavailable, package_import_error
 
 __all__ = ["Handle", "unavailable_reason", "available", "unsupported_reason", "build_handle", "attach", "prepare",
            "release", "matmul", "version"]
@@ -39,16 +38,8 @@ __all__ = ["Handle", "unavailable_reason", "available", "unsupported_reason", "b
 @functools.lru_cache(maxsize=None)
 def import_error() -> str | None:
     """None when humming-kernels imports, else why not (what to install)."""
-    if os.environ.get("COLQUANT_DISABLE_HUMMING", "") not in ("", "0"):
-        return "humming disabled by COLQUANT_DISABLE_HUMMING"
-    if importlib.util.find_spec("humming") is None:
-        return "humming-kernels is not installed (pip install 'colquant[humming]')"
-    try:
-        import humming  # noqa: F401
-        from humming.layer import HummingLayer  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the install
-        return f"humming-kernels failed to import ({type(exc).__name__}: {str(exc)[:160]})"
-    return None
+    return package_import_error("humming-kernels", "COLQUANT_DISABLE_HUMMING", "pip install 'colquant[humming]'",
+                                ("humming", "humming.layer"))
 
 
 def unavailable_reason(device=None) -> str | None:

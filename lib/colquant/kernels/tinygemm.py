@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from colquant.kernels.backend import gpu_unavailable
 from colquant.kernels.packing import unpack_kblocked
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -39,18 +40,7 @@ def op_missing() -> str | None:
 
 def unavailable_reason(device: torch.device | str) -> str | None:
     """None when tinygemm can run on ``device`` (a CUDA GPU of compute capability >= 8.0)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"device is {device.type}, tinygemm needs a CUDA GPU"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    missing = op_missing()
-    if missing:
-        return missing
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"GPU compute capability {major}.x < 8.0 (tinygemm needs sm80+)"
-    return None
+    return gpu_unavailable(device, "tinygemm", op_missing)
 
 
 def layer_unsupported_reason(k: int, n: int, group_size: int, dtype: torch.dtype,
