@@ -12,12 +12,9 @@ import torch.nn.functional as F
 from colquant.kernels.packing import dequantize_kernel
 
 
-def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=False, cfg=None, out=None,
-                 sym_zero=0):
-    if act:
-        x = silu_mul(x)
-    w = dequantize_kernel(qweight_k, zeros_u8, scales, group_size, dtype=x.dtype)
-    y = x @ w
+def with_bias_into(y: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """``y`` plus ``bias`` (cast to ``y``'s dtype), written into ``out`` when given: how every torch-op
+    matmul ends, so it honours the kernels' ``bias=`` / ``out=`` contract alike."""
     if bias is not None:
         y = y + bias.to(y.dtype)
     if out is not None:
@@ -26,12 +23,16 @@ def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=F
     return y
 
 
+def w4a16_matmul(x, qweight_k, zeros_u8, scales, group_size, *, bias=None, act=False, cfg=None, out=None,
+                 sym_zero=0):
+    if act:
+        x = silu_mul(x)
+    w = dequantize_kernel(qweight_k, zeros_u8, scales, group_size, dtype=x.dtype)
+    return with_bias_into(x @ w, bias, out)
+
+
 def dequant_w4(qweight_k, zeros_u8, scales, group_size, *, dtype=torch.bfloat16, out=None, sym_zero=0):
-    w = dequantize_kernel(qweight_k, zeros_u8, scales, group_size, dtype=dtype)
-    if out is not None:
-        out.copy_(w)
-        return out
-    return w
+    return with_bias_into(dequantize_kernel(qweight_k, zeros_u8, scales, group_size, dtype=dtype), None, out)
 
 
 def rmsnorm(x, weight, eps):
@@ -47,11 +48,7 @@ def add_rmsnorm(x, delta, weight, eps, *, residual_out=None, out=None):
     if residual_out is not None and delta is not None:
         residual_out.copy_(r)
         r = residual_out
-    y = rmsnorm(r, weight, eps).to(x.dtype)
-    if out is not None:
-        out.copy_(y)
-        y = out
-    return r, y
+    return r, with_bias_into(rmsnorm(r, weight, eps).to(x.dtype), None, out)
 
 
 def silu_mul(x):

@@ -24,6 +24,7 @@ import torch
 
 from colquant.kernels.backend import gpu_unavailable
 from colquant.kernels.packing import unpack_kblocked
+from colquant.kernels.reference import with_bias_into
 
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = (2, 4, 8)
@@ -102,12 +103,7 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: 
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, sz)
     else:
         y = torch.ops.aten._weight_int4pack_mm(x, packed, group_size, sz)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    if out is not None:
-        out.copy_(y)
-        return out
-    return y
+    return with_bias_into(y, bias, out)
 
 
 def nbytes(packed: torch.Tensor, sz: torch.Tensor) -> int:
