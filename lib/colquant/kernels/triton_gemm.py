@@ -56,6 +56,25 @@ def _k_range(K, SPLIT_K):
 
 
 @triton.jit
+def _tile_start(qw_ptr, M, N, K, SPLIT_K, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Where both GEMM kernels start: this program's output rows and columns with their masks, its
+    128-feature blocks [it0, it1), and the pointers to its first [16, BN] tile of weight words."""
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    it0, it1 = _k_range(K, SPLIT_K)
+    qw_ptrs = qw_ptr + (it0 * 16 + tl.arange(0, 16))[:, None].to(tl.int64) * N + offs_n[None, :]
+    return offs_m, offs_n, offs_m < M, offs_n < N, it0, it1, qw_ptrs
+
+
+@triton.jit
+def _dequant_tile(q, s, z):
+    """fp32 weights ``(q - z) * s`` of an integer tile and its columns' group scale and zero; every
+    kernel rounds them to its dtype itself."""
+    return (q - z[None, :]).to(tl.float32) * s[None, :]
+
+
+@triton.jit
 def _epilogue(acc, out_ptr, ws_ptr, lock_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K,
               PARTIAL: tl.constexpr, FIXUP: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write the tile: straight to ``out`` (no split), as an fp32 partial (split, reduced by
@@ -106,15 +125,8 @@ def _w4a16_kernel(
 ):
     """"8dot": per block of 128 input features one [16, BN] tile of words; nibble i of it is the
     [16, BN] integer tile of features 16i..16i+15, multiplied by x[:, 16i:16i+16] (eight K=16 dots)."""
-    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_r = tl.arange(0, 16)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    it0, it1 = _k_range(K, SPLIT_K)
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_r[None, :] + it0 * 128
-    qw_ptrs = qw_ptr + (it0 * 16 + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :]
+    offs_m, offs_n, mask_m, mask_n, it0, it1, qw_ptrs = _tile_start(qw_ptr, M, N, K, SPLIT_K, BM, BN, GROUP_M)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + tl.arange(0, 16)[None, :] + it0 * 128
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for it in range(it0, it1):
         kb = it * 128
@@ -132,7 +144,7 @@ def _w4a16_kernel(
                 # (q - z) is a small integer: exact in bf16/fp16; the group scale goes on the sum
                 part = tl.dot(a, (q - z[None, :]).to(a.dtype), part)
             else:
-                w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
+                w = _dequant_tile(q, s, z).to(a.dtype)
                 acc = tl.dot(a, w, acc)
         if SCALE_ACC:
             acc += part * s[None, :]
@@ -153,16 +165,9 @@ def _w4a16_kernel_bc(
     """"bc": one K=128 dot per block: the [16, BN] words are broadcast to [8, 16, BN], shifted by
     4*i along the new axis and reshaped to the [128, BN] integer tile (row 16 i + r), so the
     activation tile is one contiguous, pipelined [BM, 128] load (group size >= 128)."""
-    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_r = tl.arange(0, 16)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n, it0, it1, qw_ptrs = _tile_start(qw_ptr, M, N, K, SPLIT_K, BM, BN, GROUP_M)
     shifts = (tl.arange(0, 8) * 4)[:, None, None]
-    it0, it1 = _k_range(K, SPLIT_K)
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (it0 * 128 + tl.arange(0, 128))[None, :]
-    qw_ptrs = qw_ptr + (it0 * 16 + offs_r)[:, None].to(tl.int64) * N + offs_n[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for it in range(it0, it1):
         words = tl.load(qw_ptrs, mask=mask_n[None, :], other=0)
@@ -172,7 +177,7 @@ def _w4a16_kernel_bc(
         if SCALE_ACC:
             acc += tl.dot(a, (q - z[None, :]).to(a.dtype)) * s[None, :]
         else:
-            w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(a.dtype)
+            w = _dequant_tile(q, s, z).to(a.dtype)
             acc = tl.dot(a, w, acc)
         qw_ptrs += 16 * N
         x_ptrs += 128
@@ -301,7 +306,7 @@ def _dequant_kernel(qw_ptr, z_ptr, s_ptr, out_ptr, N, GROUP_SIZE: tl.constexpr, 
         s, z = _group_sz(s_ptr, z_ptr, (kb + 16 * i) // GROUP_SIZE, N, offs_n, mask_n, SYM_ZERO)
         q = (words >> (4 * i)) & 0xF
         # round through fp16 first, exactly like auto-round (fp16 scales * int -> fp16 -> dtype)
-        w = ((q - z[None, :]).to(tl.float32) * s[None, :]).to(tl.float16)
+        w = _dequant_tile(q, s, z).to(tl.float16)
         tl.store(out_ptr + (kb + 16 * i + offs_r)[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
                  mask=mask_n[None, :])
 
