@@ -106,6 +106,34 @@ def _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D: tl.constexpr, DT: tl
 
 
 @triton.jit
+def _load_halves(rows, mask, D: tl.constexpr):
+    """The two halves ([R, D/2], fp32) of the D-wide rows starting at ``rows`` ([R, 1] pointers)."""
+    d = tl.arange(0, D // 2)
+    lo = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    hi = tl.load(rows + D // 2 + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _store_halves(rows, lo, hi, mask, D: tl.constexpr):
+    """Store halves ``lo``, ``hi`` as the D-wide rows starting at ``rows``, in their element type."""
+    d = tl.arange(0, D // 2)
+    tl.store(rows + d[None, :], lo.to(rows.dtype.element_ty), mask=mask)
+    tl.store(rows + D // 2 + d[None, :], hi.to(rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_norm_rope(heads, w_ptr, mask, c1, c2, s1, s2, eps, D: tl.constexpr, DT: tl.constexpr):
+    """The heads starting at ``heads`` ([R, 1] pointers) RMSNormed with ``w_ptr``'s weight and
+    rotated: both kernels' q and k go through this, as halves (fp32)."""
+    x1, x2 = _load_halves(heads, mask, D)
+    d = tl.arange(0, D // 2)
+    w1 = tl.load(w_ptr + d).to(tl.float32)
+    w2 = tl.load(w_ptr + D // 2 + d).to(tl.float32)
+    return _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, DT)
+
+
+@triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr,
                          T, eps, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          HP: tl.constexpr):
@@ -122,27 +150,15 @@ def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr
     s1 = tl.load(sin_ptr + tok * D + d).to(tl.float32)
     s2 = tl.load(sin_ptr + tok * D + HALF + d).to(tl.float32)
     base = qkv_ptr + tok * ROW
+    DT = qkv_ptr.dtype.element_ty
     # queries
     mq = (h < HQ)[:, None]
-    x1 = tl.load(base + h[:, None] * D + d[None, :], mask=mq, other=0.0).to(tl.float32)
-    x2 = tl.load(base + h[:, None] * D + HALF + d[None, :], mask=mq, other=0.0).to(tl.float32)
-    w1 = tl.load(qw_ptr + d).to(tl.float32)
-    w2 = tl.load(qw_ptr + HALF + d).to(tl.float32)
-    o1, o2 = _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, qkv_ptr.dtype.element_ty)
-    dst = q_ptr + ((b * HQ + h[:, None]) * T + t) * D
-    tl.store(dst + d[None, :], o1.to(q_ptr.dtype.element_ty), mask=mq)
-    tl.store(dst + HALF + d[None, :], o2.to(q_ptr.dtype.element_ty), mask=mq)
+    o1, o2 = _load_norm_rope(base + h[:, None] * D, qw_ptr, mq, c1, c2, s1, s2, eps, D, DT)
+    _store_halves(q_ptr + ((b * HQ + h[:, None]) * T + t) * D, o1, o2, mq, D)
     # keys
     mk = (h < HKV)[:, None]
-    kb = base + HQ * D
-    x1 = tl.load(kb + h[:, None] * D + d[None, :], mask=mk, other=0.0).to(tl.float32)
-    x2 = tl.load(kb + h[:, None] * D + HALF + d[None, :], mask=mk, other=0.0).to(tl.float32)
-    w1 = tl.load(kw_ptr + d).to(tl.float32)
-    w2 = tl.load(kw_ptr + HALF + d).to(tl.float32)
-    o1, o2 = _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, qkv_ptr.dtype.element_ty)
-    dst = k_ptr + ((b * HKV + h[:, None]) * T + t) * D
-    tl.store(dst + d[None, :], o1.to(k_ptr.dtype.element_ty), mask=mk)
-    tl.store(dst + HALF + d[None, :], o2.to(k_ptr.dtype.element_ty), mask=mk)
+    o1, o2 = _load_norm_rope(base + (HQ + h[:, None]) * D, kw_ptr, mk, c1, c2, s1, s2, eps, D, DT)
+    _store_halves(k_ptr + ((b * HKV + h[:, None]) * T + t) * D, o1, o2, mk, D)
     # values (copy)
     vb = base + (HQ + HKV) * D
     dd = tl.arange(0, D)
@@ -170,40 +186,26 @@ def _short_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, mask_ptr, out_
     hq = tl.program_id(1)
     qb = tl.program_id(2)
     hk = hq // (HQ // HKV)
-    HALF: tl.constexpr = D // 2
     ROW: tl.constexpr = (HQ + 2 * HKV) * D
     DT = qkv_ptr.dtype.element_ty
-    d = tl.arange(0, HALF)
     dd = tl.arange(0, D)
     # keys / values: the whole (short) sequence
     t = tl.arange(0, BT)
     mt = t < T
     tok = b * T + t
     rows = qkv_ptr + tok[:, None] * ROW
-    c1 = tl.load(cos_ptr + tok[:, None] * D + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + tok[:, None] * D + HALF + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + tok[:, None] * D + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + tok[:, None] * D + HALF + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    x1 = tl.load(rows + (HQ + hk) * D + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(rows + (HQ + hk) * D + HALF + d[None, :], mask=mt[:, None], other=0.0).to(tl.float32)
-    w1 = tl.load(kw_ptr + d).to(tl.float32)
-    w2 = tl.load(kw_ptr + HALF + d).to(tl.float32)
-    k1, k2 = _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D, DT)
+    c1, c2 = _load_halves(cos_ptr + tok[:, None] * D, mt[:, None], D)
+    s1, s2 = _load_halves(sin_ptr + tok[:, None] * D, mt[:, None], D)
+    k1, k2 = _load_norm_rope(rows + (HQ + hk) * D, kw_ptr, mt[:, None], c1, c2, s1, s2, eps, D, DT)
     v = tl.load(rows + (HQ + HKV + hk) * D + dd[None, :], mask=mt[:, None], other=0.0)
     # queries of this block
     tq = qb * BQ + tl.arange(0, BQ)
     mq = tq < T
     tokq = b * T + tq
     rq = qkv_ptr + tokq[:, None] * ROW
-    qc1 = tl.load(cos_ptr + tokq[:, None] * D + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
-    qc2 = tl.load(cos_ptr + tokq[:, None] * D + HALF + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
-    qs1 = tl.load(sin_ptr + tokq[:, None] * D + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
-    qs2 = tl.load(sin_ptr + tokq[:, None] * D + HALF + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
-    y1 = tl.load(rq + hq * D + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
-    y2 = tl.load(rq + hq * D + HALF + d[None, :], mask=mq[:, None], other=0.0).to(tl.float32)
-    u1 = tl.load(qw_ptr + d).to(tl.float32)
-    u2 = tl.load(qw_ptr + HALF + d).to(tl.float32)
-    q1, q2 = _norm_rope_half(y1, y2, u1, u2, qc1, qc2, qs1, qs2, eps, D, DT)
+    qc1, qc2 = _load_halves(cos_ptr + tokq[:, None] * D, mq[:, None], D)
+    qs1, qs2 = _load_halves(sin_ptr + tokq[:, None] * D, mq[:, None], D)
+    q1, q2 = _load_norm_rope(rq + hq * D, qw_ptr, mq[:, None], qc1, qc2, qs1, qs2, eps, D, DT)
     s = tl.dot(q1.to(DT), tl.trans(k1.to(DT))) + tl.dot(q2.to(DT), tl.trans(k2.to(DT)))
     s = s * sm_scale
     key_ok = tl.load(mask_ptr + b * T + t, mask=mt, other=0) != 0
