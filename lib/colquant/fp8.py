@@ -237,11 +237,6 @@ def fp8_targets(model: nn.Module, scope: str) -> list[str]:
             if isinstance(module, nn.Linear) and name.startswith(SCOPES[scope])]
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 @torch.no_grad()
 def quantize_fp8(model: nn.Module, scope: str = "lm") -> list[str]:
     """Replace the Linear layers in ``scope`` ("lm" or "lm+vision") by `FP8Linear`, in place, one at
@@ -251,7 +246,7 @@ def quantize_fp8(model: nn.Module, scope: str = "lm") -> list[str]:
         raise ValueError(f"{type(model).__name__} has no Linear layers under {', '.join(SCOPES[scope])}: "
                          "quantize_fp8 expects a ColQwen3 (colquant.load)")
     for name in names:
-        _set_module(model, name, FP8Linear.from_linear(model.get_submodule(name)))
+        model.set_submodule(name, FP8Linear.from_linear(model.get_submodule(name)))
     return names
 
 

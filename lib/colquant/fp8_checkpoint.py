@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from colquant.fp8 import FP8_DTYPE, METHOD, NO_CALIBRATION, SCOPES, VARIANTS, FP8Linear, _set_module, quantize_fp8
+from colquant.fp8 import FP8_DTYPE, METHOD, NO_CALIBRATION, SCOPES, VARIANTS, FP8Linear, quantize_fp8
 
 # --------------------------------------------------------------------------------------------
 # the checkpoint format (compressed-tensors "float-quantized", as vLLM reads it)
@@ -106,8 +106,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Modul
         model = ColQwen3._from_config(config, dtype=dtype)
     for name in quantized_layer_names(model, quantization, path):
         linear = model.get_submodule(name)
-        _set_module(model, name, FP8Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                           dtype=dtype, device=device))
+        model.set_submodule(name, FP8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                            dtype=dtype, device=device))
     model.config.quantization_config = quantization
     wanted = model.state_dict()
     found: set[str] = set()

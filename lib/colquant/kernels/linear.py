@@ -435,12 +435,6 @@ def is_quant_linear(mod: nn.Module) -> bool:
             and isinstance(getattr(mod, "qweight"), torch.Tensor))
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def replace_quant_linears(model: nn.Module, dtype=None) -> int:
     """Swap every auto-round/GPTQ QuantLinear in ``model`` for a :class:`W4A16Linear`; returns how
     many were swapped. ``dtype`` is the activation dtype (default: the model's)."""
@@ -449,7 +443,7 @@ def replace_quant_linears(model: nn.Module, dtype=None) -> int:
         dtype = torch.bfloat16
     names = [n for n, m in model.named_modules() if is_quant_linear(m)]
     for name in names:
-        _set_module(model, name, W4A16Linear.from_quantlinear(model.get_submodule(name), dtype=dtype))
+        model.set_submodule(name, W4A16Linear.from_quantlinear(model.get_submodule(name), dtype=dtype))
     return len(names)
 
 
@@ -462,6 +456,6 @@ def quantize_linears_rtn(module: nn.Module, group_size: int = 128, *, names=None
             and (names is None or any(n.endswith(s) for s in names))]
     for name in todo:
         lin = module.get_submodule(name)
-        _set_module(module, name, W4A16Linear.from_linear(lin, group_size))
+        module.set_submodule(name, W4A16Linear.from_linear(lin, group_size))
         del lin
     return len(todo)
