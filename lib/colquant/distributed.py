@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -264,6 +265,7 @@ def _encode_shards(model_id_or_variant: str | Path, pages: idx.PageSource, out_d
     def decode(shard: int) -> list[Any]:
         return [pages.open(i) for i in _pages_of(shard, pages, manifest)]
 
+    started, first_done, encoded = time.time(), 0.0, 0
     with ThreadPoolExecutor(1, thread_name_prefix="decode-pages") as decoder:
         upcoming = decoder.submit(decode, shards[0])
         for position, shard in enumerate(shards):
@@ -274,6 +276,13 @@ def _encode_shards(model_id_or_variant: str | Path, pages: idx.PageSource, out_d
             ids = [pages.ids[i] for i in _pages_of(shard, pages, manifest)]
             idx.write_shard(out_dir, shard, ids, embeddings, storage, manifest["key"])
             progress.add(len(ids))
+            encoded += len(ids)
+            first_done = first_done or time.time()
+    finished = time.time()
+    # wall-clock stamps, so that a benchmark can merge the ranks' spans into one throughput
+    log.info("rank %d/%d: encoded %d pages on %s in %.2f s (%.2f pages/s); first shard done at +%.2f s; "
+             "span %.3f %.3f %.3f", worker.rank, worker.world_size, encoded, worker.device, finished - started,
+             encoded / (finished - started), first_done - started, started, first_done, finished)
 
 
 def _finish(out_dir: Path, pages: idx.PageSource, manifest: dict[str, Any]) -> None:
