@@ -3,6 +3,7 @@ set, then turn the encode-corpus logs of the 1/2/4-GPU runs into pages/s and sca
 
     python benchmarks/scale_encode.py prepare WORK --pages 256 --size 4b
     python benchmarks/scale_encode.py summarize WORK OUT --shard-size 16
+    python benchmarks/scale_encode.py replicas WORK OUT --pages 128   # notebook 05's one-process split
 
 Throughput is read from each rank's own log line (`rank r/N: encoded ... span START FIRST END`,
 wall-clock stamps of one host): the encode phase of a run spans from the earliest rank's start to
@@ -109,6 +110,43 @@ def summarize(work: Path, out: Path, shard_size: int) -> None:
     print("\n".join(lines))  # the benchmark's output: the table
 
 
+def replicas(work: Path, out: Path, pages: int, batch_size: int) -> None:
+    """The one-process split of notebook 05's encoder: the model on every visible GPU, one thread
+    each (`distributed.encode_across_replicas`), timed against the model on GPU 0 alone, with the
+    encoder's own batch function (processor, forward, real tokens to the CPU)."""
+    import time
+
+    import colquant
+    from colquant.distributed import encode_across_replicas, load_replicas, visible_gpus
+
+    model, processor = colquant.load(work / "model")
+    others = load_replicas(work / "model", visible_gpus()[1:], dtype=model.dtype,
+                           max_num_visual_tokens=processor.max_num_visual_tokens)
+    images = [Image.open(work / "pages" / f"page-{n:05d}.png").convert("RGB") for n in range(pages)]
+    batches = [images[start:start + batch_size] for start in range(0, pages, batch_size)]
+
+    def encode_batch(replica: torch.nn.Module, values: list[Image.Image]) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            features = processor.process_images(values).to(next(replica.parameters()).device)
+            embeddings = replica(**features).embeddings
+            return [row[mask].cpu() for row, mask in zip(embeddings, features["attention_mask"].bool())]
+
+    rows, reference = [], None
+    for models in ([model], [model, *others]):
+        encode_across_replicas(models, batches[: len(models)], encode_batch)  # warm-up: one batch per GPU
+        started = time.perf_counter()
+        items = encode_across_replicas(models, batches, encode_batch)
+        seconds = time.perf_counter() - started
+        reference = reference or items
+        rows.append({"gpus": len(models), "pages": pages, "seconds": seconds, "pages_per_s": pages / seconds,
+                     "pages_bitwise_equal": sum(torch.equal(a, b) for a, b in zip(items, reference))})
+    rows[1]["efficiency"] = rows[1]["pages_per_s"] / (rows[1]["gpus"] * rows[0]["pages_per_s"])
+    (out / "scale-encode-replicas.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("\n".join(f"threads: {r['gpus']} GPU(s) {r['pages_per_s']:.2f} pages/s, "
+                     f"{r['pages_bitwise_equal']}/{pages} pages equal to 1 GPU" for r in rows)
+          + f"; efficiency {rows[1]['efficiency']:.3f}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -121,11 +159,18 @@ def main() -> None:
     report.add_argument("work", type=Path)
     report.add_argument("out", type=Path)
     report.add_argument("--shard-size", type=int, required=True)
+    threads = commands.add_parser("replicas")
+    threads.add_argument("work", type=Path)
+    threads.add_argument("out", type=Path)
+    threads.add_argument("--pages", type=int, default=128)
+    threads.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.work, args.pages, args.size)
-    else:
+    elif args.command == "summarize":
         summarize(args.work, args.out, args.shard_size)
+    else:
+        replicas(args.work, args.out, args.pages, args.batch_size)
 
 
 if __name__ == "__main__":

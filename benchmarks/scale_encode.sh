@@ -14,6 +14,8 @@ out=${OUT:-/tmp/scale-encode-out}
 work=${SCALE_WORK:-/tmp/scale-encode-work}
 # NVLink multicast can take the host's shared GPUs out of service: keep it off in every process.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# The same CPU threads per rank at every N (torchrun would give 1 thread only when N > 1).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/lib${PYTHONPATH:+:$PYTHONPATH}
 python=${PYTHON:-python3}
 mkdir -p "$out" "$work"
@@ -31,3 +33,7 @@ for n in 1 2 4 8; do
   grep -E "rank .*encoded" "$out/scale-encode-n$n.log"
 done
 "$python" benchmarks/scale_encode.py summarize "$work" "$out" --shard-size "$shard"
+# Notebook 05's one-process split (threads, one model copy per GPU), when there are several GPUs.
+if [ "$gpus" -gt 1 ]; then
+  "$python" benchmarks/scale_encode.py replicas "$work" "$out" --pages "$(( pages < 128 ? pages : 128 ))" --batch-size "$batch"
+fi

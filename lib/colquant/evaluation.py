@@ -45,18 +45,13 @@ from mteb.models import ModelMeta, SearchEncoderWrapper
 from mteb.results import TaskResult
 
 from colquant.corpus import FORMAT_VERSION, build_corpus
-# The encoder lives in colquant.mteb_encoder; its names stay importable from here (notebooks,
-# compress_eval and the report use them as evaluation.X).
-from colquant.mteb_encoder import (  # noqa: F401
+# The encoder lives in colquant.mteb_encoder; the names notebooks, compress_eval and the report
+# use as evaluation.X stay importable from here.
+from colquant.mteb_encoder import (  # noqa: F401  (SIMILARITY_ELEMENTS: re-exported)
     DEFAULT_SCORING,
-    MODEL_ORGANISATION,
-    REVISION_PATTERN,
     SIMILARITY_ELEMENTS,
     ColQuantEncoder,
-    check_scoring,
-    gpu_replicas,
     other_scoring,
-    variant_model_name,
 )
 from colquant.plots import legend_outside
 from colquant.scoring import ScoringMode
