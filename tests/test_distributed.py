@@ -220,6 +220,18 @@ def test_a_saved_dataset_gives_the_pages_of_the_folder_under_its_own_ids(referen
         encode_into(tmp_path / "other", tmp_path / "dataset", tiny_path, id_column="title")
 
 
+def test_a_dataset_repository_split_is_read_through_load_dataset(reference, pages, tiny_path, tmp_path):
+    import datasets
+
+    files = [str(pages / page_id) for page_id in reference.ids]
+    repository = tmp_path / "repository"
+    dataset = datasets.Dataset.from_dict({"corpus-id": reference.ids, "image": files}).cast_column("image", datasets.Image())
+    dataset.to_parquet(str(repository / "data" / "test-00000-of-00001.parquet"))  # the hub's file layout
+    index = load_index(encode_into(tmp_path / "index", repository, tiny_path, split="test", id_column="corpus-id"))
+    assert_same_index(index, reference)
+    assert index.manifest["source"]["split"] == "test"
+
+
 def test_a_dataset_with_several_splits_needs_one_named(tmp_path):
     import datasets
 
