@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +148,23 @@ def _pdfium() -> Any:
     return pypdfium2
 
 
-@lru_cache(maxsize=4)
-def _pdf_document(file: Path) -> Any:
-    """Open documents are kept for the next pages: a shard reads one PDF's pages in a row."""
+@contextmanager
+def _pdf_document(file: Path) -> Iterator[Any]:
+    """An open PDF, closed after use (opening costs far less than rendering a page)."""
     pdfium = _pdfium()
     try:
-        return pdfium.PdfDocument(str(file))
+        document = pdfium.PdfDocument(str(file))
     except pdfium.PdfiumError as error:
         raise SourceError(f"{file} cannot be opened as a PDF ({error}); replace or remove it and rerun") from error
+    try:
+        yield document
+    finally:
+        document.close()
 
 
 def pdf_page_count(file: Path) -> int:
-    count = len(_pdf_document(file))
+    with _pdf_document(file) as document:
+        count = len(document)
     if count == 0:
         raise SourceError(f"{file} is a PDF with no pages; remove it and rerun")
     return count
@@ -167,7 +172,8 @@ def pdf_page_count(file: Path) -> int:
 
 def render_pdf_page(file: Path, page: int, dpi: int) -> Image.Image:
     """PDF page `page` (0-based) as an RGB image at `dpi` (PDF points are 1/72 inch)."""
-    return _pdf_document(file)[page].render(scale=dpi / 72).to_pil().convert("RGB")
+    with _pdf_document(file) as document:
+        return document[page].render(scale=dpi / 72).to_pil().convert("RGB")
 
 
 def dataset_source(source: str | Path, *, split: str | None, image_column: str | None,
