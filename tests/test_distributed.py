@@ -203,6 +203,15 @@ def test_an_unfinished_or_foreign_directory_is_not_read_as_an_index(tmp_path):
         load_index(tmp_path)
 
 
+def test_the_index_reads_shard_by_shard_and_names_a_shard_lost_after_it_was_written(pages, tiny_path, tmp_path):
+    out = encode_into(tmp_path / "index", pages, tiny_path)
+    assert [ids for ids, _ in idx.iter_shards(out)] == [["page-0.png", "page-1.png"], ["page-2.png", "page-3.png"],
+                                                        ["page-4.png"]]
+    idx.shard_path(out, 1).unlink()
+    with pytest.raises(IncompleteIndexError, match=r"shard-000001.safetensors is missing or corrupt .* rerun encode-corpus"):
+        load_index(out)
+
+
 # --------------------------------------------------------------------------------------------
 # Sources
 

@@ -341,26 +341,40 @@ class CorpusIndex:
     manifest: dict[str, Any]
 
 
-def load_index(out_dir: str | Path) -> CorpusIndex:
-    """Read a complete index written by `encode_corpus`; refuse one still being written."""
-    out_dir = Path(out_dir)
+def complete_manifest(out_dir: Path) -> dict[str, Any]:
+    """The manifest of a finished index; an unfinished or foreign directory is refused."""
     manifest = read_manifest(out_dir)
     if manifest is None:
         raise IncompleteIndexError(f"{out_dir} has no {MANIFEST}: it is not an index written by encode-corpus")
     if not manifest.get("complete"):
         raise IncompleteIndexError(f"{out_dir} is not finished ({manifest['shards']} shards planned): rerun "
                                    "encode-corpus with the same arguments to complete it")
-    ids: list[str] = []
-    embeddings: list[torch.Tensor] = []
-    for shard in range(manifest["shards"]):
+    return manifest
+
+
+def iter_shards(out_dir: str | Path) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+    """(page ids, embeddings) of one shard at a time, in source order: for corpora larger than
+    memory (score each shard, keep the best pages)."""
+    out_dir = Path(out_dir)
+    for shard in range(complete_manifest(out_dir)["shards"]):
         path = shard_path(out_dir, shard)
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), framework="pt") as reader:
-                ids += json.loads(reader.metadata()["page_ids"])
+                ids = json.loads(reader.metadata()["page_ids"])
         except Exception as error:
             raise IncompleteIndexError(f"{path} is missing or corrupt ({error}); rerun encode-corpus into "
                                        f"{out_dir} to redo it") from error
         offsets = tensors["offsets"].tolist()
-        embeddings += [tensors["embeddings"][start:end] for start, end in zip(offsets, offsets[1:])]
+        yield ids, [tensors["embeddings"][start:end] for start, end in zip(offsets, offsets[1:])]
+
+
+def load_index(out_dir: str | Path) -> CorpusIndex:
+    """Read a complete index written by `encode_corpus` into memory; refuse one still being written."""
+    manifest = complete_manifest(Path(out_dir))
+    ids: list[str] = []
+    embeddings: list[torch.Tensor] = []
+    for shard_ids, shard_embeddings in iter_shards(out_dir):
+        ids += shard_ids
+        embeddings += shard_embeddings
     return CorpusIndex(ids, embeddings, manifest)
