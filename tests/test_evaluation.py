@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 import colquant
-from colquant import evaluation, workspace
+from colquant import evaluation, mteb_encoder, workspace
 from colquant.corpus import Corpus, build_corpus
 from colquant.evaluation import (
     ColQuantEncoder,
@@ -91,13 +91,40 @@ def test_encoder_embeddings_equal_the_models_outputs(small_model, corpus_root):
     task.unload_data()
 
 
+def test_pages_split_across_replicas_equal_one_models_and_every_replica_encodes(small_model, tiny_path,
+                                                                               corpus_root):
+    """Batch k goes to replica k mod n in its own thread (two CPU copies stand for two GPUs); the
+    result is the one-model result, in order."""
+    model, processor = small_model
+    replica, _ = colquant.load(tiny_path, max_num_visual_tokens=64)
+    calls = {id(model): 0, id(replica): 0}
+    hooks = [m.register_forward_hook(lambda module, *_: calls.__setitem__(id(module), calls[id(module)] + 1))
+             for m in (model, replica)]
+    task = local_task(corpus_root)
+    task.load_data()
+    corpus = task.dataset["default"]["test"]["corpus"].select(range(7))
+    loader = create_dataloader(corpus, task_metadata=task.metadata, prompt_type=PromptType.document, batch_size=2)
+    arguments = {"task_metadata": task.metadata, "hf_split": "test", "hf_subset": "default",
+                 "prompt_type": PromptType.document}
+    try:
+        alone = ColQuantEncoder(model, processor, "bf16", REV, replicas=()).encode(loader, **arguments)
+        assert calls == {id(model): 4, id(replica): 0}
+        split = ColQuantEncoder(model, processor, "bf16", REV, replicas=[replica]).encode(loader, **arguments)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        task.unload_data()
+    assert calls == {id(model): 4 + 2, id(replica): 2}  # batches 0, 2 on the model; 1, 3 on the replica
+    assert torch.equal(alone, split)
+
+
 # page 0 has one token, page 1 two: padded to two rows, page 0's padding floors a negative best match
 # at 0 under colpali-engine's scoring, while exact MaxSim keeps the -1
 @pytest.mark.parametrize(("scoring", "expected"), [("exact", [[-1.0, 1.4], [0.0, 0.8]]),
                                                    ("colpali", [[0.0, 1.4], [0.0, 0.8]])])
 @pytest.mark.parametrize("budget", [100_000_000, 2])  # 2 entries: the smallest blocks
 def test_encoder_similarity_follows_the_scoring_mode(small_model, monkeypatch, scoring, expected, budget):
-    monkeypatch.setattr(evaluation, "SIMILARITY_ELEMENTS", budget)
+    monkeypatch.setattr(mteb_encoder, "SIMILARITY_ELEMENTS", budget)
     model, processor = small_model
     encoder = ColQuantEncoder(model, processor, "bf16", REV, scoring)
     queries = torch.nn.utils.rnn.pad_sequence([torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0]])],

@@ -4,8 +4,9 @@ mteb is the evaluation engine: it loads the ViDoRe tasks, runs the search, compu
 stores one JSON file per (variant, task) in its own result-cache layout. This module adds only what
 mteb lacks for this project:
 
-- `ColQuantEncoder`: an mteb encoder around any already-loaded `(model, processor)`, so a quantized
-  model in memory is evaluated exactly like the BF16 one, under its own mteb model name;
+- `ColQuantEncoder` (`colquant.mteb_encoder`): an mteb encoder around any already-loaded
+  `(model, processor)`, so a quantized model in memory is evaluated exactly like the BF16 one, under
+  its own mteb model name; with more than one GPU visible it spreads page encoding over all of them;
 - `ColQuantTinyPagesRetrieval`: an mteb task over the offline corpus of `colquant.corpus`, so the
   whole pipeline runs without the hub;
 - `evaluate_variant`: one call that evaluates a variant with bounded corpus memory and resumable
@@ -25,10 +26,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mteb
 import pandas as pd
@@ -42,154 +42,25 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.languages import language_label
 from mteb.models import ModelMeta, SearchEncoderWrapper
-from mteb.models.abs_encoder import AbsEncoder
-from mteb.models.model_meta import ScoringFunction
 from mteb.results import TaskResult
-from mteb.types import PromptType
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from colquant.corpus import FORMAT_VERSION, build_corpus
+# The encoder lives in colquant.mteb_encoder; the names notebooks, compress_eval and the report
+# use as evaluation.X stay importable from here.
+from colquant.mteb_encoder import (  # noqa: F401  (SIMILARITY_ELEMENTS: re-exported)
+    DEFAULT_SCORING,
+    SIMILARITY_ELEMENTS,
+    ColQuantEncoder,
+    other_scoring,
+)
 from colquant.plots import hue_style, legend_outside
-from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
+from colquant.scoring import ScoringMode
 
 log = logging.getLogger(__name__)
 
-MODEL_ORGANISATION = "colquant"
-# mteb files results under <name>/<revision>/. The revision is the fingerprint of everything the
-# scores depend on (checkpoint content, dtype, visual-token budget, scoring mode; see
-# `workspace.evaluation_fingerprint`), so a changed input is recomputed and its old result never read.
-REVISION_PATTERN = re.compile(r"[0-9a-f]{8,64}")
 NDCG_COLUMN = "ndcg_at_5"
 DELTA_SUFFIX = " Δ%"
-DEFAULT_SCORING: ScoringMode = "colpali"
-# Similarity entries per scoring block (~400 MB in float32), the budget mteb's max_sim uses.
-SIMILARITY_ELEMENTS = 100_000_000
 SCORING_LABELS = {"colpali": "colpali scoring", "exact": "exact MaxSim"}
-
-
-# --------------------------------------------------------------------------------------------
-# Encoder
-
-
-def check_scoring(scoring: str) -> None:
-    """Refuse a scoring mode `colquant.score` does not have, naming the two it has."""
-    if scoring not in SCORING_MODES:
-        raise ValueError(f"evaluation.scoring={scoring!r}: use 'colpali' (mteb's published scoring) or 'exact' (true MaxSim)")
-
-
-def other_scoring(scoring: ScoringMode) -> ScoringMode:
-    """The mode shown in the extra column beside the main one."""
-    check_scoring(scoring)
-    return "exact" if scoring == "colpali" else "colpali"
-
-
-def variant_model_name(variant_name: str) -> str:
-    """The mteb model name of a variant, e.g. `colquant/w4a16-g128-sym-rtn`.
-
-    mteb's result cache is keyed by model name: two variants sharing a name would share results,
-    and the second would silently be reported with the first one's scores.
-    """
-    if not variant_name or "/" in variant_name:
-        raise ValueError(f"variant name {variant_name!r} must be non-empty and contain no '/', "
-                         "e.g. 'bf16' or 'w4a16-g128-sym-rtn'")
-    return f"{MODEL_ORGANISATION}/{variant_name}"
-
-
-class ColQuantEncoder(AbsEncoder):
-    """mteb encoder for a loaded ColQwen3 variant: multi-vector embeddings scored with MaxSim.
-
-    Queries and pages go through the project's processor exactly as `colquant` uses them elsewhere
-    (query augmentation, page prompt, visual-token budget). Task prompts are not prepended, as in
-    mteb's own ColQwen3 wrapper that produced the published ViDoRe scores.
-
-    `encode` returns a (items, tokens, dim) tensor in the model's dtype, each item's real tokens
-    first and zero rows after (mteb pads a corpus chunk the same way); `similarity` is
-    `colquant.score` in the `scoring` mode: `colpali` maxes over those zero rows as colpali-engine
-    does, `exact` ignores them. Results are cached under (variant name, `revision`); the revision
-    must be the fingerprint of everything that changes scores (weights, dtype, visual-token budget,
-    scoring mode: `workspace.evaluation_fingerprint`).
-    """
-
-    def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str,
-                 scoring: ScoringMode = DEFAULT_SCORING) -> None:
-        if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
-            raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
-                             "workspace.evaluation_fingerprint(profile, checkpoint, scoring)")
-        check_scoring(scoring)
-        self.model = model
-        self.processor = processor
-        self.scoring = scoring
-        self.device = next(model.parameters()).device
-        self.mteb_model_meta = ModelMeta(
-            loader=None,
-            name=variant_model_name(variant_name),
-            revision=revision,
-            release_date=None,
-            languages=["eng-Latn"],
-            n_parameters=None,
-            memory_usage_mb=None,
-            max_tokens=None,
-            embed_dim=None,
-            license=None,
-            open_weights=None,
-            public_training_code=None,
-            public_training_data=None,
-            framework=["PyTorch"],
-            similarity_fn_name=ScoringFunction.MAX_SIM,
-            use_instructions=False,
-            training_datasets=None,
-            modalities=["text", "image"],
-            model_type=["late-interaction"],
-        )
-
-    def encode(
-        self,
-        inputs: DataLoader,
-        *,
-        task_metadata: TaskMetadata,
-        hf_split: str,
-        hf_subset: str,
-        prompt_type: PromptType | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        """Embed a dataloader of text queries or page images (mteb's batches: {"text": [...]} or
-        {"image": [PIL, ...]}); the batch size is the dataloader's, set by mteb from encode_kwargs."""
-        columns = set(inputs.dataset.column_names) & {"text", "image"}
-        if columns == {"text"}:
-            column, process, description = "text", self.processor.process_queries, "Encoding queries"
-        elif columns == {"image"}:
-            column, process, description = "image", self.processor.process_images, "Encoding pages"
-        else:
-            raise ValueError(
-                f"{task_metadata.name} ({hf_subset}/{hf_split}) gives inputs with columns "
-                f"{sorted(inputs.dataset.column_names)}; ColQuantEncoder embeds either text queries or "
-                "page images, so use text-to-image tasks (category 't2i')")
-        items: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for batch in tqdm(inputs, desc=description, disable=not kwargs.get("show_progress_bar", True)):
-                features = process(batch[column]).to(self.device)
-                embeddings = self.model(**features).embeddings
-                keep = features["attention_mask"].bool()
-                items.extend(row[mask].cpu() for row, mask in zip(embeddings, keep))
-        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
-
-    def similarity(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
-        """Late-interaction scores (queries, pages) in the encoder's scoring mode, float32 on the
-        model's device (`colquant.score` works in bounded blocks, whatever the corpus chunk)."""
-        return score(embeddings1, embeddings2, mode=self.scoring, device=self.device,
-                     block_elements=SIMILARITY_ELEMENTS, show_progress_bar=False)
-
-    def similarity_pairwise(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
-        """Score of each query with the page at the same position (mteb's reranking path)."""
-        if len(embeddings1) != len(embeddings2):
-            raise ValueError(f"pairwise similarity needs as many queries as pages, got "
-                             f"{len(embeddings1)} and {len(embeddings2)}")
-        return torch.stack([
-            score(embeddings1[i : i + 1], embeddings2[i : i + 1], mode=self.scoring, device=self.device,
-                  show_progress_bar=False)[0, 0].cpu()
-            for i in range(len(embeddings1))
-        ])
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +171,8 @@ def get_tasks(names: Sequence[str], corpus_root: str | Path | None = None,
 def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, tasks: Iterable[AbsTask],
                      output_dir: str | Path, *, revision: str, batch_size: int, corpus_chunk_size: int,
                      scoring: ScoringMode = DEFAULT_SCORING, model_revision: str | None = None,
-                     encoder: ColQuantEncoder | None = None) -> pd.DataFrame:
+                     encoder: ColQuantEncoder | None = None,
+                     replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto") -> pd.DataFrame:
     """Evaluate one variant on `tasks` with mteb; one row per task and subset (see `results_frame`).
 
     Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/<revision>/`.
@@ -311,10 +183,11 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
     `model_revision` (the hub commit of the base model) is recorded in every row. `encoder` replaces
     the default `ColQuantEncoder`, e.g. with `colquant.compress_eval.CompressedIndexEncoder`, which
-    scores a compressed page index (its name carries the setting).
+    scores a compressed page index (its name carries the setting). `replicas` as in `ColQuantEncoder`:
+    by default pages are encoded on every visible GPU, batch k on GPU k mod N.
     """
     tasks = list(tasks)
-    encoder = encoder or ColQuantEncoder(model, processor, variant_name, revision, scoring)
+    encoder = encoder or ColQuantEncoder(model, processor, variant_name, revision, scoring, replicas)
     cache = mteb.ResultCache(output_dir)
     _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
     _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
