@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.colquant-installed
 
 # Extras: what `make run`/`make test` need; [gpu] (triton) only where a GPU is. The CPU torch pin
 # lives in the constraints file, not the package: `make setup CONSTRAINTS=` keeps the venv's torch.
-EXTRAS      ?= notebooks,eval,dev$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
+EXTRAS      ?= notebooks,eval,dev,pdf$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
 CONSTRAINTS ?= constraints/cpu.txt
 comma := ,
 

@@ -10,7 +10,7 @@ An index directory holds
                                       (tokens, dim) flat in the model's dtype, `offsets` (pages + 1,
                                       int64); its page ids and the index key in the header metadata
 
-A shard is one file written atomically (`workspace.write_atomically`): it is whole or absent, so a
+A shard is one file written atomically (`files.atomic_write`): it is whole or absent, so a
 rerun keeps every shard whose header matches the key and page ids, and redoes the rest. The key is
 a fingerprint of what the embeddings depend on (checkpoint content, processor settings, dtype), so
 embeddings of two models never mix in one directory. Embeddings are stored in the model's dtype,
@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from colquant.processing import open_page
-from colquant.workspace import fingerprint, write_atomically, write_text
+from colquant.workspace import atomic_write, fingerprint, write_text
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def write_shard(out_dir: Path, shard: int, ids: Sequence[str], embeddings: Seque
     lengths = torch.tensor([0] + [item.shape[0] for item in embeddings], dtype=torch.int64)
     tensors = {"embeddings": torch.cat(list(embeddings)).to(dtype).contiguous(), "offsets": lengths.cumsum(0)}
     metadata = {"key": key, "shard": str(shard), "page_ids": json.dumps(list(ids))}
-    write_atomically(shard_path(out_dir, shard), lambda staging: save_file(tensors, str(staging), metadata=metadata))
+    atomic_write(shard_path(out_dir, shard), lambda staging: save_file(tensors, str(staging), metadata=metadata))
     return int(tensors["offsets"][-1])
 
 
