@@ -32,6 +32,7 @@ from torch import nn
 
 from colquant import encode, fp8, measure
 from colquant.bench_report import format_report, summary, targets_met
+from colquant.files import write_text
 from colquant.kernels import checks
 
 logger = logging.getLogger("colquant.bench")
@@ -245,11 +246,7 @@ def run_bench(profile: dict, out_json: str | Path | None = None, *, device: str 
     report.update(results=bench.rows, table=table.to_dict(orient="records"),
                   targets_met=targets_met(bench.rows, profile["bench"]["targets"]))
     if out_json:
-        out_json = Path(out_json)
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        staging = out_json.with_suffix(".json.partial")
-        staging.write_text(json.dumps(report, indent=1, default=str) + "\n")
-        os.replace(staging, out_json)
+        write_text(Path(out_json), json.dumps(report, indent=1, default=str) + "\n")
     logger.info("\n%s", format_report(table, bench.rows, report["targets_met"]))
     return table
 

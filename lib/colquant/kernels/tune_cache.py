@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from colquant.kernels import humming_ops
+from colquant.files import OutputError, write_text
 from colquant.kernels.backend import triton_import_error
 
 logger = logging.getLogger("colquant.kernels")
@@ -80,18 +80,10 @@ def cache_path(key: dict, cache_dir: Path | str | None = None) -> Path:
 
 
 def write_table(path: Path, key: dict, entries: list[dict]) -> None:
-    """Write atomically (temp file + rename): a concurrent reader never sees half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (`files.write_text`): a concurrent reader never sees half a table."""
     payload = json.dumps(dict(key=key, entries=sorted(entries, key=lambda e: (e["K"], e["N"], e["M_bucket"]))),
                          indent=1)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(payload + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, payload + "\n")
 
 
 def save_table(path: Path, key: dict, entries: list[dict]) -> bool:
@@ -99,7 +91,7 @@ def save_table(path: Path, key: dict, entries: list[dict]) -> bool:
     used for this process, and the warning says how to make it persist."""
     try:
         write_table(path, key, entries)
-    except OSError as exc:
+    except (OSError, OutputError) as exc:  # files.write_text reports failures as OutputError
         logger.warning("colquant.kernels: could not write the kernel tuning cache %s (%s); this process uses "
                        "the table it just tuned, the next one tunes again. Set COLQUANT_CACHE_DIR to a "
                        "writable directory to keep it", path, exc)
