@@ -1,30 +1,18 @@
 """The Triton W4A16 GEMMs (both kernels, split-K, scale-on-accumulator, fused silu*up, bias) and the
 whole-weight dequantization against the torch reference: on a GPU as compiled, on CPU through
-Triton's interpreter (TRITON_INTERPRET=1, tiny shapes); skipped where Triton is not installed, and
-in the interpreter under NumPy >= 2.4 (Triton 3.6's interpreter then cannot loop over tensor bounds:
-`int()` of a 1-element array; use NumPy < 2.4 there)."""
+Triton's interpreter with tiny shapes (`triton_setup` says when it skips)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_setup import device_or_skip
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, i.e. on import
-pytest.importorskip("triton")
-import numpy as np  # noqa: E402
-
-if not CUDA and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-    pytest.skip(f"Triton's interpreter loops over tensor bounds with int(), which NumPy {np.__version__} refuses "
-                "for 1-element arrays: run with NumPy < 2.4", allow_module_level=True)
+DEVICE = device_or_skip()
 
 from colquant.kernels import reference, triton_gemm  # noqa: E402
 from colquant.kernels.packing import pack_kblocked  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
 K, N = 256, 32
 
 

@@ -1,28 +1,17 @@
 """The text tower's attention kernels (q/k RMSNorm + RoPE + qkv split, and the short-sequence
 attention) against their torch twins: on a GPU as compiled, on CPU through Triton's interpreter
-(TRITON_INTERPRET=1, tiny shapes); skipped where Triton is not installed, and in the interpreter
-under NumPy >= 2.4 (see tests/kernels/test_triton_gemm.py)."""
+with tiny shapes (`triton_setup` says when it skips)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from triton_setup import device_or_skip
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, i.e. on import
-pytest.importorskip("triton")
-import numpy as np  # noqa: E402
-
-if not CUDA and tuple(int(p) for p in np.__version__.split(".")[:2]) >= (2, 4):
-    pytest.skip(f"Triton's interpreter loops over tensor bounds with int(), which NumPy {np.__version__} refuses "
-                "for 1-element arrays: run with NumPy < 2.4", allow_module_level=True)
+DEVICE = device_or_skip()
 
 from colquant.kernels import reference, triton_ops  # noqa: E402
 
-DEVICE = "cuda" if CUDA else "cpu"
 B, T, HQ, HKV, D, EPS = 2, 5, 4, 2, 32, 1e-6  # D >= 32: the kernel dots over head halves, and a GPU dot needs K >= 16
 
 
