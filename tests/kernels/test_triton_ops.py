@@ -4,7 +4,6 @@ with tiny shapes (`triton_setup` says when it skips)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from triton_setup import device_or_skip
 
