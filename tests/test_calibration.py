@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 from pathlib import Path
@@ -5,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from auto_round.compressors.utils import block_forward
+from PIL import Image
 
 from colquant.calibration import (
     CalibrationDataError,
@@ -162,3 +164,30 @@ def test_a_truncated_set_is_reported_by_path(tmp_path, page_set):
 def test_seqlen_too_short_for_a_page_is_rejected():
     with pytest.raises(ValueError, match="leaves no room"):
         page_grid(20, 1.3, 19)
+
+
+def test_page_batch_keeps_the_processors_image_settings(tiny_model, corpus):
+    """Calibration pages go through the checkpoint's own image processor (mean/std here), not the
+    default one, and only the visual-token budget changes."""
+    _, processor = tiny_model
+    image = corpus.image(corpus.pages[0].page_id)
+    grid = page_grid(128, image.height / image.width, page_prompt_tokens(processor))
+    shifted = copy.deepcopy(processor)
+    shifted.image_processor.image_mean = [0.25, 0.25, 0.25]
+    default = page_batch(processor, image, grid)["pixel_values"]
+    own = page_batch(shifted, image, grid)["pixel_values"]
+    assert own.shape == default.shape
+    assert not torch.allclose(own, default)
+
+
+def test_page_batch_follows_the_processors_transparency(tiny_model):
+    """A transparent page under `transparency="white"` calibrates as white paper, as it embeds."""
+    _, processor = tiny_model
+    page = Image.new("RGBA", (256, 256), (0, 0, 0, 0))  # fully transparent, black underneath
+    grid = page_grid(128, 1.0, page_prompt_tokens(processor))
+    white = copy.deepcopy(processor)
+    white.transparency = "white"
+    dropped = page_batch(processor, page, grid)["pixel_values"]
+    composited = page_batch(white, page, grid)["pixel_values"]
+    assert torch.allclose(dropped, torch.full_like(dropped, -1.0))  # black after (x - 0.5) / 0.5
+    assert torch.allclose(composited, torch.ones_like(composited))  # white

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from colquant.files import atomic_write
-from colquant.processing import PAGE_PROMPT, PIXELS_PER_VISUAL_TOKEN, ColQwen3Processor
+from colquant.processing import PAGE_PROMPT, PIXELS_PER_VISUAL_TOKEN, ColQwen3Processor, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +291,17 @@ def page_prompt_tokens(processor: ColQwen3Processor) -> int:
 
 
 def page_batch(processor: ColQwen3Processor, image: Image.Image, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """One page resized to exactly `grid` merged patches (rows, cols), in the page prompt."""
+    """One page resized to exactly `grid` merged patches (rows, cols), in the page prompt.
+
+    Everything but the visual-token budget is `processor`'s own (its image processor's mean/std and
+    patch sizes, its transparency handling), so calibration pages are prepared like the pages the
+    quantized model will embed."""
     rows, cols = grid
     side = int(math.sqrt(PIXELS_PER_VISUAL_TOKEN))
-    sized = ColQwen3Processor(processor.tokenizer, max_num_visual_tokens=rows * cols)
-    return dict(sized.process_images([image.convert("RGB").resize((cols * side, rows * side))]))
+    sized = ColQwen3Processor(processor.tokenizer, processor.image_processor, max_num_visual_tokens=rows * cols,
+                              transparency=processor.transparency)
+    page = to_rgb(image, processor.transparency).resize((cols * side, rows * side))
+    return dict(sized.process_images([page]))
 
 
 def build_page_calibration(
