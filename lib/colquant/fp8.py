@@ -319,8 +319,9 @@ def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scop
                 accelerate: bool = True) -> dict[str, Any]:
     """The bench's FP8 precision (its `PREPARE` signature: model, profile -> info): quantize ``scope``
     of a loaded BF16 model in place and, where ``accelerate``, fuse the FP8 projections and install the
-    fused text tower (CUDA graphs for queries); FP8 vision layers keep transformers' vision forward
-    (`fast_vision.accelerate_vision` refuses quantized vision Linears). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")`` for fp8-all."""
+    fused text tower (CUDA graphs for queries) and, on CUDA, the fast vision tower (whose GEMMs call
+    the FP8 vision layers in fp8-all). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")``
+    for fp8-all."""
     names = quantize_fp8(model, scope)
     info: dict[str, Any] = dict(scope=scope, fp8_layers=len(names), calibration=NO_CALIBRATION)
     if accelerate:
