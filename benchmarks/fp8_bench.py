@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query-batches", type=int, nargs="*", default=[1, 64, 1024])
     parser.add_argument("--no-w4", action="store_true", help="skip W4A16 RTN's fidelity")
     parser.add_argument("--vision", nargs="+", choices=["eager", "fast"], default=["eager", "fast"])
-    parser.add_argument("--page-batches", type=int, nargs="*", default=None, help="default: the profile's bench.page_batches")
+    parser.add_argument("--page-batches", type=int, nargs="*", default=None,
+                        help="default: the profile's bench.page_batches")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -196,7 +196,8 @@ def test_fp8_tower_matches_eager_on_4b_shapes():
     """fp8-all on the GPU: the Triton producers and FP8 GEMMs against eager transformers calling the
     same FP8 layers (on a GPU without FP8 tensor cores both run the layers' reference)."""
     visual = fp8_tower(random_tower(ColQwen3Config.colqwen3_4b(), "cuda", seed=3))
-    assert_matches_eager(visual, [(1, 64, 80), (1, 64, 80), (1, 32, 48)], seed=9, floor=FP8_TOKEN_FLOOR, mean_floor=FP8_MEAN_FLOOR)
+    assert_matches_eager(visual, [(1, 64, 80), (1, 64, 80), (1, 32, 48)], seed=9, floor=FP8_TOKEN_FLOOR,
+                         mean_floor=FP8_MEAN_FLOOR)
 
 
 @CUDA

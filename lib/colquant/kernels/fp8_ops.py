@@ -35,8 +35,8 @@ import triton.language as tl
 
 from colquant.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
 
-__all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "layernorm_quant", "gelu_tanh_quant", "scaled_mm", "gemm_comparison",
-           "lm_shapes", "vision_shapes"]
+__all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "layernorm_quant", "gelu_tanh_quant", "scaled_mm",
+           "gemm_comparison", "lm_shapes", "vision_shapes"]
 
 
 @triton.jit
