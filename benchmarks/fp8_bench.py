@@ -6,10 +6,10 @@ and MaxSim rank agreement against BF16 (and W4A16 RTN's beside them).
     python benchmarks/fp8_bench.py --out DIR --profile tiny --skip-gemm   # the same steps on CPU, tiny
 
 Every precision runs the fused text tower (`accelerate_model`: fused q/k/v and gate/up, CUDA graphs
-for queries); pages are timed with transformers' eager vision tower for all three (the same method),
-and with the fast vision tower where it can run (not with FP8 vision layers, which `accelerate_vision` refuses).
-FP8 layers quantize their inputs with the fused Triton kernel; the fused tower does not yet hand them
-pre-quantized activations from its RMSNorm / silu·mul (the hook is described in kernels/fp8_ops.py).
+for queries), whose RMSNorm / silu·mul kernels hand FP8 layers pre-quantized rows; pages are timed
+with transformers' eager vision tower and with the fast one (`--vision`), whose FP8 GEMMs (fp8-all)
+get their inputs from LayerNorm+quant and GELU+quant kernels; the vision tower alone is timed beside
+each page row, so a page's time splits into vision and language model.
 H200 results and notes: benchmarks/results/fp8-bench-h200-*, benchmarks/fp8-notes.md.
 """
 
@@ -86,7 +86,8 @@ class Fp8Bench:
             row |= {f"{work}_{k}": v for k, v in compare(found[work], reference[work], batch["attention_mask"].cpu()).items()}
         return row | rank_agreement(score(found["query"], found["page"]), score(reference["query"], reference["page"]))
 
-    def time(self, model: nn.Module, label: str, query_batches: list[int], vision_modes: list[str]) -> list[dict]:
+    def time(self, model: nn.Module, label: str, query_batches: list[int], vision_modes: list[str],
+             page_batches: list[int]) -> list[dict]:
         from colquant.kernels.fast_vision import accelerate_vision, restore_vision
 
         rows = []
@@ -100,7 +101,7 @@ class Fp8Bench:
                 continue
             if vision == "eager":
                 restore_vision(model)
-            for size in self.settings["page_batches"]:
+            for size in page_batches:
                 pages = self.processor.process_images(bench.page_images(self.settings["page_size"], size)).to(self.device)
                 rows.append(self._row(lambda: model(**pages), size, precision=label, work="page", vision=vision, batch=size))
                 encode = model.vlm.model.get_image_features
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-gemm", action="store_true", help="skip the GEMM comparison and the producer sweep")
     parser.add_argument("--query-batches", type=int, nargs="*", default=[1, 64, 1024])
     parser.add_argument("--no-w4", action="store_true", help="skip W4A16 RTN's fidelity")
+    parser.add_argument("--vision", nargs="+", choices=["eager", "fast"], default=["eager", "fast"])
+    parser.add_argument("--page-batches", type=int, nargs="*", default=None,
+                        help="default: the profile's bench.page_batches")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     reference = runner.embeddings(model)
     report["fidelity"] = {} if args.no_w4 else {"w4a16-rtn": w4a16_fidelity(args.profile, runner, reference)}
     accelerate_model(model)
-    rows = runner.time(model, "bf16", args.query_batches, ["eager", "fast"])
+    page_batches = profile["bench"]["page_batches"] if args.page_batches is None else args.page_batches
+    rows = runner.time(model, "bf16", args.query_batches, args.vision, page_batches)
     for label, scope in (("fp8-lm", "lm"), ("fp8-all", "lm+vision")):
         fp8.quantize_fp8(model, scope)  # fp8-all adds the vision tower to fp8-lm's layers
         reset_graphs(model)
         report["fidelity"][label] = runner.fidelity(model, reference)
         log.info("%s fidelity: %s", label, report["fidelity"][label])
-        rows += runner.time(model, label, args.query_batches, ["eager", "fast"])
+        rows += runner.time(model, label, args.query_batches, args.vision, page_batches)
     report["models"] = rows
     summary = table(rows, report["fidelity"]) + ("\n\n" + report["gemm_table"] if "gemm_table" in report else "")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,41 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(gate) * up
 
 
+def add_rmsnorm_quant_reference(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fp8_ops.add_rmsnorm_quant`'s twin: (h, e4m3 rows, scales) of RMSNorm(residual + delta) * weight."""
+    h, normed = add_rmsnorm_reference(residual, delta, weight, eps)
+    return (h, *quantize_rows_reference(normed))
+
+
+def silu_mul_quant_reference(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_ops.silu_mul_quant`'s twin: silu(gate) * up quantized per row."""
+    return quantize_rows_reference(silu_mul_reference(gate_up))
+
+
+def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_ops.layernorm_quant`'s twin: LayerNorm(x) (in the activation dtype, as nn.LayerNorm gives
+    it) quantized per row."""
+    return quantize_rows_reference(nn.functional.layer_norm(x, weight.shape, weight, bias, eps))
+
+
+def gelu_tanh_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_ops.gelu_tanh_quant`'s twin: tanh-approximated GELU (in the activation dtype) quantized per row."""
+    return quantize_rows_reference(nn.functional.gelu(x, approximate="tanh"))
+
+
+class ReferenceProducers:
+    """The torch twins under the fused kernels' names: what :func:`producers` gives where the kernels
+    cannot run, so callers pick a namespace once and call the same names."""
+
+    quantize_rows = staticmethod(quantize_rows_reference)
+    add_rmsnorm_quant = staticmethod(add_rmsnorm_quant_reference)
+    silu_mul_quant = staticmethod(silu_mul_quant_reference)
+    layernorm_quant = staticmethod(layernorm_quant_reference)
+    gelu_tanh_quant = staticmethod(gelu_tanh_quant_reference)
+
+
 # --------------------------------------------------------------------------------------------
 # which path runs
 # --------------------------------------------------------------------------------------------
@@ -126,6 +161,15 @@ def _force_reference() -> list[bool]:
     from colquant.kernels.linear import _FORCE_REFERENCE
 
     return _FORCE_REFERENCE
+
+
+def producers(device: torch.device | str) -> Any:
+    """The quantizing producers for activations on ``device``: the fused Triton kernels
+    (:mod:`colquant.kernels.fp8_ops`) where FP8Linear runs its kernels, else
+    :class:`ReferenceProducers` (same names, same arithmetic in PyTorch)."""
+    if _force_reference()[0] or not _kernels_run_on(str(device)):
+        return ReferenceProducers
+    return _fp8_ops()
 
 
 class FP8Linear(nn.Module):
@@ -275,8 +319,9 @@ def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scop
                 accelerate: bool = True) -> dict[str, Any]:
     """The bench's FP8 precision (its `PREPARE` signature: model, profile -> info): quantize ``scope``
     of a loaded BF16 model in place and, where ``accelerate``, fuse the FP8 projections and install the
-    fused text tower (CUDA graphs for queries); FP8 vision layers keep transformers' vision forward
-    (`fast_vision.accelerate_vision` refuses quantized vision Linears). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")`` for fp8-all."""
+    fused text tower (CUDA graphs for queries) and, on CUDA, the fast vision tower (whose GEMMs call
+    the FP8 vision layers in fp8-all). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")``
+    for fp8-all."""
     names = quantize_fp8(model, scope)
     info: dict[str, Any] = dict(scope=scope, fp8_layers=len(names), calibration=NO_CALIBRATION)
     if accelerate:

@@ -10,7 +10,8 @@
   attention (for <= 128 tokens one kernel does q/k RMSNorm, RoPE, masking, softmax and P@V straight
   from the qkv rows; longer sequences use a norm+RoPE kernel and SDPA/flash), o GEMM,
   add+RMSNorm, gate_up GEMM, down GEMM with silu(gate)*up fused into its input (4-bit) or a
-  silu-mul kernel (bf16);
+  silu-mul kernel (bf16); where a GEMM is an FP8 layer its producer (add+RMSNorm, silu*mul)
+  writes FP8 rows and per-token scales instead (:func:`layer_producers`);
 * text-only calls that fit ``graph_max_tokens`` run through CUDA graphs captured per
   (batch bucket, length bucket): inputs are left-padded into static buffers (positions and key
   mask padded so the result equals the unpadded call) and the graph is replayed, so batch-1
@@ -25,11 +26,15 @@ from __future__ import annotations
 
 import logging
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
+from colquant import fp8
+from colquant.fp8 import FP8Linear
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import capture_stream, fast_path_unavailable, warn_once
 from colquant.kernels.copies import MIN_TOKENS, prepare_dispatch
@@ -45,7 +50,7 @@ from colquant.kernels.linear import (
 logger = logging.getLogger("colquant.kernels")
 
 __all__ = ["accelerate_model", "find_text_model", "fuse_text_model", "AccelState", "offload_embeddings",
-           "restore_embeddings", "OffloadedEmbedding", "reset_graphs"]
+           "restore_embeddings", "OffloadedEmbedding", "reset_graphs", "LayerProducers", "layer_producers"]
 
 
 def find_text_model(model: nn.Module) -> nn.Module:
@@ -150,6 +155,63 @@ def _positions(position_ids, B, T, device):
     return position_ids
 
 
+# --------------------------------------------------------------------------------------------
+# producers: the kernel that makes each GEMM's input, chosen by the GEMM's layer type
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerProducers:
+    """The kernels that make one decoder layer's GEMM inputs. ``attn_in`` / ``mlp_in`` take
+    ``(residual, delta, norm weight, eps)`` and return ``(residual + delta, input)``; ``down_in`` takes
+    the gate_up rows. The input is a bf16 tensor, or an ``(e4m3 rows, scales)`` pair where the GEMM is
+    an :class:`~colquant.fp8.FP8Linear` (the quantization fused into its producer instead of a
+    separate pass over the activation inside the layer)."""
+
+    attn_in: Callable
+    mlp_in: Callable
+    down_in: Callable
+
+
+def _norm_then_quantize(add_rmsnorm_quant: Callable, residual: torch.Tensor, delta: torch.Tensor | None,
+                        weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``add_rmsnorm``'s signature and residual, with the normed rows handed on quantized."""
+    residual, q, scale = add_rmsnorm_quant(residual, delta, weight, eps)
+    return residual, (q, scale)
+
+
+def norm_producer(consumer: nn.Module, ops) -> Callable:
+    """add+RMSNorm feeding ``consumer``: fused with the FP8 quantization for an FP8Linear, else ``ops``'s."""
+    if isinstance(consumer, FP8Linear):
+        return partial(_norm_then_quantize, fp8_producers(_device_of(consumer), ops).add_rmsnorm_quant)
+    return ops.add_rmsnorm
+
+
+def act_producer(consumer: nn.Module, ops) -> Callable:
+    """silu(gate)*up feeding ``consumer``: fused with the FP8 quantization for an FP8Linear, else ``ops``'s."""
+    if isinstance(consumer, FP8Linear):
+        return fp8_producers(_device_of(consumer), ops).silu_mul_quant
+    return ops.silu_mul
+
+
+def fp8_producers(device: torch.device, ops):
+    """The Triton quantizing producers with the Triton tower on an FP8 GPU; their torch twins otherwise
+    (the reference tower, or a GPU without FP8 tensor cores)."""
+    return fp8.producers(device) if ops is not ref else fp8.ReferenceProducers
+
+
+def _device_of(layer: nn.Module) -> torch.device:
+    return layer.weight.device
+
+
+def layer_producers(text_model, ops) -> list[LayerProducers]:
+    """Each decoder layer's producers, from its fused layers' types (bf16, W4A16: ``ops``'s own kernels)."""
+    return [LayerProducers(attn_in=norm_producer(layer.self_attn.qkv_proj, ops),
+                           mlp_in=norm_producer(layer.mlp.gate_up_proj, ops),
+                           down_in=act_producer(layer.mlp.down_proj, ops))
+            for layer in text_model.layers]
+
+
 def fused_core(text_model, inputs_embeds, pos3, key_mask, *, all_valid: bool,
                visual_pos_masks=None, deepstack_visual_embeds=None) -> torch.Tensor:
     """The tower from embeddings to the final norm, with fused ops. ``key_mask [B, T]`` int
@@ -166,9 +228,10 @@ def fused_core(text_model, inputs_embeds, pos3, key_mask, *, all_valid: bool,
     if short and key_mask is None:
         key_mask = torch.ones((B, T), dtype=torch.int32, device=dev)
     layers = text_model.layers
+    producers = layer_producers(text_model, ops)
     res = inputs_embeds.reshape(B * T, H).contiguous()
     ln0 = layers[0].input_layernorm
-    _, x = ops.add_rmsnorm(res, None, ln0.weight, ln0.variance_epsilon)
+    _, x = producers[0].attn_in(res, None, ln0.weight, ln0.variance_epsilon)
     n_deep = len(deepstack_visual_embeds) if deepstack_visual_embeds is not None else 0
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -183,19 +246,21 @@ def fused_core(text_model, inputs_embeds, pos3, key_mask, *, all_valid: bool,
             a = _sdpa(q, k, v, None if all_valid else key_mask)
         o = linear_forward(attn.o_proj, a)
         ln = layer.post_attention_layernorm
-        res, x = ops.add_rmsnorm(res, o, ln.weight, ln.variance_epsilon)
+        res, x = producers[i].mlp_in(res, o, ln.weight, ln.variance_epsilon)
         gu = linear_forward(mlp.gate_up_proj, x)
         # silu(gate) * up once, then the down GEMM (fusing it into the 4-bit kernel's prologue
         # recomputes it for every N tile: measured slower on the H100 at every token count)
-        dn = linear_forward(mlp.down_proj, ops.silu_mul(gu))
-        nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else text_model.norm
+        dn = linear_forward(mlp.down_proj, producers[i].down_in(gu))
+        last = i + 1 == len(layers)
+        nxt = text_model.norm if last else layers[i + 1].input_layernorm
+        next_in = ops.add_rmsnorm if last else producers[i + 1].attn_in  # the final norm feeds no GEMM
         if i < n_deep:
             res = (res + dn).view(B, T, H)
             res = text_model._deepstack_process(res, visual_pos_masks, deepstack_visual_embeds[i])
             res = res.reshape(B * T, H)
-            _, x = ops.add_rmsnorm(res, None, nxt.weight, nxt.variance_epsilon)
+            _, x = next_in(res, None, nxt.weight, nxt.variance_epsilon)
         else:
-            res, x = ops.add_rmsnorm(res, dn, nxt.weight, nxt.variance_epsilon)
+            res, x = next_in(res, dn, nxt.weight, nxt.variance_epsilon)
     return x.view(B, T, H)
 
 

@@ -15,8 +15,12 @@ runs the same function with:
   with bias and tanh-GELU fused into cuBLASLt's epilogue (`torch._addmm_activation`);
 * the patch merger and the deepstack mergers as in transformers.
 
-`accelerate_vision(model)` installs it on CUDA (the tower is BF16 in every ColQuant variant, so
-BF16 and 4-bit models share it). On CPU, or without Triton, nothing is installed and the eager
+With FP8 vision Linears (the fp8-all variant) the GEMMs are W8A8 `FP8Linear` calls whose inputs come
+quantized from their producers: LayerNorm+quantization before qkv and fc1, tanh-GELU+quantization
+before fc2 (Triton kernels of :mod:`.fp8_ops`); the attention output is quantized inside `proj`.
+
+`accelerate_vision(model)` installs it on CUDA (the tower is BF16 in the 4-bit variants, so BF16
+and 4-bit models share it; FP8 in fp8-all). On CPU, or without Triton, nothing is installed and the eager
 tower runs, with a logged reason. `fast_vision_forward` itself also runs on CPU with torch
 reference ops, which is how the tests check the math against transformers without a GPU.
 """
@@ -31,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from colquant import fp8
+from colquant.fp8 import FP8Linear
 from colquant.kernels.backend import gpu_unavailable, triton_import_error
 
 logger = logging.getLogger("colquant.kernels")
@@ -101,7 +107,7 @@ def accelerate_vision(model: nn.Module, settings: VisionSettings | None = None) 
     :func:`restore_vision` puts transformers' forward back."""
     visual = find_vision_tower(model)
     device = next(visual.parameters()).device
-    reason = unavailable_reason(device) or _non_16bit_linears(visual)
+    reason = unavailable_reason(device) or _unsupported_linears(visual)
     if reason is not None:
         logger.info("colquant.kernels: the vision tower keeps transformers' eager forward because %s", reason)
         return dict(installed=False, reason=reason)
@@ -115,12 +121,14 @@ def accelerate_vision(model: nn.Module, settings: VisionSettings | None = None) 
     return info
 
 
-def _non_16bit_linears(visual: nn.Module) -> str | None:
-    """The fast tower multiplies by the Linears' weights directly: quantized layers (FP8 codes, say)
-    would be read as numbers. Those towers keep transformers' forward, which calls the layers."""
-    quantized = sorted({type(m).__name__ for m in visual.modules()
-                        if hasattr(m, "in_features") and type(m) is not nn.Linear})
-    return f"its Linears are quantized ({', '.join(quantized)}) and the fast tower reads 16-bit weights" if quantized else None
+def _unsupported_linears(visual: nn.Module) -> str | None:
+    """The fast tower multiplies by 16-bit Linears' weights directly and calls FP8Linear layers
+    (fp8-all); any other quantized layer (read as numbers, it would be wrong) keeps transformers'
+    forward, which calls the layers."""
+    other = sorted({type(m).__name__ for m in visual.modules()
+                    if hasattr(m, "in_features") and type(m) not in (nn.Linear, FP8Linear)})
+    return (f"its Linears are quantized ({', '.join(other)}) and the fast tower takes 16-bit or FP8 layers only"
+            if other else None)
 
 
 def restore_vision(model: nn.Module) -> None:
@@ -193,25 +201,43 @@ def block_forward(block: nn.Module, x: torch.Tensor, plan: GridPlan, settings: V
     """One ViT block: x + proj(attn(rope(qkv(LN(x))))), then x + fc2(gelu(fc1(LN(x))))."""
     attn, mlp = block.attn, block.mlp
     heads = attn.num_heads
-    h = F.layer_norm(x, block.norm1.normalized_shape, block.norm1.weight, block.norm1.bias, block.norm1.eps)
-    qkv = torch.addmm(attn.qkv.bias, h, attn.qkv.weight.t())
+    qkv = linear(attn.qkv, layernorm_into(attn.qkv, block.norm1, x))
     q, k = rotary(qkv, plan.cos, plan.sin, heads)
     v = qkv.view(qkv.shape[0], 3, heads, -1)[:, 2]
     a = attention(q, k, v, plan, settings)
-    x = torch.addmm(attn.proj.bias, a, attn.proj.weight.t()).add_(x)
-    h = F.layer_norm(x, block.norm2.normalized_shape, block.norm2.weight, block.norm2.bias, block.norm2.eps)
-    h = fc1_activation(mlp, h, tanh_gelu)
-    return torch.addmm(mlp.linear_fc2.bias, h, mlp.linear_fc2.weight.t()).add_(x)
+    x = linear(attn.proj, a).add_(x)
+    h = fc1_activation(mlp, layernorm_into(mlp.linear_fc1, block.norm2, x), tanh_gelu)
+    return linear(mlp.linear_fc2, h).add_(x)
 
 
-def fc1_activation(mlp: nn.Module, h: torch.Tensor, tanh_gelu: bool) -> torch.Tensor:
-    """act(fc1(h)). On CUDA with tanh-GELU (Qwen3-VL's `gelu_pytorch_tanh`) one cuBLASLt GEMM with
-    bias and GELU epilogue (the tanh approximation; the CUDA test checks it); otherwise the module's
-    own activation after the GEMM (on CPU `_addmm_activation` applies the erf GELU instead)."""
-    fc1 = mlp.linear_fc1
-    if tanh_gelu and h.is_cuda:
+def linear(layer: nn.Module, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``layer(x)``: a 16-bit Linear as one GEMM with its bias (cuBLASLt epilogue); an FP8Linear
+    (fp8-all) through its own forward, which takes bf16 rows or a producer's (e4m3, scales) pair."""
+    if isinstance(layer, FP8Linear):
+        return layer(x)
+    return torch.addmm(layer.bias, x, layer.weight.t())
+
+
+def layernorm_into(consumer: nn.Module, norm: nn.LayerNorm, x: torch.Tensor
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm(x) as ``consumer``'s input: bf16, or fused with the FP8 quantization for an FP8Linear."""
+    if isinstance(consumer, FP8Linear):
+        return fp8.producers(x.device).layernorm_quant(x, norm.weight, norm.bias, norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def fc1_activation(mlp: nn.Module, h: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                   tanh_gelu: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """act(fc1(h)) as fc2's input. BF16 fc1 on CUDA with tanh-GELU (Qwen3-VL's `gelu_pytorch_tanh`):
+    one cuBLASLt GEMM with bias and GELU epilogue (the tanh approximation; the CUDA test checks it).
+    FP8 fc2 with tanh-GELU: the GELU fused with fc2's quantization. Otherwise the module's own
+    activation after the GEMM (on CPU `_addmm_activation` applies the erf GELU instead)."""
+    fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
+    if isinstance(fc2, FP8Linear) and tanh_gelu:
+        return fp8.producers(fc1.weight.device).gelu_tanh_quant(linear(fc1, h))
+    if tanh_gelu and type(fc1) is nn.Linear and h.is_cuda:
         return torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True)
-    return mlp.act_fn(F.linear(h, fc1.weight, fc1.bias))
+    return mlp.act_fn(linear(fc1, h))
 
 
 def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,15 +9,15 @@ FP8 rows plus one fp32 scale per row:
 * :func:`quantize_rows`: any bf16/fp16 activation (the standalone fused absmax + scale + cast);
 * :func:`add_rmsnorm_quant`: residual add + RMSNorm + quantization (the producer of the q/k/v and
   gate/up inputs in the text tower);
-* :func:`silu_mul_quant`: silu(gate) * up + quantization (the producer of the down projection's input).
+* :func:`silu_mul_quant`: silu(gate) * up + quantization (the producer of the down projection's input);
+* :func:`layernorm_quant`: LayerNorm + quantization (the vision blocks' qkv and fc1 inputs);
+* :func:`gelu_tanh_quant`: tanh-GELU + quantization (the vision MLP's fc2 input).
 
-The hook the fused text tower (:func:`colquant.kernels.fast_text.fused_core`) needs to use the
-fused producers: where the next layer is an :class:`colquant.fp8.FP8Linear`, call
-``add_rmsnorm_quant`` instead of ``add_rmsnorm`` (keeping the residual it returns) and pass the
-``(q, scale)`` pair to ``qkv_proj`` / ``gate_up_proj``; call ``silu_mul_quant`` instead of
-``silu_mul`` and pass its pair to ``down_proj``. `FP8Linear.forward` accepts such pairs as they are.
-Until then each FP8 layer quantizes its bf16 input with :func:`quantize_rows` (one extra read of
-the activation).
+The fused towers call them through :func:`colquant.fp8.producers` where the next layer is an
+:class:`colquant.fp8.FP8Linear` (:func:`colquant.kernels.fast_text.layer_producers`, and the vision
+blocks of :mod:`colquant.kernels.fast_vision`) and pass the ``(q, scale)`` pair on;
+`FP8Linear.forward` takes such pairs as they are. Other FP8 inputs (attention outputs) are quantized
+inside the layer with :func:`quantize_rows`.
 
 Imported only where Triton is (like :mod:`.triton_ops`); their torch twins live in
 :mod:`colquant.fp8` and are what CPU runs. On CPU the kernels can be checked with
@@ -35,8 +35,8 @@ import triton.language as tl
 
 from colquant.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
 
-__all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "scaled_mm", "gemm_comparison",
-           "lm_shapes", "vision_shapes"]
+__all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "layernorm_quant", "gelu_tanh_quant", "scaled_mm",
+           "gemm_comparison", "lm_shapes", "vision_shapes"]
 
 
 @triton.jit
@@ -129,6 +129,36 @@ def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, N, CHUNK: tl.constexpr, N_CHUNK
     tl.store(s_ptr + row, scale)
 
 
+@triton.jit
+def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, N, eps, HAS_BIAS: tl.constexpr,
+                            BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / N + eps)
+    y = centred * rstd * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # nn.LayerNorm's output is in the activation dtype
+    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+
+
+@triton.jit
+def _gelu_tanh_quant_kernel(x_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                            FLOOR: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    # 0.5 * (1 + tanh(z)) == sigmoid(2z), z = sqrt(2/pi) * (x + 0.044715 x^3): no libdevice tanh needed
+    z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    y = (x * tl.sigmoid(2.0 * z)).to(x_ptr.dtype.element_ty).to(tl.float32)  # GELU's output dtype
+    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+
+
 SILU_CHUNK = 2048
 
 
@@ -181,6 +211,30 @@ def silu_mul_quant(gate_up: torch.Tensor, *, num_warps: int | None = None) -> tu
         chunk = min(SILU_CHUNK, triton.next_power_of_2(n))
         _silu_mul_quant_kernel[(m,)](gate_up, q, s, n, CHUNK=chunk, N_CHUNKS=triton.cdiv(n, chunk),
                                      FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, num_warps=num_warps or 8)
+    return q, s
+
+
+def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, *,
+                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm(x) * weight + bias, rounded to the activation dtype, quantized per row (the vision
+    blocks' producer of their qkv and fc1 inputs): (e4m3 rows, fp32 scales)."""
+    x = x.contiguous()
+    m, n = x.shape
+    q, s = _outputs(m, n, x.device)
+    if m:
+        _layernorm_quant_kernel[(m,)](x, weight, bias if bias is not None else weight, q, s, n, eps,
+                                      HAS_BIAS=bias is not None, **_launch_args(n, num_warps))
+    return q, s
+
+
+def gelu_tanh_quant(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """tanh-approximated GELU (Qwen3-VL's `gelu_pytorch_tanh`), rounded to the activation dtype,
+    quantized per row (the vision MLP's producer of its fc2 input): (e4m3 rows, fp32 scales)."""
+    x = x.contiguous()
+    m, n = x.shape
+    q, s = _outputs(m, n, x.device)
+    if m:
+        _gelu_tanh_quant_kernel[(m,)](x, q, s, n, **_launch_args(n, num_warps))
     return q, s
 
 
