@@ -287,3 +287,49 @@ def test_sweep_variants_measures_each_variant_with_one_model_loaded(tiny_path, t
                                query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu",
                                min_time_s=0)
     assert set(only_bf16["variant"]) == {"bf16"}  # a variant no longer compared is not reported
+
+
+def sweep_vs_bench_script():
+    """benchmarks/sweep_vs_bench.py, imported from its path (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "sweep_vs_bench.py"
+    spec = importlib.util.spec_from_file_location("sweep_vs_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_vs_bench_times_both_methods_for_both_precisions(tiny_w4a16_path, tmp_path, monkeypatch):
+    """The plumbing on CPU (tiny profile): no ratio is asserted, only that every row pairs the two methods."""
+    monkeypatch.setenv("COLQUANT_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    monkeypatch.setattr(sweep, "MIN_TIME_S", 0.0)
+    out = tmp_path / "sweep-vs-bench.json"
+    script = sweep_vs_bench_script()
+    assert script.main(["--profile", "tiny", "--device", "cpu", "--query-batches", "1", "--out", str(out),
+                        "--w4-checkpoint", str(tiny_w4a16_path)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted((r["precision"], r["work"], r["batch"]) for r in report["rows"]) == [
+        ("bf16", "page", 1), ("bf16", "query", 1), ("w4a16", "page", 1), ("w4a16", "query", 1)]
+    for row in report["rows"]:
+        assert row["ratio"] == pytest.approx(row["sweep_per_s"] / row["bench_per_s"])
+        assert row["agrees"] == (abs(row["ratio"] - 1) <= 0.05) and row["bench_peak_mib"] > 0
+    assert str(tiny_w4a16_path) in report["models"]["w4a16"]["sweep"]
+    assert {r["sweep_tokens"] for r in report["rows"] if r["work"] == "query"} == {8 + 10}
+
+
+def test_sweep_vs_bench_without_a_4bit_checkpoint_says_what_it_times(tmp_path, monkeypatch, caplog):
+    from colquant import workspace
+    from colquant.kernels import W4A16Linear
+    from colquant.params import load_profile
+
+    monkeypatch.setenv("COLQUANT_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    profile = load_profile("params/tiny.yaml")
+    script = sweep_vs_bench_script()
+    assert script.w4_checkpoint(profile, None) is None  # the workspace holds no variant yet
+    with caplog.at_level("WARNING", logger="colquant.sweep_vs_bench"):
+        model, _, weights, loaded = script.notebook_model(profile, "w4a16", None)
+    assert "no 4-bit checkpoint" in caplog.text and "no 4-bit checkpoint" in loaded
+    assert weights.startswith("rtn:") and any(isinstance(m, W4A16Linear) for m in model.modules())
+    assert str(workspace.base_model(profile)) in loaded
