@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="synthetic-4b", help="a profile name from params/ or a YAML path")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sweep-vs-bench-<profile>.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/sweep-vs-bench-<profile>.json)")
     parser.add_argument("--device", default=None, help="default: the profile's model.device")
     parser.add_argument("--query-batches", default="1,8,64", help="comma list of query batch sizes")
     parser.add_argument("--page-batch", type=int, default=1)

@@ -182,8 +182,12 @@ def test_a_sweep_killed_half_way_resumes_where_it_stopped_and_finishes(variant, 
     assert calls.seen == [4, 4, 8, 8] and list(rows["status"]) == ["ok"] * 4
 
 
+def no_encoding(model, batch) -> None:
+    """The model's part of a call left out, so the stand-in's sleeps alone set each call's duration."""
+
+
 class SlowCalls(EncodeCalls):
-    """Encodes, then sleeps the next of `delays` seconds: a controlled duration per call."""
+    """Sleeps the next of `delays` seconds per call: a controlled duration per call."""
 
     def __init__(self, real, delays: list[float]) -> None:
         super().__init__(real)
@@ -198,7 +202,7 @@ class SlowCalls(EncodeCalls):
 def test_throughput_is_from_the_median_call_as_in_the_bench(variant, tmp_path, monkeypatch):
     """One slow call among three (a clock ramp, a GC pause) moved the mean-based row by half: the
     notebook then disagreed with `colquant bench` for no reason in the model."""
-    slow = SlowCalls(sweep.encode_batch, [0.0, 0.02, 0.02, 0.3])  # warm-up, then three timed calls
+    slow = SlowCalls(no_encoding, [0.0, 0.02, 0.02, 0.3])  # warm-up, then three timed calls
     monkeypatch.setattr(sweep, "encode_batch", slow)
     row = sweep_once(variant, tmp_path / "sweep.jsonl", batch_sizes=(2,), repeats=3).iloc[0]
     assert row["timed_calls"] == 3 and row["latency_mean_ms"] > 100 > row["latency_p50_ms"] >= 20
@@ -206,7 +210,7 @@ def test_throughput_is_from_the_median_call_as_in_the_bench(variant, tmp_path, m
 
 
 def test_short_calls_are_repeated_until_the_minimum_time(variant, tmp_path, monkeypatch):
-    slow = SlowCalls(sweep.encode_batch, [0.0] + [0.01] * 500)
+    slow = SlowCalls(no_encoding, [0.0] + [0.01] * 500)
     monkeypatch.setattr(sweep, "encode_batch", slow)
     row = sweep_once(variant, tmp_path / "sweep.jsonl", batch_sizes=(1,), repeats=2, min_time_s=0.1).iloc[0]
     assert 2 < row["timed_calls"] == len(slow.seen) - 1 and row["min_time_s"] == 0.1

@@ -58,7 +58,8 @@ QUERY_FILLER = "page "  # one token per word for Qwen's BPE, one per byte for th
 COLUMNS = [
     "variant", "kind", "batch_size", "status", "tokens_per_item", "items_per_s", "tokens_per_s",
     "latency_mean_ms", "latency_p50_ms", "peak_memory_mib", "peak_reserved_mib", "peak_increase_mib",
-    "memory_kind", "repeats", "timed_calls", "min_time_s", "warmup", "device", "device_name", "error", "measured_at", "inputs_fingerprint",
+    "memory_kind", "repeats", "timed_calls", "min_time_s", "warmup", "device", "device_name", "error", "measured_at",
+    "inputs_fingerprint",
 ]
 
 
