@@ -64,6 +64,9 @@ def time_bench(profile: dict, device: torch.device, precision: str, settings: di
     runner.queries(model, processor, precision)
     runner.pages(model, processor, precision)
     sweep.release_model(model)
+    for row in runner.rows:
+        if "error" in row:
+            logger.warning("bench %s %s: %s", precision, row.get("work"), row["error"])
     return [row for row in runner.rows if "error" not in row and row["work"] in sweep.KINDS]
 
 
@@ -116,9 +119,15 @@ def paired_rows(precision: str, bench_rows: list[dict], sweep_rows: pd.DataFrame
     """One row per (work, batch) both methods timed: throughputs, their ratio, memories, token counts."""
     timed = {(row["work"], row["batch"]): row for row in bench_rows}
     out = []
-    for row in sweep_rows[sweep_rows["status"] == "ok"].to_dict(orient="records"):
+    for row in sweep_rows.to_dict(orient="records"):
+        if row["status"] != "ok":
+            logger.warning("sweep %s %s batch %d: %s %s", precision, row["kind"], row["batch_size"], row["status"],
+                           row["error"] or "")
+            continue
         b = timed.get((row["kind"], row["batch_size"]))
         if b is None:
+            logger.warning("%s %s batch %d: the bench did not time it (see its error above); no ratio",
+                           precision, row["kind"], row["batch_size"])
             continue
         ratio = row["items_per_s"] / b["items_per_s"]
         out.append(dict(
