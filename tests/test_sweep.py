@@ -4,6 +4,7 @@ No timing is asserted: only that the machinery measures, records and resumes cor
 """
 
 import json
+import time
 
 import matplotlib
 
@@ -27,11 +28,14 @@ def variant(tiny_model, tiny_path):
     return tiny_model[0], ColQwen3Processor.from_pretrained(tiny_path, max_num_visual_tokens=64)
 
 
-def sweep_once(variant, path, batch_sizes=(1, 2), kind="query", name="bf16", repeats=1, weights="tiny-weights"):
+def sweep_once(variant, path, batch_sizes=(1, 2), kind="query", name="bf16", repeats=1, weights="tiny-weights",
+               min_time_s=0.0):
+    """One sweep; `min_time_s=0` keeps the count of calls exactly warm-up + `repeats` per batch size."""
     model, processor = variant
     return sweep.run_sweep(
         name, model, processor, kind=kind, batch_sizes=list(batch_sizes), query_tokens=QUERY_TOKENS,
         repeats=repeats, results_path=path, device="cpu", warmup=1, weights_fingerprint=weights,
+        min_time_s=min_time_s,
     )
 
 
@@ -151,12 +155,12 @@ def test_a_different_workload_in_the_same_file_is_measured_again_and_replaces_th
     path = tmp_path / "sweep.jsonl"
     sweep_once(variant, path, batch_sizes=(1,))
     sweep.run_sweep("bf16", model, processor, kind="query", batch_sizes=[1], query_tokens=QUERY_TOKENS + 1,
-                    repeats=1, results_path=path, device="cpu", weights_fingerprint="tiny-weights")
+                    repeats=1, results_path=path, device="cpu", weights_fingerprint="tiny-weights", min_time_s=0)
     assert calls.seen == [1, 1, 1, 1]
     assert list(sweep.load_results(path)["tokens_per_item"]) == [QUERY_TOKENS + 1 + 10]
 
 
-@pytest.mark.parametrize("change", [{"repeats": 2}, {"weights": "requantized-weights"}])
+@pytest.mark.parametrize("change", [{"repeats": 2}, {"weights": "requantized-weights"}, {"min_time_s": 1e-9}])
 def test_rows_measured_with_other_repeats_or_weights_are_measured_again(variant, tmp_path, calls, change):
     """Issue 8: changing sweep.repeats (or re-quantizing) reused the old rows, even with --force."""
     path = tmp_path / "sweep.jsonl"
@@ -176,6 +180,46 @@ def test_a_sweep_killed_half_way_resumes_where_it_stopped_and_finishes(variant, 
     calls.seen.clear()
     rows = sweep_once(variant, path, batch_sizes=(1, 2, 4, 8))
     assert calls.seen == [4, 4, 8, 8] and list(rows["status"]) == ["ok"] * 4
+
+
+def no_encoding(model, batch) -> None:
+    """The model's part of a call left out, so the stand-in's sleeps alone set each call's duration."""
+
+
+class SlowCalls(EncodeCalls):
+    """Sleeps the next of `delays` seconds per call: a controlled duration per call."""
+
+    def __init__(self, real, delays: list[float]) -> None:
+        super().__init__(real)
+        self.delays = list(delays)
+
+    def __call__(self, model, batch):
+        out = super().__call__(model, batch)
+        time.sleep(self.delays.pop(0) if self.delays else 0.0)
+        return out
+
+
+def test_throughput_is_from_the_median_call_as_in_the_bench(variant, tmp_path, monkeypatch):
+    """One slow call among three (a clock ramp, a GC pause) moved the mean-based row by half: the
+    notebook then disagreed with `colquant bench` for no reason in the model."""
+    slow = SlowCalls(no_encoding, [0.0, 0.02, 0.02, 0.3])  # warm-up, then three timed calls
+    monkeypatch.setattr(sweep, "encode_batch", slow)
+    row = sweep_once(variant, tmp_path / "sweep.jsonl", batch_sizes=(2,), repeats=3).iloc[0]
+    assert row["timed_calls"] == 3 and row["latency_mean_ms"] > 100 > row["latency_p50_ms"] >= 20
+    assert row["items_per_s"] == pytest.approx(2 / (row["latency_p50_ms"] / 1e3))
+
+
+def test_short_calls_are_repeated_until_the_minimum_time(variant, tmp_path, monkeypatch):
+    slow = SlowCalls(no_encoding, [0.0] + [0.01] * 500)
+    monkeypatch.setattr(sweep, "encode_batch", slow)
+    row = sweep_once(variant, tmp_path / "sweep.jsonl", batch_sizes=(1,), repeats=2, min_time_s=0.1).iloc[0]
+    assert 2 < row["timed_calls"] == len(slow.seen) - 1 and row["min_time_s"] == 0.1
+    assert row["timed_calls"] * row["latency_mean_ms"] >= 100
+
+
+def test_a_negative_minimum_time_is_refused(variant, tmp_path):
+    with pytest.raises(ValueError, match="min_time_s >= 0"):
+        sweep_once(variant, tmp_path / "sweep.jsonl", min_time_s=-1)
 
 
 def hand_made_results() -> pd.DataFrame:
@@ -239,9 +283,57 @@ def test_sweep_variants_measures_each_variant_with_one_model_loaded(tiny_path, t
         return model, processor
 
     results = sweep_variants({"bf16": tiny_path, "again": tiny_path}, load, query_batch_sizes=[1], page_batch_sizes=[1],
-                             query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu")
+                             query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu",
+                             min_time_s=0)
     assert sorted(set(zip(results["variant"], results["kind"]))) == [("again", "page"), ("again", "query"), ("bf16", "page"), ("bf16", "query")]
     assert all(ref() is None for ref in alive)
     only_bf16 = sweep_variants({"bf16": tiny_path}, load, query_batch_sizes=[1], page_batch_sizes=[1],
-                               query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu")
+                               query_tokens=8, repeats=1, results_path=tmp_path / "sweep.jsonl", device="cpu",
+                               min_time_s=0)
     assert set(only_bf16["variant"]) == {"bf16"}  # a variant no longer compared is not reported
+
+
+def sweep_vs_bench_script():
+    """benchmarks/sweep_vs_bench.py, imported from its path (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "sweep_vs_bench.py"
+    spec = importlib.util.spec_from_file_location("sweep_vs_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_vs_bench_times_both_methods_for_both_precisions(tiny_w4a16_path, tmp_path, monkeypatch):
+    """The plumbing on CPU (tiny profile): no ratio is asserted, only that every row pairs the two methods."""
+    monkeypatch.setenv("COLQUANT_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    monkeypatch.setattr(sweep, "MIN_TIME_S", 0.0)
+    out = tmp_path / "sweep-vs-bench.json"
+    script = sweep_vs_bench_script()
+    assert script.main(["--profile", "tiny", "--device", "cpu", "--query-batches", "1", "--out", str(out),
+                        "--w4-checkpoint", str(tiny_w4a16_path)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted((r["precision"], r["work"], r["batch"]) for r in report["rows"]) == [
+        ("bf16", "page", 1), ("bf16", "query", 1), ("w4a16", "page", 1), ("w4a16", "query", 1)]
+    for row in report["rows"]:
+        assert row["ratio"] == pytest.approx(row["sweep_per_s"] / row["bench_per_s"])
+        assert row["agrees"] == (abs(row["ratio"] - 1) <= 0.05) and row["bench_peak_mib"] > 0
+    assert str(tiny_w4a16_path) in report["models"]["w4a16"]["sweep"]
+    assert {r["sweep_tokens"] for r in report["rows"] if r["work"] == "query"} == {8 + 10}
+
+
+def test_sweep_vs_bench_without_a_4bit_checkpoint_says_what_it_times(tmp_path, monkeypatch, caplog):
+    from colquant import workspace
+    from colquant.kernels import W4A16Linear
+    from colquant.params import load_profile
+
+    monkeypatch.setenv("COLQUANT_OUTPUT_ROOT", str(tmp_path / "outputs"))
+    profile = load_profile("params/tiny.yaml")
+    script = sweep_vs_bench_script()
+    assert script.w4_checkpoint(profile, None) is None  # the workspace holds no variant yet
+    with caplog.at_level("WARNING", logger="colquant.sweep_vs_bench"):
+        model, _, weights, loaded = script.notebook_model(profile, "w4a16", None)
+    assert "no 4-bit checkpoint" in caplog.text and "no 4-bit checkpoint" in loaded
+    assert weights.startswith("rtn:") and any(isinstance(m, W4A16Linear) for m in model.modules())
+    assert str(workspace.base_model(profile)) in loaded

@@ -59,11 +59,15 @@ def prepare_w4a16(model: nn.Module, profile: dict) -> dict:
 
 
 def prepare_w4a16_memory_first(model: nn.Module, profile: dict) -> dict:
-    """As `w4a16`, keeping no BF16 copy of any layer (`colquant.load(..., bf16_copy=False)`)."""
+    """The memory-first 4-bit model: as `w4a16`, keeping no BF16 copy of any layer, with the token
+    embeddings in int8 per row (`colquant.load(..., bf16_copy=False, embeddings="int8")`)."""
     from colquant.kernels import accelerate_model, find_text_model, quantize_linears_rtn
+    from colquant.kernels.embedding import quantize_embeddings
 
     quantized = quantize_linears_rtn(find_text_model(model), profile["quantization"]["group_size"])
-    return dict(accelerate_model(model, bf16_copy=False)._colquant_acceleration, rtn_linears=quantized)
+    freed = quantize_embeddings(model)
+    return dict(accelerate_model(model, bf16_copy=False)._colquant_acceleration, rtn_linears=quantized,
+                int8_embeddings_freed_mib=round(freed / 2**20, 1))
 
 
 PREPARE: dict[str, Callable[[nn.Module, dict], dict]] = {

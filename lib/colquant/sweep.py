@@ -12,7 +12,13 @@ that fills the processor's visual-token budget (compute does not depend on what 
 Sweeps take long on the real model and may die half way (a device lease ends, an OOM takes the
 process down), so each finished row is written at once, atomically, and a re-run skips what is done.
 A row is "done" only for the inputs it was measured with (`inputs_fingerprint`: the weights, the
-workload, repeats, warm-up and device); a row measured with other inputs is measured again.
+workload, repeats, minimum time, warm-up and device); a row measured with other inputs is measured again.
+
+Each batch is timed the way `colquant.bench` times it (`benchmarks/sweep_vs_bench.py` compares the
+two): inputs built and on the device before the clock starts, a warm-up call (which also captures the
+query CUDA graphs), then at least `repeats` calls and more until `min_time_s` has passed, throughput
+from the median call. A mean over three calls let one slow call (a clock ramp, a GC pause) move a
+row by half, so the notebook disagreed with the bench for no reason in the model.
 """
 
 from __future__ import annotations
@@ -46,11 +52,14 @@ from colquant.workspace import checkpoint_fingerprint, fingerprint
 KINDS = ("query", "page")
 FINISHED = ("ok", "oom")  # statuses a re-run keeps; `skipped_after_oom` rows are re-decided
 OOM_MARKERS = ("out of memory", "can't allocate memory")  # CUDA / CPU allocator messages
+MIN_TIME_S = 0.5  # seconds of timed calls per row at least, as the bench's profiles (bench.min_time_s)
+MAX_TIMED_CALLS = 200  # the bench's cap on calls per row
 QUERY_FILLER = "page "  # one token per word for Qwen's BPE, one per byte for the tiny tokenizer
 COLUMNS = [
     "variant", "kind", "batch_size", "status", "tokens_per_item", "items_per_s", "tokens_per_s",
     "latency_mean_ms", "latency_p50_ms", "peak_memory_mib", "peak_reserved_mib", "peak_increase_mib",
-    "memory_kind", "repeats", "warmup", "device", "device_name", "error", "measured_at", "inputs_fingerprint",
+    "memory_kind", "repeats", "timed_calls", "min_time_s", "warmup", "device", "device_name", "error", "measured_at",
+    "inputs_fingerprint",
 ]
 
 
@@ -109,8 +118,14 @@ def _peak_memory(device: torch.device, in_use_before: int) -> dict[str, Any]:
     }
 
 
-def measure(model: torch.nn.Module, batch: BatchFeature, *, repeats: int, warmup: int, device: torch.device) -> dict[str, Any]:
+def measure(
+    model: torch.nn.Module, batch: BatchFeature, *, repeats: int, warmup: int, device: torch.device,
+    min_time_s: float = 0.0,
+) -> dict[str, Any]:
     """Latency, throughput and peak memory of encoding one batch.
+
+    At least `repeats` timed calls, and more until `min_time_s` of them have passed (at most
+    `MAX_TIMED_CALLS`); `items_per_s` and `tokens_per_s` from the median call, as the bench reports.
 
     Peak memory covers warm-up and timed runs and includes the weights (`peak_memory_mib`: what a
     GPU of a given size must hold; `cuda_allocated` excludes the CUDA context, ~0.5 GiB) and what this
@@ -122,21 +137,23 @@ def measure(model: torch.nn.Module, batch: BatchFeature, *, repeats: int, warmup
     batch = batch.to(device)
     for _ in range(warmup):
         encode_batch(model, batch)
-    latencies = []
-    for _ in range(repeats):
-        synchronize(device)
+    latencies: list[float] = []
+    synchronize(device)
+    began = time.perf_counter()
+    while len(latencies) < repeats or (time.perf_counter() - began < min_time_s and len(latencies) < MAX_TIMED_CALLS):
         start = time.perf_counter()
         encode_batch(model, batch)
         synchronize(device)
         latencies.append(time.perf_counter() - start)
     batch_size = batch["input_ids"].shape[0]
     tokens = int(batch["attention_mask"].sum())
-    mean = float(np.mean(latencies))
+    median = float(np.median(latencies))
     return {
-        "items_per_s": batch_size / mean,
-        "tokens_per_s": tokens / mean,
-        "latency_mean_ms": 1e3 * mean,
-        "latency_p50_ms": 1e3 * float(np.median(latencies)),
+        "items_per_s": batch_size / median,
+        "tokens_per_s": tokens / median,
+        "latency_mean_ms": 1e3 * float(np.mean(latencies)),
+        "latency_p50_ms": 1e3 * median,
+        "timed_calls": len(latencies),
         **_peak_memory(device, in_use),
     }
 
@@ -220,27 +237,29 @@ def run_sweep(
     weights_fingerprint: str,
     warmup: int = 1,
     page_image: Image.Image | None = None,
+    min_time_s: float = MIN_TIME_S,
 ) -> pd.DataFrame:
     """Measure `kind` ('query' or 'page') encoding at each batch size (ascending); return this sweep's rows.
 
     Each row goes into `results_path` (JSON lines, the whole file replaced atomically) as soon as it
     is measured, replacing an older row of the same (variant, kind, batch size). Rows already there
     with status 'ok' or 'oom' for (variant, kind, batch size) and the same inputs (the weights'
-    `weights_fingerprint`, e.g. `workspace.checkpoint_fingerprint`, the workload, repeats, warm-up,
-    device, dtype) are reused, not re-measured; rows measured with other inputs are replaced. An
+    `weights_fingerprint`, e.g. `workspace.checkpoint_fingerprint`, the workload, repeats,
+    `min_time_s`, warm-up, device, dtype) are reused, not re-measured; rows measured with other inputs are replaced. An
     out-of-memory batch becomes an 'oom' row and every larger size a 'skipped_after_oom' row; any
     other error propagates. `model` must already be on `device`; `page_image` defaults to
     `synthetic_page` at the processor's visual-token budget.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
-    if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need batch sizes >= 1, repeats >= 1, warmup >= 0; got {batch_sizes}, {repeats}, {warmup}")
+    if not batch_sizes or min(batch_sizes) < 1 or repeats < 1 or warmup < 0 or min_time_s < 0:
+        raise ValueError(f"need batch sizes >= 1, repeats >= 1, warmup >= 0, min_time_s >= 0; got {batch_sizes}, "
+                         f"{repeats}, {warmup}, {min_time_s}")
     device, path = torch.device(device), Path(results_path)
     page = page_image if page_image is not None else synthetic_page(processor.max_num_visual_tokens)
     tokens_per_item = int(build_batch(processor, kind, 1, query_tokens, page)["attention_mask"].sum())
     context = dict(
-        tokens_per_item=tokens_per_item, repeats=repeats, warmup=warmup,
+        tokens_per_item=tokens_per_item, repeats=repeats, min_time_s=min_time_s, warmup=warmup,
         device=str(device), device_name=_device_name(device),
     )
     inputs = fingerprint(weights_fingerprint, str(next(model.parameters()).dtype), page.size, context)
@@ -268,7 +287,8 @@ def _measure_row(
     device = torch.device(context["device"])
     try:
         batch = build_batch(processor, kind, batch_size, query_tokens, page)
-        values = measure(model, batch, repeats=context["repeats"], warmup=context["warmup"], device=device)
+        values = measure(model, batch, repeats=context["repeats"], warmup=context["warmup"], device=device,
+                         min_time_s=context["min_time_s"])
         return _row(variant, kind, batch_size, "ok", **context, **values)
     except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
         if not _is_oom(error):
@@ -402,6 +422,7 @@ def sweep_variants(
     repeats: int,
     results_path: str | Path,
     device: str | torch.device,
+    min_time_s: float = MIN_TIME_S,
 ) -> pd.DataFrame:
     """Sweep queries and pages for each variant in turn, one model in memory at a time; return the
     rows of these variants (rows of others in the file, e.g. of a seqlen since removed, are left out).
@@ -415,7 +436,8 @@ def sweep_variants(
         model, processor = load(checkpoint)
         for kind, sizes in (("query", query_batch_sizes), ("page", page_batch_sizes)):
             run_sweep(name, model, processor, kind=kind, batch_sizes=sizes, query_tokens=query_tokens,
-                      repeats=repeats, results_path=results_path, device=device, weights_fingerprint=weights)
+                      repeats=repeats, results_path=results_path, device=device, weights_fingerprint=weights,
+                      min_time_s=min_time_s)
         release_model(model)
         del model, processor
         _release_memory(torch.device(device))
