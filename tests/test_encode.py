@@ -145,6 +145,18 @@ def test_a_kept_pipeline_reuses_its_workers_across_calls(tiny_model, pages):
         assert torch.equal(got, want)
 
 
+def test_a_page_refused_in_a_worker_raises_and_the_pipeline_serves_the_next_call(tiny_model, pages):
+    """A worker's error reaches the caller with the processor's message; the kept workers survive it."""
+    model, _ = tiny_model
+    sliver = Image.new("RGB", (402, 2))  # aspect ratio 201: Qwen's resizing refuses it
+    with encode.PagePipeline.for_model(model, num_workers=2) as pipeline:
+        with pytest.raises(ValueError, match="aspect ratio of 201"):
+            encode.encode_pages(model, pages + [sliver], batch_size=2, pipeline=pipeline)
+        again = encode.encode_pages(model, pages[:2], batch_size=2, pipeline=pipeline)
+    for got, want in zip(again, encode.encode_pages(model, pages[:2], batch_size=2, num_workers=0)):
+        assert torch.equal(got, want)
+
+
 def test_the_next_batch_is_prepared_before_this_one_is_read_back(tiny_model, pages, monkeypatch):
     """The overlap, structurally: batch i+1's pages are joined (the host's work) and launched before
     batch i's embeddings are read back (the wait for the device)."""
