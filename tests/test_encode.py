@@ -140,6 +140,8 @@ def test_a_kept_pipeline_reuses_its_workers_across_calls(tiny_model, pages):
         workers = set(multiprocessing.active_children())
         second = encode.encode_pages(model, calls[1], batch_size=2, pipeline=pipeline)
         assert len(workers) >= 2 and set(multiprocessing.active_children()) == workers
+        # the pages the workers were forked with are named by position; only the new ones are sent
+        assert sorted(kind for kind, _ in pipeline.feed.items) == ["held"] * len(pages) + ["sent"] * len(more)
     assert not workers & set(multiprocessing.active_children())  # closed: its workers are gone
     for got, want in zip(first + second, expected[0] + expected[1]):
         assert torch.equal(got, want)
