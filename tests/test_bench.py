@@ -37,6 +37,7 @@ def test_tiny_bench_runs_on_cpu_and_writes_json(tiny_profile, tmp_path, monkeypa
     assert {("bf16-eager", "query"), ("bf16", "page"), ("w4a16", "page-e2e"), ("w4a16", "preprocess")} <= works
     e2e = [r for r in data["results"] if r["work"] == "page-e2e"]
     assert all(r["bound"] in ("GPU", "CPU preprocessing") and r["over_tensors"] > 0 for r in e2e)
+    assert all(r["pages_per_call"] == 2 * r["batch"] and r["first_call_ms"] > 0 for r in e2e)  # 2 batches a call
     assert "w4/bf16 thr" in caplog.text and "PIL e2e p/s" in caplog.text and "targets:" in caplog.text
 
 
@@ -108,3 +109,21 @@ def test_fp8_and_memory_first_precisions_are_timed_and_checked(tiny_profile, tmp
     assert checks["w4a16-memory_vs_dequant_reference_queries"]["cos_min"] > 0.999
     timed = {(r["precision"], r["work"]) for r in data["results"] if "ms" in r}
     assert {("fp8-lm", "query"), ("fp8-all", "page"), ("w4a16-memory", "query")} <= timed
+
+
+def test_pages_from_pil_are_timed_through_a_warm_pipeline_with_workers(tiny_profile, tmp_path, monkeypatch):
+    """With workers, every end-to-end call after the first runs on the same worker processes."""
+    import multiprocessing
+
+    from colquant import encode
+
+    tiny_profile["bench"].update(precisions=["bf16"], query_batches=[1], page_batches=[2], end_to_end_batches=2,
+                                 workers=2)
+    seen: list[frozenset] = []
+    real = encode.encode_pages
+    monkeypatch.setattr(encode, "encode_pages", lambda *args, **options: (
+        real(*args, **options), seen.append(frozenset(multiprocessing.active_children())))[0])
+    bench.run_bench(tiny_profile, tmp_path / "bench.json", device="cpu")
+    assert len(seen) >= 3 and len(set(seen)) == 1 and len(seen[0]) >= 2  # first, warm-up and timed calls
+    e2e = [r for r in json.loads((tmp_path / "bench.json").read_text())["results"] if r["work"] == "page-e2e"]
+    assert [(r["workers"], r["pages_per_call"]) for r in e2e] == [(2, 4)]

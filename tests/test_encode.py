@@ -97,15 +97,78 @@ def test_page_pipeline_gives_the_same_results_in_the_same_order_with_workers(tin
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_pages_prepared_one_by_one_join_into_the_processors_batch(tiny_model, pages, num_workers):
     """Pages of different sizes (so prompts pad differently), prepared apart and joined, equal the
-    processor's own batch of them, batch by batch in order."""
-    _, processor = tiny_model
+    processor's own batch of them, batch by batch in order (pixels in the model's dtype)."""
+    model, processor = tiny_model
     batches = [[3], [0, 1, 2]]
-    joined = list(encode.prepared_pages(processor, pages, batches, num_workers, pin=False))
+    with encode.PagePipeline.for_model(model, num_workers=num_workers) as pipeline:
+        joined = list(pipeline.prepared(pages, batches))
     for batch, got in zip(batches, joined):
         expected = processor.process_images([pages[i] for i in batch])
+        expected["pixel_values"] = expected["pixel_values"].to(torch.bfloat16)
         assert got.keys() == expected.keys()
         for key in expected:
             assert torch.equal(got[key], expected[key]), key
+
+
+def test_pixels_cast_in_the_worker_give_the_same_embeddings(tiny_model, pages):
+    """Workers cast pixels to the vision tower's dtype (half the bytes of float32 to move); the
+    tower's first step is that same cast, so embeddings are bit-identical to float32 pixels'."""
+    model, processor = tiny_model
+    assert encode.pixel_dtype(model) == torch.bfloat16
+    prepared = encode.PageWorker(processor, encode.pixel_dtype(model)).prepare(pages[0])
+    assert prepared["pixel_values"].dtype == torch.bfloat16
+    for page, result in zip(pages, encode.encode_pages(model, pages, batch_size=1)):
+        with torch.inference_mode():
+            batch = processor.process_images([page])
+            assert batch["pixel_values"].dtype == torch.float32
+            expected = model(**batch).embeddings[0][batch["attention_mask"][0].bool()].float()
+        assert torch.equal(result, expected)
+
+
+def test_a_kept_pipeline_reuses_its_workers_across_calls(tiny_model, pages):
+    """Calls through one pipeline use the same worker processes, for pages they were started with
+    and for new ones, and give what the worker-less path gives."""
+    import multiprocessing
+
+    model, _ = tiny_model
+    rng = np.random.default_rng(1)
+    more = [Image.fromarray(rng.integers(0, 255, (112, 96, 3), dtype=np.uint8)) for _ in range(3)]
+    calls = [pages, pages[::-1] + more]
+    expected = [encode.encode_pages(model, call, batch_size=2, num_workers=0) for call in calls]
+    with encode.PagePipeline.for_model(model, num_workers=2) as pipeline:
+        first = encode.encode_pages(model, calls[0], batch_size=2, pipeline=pipeline)
+        workers = set(multiprocessing.active_children())
+        second = encode.encode_pages(model, calls[1], batch_size=2, pipeline=pipeline)
+        assert len(workers) >= 2 and set(multiprocessing.active_children()) == workers
+        # the pages the workers were forked with are named by position; only the new ones are sent
+        assert sorted(kind for kind, _ in pipeline.feed.items) == ["held"] * len(pages) + ["sent"] * len(more)
+    assert not workers & set(multiprocessing.active_children())  # closed: its workers are gone
+    for got, want in zip(first + second, expected[0] + expected[1]):
+        assert torch.equal(got, want)
+
+
+def test_a_page_refused_in_a_worker_raises_and_the_pipeline_serves_the_next_call(tiny_model, pages):
+    """A worker's error reaches the caller with the processor's message; the kept workers survive it."""
+    model, _ = tiny_model
+    sliver = Image.new("RGB", (402, 2))  # aspect ratio 201: Qwen's resizing refuses it
+    with encode.PagePipeline.for_model(model, num_workers=2) as pipeline:
+        with pytest.raises(ValueError, match="aspect ratio of 201"):
+            encode.encode_pages(model, pages + [sliver], batch_size=2, pipeline=pipeline)
+        again = encode.encode_pages(model, pages[:2], batch_size=2, pipeline=pipeline)
+    for got, want in zip(again, encode.encode_pages(model, pages[:2], batch_size=2, num_workers=0)):
+        assert torch.equal(got, want)
+
+
+def test_the_next_batch_is_prepared_before_this_one_is_read_back(tiny_model, pages, monkeypatch):
+    """The overlap, structurally: batch i+1's pages are joined (the host's work) and launched before
+    batch i's embeddings are read back (the wait for the device)."""
+    model, _ = tiny_model
+    events: list[str] = []
+    join, read_back = encode.JoinPages.__call__, encode._read_back
+    monkeypatch.setattr(encode.JoinPages, "__call__", lambda self, batch: events.append("prepared") or join(self, batch))
+    monkeypatch.setattr(encode, "_read_back", lambda batch, results: events.append("read") or read_back(batch, results))
+    encode.encode_pages(model, pages[:3], batch_size=1, num_workers=0)
+    assert events == ["prepared", "prepared", "read", "prepared", "read", "read"]
 
 
 def test_default_workers_only_on_a_gpu():
@@ -131,6 +194,14 @@ def test_processor_can_be_passed_when_none_is_attached(tiny_model):
         (lambda m: m.encode_pages(["/nonexistent/page.png"]), FileNotFoundError, "page 0: no image file"),
         (lambda m: m.encode_queries([], padded=True), ValueError, "nothing to pad"),
         (lambda m: m.encode_pages([], num_workers=-1), ValueError, "num_workers must be >= 0"),
+        (lambda m: encode.PagePipeline(m.processor, -1, pin=False), ValueError, "num_workers must be >= 0"),
+        (lambda m: encode.PagePipeline(m.processor, 1, pin=False, ahead_batches=0), ValueError,
+         "ahead_batches must be >= 1"),
+        (lambda m: m.encode_pages([], pipeline=encode.PagePipeline.for_model(m), num_workers=2), ValueError,
+         "give num_workers and processor to"),
+        (lambda m: m.encode_pages([], pipeline=encode.PagePipeline(m.processor, 0, pin=False,
+                                                                   pixel_dtype=torch.float16)),
+         ValueError, "casts pixels to torch.float16, but the model's vision tower takes torch.bfloat16"),
     ],
 )
 def test_bad_inputs_raise_naming_the_problem(tiny_model, call, error, message):

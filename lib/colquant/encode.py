@@ -6,18 +6,24 @@ sentence-transformers' conventions: batches under `torch.inference_mode`, an opt
 and per-item results in input order. Items are sorted by length before batching, so a batch pads
 to similar lengths instead of to the longest item of the whole input, then restored to input order.
 
-Pages run as a pipeline: a `DataLoader` prepares batches (decoding, resizing, patchifying: the
-processor's work, tens of milliseconds a page on one core) in worker processes, in pinned memory,
-while the GPU encodes the batch before; inputs are copied to the GPU without blocking. The order of
-batches, and so every result, is the same whatever the number of workers.
+Pages run as a pipeline (`PagePipeline`): worker processes prepare pages (decoding, resizing,
+patchifying: the processor's work, ~0.1 s for a 2560x2048 page on one core) ahead of the model and
+cast the pixels to the vision tower's dtype; the main process joins each batch in pinned memory,
+copies it to the GPU without blocking, and launches batch i+1 before it reads batch i's embeddings
+back, so neither side waits for the other. A pipeline can be kept across calls so its workers start
+once per index, not once per call. The order of batches, and so every result, is the same whatever
+the number of workers.
 """
 
 from __future__ import annotations
 
 import os
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -83,28 +89,65 @@ def encode_pages(
     show_progress_bar: bool = False,
     padded: bool = False,
     num_workers: int | None = None,
+    pipeline: PagePipeline | None = None,
 ) -> list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
     """Multi-vector embeddings of page images: per page a (tokens, dim) float32 CPU tensor.
 
     `images` holds PIL images, image file paths, or a `datasets` image column (decoded images, or
     `{"bytes": ..., "path": ...}` dicts when the column is not decoded). Pages are batched by
     pixel area (read from the image headers), which orders them by visual-token count without
-    running the image processor twice. `num_workers` processes prepare batches ahead of the model
+    running the image processor twice. `num_workers` processes prepare pages ahead of the model
     (default: a core's worth each, up to 16, on a GPU; none on a CPU, where they would compete with
-    the model for cores). Each page is prepared on its own, so workers share a batch's pages.
+    the model for cores); they start for this call and stop after it. To index in many calls, make
+    `pipeline=PagePipeline.for_model(model)` once and pass it to each: its workers stay up.
     """
     described = [page_source(item, index) for index, item in enumerate(images)]
-    processor = attached_processor(model, processor)
+    if pipeline is not None:
+        if num_workers is not None or processor is not None:
+            raise ValueError("encode_pages: with pipeline=..., give num_workers and processor to "
+                             "PagePipeline.for_model(...) instead of to this call")
+        _check_pipeline_fits(pipeline, model)
+        return _encode_page_sources(model, pipeline, described, batch_size, show_progress_bar, padded)
     workers = default_workers(model_device(model)) if num_workers is None else num_workers
-    if workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {workers}")
-    pin = model_device(model).type == "cuda"
+    with PagePipeline.for_model(model, processor=processor, num_workers=min(workers, len(described))) as own:
+        return _encode_page_sources(model, own, described, batch_size, show_progress_bar, padded)
+
+
+def _encode_page_sources(model: torch.nn.Module, pipeline: PagePipeline, described: list[tuple[Any, int]],
+                         batch_size: int, show_progress_bar: bool,
+                         padded: bool) -> list[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]:
+    """`encode_pages` once its inputs are read: (source, pixel area) pairs through `pipeline`."""
     sources = [source for source, _ in described]
     embeddings = _encode_sorted(
-        model, lambda batches: prepared_pages(processor, sources, batches, workers, pin=pin),
+        model, lambda batches: pipeline.prepared(sources, batches),
         [area for _, area in described], batch_size, show_progress_bar, "pages",
     )
     return _as_padded(embeddings) if padded else embeddings
+
+
+def _check_pipeline_fits(pipeline: PagePipeline, model: torch.nn.Module) -> None:
+    """A pipeline made for another model could cast pixels to a dtype this one does not use, which
+    would change its embeddings: refuse it."""
+    if pipeline.pixel_dtype != pixel_dtype(model):
+        raise ValueError(
+            f"this PagePipeline casts pixels to {pipeline.pixel_dtype}, but the model's vision tower takes "
+            f"{pixel_dtype(model)}: make the pipeline with PagePipeline.for_model(model)"
+        )
+
+
+def pixel_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype the model's vision tower casts pixels to before anything else, or None (keep
+    float32) when it has none or the two towers' first casts would differ.
+
+    transformers' tower starts with `pixel_values.type(visual.dtype)`, the fast tower with a cast to
+    the patch embedding's weight dtype. Casting in the worker instead is the same rounding, done
+    earlier, where it halves the bytes through shared memory, pinned memory and PCIe.
+    """
+    visual = getattr(model, "visual", None)
+    weight = getattr(getattr(getattr(visual, "patch_embed", None), "proj", None), "weight", None)
+    if weight is None or weight.dtype != getattr(visual, "dtype", None):
+        return None
+    return weight.dtype if weight.dtype in (torch.bfloat16, torch.float16) else None
 
 
 def default_workers(device: torch.device) -> int:
@@ -145,43 +188,104 @@ def _encode_sorted(
     label: str,
 ) -> list[torch.Tensor]:
     """Encode items in batches of similar length (`prepare` turns batches of item indices into model
-    inputs, in order); results come back in input order."""
+    inputs, in order); results come back in input order.
+
+    One batch stays in flight: batch i+1 is prepared and launched before batch i's embeddings are
+    read back, so the host's share of a batch (joining it, launching its kernels) overlaps the
+    device's work on the one before instead of following it.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches = [order[start : start + batch_size] for start in range(0, len(lengths), batch_size)]
     device = model_device(model)
     results: list[torch.Tensor | None] = [None] * len(lengths)
+    in_flight: InFlight | None = None
     for indices, batch in tqdm(zip(batches, prepare(batches)), total=len(batches), desc=f"encoding {label}",
                                disable=not show_progress_bar, leave=False):
-        with torch.inference_mode():
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            embeddings = model(**batch).embeddings
-        keep = batch["attention_mask"].bool()
-        for i, row, mask in zip(indices, embeddings, keep):
-            # Indexed outside inference mode: a copy that is an ordinary tensor, usable in place.
-            results[i] = row[mask].float().cpu()
+        launched = _launch(model, batch, indices, device)
+        if in_flight is not None:
+            _read_back(in_flight, results)
+        in_flight = launched
+    if in_flight is not None:
+        _read_back(in_flight, results)
     return results  # type: ignore[return-value]  # every slot is filled: order is a permutation
 
 
-class PreparedPages(torch.utils.data.Dataset):
-    """Page `i` as the processor's tensors for a batch of one (decoded, resized, patchified on
-    access: in a worker process when there are workers)."""
+@dataclass
+class InFlight:
+    """A batch given to the model: its items' indices, its token mask (on the host), and its
+    embeddings on their way to the host; on a GPU `arrived` fires when they are there."""
 
-    def __init__(self, processor: Any, sources: list[Any]) -> None:
-        self.processor, self.sources = processor, sources
+    indices: list[int]
+    keep: torch.Tensor
+    embeddings: torch.Tensor
+    arrived: torch.cuda.Event | None
+
+
+def _launch(model: torch.nn.Module, batch: dict[str, torch.Tensor], indices: list[int],
+            device: torch.device) -> InFlight:
+    """Queue a batch's copy to the device, its forward and the copy of its embeddings back (into
+    pinned memory, which torch allocates for a non-blocking copy to the CPU), without waiting."""
+    with torch.inference_mode():
+        inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        embeddings = model(**inputs).embeddings.to("cpu", non_blocking=True)
+    arrived = None
+    if device.type == "cuda":
+        arrived = torch.cuda.Event()
+        arrived.record()
+    return InFlight(indices, batch["attention_mask"].bool(), embeddings, arrived)
+
+
+def _read_back(batch: InFlight, results: list[torch.Tensor | None]) -> None:
+    """Wait for a batch's embeddings, then store each item's real tokens as float32."""
+    if batch.arrived is not None:
+        batch.arrived.synchronize()
+    for i, row, mask in zip(batch.indices, batch.embeddings, batch.keep):
+        # Indexed outside inference mode: a copy that is an ordinary tensor, usable in place.
+        results[i] = row[mask].float()
+
+
+class PageWorker(torch.utils.data.Dataset):
+    """What a worker does for one page: the processor's tensors for a batch of one, pixels cast to
+    `pixel_dtype` (see `pixel_dtype`). An item names its page either by position among the pages
+    the workers were started with (`("held", i)`: shared by fork, nothing sent) or carries it
+    (`("sent", source)`)."""
+
+    def __init__(self, processor: Any, pixel_dtype: torch.dtype | None) -> None:
+        self.processor, self.pixel_dtype = processor, pixel_dtype
+        self.held: list[Any] = []
+
+    def __getitem__(self, item: tuple[str, Any]) -> dict[str, torch.Tensor]:
+        kind, value = item
+        return self.prepare(self.held[value] if kind == "held" else value)
+
+    def prepare(self, source: Any) -> dict[str, torch.Tensor]:
+        page = dict(self.processor.process_images([source]))
+        if self.pixel_dtype is not None:
+            page["pixel_values"] = page["pixel_values"].to(self.pixel_dtype)
+        return page
+
+
+class PageFeed(torch.utils.data.Sampler):
+    """The items of the current call, in order: a persistent `DataLoader` re-reads its sampler at
+    each new iteration, so one loader (and its workers) serves every call."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return iter(self.items)
 
     def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return dict(self.processor.process_images([self.sources[index]]))
+        return len(self.items)
 
 
 class JoinPages:
     """Pages prepared one by one -> the batch the processor would have made of them: prompts
     left-padded to the longest (pad token, mask 0), pixel patches and grids concatenated; into
-    pinned memory when `pin`, so the copy to the GPU does not block."""
+    pinned memory when `pin`, so the copy to the GPU does not block (torch's caching host allocator
+    hands a freed batch's pinned block to a later batch instead of pinning new memory)."""
 
     def __init__(self, pad_token_id: int, pin: bool) -> None:
         self.pad = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
@@ -201,19 +305,86 @@ class JoinPages:
         return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=self.pin))
 
 
-def prepared_pages(processor: Any, sources: list[Any], batches: list[list[int]], num_workers: int, *,
-                   pin: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """The page batches in order. With workers, pages are prepared ahead of the model one by one
-    across `num_workers` processes (so a batch's pages are prepared in parallel), in batch order."""
-    dataset, join = PreparedPages(processor, sources), JoinPages(processor.tokenizer.pad_token_id, pin)
-    workers = min(num_workers, len(sources))
-    if workers == 0:
-        pages: Iterator[dict[str, torch.Tensor]] = (dataset[i] for batch in batches for i in batch)
-    else:
-        pages = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[i for b in batches for i in b],
-                                                 num_workers=workers))
-    for batch in batches:
-        yield join([next(pages) for _ in batch])
+class PagePipeline:
+    """Worker processes that prepare pages ahead of the model, kept from one call to the next.
+
+    Why kept: a worker is a fork of this process (slow with a model loaded), and a fresh set per
+    call makes each call's first batch wait for start-up and preparation with nothing to overlap.
+    The pages of the first call reach the workers by that fork (shared, not copied); later calls
+    refer to those same page objects by position, and send any other page to a worker: free for
+    paths and encoded bytes, a copy (~16 MB for a decoded 2560x2048 page) for decoded images.
+    Workers run one torch thread each (DataLoader's rule), so 15 of them share 16 cores with the
+    main process. Up to `ahead_batches` batches of pages are prepared ahead. With 0 workers pages
+    are prepared in this process, in the same order. One call at a time uses a pipeline; use it
+    as a context manager, or `close()` it.
+    """
+
+    def __init__(self, processor: Any, num_workers: int, *, pin: bool, pixel_dtype: torch.dtype | None = None,
+                 ahead_batches: int = 2) -> None:
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if ahead_batches < 1:
+            raise ValueError(f"ahead_batches must be >= 1, got {ahead_batches}")
+        self.worker, self.feed = PageWorker(processor, pixel_dtype), PageFeed()
+        self.join = JoinPages(processor.tokenizer.pad_token_id, pin)
+        self.num_workers, self.pixel_dtype, self.ahead_batches = num_workers, pixel_dtype, ahead_batches
+        self.loader: torch.utils.data.DataLoader | None = None
+        self.held_at: dict[int, int] = {}
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, *, processor: Any | None = None,
+                  num_workers: int | None = None) -> PagePipeline:
+        """A pipeline for `model`: its processor, pinned memory on a GPU, pixels in its vision
+        tower's dtype, and `default_workers` unless `num_workers` is given."""
+        device = model_device(model)
+        workers = default_workers(device) if num_workers is None else num_workers
+        return cls(attached_processor(model, processor), workers, pin=device.type == "cuda",
+                   pixel_dtype=pixel_dtype(model))
+
+    def prepared(self, sources: Sequence[Any], batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches (lists of positions in `sources`) as the processor would batch them, in order."""
+        pages = self._pages([sources[i] for batch in batches for i in batch], max(map(len, batches), default=1))
+        for batch in batches:
+            yield self.join([next(pages) for _ in batch])
+
+    def _pages(self, ordered: list[Any], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Each page's tensors, in order; prepared ahead by the workers when there are any."""
+        if self.num_workers == 0 or not ordered:
+            return (self.worker.prepare(source) for source in ordered)
+        if self.loader is None:
+            self.loader = self._started(ordered, batch_size)
+        self.feed.items = [self._item(source) for source in ordered]
+        return iter(self.loader)
+
+    def _started(self, first: list[Any], batch_size: int) -> torch.utils.data.DataLoader:
+        """The persistent loader, with the first call's pages held by the workers it forks."""
+        self.worker.held = list(first)
+        self.held_at = {id(source): position for position, source in reversed(list(enumerate(first)))}
+        per_worker = max(2, math.ceil(self.ahead_batches * batch_size / self.num_workers))
+        return torch.utils.data.DataLoader(self.worker, batch_size=None, sampler=self.feed,
+                                           num_workers=self.num_workers, persistent_workers=True,
+                                           prefetch_factor=per_worker)
+
+    def _item(self, source: Any) -> tuple[str, Any]:
+        """How a worker gets a page: by position when it holds that very object, else sent."""
+        position = self.held_at.get(id(source))
+        if position is not None and self.worker.held[position] is source:
+            return ("held", position)
+        return ("sent", source)
+
+    def close(self) -> None:
+        """Stop the workers now (a later call starts new ones); DataLoader has no public way to."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+        self.loader, self.held_at, self.worker.held = None, {}, []
+
+    def __enter__(self) -> PagePipeline:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
 
 
 def _as_padded(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,7 +160,8 @@ class BenchSettings(_Section):
     eager_query_batches: list[PositiveInt] = Field(default=[1])
     page_batches: list[PositiveInt] = Field(default=[1], min_length=1)
     page_size: list[PositiveInt] = Field(default=[256, 256], min_length=2, max_length=2)
-    end_to_end_batches: int = Field(default=3, ge=0)  # page batches per end-to-end (PIL) timing; 0 = none
+    # page batches per timed end-to-end (PIL) call through a warm PagePipeline; 0 = none
+    end_to_end_batches: int = Field(default=3, ge=0)
     workers: NonNegativeInt = 0  # DataLoader workers decoding/resizing pages in the end-to-end timing
     reps: PositiveInt = 3
     min_time_s: float = Field(default=0.0, ge=0)
