@@ -72,7 +72,7 @@ def test_missing_package_skips_the_gemlite_candidates_and_logs_why(monkeypatch, 
     gemlite_ops.clear_cache()
     monkeypatch.setattr(backend, "_WARNED", set())
     try:
-        assert "gemlite is not installed (pip install 'colquant[gpu]'" in gemlite_ops.import_error()
+        assert "gemlite is not installed (pip install 'colquant[gemlite]'" in gemlite_ops.import_error()
         if torch.cuda.is_available():  # on CPU the device itself is the (first) reason
             missing = autotune.unavailable_candidates(torch.device("cuda"))
             assert all("gemlite is not installed" in missing[c] for c in GEMLITE_NAMES)

@@ -2,9 +2,11 @@
 kernel candidate.
 
 Why: its few-token kernels (GEMV, GEMV "rev-split-K", split-K GEMM) are written for the latency-bound
-regime where the project's Triton GEMMs and tinygemm reach at best ~30% of HBM bandwidth; it is pure
-Python + Triton, so the ``gpu`` extra can bring it. Imported lazily: without it (or without CUDA) the
-``gemlite-*`` candidates are simply not offered, and :func:`unavailable_reason` says why.
+regime where the project's Triton GEMMs and tinygemm reach at best ~30% of HBM bandwidth. Measured on
+the H200 (benchmarks/kernel-notes.md, "Kernel routes") it won no token bucket of the 4B's shapes, its
+GEMV kinds missed the tuner's 1e-2 accuracy check, and its autotuning costs seconds per (kind, shape,
+M): it is an opt-in extra (``colquant[gemlite]``), not part of ``gpu``. Imported lazily: without it
+(or without CUDA) the ``gemlite-*`` candidates are not offered, and :func:`unavailable_reason` says why.
 
 Layout (gemlite 0.6: ``GemLiteLinear.pack`` with ``packing_bitwidth`` 32):
 
@@ -60,7 +62,7 @@ MIN_K = 32  # GemLiteLinear: in_features % 32 == 0
 @functools.lru_cache(maxsize=None)
 def import_error() -> str | None:
     """None when gemlite imports, else why not (what to install)."""
-    return package_import_error("gemlite", "COLQUANT_DISABLE_GEMLITE", "pip install 'colquant[gpu]' or gemlite",
+    return package_import_error("gemlite", "COLQUANT_DISABLE_GEMLITE", "pip install 'colquant[gemlite]'",
                                 ("gemlite",))
 
 
