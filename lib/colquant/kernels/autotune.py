@@ -91,8 +91,8 @@ def _tile(kernel: str, bm: int, bn: int, *, scale_acc: bool = False, warps: int 
 
 
 _TINY = dict(requires=("triton", "tinygemm"), groups=tinygemm.GROUP_SIZES, keeps=COPY_KINDS["tinygemm"])
-# gemlite (optional package, pure Python + Triton), on its own packed copy; up to the 64-token bucket a
-# batch-1 query (42 tokens) falls in (benchmarks/kernel_routes.py measures every kind at more sizes)
+# gemlite (opt-in extra, pure Python + Triton), on its own packed copy; up to the 64-token bucket a batch-1
+# query (42 tokens) falls in. Won no bucket on the H200 (benchmarks/kernel-notes.md, "Kernel routes")
 _GEMLITE = dict(requires=("triton", "gemlite"), keeps=COPY_KINDS["gemlite"])
 
 CANDIDATES: tuple[Candidate, ...] = (
