@@ -16,7 +16,7 @@ from colquant.kernels.linear import DISPATCH
 CUDA = torch.cuda.is_available() and backend.triton_import_error() is None
 
 KEY = dict(schema=tune_cache.SCHEMA, gpu="NVIDIA H200", colquant="0.1.0", torch="2.11.0+cu130", triton="3.6.0",
-           humming="none", kernels="abc123def456")
+           humming="none", gemlite="none", kernels="abc123def456")
 ENTRY = dict(K=256, N=128, G=128, M_bucket=4, kind="triton", cfg=dict(kernel="8dot", BM=16, BN=64, SPLIT_K=2),
              name="8dot16x64sa-w4", us=3.5, bf16_us=4.0)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from colquant.kernels import humming_ops, tinygemm
+from colquant.kernels import gemlite_ops, humming_ops, tinygemm
 from colquant.kernels.backend import capture_stream, fast_path_unavailable, triton_import_error, warn_once
 from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear, m_bucket
 from colquant.kernels.packing import dequantize_kernel, gptq_to_kernel, kernel_to_gptq, rtn_quantize_gptq
@@ -49,6 +49,7 @@ REQUIREMENTS: dict[str, Callable[[torch.device], str | None]] = {
     "triton": fast_path_unavailable,
     "tinygemm": tinygemm.unavailable_reason,
     "humming-kernels": _humming_unavailable,
+    "gemlite": gemlite_ops.unavailable_reason,
 }
 
 
@@ -90,6 +91,9 @@ def _tile(kernel: str, bm: int, bn: int, *, scale_acc: bool = False, warps: int 
 
 
 _TINY = dict(requires=("triton", "tinygemm"), groups=tinygemm.GROUP_SIZES, keeps=COPY_KINDS["tinygemm"])
+# gemlite (opt-in extra, pure Python + Triton), on its own packed copy; up to the 64-token bucket a batch-1
+# query (42 tokens) falls in. Won no bucket on the H200 (benchmarks/kernel-notes.md, "Kernel routes")
+_GEMLITE = dict(requires=("triton", "gemlite"), keeps=COPY_KINDS["gemlite"])
 
 CANDIDATES: tuple[Candidate, ...] = (
     # what won a bucket or came within a few % on the H200 (benchmarks/kernel-notes.md has every route)
@@ -101,6 +105,9 @@ CANDIDATES: tuple[Candidate, ...] = (
     # tinygemm (torch core), on its own copy of the weights in its layout; it loses from 8 tokens on
     Candidate("tinygemm-k8", "tinygemm", max_m=8, cfg=dict(inner_k_tiles=8), **_TINY),
     Candidate("tinygemm-k4", "tinygemm", max_m=8, cfg=dict(inner_k_tiles=4), **_TINY),
+    Candidate("gemlite-gemv-revsplitk", "gemlite", max_m=4, cfg=dict(matmul_type="GEMV_REVSPLITK"), **_GEMLITE),
+    Candidate("gemlite-gemm-splitk", "gemlite", max_m=64, cfg=dict(matmul_type="GEMM_SPLITK"), **_GEMLITE),
+    Candidate("gemlite-gemm", "gemlite", min_m=33, max_m=128, cfg=dict(matmul_type="GEMM"), **_GEMLITE),
     # tens of tokens
     Candidate("bc64x64-w2", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64), waves=2),
     Candidate("bc64x64-w4", "triton", min_m=17, max_m=64, cfg=_tile("bc", 64, 64), waves=4),
@@ -138,6 +145,7 @@ def backend_report(device=None) -> dict:
             why = cand.unsupported_reason(device, 128)
             kinds[cand.kind] = dict(available=why is None, reason=why)
     kinds["humming"]["version"] = humming_ops.version()
+    kinds["gemlite"]["version"] = gemlite_ops.version()
     info["candidates"] = kinds
     return info
 
@@ -200,15 +208,19 @@ def _make_weights(k: int, n: int, group_size: int, device: torch.device, copies:
 
 
 def _layout(cand: Candidate, sw: _ShapeWeights) -> list:
-    """``cand``'s own copy of every weight copy (tinygemm's packing, humming's repack), made once."""
-    if cand.name not in sw.layouts:
+    """``cand``'s own copy of every weight copy (tinygemm's packing, humming's repack, gemlite's pack:
+    one for all its kernel kinds), made once."""
+    key = "gemlite" if cand.kind == "gemlite" else cand.name
+    if key not in sw.layouts:
         if cand.kind == "tinygemm":
             ikt = cand.cfg["inner_k_tiles"]
-            sw.layouts[cand.name] = [tinygemm.pack(*t, inner_k_tiles=ikt) for t in sw.kernel]
+            sw.layouts[key] = [tinygemm.pack(*t, inner_k_tiles=ikt) for t in sw.kernel]
+        elif cand.kind == "gemlite":
+            sw.layouts[key] = [gemlite_ops.build_handle(*t, sw.group_size) for t in sw.kernel]
         else:
             sw.layouts[cand.name] = [humming_ops.build_handle(kernel_to_gptq(qk, zu)[0], sc, sw.group_size)
                                      for qk, zu, sc in sw.kernel]
-    return sw.layouts[cand.name]
+    return sw.layouts[key]
 
 
 def _runner(cand: Candidate, sw: _ShapeWeights, m: int, scratch: torch.Tensor):
@@ -231,6 +243,9 @@ def _runner(cand: Candidate, sw: _ShapeWeights, m: int, scratch: torch.Tensor):
     if cand.kind == "tinygemm":
         packs = _layout(cand, sw)
         return (lambda x, i, out: tinygemm.matmul(x, *packs[i], g, out=out)), dict(cand.cfg)
+    if cand.kind == "gemlite":
+        handles, kind = _layout(cand, sw), cand.cfg["matmul_type"]
+        return (lambda x, i, out: handles[i](x, out, matmul_type=kind)), dict(cand.cfg)
     if cand.kind == "humming":
         handles = _layout(cand, sw)
         return (lambda x, i, out: humming_ops.run_layer(handles[i], x, out)), None
@@ -336,12 +351,17 @@ def ensure_tuned(shapes: set[tuple[int, int, int]], device: torch.device | str, 
     have = {(e["K"], e["N"], e.get("G")) for e in entries}
     missing = sorted(s for s in shapes if s not in have)
     t0 = time.perf_counter()
+    gemlite_here = gemlite_ops.unavailable_reason(device) is None
+    if gemlite_here:
+        gemlite_ops.load_configs(device, cache_dir)
     if missing:
         logger.info("colquant.kernels: tuning the 4-bit kernels for %s on %s (once; cached in %s)",
                     [f"{k}x{n}" for k, n, _ in missing], key["gpu"], path)
         for k, n, g in missing:
             entries = [e for e in entries if (e["K"], e["N"]) != (k, n)] + tune_shape(k, n, g, device)
         save_table(path, key, entries)
+        if gemlite_here:
+            gemlite_ops.save_configs(device, cache_dir)
     for e in entries:
         DISPATCH.set(int(e["K"]), int(e["N"]), int(e["M_bucket"]), (e["kind"], e.get("cfg")))
     _log_choice_once(device, key)
@@ -361,7 +381,7 @@ def _log_choice_once(device: torch.device, key: dict) -> None:
         if by_reason else ""
     warn_once("choice:" + str(device),
               f"colquant.kernels: 4-bit layers use the kernels tuned for {key['gpu']} "
-              f"(triton {key['triton']}, humming {key['humming']}){note}", level=logging.INFO)
+              f"(triton {key['triton']}, humming {key['humming']}, gemlite {key['gemlite']}){note}", level=logging.INFO)
 
 
 def text_tower_shapes(text_config, group_size: int = 128) -> set[tuple[int, int, int]]:

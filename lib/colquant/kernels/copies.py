@@ -3,7 +3,7 @@
 Why a separate step: the tuner (:mod:`.autotune`) measures which kernel is fastest per layer shape
 and token bucket, but some winners run on their own copy of the weights: BF16 cuBLAS (where no 4-bit
 kernel beats it: the never-slower-than-BF16 rule), tinygemm (its own 4-bit layout), humming (its
-repack). Whether to pay that memory is a policy: by default a copy is kept only if all copies asked
+repack), gemlite (its packing). Whether to pay that memory is a policy: by default a copy is kept only if all copies asked
 for take at most :data:`COPY_FREE_FRACTION` of the free GPU memory; ``allow=False`` never keeps them
 (memory first: those token counts run the entry's fallback, which needs no copy), ``True`` always.
 Every decision is logged with its cost.
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from colquant.kernels import humming_ops, tinygemm
+from colquant.kernels import gemlite_ops, humming_ops, tinygemm
 from colquant.kernels.autotune import ensure_tuned, layer_shapes
 from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear
 
@@ -64,12 +64,14 @@ def wanted_copies(model: nn.Module, kind: str, min_tokens: int = MIN_TOKENS) -> 
 def _copy_bytes(kind: str, m: W4A16Linear) -> int:
     if kind == "bf16":
         return m.in_features * m.out_features * 2
+    if kind == "gemlite":
+        return gemlite_ops.nbytes(m.in_features, m.out_features, m.group_size, m.sym_zero == 8)
     groups = m.in_features // m.group_size
     return m.in_features * m.out_features // 2 + groups * m.out_features * 2 * 2  # weights + bf16 scales/zeros
 
 
 def keep_copies(model: nn.Module, kind: str, *, allow: bool | None = None, min_tokens: int = MIN_TOKENS) -> dict:
-    """Give the 4-bit layers of ``model`` the ``kind`` copy (``"bf16"`` or ``"tinygemm"``) the tuned
+    """Give the 4-bit layers of ``model`` the ``kind`` copy (``"bf16"``, ``"tinygemm"``, ``"gemlite"``) the tuned
     table asks for at ``min_tokens`` or more. Returns what was decided (layers, bytes, kept) and logs it."""
     wanted = wanted_copies(model, kind, min_tokens)
     layers = [(m, wanted[(m.in_features, m.out_features)]) for m in model.modules()
@@ -79,18 +81,20 @@ def keep_copies(model: nn.Module, kind: str, *, allow: bool | None = None, min_t
     info = dict(layers=len(layers), bytes=need, kept=False)
     if not layers:
         return info
-    missing = tinygemm.op_missing() if kind == "tinygemm" else None
-    if missing:  # a table tuned elsewhere (or loaded from JSON) names a kernel this torch lacks
-        logger.warning("colquant.kernels: the tuned table runs tinygemm for %d layers, but %s: those token "
-                       "counts run the next-best kernel", len(layers), missing)
-        return dict(info, reason=missing)
     device = layers[0][0].compute_device
+    missing = _copy_unavailable(kind, device)
+    if missing:  # a table tuned elsewhere (or loaded from JSON) names a kernel that cannot run here
+        logger.warning("colquant.kernels: the tuned table runs %s for %d layers, but %s: those token "
+                       "counts run the next-best kernel", kind, len(layers), missing)
+        return dict(info, reason=missing)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
     keep = need <= COPY_FREE_FRACTION * free if allow is None else allow
     if keep:
         for m, cfg in layers:
             if kind == "bf16":
                 m.keep_bf16_copy()
+            elif kind == "gemlite":
+                m.keep_gemlite_copy()
             else:
                 m.keep_tinygemm_copy((cfg or {}).get("inner_k_tiles", 8))
     info.update(kept=bool(keep), free_bytes=int(free))
@@ -100,6 +104,15 @@ def keep_copies(model: nn.Module, kind: str, *, allow: bool | None = None, min_t
                    f"kept them ({need / 2**20:.0f} MiB more GPU memory)" if keep else
                    f"not kept ({need / 2**20:.0f} MiB; {why}): those token counts run the next-best kernel")
     return info
+
+
+def _copy_unavailable(kind: str, device: torch.device) -> str | None:
+    """Why a ``kind`` copy cannot be made on ``device`` (None: it can)."""
+    if kind == "tinygemm":
+        return tinygemm.op_missing()
+    if kind == "gemlite":
+        return gemlite_ops.unavailable_reason(device)
+    return None
 
 
 def prepare_humming(model: nn.Module, *, only_dispatched: bool = True, single_copy: bool | None = None) -> dict:
@@ -129,8 +142,8 @@ def prepare_humming(model: nn.Module, *, only_dispatched: bool = True, single_co
 def prepare_dispatch(model: nn.Module, device: torch.device | str, *, bf16_copy: bool | None = None,
                      cache_dir: Path | str | None = None, min_tokens: int = MIN_TOKENS) -> dict:
     """What :func:`accelerate_model` does for the 4-bit layers: the tuned table, then the copies it
-    asks for: BF16 first (``bf16_copy``, see :func:`keep_copies`), then tinygemm's where no BF16 copy
-    serves those token counts (a quarter of a BF16 copy)."""
+    asks for: BF16 first (``bf16_copy``, see :func:`keep_copies`), then tinygemm's and gemlite's where no
+    BF16 copy serves those token counts (each about a quarter of a BF16 copy)."""
     shapes = layer_shapes(model)
     if not shapes:
         return dict(tuned=False, reason="no 4-bit layers")
@@ -138,4 +151,5 @@ def prepare_dispatch(model: nn.Module, device: torch.device | str, *, bf16_copy:
     if "reason" not in info:
         info["bf16_copy"] = keep_copies(model, "bf16", allow=bf16_copy, min_tokens=min_tokens)
         info["tinygemm_copy"] = keep_copies(model, "tinygemm", min_tokens=min_tokens)
+        info["gemlite_copy"] = keep_copies(model, "gemlite", min_tokens=min_tokens)
     return info

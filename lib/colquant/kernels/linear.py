@@ -13,6 +13,8 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
 * ``"tinygemm"``: torch core's ``aten._weight_int4pack_mm`` (:mod:`.tinygemm`) on a copy of the
   4-bit weights in its layout, kept where the tuner measured it fastest and memory allows
   (:mod:`.copies`; else the entry's fallback runs);
+* ``"gemlite"``: one of gemlite's kernel kinds (optional package, :mod:`.gemlite_ops`; ``cfg``
+  names it) on a copy of the weights packed for it, kept like tinygemm's;
 * ``"humming"``: humming-kernels' GEMM (optional package, see :mod:`.humming_ops`) on a copy of
   the weights repacked for it; only ever chosen through a measured table entry, and only where the
   package imports (elsewhere such entries fall back to the default choice). Once a layer is
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from colquant.kernels import humming_ops, tinygemm
+from colquant.kernels import gemlite_ops, humming_ops, tinygemm
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import use_fast_path
 from colquant.kernels.packing import (
@@ -55,7 +57,8 @@ __all__ = ["W4A16Linear", "DISPATCH", "Dispatcher", "quantize_linears_rtn", "rep
 
 # kinds that run on a copy of the weights besides the layer's own 4-bit tensors: what that copy is
 COPY_KINDS = {"bf16": "a BF16 copy of the layer's weight",
-              "tinygemm": "a second copy of the 4-bit weights in tinygemm's layout"}
+              "tinygemm": "a second copy of the 4-bit weights in tinygemm's layout",
+              "gemlite": "a second copy of the 4-bit weights in gemlite's packed layout"}
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 62)
 
@@ -68,7 +71,8 @@ def m_bucket(m: int) -> int:
 @dataclass
 class Dispatcher:
     """Per (K, N, M-bucket) choice: ("triton", cfg), ("dequant+cublas", None), ("humming", None),
-    ("tinygemm", {"inner_k_tiles": t, "fallback": [kind, cfg]}) or ("bf16", {"fallback": [kind, cfg]})
+    ("tinygemm", {"inner_k_tiles": t, "fallback": [kind, cfg]}), ("gemlite", {"matmul_type": kind, "fallback":
+    [kind, cfg]}) or ("bf16", {"fallback": [kind, cfg]})
     (a copy kind names what runs where the layer holds no such copy), filled by :func:`.autotune.ensure_tuned` for the GPU at hand.
 
     Without a tuned entry (a layer used without :func:`accelerate_model`): Triton with
@@ -183,6 +187,7 @@ class W4A16Linear(nn.Module):
     _humming_bytes = 0
     _compute_device = None
     tinygemm_inner_k_tiles = 0  # set with the tinygemm copy (its layout depends on it)
+    _gemlite = None  # gemlite_ops.Handle: gemlite's packed copy, only where the tuner picked it
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  device=None, dtype=torch.bfloat16):
@@ -227,10 +232,17 @@ class W4A16Linear(nn.Module):
                                                                dtype=self.dtype)
         self.tinygemm_inner_k_tiles = inner_k_tiles
 
+    def keep_gemlite_copy(self) -> None:
+        """Hold the weights packed for gemlite for the token counts where the table picks ``"gemlite"``
+        (a plain attribute, not a buffer: the checkpoint stays ours; :attr:`weight_bytes` counts it)."""
+        self._gemlite = gemlite_ops.build_handle(*self.kernel_tensors(), self.group_size, dtype=self.dtype)
+
     def has_copy(self, kind: str, cfg: dict | None) -> bool:
         """Whether this layer holds the copy a :data:`COPY_KINDS` choice runs on."""
         if kind == "bf16":
             return self.bf16_weight is not None
+        if kind == "gemlite":
+            return self._gemlite is not None
         return self.tinygemm_weight is not None and self.tinygemm_inner_k_tiles == (cfg or {}).get("inner_k_tiles")
 
     def _refresh_sym(self) -> None:
@@ -340,6 +352,7 @@ class W4A16Linear(nn.Module):
         host, humming's repacked copy where one was made, the bias (see :attr:`host_bytes`)."""
         b = 0 if self.spilled else self._kernel_bytes
         b += self._humming_bytes  # humming's repacked copy, where one was made
+        b += self._gemlite.nbytes if self._gemlite is not None else 0
         for t in (self.bf16_weight, self.tinygemm_weight, self.tinygemm_sz):
             if t is not None:
                 b += t.numel() * t.element_size()
@@ -390,6 +403,8 @@ class W4A16Linear(nn.Module):
             return nn.functional.linear(a, self.bf16_weight, self.bias)
         if kind == "tinygemm":
             return tinygemm.matmul(a, self.tinygemm_weight, self.tinygemm_sz, self.group_size, bias=self.bias)
+        if kind == "gemlite":
+            return self._gemlite(a, bias=self.bias, matmul_type=cfg.get("matmul_type"))
         if kind == "humming":
             humming_ops.prepare(self)  # no-op once repacked (copies.prepare_humming does it at conversion time)
             return humming_ops.matmul(a, self)
