@@ -118,6 +118,13 @@ def wall_ms(fn: Callable[[], Any], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def forward(model: nn.Module, batch: dict) -> Any:
+    """One timed forward, under torch.inference_mode as `colquant.encode_*` runs it (no autograd
+    bookkeeping in transformers' eager layers)."""
+    with torch.inference_mode():
+        return model(**batch)
+
+
 def time_calls(fn: Callable[[], Any], device: torch.device, reps: int, min_time_s: float) -> dict:
     """Median wall time of `fn` (after one warm-up call) and the peak memory while timing it."""
     fn()
@@ -163,7 +170,7 @@ class Bench:
         for size in self.settings[key]:
             texts = query_texts(processor.tokenizer, size, self.settings["query_tokens"])
             batch = processor.process_queries(texts).to(self.device)
-            self.timed(lambda: model(**batch), size, precision=precision, work="query", batch=size,
+            self.timed(lambda: forward(model, batch), size, precision=precision, work="query", batch=size,
                        tokens_per_item=batch["input_ids"].shape[1])
 
     def pages(self, model: nn.Module, processor: Any, precision: str) -> None:
@@ -184,7 +191,7 @@ class Bench:
         page preparation alone; the end-to-end row says which of the two bounds it."""
         labels = dict(precision=precision, vision=vision, batch=size)
         ready = processor.process_images(page_images(self.settings["page_size"], size)).to(self.device)
-        tensors = self.timed(lambda: model(**ready), size, work="page", **labels,
+        tensors = self.timed(lambda: forward(model, ready), size, work="page", **labels,
                              tokens_per_item=ready["input_ids"].shape[1])
         if tensors is not None and self.settings["end_to_end_batches"] > 0:
             self.pages_from_pil(model, processor, labels, tensors)

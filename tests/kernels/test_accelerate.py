@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colquant.kernels import W4A16Linear, accelerate_model, find_text_model, quantize_linears_rtn
+from colquant.kernels import W4A16Linear, backend, accelerate_model, find_text_model, quantize_linears_rtn
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,7 +35,8 @@ def _assert_close(a, b, mask, tol):
     assert cos.min().item() > 1 - tol, cos.min().item()
 
 
-def test_fused_float_tower_matches_transformers(tiny_model, batches, caplog):
+def test_fused_float_tower_matches_transformers(tiny_model, batches, caplog, monkeypatch):
+    monkeypatch.setattr(backend, "_WARNED", set())  # an earlier test may have logged the message once already
     model, _ = tiny_model
     m = copy.deepcopy(model).float()
     queries, pages = batches

@@ -375,10 +375,14 @@ class QueryGraphs:
 
     def _capture(self, Bb, Tb, H, dtype, device) -> _Graph:
         g = _Graph()
-        g.emb = torch.zeros((Bb, Tb, H), dtype=dtype, device=device)
-        g.pos = torch.zeros((3, Bb, Tb), dtype=torch.long, device=device)
-        g.mask = torch.zeros((Bb, Tb), dtype=torch.int32, device=device)
-        g.mask[:, -1] = 1
+        # Ordinary tensors even when the first call of this shape runs under torch.inference_mode:
+        # every later call writes the inputs in place, and an inference tensor refuses that outside
+        # inference mode.
+        with torch.inference_mode(False):
+            g.emb = torch.zeros((Bb, Tb, H), dtype=dtype, device=device)
+            g.pos = torch.zeros((3, Bb, Tb), dtype=torch.long, device=device)
+            g.mask = torch.zeros((Bb, Tb), dtype=torch.int32, device=device)
+            g.mask[:, -1] = 1
 
         def body():
             return fused_core(self.tm, g.emb, g.pos, g.mask, all_valid=False)
