@@ -1,6 +1,8 @@
 """The public encode API on the tiny model: input order kept, length-sorted batches, no-grad results,
 pages from PIL images, paths or a datasets column, and clear errors for inputs it cannot take."""
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -154,21 +156,58 @@ def test_a_page_refused_in_a_worker_raises_and_the_pipeline_serves_the_next_call
     with encode.PagePipeline.for_model(model, num_workers=2) as pipeline:
         with pytest.raises(ValueError, match="aspect ratio of 201"):
             encode.encode_pages(model, pages + [sliver], batch_size=2, pipeline=pipeline)
+        assert not joining_threads()  # raised through the joining thread, which ended with the call
         again = encode.encode_pages(model, pages[:2], batch_size=2, pipeline=pipeline)
+    with pytest.raises(ValueError, match="aspect ratio of 201"):  # prepared in the joining thread itself
+        encode.encode_pages(model, pages + [sliver], batch_size=2, num_workers=0)
     for got, want in zip(again, encode.encode_pages(model, pages[:2], batch_size=2, num_workers=0)):
         assert torch.equal(got, want)
 
 
-def test_the_next_batch_is_prepared_before_this_one_is_read_back(tiny_model, pages, monkeypatch):
-    """The overlap, structurally: batch i+1's pages are joined (the host's work) and launched before
-    batch i's embeddings are read back (the wait for the device)."""
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_next_batch_is_joined_off_the_main_thread_before_this_one_is_read_back(tiny_model, pages, monkeypatch,
+                                                                                   num_workers):
+    """The overlap, structurally: batch i+1's pages are joined (the host's work) by another thread,
+    and joined and launched before batch i's embeddings are read back (the wait for the device)."""
     model, _ = tiny_model
-    events: list[str] = []
+    joined_by: list[threading.Thread] = []
+    joined_when_read: list[int] = []
     join, read_back = encode.JoinPages.__call__, encode._read_back
-    monkeypatch.setattr(encode.JoinPages, "__call__", lambda self, batch: events.append("prepared") or join(self, batch))
-    monkeypatch.setattr(encode, "_read_back", lambda batch, results: events.append("read") or read_back(batch, results))
-    encode.encode_pages(model, pages[:3], batch_size=1, num_workers=0)
-    assert events == ["prepared", "prepared", "read", "prepared", "read", "read"]
+    monkeypatch.setattr(encode.JoinPages, "__call__",
+                        lambda self, batch: joined_by.append(threading.current_thread()) or join(self, batch))
+    monkeypatch.setattr(encode, "_read_back",
+                        lambda batch, results: joined_when_read.append(len(joined_by)) or read_back(batch, results))
+    encode.encode_pages(model, pages, batch_size=1, num_workers=num_workers)
+    assert len(joined_by) == len(pages) and threading.main_thread() not in joined_by
+    assert all(joined >= min(i + 2, len(pages)) for i, joined in enumerate(joined_when_read)), joined_when_read
+    assert not joining_threads()  # stopped with the call
+
+
+def joining_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "colquant-join-pages"]
+
+
+def test_closing_a_pipeline_with_batches_queued_stops_its_thread_and_workers(tiny_model, pages):
+    """Closing while the joining thread has batches queued (and workers pages ahead) ends both,
+    without hanging; the unfinished batches then raise instead of waiting forever."""
+    import multiprocessing
+
+    model, _ = tiny_model
+    pipeline = encode.PagePipeline.for_model(model, num_workers=2)
+    batches = pipeline.prepared(pages, [[0], [1], [2], [3]])
+    next(batches)
+    queued = pipeline.joiner.queue
+    for _ in range(600):  # the thread fills the queue (2 batches ahead) while this one holds batch 0
+        if queued.full():
+            break
+        time.sleep(0.05)
+    assert queued.full()
+    workers = set(multiprocessing.active_children())
+    assert workers
+    pipeline.close()
+    assert not joining_threads() and not workers & set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="the PagePipeline was closed"):
+        next(batches)
 
 
 def test_default_workers_only_on_a_gpu():

@@ -8,18 +8,21 @@ to similar lengths instead of to the longest item of the whole input, then resto
 
 Pages run as a pipeline (`PagePipeline`): worker processes prepare pages (decoding, resizing,
 patchifying: the processor's work, ~0.1 s for a 2560x2048 page on one core) ahead of the model and
-cast the pixels to the vision tower's dtype; the main process joins each batch in pinned memory,
-copies it to the GPU without blocking, and launches batch i+1 before it reads batch i's embeddings
-back, so neither side waits for the other. A pipeline can be kept across calls so its workers start
-once per index, not once per call. The order of batches, and so every result, is the same whatever
-the number of workers.
+cast the pixels to the vision tower's dtype; a thread of the main process joins each batch in
+pinned memory ahead of the model (`BatchJoiner`); the main thread copies it to the GPU without
+blocking, and launches batch i+1 before it reads batch i's embeddings back, so neither side waits
+for the other. A pipeline can be kept across calls so its workers start once per index, not once
+per call. The order of batches, and so every result, is the same whatever the number of workers.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import os
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -181,7 +184,7 @@ def page_source(item: PageInput, index: int) -> tuple[Image.Image | str | bytes,
 
 def _encode_sorted(
     model: torch.nn.Module,
-    prepare: Callable[[list[list[int]]], Iterable[dict[str, torch.Tensor]]],
+    prepare: Callable[[list[list[int]]], Generator[dict[str, torch.Tensor], None, None]],
     lengths: list[int],
     batch_size: int,
     show_progress_bar: bool,
@@ -192,7 +195,8 @@ def _encode_sorted(
 
     One batch stays in flight: batch i+1 is prepared and launched before batch i's embeddings are
     read back, so the host's share of a batch (joining it, launching its kernels) overlaps the
-    device's work on the one before instead of following it.
+    device's work on the one before instead of following it. `prepare`'s generator is closed at the
+    end, even on an error, so whatever it runs ahead (a `BatchJoiner`) stops with this call.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -201,12 +205,13 @@ def _encode_sorted(
     device = model_device(model)
     results: list[torch.Tensor | None] = [None] * len(lengths)
     in_flight: InFlight | None = None
-    for indices, batch in tqdm(zip(batches, prepare(batches)), total=len(batches), desc=f"encoding {label}",
-                               disable=not show_progress_bar, leave=False):
-        launched = _launch(model, batch, indices, device)
-        if in_flight is not None:
-            _read_back(in_flight, results)
-        in_flight = launched
+    with contextlib.closing(prepare(batches)) as prepared:
+        for indices, batch in tqdm(zip(batches, prepared), total=len(batches), desc=f"encoding {label}",
+                                   disable=not show_progress_bar, leave=False):
+            launched = _launch(model, batch, indices, device)
+            if in_flight is not None:
+                _read_back(in_flight, results)
+            in_flight = launched
     if in_flight is not None:
         _read_back(in_flight, results)
     return results  # type: ignore[return-value]  # every slot is filled: order is a permutation
@@ -305,6 +310,72 @@ class JoinPages:
         return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=self.pin))
 
 
+@dataclass
+class Failed:
+    """What `BatchJoiner`'s thread hands over instead of a batch: the error that stopped it."""
+
+    error: BaseException
+
+
+class BatchJoiner:
+    """A thread that joins prepared pages into batches (`JoinPages`) and queues up to `ahead` of
+    them, so the main thread only copies and launches.
+
+    Why a thread: joining a batch (16 pages' pixels, ~250 MB of bf16, into pinned memory) takes the
+    main thread a while, and the main thread gets to it only once it has launched the current
+    batch's kernels. The eager page forward launches thousands of them; once the launch queue is
+    full, launching returns near the end of the GPU's work, so a join done there runs while the GPU
+    idles. Here it runs while the main thread launches; `torch.cat` releases the GIL. An error in
+    the thread (a page a worker refuses) is handed over and raised by `batches()` in the caller;
+    `stop()` ends the thread, whatever it was doing, and drops what it queued.
+    """
+
+    def __init__(self, pages: Iterator[dict[str, torch.Tensor]], sizes: list[int], join: JoinPages,
+                 ahead: int) -> None:
+        self.sizes = sizes
+        self.queue: queue.Queue[dict[str, torch.Tensor] | Failed] = queue.Queue(maxsize=ahead)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(pages, join), name="colquant-join-pages",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, pages: Iterator[dict[str, torch.Tensor]], join: JoinPages) -> None:
+        """Join batch after batch into the queue, until done, stopped, or failed."""
+        try:
+            for size in self.sizes:
+                batch_pages = []
+                for _ in range(size):
+                    if self.stopping.is_set():
+                        return
+                    batch_pages.append(next(pages))
+                self.queue.put(join(batch_pages))
+        except BaseException as error:  # noqa: BLE001  # handed to the caller, raised there
+            self.queue.put(Failed(error))
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The joined batches, in order; raises the thread's error where it stopped."""
+        for _ in self.sizes:
+            item = self.queue.get()
+            if isinstance(item, Failed):
+                raise item.error
+            yield item
+
+    def stop(self) -> None:
+        """End the thread and drop its queued batches; a later `batches()` step raises instead of
+        waiting for batches that will not come."""
+        self.stopping.set()
+        while self.thread.is_alive():
+            self._drain()  # frees a `put` the thread may be blocked in
+            self.thread.join(timeout=0.01)
+        self._drain()
+        self.queue.put(Failed(RuntimeError("these pages' batches were stopped: the PagePipeline was closed")))
+
+    def _drain(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+
+
 class PagePipeline:
     """Worker processes that prepare pages ahead of the model, kept from one call to the next.
 
@@ -314,9 +385,9 @@ class PagePipeline:
     refer to those same page objects by position, and send any other page to a worker: free for
     paths and encoded bytes, a copy (~16 MB for a decoded 2560x2048 page) for decoded images.
     Workers run one torch thread each (DataLoader's rule), so 15 of them share 16 cores with the
-    main process. Up to `ahead_batches` batches of pages are prepared ahead. With 0 workers pages
-    are prepared in this process, in the same order. One call at a time uses a pipeline; use it
-    as a context manager, or `close()` it.
+    main process. Up to `ahead_batches` batches of pages are prepared, and as many joined (by a
+    `BatchJoiner`), ahead. With 0 workers pages are prepared in the joining thread, in the same
+    order. One call at a time uses a pipeline; use it as a context manager, or `close()` it.
     """
 
     def __init__(self, processor: Any, num_workers: int, *, pin: bool, pixel_dtype: torch.dtype | None = None,
@@ -330,6 +401,7 @@ class PagePipeline:
         self.num_workers, self.pixel_dtype, self.ahead_batches = num_workers, pixel_dtype, ahead_batches
         self.loader: torch.utils.data.DataLoader | None = None
         self.held_at: dict[int, int] = {}
+        self.joiner: BatchJoiner | None = None
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, *, processor: Any | None = None,
@@ -341,11 +413,19 @@ class PagePipeline:
         return cls(attached_processor(model, processor), workers, pin=device.type == "cuda",
                    pixel_dtype=pixel_dtype(model))
 
-    def prepared(self, sources: Sequence[Any], batches: list[list[int]]) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches (lists of positions in `sources`) as the processor would batch them, in order."""
+    def prepared(self, sources: Sequence[Any],
+                 batches: list[list[int]]) -> Generator[dict[str, torch.Tensor], None, None]:
+        """The batches (lists of positions in `sources`) as the processor would batch them, in order,
+        joined ahead by a thread that stops when this generator is closed or finished."""
+        # The workers start (fork) here, in the main thread, before the joining thread exists.
         pages = self._pages([sources[i] for batch in batches for i in batch], max(map(len, batches), default=1))
-        for batch in batches:
-            yield self.join([next(pages) for _ in batch])
+        joiner = self.joiner = BatchJoiner(pages, [len(batch) for batch in batches], self.join, self.ahead_batches)
+        try:
+            yield from joiner.batches()
+        finally:
+            joiner.stop()
+            if self.joiner is joiner:
+                self.joiner = None
 
     def _pages(self, ordered: list[Any], batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Each page's tensors, in order; prepared ahead by the workers when there are any."""
@@ -373,7 +453,10 @@ class PagePipeline:
         return ("sent", source)
 
     def close(self) -> None:
-        """Stop the workers now (a later call starts new ones); DataLoader has no public way to."""
+        """Stop the joining thread and the workers now (a later call starts new ones); DataLoader has
+        no public way to stop its workers."""
+        if self.joiner is not None:
+            self.joiner.stop()
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None:
             iterator._shutdown_workers()
