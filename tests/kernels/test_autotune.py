@@ -3,7 +3,6 @@ real tuning round on CUDA (skipped without it)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 
@@ -12,6 +11,7 @@ import torch
 
 from colquant.kernels import W4A16Linear, autotune, backend, copies, humming_ops, tune_cache
 from colquant.kernels.linear import DISPATCH
+from missing_package import hide_package
 
 CUDA = torch.cuda.is_available() and backend.triton_import_error() is None
 
@@ -89,10 +89,8 @@ def test_a_winner_needing_its_own_copy_falls_back_to_the_best_on_the_layers_tens
 
 
 def test_missing_optional_package_is_named_in_the_logged_choice(monkeypatch, caplog):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "humming" else real(name, *a))
+    hide_package(monkeypatch, "humming")
     humming_ops.clear_cache()
-    monkeypatch.setattr(backend, "_WARNED", set())
     try:
         missing = autotune.unavailable_candidates(torch.device("cuda"))
         assert "humming-kernels is not installed" in missing["humming"] and "colquant[humming]" in missing["humming"]

@@ -1,15 +1,15 @@
 """gemlite candidate: the arguments its pack receives reproduce our dequantized weight, a missing
 package skips its candidates with the reason, and its copy is kept, counted and dispatched like tinygemm's."""
 
-import importlib.util
 import logging
 
 import pytest
 import torch
 
-from colquant.kernels import autotune, backend, copies, gemlite_ops
+from colquant.kernels import autotune, copies, gemlite_ops
 from colquant.kernels.linear import DISPATCH, W4A16Linear
 from colquant.kernels.packing import dequantize_kernel, gptq_to_kernel, rtn_quantize_gptq, unpack_kblocked
+from missing_package import hide_package
 
 GEMLITE_NAMES = {"gemlite-gemv-revsplitk", "gemlite-gemm-splitk", "gemlite-gemm"}
 
@@ -67,10 +67,8 @@ def test_layer_checks_name_the_problem():
 
 
 def test_missing_package_skips_the_gemlite_candidates_and_logs_why(monkeypatch, caplog):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gemlite" else real(name, *a))
+    hide_package(monkeypatch, "gemlite")
     gemlite_ops.clear_cache()
-    monkeypatch.setattr(backend, "_WARNED", set())
     try:
         assert "gemlite is not installed (pip install 'colquant[gemlite]'" in gemlite_ops.import_error()
         if torch.cuda.is_available():  # on CPU the device itself is the (first) reason
@@ -155,3 +153,4 @@ def test_tuned_gemlite_entry_dispatches_to_the_copy():
     finally:
         DISPATCH.table = saved
     assert ((got - want).norm() / want.norm()).item() < 1e-2
+
