@@ -154,3 +154,35 @@ def test_tuned_gemlite_entry_dispatches_to_the_copy():
         DISPATCH.table = saved
     assert ((got - want).norm() / want.norm()).item() < 1e-2
 
+
+def _fake_gemlite(monkeypatch, tmp_path, written: str):
+    """gemlite's `cache_config` as the package does it (adds what it tuned to the file it is given);
+    the config file in `tmp_path`."""
+    import sys
+    import types
+
+    def cache_config(path):
+        with open(path, "a") as handle:
+            handle.write(written)
+
+    monkeypatch.setitem(sys.modules, "gemlite", types.SimpleNamespace(cache_config=cache_config))
+    path = tmp_path / "gemlite-gpu.json"
+    monkeypatch.setattr(gemlite_ops, "config_path", lambda device, cache_dir=None: path)
+    return path
+
+
+def test_saved_configs_keep_the_earlier_ones(monkeypatch, tmp_path):
+    path = _fake_gemlite(monkeypatch, tmp_path, "new")
+    path.write_text("old ")
+    assert gemlite_ops.save_configs("cuda") == path
+    assert path.read_text() == "old new"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no staging file left
+
+
+def test_an_unwritable_config_cache_is_logged_not_fatal(monkeypatch, tmp_path, caplog):
+    path = _fake_gemlite(monkeypatch, tmp_path, "new")
+    monkeypatch.setattr(gemlite_ops, "config_path", lambda device, cache_dir=None: path / "under-a-file.json")
+    path.write_text("a file, not a directory")
+    with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
+        assert gemlite_ops.save_configs("cuda") is None
+    assert "cannot write" in caplog.text and "autotunes gemlite again" in caplog.text

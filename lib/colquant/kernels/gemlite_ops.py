@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from colquant.files import OutputError, atomic_write
 from colquant.kernels.backend import gpu_unavailable, package_import_error
 from colquant.kernels.packing import unpack_kblocked
 
@@ -216,16 +216,14 @@ def save_configs(device, cache_dir: Path | str | None = None) -> Path | None:
     import gemlite
 
     path = config_path(device, cache_dir)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def merged(staging: Path) -> None:  # gemlite's cache_config adds to the file it is given
         if path.exists():
             staging.write_bytes(path.read_bytes())
         gemlite.cache_config(str(staging))
-        os.replace(staging, path)
-    except OSError as exc:
-        logger.warning("colquant.kernels: could not write gemlite's config cache %s (%s); the next process "
-                       "autotunes gemlite again", path, exc)
-        staging.unlink(missing_ok=True)
+
+    try:
+        return atomic_write(path, merged)
+    except OutputError as exc:
+        logger.warning("colquant.kernels: %s; the next process autotunes gemlite again", exc)
         return None
-    return path
