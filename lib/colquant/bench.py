@@ -130,13 +130,7 @@ def time_calls(fn: Callable[[], Any], device: torch.device, reps: int, min_time_
     fn()
     measure.synchronize(device)
     measure.reset_peak_memory(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start < min_time_s and len(times) < 200):
-        t0 = time.perf_counter()
-        fn()
-        measure.synchronize(device)
-        times.append(time.perf_counter() - t0)
+    times = measure.call_times(fn, device, calls=reps, min_time_s=min_time_s)
     peak = measure.peak_memory(device)[0] / measure.MIB
     return dict(ms=statistics.median(times) * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3,
                 peak_mib=peak, reps=len(times))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +65,25 @@ def peak_memory(device: torch.device) -> tuple[int, int | None]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+MAX_TIMED_CALLS = 200  # a row's cap on timed calls, however short each call
+
+
+def call_times(fn: Callable[[], Any], device: torch.device, *, calls: int, min_time_s: float = 0.0,
+               max_calls: int = MAX_TIMED_CALLS) -> list[float]:
+    """Wall times (s) of at least `calls` calls of `fn`, each waited for on `device`, and more until
+    `min_time_s` of calls have passed (at most `max_calls`). The one timing loop of the bench and of
+    notebook 06's sweep, so the two report the same statistic of the same calls."""
+    synchronize(device)
+    times: list[float] = []
+    began = time.perf_counter()
+    while len(times) < calls or (time.perf_counter() - began < min_time_s and len(times) < max_calls):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 class measure:

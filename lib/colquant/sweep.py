@@ -27,7 +27,6 @@ import gc
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,7 +42,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import BatchFeature
 
-from colquant.measure import MIB, memory_kind, peak_memory, reset_peak_memory, synchronize
+from colquant.measure import MIB, call_times, memory_kind, peak_memory, reset_peak_memory
 from colquant.plots import hue_style, legend_outside
 from colquant.processing import PIXELS_PER_VISUAL_TOKEN, QUERY_AUGMENTATION_TOKENS
 from colquant.files import write_text
@@ -53,7 +52,6 @@ KINDS = ("query", "page")
 FINISHED = ("ok", "oom")  # statuses a re-run keeps; `skipped_after_oom` rows are re-decided
 OOM_MARKERS = ("out of memory", "can't allocate memory")  # CUDA / CPU allocator messages
 MIN_TIME_S = 0.5  # seconds of timed calls per row at least, as the bench's profiles (bench.min_time_s)
-MAX_TIMED_CALLS = 200  # the bench's cap on calls per row
 QUERY_FILLER = "page "  # one token per word for Qwen's BPE, one per byte for the tiny tokenizer
 COLUMNS = [
     "variant", "kind", "batch_size", "status", "tokens_per_item", "items_per_s", "tokens_per_s",
@@ -125,7 +123,7 @@ def measure(
     """Latency, throughput and peak memory of encoding one batch.
 
     At least `repeats` timed calls, and more until `min_time_s` of them have passed (at most
-    `MAX_TIMED_CALLS`); `items_per_s` and `tokens_per_s` from the median call, as the bench reports.
+    `measure.MAX_TIMED_CALLS`); `items_per_s` and `tokens_per_s` from the median call, as the bench reports.
 
     Peak memory covers warm-up and timed runs and includes the weights (`peak_memory_mib`: what a
     GPU of a given size must hold; `cuda_allocated` excludes the CUDA context, ~0.5 GiB) and what this
@@ -137,14 +135,7 @@ def measure(
     batch = batch.to(device)
     for _ in range(warmup):
         encode_batch(model, batch)
-    latencies: list[float] = []
-    synchronize(device)
-    began = time.perf_counter()
-    while len(latencies) < repeats or (time.perf_counter() - began < min_time_s and len(latencies) < MAX_TIMED_CALLS):
-        start = time.perf_counter()
-        encode_batch(model, batch)
-        synchronize(device)
-        latencies.append(time.perf_counter() - start)
+    latencies = call_times(lambda: encode_batch(model, batch), device, calls=repeats, min_time_s=min_time_s)
     batch_size = batch["input_ids"].shape[0]
     tokens = int(batch["attention_mask"].sum())
     median = float(np.median(latencies))
