@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -110,14 +109,6 @@ def embed(model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).embeddings.float().cpu()
 
 
-def wall_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """One call's wall time, device work included."""
-    start = time.perf_counter()
-    fn()
-    measure.synchronize(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def forward(model: nn.Module, batch: dict) -> Any:
     """One timed forward, under torch.inference_mode as `colquant.encode_*` runs it (no autograd
     bookkeeping in transformers' eager layers)."""
@@ -200,7 +191,7 @@ class Bench:
         workers = self.settings["workers"]
         with encode.PagePipeline.for_model(model, processor=processor, num_workers=workers) as pipeline:
             run = partial(encode.encode_pages, model, images, batch_size=size, pipeline=pipeline)
-            first_call_ms = wall_ms(run, self.device)
+            [first_call_s] = measure.call_times(run, self.device, calls=1)
             end_to_end = self.timed(run, len(images), work="page-e2e", **labels)
             positions = list(range(len(images)))
             prepare_only = [positions[start : start + size] for start in range(0, len(images), size)]
@@ -209,7 +200,7 @@ class Bench:
         if end_to_end is not None and cpu is not None:
             bound = "GPU" if tensors["items_per_s"] <= cpu["items_per_s"] else "CPU preprocessing"
             end_to_end.update(over_tensors=end_to_end["items_per_s"] / tensors["items_per_s"], bound=bound,
-                              workers=workers, pages_per_call=len(images), first_call_ms=first_call_ms)
+                              workers=workers, pages_per_call=len(images), first_call_ms=first_call_s * 1e3)
 
     def precision(self, precision: str, reference: dict) -> dict:
         """Load, prepare, check against transformers' forward, time; returns the checks."""
