@@ -127,3 +127,16 @@ def test_pages_from_pil_are_timed_through_a_warm_pipeline_with_workers(tiny_prof
     assert len(seen) >= 3 and len(set(seen)) == 1 and len(seen[0]) >= 2  # first, warm-up and timed calls
     e2e = [r for r in json.loads((tmp_path / "bench.json").read_text())["results"] if r["work"] == "page-e2e"]
     assert [(r["workers"], r["pages_per_call"]) for r in e2e] == [(2, 4)]
+
+
+def test_the_pages_table_prints_the_pipelines_first_call_beside_its_steady_state():
+    """The first call of a page pipeline starts its workers: an indexer pays it once, so it is shown apart."""
+    labels = dict(precision="bf16", vision="fast", batch=16)
+    rows = [dict(labels, work="page", ms=400.0, items_per_s=40.0, peak_mib=1.0),
+            dict(labels, work="page-e2e", ms=4800.0, items_per_s=36.0, peak_mib=1.0, over_tensors=0.9,
+                 bound="GPU", first_call_ms=7250.0),
+            dict(labels, work="preprocess", ms=1000.0, items_per_s=192.0, peak_mib=0.0)]
+    report = bench_report.format_report(bench_report.summary(rows), rows, {})
+    header, line = [x for x in report.splitlines() if "1st call s" in x or x.startswith("bf16       fast")]
+    assert line.split() == ["bf16", "fast", "16", "|", "40.0", "36.0", "0.90", "192.0", "7.25", "GPU"]
+    assert header.split()[-3:] == ["call", "s", "bound"]

@@ -65,14 +65,15 @@ def format_report(table: Any, rows: list[dict], targets: dict) -> str:
         f"{r.w4_ms:9.2f} {r.w4_per_s:9.1f} {r.w4_peak_mib:9.0f} | {r.thr_ratio:11.2f} {r.mem_ratio:11.3f}"
         for r in table.itertuples()]
     lines.append(f"\n{'precision':10s} {'vision':6s} {'batch':>5s} | {'tensors p/s':>11s} {'PIL e2e p/s':>11s} "
-                 f"{'e2e/tensors':>11s} {'preproc p/s':>11s}  bound")
+                 f"{'e2e/tensors':>11s} {'preproc p/s':>11s} {'1st call s':>10s}  bound")
     by_key = {(r["precision"], r.get("vision"), r["work"], r["batch"]): r for r in rows if "error" not in r}
     for (precision, vision, work, batch), r in by_key.items():
         if work == "page":
             e2e, cpu = (by_key.get((precision, vision, w, batch), {}) for w in ("page-e2e", "preprocess"))
             lines.append(f"{precision:10s} {vision:6s} {batch:5d} | {r['items_per_s']:11.1f} "
                          f"{e2e.get('items_per_s', float('nan')):11.1f} {e2e.get('over_tensors', float('nan')):11.2f} "
-                         f"{cpu.get('items_per_s', float('nan')):11.1f}  {e2e.get('bound', '-')}")
+                         f"{cpu.get('items_per_s', float('nan')):11.1f} {e2e.get('first_call_ms', float('nan')) / 1e3:10.2f}  "
+                         f"{e2e.get('bound', '-')}")
     lines += [f"error: {r}" for r in rows if "error" in r]
     lines.append("targets: " + (", ".join(f"{k}={'ok' if v['met'] else 'MISS'} ({v['value']} vs {v['target']})"
                                           for k, v in targets.items()) or "none in this profile"))
