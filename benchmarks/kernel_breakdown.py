@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from colquant import bench, fp8, workspace
 from colquant.kernels import accelerate_model
-from colquant.kernels.fast_vision import accelerate_vision
+from colquant.kernels.fast_vision import VisionSettings, accelerate_vision
 from colquant.params import load_profile
 from colquant.processing import ColQwen3Processor
 from colquant.tiny import build_tokenizer
@@ -86,37 +86,46 @@ def summarize(kernels: dict[str, tuple[float, int]], items: int, top: int = 12) 
                 largest=[dict(name=name[:140], cls=classify(name), ms=us / 1e3, launches=n) for name, (us, n) in largest])
 
 
-def prepare(model: torch.nn.Module, precision: str) -> None:
-    """As `colquant bench` prepares the precision: fused text tower, fast vision tower."""
+def prepare(model: torch.nn.Module, precision: str, vision_sdpa: tuple[str, ...] | None) -> None:
+    """As `colquant bench` prepares the precision: fused text tower, fast vision tower (whose SDPA
+    backends `vision_sdpa` names, in priority order; None: torch's choice, the default)."""
     if precision == "bf16":
         accelerate_model(model)
     else:
         fp8.prepare_fp8(model, scope={"fp8-lm": "lm", "fp8-all": "lm+vision"}[precision])
-    accelerate_vision(model)
+    accelerate_vision(model, VisionSettings(sdpa_backends=vision_sdpa))
 
 
-def run(profile_name: str, precisions: list[str], query_batch: int, page_batch: int, calls: int) -> list[dict]:
+def run(profile_name: str, precisions: list[str], query_batch: int, page_batch: int, calls: int,
+        vision_sdpa: tuple[str, ...] | None = None) -> list[dict]:
+    """Each precision on a fresh random model: `query_batch` queries (none when 0), `page_batch` pages."""
     device = torch.device("cuda")
     profile_ = load_profile(workspace.REPO_ROOT / "params" / f"{profile_name}.yaml", check_device=False)
     settings = profile_["bench"]
     processor = ColQwen3Processor(build_tokenizer(), max_num_visual_tokens=profile_["model"]["max_num_visual_tokens"])
-    texts = bench.query_texts(processor.tokenizer, query_batch, settings["query_tokens"])
-    queries = processor.process_queries(texts).to(device)
-    pages = processor.process_images(bench.page_images(settings["page_size"], page_batch)).to(device)
+    work = {"page": (processor.process_images(bench.page_images(settings["page_size"], page_batch)).to(device), page_batch)}
+    if query_batch:
+        texts = bench.query_texts(processor.tokenizer, query_batch, settings["query_tokens"])
+        work = {"query": (processor.process_queries(texts).to(device), query_batch)} | work
     rows = []
     for precision in precisions:
-        model = build_model(profile_name, device)
-        prepare(model, precision)
-        work = {"query": (queries, query_batch), "page": (pages, page_batch)}
-        with torch.inference_mode():
-            for label, (batch, items) in work.items():
-                found = summarize(kernel_times(lambda: model(**batch), calls), items)
-                rows.append(dict(precision=precision, work=label, batch=items,
-                                 tokens_per_item=batch["input_ids"].shape[1], **found))
-                log.info("%s %s: %.1f ms of kernels, %s", precision, label, found["total_ms"],
-                         {k: round(v, 1) for k, v in found["classes_ms"].items()})
-        del model
+        rows += profile_precision(build_model(profile_name, device), precision, work, calls, vision_sdpa)
         torch.cuda.empty_cache()
+    return rows
+
+
+def profile_precision(model: torch.nn.Module, precision: str, work: dict[str, tuple[dict, int]], calls: int,
+                      vision_sdpa: tuple[str, ...] | None) -> list[dict]:
+    """One row per kind of work for `model` prepared as `precision`."""
+    prepare(model, precision, vision_sdpa)
+    rows = []
+    with torch.inference_mode():
+        for label, (batch, items) in work.items():
+            found = summarize(kernel_times(lambda: model(**batch), calls), items)
+            rows.append(dict(precision=precision, work=label, batch=items, vision_sdpa=",".join(vision_sdpa or ["default"]),
+                             tokens_per_item=batch["input_ids"].shape[1], **found))
+            log.info("%s %s: %.1f ms of kernels, %s", precision, label, found["total_ms"],
+                     {k: round(v, 1) for k, v in found["classes_ms"].items()})
     return rows
 
 
@@ -124,11 +133,11 @@ def table(rows: list[dict]) -> str:
     """Markdown: per precision and work, ms per class, kernel-time rate and the floor's rate."""
     classes = sorted({c for r in rows for c in r["classes_ms"]}, key=lambda c: [x for x, _ in CLASSES].index(c)
                      if c in [x for x, _ in CLASSES] else 99)
-    head = "| precision | work | batch | kernels ms | " + " | ".join(classes) + " | items/s (kernels) | items/s (GEMM+attention only) |"
+    head = "| precision | work | vision SDPA | batch | kernels ms | " + " | ".join(classes) + " | items/s (kernels) | items/s (GEMM+attention only) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = " | ".join(f"{r['classes_ms'].get(c, 0.0):.1f}" for c in classes)
-        lines.append(f"| {r['precision']} | {r['work']} | {r['batch']} | {r['total_ms']:.1f} | {cells} | "
+        lines.append(f"| {r['precision']} | {r['work']} | {r['vision_sdpa']} | {r['batch']} | {r['total_ms']:.1f} | {cells} | "
                      f"{r['items_per_s_kernels']:.1f} | {r['items_per_s_floor']:.1f} |")
     return "\n".join(lines)
 
@@ -138,18 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", default="synthetic-4b")
     parser.add_argument("--precisions", default="bf16,fp8-all", help="comma list of bf16, fp8-lm, fp8-all")
-    parser.add_argument("--query-batch", type=int, default=1024)
+    parser.add_argument("--query-batch", type=int, default=1024, help="0: pages only")
     parser.add_argument("--page-batch", type=int, default=16)
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per work (after 2 warm-ups)")
+    parser.add_argument("--vision-sdpa", default=None, help="comma list of SDPA backends for the vision tower "
+                        "(flash, cudnn, efficient, math), in priority order; default: torch's choice")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     if not torch.cuda.is_available():
         parser.error("kernel_breakdown profiles CUDA kernels: run it on a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows = run(args.profile, args.precisions.split(","), args.query_batch, args.page_batch, args.calls)
+    vision_sdpa = tuple(args.vision_sdpa.split(",")) if args.vision_sdpa else None
+    rows = run(args.profile, args.precisions.split(","), args.query_batch, args.page_batch, args.calls, vision_sdpa)
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernel-breakdown.json").write_text(json.dumps(report, indent=1))
+    name = "kernel-breakdown" + (f"-vision-{'-'.join(vision_sdpa)}" if vision_sdpa else "")
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     for r in rows:
         log.info("largest kernels, %s %s:\n%s", r["precision"], r["work"],
                  "\n".join(f"  {k['ms']:8.2f} ms {k['launches']:5d}x {k['cls']:<12} {k['name']}" for k in r["largest"]))
