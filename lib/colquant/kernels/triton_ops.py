@@ -16,13 +16,16 @@ GPU checks compare them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from colquant.kernels.triton_gemm import default_config, dequant_w4, split_for, w4a16_matmul
 
-__all__ = ["add_rmsnorm", "silu_mul", "qk_norm_rope", "short_attention", "SHORT_ATTENTION_MAX_T",
+__all__ = ["add_rmsnorm", "silu_mul", "qk_norm_rope", "short_attention", "short_attention_config",
+           "ShortAttentionConfig", "SHORT_ATTENTION_MAX_T",
            "w4a16_matmul", "dequant_w4", "default_config", "split_for"]
 
 # --------------------------------------------------------------------------------------------
@@ -180,14 +183,21 @@ def qk_norm_rope(qkv, cos, sin, q_weight, k_weight, eps, B, T, HQ, HKV, D):
 @triton.jit
 def _short_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, mask_ptr, out_ptr,
                        T, eps, sm_scale, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                       BT: tl.constexpr, BQ: tl.constexpr):
-    """One (sequence, query head, block of BQ queries): q/k RMSNorm + RoPE, masked softmax, P @ V."""
+                       BT: tl.constexpr, BQ: tl.constexpr, PACK: tl.constexpr, LOOPS: tl.constexpr):
+    """One (sequence, PACK * LOOPS query heads of one kv head, block of BQ queries): q/k RMSNorm +
+    RoPE, masked softmax, P @ V. The kv head's K/V (and the keys' cos/sin) are loaded, normed and
+    roped once for all the program's query heads, not once per query head: GQA's K/V and the
+    rotary rows were most of the old per-head kernel's traffic. PACK heads are stacked in one
+    tile's rows (row r: head r // BQ, query r % BQ), LOOPS such tiles are done in turn."""
     b = tl.program_id(0).to(tl.int64)
-    hq = tl.program_id(1)
+    hq0 = tl.program_id(1) * (PACK * LOOPS)
     qb = tl.program_id(2)
-    hk = hq // (HQ // HKV)
+    hk = hq0 // (HQ // HKV)
     ROW: tl.constexpr = (HQ + 2 * HKV) * D
+    HALF: tl.constexpr = D // 2
+    R: tl.constexpr = PACK * BQ
     DT = qkv_ptr.dtype.element_ty
+    d = tl.arange(0, HALF)
     dd = tl.arange(0, D)
     # keys / values: the whole (short) sequence
     t = tl.arange(0, BT)
@@ -197,40 +207,111 @@ def _short_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, mask_ptr, out_
     c1, c2 = _load_halves(cos_ptr + tok[:, None] * D, mt[:, None], D)
     s1, s2 = _load_halves(sin_ptr + tok[:, None] * D, mt[:, None], D)
     k1, k2 = _load_norm_rope(rows + (HQ + hk) * D, kw_ptr, mt[:, None], c1, c2, s1, s2, eps, D, DT)
+    k1 = k1.to(DT)
+    k2 = k2.to(DT)
     v = tl.load(rows + (HQ + HKV + hk) * D + dd[None, :], mask=mt[:, None], other=0.0)
-    # queries of this block
-    tq = qb * BQ + tl.arange(0, BQ)
+    key_ok = tl.load(mask_ptr + b * T + t, mask=mt, other=0) != 0
+    # query rows
+    r = tl.arange(0, R)
+    tq = qb * BQ + r % BQ
     mq = tq < T
     tokq = b * T + tq
-    rq = qkv_ptr + tokq[:, None] * ROW
-    qc1, qc2 = _load_halves(cos_ptr + tokq[:, None] * D, mq[:, None], D)
-    qs1, qs2 = _load_halves(sin_ptr + tokq[:, None] * D, mq[:, None], D)
-    q1, q2 = _load_norm_rope(rq + hq * D, qw_ptr, mq[:, None], qc1, qc2, qs1, qs2, eps, D, DT)
-    s = tl.dot(q1.to(DT), tl.trans(k1.to(DT))) + tl.dot(q2.to(DT), tl.trans(k2.to(DT)))
-    s = s * sm_scale
-    key_ok = tl.load(mask_ptr + b * T + t, mask=mt, other=0) != 0
+    if BQ == BT:  # the block is the whole sequence: the keys' cos/sin rows, repeated per packed head
+        qc1 = tl.reshape(tl.broadcast_to(c1[None, :, :], (PACK, BT, HALF)), (R, HALF))
+        qc2 = tl.reshape(tl.broadcast_to(c2[None, :, :], (PACK, BT, HALF)), (R, HALF))
+        qs1 = tl.reshape(tl.broadcast_to(s1[None, :, :], (PACK, BT, HALF)), (R, HALF))
+        qs2 = tl.reshape(tl.broadcast_to(s2[None, :, :], (PACK, BT, HALF)), (R, HALF))
+    else:
+        qc1, qc2 = _load_halves(cos_ptr + tokq[:, None] * D, mq[:, None], D)
+        qs1, qs2 = _load_halves(sin_ptr + tokq[:, None] * D, mq[:, None], D)
+    qw1 = tl.load(qw_ptr + d).to(tl.float32)
+    qw2 = tl.load(qw_ptr + HALF + d).to(tl.float32)
     i = tq[:, None]
     j = t[None, :]
     allowed = (j <= i) & (key_ok[None, :] | (j == i)) & (j < T)
-    s = tl.where(allowed, s, float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    o = tl.dot(p.to(DT), v)
-    tl.store(out_ptr + tokq[:, None] * (HQ * D) + hq * D + dd[None, :], o.to(DT), mask=mq[:, None])
-
-
-def short_attention(qkv, cos, sin, q_weight, k_weight, key_mask, eps, B, T, HQ, HKV, D):
-    """Causal attention for ``T <= 128`` straight from the fused qkv rows; ``key_mask [B, T]``
-    (nonzero = real token). Returns ``[B*T, HQ*D]``. A padding query attends only to itself, so
-    padded rows stay finite. Few sequences: queries are split in blocks of 16 for parallelism."""
-    out = torch.empty((B * T, HQ * D), device=qkv.device, dtype=qkv.dtype)
-    BT = max(16, triton.next_power_of_2(T))
-    BQ = 16 if B * HQ < 512 else BT
-    _short_attn_kernel[(B, HQ, triton.cdiv(T, BQ))](
-        qkv, cos, sin, q_weight, k_weight, key_mask, out, T, eps, D ** -0.5,
-        HQ=HQ, HKV=HKV, D=D, BT=BT, BQ=BQ, num_warps=4 if BT <= 64 else 8)
-    return out
+    head = hq0 + r // BQ
+    for loop in tl.static_range(LOOPS):
+        hq = head + loop * PACK
+        x1, x2 = _load_halves(qkv_ptr + tokq[:, None] * ROW + hq[:, None] * D, mq[:, None], D)
+        q1, q2 = _norm_rope_half(x1, x2, qw1, qw2, qc1, qc2, qs1, qs2, eps, D, DT)
+        s = tl.dot(q1.to(DT), tl.trans(k1)) + tl.dot(q2.to(DT), tl.trans(k2))
+        s = s * sm_scale
+        s = tl.where(allowed, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.exp(s - m[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        o = tl.dot(p.to(DT), v)
+        tl.store(out_ptr + tokq[:, None] * (HQ * D) + hq[:, None] * D + dd[None, :], o.to(DT), mask=mq[:, None])
 
 
 SHORT_ATTENTION_MAX_T = 128
+SHORT_ATTENTION_MIN_PROGRAMS = 512  # below this many programs a grid leaves an H100/H200 (132 SMs) short of work
+
+
+class ShortAttentionConfig(NamedTuple):
+    """How :func:`short_attention` splits its work: each program takes ``pack * loops`` query heads
+    of one kv head (``pack`` stacked in one tile's rows, ``loops`` tiles in turn) and ``block_q``
+    queries of one sequence (the whole sequence when ``block_q`` is the padded length)."""
+
+    pack: int
+    loops: int
+    block_q: int
+    num_warps: int
+
+
+def _padded_length(T: int) -> int:
+    return max(16, triton.next_power_of_2(T))
+
+
+def short_attention_config(B: int, T: int, HQ: int, HKV: int) -> ShortAttentionConfig:
+    """The grid for a batch: the most query heads per program (then the whole sequence per program)
+    that still gives at least SHORT_ATTENTION_MIN_PROGRAMS programs, so large batches load each kv
+    head once per sequence; small batches (the CUDA-graphed latency path) get one query head and 16
+    queries per program, as many programs as there is work for."""
+    BT = _padded_length(T)
+    group = HQ // HKV
+    for heads in sorted((h for h in range(1, group + 1) if group % h == 0), reverse=True):
+        for block_q in dict.fromkeys((BT, 16)):
+            if B * (HQ // heads) * triton.cdiv(T, block_q) >= SHORT_ATTENTION_MIN_PROGRAMS:
+                return _tile_shape(heads, block_q, BT)
+    return _tile_shape(1, 16, BT)
+
+
+def _tile_shape(heads: int, block_q: int, BT: int) -> ShortAttentionConfig:
+    """Stack heads in one tile up to 64 query rows, loop over the rest (fewer live registers)."""
+    pack = max(1, min(heads, 64 // block_q))
+    return ShortAttentionConfig(pack=pack, loops=heads // pack, block_q=block_q,
+                                num_warps=4 if pack * block_q <= 64 and BT <= 64 else 8)
+
+
+def _check_short_attention(T: int, HQ: int, HKV: int, cfg: ShortAttentionConfig) -> None:
+    """Shapes the kernel cannot take raise here, naming the fix, rather than computing garbage."""
+    if T > SHORT_ATTENTION_MAX_T:
+        raise ValueError(f"short_attention takes sequences of at most {SHORT_ATTENTION_MAX_T} tokens, got {T}: "
+                         "use qk_norm_rope + SDPA for longer ones")
+    if HQ % HKV:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of kv heads ({HKV})")
+    heads = cfg.pack * cfg.loops
+    if cfg.pack < 1 or cfg.loops < 1 or (HQ // HKV) % heads:
+        raise ValueError(f"{cfg}: pack * loops = {heads} query heads a program must divide the GQA group "
+                         f"of {HQ // HKV} (each program serves one kv head)")
+    BT = _padded_length(T)
+    if cfg.block_q < 16 or cfg.block_q > BT or cfg.block_q & (cfg.block_q - 1):
+        raise ValueError(f"{cfg}: block_q must be a power of two in [16, {BT}] for T = {T}")
+
+
+def short_attention(qkv, cos, sin, q_weight, k_weight, key_mask, eps, B, T, HQ, HKV, D, *,
+                    config: ShortAttentionConfig | None = None):
+    """Causal attention for ``T <= 128`` straight from the fused qkv rows; ``key_mask [B, T]``
+    (nonzero = real token). Returns ``[B*T, HQ*D]``. A padding query attends only to itself, so
+    padded rows stay finite. The grid follows :func:`short_attention_config` unless ``config``
+    names one (the tests and benchmarks/short_attention_bench.py try each)."""
+    cfg = config or short_attention_config(B, T, HQ, HKV)
+    _check_short_attention(T, HQ, HKV, cfg)
+    out = torch.empty((B * T, HQ * D), device=qkv.device, dtype=qkv.dtype)
+    grid = (B, HQ // (cfg.pack * cfg.loops), triton.cdiv(T, cfg.block_q))
+    _short_attn_kernel[grid](
+        qkv, cos, sin, q_weight, k_weight, key_mask, out, T, eps, D ** -0.5,
+        HQ=HQ, HKV=HKV, D=D, BT=_padded_length(T), BQ=cfg.block_q, PACK=cfg.pack, LOOPS=cfg.loops,
+        num_warps=cfg.num_warps)
+    return out
