@@ -110,10 +110,11 @@ def _norm_rope_half(x1, x2, w1, w2, c1, c2, s1, s2, eps, D: tl.constexpr, DT: tl
 
 @triton.jit
 def _load_halves(rows, mask, D: tl.constexpr):
-    """The two halves ([R, D/2], fp32) of the D-wide rows starting at ``rows`` ([R, 1] pointers)."""
+    """The two halves ([R, D/2], in their stored dtype: cos/sin stay 16-bit in registers until used)
+    of the D-wide rows starting at ``rows`` ([R, 1] pointers)."""
     d = tl.arange(0, D // 2)
-    lo = tl.load(rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    hi = tl.load(rows + D // 2 + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    lo = tl.load(rows + d[None, :], mask=mask, other=0.0)
+    hi = tl.load(rows + D // 2 + d[None, :], mask=mask, other=0.0)
     return lo, hi
 
 
@@ -130,6 +131,8 @@ def _load_norm_rope(heads, w_ptr, mask, c1, c2, s1, s2, eps, D: tl.constexpr, DT
     """The heads starting at ``heads`` ([R, 1] pointers) RMSNormed with ``w_ptr``'s weight and
     rotated: both kernels' q and k go through this, as halves (fp32)."""
     x1, x2 = _load_halves(heads, mask, D)
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
     d = tl.arange(0, D // 2)
     w1 = tl.load(w_ptr + d).to(tl.float32)
     w2 = tl.load(w_ptr + D // 2 + d).to(tl.float32)
@@ -233,7 +236,7 @@ def _short_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, mask_ptr, out_
     for loop in tl.static_range(LOOPS):
         hq = head + loop * PACK
         x1, x2 = _load_halves(qkv_ptr + tokq[:, None] * ROW + hq[:, None] * D, mq[:, None], D)
-        q1, q2 = _norm_rope_half(x1, x2, qw1, qw2, qc1, qc2, qs1, qs2, eps, D, DT)
+        q1, q2 = _norm_rope_half(x1.to(tl.float32), x2.to(tl.float32), qw1, qw2, qc1, qc2, qs1, qs2, eps, D, DT)
         s = tl.dot(q1.to(DT), tl.trans(k1)) + tl.dot(q2.to(DT), tl.trans(k2))
         s = s * sm_scale
         s = tl.where(allowed, s, float("-inf"))
