@@ -29,6 +29,9 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import triton
+import triton.runtime.errors
+import triton.testing
 
 from colquant.files import write_json
 from colquant.kernels import reference
@@ -89,8 +92,6 @@ def candidate_configs(new: ModuleType, tokens: int, hq: int, hkv: int) -> list[A
 
 def time_us(fn: Callable[[], torch.Tensor], rep_ms: int) -> float:
     """Mean µs of one call, replayed in a CUDA graph."""
-    import triton.testing
-
     return triton.testing.do_bench_cudagraph(fn, rep=rep_ms) * 1e3
 
 
@@ -119,9 +120,15 @@ def bench_batch(old: ModuleType, new: ModuleType, batch: int, dims: tuple[int, i
             measure(f"new default {tuple(default)}", lambda: new.short_attention(*args, *shape), want, nbytes,
                     rep_ms, config=default._asdict(), default=True, **common)]
     for cfg in candidate_configs(new, tokens, hq, hkv) if sweep else []:
-        if cfg != default:
+        if cfg == default:
+            continue
+        try:
             rows.append(measure(f"new {tuple(cfg)}", lambda c=cfg: new.short_attention(*args, *shape, config=c),
                                 want, nbytes, rep_ms, config=cfg._asdict(), default=False, **common))
+        except triton.runtime.errors.OutOfResources as error:  # a swept tile too large for this GPU: a row
+            log.warning("new %s: %s", tuple(cfg), error)
+            rows.append(dict(kernel=f"new {tuple(cfg)}", error=str(error), config=cfg._asdict(), default=False,
+                             **common))
     return rows
 
 
@@ -134,7 +141,7 @@ def table(rows: list[dict[str, Any]], layers: int) -> str:
         mine = [r for r in rows if r["batch"] == batch]
         main = next(r for r in mine if r["kernel"] == "main")
         new = next(r for r in mine if r.get("default"))
-        best = min((r for r in mine if r["kernel"] != "main"), key=lambda r: r["us"])
+        best = min((r for r in mine if r["kernel"] != "main" and "us" in r), key=lambda r: r["us"])
         grid = tuple(best["config"].values())
         lines.append(f"| {batch} | {main['us']:.1f} | {new['us']:.1f} | {main['us'] / new['us']:.2f}× | "
                      f"{new['gb_per_s']:.0f} | {grid} {best['us']:.1f} | {layers * main['us'] / 1e3:.2f} → "
@@ -166,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     dims = (args.tokens, args.heads, args.kv_heads, args.head_dim)
     rows = [row for batch in (int(b) for b in args.batches.split(","))
             for row in bench_batch(old, new, batch, dims, args.sweep, args.rep_ms)]
-    import triton
-
     write_json(args.out, dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                               old_kernel=str(args.old_kernel or f"{OLD_KERNEL_REV}:{KERNEL_PATH}"),
                               shapes=dict(zip(("tokens", "heads", "kv_heads", "head_dim"), dims)), rows=rows))

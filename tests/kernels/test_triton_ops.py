@@ -77,7 +77,9 @@ def test_every_grid_of_short_attention_matches_the_reference(shape):
     b, t, hq, hkv, pads = shape
     args = attention_inputs(b, t, hq, hkv, D, pads, seed=t)
     want = reference.short_attention(*args, EPS, b, t, hq, hkv, D)
-    configs = every_config(t, hq, hkv) if t < 64 else [c for c in every_config(t, hq, hkv) if c.pack * c.loops == 4]
+    # at T = 128 only the tiles of at most 128 rows (the default grids' largest): bigger ones are slow in
+    # the interpreter and may not fit a GPU's shared memory
+    configs = [c for c in every_config(t, hq, hkv) if c.pack * c.block_q <= 128]
     for cfg in configs:
         got = triton_ops.short_attention(*args, EPS, b, t, hq, hkv, D, config=cfg)
         assert got.shape == (b * t, hq * D)
