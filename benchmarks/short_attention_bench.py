@@ -2,6 +2,7 @@
 
     python benchmarks/short_attention_bench.py --out short-attention.json                 # a CUDA GPU
     python benchmarks/short_attention_bench.py --out X.json --old-kernel main_triton_ops.py --batches 1,1024
+    python benchmarks/short_attention_bench.py --from-json X.json     # a saved run under today's grid rule
 
 Issue 14's query target (FP8 ≥ 3,200 q/s, 320 ms a batch of 1,024 × 42 tokens) leaves no room for an
 attention kernel that takes 1.19 ms a layer when the bytes it must move (the fused qkv rows in, o_proj's
@@ -33,7 +34,7 @@ import triton
 import triton.runtime.errors
 import triton.testing
 
-from colquant.files import write_json
+from colquant.files import read_json, write_json
 from colquant.kernels import reference
 
 log = logging.getLogger("short_attention_bench")
@@ -134,7 +135,7 @@ def bench_batch(old: ModuleType, new: ModuleType, batch: int, dims: tuple[int, i
 
 def table(rows: list[dict[str, Any]], layers: int) -> str:
     """Per batch: main against the new default (ratio), the best grid, and what 36 layers cost."""
-    lines = ["| batch | main µs | new default µs | main / new | new GB/s | best grid (pack, loops, block_q, warps) µs "
+    lines = ["| batch | main µs | new default grid (pack, loops, block_q, warps) µs | main / new | new GB/s | best grid µs "
              f"| {layers} layers main → new ms | max abs diff vs reference main / new |",
              "|---|---|---|---|---|---|---|---|"]
     for batch in dict.fromkeys(r["batch"] for r in rows):
@@ -143,16 +144,31 @@ def table(rows: list[dict[str, Any]], layers: int) -> str:
         new = next(r for r in mine if r.get("default"))
         best = min((r for r in mine if r["kernel"] != "main" and "us" in r), key=lambda r: r["us"])
         grid = tuple(best["config"].values())
-        lines.append(f"| {batch} | {main['us']:.1f} | {new['us']:.1f} | {main['us'] / new['us']:.2f}× | "
+        lines.append(f"| {batch} | {main['us']:.1f} | {tuple(new['config'].values())} {new['us']:.1f} | {main['us'] / new['us']:.2f}× | "
                      f"{new['gb_per_s']:.0f} | {grid} {best['us']:.1f} | {layers * main['us'] / 1e3:.2f} → "
                      f"{layers * new['us'] / 1e3:.2f} | {main['max_abs_diff_vs_reference']:.1e} / "
                      f"{new['max_abs_diff_vs_reference']:.1e} |")
     return "\n".join(lines)
 
 
+def mark_current_defaults(report: dict[str, Any], new: ModuleType) -> list[dict[str, Any]]:
+    """A saved run's rows with `default` set on the grid this tree's rule picks for each batch, so a
+    rule changed after a run is read off that run's own sweep."""
+    shapes = report["shapes"]
+    rows = []
+    for row in report["rows"]:
+        if "config" in row:
+            pick = new.short_attention_config(row["batch"], shapes["tokens"], shapes["heads"], shapes["kv_heads"])
+            row = {**row, "default": tuple(row["config"].values()) == tuple(pick)}
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--out", type=Path, help="JSON file to write")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="no timing: tabulate a saved run with this tree's default grid rule (CPU is enough)")
     parser.add_argument("--old-kernel", type=Path, default=None,
                         help=f"a copy of {OLD_KERNEL_REV}'s {KERNEL_PATH} (default: git show, which needs the repo)")
     parser.add_argument("--batches", default="1,8,64,1024")
@@ -165,9 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rep-ms", type=int, default=20, help="replay time per variant")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    from colquant.kernels import triton_ops as new
+
+    if args.from_json is not None:
+        report = read_json(args.from_json, fix="give the JSON this script wrote with --out")
+        print(table(mark_current_defaults(report, new), args.layers))
+        return 0
+    if args.out is None:
+        parser.error("--out is required to time (or give --from-json to tabulate a saved run)")
     if not torch.cuda.is_available():
         parser.error("short_attention_bench times CUDA kernels: run it on a CUDA GPU")
-    from colquant.kernels import triton_ops as new
 
     old = load_old_kernel(args.old_kernel)
     dims = (args.tokens, args.heads, args.kv_heads, args.head_dim)

@@ -77,38 +77,48 @@ def test_every_grid_of_short_attention_matches_the_reference(shape):
     b, t, hq, hkv, pads = shape
     args = attention_inputs(b, t, hq, hkv, D, pads, seed=t)
     want = reference.short_attention(*args, EPS, b, t, hq, hkv, D)
-    # at T = 128 only the tiles of at most 128 rows (the default grids' largest): bigger ones are slow in
-    # the interpreter and may not fit a GPU's shared memory
-    configs = [c for c in every_config(t, hq, hkv) if c.pack * c.block_q <= 128]
+    # at T = 128 only the tiles of at most SHORT_ATTENTION_MAX_ROWS rows (the largest a default grid uses)
+    configs = [c for c in every_config(t, hq, hkv) if c.pack * c.block_q <= triton_ops.SHORT_ATTENTION_MAX_ROWS]
     for cfg in configs:
         got = triton_ops.short_attention(*args, EPS, b, t, hq, hkv, D, config=cfg)
         assert got.shape == (b * t, hq * D)
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2, msg=lambda m, c=cfg: f"{c}: {m}")
 
 
-def test_large_batches_give_each_program_a_whole_kv_group(monkeypatch):
-    """The default grid, large-batch path: one program per (sequence, kv head) once there are enough
-    programs (threshold lowered to the tiny layer's size), against the reference."""
-    b, t, hq, hkv = 3, 19, 8, 2
-    monkeypatch.setattr(triton_ops, "SHORT_ATTENTION_MIN_PROGRAMS", b * hkv)
+# the default grid's three paths on tiny layers, thresholds lowered to their size: (B, T, HQ, HKV, pads,
+# thresholds, expected (heads a program, block_q, loops))
+DEFAULT_PATHS = [
+    (3, 19, 8, 2, (0, 3, 11), dict(SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS=6), (4, 32, 1)),  # whole group and sequence
+    (2, 128, 4, 1, (90, 0), dict(SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS=2), (4, 128, 2)),  # 512 rows: 2 stacked, 2 loops
+    (3, 19, 8, 2, (0, 3, 11), dict(SHORT_ATTENTION_MIN_PROGRAMS=24), (2, 16, 1)),  # 16-query blocks, 2 heads stacked
+]
+
+
+@pytest.mark.parametrize("path", DEFAULT_PATHS, ids=("whole-sequence", "whole-sequence-looped", "query-blocks"))
+def test_each_default_grid_matches_the_reference(path, monkeypatch):
+    b, t, hq, hkv, pads, thresholds, (heads, block_q, loops) = path
+    for name, value in thresholds.items():
+        monkeypatch.setattr(triton_ops, name, value)
     cfg = triton_ops.short_attention_config(b, t, hq, hkv)
-    assert (cfg.pack * cfg.loops, cfg.block_q) == (hq // hkv, 32)
-    args = attention_inputs(b, t, hq, hkv, D, (0, 3, 11), seed=3)
+    assert (cfg.pack * cfg.loops, cfg.block_q, cfg.loops) == (heads, block_q, loops)
+    args = attention_inputs(b, t, hq, hkv, D, pads, seed=t)
     torch.testing.assert_close(triton_ops.short_attention(*args, EPS, b, t, hq, hkv, D).float(),
                                reference.short_attention(*args, EPS, b, t, hq, hkv, D).float(), rtol=1e-2, atol=1e-2)
 
 
 def test_the_grid_follows_the_batch_size():
-    """At the 4B's shapes (32 query heads, 8 kv heads, 42-token queries): a batch of 1,024 loads each
-    kv head once per sequence; a batch of one keeps the finest split (one head, 16 queries a program)."""
-    big = triton_ops.short_attention_config(1024, 42, 32, 8)
-    assert (big.pack * big.loops, big.block_q) == (4, 64)
-    small = triton_ops.short_attention_config(1, 42, 32, 8)
-    assert (small.pack * small.loops, small.block_q) == (1, 16)
-    for batch in (1, 8, 16, 64, 1024):
+    """At the 4B's shapes (32 query heads, 8 kv heads, 42-token queries), the H200 sweep's winners: from
+    64 queries a program takes a sequence and a whole kv group (256 rows, 8 warps); 8 queries, the group
+    in 16-query blocks; one query, one head and 16 queries a program."""
+    assert triton_ops.short_attention_config(1024, 42, 32, 8) == (4, 1, 64, 8)
+    assert triton_ops.short_attention_config(64, 42, 32, 8) == (4, 1, 64, 8)
+    assert triton_ops.short_attention_config(8, 42, 32, 8) == (4, 1, 16, 4)
+    assert triton_ops.short_attention_config(1, 42, 32, 8) == (1, 1, 16, 4)
+    for batch in (1, 2, 4, 8, 16, 64, 1024):
         cfg = triton_ops.short_attention_config(batch, 42, 32, 8)
         programs = batch * (32 // (cfg.pack * cfg.loops)) * -(-42 // cfg.block_q)
         assert programs >= min(triton_ops.SHORT_ATTENTION_MIN_PROGRAMS, batch * 32 * 3), (batch, cfg)
+        assert cfg.pack * cfg.block_q <= triton_ops.SHORT_ATTENTION_MAX_ROWS
 
 
 @pytest.mark.parametrize("cfg, t, match", [

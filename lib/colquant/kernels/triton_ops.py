@@ -248,7 +248,10 @@ def _short_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, mask_ptr, out_
 
 
 SHORT_ATTENTION_MAX_T = 128
-SHORT_ATTENTION_MIN_PROGRAMS = 512  # below this many programs a grid leaves an H100/H200 (132 SMs) short of work
+# the grid rule's thresholds, from the H200 sweep of every grid (benchmarks/results/short-attention-h200.log)
+SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS = 512  # (sequence, kv head) programs from which whole sequences win
+SHORT_ATTENTION_MIN_PROGRAMS = 132  # one program per SM of an H100/H200: split heads further below this
+SHORT_ATTENTION_MAX_ROWS = 256  # query rows of one tile (stacked heads x queries): the largest measured, and best
 
 
 class ShortAttentionConfig(NamedTuple):
@@ -267,24 +270,29 @@ def _padded_length(T: int) -> int:
 
 
 def short_attention_config(B: int, T: int, HQ: int, HKV: int) -> ShortAttentionConfig:
-    """The grid for a batch: the most query heads per program (then the whole sequence per program)
-    that still gives at least SHORT_ATTENTION_MIN_PROGRAMS programs, so large batches load each kv
-    head once per sequence; small batches (the CUDA-graphed latency path) get one query head and 16
-    queries per program, as many programs as there is work for."""
+    """The grid for a batch, as the H200 sweep of every grid at the 4B's shapes ranked them (42-token
+    queries, 32 query / 8 kv heads): stacking a kv head's query heads in one tile beat looping over
+    them at every batch, and beat one head a program from 8 queries up. With at least
+    SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS (sequence, kv head) pairs (64 queries and more), a
+    program takes a whole sequence and its kv head's whole group; below, blocks of 16 queries and as
+    many heads a program as keep one program per SM; a single query keeps one head a program (96
+    programs: 4.0 µs, against 5.8 µs with the group stacked)."""
     BT = _padded_length(T)
     group = HQ // HKV
+    if B * HKV >= SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS:
+        return _tile_shape(group, BT)
     for heads in sorted((h for h in range(1, group + 1) if group % h == 0), reverse=True):
-        for block_q in dict.fromkeys((BT, 16)):
-            if B * (HQ // heads) * triton.cdiv(T, block_q) >= SHORT_ATTENTION_MIN_PROGRAMS:
-                return _tile_shape(heads, block_q, BT)
-    return _tile_shape(1, 16, BT)
+        if B * (HQ // heads) * triton.cdiv(T, 16) >= SHORT_ATTENTION_MIN_PROGRAMS:
+            return _tile_shape(heads, 16)
+    return _tile_shape(1, 16)
 
 
-def _tile_shape(heads: int, block_q: int, BT: int) -> ShortAttentionConfig:
-    """Stack heads in one tile up to 64 query rows, loop over the rest (fewer live registers)."""
-    pack = max(1, min(heads, 64 // block_q))
+def _tile_shape(heads: int, block_q: int) -> ShortAttentionConfig:
+    """Stack the heads in one tile up to SHORT_ATTENTION_MAX_ROWS rows and loop over the rest (only
+    sequences over 64 tokens loop); 8 warps from 128 rows (256 rows: 606 µs against 1,350 µs with 4)."""
+    pack = max(1, min(heads, SHORT_ATTENTION_MAX_ROWS // block_q))
     return ShortAttentionConfig(pack=pack, loops=heads // pack, block_q=block_q,
-                                num_warps=4 if pack * block_q <= 64 and BT <= 64 else 8)
+                                num_warps=8 if pack * block_q >= 128 else 4)
 
 
 def _check_short_attention(T: int, HQ: int, HKV: int, cfg: ShortAttentionConfig) -> None:
