@@ -11,7 +11,8 @@ GPU checks compare them.
   rows into ``[B, H, T, D]`` q/k/v for SDPA (long sequences).
 * ``short_attention``: for sequences of at most 128 tokens, everything between the qkv GEMM and
   o_proj in one kernel: q/k RMSNorm, rotary embedding, causal + padding mask, softmax, P @ V,
-  written straight in o_proj's input layout.
+  written straight in o_proj's input layout; a program serves a kv head's query heads together
+  (K/V normed and roped once), on a grid chosen by batch size (:func:`short_attention_config`).
 """
 
 from __future__ import annotations
