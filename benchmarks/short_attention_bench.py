@@ -135,8 +135,8 @@ def bench_batch(old: ModuleType, new: ModuleType, batch: int, dims: tuple[int, i
 
 def table(rows: list[dict[str, Any]], layers: int) -> str:
     """Per batch: main against the new default (ratio), the best grid, and what 36 layers cost."""
-    lines = ["| batch | main µs | new default grid (pack, loops, block_q, warps) µs | main / new | new GB/s | best grid µs "
-             f"| {layers} layers main → new ms | max abs diff vs reference main / new |",
+    lines = ["| batch | main µs | new default grid (pack, loops, block_q, warps) µs | main / new | new GB/s "
+             f"| best grid µs | {layers} layers main → new ms | max abs diff vs reference main / new |",
              "|---|---|---|---|---|---|---|---|"]
     for batch in dict.fromkeys(r["batch"] for r in rows):
         mine = [r for r in rows if r["batch"] == batch]
@@ -144,8 +144,8 @@ def table(rows: list[dict[str, Any]], layers: int) -> str:
         new = next(r for r in mine if r.get("default"))
         best = min((r for r in mine if r["kernel"] != "main" and "us" in r), key=lambda r: r["us"])
         grid = tuple(best["config"].values())
-        lines.append(f"| {batch} | {main['us']:.1f} | {tuple(new['config'].values())} {new['us']:.1f} | {main['us'] / new['us']:.2f}× | "
-                     f"{new['gb_per_s']:.0f} | {grid} {best['us']:.1f} | {layers * main['us'] / 1e3:.2f} → "
+        lines.append(f"| {batch} | {main['us']:.1f} | {tuple(new['config'].values())} {new['us']:.1f} | "
+                     f"{main['us'] / new['us']:.2f}× | {new['gb_per_s']:.0f} | {grid} {best['us']:.1f} | {layers * main['us'] / 1e3:.2f} → "
                      f"{layers * new['us'] / 1e3:.2f} | {main['max_abs_diff_vs_reference']:.1e} / "
                      f"{new['max_abs_diff_vs_reference']:.1e} |")
     return "\n".join(lines)

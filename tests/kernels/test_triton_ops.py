@@ -89,7 +89,7 @@ def test_every_grid_of_short_attention_matches_the_reference(shape):
 # thresholds, expected (heads a program, block_q, loops))
 DEFAULT_PATHS = [
     (3, 19, 8, 2, (0, 3, 11), dict(SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS=6), (4, 32, 1)),  # whole group and sequence
-    (2, 128, 4, 1, (90, 0), dict(SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS=2), (4, 128, 2)),  # 512 rows: 2 stacked, 2 loops
+    (2, 128, 4, 1, (90, 0), dict(SHORT_ATTENTION_WHOLE_SEQUENCE_PROGRAMS=2), (4, 128, 2)),  # 512 rows: loops
     (3, 19, 8, 2, (0, 3, 11), dict(SHORT_ATTENTION_MIN_PROGRAMS=24), (2, 16, 1)),  # 16-query blocks, 2 heads stacked
 ]
 
