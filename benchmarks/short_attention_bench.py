@@ -145,8 +145,8 @@ def table(rows: list[dict[str, Any]], layers: int) -> str:
         best = min((r for r in mine if r["kernel"] != "main" and "us" in r), key=lambda r: r["us"])
         grid = tuple(best["config"].values())
         lines.append(f"| {batch} | {main['us']:.1f} | {tuple(new['config'].values())} {new['us']:.1f} | "
-                     f"{main['us'] / new['us']:.2f}× | {new['gb_per_s']:.0f} | {grid} {best['us']:.1f} | {layers * main['us'] / 1e3:.2f} → "
-                     f"{layers * new['us'] / 1e3:.2f} | {main['max_abs_diff_vs_reference']:.1e} / "
+                     f"{main['us'] / new['us']:.2f}× | {new['gb_per_s']:.0f} | {grid} {best['us']:.1f} | "
+                     f"{layers * main['us'] / 1e3:.2f} → {layers * new['us'] / 1e3:.2f} | {main['max_abs_diff_vs_reference']:.1e} / "
                      f"{new['max_abs_diff_vs_reference']:.1e} |")
     return "\n".join(lines)
 
