@@ -146,8 +146,8 @@ def table(rows: list[dict[str, Any]], layers: int) -> str:
         grid = tuple(best["config"].values())
         lines.append(f"| {batch} | {main['us']:.1f} | {tuple(new['config'].values())} {new['us']:.1f} | "
                      f"{main['us'] / new['us']:.2f}× | {new['gb_per_s']:.0f} | {grid} {best['us']:.1f} | "
-                     f"{layers * main['us'] / 1e3:.2f} → {layers * new['us'] / 1e3:.2f} | {main['max_abs_diff_vs_reference']:.1e} / "
-                     f"{new['max_abs_diff_vs_reference']:.1e} |")
+                     f"{layers * main['us'] / 1e3:.2f} → {layers * new['us'] / 1e3:.2f} | "
+                     f"{main['max_abs_diff_vs_reference']:.1e} / {new['max_abs_diff_vs_reference']:.1e} |")
     return "\n".join(lines)
 
 
