@@ -60,8 +60,8 @@ def _round_to_e4m3_grid(x):
 
 @triton.jit
 def _row_scale(amax, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
-    """(scale, 1 / scale) of a row from its absmax; the reciprocal is exact-rounded, once per row."""
-    scale = tl.maximum(amax / FP8_MAX_C, FLOOR)
+    """(scale, 1 / scale) of a row from its absmax, both divisions IEEE-rounded as torch's (once per row)."""
+    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX_C), FLOOR)
     return scale, tl.math.div_rn(1.0, scale)
 
 
@@ -70,13 +70,14 @@ def _store_segment(values, q_row_ptr, offs, mask, scale, inv_scale, FP8_MAX_C: t
                    EMULATE_ROUNDING: tl.constexpr):
     """Store ``values / scale`` as e4m3. The quotient is ``values * (1 / scale)`` corrected by one
     fused multiply-add (Markstein), i.e. the correctly rounded fp32 division that the torch twin
-    makes, without a reciprocal (a special-function-unit op, the scarce resource here) per element."""
+    makes, without a reciprocal (a special-function-unit op, the scarce resource here) per element.
+    |quotient| <= 448 up to the scale's rounding; the GPU's cast saturates that to 448 (satfinite), as
+    the twin's clamp does, so only the interpreter's emulated rounding clamps first."""
     x = values.to(tl.float32)
     q0 = x * inv_scale
     q = tl.fma(tl.fma(-q0, scale, x), inv_scale, q0)
-    q = tl.clamp(q, -FP8_MAX_C, FP8_MAX_C)
     if EMULATE_ROUNDING:
-        q = _round_to_e4m3_grid(q)
+        q = _round_to_e4m3_grid(tl.clamp(q, -FP8_MAX_C, FP8_MAX_C))
     tl.store(q_row_ptr + offs, q.to(q_row_ptr.dtype.element_ty), mask=mask)
 
 
