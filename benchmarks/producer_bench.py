@@ -138,7 +138,8 @@ def warps_sweep(kernel: str, m: int, device: torch.device, reps: int, warps: lis
     rows = []
     for nw in warps:
         us = time_us(lambda nw=nw: call(new_ops, kernel, inputs, nw), device, reps)
-        rows.append({"kernel": kernel, "M": m, "num_warps": nw, "us": round(us, 2), "gb_per_s": round(nbytes / us / 1e3, 1)})
+        rows.append({"kernel": kernel, "M": m, "num_warps": nw, "us": round(us, 2),
+                     "gb_per_s": round(nbytes / us / 1e3, 1)})
     return rows
 
 
@@ -151,12 +152,13 @@ def per_forward(rows: list[dict[str, Any]], m: int) -> dict[str, float]:
 
 
 def markdown(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], forward: dict[str, float]) -> str:
-    lines = ["| kernel | M | N | old µs (GB/s) | new µs (GB/s) | × | codes = twin old / new | new = old |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | M | N | old µs (GB/s) | new µs (GB/s) | × | codes = twin old / new | scales = twin old / new "
+             "| new = old |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['M']} | {r['N']} | {r['old_us']} ({r['old_gb_per_s']}) | "
                      f"{r['new_us']} ({r['new_gb_per_s']}) | {r['speedup']} | "
                      f"{r['old_vs_twin']['codes_equal']:.6f} / {r['new_vs_twin']['codes_equal']:.6f} | "
+                     f"{r['old_vs_twin']['scales_equal']:.4f} / {r['new_vs_twin']['scales_equal']:.4f} | "
                      f"{r['new_vs_old']['codes_equal']:.6f} |")
     lines += ["", "| new kernel | M | num_warps | µs | GB/s |", "|---|---|---|---|---|"]
     lines += [f"| {s['kernel']} | {s['M']} | {s['num_warps']} | {s['us']} | {s['gb_per_s']} |" for s in sweep]

@@ -60,8 +60,11 @@ def _round_to_e4m3_grid(x):
 
 @triton.jit
 def _row_scale(amax, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
-    """(scale, 1 / scale) of a row from its absmax, both divisions IEEE-rounded as torch's (once per row)."""
-    scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX_C), FLOOR)
+    """(scale, 1 / scale) of a row from its absmax, once per row. ``amax / 448`` as main's kernels wrote
+    it: on the H200 those scales equal the twin's bit for bit (torch divides by a Python scalar as a
+    multiply by its fp32 reciprocal), while an IEEE-rounded ``div_rn`` differed in half the rows
+    (benchmarks/results/producers-h200.json). The reciprocal, for :func:`_store_segment`, is IEEE-rounded."""
+    scale = tl.maximum(amax / FP8_MAX_C, FLOOR)
     return scale, tl.math.div_rn(1.0, scale)
 
 
@@ -269,15 +272,11 @@ def _common_args() -> dict[str, Any]:
     return dict(FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, EMULATE_ROUNDING=INTERPRETED)
 
 
-def _default_warps(n: int) -> int:
-    """One warp per 512 elements of the row's power-of-two cover, 1 to 16."""
-    return min(16, max(1, triton.next_power_of_2(n) // 512))
-
-
 def _launch_args(n: int, num_warps: int | None) -> dict[str, Any]:
     """One program per row holding the whole row (BLOCK = next power of two of its width); by default
     one warp per 512 elements, at most 16 (`num_warps` overrides it: the bench sweeps it)."""
-    return dict(BLOCK=triton.next_power_of_2(n), num_warps=num_warps or _default_warps(n), **_common_args())
+    block = triton.next_power_of_2(n)
+    return dict(BLOCK=block, num_warps=num_warps or min(16, max(1, block // 512)), **_common_args())
 
 
 def _row_segments(n: int) -> tuple[int, int, int]:
@@ -292,9 +291,15 @@ def _row_segments(n: int) -> tuple[int, int, int]:
     return s0, s1, triton.next_power_of_2(rest) if rest else 0
 
 
+# Measured on the H200 at M = 43,008 (benchmarks/results/producers-h200.md, num_warps 4/8/16/32): 4 warps
+# were fastest for add_rmsnorm_quant (N 2,560) and silu_mul_quant (N 9,728), within 1% of 8 for
+# quantize_rows (N 4,096); more warps per row cost up to 2-3x.
+SEGMENT_WARPS = 4
+
+
 def _segment_args(n: int, num_warps: int | None) -> dict[str, Any]:
     s0, s1, s2 = _row_segments(n)
-    return dict(S0=s0, S1=s1, S2=s2, num_warps=num_warps or _default_warps(n), **_common_args())
+    return dict(S0=s0, S1=s1, S2=s2, num_warps=num_warps or SEGMENT_WARPS, **_common_args())
 
 
 def _outputs(rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
