@@ -185,7 +185,11 @@ def test_producers_match_their_twins_at_the_4b_widths(kernel):
         assert_same_quantization(q, scale, ref_normed, bf16_steps=3)
     else:
         x = rows(m, 4096, seed=11)
-        assert_same_quantization(*fp8_ops.quantize_rows(x), x)
+        q, scale = fp8_ops.quantize_rows(x)
+        assert_same_quantization(q, scale, x)
+        # bit for bit: an IEEE-rounded amax / 448 (div_rn) differed from the twin's in half the rows on
+        # the H200 (benchmarks/producer-notes.md), main's kernel in none
+        assert torch.equal(scale, quantize_rows_reference(x)[1])
 
 
 @pytest.mark.skipif(not FP8_GPU, reason="needs a GPU with FP8 tensor cores (compute capability >= 8.9)")
