@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from colquant.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
 
@@ -43,11 +44,12 @@ __all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "layernorm_qu
 def _round_to_e4m3_grid(x):
     """Round fp32 ``x`` (|x| <= 448) to the nearest e4m3 value, ties to even, in fp32.
 
-    The following cast is then exact. Triton 3.6's CPU interpreter (``TRITON_INTERPRET=1``) drops the
-    carry when rounding bumps the exponent (7.99 -> 4.0 instead of 8.0), so without this the CPU
-    checks of these kernels would fail; on the GPU it costs a few integer ops per element of a
-    memory-bound kernel. Normal range (|x| >= 2^-6): round the fp32 mantissa to 3 bits; subnormals:
-    round to a multiple of 2^-9 (adding and subtracting 1.5 * 2^14 does it in fp32)."""
+    The following cast is then exact. Only Triton's CPU interpreter needs it (``EMULATE_ROUNDING``):
+    Triton 3.6's interpreter drops the carry when rounding bumps the exponent (7.99 -> 4.0 instead of
+    8.0), while the GPU's cast (``cvt.rn.satfinite.e4m3x2.f32``) already rounds to nearest-even, so
+    there it would only cost integer ops per element (tests/test_fp8_ops.py checks both paths agree on
+    the GPU). Normal range (|x| >= 2^-6): round the fp32 mantissa to 3 bits; subnormals: round to a
+    multiple of 2^-9 (adding and subtracting 1.5 * 2^14 does it in fp32)."""
     bits = x.to(tl.int32, bitcast=True)
     lsb = (bits >> 20) & 1
     normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # clear 20 low bits
@@ -57,81 +59,183 @@ def _round_to_e4m3_grid(x):
 
 
 @triton.jit
-def _store_quantized(row_values, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C: tl.constexpr,
-                     FLOOR: tl.constexpr):
-    amax = tl.max(tl.where(mask, tl.abs(row_values), 0.0), axis=0)
+def _row_scale(amax, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+    """(scale, 1 / scale) of a row from its absmax, once per row. ``amax / 448`` as main's kernels wrote
+    it: on the H200 those scales equal the twin's bit for bit (torch divides by a Python scalar as a
+    multiply by its fp32 reciprocal), while an IEEE-rounded ``div_rn`` differed in half the rows
+    (benchmarks/results/producers-h200.json). The reciprocal, for :func:`_store_segment`, is IEEE-rounded."""
     scale = tl.maximum(amax / FP8_MAX_C, FLOOR)
-    q = tl.clamp(row_values / scale, -FP8_MAX_C, FP8_MAX_C)
-    q = _round_to_e4m3_grid(q)
-    tl.store(q_ptr + row * N + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
+def _store_segment(values, q_row_ptr, offs, mask, scale, inv_scale, FP8_MAX_C: tl.constexpr,
+                   EMULATE_ROUNDING: tl.constexpr):
+    """Store ``values / scale`` as e4m3. The quotient is ``values * (1 / scale)`` corrected by one
+    fused multiply-add (Markstein), i.e. the correctly rounded fp32 division that the torch twin
+    makes, without a reciprocal (a special-function-unit op, the scarce resource here) per element.
+    |quotient| <= 448 up to the scale's rounding; the GPU's cast saturates that to 448 (satfinite), as
+    the twin's clamp does, so only the interpreter's emulated rounding clamps first."""
+    x = values.to(tl.float32)
+    q0 = x * inv_scale
+    q = tl.fma(tl.fma(-q0, scale, x), inv_scale, q0)
+    if EMULATE_ROUNDING:
+        q = _round_to_e4m3_grid(tl.clamp(q, -FP8_MAX_C, FP8_MAX_C))
+    tl.store(q_row_ptr + offs, q.to(q_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_quantized(row_values, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C: tl.constexpr,
+                     FLOOR: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
+    """One whole-row block: absmax, scale, quantized store (the vision producers' layout)."""
+    amax = tl.max(tl.where(mask, tl.abs(row_values), 0.0), axis=0)
+    scale, inv_scale = _row_scale(amax, FP8_MAX_C, FLOOR)
+    _store_segment(row_values, q_ptr + row * N, offs, mask, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
     tl.store(s_ptr + row, scale)
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, BLOCK: tl.constexpr,
-                          FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+def _segment_offsets(START: tl.constexpr, SIZE: tl.constexpr, N):
+    offs = START + tl.arange(0, SIZE)
+    return offs, offs < N
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, N, stride_x, S0: tl.constexpr, S1: tl.constexpr,
+                          S2: tl.constexpr, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr,
+                          EMULATE_ROUNDING: tl.constexpr):
+    """One row per program, held in registers as up to three power-of-two segments S0 + S1 + S2 >= N
+    (:func:`_row_segments`): no lanes are wasted on a power-of-two block's masked tail."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    _store_quantized(x, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+    x_row = x_ptr + row * stride_x
+    o0, m0 = _segment_offsets(0, S0, N)
+    x0 = tl.load(x_row + o0, mask=m0, other=0.0)
+    amax = tl.max(tl.abs(x0.to(tl.float32)), axis=0)
+    if S1 > 0:
+        o1, m1 = _segment_offsets(S0, S1, N)
+        x1 = tl.load(x_row + o1, mask=m1, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x1.to(tl.float32)), axis=0))
+    if S2 > 0:
+        o2, m2 = _segment_offsets(S0 + S1, S2, N)
+        x2 = tl.load(x_row + o2, mask=m2, other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x2.to(tl.float32)), axis=0))
+    scale, inv_scale = _row_scale(amax, FP8_MAX_C, FLOOR)
+    q_row = q_ptr + row * N
+    _store_segment(x0, q_row, o0, m0, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    if S1 > 0:
+        _store_segment(x1, q_row, o1, m1, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    if S2 > 0:
+        _store_segment(x2, q_row, o2, m2, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _add_residual(res_ptr, delta_ptr, res_out_ptr, row_offset, offs, mask, HAS_DELTA: tl.constexpr):
+    """One segment of ``h = residual + delta``, rounded to and stored in the activation dtype (the
+    residual stream's dtype); returned in fp32."""
+    h = tl.load(res_ptr + row_offset + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        h = h + tl.load(delta_ptr + row_offset + offs, mask=mask, other=0.0).to(tl.float32)
+        h = h.to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row_offset + offs, h, mask=mask)
+        h = h.to(tl.float32)
+    return h
+
+
+@triton.jit
+def _rmsnorm_segment(h, rstd, w_ptr, offs, mask, act_dtype: tl.constexpr):
+    """transformers' Qwen3 RMSNorm of one segment: normalise in fp32, cast to the activation dtype,
+    then scale by w, rounded to the activation dtype again."""
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return ((h * rstd).to(act_dtype).to(tl.float32) * w).to(act_dtype)
 
 
 @triton.jit
 def _add_rmsnorm_quant_kernel(res_ptr, delta_ptr, w_ptr, res_out_ptr, q_ptr, s_ptr, N, eps,
-                              HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-                              FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+                              HAS_DELTA: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                              FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
+    """Residual add, RMSNorm and quantization of one row held in registers as up to three
+    power-of-two segments (N = 2,560 = 2,048 + 512: no masked lanes)."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < N
-    h = tl.load(res_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DELTA:
-        h = h + tl.load(delta_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-        h = h.to(res_out_ptr.dtype.element_ty)  # the residual stream is kept in the activation dtype
-        tl.store(res_out_ptr + row * N + offs, h, mask=mask)
-        h = h.to(tl.float32)
-    var = tl.sum(h * h, axis=0) / N
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # transformers' Qwen3 RMSNorm: normalise in fp32, cast to the activation dtype, then scale by w
-    normed = (h * tl.rsqrt(var + eps)).to(res_out_ptr.dtype.element_ty).to(tl.float32) * w
-    normed = normed.to(res_out_ptr.dtype.element_ty).to(tl.float32)
-    _store_quantized(normed, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+    base = row * N
+    act_dtype: tl.constexpr = res_out_ptr.dtype.element_ty
+    o0, m0 = _segment_offsets(0, S0, N)
+    h0 = _add_residual(res_ptr, delta_ptr, res_out_ptr, base, o0, m0, HAS_DELTA)
+    sq = tl.sum(h0 * h0, axis=0)
+    if S1 > 0:
+        o1, m1 = _segment_offsets(S0, S1, N)
+        h1 = _add_residual(res_ptr, delta_ptr, res_out_ptr, base, o1, m1, HAS_DELTA)
+        sq += tl.sum(h1 * h1, axis=0)
+    if S2 > 0:
+        o2, m2 = _segment_offsets(S0 + S1, S2, N)
+        h2 = _add_residual(res_ptr, delta_ptr, res_out_ptr, base, o2, m2, HAS_DELTA)
+        sq += tl.sum(h2 * h2, axis=0)
+    rstd = tl.rsqrt(sq / N + eps)
+    y0 = _rmsnorm_segment(h0, rstd, w_ptr, o0, m0, act_dtype)
+    amax = tl.max(tl.abs(y0.to(tl.float32)), axis=0)
+    if S1 > 0:
+        y1 = _rmsnorm_segment(h1, rstd, w_ptr, o1, m1, act_dtype)
+        amax = tl.maximum(amax, tl.max(tl.abs(y1.to(tl.float32)), axis=0))
+    if S2 > 0:
+        y2 = _rmsnorm_segment(h2, rstd, w_ptr, o2, m2, act_dtype)
+        amax = tl.maximum(amax, tl.max(tl.abs(y2.to(tl.float32)), axis=0))
+    scale, inv_scale = _row_scale(amax, FP8_MAX_C, FLOOR)
+    q_row = q_ptr + base
+    _store_segment(y0, q_row, o0, m0, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    if S1 > 0:
+        _store_segment(y1, q_row, o1, m1, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    if S2 > 0:
+        _store_segment(y2, q_row, o2, m2, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    tl.store(s_ptr + row, scale)
 
 
 @triton.jit
-def _silu_mul_value(gu_ptr, row, offs, mask, N):
-    g = tl.load(gu_ptr + row * 2 * N + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * 2 * N + N + offs, mask=mask, other=0.0).to(tl.float32)
-    act_dtype = gu_ptr.dtype.element_ty
-    # as transformers computes it in bf16: silu(gate) rounded, times up, rounded
+def _silu_mul_segment(gu_row_ptr, offs, mask, N):
+    """silu(gate) * up of one segment as transformers computes it in bf16: silu(gate) rounded to the
+    activation dtype, times up, rounded again; returned in the activation dtype (half the registers)."""
+    act_dtype: tl.constexpr = gu_row_ptr.dtype.element_ty
+    g = tl.load(gu_row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_row_ptr + N + offs, mask=mask, other=0.0).to(tl.float32)
     a = (g * tl.sigmoid(g)).to(act_dtype).to(tl.float32)
-    return (a * u).to(act_dtype).to(tl.float32)
+    return (a * u).to(act_dtype)
 
 
 @triton.jit
-def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, N, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr,
-                           FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
-    """Two passes over the row in chunks: the absmax, then the quantized values. The second pass
-    re-reads the row from L2 (a 9,728-wide row is 39 KB): holding it whole in registers, as the
-    other kernels do for narrower rows, ran at half the memory bandwidth on the H200."""
+def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, N, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                           FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
+    """One pass: silu·mul of the whole row into registers (in the activation dtype, as up to three
+    power-of-two segments: 9,728 = 8,192 + 1,024 + 512), its absmax, then the quantized store.
+
+    The earlier kernel made two passes over 2,048-wide chunks, computing silu·mul twice (its sigmoid
+    and divisions are special-function-unit ops, the bound here) and dividing per element; a
+    single 16,384-wide power-of-two block wasted 40% of its lanes on the masked tail."""
     row = tl.program_id(0).to(tl.int64)
-    chunk = tl.arange(0, CHUNK)
-    peak = tl.zeros([CHUNK], dtype=tl.float32)
-    for c in range(N_CHUNKS):
-        offs = c * CHUNK + chunk
-        peak = tl.maximum(peak, tl.abs(_silu_mul_value(gu_ptr, row, offs, offs < N, N)))
-    scale = tl.maximum(tl.max(peak, axis=0) / FP8_MAX_C, FLOOR)
-    for c in range(N_CHUNKS):
-        offs = c * CHUNK + chunk
-        mask = offs < N
-        q = _round_to_e4m3_grid(tl.clamp(_silu_mul_value(gu_ptr, row, offs, mask, N) / scale, -FP8_MAX_C, FP8_MAX_C))
-        tl.store(q_ptr + row * N + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    gu_row = gu_ptr + row * 2 * N
+    o0, m0 = _segment_offsets(0, S0, N)
+    v0 = _silu_mul_segment(gu_row, o0, m0, N)
+    amax = tl.max(tl.abs(v0.to(tl.float32)), axis=0)
+    if S1 > 0:
+        o1, m1 = _segment_offsets(S0, S1, N)
+        v1 = _silu_mul_segment(gu_row, o1, m1, N)
+        amax = tl.maximum(amax, tl.max(tl.abs(v1.to(tl.float32)), axis=0))
+    if S2 > 0:
+        o2, m2 = _segment_offsets(S0 + S1, S2, N)
+        v2 = _silu_mul_segment(gu_row, o2, m2, N)
+        amax = tl.maximum(amax, tl.max(tl.abs(v2.to(tl.float32)), axis=0))
+    scale, inv_scale = _row_scale(amax, FP8_MAX_C, FLOOR)
+    q_row = q_ptr + row * N
+    _store_segment(v0, q_row, o0, m0, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    if S1 > 0:
+        _store_segment(v1, q_row, o1, m1, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
+    if S2 > 0:
+        _store_segment(v2, q_row, o2, m2, scale, inv_scale, FP8_MAX_C, EMULATE_ROUNDING)
     tl.store(s_ptr + row, scale)
 
 
 @triton.jit
 def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, N, eps, HAS_BIAS: tl.constexpr,
-                            BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+                            BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr,
+                            EMULATE_ROUNDING: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -143,12 +247,12 @@ def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, N, eps, HAS_BIAS:
     if HAS_BIAS:
         y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # nn.LayerNorm's output is in the activation dtype
-    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR, EMULATE_ROUNDING)
 
 
 @triton.jit
 def _gelu_tanh_quant_kernel(x_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
-                            FLOOR: tl.constexpr):
+                            FLOOR: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -156,17 +260,46 @@ def _gelu_tanh_quant_kernel(x_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr, FP8_MAX
     # 0.5 * (1 + tanh(z)) == sigmoid(2z), z = sqrt(2/pi) * (x + 0.044715 x^3): no libdevice tanh needed
     z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     y = (x * tl.sigmoid(2.0 * z)).to(x_ptr.dtype.element_ty).to(tl.float32)  # GELU's output dtype
-    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR)
+    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR, EMULATE_ROUNDING)
 
 
-SILU_CHUNK = 2048
+# Triton's CPU interpreter (TRITON_INTERPRET=1, read when the kernels above were decorated) casts fp32 to
+# e4m3 without the exponent carry; there the kernels round to the e4m3 grid themselves first.
+INTERPRETED = isinstance(_quantize_rows_kernel, InterpretedFunction)
+
+
+def _common_args() -> dict[str, Any]:
+    return dict(FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, EMULATE_ROUNDING=INTERPRETED)
 
 
 def _launch_args(n: int, num_warps: int | None) -> dict[str, Any]:
     """One program per row holding the whole row (BLOCK = next power of two of its width); by default
     one warp per 512 elements, at most 16 (`num_warps` overrides it: the bench sweeps it)."""
     block = triton.next_power_of_2(n)
-    return dict(BLOCK=block, FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, num_warps=num_warps or min(16, max(1, block // 512)))
+    return dict(BLOCK=block, num_warps=num_warps or min(16, max(1, block // 512)), **_common_args())
+
+
+def _row_segments(n: int) -> tuple[int, int, int]:
+    """Widths (S0, S1, S2) of up to three power-of-two segments covering a row of ``n`` elements: the
+    two largest powers of two that fit, then the remainder's power-of-two cover (0 where unused).
+    Exact for the 4B's widths (2,560 = 2,048 + 512; 4,096; 9,728 = 8,192 + 1,024 + 512), where a
+    single power-of-two block masks up to 40% of its lanes."""
+    s0 = 1 << (n.bit_length() - 1)
+    rest = n - s0
+    s1 = 1 << (rest.bit_length() - 1) if rest else 0
+    rest -= s1
+    return s0, s1, triton.next_power_of_2(rest) if rest else 0
+
+
+# Measured on the H200 at M = 43,008 (benchmarks/results/producers-h200.md, num_warps 4/8/16/32): 4 warps
+# were fastest for add_rmsnorm_quant (N 2,560) and silu_mul_quant (N 9,728), within 1% of 8 for
+# quantize_rows (N 4,096); more warps per row cost up to 2-3x.
+SEGMENT_WARPS = 4
+
+
+def _segment_args(n: int, num_warps: int | None) -> dict[str, Any]:
+    s0, s1, s2 = _row_segments(n)
+    return dict(S0=s0, S1=s1, S2=s2, num_warps=num_warps or SEGMENT_WARPS, **_common_args())
 
 
 def _outputs(rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +315,7 @@ def quantize_rows(x: torch.Tensor, *, num_warps: int | None = None) -> tuple[tor
     m, n = x.shape
     q, s = _outputs(m, n, x.device)
     if m:
-        _quantize_rows_kernel[(m,)](x, q, s, n, x.stride(0), **_launch_args(n, num_warps))
+        _quantize_rows_kernel[(m,)](x, q, s, n, x.stride(0), **_segment_args(n, num_warps))
     return q, s
 
 
@@ -197,7 +330,7 @@ def add_rmsnorm_quant(residual: torch.Tensor, delta: torch.Tensor | None, weight
     if m:
         _add_rmsnorm_quant_kernel[(m,)](residual, delta.contiguous() if delta is not None else residual, weight,
                                         res_out, q, s, n, eps, HAS_DELTA=delta is not None,
-                                        **_launch_args(n, num_warps))
+                                        **_segment_args(n, num_warps))
     return res_out, q, s
 
 
@@ -208,9 +341,7 @@ def silu_mul_quant(gate_up: torch.Tensor, *, num_warps: int | None = None) -> tu
     n = n2 // 2
     q, s = _outputs(m, n, gate_up.device)
     if m:
-        chunk = min(SILU_CHUNK, triton.next_power_of_2(n))
-        _silu_mul_quant_kernel[(m,)](gate_up, q, s, n, CHUNK=chunk, N_CHUNKS=triton.cdiv(n, chunk),
-                                     FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR, num_warps=num_warps or 8)
+        _silu_mul_quant_kernel[(m,)](gate_up, q, s, n, **_segment_args(n, num_warps))
     return q, s
 
 
