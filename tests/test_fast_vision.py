@@ -106,6 +106,13 @@ def test_pages_of_one_size_take_the_attention_output_without_a_copy(tiny_tower, 
     assert out.data_ptr() == made[0].data_ptr()
 
 
+def test_unknown_attention_settings_are_refused_when_made():
+    with pytest.raises(ValueError, match=r"unknown SDPA backend\(s\) \['fash'\]; use flash, cudnn"):
+        fast_vision.VisionSettings(sdpa_backends=("cudnn", "fash"))
+    with pytest.raises(ValueError, match="unknown vision attention 'flash'; use one of sdpa, varlen"):
+        fast_vision.VisionSettings(attention="flash")
+
+
 def test_cpu_keeps_the_eager_tower():
     model = ColQwen3(ColQwen3Config.tiny()).eval()
     info = fast_vision.accelerate_vision(model)

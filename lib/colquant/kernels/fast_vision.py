@@ -46,6 +46,7 @@ logger = logging.getLogger("colquant.kernels")
 
 Attention = Literal["sdpa", "varlen"]
 ATTENTION_CHOICES: tuple[str, ...] = ("sdpa", "varlen")
+SDPA_BACKENDS: tuple[str, ...] = ("flash", "cudnn", "efficient", "math")
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
@@ -60,6 +61,14 @@ class VisionSettings:
     max_cached_grids: int = 64
     grids: dict[tuple[tuple[int, int, int], ...], "GridPlan"] = field(default_factory=dict)
     calls: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse unknown names now (a bench flag's typo), not at the first page batch."""
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown vision attention {self.attention!r}; use one of {', '.join(ATTENTION_CHOICES)}")
+        unknown = [name for name in self.sdpa_backends or () if name not in SDPA_BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown SDPA backend(s) {unknown}; use {', '.join(SDPA_BACKENDS)}")
 
 
 @dataclass
@@ -332,11 +341,8 @@ class _sdpa_backends:
             return
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        table = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-        unknown = [name for name in self.names if name not in table]
-        if unknown:
-            raise ValueError(f"unknown SDPA backend(s) {unknown}; use {', '.join(table)}")
+        table = dict(zip(SDPA_BACKENDS, (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)))
         self.context = sdpa_kernel([table[name] for name in self.names], set_priority=True)
         self.context.__enter__()
 
