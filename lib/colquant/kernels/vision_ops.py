@@ -80,13 +80,13 @@ def _checked(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tupl
         raise ValueError(f"add_layernorm takes x and delta of one 2-D shape and dtype and a weight of their width; "
                          f"got x {tuple(x.shape)} {x.dtype}, delta {tuple(delta.shape)} {delta.dtype}, "
                          f"weight {tuple(weight.shape)}")
-    return x.shape
+    return x.shape[0], x.shape[1]
 
 
 def _launch(n: int) -> dict:
     """One program per row holding the whole row; one warp per 256 elements (4 for the ViT's 1,024)."""
     block = triton.next_power_of_2(n)
-    return dict(BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return {"BLOCK": block, "num_warps": min(16, max(1, block // 256))}
 
 
 def add_layernorm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
