@@ -89,6 +89,30 @@ def test_plan_groups_equal_frames_and_is_cached(tiny_tower):
     assert fast_vision.grid_plan(tiny_tower, grid.clone(), settings) is plan
 
 
+def test_pages_of_one_size_take_the_attention_output_without_a_copy(tiny_tower, monkeypatch):
+    """One image size (a page batch): the attention result is SDPA's own output (token-major like q),
+    not a copy of it into another buffer."""
+    settings = fast_vision.VisionSettings()
+    plan = fast_vision.grid_plan(tiny_tower, torch.tensor([(1, 8, 8), (1, 8, 8)]), settings)
+    heads = tiny_tower.blocks[0].attn.num_heads
+    dim = tiny_tower.config.hidden_size // heads
+    q, k, v = torch.randn(3, 128, heads, dim, dtype=torch.bfloat16)
+    made = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: made.append(sdpa(*args, **kwargs)) or made[-1])
+    out = fast_vision.attention(q, k, v, plan, settings)
+    assert len(made) == 1 and out.shape == (128, heads * dim)
+    assert out.data_ptr() == made[0].data_ptr()
+
+
+def test_unknown_attention_settings_are_refused_when_made():
+    with pytest.raises(ValueError, match=r"unknown SDPA backend\(s\) \['fash'\]; use flash, cudnn"):
+        fast_vision.VisionSettings(sdpa_backends=("cudnn", "fash"))
+    with pytest.raises(ValueError, match="unknown vision attention 'flash'; use one of sdpa, varlen"):
+        fast_vision.VisionSettings(attention="flash")
+
+
 def test_cpu_keeps_the_eager_tower():
     model = ColQwen3(ColQwen3Config.tiny()).eval()
     info = fast_vision.accelerate_vision(model)
@@ -120,12 +144,12 @@ def test_fp8_tower_matches_eager_with_the_same_fp8_layers(tiny_fp8_tower, grids)
 
 
 def test_fp8_producers_are_exact_on_cpu(tiny_fp8_tower, monkeypatch):
-    """LayerNorm+quant and GELU+quant give what the FP8 layers give when they quantize their own
+    """add+LayerNorm+quant and GELU+quant give what the FP8 layers give when they quantize their own
     bf16 input (the torch twins on CPU): the fast tower's output is unchanged, bit for bit."""
     pixels, grid = pages(tiny_fp8_tower, [(1, 8, 8)], seed=5)
     with torch.no_grad():
         fused = fast_vision.fast_vision_forward(tiny_fp8_tower, pixels, grid)
-        monkeypatch.setattr(fast_vision, "layernorm_into", lambda consumer, norm, x: norm(x))
+        monkeypatch.setattr(fast_vision, "add_layernorm_into", lambda consumer, norm, x, delta: (x + delta, norm(x + delta)))
         monkeypatch.setattr(fast_vision, "fc1_activation", lambda mlp, h, tanh: mlp.act_fn(mlp.linear_fc1(h)))
         plain = fast_vision.fast_vision_forward(tiny_fp8_tower, pixels, grid)
     assert torch.equal(fused.last_hidden_state, plain.last_hidden_state)

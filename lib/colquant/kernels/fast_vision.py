@@ -8,7 +8,8 @@ runs the same function with:
 * the patch embedding (a Conv3d whose kernel equals its stride) as one GEMM;
 * position embeddings and rotary cos/sin computed once per image grid and cached (a corpus has few
   distinct page sizes);
-* per block: LayerNorm, the (already fused) qkv GEMM with its bias, one Triton kernel for the 2-D
+* per block: the residual add fused into the LayerNorm after it (one Triton kernel writes the sum and
+  its LayerNorm: :mod:`.vision_ops`), the (already fused) qkv GEMM with its bias, one Triton kernel for the 2-D
   rotary embedding of q and k (float32 math, as transformers does), attention over the images of
   the batch (images of equal patch count run as one batched SDPA call, i.e. flash attention; or
   torch's varlen flash attention over the packed batch), the output GEMM, and the MLP's first GEMM
@@ -16,8 +17,9 @@ runs the same function with:
 * the patch merger and the deepstack mergers as in transformers.
 
 With FP8 vision Linears (the fp8-all variant) the GEMMs are W8A8 `FP8Linear` calls whose inputs come
-quantized from their producers: LayerNorm+quantization before qkv and fc1, tanh-GELU+quantization
-before fc2 (Triton kernels of :mod:`.fp8_ops`); the attention output is quantized inside `proj`.
+quantized from their producers: residual add+LayerNorm+quantization before qkv and fc1
+(:mod:`.vision_ops`), tanh-GELU+quantization before fc2 (:mod:`.fp8_ops`); the attention output is
+quantized inside `proj`.
 
 `accelerate_vision(model)` installs it on CUDA (the tower is BF16 in the 4-bit variants, so BF16
 and 4-bit models share it; FP8 in fp8-all). On CPU, or without Triton, nothing is installed and the eager
@@ -27,6 +29,7 @@ reference ops, which is how the tests check the math against transformers withou
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +46,7 @@ logger = logging.getLogger("colquant.kernels")
 
 Attention = Literal["sdpa", "varlen"]
 ATTENTION_CHOICES: tuple[str, ...] = ("sdpa", "varlen")
+SDPA_BACKENDS: tuple[str, ...] = ("flash", "cudnn", "efficient", "math")
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
@@ -57,6 +61,14 @@ class VisionSettings:
     max_cached_grids: int = 64
     grids: dict[tuple[tuple[int, int, int], ...], "GridPlan"] = field(default_factory=dict)
     calls: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse unknown names now (a bench flag's typo), not at the first page batch."""
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"unknown vision attention {self.attention!r}; use one of {', '.join(ATTENTION_CHOICES)}")
+        unknown = [name for name in self.sdpa_backends or () if name not in SDPA_BACKENDS]
+        if unknown:
+            raise ValueError(f"unknown SDPA backend(s) {unknown}; use {', '.join(SDPA_BACKENDS)}")
 
 
 @dataclass
@@ -177,15 +189,17 @@ def fast_vision_forward(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch
     with fused ops: Triton/cuBLASLt on CUDA, their torch equivalents elsewhere."""
     settings = settings or VisionSettings()
     plan = grid_plan(visual, grid_thw, settings)
-    x = patch_embed(visual.patch_embed, pixels)
-    x = x + plan.pos_embeds
+    # the residual stream travels as (x, delta) with x + delta the hidden state: each block's first
+    # LayerNorm adds the pending delta (the position embeddings, then the previous block's MLP output)
+    x, delta = patch_embed(visual.patch_embed, pixels), plan.pos_embeds
     deepstack_at = list(getattr(visual, "deepstack_visual_indexes", []))
     deepstack = []
     tanh_gelu = getattr(visual.config, "hidden_act", None) in _TANH_GELU
     for index, block in enumerate(visual.blocks):
-        x = block_forward(block, x, plan, settings, tanh_gelu)
+        x, delta = block_forward(block, x, delta, plan, settings, tanh_gelu)
         if index in deepstack_at:
-            deepstack.append(visual.deepstack_merger_list[deepstack_at.index(index)](x))
+            deepstack.append(visual.deepstack_merger_list[deepstack_at.index(index)](x + delta))
+    x = x + delta
     return _output_class()(last_hidden_state=x, pooler_output=visual.merger(x), deepstack_features=deepstack)
 
 
@@ -196,18 +210,22 @@ def patch_embed(module: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return F.linear(flat, weight.reshape(weight.shape[0], -1), module.proj.bias)
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, plan: GridPlan, settings: VisionSettings,
-                  tanh_gelu: bool) -> torch.Tensor:
-    """One ViT block: x + proj(attn(rope(qkv(LN(x))))), then x + fc2(gelu(fc1(LN(x))))."""
+def block_forward(block: nn.Module, x: torch.Tensor, delta: torch.Tensor, plan: GridPlan, settings: VisionSettings,
+                  tanh_gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ViT block on the hidden state ``x + delta``: h = x + delta + proj(attn(rope(qkv(LN(x + delta))))),
+    then h + fc2(gelu(fc1(LN(h)))). Each residual add runs inside the LayerNorm after it
+    (:func:`add_layernorm_into`), so the block returns ``(h, fc2 output)`` and leaves their sum to the
+    next block's first LayerNorm (or the caller)."""
     attn, mlp = block.attn, block.mlp
     heads = attn.num_heads
-    qkv = linear(attn.qkv, layernorm_into(attn.qkv, block.norm1, x))
+    x, normed = add_layernorm_into(attn.qkv, block.norm1, x, delta)
+    qkv = linear(attn.qkv, normed)
     q, k = rotary(qkv, plan.cos, plan.sin, heads)
     v = qkv.view(qkv.shape[0], 3, heads, -1)[:, 2]
     a = attention(q, k, v, plan, settings)
-    x = linear(attn.proj, a).add_(x)
-    h = fc1_activation(mlp, layernorm_into(mlp.linear_fc1, block.norm2, x), tanh_gelu)
-    return linear(mlp.linear_fc2, h).add_(x)
+    x, normed = add_layernorm_into(mlp.linear_fc1, block.norm2, x, linear(attn.proj, a))
+    h = fc1_activation(mlp, normed, tanh_gelu)
+    return x, linear(mlp.linear_fc2, h)
 
 
 def linear(layer: nn.Module, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -218,12 +236,41 @@ def linear(layer: nn.Module, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
     return torch.addmm(layer.bias, x, layer.weight.t())
 
 
-def layernorm_into(consumer: nn.Module, norm: nn.LayerNorm, x: torch.Tensor
-                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm(x) as ``consumer``'s input: bf16, or fused with the FP8 quantization for an FP8Linear."""
+def add_layernorm_into(consumer: nn.Module, norm: nn.LayerNorm, x: torch.Tensor, delta: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """``(x + delta, LayerNorm(x + delta))``, the LayerNorm as ``consumer``'s input: 16-bit, or quantized
+    for an FP8Linear. One Triton kernel on CUDA (:mod:`.vision_ops`; the quantizing one where the FP8
+    kernels run), its torch twin elsewhere."""
+    args = (x, delta, norm.weight, norm.bias, norm.eps)
     if isinstance(consumer, FP8Linear):
-        return fp8.producers(x.device).layernorm_quant(x, norm.weight, norm.bias, norm.eps)
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        kernels = fp8.producers(x.device) is not fp8.ReferenceProducers
+        residual, q, scale = (_vision_ops().add_layernorm_quant if kernels else add_layernorm_quant_reference)(*args)
+        return residual, (q, scale)
+    return (_vision_ops().add_layernorm if x.is_cuda else add_layernorm_reference)(*args)
+
+
+def add_layernorm_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`vision_ops.add_layernorm`'s twin: transformers' residual add, then nn.LayerNorm of the sum."""
+    residual = x + delta
+    return residual, F.layer_norm(residual, weight.shape, weight, bias, eps)
+
+
+def add_layernorm_quant_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                                  bias: torch.Tensor | None, eps: float
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`vision_ops.add_layernorm_quant`'s twin: :func:`add_layernorm_reference` with the normed rows
+    quantized per row."""
+    residual, normed = add_layernorm_reference(x, delta, weight, bias, eps)
+    return (residual, *fp8.quantize_rows_reference(normed))
+
+
+@functools.cache
+def _vision_ops() -> Any:
+    """The Triton kernel module, imported on first CUDA use (importing this module must not need Triton)."""
+    from colquant.kernels import vision_ops
+
+    return vision_ops
 
 
 def fc1_activation(mlp: nn.Module, h: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
@@ -271,13 +318,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: GridPlan,
         out = varlen_attn(q, k, v.contiguous(), plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen,
                           plan.max_seqlen)
         return out.reshape(n, heads * dim)
-    out = torch.empty((n, heads, dim), device=q.device, dtype=q.dtype)
+    parts = []
     with _sdpa_backends(settings.sdpa_backends):
-        for start, frames, length in plan.segments:
+        for start, frames, length in plan.segments:  # consecutive row ranges, in order
             rows = slice(start, start + frames * length)
             shaped = [t[rows].view(frames, length, heads, dim).transpose(1, 2) for t in (q, k, v)]
-            out[rows] = F.scaled_dot_product_attention(*shaped).transpose(1, 2).reshape(frames * length, heads, dim)
-    return out.view(n, heads * dim)
+            # q is token-major, so SDPA's output is too and this reshape is a view of it
+            parts.append(F.scaled_dot_product_attention(*shaped).transpose(1, 2).reshape(frames * length, heads * dim))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # pages of one size: no copy at all
 
 
 class _sdpa_backends:
@@ -293,11 +341,8 @@ class _sdpa_backends:
             return
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        table = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-        unknown = [name for name in self.names if name not in table]
-        if unknown:
-            raise ValueError(f"unknown SDPA backend(s) {unknown}; use {', '.join(table)}")
+        table = dict(zip(SDPA_BACKENDS, (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)))
         self.context = sdpa_kernel([table[name] for name in self.names], set_priority=True)
         self.context.__enter__()
 

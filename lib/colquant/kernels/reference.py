@@ -62,15 +62,16 @@ def _rotate_half(x):
 
 
 def qk_norm_rope(qkv, cos, sin, q_weight, k_weight, eps, B, T, HQ, HKV, D):
+    """q, k, v as ``[B, H, T, D]`` views of token-major (``[B, T, H, D]``) storage, like the kernel's."""
     x = qkv.view(B, T, HQ + 2 * HKV, D)
-    q = rmsnorm(x[:, :, :HQ], q_weight, eps).transpose(1, 2)
-    k = rmsnorm(x[:, :, HQ:HQ + HKV], k_weight, eps).transpose(1, 2)
-    v = x[:, :, HQ + HKV:].transpose(1, 2).contiguous()
-    c = cos.view(B, 1, T, D)
-    s = sin.view(B, 1, T, D)
+    q = rmsnorm(x[:, :, :HQ], q_weight, eps)
+    k = rmsnorm(x[:, :, HQ:HQ + HKV], k_weight, eps)
+    v = x[:, :, HQ + HKV:].contiguous()
+    c = cos.view(B, T, 1, D)
+    s = sin.view(B, T, 1, D)
     q = (q * c) + (_rotate_half(q) * s)
     k = (k * c) + (_rotate_half(k) * s)
-    return q.contiguous(), k.contiguous(), v
+    return q.contiguous().transpose(1, 2), k.contiguous().transpose(1, 2), v.transpose(1, 2)
 
 
 def attention_mask_4d(key_mask, T, device):

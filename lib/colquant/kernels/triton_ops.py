@@ -8,7 +8,7 @@ GPU checks compare them.
 * ``add_rmsnorm``: ``r = x + d`` (optional) and ``y = rmsnorm(r) * w`` in one pass.
 * ``silu_mul``: ``silu(gate) * up``.
 * ``qk_norm_rope``: per-head RMSNorm of q and k, rotary embedding, and the split of the fused qkv
-  rows into ``[B, H, T, D]`` q/k/v for SDPA (long sequences).
+  rows into ``[B, H, T, D]`` q/k/v views of token-major storage for SDPA (long sequences).
 * ``short_attention``: for sequences of at most 128 tokens, everything between the qkv GEMM and
   o_proj in one kernel: q/k RMSNorm, rotary embedding, causal + padding mask, softmax, P @ V,
   written straight in o_proj's input layout; a program serves a kv head's query heads together
@@ -142,12 +142,10 @@ def _load_norm_rope(heads, w_ptr, mask, c1, c2, s1, s2, eps, D: tl.constexpr, DT
 
 @triton.jit
 def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr,
-                         T, eps, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         eps, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                          HP: tl.constexpr):
-    """One program per token: q/k heads normed + roped, q/k/v scattered to [B, H, T, D]."""
+    """One program per token: q/k heads normed + roped, q/k/v written token-major ([B, T, H, D])."""
     tok = tl.program_id(0).to(tl.int64)
-    b = tok // T
-    t = tok % T
     HALF: tl.constexpr = D // 2
     ROW: tl.constexpr = (HQ + 2 * HKV) * D
     h = tl.arange(0, HP)
@@ -161,27 +159,29 @@ def _qk_norm_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr
     # queries
     mq = (h < HQ)[:, None]
     o1, o2 = _load_norm_rope(base + h[:, None] * D, qw_ptr, mq, c1, c2, s1, s2, eps, D, DT)
-    _store_halves(q_ptr + ((b * HQ + h[:, None]) * T + t) * D, o1, o2, mq, D)
+    _store_halves(q_ptr + (tok * HQ + h[:, None]) * D, o1, o2, mq, D)
     # keys
     mk = (h < HKV)[:, None]
     o1, o2 = _load_norm_rope(base + (HQ + h[:, None]) * D, kw_ptr, mk, c1, c2, s1, s2, eps, D, DT)
-    _store_halves(k_ptr + ((b * HKV + h[:, None]) * T + t) * D, o1, o2, mk, D)
+    _store_halves(k_ptr + (tok * HKV + h[:, None]) * D, o1, o2, mk, D)
     # values (copy)
     vb = base + (HQ + HKV) * D
     dd = tl.arange(0, D)
     v = tl.load(vb + h[:, None] * D + dd[None, :], mask=mk, other=0.0)
-    tl.store(v_ptr + ((b * HKV + h[:, None]) * T + t) * D + dd[None, :], v, mask=mk)
+    tl.store(v_ptr + (tok * HKV + h[:, None]) * D + dd[None, :], v, mask=mk)
 
 
 def qk_norm_rope(qkv, cos, sin, q_weight, k_weight, eps, B, T, HQ, HKV, D):
-    """``qkv [B*T, (HQ+2HKV)*D]`` -> q ``[B,HQ,T,D]``, k, v ``[B,HKV,T,D]`` (normed, roped)."""
-    q = torch.empty((B, HQ, T, D), device=qkv.device, dtype=qkv.dtype)
-    k = torch.empty((B, HKV, T, D), device=qkv.device, dtype=qkv.dtype)
-    v = torch.empty((B, HKV, T, D), device=qkv.device, dtype=qkv.dtype)
+    """``qkv [B*T, (HQ+2HKV)*D]`` -> q ``[B,HQ,T,D]``, k, v ``[B,HKV,T,D]`` (normed, roped), stored
+    token-major (``[B,T,H,D]`` in memory, returned as transposed views): SDPA reads any strides,
+    and its output then comes out token-major too, so o_proj's input is a view, not a copy."""
+    q = torch.empty((B, T, HQ, D), device=qkv.device, dtype=qkv.dtype)
+    k = torch.empty((B, T, HKV, D), device=qkv.device, dtype=qkv.dtype)
+    v = torch.empty((B, T, HKV, D), device=qkv.device, dtype=qkv.dtype)
     HP = triton.next_power_of_2(max(HQ, HKV))
-    _qk_norm_rope_kernel[(B * T,)](qkv, cos, sin, q_weight, k_weight, q, k, v, T, eps,
+    _qk_norm_rope_kernel[(B * T,)](qkv, cos, sin, q_weight, k_weight, q, k, v, eps,
                                    HQ=HQ, HKV=HKV, D=D, HP=HP, num_warps=8)
-    return q, k, v
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 @triton.jit
