@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from colquant.fp8 import FP8_DTYPE, FP8_MAX, SCALE_FLOOR
-from colquant.kernels.fp8_ops import _round_to_e4m3_grid
+from colquant.fp8 import FP8_DTYPE
+from colquant.kernels.fp8_ops import _common_args, _store_quantized
 
 __all__ = ["add_layernorm", "add_layernorm_quant"]
 
@@ -62,16 +62,14 @@ def _add_layernorm_kernel(x_ptr, d_ptr, w_ptr, b_ptr, r_ptr, y_ptr, N, eps, HAS_
 
 @triton.jit
 def _add_layernorm_quant_kernel(x_ptr, d_ptr, w_ptr, b_ptr, r_ptr, q_ptr, s_ptr, N, eps, HAS_BIAS: tl.constexpr,
-                                BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr):
+                                BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr,
+                                EMULATE_ROUNDING: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     y = _add_layernorm_rows(x_ptr, d_ptr, w_ptr, b_ptr, r_ptr, row, offs, mask, N, eps, HAS_BIAS)
-    scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0) / FP8_MAX_C, FLOOR)
-    # correctly rounded division, as the torch twin divides (Triton's `/` on fp32 is approximate)
-    q = _round_to_e4m3_grid(tl.clamp(tl.math.div_rn(y, scale), -FP8_MAX_C, FP8_MAX_C))
-    tl.store(q_ptr + row * N + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row, scale)
+    # the text tower's producers' quantized store: same scale and rounding as the torch twin
+    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR, EMULATE_ROUNDING)
 
 
 def _checked(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
@@ -112,6 +110,5 @@ def add_layernorm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         _add_layernorm_quant_kernel[(m,)](x, delta, weight, bias if bias is not None else weight, r, q, s, n, eps,
-                                          HAS_BIAS=bias is not None, FP8_MAX_C=FP8_MAX, FLOOR=SCALE_FLOOR,
-                                          **_launch(n))
+                                          HAS_BIAS=bias is not None, **_common_args(), **_launch(n))
     return r, q, s
