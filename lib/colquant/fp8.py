@@ -93,13 +93,6 @@ def silu_mul_quant_reference(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch
     return quantize_rows_reference(silu_mul_reference(gate_up))
 
 
-def layernorm_quant_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fp8_ops.layernorm_quant`'s twin: LayerNorm(x) (in the activation dtype, as nn.LayerNorm gives
-    it) quantized per row."""
-    return quantize_rows_reference(nn.functional.layer_norm(x, weight.shape, weight, bias, eps))
-
-
 def gelu_tanh_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`fp8_ops.gelu_tanh_quant`'s twin: tanh-approximated GELU (in the activation dtype) quantized per row."""
     return quantize_rows_reference(nn.functional.gelu(x, approximate="tanh"))
@@ -112,7 +105,6 @@ class ReferenceProducers:
     quantize_rows = staticmethod(quantize_rows_reference)
     add_rmsnorm_quant = staticmethod(add_rmsnorm_quant_reference)
     silu_mul_quant = staticmethod(silu_mul_quant_reference)
-    layernorm_quant = staticmethod(layernorm_quant_reference)
     gelu_tanh_quant = staticmethod(gelu_tanh_quant_reference)
 
 

@@ -10,7 +10,6 @@ FP8 rows plus one fp32 scale per row:
 * :func:`add_rmsnorm_quant`: residual add + RMSNorm + quantization (the producer of the q/k/v and
   gate/up inputs in the text tower);
 * :func:`silu_mul_quant`: silu(gate) * up + quantization (the producer of the down projection's input);
-* :func:`layernorm_quant`: LayerNorm + quantization (the vision blocks' qkv and fc1 inputs);
 * :func:`gelu_tanh_quant`: tanh-GELU + quantization (the vision MLP's fc2 input).
 
 The fused towers call them through :func:`colquant.fp8.producers` where the next layer is an
@@ -36,7 +35,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from colquant.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
 
-__all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "layernorm_quant", "gelu_tanh_quant", "scaled_mm",
+__all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "gelu_tanh_quant", "scaled_mm",
            "gemm_comparison", "lm_shapes", "vision_shapes"]
 
 
@@ -233,24 +232,6 @@ def _silu_mul_quant_kernel(gu_ptr, q_ptr, s_ptr, N, S0: tl.constexpr, S1: tl.con
 
 
 @triton.jit
-def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, N, eps, HAS_BIAS: tl.constexpr,
-                            BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr, FLOOR: tl.constexpr,
-                            EMULATE_ROUNDING: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    centred = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, axis=0) / N + eps)
-    y = centred * rstd * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        y = y + tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # nn.LayerNorm's output is in the activation dtype
-    _store_quantized(y, q_ptr, s_ptr, row, offs, mask, N, FP8_MAX_C, FLOOR, EMULATE_ROUNDING)
-
-
-@triton.jit
 def _gelu_tanh_quant_kernel(x_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr, FP8_MAX_C: tl.constexpr,
                             FLOOR: tl.constexpr, EMULATE_ROUNDING: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -342,19 +323,6 @@ def silu_mul_quant(gate_up: torch.Tensor, *, num_warps: int | None = None) -> tu
     q, s = _outputs(m, n, gate_up.device)
     if m:
         _silu_mul_quant_kernel[(m,)](gate_up, q, s, n, **_segment_args(n, num_warps))
-    return q, s
-
-
-def layernorm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, *,
-                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm(x) * weight + bias, rounded to the activation dtype, quantized per row (the vision
-    blocks' producer of their qkv and fc1 inputs): (e4m3 rows, fp32 scales)."""
-    x = x.contiguous()
-    m, n = x.shape
-    q, s = _outputs(m, n, x.device)
-    if m:
-        _layernorm_quant_kernel[(m,)](x, weight, bias if bias is not None else weight, q, s, n, eps,
-                                      HAS_BIAS=bias is not None, **_launch_args(n, num_warps))
     return q, s
 
 

@@ -9,7 +9,7 @@ both the new residual ``x + delta`` and LayerNorm of it:
 
 * :func:`add_layernorm`: ``(x + delta, LayerNorm(x + delta))`` for a 16-bit consumer;
 * :func:`add_layernorm_quant`: the same with the normed rows quantized to e4m3 per row (one fp32 scale
-  a row) for an FP8 consumer (fp8-all), replacing the separate add and ``layernorm_quant``.
+  a row) for an FP8 consumer (fp8-all), replacing the separate residual add and LayerNorm.
 
 Rounding as transformers' eager tower: the residual is rounded to the activation dtype (``x + delta``
 in bf16), the LayerNorm statistics and affine map are computed in float32 from that rounded residual and
