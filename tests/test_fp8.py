@@ -322,3 +322,80 @@ def test_notebook_03s_layer_check_names_the_fp8_layers(fp8_variant):
     said = interpret.layer_check({"fp8-all": layer_types(model)})
     expected = sum(isinstance(m, FP8Linear) for m in model.modules())
     assert f"{expected:,} FP8 (e4m3) layers, in " in said and "vision" in said and "4-bit" not in said
+
+
+# --------------------------------------------------------------------------------------------
+# accumulation (fast, as vLLM's Hopper FP8 GEMMs; or precise)
+
+
+class RecordingKernels:
+    """Stands in for fp8_ops on CPU: the reference arithmetic, recording how each GEMM was asked to accumulate."""
+
+    def __init__(self) -> None:
+        self.fast_accum: list[bool] = []
+
+    def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rows_reference(x)
+
+    def scaled_mm(self, q, scale, weight, weight_scale, bias, out_dtype, *, fast_accum: bool = False) -> torch.Tensor:
+        self.fast_accum.append(fast_accum)
+        y = fp8.dequantize(q, scale) @ fp8.dequantize(weight, weight_scale).t()
+        return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
+def test_fp8_gemms_accumulate_fast_by_default_and_precisely_when_asked(monkeypatch):
+    kernels = RecordingKernels()
+    monkeypatch.setattr(fp8, "_kernels_run_on", lambda device: True)
+    monkeypatch.setattr(fp8, "_fp8_ops", lambda: kernels)
+    model = nn.Sequential(FP8Linear.from_linear(make_linear(64, 32)), FP8Linear.from_linear(make_linear(32, 16)))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    model(x)
+    model[1](quantize_rows_reference(torch.randn(3, 32, dtype=torch.bfloat16)))  # a producer's pre-quantized rows
+    assert kernels.fast_accum == [True, True, True]
+    assert fp8.set_accumulation(model, "precise") == 2
+    model(x)
+    assert kernels.fast_accum[3:] == [False, False]
+    assert "accumulation=precise" in repr(model[0])
+    fused = FP8Linear.concat([model[0], FP8Linear.from_linear(make_linear(64, 16))])
+    assert fused.accumulation == "precise"  # a fused layer accumulates as the layers it replaces
+
+
+def test_a_bad_accumulation_or_a_model_without_fp8_layers_is_refused():
+    model = nn.Sequential(FP8Linear.from_linear(make_linear(64, 32)))
+    with pytest.raises(ValueError, match="'fastest' is not one of 'fast', 'precise'"):
+        fp8.set_accumulation(model, "fastest")
+    with pytest.raises(ValueError, match="has no FP8 layers.*load an FP8 variant"):
+        fp8.set_accumulation(nn.Sequential(make_linear(64, 32)), "precise")
+
+
+def test_load_sets_the_fp8_accumulation_and_refuses_it_for_other_checkpoints(fp8_variant, tiny_path, monkeypatch):
+    model, _ = colquant.load(fp8_variant, device="cpu", fp8_accumulation="precise")
+    assert {m.accumulation for m in model.modules() if isinstance(m, FP8Linear)} == {"precise"}
+    model, _ = colquant.load(fp8_variant, device="cpu")
+    assert {m.accumulation for m in model.modules() if isinstance(m, FP8Linear)} == {fp8.DEFAULT_ACCUMULATION}
+    from colquant.model import ColQwen3
+
+    monkeypatch.setattr(ColQwen3, "from_pretrained", None)  # refused before any weight is read
+    with pytest.raises(ValueError, match="applies to FP8 variants only"):
+        colquant.load(tiny_path, device="cpu", fp8_accumulation="fast")
+    with pytest.raises(ValueError, match="'exact' is not one of"):
+        colquant.load(fp8_variant, device="cpu", fp8_accumulation="exact")
+
+
+def test_the_bench_times_each_fp8_variant_with_both_accumulations():
+    from colquant import bench
+
+    for variant in ("fp8-lm", "fp8-all"):
+        assert bench.PREPARE[variant].keywords.get("accumulation", fp8.DEFAULT_ACCUMULATION) == "fast"
+        assert bench.PREPARE[f"{variant}-precise"].keywords["accumulation"] == "precise"
+
+
+def test_changing_the_accumulation_drops_captured_query_graphs():
+    """Graphs replay the GEMMs captured with the old accumulation: set_accumulation frees them."""
+    from types import SimpleNamespace
+
+    resets = []
+    model = nn.Sequential(FP8Linear.from_linear(make_linear(64, 32)))
+    model._colquant_accel = SimpleNamespace(runner=SimpleNamespace(reset=lambda: resets.append(1)))
+    fp8.set_accumulation(model, "precise")
+    assert resets == [1]

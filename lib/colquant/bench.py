@@ -75,6 +75,9 @@ PREPARE: dict[str, Callable[[nn.Module, dict], dict]] = {
     "bf16-eager": prepare_eager, "bf16": prepare_bf16, "w4a16": prepare_w4a16,
     "w4a16-memory": prepare_w4a16_memory_first,
     "fp8-lm": partial(fp8.prepare_fp8, scope="lm"), "fp8-all": partial(fp8.prepare_fp8, scope="lm+vision"),
+    # the FP8 variants with fp32-promoted accumulation, beside the default fast one (fp8.ACCUMULATIONS)
+    "fp8-lm-precise": partial(fp8.prepare_fp8, scope="lm", accumulation="precise"),
+    "fp8-all-precise": partial(fp8.prepare_fp8, scope="lm+vision", accumulation="precise"),
 }
 
 

@@ -292,6 +292,7 @@ def load(
     accelerate: bool | None = None,
     bf16_copy: bool | None = None,
     embeddings: str = "bf16",
+    fp8_accumulation: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load (model, processor) in eval mode, on the GPU when one is present (`device="auto"`).
 
@@ -313,6 +314,10 @@ def load(
     most absmax(row)/254 per value; the memory-first setting together with `bf16_copy=False`. The
     default `"bf16"` keeps the table as loaded.
 
+    `fp8_accumulation` (FP8 variants only): how the FP8 GEMMs accumulate on Hopper-class GPUs,
+    `"fast"` (the default: as vLLM serves FP8 checkpoints) or `"precise"` (fp32 promotion, slower);
+    `fp8.set_accumulation` changes it on a loaded model.
+
     `max_num_visual_tokens` (visual tokens per page) defaults to what the checkpoint saved in
     `colquant_processor.json`, else the reference's 1280.
     """
@@ -325,8 +330,11 @@ def load(
         _store_embeddings(model, embeddings)
         return model, processor
     config = verify_checkpoint(path)
-    if fp8.is_fp8_config(config.get("quantization_config")):
+    is_fp8 = fp8.is_fp8_config(config.get("quantization_config"))
+    _check_fp8_accumulation(fp8_accumulation, is_fp8, path)
+    if is_fp8:
         model = fp8.load_model(path, torch_dtype, device)  # W8A8 FP8 (compressed-tensors layout)
+        fp8.set_accumulation(model, fp8_accumulation or fp8.DEFAULT_ACCUMULATION)
     else:
         # Loading straight onto the GPU lets transformers' auto-round integration pick a CUDA kernel.
         device_map = str(device) if device.type == "cuda" else None
@@ -363,6 +371,16 @@ def _check_embeddings(embeddings: str) -> None:
     if embeddings not in EMBEDDINGS:
         raise ValueError(f"embeddings={embeddings!r} is not a token-embedding storage; use one of "
                          f"{', '.join(map(repr, EMBEDDINGS))} ('int8': one scale per vocabulary row, half the memory)")
+
+
+def _check_fp8_accumulation(accumulation: str | None, is_fp8: bool, path: Path) -> None:
+    """Before the weights load: a bad value, or one given for a checkpoint without FP8 layers."""
+    if accumulation is None:
+        return
+    fp8.check_accumulation(accumulation)
+    if not is_fp8:
+        raise ValueError(f"fp8_accumulation={accumulation!r} applies to FP8 variants only, and {path} is not one "
+                         "(its config has no compressed-tensors float-quantized quantization_config): leave it unset")
 
 
 def _store_embeddings(model: torch.nn.Module, embeddings: str) -> None:

@@ -8,7 +8,8 @@ per output channel / 448) and activation scales are computed per token at run ti
 
 `FP8Linear` runs, on CUDA GPUs of compute capability 8.9 or more with Triton, a fused Triton kernel
 that quantizes each activation row in one pass (:mod:`colquant.kernels.fp8_ops`) and
-`torch._scaled_mm` with rowwise scales (bf16 out). Elsewhere (CPU, older GPUs) it runs the same
+`torch._scaled_mm` with rowwise scales (bf16 out), accumulating as vLLM's Hopper FP8 GEMMs do
+(`set_accumulation`: "fast", the default, or "precise"). Elsewhere (CPU, older GPUs) it runs the same
 arithmetic in PyTorch, a dequantized reference: activations quantized per token and dequantized,
 times the dequantized weight, in fp32, cast to the activation dtype. It logs once which path runs and
 why (naming the device and its compute capability).
@@ -39,6 +40,13 @@ VISION_TOWER = "vlm.model.visual."
 SCOPES: dict[str, tuple[str, ...]] = {"lm": (LANGUAGE_MODEL,), "lm+vision": (LANGUAGE_MODEL, VISION_TOWER)}
 VARIANTS: dict[str, tuple[str, str]] = {"lm": ("fp8-lm", "lm"), "all": ("fp8-all", "lm+vision")}  # kind -> (name, scope)
 METHOD = "fp8-dynamic"
+# How the FP8 tensor cores accumulate (`torch._scaled_mm(use_fast_accum=...)`). "fast": Hopper's
+# native FP8 accumulation, promoted to fp32 less often. It is what vLLM's sm90 FP8 GEMMs use
+# (CUTLASS `...FP8FastAccum` schedules, csrc/quantization/cutlass_w8a8/c3x/scaled_mm_sm90_fp8_dispatch.cuh),
+# i.e. how a served FP8 checkpoint computes, and 1.03-1.30x faster per GEMM on the H200
+# (benchmarks/results/s5-check-h200-gemm.md). "precise": fp32 promotion as cuBLASLt's default.
+ACCUMULATIONS = ("fast", "precise")
+DEFAULT_ACCUMULATION = "fast"
 NO_CALIBRATION = "dynamic FP8 needs no calibration: weight scales from the weights, activation scales per token at run time"
 
 
@@ -185,6 +193,7 @@ class FP8Linear(nn.Module):
             self.bias = None
         # cuBLASLt's FP8 GEMM needs both widths to be multiples of 16
         self.gemm_shape_ok = in_features % 16 == 0 and out_features % 16 == 0
+        self.accumulation = DEFAULT_ACCUMULATION  # a runtime choice (`set_accumulation`), not saved
 
     @classmethod
     @torch.no_grad()
@@ -207,6 +216,7 @@ class FP8Linear(nn.Module):
         first = parts[0]
         has_bias = any(part.bias is not None for part in parts)
         fused = cls(k, sum(p.out_features for p in parts), has_bias, dtype=first.dtype, device="meta")
+        fused.accumulation = first.accumulation
         fused.weight = torch.cat([p.weight for p in parts])
         fused.weight_scale = torch.cat([p.weight_scale for p in parts])
         if has_bias:
@@ -219,20 +229,23 @@ class FP8Linear(nn.Module):
         return dequantize(self.weight, self.weight_scale)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, e4m3"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"e4m3, accumulation={self.accumulation}")
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if isinstance(x, tuple):
             q, scale = x
             if self._fast(q, self.dtype):
-                return _fp8_ops().scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, self.dtype)
+                return _fp8_ops().scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, self.dtype,
+                                            fast_accum=self.accumulation == "fast")
             return self._reference(q, scale, self.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self._fast(x2, x.dtype):
             ops = _fp8_ops()
             q, scale = ops.quantize_rows(x2.contiguous())
-            y = ops.scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, x.dtype)
+            y = ops.scaled_mm(q, scale, self.weight, self.weight_scale, self.bias, x.dtype,
+                              fast_accum=self.accumulation == "fast")
         else:
             y = self._reference(*quantize_rows_reference(x2), x.dtype)
         return y.reshape(*lead, self.out_features)
@@ -263,6 +276,29 @@ class FP8Linear(nn.Module):
 # --------------------------------------------------------------------------------------------
 # quantizing a model
 # --------------------------------------------------------------------------------------------
+
+
+def check_accumulation(accumulation: str) -> None:
+    if accumulation not in ACCUMULATIONS:
+        raise ValueError(f"FP8 accumulation {accumulation!r} is not one of {', '.join(map(repr, ACCUMULATIONS))} "
+                         "('fast': as vLLM's Hopper FP8 GEMMs, the default; 'precise': fp32 promotion)")
+
+
+def set_accumulation(model: nn.Module, accumulation: str) -> int:
+    """Make every FP8Linear of ``model`` accumulate ``accumulation``-ly on the FP8 kernels; returns how
+    many. The CPU reference path computes in fp32 either way. Captured query graphs replay the
+    GEMMs they captured, so they are dropped (re-captured at the next query)."""
+    check_accumulation(accumulation)
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no FP8 layers, so FP8 accumulation does not apply: "
+                         "load an FP8 variant (fp8-lm, fp8-all)")
+    for layer in layers:
+        layer.accumulation = accumulation
+    from colquant.kernels import reset_graphs
+
+    reset_graphs(model)
+    return len(layers)
 
 
 def fp8_targets(model: nn.Module, scope: str) -> list[str]:
@@ -308,14 +344,17 @@ def fuse_text_projections(model: nn.Module) -> int:
 
 
 def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scope: str = "lm",
-                accelerate: bool = True) -> dict[str, Any]:
+                accelerate: bool = True, accumulation: str = DEFAULT_ACCUMULATION) -> dict[str, Any]:
     """The bench's FP8 precision (its `PREPARE` signature: model, profile -> info): quantize ``scope``
-    of a loaded BF16 model in place and, where ``accelerate``, fuse the FP8 projections and install the
-    fused text tower (CUDA graphs for queries) and, on CUDA, the fast vision tower (whose GEMMs call
-    the FP8 vision layers in fp8-all). Wire as ``functools.partial(prepare_fp8, scope="lm+vision")``
-    for fp8-all."""
+    of a loaded BF16 model in place, its GEMMs accumulating ``accumulation``-ly, and, where
+    ``accelerate``, fuse the FP8 projections and install the fused text tower (CUDA graphs for
+    queries) and, on CUDA, the fast vision tower (whose GEMMs call the FP8 vision layers in fp8-all).
+    Wire as ``functools.partial(prepare_fp8, scope="lm+vision")`` for fp8-all."""
+    check_accumulation(accumulation)
     names = quantize_fp8(model, scope)
-    info: dict[str, Any] = dict(scope=scope, fp8_layers=len(names), calibration=NO_CALIBRATION)
+    set_accumulation(model, accumulation)
+    info: dict[str, Any] = dict(scope=scope, fp8_layers=len(names), calibration=NO_CALIBRATION,
+                                accumulation=accumulation)
     if accelerate:
         from colquant.kernels import accelerate_model
 

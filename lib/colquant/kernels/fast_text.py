@@ -521,8 +521,9 @@ def _accelerate_vision_tower(model: nn.Module) -> dict | None:
 
 
 def reset_graphs(model: nn.Module) -> None:
-    """Free the captured query graphs (e.g. between benchmark settings)."""
-    tm = find_text_model(model)
-    state = getattr(tm, "_colquant_accel", None)
-    if state is not None and state.runner is not None:
-        state.runner.reset()
+    """Free the captured query graphs (between benchmark settings, or when the layers they replay
+    change: `fp8.set_accumulation`); a model without an accelerated text tower has none."""
+    for module in model.modules():
+        state = getattr(module, "_colquant_accel", None)
+        if state is not None and state.runner is not None:
+            state.runner.reset()

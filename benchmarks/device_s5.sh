@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# H200 runs on merged main (session 5, issue 14). Steps, named as arguments (default: all):
+#   tests      the CUDA tests of the kernels changed this session
+#   breakdown  where a batch's GPU time goes (kernel_breakdown.py, BF16 and fp8-all)
+#   gemm       BF16 vs FP8 GEMMs (precise and fast accumulation) at queries' and pages' token counts
+#   producers  the FP8 producers, main's before this session vs now (needs .dev-old/old_fp8_ops.py)
+#   bench      `colquant bench`: queries and pages, BF16 / fp8-lm / fp8-all
+# The default path: no environment variable, no optional kernel package (only pydantic is installed:
+# the GPU image lacks it; carry its wheels in .whl/). Output in $OUT.
+# Usage, from the repository root: bash benchmarks/device_s5.sh [step ...]
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+log="$out/run.log"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -3 | tee -a "$log"
+export PYTHONPATH=/tmp/site:$PWD/lib
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee -a "$log"
+
+tests() {
+  timeout 200 python3 -m pytest --noconftest tests/kernels/test_triton_ops.py tests/test_fp8_ops.py \
+    tests/kernels/test_vision_ops.py tests/kernels/test_page_attention.py tests/kernels/test_fast_text_fp8.py \
+    tests/kernels/test_query_graphs.py tests/test_fast_vision.py -q -rs -p no:cacheprovider 2>&1 | tail -15
+}
+breakdown() {
+  (cd benchmarks && timeout 150 python3 kernel_breakdown.py --out "$out" --precisions bf16,fp8-all) \
+    > "$out/kernel-breakdown.log" 2>&1; echo "exit $?" >> "$out/kernel-breakdown.log"
+  tail -7 "$out/kernel-breakdown.log"
+}
+gemm() {
+  timeout 150 python3 - "$out/gemm.json" <<'PY'
+import json, sys
+import torch
+from colquant.kernels import fp8_ops
+from colquant.model import ColQwen3Config
+torch.backends.cuda.matmul.allow_tf32 = False
+config = ColQwen3Config.colqwen3_4b()
+shapes = fp8_ops.lm_shapes(config.text_config, (42, 20944, 43008)) + fp8_ops.vision_shapes(config.vision_config, (81920,))
+rows = fp8_ops.gemm_comparison(shapes)
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+print("| tower | layer | M | bf16 us | fp8 us | fp8 fast-accum us | bf16 TFLOP/s | fp8 TFLOP/s | fast/precise |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['tower']} | {r['layer']} | {r['M']} | {r['bf16_us']:.1f} | {r['fp8_gemm_us']:.1f} | {r['fp8_gemm_fast_accum_us']:.1f} | "
+          f"{r['bf16_tflops']:.0f} | {r['fp8_gemm_tflops']:.0f} | {r['fp8_gemm_us'] / r['fp8_gemm_fast_accum_us']:.2f} |")
+PY
+}
+producers() {
+  timeout 150 python3 benchmarks/producer_bench.py --old .dev-old/old_fp8_ops.py --out "$out/producers.json" 2>&1 | tail -14
+}
+bench() {
+  python3 - <<'PY'
+import yaml
+p = yaml.safe_load(open("params/synthetic-4b.yaml"))
+p["bench"].update(end_to_end_batches=0, reps=5)
+yaml.safe_dump(p, open("/tmp/s5.yaml", "w"))
+PY
+  timeout 280 python3 -m colquant bench --profile /tmp/s5.yaml --precisions bf16,fp8-lm,fp8-all \
+    --query-batches 1,8,64,1024 --page-batches 16 --vision fast --no-kernel-checks \
+    --out "$out/bench.json" > "$out/bench.log" 2>&1; echo "exit $?" >> "$out/bench.log"
+  grep -E "ms .* /s" "$out/bench.log" | tail -16
+}
+for step in "${@:-tests breakdown gemm producers bench}"; do
+  for s in $step; do echo "== $s" | tee -a "$log"; "$s" 2>&1 | tee -a "$log"; done
+done
+exit 0
