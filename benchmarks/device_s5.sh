@@ -4,7 +4,8 @@
 #   breakdown  where a batch's GPU time goes (kernel_breakdown.py, BF16 and fp8-all)
 #   gemm       BF16 vs FP8 GEMMs (precise and fast accumulation) at queries' and pages' token counts
 #   producers  the FP8 producers, main's before this session vs now (needs .dev-old/old_fp8_ops.py)
-#   bench      `colquant bench`: queries and pages, BF16 / fp8-lm / fp8-all
+#   bench      `colquant bench`: queries and pages, BF16 and the FP8 variants, each FP8 one with fast
+#              (the default) and precise accumulation
 # The default path: no environment variable, no optional kernel package (only pydantic is installed:
 # the GPU image lacks it; carry its wheels in .whl/). Output in $OUT.
 # Usage, from the repository root: bash benchmarks/device_s5.sh [step ...]
@@ -57,10 +58,11 @@ p = yaml.safe_load(open("params/synthetic-4b.yaml"))
 p["bench"].update(end_to_end_batches=0, reps=5)
 yaml.safe_dump(p, open("/tmp/s5.yaml", "w"))
 PY
-  timeout 280 python3 -m colquant bench --profile /tmp/s5.yaml --precisions bf16,fp8-lm,fp8-all \
-    --query-batches 1,8,64,1024 --page-batches 16 --vision fast --no-kernel-checks \
+  timeout 420 python3 -m colquant bench --profile /tmp/s5.yaml \
+    --precisions bf16,fp8-lm,fp8-lm-precise,fp8-all,fp8-all-precise \
+    --query-batches 1,64,1024 --page-batches 16 --vision fast --no-kernel-checks \
     --out "$out/bench.json" > "$out/bench.log" 2>&1; echo "exit $?" >> "$out/bench.log"
-  grep -E "ms .* /s" "$out/bench.log" | tail -16
+  grep -E "ms .* /s" "$out/bench.log" | tail -20
 }
 for step in "${@:-tests breakdown gemm producers bench}"; do
   for s in $step; do echo "== $s" | tee -a "$log"; "$s" 2>&1 | tee -a "$log"; done
