@@ -96,10 +96,10 @@ def prepare(model: torch.nn.Module, precision: str, vision_sdpa: tuple[str, ...]
     accelerate_vision(model, VisionSettings(sdpa_backends=vision_sdpa))
 
 
-def run(profile_name: str, precisions: list[str], query_batch: int, page_batch: int, calls: int,
-        vision_sdpa: tuple[str, ...] | None = None) -> list[dict]:
-    """Each precision on a fresh random model: `query_batch` queries (none when 0), `page_batch` pages."""
-    device = torch.device("cuda")
+def page_and_query_work(profile_name: str, query_batch: int, page_batch: int, device: torch.device
+                        ) -> dict[str, tuple[dict, int]]:
+    """{"query": (inputs, items), "page": (inputs, items)} made by the model's processor, as the bench
+    makes them (no queries when `query_batch` is 0)."""
     profile_ = load_profile(workspace.REPO_ROOT / "params" / f"{profile_name}.yaml", check_device=False)
     settings = profile_["bench"]
     processor = ColQwen3Processor(build_tokenizer(), max_num_visual_tokens=profile_["model"]["max_num_visual_tokens"])
@@ -107,6 +107,14 @@ def run(profile_name: str, precisions: list[str], query_batch: int, page_batch: 
     if query_batch:
         texts = bench.query_texts(processor.tokenizer, query_batch, settings["query_tokens"])
         work = {"query": (processor.process_queries(texts).to(device), query_batch)} | work
+    return work
+
+
+def run(profile_name: str, precisions: list[str], query_batch: int, page_batch: int, calls: int,
+        vision_sdpa: tuple[str, ...] | None = None) -> list[dict]:
+    """Each precision on a fresh random model: `query_batch` queries (none when 0), `page_batch` pages."""
+    device = torch.device("cuda")
+    work = page_and_query_work(profile_name, query_batch, page_batch, device)
     rows = []
     for precision in precisions:
         rows += profile_precision(build_model(profile_name, device), precision, work, calls, vision_sdpa)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from colquant.model import ColQwen3, ColQwen3Config, parameter_count
+from colquant.model import ColQwen3, ColQwen3Config, image_rope_positions, parameter_count
 
 
 def test_tiny_embeddings_are_unit_norm_with_exact_zero_padding(tiny_model):
@@ -74,3 +74,57 @@ def test_near_zero_projections_are_floored_at_the_dtypes_eps_as_in_the_reference
     norms = embeddings.float().norm(dim=-1)[batch["attention_mask"].bool()]
     expected = float(torch.tensor(1e-3, dtype=embeddings.dtype)) / torch.finfo(embeddings.dtype).eps
     assert torch.allclose(norms, torch.full_like(norms, expected), rtol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# multimodal RoPE positions without host reads
+
+
+def rope_index(model: ColQwen3, input_ids, attention_mask, grid):
+    """transformers' own positions for the batch (the reference)."""
+    types = (input_ids == model.config.image_token_id).to(torch.int32)
+    return model.vlm.model.get_rope_index(input_ids, types, image_grid_thw=grid, attention_mask=attention_mask)[0]
+
+
+def ours(model: ColQwen3, input_ids, attention_mask, grid):
+    types = (input_ids == model.config.image_token_id).to(torch.int32)
+    return image_rope_positions(types, attention_mask, grid, model.config.vision_config.spatial_merge_size)
+
+
+def test_page_positions_equal_transformers_rope_index_for_left_and_right_padding(tiny_model):
+    model, processor = tiny_model
+    pages = [Image.new("RGB", size, "white") for size in ((256, 320), (448, 576), (320, 256), (64, 64))]
+    batch = processor.process_images(pages)
+    ids, mask, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    assert not mask.all()  # pages of different sizes: left padding
+    assert torch.equal(ours(model, ids, mask, grid), rope_index(model, ids, mask, grid))
+    lengths = mask.sum(1)
+    right_ids, right_mask = torch.full_like(ids, 0), torch.zeros_like(mask)
+    for row, n in enumerate(lengths.tolist()):  # the same rows padded on the right
+        right_ids[row, :n], right_mask[row, :n] = ids[row, mask[row].bool()], 1
+    assert torch.equal(ours(model, right_ids, right_mask, grid), rope_index(model, right_ids, right_mask, grid))
+
+
+def test_positions_of_several_images_a_row_frames_and_text_only_rows_equal_transformers(tiny_model):
+    model, _ = tiny_model
+    img, merge = model.config.image_token_id, model.config.vision_config.spatial_merge_size
+    grids = torch.tensor([[1, 2 * merge, 3 * merge], [2, merge, 2 * merge], [1, 4 * merge, merge]])
+    counts = [int(t * h * w) // merge**2 for t, h, w in grids.tolist()]
+    rows = [[5, 6] + [img] * counts[0] + [7] + [img] * counts[1] + [8, 9],  # two images, one of two frames
+            [5] * 7,  # text only
+            [0, 0] + [5] + [img] * counts[2] + [6]]  # padded on the left
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    mask[2, :2] = 0
+    assert torch.equal(ours(model, ids, mask, grids), rope_index(model, ids, mask, grids))
+
+
+def test_a_page_forward_reads_nothing_back_from_the_device_for_positions(tiny_model, monkeypatch):
+    """transformers' rope index reads the device per page; the model computes positions itself."""
+    model, processor = tiny_model
+    batch = processor.process_images([Image.new("RGB", (256, 320), "white"), Image.new("RGB", (64, 64), "gray")])
+    monkeypatch.setattr(type(model.vlm.model), "get_rope_index", None)  # would raise if called
+    with torch.no_grad():
+        embeddings = model(**batch).embeddings
+    assert torch.isfinite(embeddings).all()
