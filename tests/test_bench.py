@@ -68,6 +68,17 @@ def test_targets_read_the_rows():
     assert met["bf16_queries_per_s"] == dict(target=10.0, value=None, met=False)  # only an error row
 
 
+def test_fp8_targets_read_the_default_fp8_variants_not_the_precise_ones():
+    rows = [dict(precision="fp8-all", work="page", batch=16, items_per_s=48.0),
+            dict(precision="fp8-lm", work="page", batch=16, items_per_s=45.0),
+            dict(precision="fp8-all-precise", work="page", batch=16, items_per_s=80.0),
+            dict(precision="fp8-lm-precise", work="query", batch=1024, items_per_s=3300.0),
+            dict(precision="fp8-lm", work="query", batch=1024, items_per_s=3100.0)]
+    met = bench_report.targets_met(rows, {"fp8_pages_per_s": 75.0, "fp8_queries_per_s": 3200.0})
+    assert met["fp8_pages_per_s"] == dict(target=75.0, value=48.0, met=False)
+    assert met["fp8_queries_per_s"] == dict(target=3200.0, value=3100.0, met=False)
+
+
 def test_cli_overrides_the_profile(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(bench, "run_bench", lambda profile, out, device=None: seen.update(p=profile, o=out))
