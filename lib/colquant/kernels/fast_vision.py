@@ -11,8 +11,9 @@ runs the same function with:
 * per block: the residual add fused into the LayerNorm after it (one Triton kernel writes the sum and
   its LayerNorm: :mod:`.vision_ops`), the (already fused) qkv GEMM with its bias, one Triton kernel for the 2-D
   rotary embedding of q and k (float32 math, as transformers does), attention over the images of
-  the batch (images of equal patch count run as one batched SDPA call, i.e. flash attention; or
-  torch's varlen flash attention over the packed batch), the output GEMM, and the MLP's first GEMM
+  the batch (images of equal patch count run as one batched SDPA call, whose backend torch picks:
+  cuDNN on the H200, the fastest measured by benchmarks/attention_backends.py; or torch's varlen
+  flash attention over the packed batch), the output GEMM, and the MLP's first GEMM
   with bias and tanh-GELU fused into cuBLASLt's epilogue (`torch._addmm_activation`);
 * the patch merger and the deepstack mergers as in transformers.
 
