@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -91,10 +92,13 @@ def test_encoder_embeddings_equal_the_models_outputs(small_model, corpus_root):
     task.unload_data()
 
 
+@pytest.mark.parametrize(("batches_per_call", "on_model", "on_replica"), [(1, 2, 2), (3, 3, 1)])
 def test_pages_split_across_replicas_equal_one_models_and_every_replica_encodes(small_model, tiny_path,
-                                                                               corpus_root):
-    """Batch k goes to replica k mod n in its own thread (two CPU copies stand for two GPUs); the
-    result is the one-model result, in order."""
+                                                                               corpus_root, batches_per_call,
+                                                                               on_model, on_replica):
+    """Group k of `batches_per_call` mteb batches goes to replica k mod n in its own thread, through
+    that replica's own page pipeline (two CPU copies stand for two GPUs); the result is the
+    one-model result, in order."""
     model, processor = small_model
     replica, _ = colquant.load(tiny_path, max_num_visual_tokens=64)
     calls = {id(model): 0, id(replica): 0}
@@ -107,14 +111,18 @@ def test_pages_split_across_replicas_equal_one_models_and_every_replica_encodes(
     arguments = {"task_metadata": task.metadata, "hf_split": "test", "hf_subset": "default",
                  "prompt_type": PromptType.document}
     try:
-        alone = ColQuantEncoder(model, processor, "bf16", REV, replicas=()).encode(loader, **arguments)
+        with ColQuantEncoder(model, processor, "bf16", REV, replicas=()) as encoder:
+            alone = encoder.encode(loader, **arguments)
         assert calls == {id(model): 4, id(replica): 0}
-        split = ColQuantEncoder(model, processor, "bf16", REV, replicas=[replica]).encode(loader, **arguments)
+        with ColQuantEncoder(model, processor, "bf16", REV, replicas=[replica],
+                             batches_per_call=batches_per_call) as encoder:
+            split = encoder.encode(loader, **arguments)
+            assert set(encoder.pipelines) == {id(model), id(replica)}
     finally:
         for hook in hooks:
             hook.remove()
         task.unload_data()
-    assert calls == {id(model): 4 + 2, id(replica): 2}  # batches 0, 2 on the model; 1, 3 on the replica
+    assert calls == {id(model): 4 + on_model, id(replica): on_replica}
     assert torch.equal(alone, split)
 
 
@@ -240,6 +248,8 @@ class OracleProcessor:
     """Embeds each page as the one-hot vector of its index and each query as ±(one-hot of its
     relevant page): +1 ranks the relevant page first for every query, -1 ranks it last."""
 
+    tokenizer = SimpleNamespace(pad_token_id=0)  # what the encoder's page pipeline pads prompts with
+
     def __init__(self, corpus: Corpus, sign: float) -> None:
         self.sign = sign
         self.n_pages = len(corpus.pages)
@@ -249,7 +259,8 @@ class OracleProcessor:
 
     def _one_hot(self, indices: list[int], sign: float) -> BatchFeature:
         vectors = sign * torch.nn.functional.one_hot(torch.tensor(indices), self.n_pages).float()
-        return BatchFeature({"vectors": vectors[:, None, :], "attention_mask": torch.ones(len(indices), 1)})
+        ones = torch.ones(len(indices), 1, dtype=torch.long)  # one token per item, as a processor's prompt
+        return BatchFeature({"vectors": vectors[:, None, :], "input_ids": ones, "attention_mask": ones})
 
     def process_queries(self, texts: list[str]) -> BatchFeature:
         return self._one_hot([self.page_by_query[text] for text in texts], self.sign)
@@ -263,7 +274,7 @@ class PassThroughModel(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the encoder a device
 
-    def forward(self, vectors: torch.Tensor, attention_mask: torch.Tensor) -> BatchFeature:
+    def forward(self, vectors: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BatchFeature:
         return BatchFeature({"embeddings": vectors * attention_mask[..., None]})
 
 

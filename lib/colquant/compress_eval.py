@@ -138,9 +138,10 @@ def evaluate_setting(model: torch.nn.Module, processor: Any, variant_name: str, 
     bytes are written to `output_dir/index_stats/<model name>/<revision>.json` when measured and read from
     there when mteb answers from its cache.
     """
-    encoder = CompressedIndexEncoder(model, processor, variant_name, setting, revision, memo)
-    results = evaluate_variant(model, processor, index_variant_name(variant_name, setting), tasks, output_dir,
-                               revision=revision, scoring="exact", batch_size=batch_size, corpus_chunk_size=corpus_chunk_size, encoder=encoder)
+    with CompressedIndexEncoder(model, processor, variant_name, setting, revision, memo) as encoder:
+        results = evaluate_variant(model, processor, index_variant_name(variant_name, setting), tasks, output_dir,
+                                   revision=revision, scoring="exact", batch_size=batch_size,
+                                   corpus_chunk_size=corpus_chunk_size, encoder=encoder)
     stats = _stored_index_stats(
         Path(output_dir) / INDEX_STATS_DIR / index_variant_name(variant_name, setting) / f"{revision}.json",
         encoder.index_stats)

@@ -24,6 +24,7 @@ the key mteb stores results under.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -182,24 +183,27 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     which covers the scoring mode), never sees them. The corpus is encoded and scored
     `corpus_chunk_size` pages at a time, which bounds the memory held by page embeddings.
     `model_revision` (the hub commit of the base model) is recorded in every row. `encoder` replaces
-    the default `ColQuantEncoder`, e.g. with `colquant.compress_eval.CompressedIndexEncoder`, which
-    scores a compressed page index (its name carries the setting). `replicas` as in `ColQuantEncoder`:
+    the default `ColQuantEncoder` (and is the caller's to close), e.g. with
+    `colquant.compress_eval.CompressedIndexEncoder`, which scores a compressed page index (its name
+    carries the setting). `replicas` as in `ColQuantEncoder`:
     by default pages are encoded on every visible GPU, batch k on GPU k mod N.
     """
     tasks = list(tasks)
-    encoder = encoder or ColQuantEncoder(model, processor, variant_name, revision, scoring, replicas)
-    cache = mteb.ResultCache(output_dir)
-    _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
-    _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
-    result = mteb.evaluate(
-        SearchEncoderWrapper(encoder, corpus_chunk_size=corpus_chunk_size),
-        tasks,
-        encode_kwargs={"batch_size": batch_size},
-        cache=cache,
-        overwrite_strategy="only-missing",
-        co2_tracker=False,
-        raise_error=True,
-    )
+    # An encoder made here is closed here (its page workers stop); one passed in is the caller's.
+    with contextlib.nullcontext(encoder) if encoder is not None else ColQuantEncoder(
+            model, processor, variant_name, revision, scoring, replicas) as encoder:
+        cache = mteb.ResultCache(output_dir)
+        _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
+        _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
+        result = mteb.evaluate(
+            SearchEncoderWrapper(encoder, corpus_chunk_size=corpus_chunk_size),
+            tasks,
+            encode_kwargs={"batch_size": batch_size},
+            cache=cache,
+            overwrite_strategy="only-missing",
+            co2_tracker=False,
+            raise_error=True,
+        )
     main_scores = {task.metadata.name: task.metadata.main_score for task in tasks}
     return results_frame(result.task_results, variant_name, main_scores).assign(
         scoring=scoring, model_revision=model_revision)

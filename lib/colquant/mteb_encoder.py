@@ -6,14 +6,27 @@ encoding of each corpus chunk across them, batch k on replica k mod n
 (`distributed.encode_across_replicas`, the round-robin of `encode-corpus`'s shards), so the
 evaluation of one variant on N GPUs takes about 1/N of the page-encoding time. `gpu_replicas`
 loads those copies when more than one GPU is visible. `colquant.evaluation` runs it through mteb.
+
+Pages run as `encode_pages` runs them: each model (and replica) has a `PagePipeline` whose worker
+processes prepare (resize, normalise, patchify) the pages of the next mteb batches while the model
+encodes the current one, and a thread reads mteb's dataloader (which decodes the images) ahead of
+both. mteb's batches are kept exactly as mteb gives them (the published ViDoRe numbers pad each of
+its batches as one): the pipeline joins each batch's pages into the tensors the processor makes of
+that batch, so the embeddings are the same as processing the batch in one call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import queue
 import re
-from collections.abc import Sequence
+import threading
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Literal
 
 import torch
@@ -26,6 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from colquant.distributed import encode_across_replicas, load_replicas, visible_gpus
+from colquant.encode import MAX_DEFAULT_WORKERS, Failed, InFlight, PagePipeline, _launch, model_device
 from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
 log = logging.getLogger(__name__)
@@ -38,6 +52,10 @@ REVISION_PATTERN = re.compile(r"[0-9a-f]{8,64}")
 DEFAULT_SCORING: ScoringMode = "colpali"
 # Similarity entries per scoring block (~400 MB in float32), the budget mteb's max_sim uses.
 SIMILARITY_ELEMENTS = 100_000_000
+# mteb batches handed to a page pipeline at once: while the model runs one, the pipeline prepares
+# the next of the same call; the decoded pages of this many batches (per model, twice over: one
+# group running, one queued) are what the encoder holds in memory.
+BATCHES_PER_CALL = 4
 
 def check_scoring(scoring: str) -> None:
     """Refuse a scoring mode `colquant.score` does not have, naming the two it has."""
@@ -78,15 +96,28 @@ class ColQuantEncoder(AbsEncoder):
     scoring mode: `workspace.evaluation_fingerprint`). `replicas` (the same model on other devices)
     share the page encoding with `model`; `"auto"` loads `gpu_replicas(model, processor)` when pages
     are first encoded (so a run whose results are all cached loads none), `()` keeps to one device.
+
+    Each model's `PagePipeline` starts on its first pages and is kept across `encode` calls (its
+    workers fork once per evaluation, not once per corpus chunk); `close()` stops them, and the
+    encoder is a context manager that does. `page_workers` processes per model prepare pages
+    (default: the cores but one per model, shared among the models, up to 16 each, on a GPU; none
+    on a CPU), `batches_per_call` mteb batches at a time.
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str,
                  scoring: ScoringMode = DEFAULT_SCORING,
-                 replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto") -> None:
+                 replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto", *,
+                 page_workers: int | None = None, batches_per_call: int = BATCHES_PER_CALL) -> None:
         if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
             raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
                              "workspace.evaluation_fingerprint(profile, checkpoint, scoring)")
         check_scoring(scoring)
+        if page_workers is not None and page_workers < 0:
+            raise ValueError(f"page_workers must be >= 0 (0: prepare pages in a thread of this process), got {page_workers}")
+        if batches_per_call < 1:
+            raise ValueError(f"batches_per_call must be >= 1, got {batches_per_call}")
+        self.page_workers, self.batches_per_call = page_workers, batches_per_call
+        self.pipelines: dict[int, PagePipeline] = {}
         self.model = model
         self.replicas: list[torch.nn.Module] | None = None if replicas == "auto" else list(replicas)
         self.processor = processor
@@ -126,32 +157,108 @@ class ColQuantEncoder(AbsEncoder):
     ) -> torch.Tensor:
         """Embed a dataloader of text queries or page images (mteb's batches: {"text": [...]} or
         {"image": [PIL, ...]}); the batch size is the dataloader's, set by mteb from encode_kwargs.
-        Page batches are spread over the model and its replicas; queries run on the model."""
+        Page batches are spread over the model and its replicas, prepared ahead by their page
+        pipelines; queries run on the model."""
         columns = set(inputs.dataset.column_names) & {"text", "image"}
+        progress = kwargs.get("show_progress_bar", True)
         if columns == {"text"}:
-            column, process, description = "text", self.processor.process_queries, "Encoding queries"
-        elif columns == {"image"}:
-            column, process, description = "image", self.processor.process_images, "Encoding pages"
-        else:
-            raise ValueError(
-                f"{task_metadata.name} ({hf_subset}/{hf_split}) gives inputs with columns "
-                f"{sorted(inputs.dataset.column_names)}; ColQuantEncoder embeds either text queries or "
-                "page images, so use text-to-image tasks (category 't2i')")
-        if column == "image" and self.replicas is None:
-            self.replicas = gpu_replicas(self.model, self.processor)
-        models = [self.model, *self.replicas] if column == "image" else [self.model]
-        batches = (batch[column] for batch in
-                   tqdm(inputs, desc=description, disable=not kwargs.get("show_progress_bar", True)))
+            return self._encode_queries(inputs, progress)
+        if columns == {"image"}:
+            return self._encode_pages(inputs, progress)
+        raise ValueError(
+            f"{task_metadata.name} ({hf_subset}/{hf_split}) gives inputs with columns "
+            f"{sorted(inputs.dataset.column_names)}; ColQuantEncoder embeds either text queries or "
+            "page images, so use text-to-image tasks (category 't2i')")
 
-        def encode_batch(model: torch.nn.Module, values: list[Any]) -> list[torch.Tensor]:
-            with torch.inference_mode():  # thread-local: entered in the thread that runs the model
-                features = process(values).to(next(model.parameters()).device)
-                embeddings = model(**features).embeddings
+    def _encode_queries(self, inputs: DataLoader, progress: bool) -> torch.Tensor:
+        """Each mteb batch of queries through the processor and the model, in this thread."""
+        items = []
+        with torch.inference_mode():
+            for batch in tqdm(inputs, desc="Encoding queries", disable=not progress):
+                features = self.processor.process_queries(batch["text"]).to(self.device)
+                embeddings = self.model(**features).embeddings
                 keep = features["attention_mask"].bool()
-                return [row[mask].cpu() for row, mask in zip(embeddings, keep)]
-
-        items = encode_across_replicas(models, batches, encode_batch)
+                items += [row[mask].cpu() for row, mask in zip(embeddings, keep)]
         return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+
+    def _encode_pages(self, inputs: DataLoader, progress: bool) -> torch.Tensor:
+        """mteb's page batches, `batches_per_call` at a time, group k on model k mod n (each with
+        its own pipeline), read from mteb's dataloader one group ahead by a thread."""
+        if self.replicas is None:
+            self.replicas = gpu_replicas(self.model, self.processor)
+        models = [self.model, *self.replicas]
+        for model in models:
+            self._pipeline(model, len(models))  # made here, in the calling thread, before any is used
+        batches = tqdm(inputs, desc="Encoding pages", disable=not progress)
+        with contextlib.closing(read_ahead(page_groups(batches, self.batches_per_call), ahead=1)) as groups:
+            items = encode_across_replicas(models, groups, self._encode_group)
+        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+
+    def _pipeline(self, model: torch.nn.Module, n_models: int) -> PagePipeline:
+        """`model`'s page pipeline, made on first use and kept until `close()`."""
+        if id(model) not in self.pipelines:
+            workers = self.page_workers
+            if workers is None:
+                workers = workers_per_model(model_device(model), n_models)
+            self.pipelines[id(model)] = PagePipeline.for_model(model, processor=self.processor, num_workers=workers)
+        return self.pipelines[id(model)]
+
+    def _encode_group(self, model: torch.nn.Module, group: PageGroup) -> list[torch.Tensor]:
+        """The embeddings of a group's pages (each page's real tokens, in the model's dtype), its
+        batches prepared by the model's pipeline; batch i+1 is launched before batch i is read back."""
+        pipeline = self.pipelines[id(model)]
+        sources = [page for batch in group.batches for page in batch["image"]]
+        positions, start = [], 0
+        for batch in group.batches:
+            positions.append(list(range(start, start + len(batch["image"]))))
+            start += len(batch["image"])
+        device, items = model_device(model), []
+        in_flight: InFlight | None = None
+        with contextlib.closing(pipeline.prepared(sources, positions)) as prepared:
+            for number, indices in enumerate(positions):
+                try:
+                    features = next(prepared)
+                except Exception as error:
+                    self._name_the_page(error, group, number)
+                    raise
+                launched = _launch(model, features, indices, device)
+                if in_flight is not None:
+                    items += embeddings_read_back(in_flight)
+                in_flight = launched
+        if in_flight is not None:
+            items += embeddings_read_back(in_flight)
+        return items
+
+    def _name_the_page(self, error: Exception, group: PageGroup, number: int) -> None:
+        """Add a note to `error`, raised while preparing batch `number` of `group`, naming the page:
+        the first page of that batch the processor refuses on its own (what a worker does with it).
+        The pipeline prepares pages in order, so the failing page is in the batch being waited for."""
+        batch = group.batches[number]
+        first = group.first_page + sum(len(earlier["image"]) for earlier in group.batches[:number])
+        for offset, page in enumerate(batch["image"]):
+            try:
+                self.processor.process_images([page])
+            except Exception:  # noqa: BLE001  # the page is found; the error raised is the original
+                ids = batch.get("id")
+                named = f" (id {ids[offset]!r})" if ids is not None else ""
+                error.add_note(f"while preparing page {first + offset}{named} of this encode call "
+                               f"(mteb batch {group.first_batch + number}, item {offset}) for the model")
+                return
+        error.add_note(f"while preparing mteb batch {group.first_batch + number} (pages {first} to "
+                       f"{first + len(batch['image']) - 1}) for the model; each page alone prepares fine")
+
+    def close(self) -> None:
+        """Stop every page pipeline's workers (a later `encode` starts new ones)."""
+        pipelines, self.pipelines = list(self.pipelines.values()), {}
+        for pipeline in pipelines:
+            pipeline.close()
+
+    def __enter__(self) -> ColQuantEncoder:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
 
     def similarity(self, embeddings1: Embeddings, embeddings2: Embeddings) -> torch.Tensor:
         """Late-interaction scores (queries, pages) in the encoder's scoring mode, float32 on the
@@ -187,3 +294,81 @@ def gpu_replicas(model: torch.nn.Module, processor: Any) -> list[torch.nn.Module
     log.info("encoding pages on %d GPUs: %s plus replicas on %s", len(others) + 1, device,
              ", ".join(map(str, others)))
     return load_replicas(checkpoint, others, dtype=model.dtype, max_num_visual_tokens=processor.max_num_visual_tokens)
+
+
+@dataclass
+class PageGroup:
+    """Consecutive mteb batches of pages, and where they start among the call's pages and batches."""
+
+    batches: list[dict[str, Any]]
+    first_page: int
+    first_batch: int
+
+
+def page_groups(batches: Iterable[dict[str, Any]], size: int) -> Iterator[PageGroup]:
+    """mteb's batches, unchanged, `size` at a time (the last group may be smaller)."""
+    group: list[dict[str, Any]] = []
+    first_page = first_batch = 0
+    for number, batch in enumerate(batches):
+        group.append(batch)
+        if len(group) == size:
+            yield PageGroup(group, first_page, first_batch)
+            first_page, first_batch, group = first_page + sum(len(b["image"]) for b in group), number + 1, []
+    if group:
+        yield PageGroup(group, first_page, first_batch)
+
+
+def read_ahead(items: Iterable[Any], *, ahead: int) -> Generator[Any, None, None]:
+    """`items` in order, read by a thread up to `ahead` items before they are asked for.
+
+    Why: mteb's dataloader decodes the page images when iterated (PIL decodes with the GIL
+    released), so reading it in a thread overlaps decoding with the model instead of making the
+    model wait for it. An error while reading is raised here, in order; closing this generator stops
+    the thread (after the item it is reading).
+    """
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+    stopping, done = threading.Event(), object()
+
+    def hand_over(item: Any) -> bool:
+        while not stopping.is_set():
+            with contextlib.suppress(queue.Full):
+                buffer.put(item, timeout=0.05)
+                return True
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not hand_over(item):
+                    return
+            hand_over(done)
+        except BaseException as error:  # noqa: BLE001  # handed to the consumer, raised there
+            hand_over(Failed(error))
+
+    thread = threading.Thread(target=run, name="colquant-read-mteb-batches", daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not done:
+            if isinstance(item, Failed):
+                raise item.error
+            yield item
+    finally:
+        stopping.set()
+        thread.join()
+
+
+def embeddings_read_back(batch: InFlight) -> list[torch.Tensor]:
+    """Wait for a launched batch's embeddings; each item's real tokens, in the model's dtype (what
+    mteb's encoder returns), as ordinary CPU tensors."""
+    if batch.arrived is not None:
+        batch.arrived.synchronize()
+    return [row[mask] for row, mask in zip(batch.embeddings, batch.keep)]
+
+
+def workers_per_model(device: torch.device, n_models: int) -> int:
+    """Page-preparing processes for each of `n_models` models: on GPUs the cores but one per model
+    (each drives its GPU from a thread of this process), shared, at most 16 each; none on a CPU, as
+    `encode.default_workers`."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(MAX_DEFAULT_WORKERS, ((os.cpu_count() or 1) - n_models) // n_models))
