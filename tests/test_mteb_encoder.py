@@ -21,8 +21,10 @@ from torch.utils.data import DataLoader
 from colquant.mteb_encoder import ColQuantEncoder, read_ahead
 
 REV = "0123abcd"
-# widths x heights of different visual-token counts, so every batch of 3 pads its prompts
-SIZES = [(64, 80), (300, 400), (96, 96), (128, 64), (80, 200), (150, 150), (256, 128)]
+# widths x heights of different visual-token counts (tiny processor: 93, 329, 93 | 107, 381, 143 | 137
+# prompt tokens), so every batch of 3 pads its prompts, and batching them sorted by size, as
+# encode_pages does, would pad every batch to another length (381, 143, 93)
+SIZES = [(96, 96), (640, 480), (150, 150), (80, 200), (512, 700), (200, 600), (300, 400)]
 SLIVER = (402, 2)  # aspect ratio 201: Qwen's resizing refuses it
 
 
