@@ -186,7 +186,7 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     the default `ColQuantEncoder` (and is the caller's to close), e.g. with
     `colquant.compress_eval.CompressedIndexEncoder`, which scores a compressed page index (its name
     carries the setting). `replicas` as in `ColQuantEncoder`:
-    by default pages are encoded on every visible GPU, batch k on GPU k mod N.
+    by default pages are encoded on every visible GPU, group k of mteb batches on GPU k mod N.
     """
     tasks = list(tasks)
     # An encoder made here is closed here (its page workers stop); one passed in is the caller's.

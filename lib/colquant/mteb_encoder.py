@@ -2,8 +2,8 @@
 
 `ColQuantEncoder` embeds text queries and page images with the project's processor and scores them
 with `colquant.score`. With `replicas` (copies of the model on other GPUs) it splits the page
-encoding of each corpus chunk across them, batch k on replica k mod n
-(`distributed.encode_across_replicas`, the round-robin of `encode-corpus`'s shards), so the
+encoding of each corpus chunk across them, group k of `batches_per_call` mteb batches on replica
+k mod n (`distributed.encode_across_replicas`, the round-robin of `encode-corpus`'s shards), so the
 evaluation of one variant on N GPUs takes about 1/N of the page-encoding time. `gpu_replicas`
 loads those copies when more than one GPU is visible. `colquant.evaluation` runs it through mteb.
 
@@ -12,7 +12,9 @@ processes prepare (resize, normalise, patchify) the pages of the next mteb batch
 encodes the current one, and a thread reads mteb's dataloader (which decodes the images) ahead of
 both. mteb's batches are kept exactly as mteb gives them (the published ViDoRe numbers pad each of
 its batches as one): the pipeline joins each batch's pages into the tensors the processor makes of
-that batch, so the embeddings are the same as processing the batch in one call.
+that batch, so the embeddings are the same as processing the batch in one call. Memory: per model,
+the decoded pages of a group being encoded and of up to two more read ahead, plus the first
+group's pages, which the pipeline's workers were forked with, until `close()`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""ViDoRe page encoding through mteb's encoder, A/B: main's `ColQuantEncoder` (each mteb batch through
+the processor in the thread that runs the model) against this checkout's (a `PagePipeline` per model:
+pages prepared in worker processes while the GPU encodes, mteb's dataloader read ahead by a thread).
+
+The pages are a `datasets.Dataset` with an "image" column of encoded random pages (JPEG, or PNG with
+`--format png`), given to the encoder as mteb gives a corpus: `mteb`'s `create_dataloader` for a
+ViDoRe task, so decoding happens in the dataloader as in an evaluation. The model has random
+weights at the profile's exact shapes (`fp8_bench.build_model`: synthetic-4b is ColQwen3-4B), BF16,
+with the project's CUDA fast paths (`accelerate_model`: fused text tower and fast vision tower).
+Each encoder encodes once to warm up (CUDA graphs, kernel tuning, the new one's worker start), then
+the two alternate, `--rounds` times each, so a drift of the GPU does not read as a difference.
+
+    python benchmarks/eval_pages_ab.py --out DIR                      # synthetic-4b on CUDA
+    python benchmarks/eval_pages_ab.py --out DIR --profile tiny --pages 12 --batch-size 4   # CPU check
+
+The old encoder is `git show main:lib/colquant/mteb_encoder.py`, written to a temporary file at run
+time; where there is no git (a device copy), pass that file with `--old FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import mteb
+import numpy as np
+import torch
+from datasets import Dataset, Features, Value
+from datasets import Image as ImageFeature
+from mteb._create_dataloaders import create_dataloader
+from mteb.types import PromptType
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fp8_bench import build_model  # noqa: E402  (a sibling script)
+
+from colquant import mteb_encoder  # noqa: E402
+from colquant.files import write_json  # noqa: E402
+from colquant.kernels import accelerate_model  # noqa: E402
+from colquant.params import load_profile  # noqa: E402
+from colquant.processing import ColQwen3Processor  # noqa: E402
+from colquant.tiny import build_tokenizer  # noqa: E402
+
+log = logging.getLogger("eval_pages_ab")
+REVISION = "0123abcd"
+TASK = "VidoreArxivQARetrieval"  # any ViDoRe task: only its metadata (modalities) shapes the dataloader
+DISTINCT_PAGES = 8  # encoded once each and repeated: decoding and preparing cost the same for every copy
+
+
+def old_encoder_module(old_file: Path | None) -> ModuleType:
+    """main's mteb_encoder.py as a module of its own (it imports the rest of colquant from here)."""
+    if old_file is None:
+        source = subprocess.run(["git", "show", "main:lib/colquant/mteb_encoder.py"], check=True,
+                                capture_output=True, text=True, cwd=Path(__file__).resolve().parent).stdout
+        old_file = Path(tempfile.mkdtemp(prefix="eval-pages-ab-")) / "old_mteb_encoder.py"
+        old_file.write_text(source)
+    spec = importlib.util.spec_from_file_location("old_mteb_encoder", old_file)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"--old {old_file}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def page_dataset(size: list[int], count: int, image_format: str) -> Dataset:
+    """`count` random (height, width) pages, encoded as `image_format`, in a datasets image column."""
+    rng = np.random.default_rng(0)
+    encoded = []
+    for _ in range(min(count, DISTINCT_PAGES)):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buffer, format=image_format)
+        encoded.append(buffer.getvalue())
+    images = [{"bytes": encoded[i % len(encoded)], "path": None} for i in range(count)]
+    return Dataset.from_dict({"id": [f"page-{i}" for i in range(count)], "image": images},
+                             features=Features({"id": Value("string"), "image": ImageFeature()}))
+
+
+def time_encode(encoder: Any, loader: Any, device: torch.device) -> float:
+    """Seconds for one `encode` of the loader's pages, as mteb calls it."""
+    metadata = mteb.get_task(TASK).metadata
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    encoder.encode(loader, task_metadata=metadata, hf_split="test", hf_subset="default",
+                   prompt_type=PromptType.document, show_progress_bar=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for eval-pages-ab.json")
+    parser.add_argument("--profile", default="synthetic-4b", choices=["synthetic-4b", "tiny"])
+    parser.add_argument("--pages", type=int, default=192, help="pages per timed encode call")
+    parser.add_argument("--batch-size", type=int, default=16, help="mteb's batch size (encode_kwargs)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="page workers of the new encoder (default: its own)")
+    parser.add_argument("--batches-per-call", type=int, default=mteb_encoder.BATCHES_PER_CALL)
+    parser.add_argument("--format", dest="image_format", default="JPEG", choices=["JPEG", "PNG"])
+    parser.add_argument("--old", type=Path, default=None, help="main's lib/colquant/mteb_encoder.py (without git)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    old = old_encoder_module(args.old)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    profile = load_profile(Path(__file__).resolve().parents[1] / "params" / f"{args.profile}.yaml")
+    model = build_model(args.profile, device)
+    if device.type == "cuda":
+        accelerate_model(model)
+    processor = ColQwen3Processor(build_tokenizer(), max_num_visual_tokens=profile["model"]["max_num_visual_tokens"])
+    metadata = mteb.get_task(TASK).metadata
+
+    def loader(count: int) -> Any:
+        return create_dataloader(page_dataset(profile["bench"]["page_size"], count, args.image_format),
+                                 task_metadata=metadata, prompt_type=PromptType.document, batch_size=args.batch_size)
+
+    timed, warm = loader(args.pages), loader(2 * args.batch_size)
+    encoders = {"old": old.ColQuantEncoder(model, processor, "bf16", REVISION, replicas=()),
+                "new": mteb_encoder.ColQuantEncoder(model, processor, "bf16", REVISION, replicas=(),
+                                                    page_workers=args.workers, batches_per_call=args.batches_per_call)}
+    seconds: dict[str, list[float]] = {name: [] for name in encoders}
+    try:
+        for name, encoder in encoders.items():
+            log.info("%s: warm-up %.2f s", name, time_encode(encoder, warm, device))
+        for round_number in range(args.rounds):
+            for name, encoder in encoders.items():
+                seconds[name].append(time_encode(encoder, timed, device))
+                log.info("round %d %s: %.2f s, %.1f pages/s", round_number, name, seconds[name][-1],
+                         args.pages / seconds[name][-1])
+    finally:
+        encoders["new"].close()
+    rates = {name: args.pages / statistics.median(times) for name, times in seconds.items()}
+    pipeline_workers = mteb_encoder.workers_per_model(device, 1) if args.workers is None else args.workers
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "profile": args.profile, "pages": args.pages, "batch_size": args.batch_size,
+              "page_size": profile["bench"]["page_size"], "image_format": args.image_format,
+              "rounds": args.rounds, "page_workers": pipeline_workers, "batches_per_call": args.batches_per_call,
+              "seconds": seconds, "pages_per_s": rates, "new_over_old": rates["new"] / rates["old"]}
+    write_json(args.out / "eval-pages-ab.json", report)
+    table = "\n".join([f"{'encoder':8s} {'pages/s (median)':>17s}  per round (s)",
+                       *(f"{name:8s} {rates[name]:17.1f}  {' '.join(f'{s:.2f}' for s in seconds[name])}"
+                         for name in encoders),
+                       f"new / old: {report['new_over_old']:.2f}x  ({report['device']}, {args.pages} pages "
+                       f"{profile['bench']['page_size']} {args.image_format}, batch {args.batch_size}, "
+                       f"{pipeline_workers} workers)"])
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
