@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import json
 import logging
 import statistics
 import subprocess
@@ -43,14 +42,14 @@ from mteb.types import PromptType
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fp8_bench import build_model  # noqa: E402  (a sibling script)
+from fp8_bench import build_model  # a sibling script
 
-from colquant import mteb_encoder  # noqa: E402
-from colquant.files import write_json  # noqa: E402
-from colquant.kernels import accelerate_model  # noqa: E402
-from colquant.params import load_profile  # noqa: E402
-from colquant.processing import ColQwen3Processor  # noqa: E402
-from colquant.tiny import build_tokenizer  # noqa: E402
+from colquant import mteb_encoder
+from colquant.files import write_json
+from colquant.kernels import accelerate_model
+from colquant.params import load_profile
+from colquant.processing import ColQwen3Processor
+from colquant.tiny import build_tokenizer
 
 log = logging.getLogger("eval_pages_ab")
 REVISION = "0123abcd"
@@ -151,9 +150,9 @@ def main(argv: list[str]) -> int:
     table = "\n".join([f"{'encoder':8s} {'pages/s (median)':>17s}  per round (s)",
                        *(f"{name:8s} {rates[name]:17.1f}  {' '.join(f'{s:.2f}' for s in seconds[name])}"
                          for name in encoders),
-                       f"new / old: {report['new_over_old']:.2f}x  ({report['device']}, {args.pages} pages "
-                       f"{profile['bench']['page_size']} {args.image_format}, batch {args.batch_size}, "
-                       f"{pipeline_workers} workers)"])
+                       (f"new / old: {report['new_over_old']:.2f}x  ({report['device']}, {args.pages} pages "
+                        f"{profile['bench']['page_size']} {args.image_format}, batch {args.batch_size}, "
+                        f"{pipeline_workers} workers)")])
     print(table)
     return 0
 

@@ -191,12 +191,12 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     tasks = list(tasks)
     # An encoder made here is closed here (its page workers stop); one passed in is the caller's.
     with contextlib.nullcontext(encoder) if encoder is not None else ColQuantEncoder(
-            model, processor, variant_name, revision, scoring, replicas) as encoder:
+            model, processor, variant_name, revision, scoring, replicas) as used:
         cache = mteb.ResultCache(output_dir)
-        _drop_interrupted_results(cache, encoder.mteb_model_meta, tasks)
-        _refuse_results_of_other_datasets(cache, encoder.mteb_model_meta, tasks)
+        _drop_interrupted_results(cache, used.mteb_model_meta, tasks)
+        _refuse_results_of_other_datasets(cache, used.mteb_model_meta, tasks)
         result = mteb.evaluate(
-            SearchEncoderWrapper(encoder, corpus_chunk_size=corpus_chunk_size),
+            SearchEncoderWrapper(used, corpus_chunk_size=corpus_chunk_size),
             tasks,
             encode_kwargs={"batch_size": batch_size},
             cache=cache,

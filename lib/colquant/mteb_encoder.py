@@ -29,7 +29,7 @@ from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
 from mteb.abstasks.task_metadata import TaskMetadata
@@ -255,7 +255,7 @@ class ColQuantEncoder(AbsEncoder):
         for pipeline in pipelines:
             pipeline.close()
 
-    def __enter__(self) -> ColQuantEncoder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
