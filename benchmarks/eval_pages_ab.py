@@ -13,8 +13,9 @@ the two alternate, `--rounds` times each, so a drift of the GPU does not read as
     python benchmarks/eval_pages_ab.py --out DIR                      # synthetic-4b on CUDA
     python benchmarks/eval_pages_ab.py --out DIR --profile tiny --pages 12 --batch-size 4   # CPU check
 
-The old encoder is `git show main:lib/colquant/mteb_encoder.py`, written to a temporary file at run
-time; where there is no git (a device copy), pass that file with `--old FILE`.
+The old encoder is `git show main:lib/colquant/mteb_encoder.py` (`--old-ref` names another commit:
+after this branch is merged, the one before the merge), written to a temporary file at run time;
+where there is no git (a device copy), pass that file with `--old FILE`.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ TASK = "VidoreArxivQARetrieval"  # any ViDoRe task: only its metadata (modalitie
 DISTINCT_PAGES = 8  # encoded once each and repeated: decoding and preparing cost the same for every copy
 
 
-def old_encoder_module(old_file: Path | None) -> ModuleType:
-    """main's mteb_encoder.py as a module of its own (it imports the rest of colquant from here)."""
+def old_encoder_module(old_file: Path | None, old_ref: str) -> ModuleType:
+    """The old mteb_encoder.py (`old_file`, else `old_ref`'s) as a module of its own; it imports the
+    rest of colquant from this checkout."""
     if old_file is None:
-        source = subprocess.run(["git", "show", "main:lib/colquant/mteb_encoder.py"], check=True,
+        source = subprocess.run(["git", "show", f"{old_ref}:lib/colquant/mteb_encoder.py"], check=True,
                                 capture_output=True, text=True, cwd=Path(__file__).resolve().parent).stdout
         old_file = Path(tempfile.mkdtemp(prefix="eval-pages-ab-")) / "old_mteb_encoder.py"
         old_file.write_text(source)
@@ -108,10 +110,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=None, help="page workers of the new encoder (default: its own)")
     parser.add_argument("--batches-per-call", type=int, default=mteb_encoder.BATCHES_PER_CALL)
     parser.add_argument("--format", dest="image_format", default="JPEG", choices=["JPEG", "PNG"])
-    parser.add_argument("--old", type=Path, default=None, help="main's lib/colquant/mteb_encoder.py (without git)")
+    parser.add_argument("--old", type=Path, default=None, help="the old lib/colquant/mteb_encoder.py (without git)")
+    parser.add_argument("--old-ref", default="main", help="git commit whose mteb_encoder.py is the old one "
+                        "(once this branch is merged, main's is the new one: name the commit before the merge)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    old = old_encoder_module(args.old)
+    old = old_encoder_module(args.old, args.old_ref)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = load_profile(Path(__file__).resolve().parents[1] / "params" / f"{args.profile}.yaml")
     model = build_model(args.profile, device)
