@@ -3,12 +3,13 @@ the processor in the thread that runs the model) against this checkout's (a `Pag
 pages prepared in worker processes while the GPU encodes, mteb's dataloader read ahead by a thread).
 
 The pages are a `datasets.Dataset` with an "image" column of encoded random pages (JPEG, or PNG with
-`--format png`), given to the encoder as mteb gives a corpus: `mteb`'s `create_dataloader` for a
+`--format PNG`), given to the encoder as mteb gives a corpus: `mteb`'s `create_dataloader` for a
 ViDoRe task, so decoding happens in the dataloader as in an evaluation. The model has random
 weights at the profile's exact shapes (`fp8_bench.build_model`: synthetic-4b is ColQwen3-4B), BF16,
 with the project's CUDA fast paths (`accelerate_model`: fused text tower and fast vision tower).
-Each encoder encodes once to warm up (CUDA graphs, kernel tuning, the new one's worker start), then
-the two alternate, `--rounds` times each, so a drift of the GPU does not read as a difference.
+`--batches-per-call 4,8` times one new encoder per value beside the old one. Each encoder encodes
+once to warm up (CUDA graphs, kernel tuning, the new one's worker start), then
+they alternate, `--rounds` times each, so a drift of the GPU does not read as a difference.
 
     python benchmarks/eval_pages_ab.py --out DIR                      # synthetic-4b on CUDA
     python benchmarks/eval_pages_ab.py --out DIR --profile tiny --pages 12 --batch-size 4   # CPU check
@@ -108,7 +109,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="mteb's batch size (encode_kwargs)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=None, help="page workers of the new encoder (default: its own)")
-    parser.add_argument("--batches-per-call", type=int, default=mteb_encoder.BATCHES_PER_CALL)
+    parser.add_argument("--batches-per-call", type=lambda text: [int(n) for n in text.split(",")],
+                        default=[mteb_encoder.BATCHES_PER_CALL], help="the new encoder's, e.g. 4,8: one encoder each")
     parser.add_argument("--format", dest="image_format", default="JPEG", choices=["JPEG", "PNG"])
     parser.add_argument("--old", type=Path, default=None, help="the old lib/colquant/mteb_encoder.py (without git)")
     parser.add_argument("--old-ref", default="main", help="git commit whose mteb_encoder.py is the old one "
@@ -129,9 +131,10 @@ def main(argv: list[str]) -> int:
                                  task_metadata=metadata, prompt_type=PromptType.document, batch_size=args.batch_size)
 
     timed, warm = loader(args.pages), loader(2 * args.batch_size)
-    encoders = {"old": old.ColQuantEncoder(model, processor, "bf16", REVISION, replicas=()),
-                "new": mteb_encoder.ColQuantEncoder(model, processor, "bf16", REVISION, replicas=(),
-                                                    page_workers=args.workers, batches_per_call=args.batches_per_call)}
+    encoders = {"old": old.ColQuantEncoder(model, processor, "bf16", REVISION, replicas=())}
+    for per_call in args.batches_per_call:
+        encoders[f"new/{per_call}"] = mteb_encoder.ColQuantEncoder(
+            model, processor, "bf16", REVISION, replicas=(), page_workers=args.workers, batches_per_call=per_call)
     seconds: dict[str, list[float]] = {name: [] for name in encoders}
     try:
         for name, encoder in encoders.items():
@@ -142,21 +145,24 @@ def main(argv: list[str]) -> int:
                 log.info("round %d %s: %.2f s, %.1f pages/s", round_number, name, seconds[name][-1],
                          args.pages / seconds[name][-1])
     finally:
-        encoders["new"].close()
+        for name, encoder in encoders.items():
+            if name != "old":
+                encoder.close()
     rates = {name: args.pages / statistics.median(times) for name, times in seconds.items()}
     pipeline_workers = mteb_encoder.workers_per_model(device, 1) if args.workers is None else args.workers
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "profile": args.profile, "pages": args.pages, "batch_size": args.batch_size,
               "page_size": profile["bench"]["page_size"], "image_format": args.image_format,
-              "rounds": args.rounds, "page_workers": pipeline_workers, "batches_per_call": args.batches_per_call,
-              "seconds": seconds, "pages_per_s": rates, "new_over_old": rates["new"] / rates["old"]}
+              "rounds": args.rounds, "page_workers": pipeline_workers,
+              "seconds": seconds, "pages_per_s": rates,
+              "over_old": {name: rate / rates["old"] for name, rate in rates.items() if name != "old"}}
     write_json(args.out / "eval-pages-ab.json", report)
-    table = "\n".join([f"{'encoder':8s} {'pages/s (median)':>17s}  per round (s)",
-                       *(f"{name:8s} {rates[name]:17.1f}  {' '.join(f'{s:.2f}' for s in seconds[name])}"
-                         for name in encoders),
-                       (f"new / old: {report['new_over_old']:.2f}x  ({report['device']}, {args.pages} pages "
+    table = "\n".join([f"{'encoder':8s} {'pages/s (median)':>17s} {'x old':>6s}  per round (s)",
+                       *(f"{name:8s} {rate:17.1f} {rate / rates['old']:6.2f}  "
+                         f"{' '.join(f'{s:.2f}' for s in seconds[name])}" for name, rate in rates.items()),
+                       (f"new/N: N mteb batches per pipeline call; {report['device']}, {args.pages} pages "
                         f"{profile['bench']['page_size']} {args.image_format}, batch {args.batch_size}, "
-                        f"{pipeline_workers} workers)")])
+                        f"{pipeline_workers} page workers")])
     print(table)
     return 0
 

@@ -286,6 +286,25 @@ def test_ndcg_at_5_is_one_for_a_perfect_ranker_and_zero_for_an_inverted_one(corp
     assert frame["ndcg_at_5"].item() == expected
 
 
+def test_evaluate_variant_closes_the_encoder_it_makes_and_leaves_a_given_one_open(corpus_root, tmp_path,
+                                                                                  monkeypatch):
+    """The encoder's page pipelines (worker processes) stop with the evaluation that made them; an
+    encoder passed in is the caller's to close."""
+    corpus = build_corpus(corpus_root, n_pages=N_PAGES, n_queries=N_QUERIES, progress=False)
+    closed = []
+    close = ColQuantEncoder.close
+    monkeypatch.setattr(ColQuantEncoder, "close", lambda self: closed.append(self) or close(self))
+    arguments = {"revision": REV, "batch_size": 4, "corpus_chunk_size": 3}
+    evaluate_variant(PassThroughModel(), OracleProcessor(corpus, 1.0), "made", [local_task(corpus_root)], tmp_path,
+                     **arguments)
+    assert len(closed) == 1 and closed[0].mteb_model_meta.name == "colquant/made"
+    given = ColQuantEncoder(PassThroughModel(), OracleProcessor(corpus, 1.0), "given", REV)
+    evaluate_variant(given.model, given.processor, "given", [local_task(corpus_root)], tmp_path, encoder=given,
+                     **arguments)
+    assert len(closed) == 1 and given.pipelines  # still open: its pipeline is kept for the caller
+    given.close()
+
+
 # --------------------------------------------------------------------------------------------
 # Task lists
 
