@@ -22,16 +22,12 @@ where there is no git (a device copy), pass that file with `--old FILE`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import logging
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import mteb
@@ -52,27 +48,12 @@ from colquant.kernels import accelerate_model
 from colquant.params import load_profile
 from colquant.processing import ColQwen3Processor
 from colquant.tiny import build_tokenizer
+from old_source import import_old
 
 log = logging.getLogger("eval_pages_ab")
 REVISION = "0123abcd"
 TASK = "VidoreArxivQARetrieval"  # any ViDoRe task: only its metadata (modalities) shapes the dataloader
 DISTINCT_PAGES = 8  # encoded once each and repeated: decoding and preparing cost the same for every copy
-
-
-def old_encoder_module(old_file: Path | None, old_ref: str) -> ModuleType:
-    """The old mteb_encoder.py (`old_file`, else `old_ref`'s) as a module of its own; it imports the
-    rest of colquant from this checkout."""
-    if old_file is None:
-        source = subprocess.run(["git", "show", f"{old_ref}:lib/colquant/mteb_encoder.py"], check=True,
-                                capture_output=True, text=True, cwd=Path(__file__).resolve().parent).stdout
-        old_file = Path(tempfile.mkdtemp(prefix="eval-pages-ab-")) / "old_mteb_encoder.py"
-        old_file.write_text(source)
-    spec = importlib.util.spec_from_file_location("old_mteb_encoder", old_file)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"--old {old_file}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def page_dataset(size: list[int], count: int, image_format: str) -> Dataset:
@@ -117,7 +98,7 @@ def main(argv: list[str]) -> int:
                         "(once this branch is merged, main's is the new one: name the commit before the merge)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    old = old_encoder_module(args.old, args.old_ref)
+    old = import_old("lib/colquant/mteb_encoder.py", ref=args.old_ref, file=args.old)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = load_profile(Path(__file__).resolve().parents[1] / "params" / f"{args.profile}.yaml")
     model = build_model(args.profile, device)

@@ -17,11 +17,8 @@ fits, as in the model.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +30,7 @@ from colquant.files import write_json, write_text
 from colquant.fp8 import add_rmsnorm_quant_reference, quantize_rows_reference, silu_mul_quant_reference
 from colquant.kernels import fp8_ops as new_ops
 from colquant.kernels.autotune import graph_time_us
+from old_source import import_old
 
 log = logging.getLogger("producer_bench")
 OLD_PATH = "lib/colquant/kernels/fp8_ops.py"
@@ -40,23 +38,6 @@ M_VALUES = (42, 1408, 43008)
 WIDTHS = {"quantize_rows": 4096, "add_rmsnorm_quant": 2560, "silu_mul_quant": 9728}
 CALLS_PER_FORWARD = {"quantize_rows": 36, "add_rmsnorm_quant": 72, "silu_mul_quant": 36}  # 36 layers of the 4B
 EPS = 1e-6
-
-
-def load_old_module(path: Path | None) -> ModuleType:
-    """Main's fp8_ops imported under another name: from ``path``, else from ``git show main:...``."""
-    if path is None:
-        source = subprocess.run(["git", "show", f"main:{OLD_PATH}"], check=True, capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout
-        handle = tempfile.NamedTemporaryFile("w", suffix="_old_fp8_ops.py", delete=False)  # Triton reads the source
-        handle.write(source)
-        handle.close()
-        path = Path(handle.name)
-    spec = importlib.util.spec_from_file_location("colquant_old_fp8_ops", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot import the old kernels from {path}: pass --old with main's {OLD_PATH}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_inputs(kernel: str, m: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -180,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("producer_bench times CUDA kernels: no CUDA GPU here")
         return 2
     device = torch.device("cuda")
-    old = load_old_module(args.old)
+    old = import_old(OLD_PATH, file=args.old)
     m_values = [int(v) for v in args.m.split(",")]
     rows = []
     for kernel in WIDTHS:

@@ -19,11 +19,8 @@ difference from the torch reference (`reference.short_attention`) is reported be
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
-import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -36,27 +33,13 @@ import triton.testing
 
 from colquant.files import read_json, write_json
 from colquant.kernels import reference
+from old_source import import_old
 
 log = logging.getLogger("short_attention_bench")
 
 OLD_KERNEL_REV = "main"
 KERNEL_PATH = "lib/colquant/kernels/triton_ops.py"
 EPS = 1e-6
-
-
-def load_old_kernel(path: Path | None) -> ModuleType:
-    """main's triton_ops as a module of its own: from `path`, else written from git to a temp file."""
-    if path is None:
-        source = subprocess.run(["git", "show", f"{OLD_KERNEL_REV}:{KERNEL_PATH}"], check=True, capture_output=True,
-                                text=True, cwd=Path(__file__).resolve().parents[1]).stdout
-        handle = tempfile.NamedTemporaryFile("w", suffix="_old_triton_ops.py", delete=False)
-        with handle:
-            handle.write(source)
-        path = Path(handle.name)
-    spec = importlib.util.spec_from_file_location("old_triton_ops", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def layer_inputs(batch: int, tokens: int, hq: int, hkv: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -192,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("short_attention_bench times CUDA kernels: run it on a CUDA GPU")
 
-    old = load_old_kernel(args.old_kernel)
+    old = import_old(KERNEL_PATH, ref=OLD_KERNEL_REV, file=args.old_kernel, flag="--old-kernel")
     dims = (args.tokens, args.heads, args.kv_heads, args.head_dim)
     rows = [row for batch in (int(b) for b in args.batches.split(","))
             for row in bench_batch(old, new, batch, dims, args.sweep, args.rep_ms)]
