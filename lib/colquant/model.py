@@ -211,8 +211,8 @@ def image_rope_positions(mm_token_type_ids: torch.Tensor, attention_mask: torch.
     t, h, w = grid[..., 0], grid[..., 1] // spatial_merge_size, grid[..., 2] // spatial_merge_size
     shift = torch.where(ends, torch.maximum(h, w) - t * h * w, 0)
     before = shift.cumsum(1) - shift  # what the images ended before each token add to positions
-    start = torch.cummax(torch.where(starts, index, -1), dim=1).values + before
-    offset = index - torch.cummax(torch.where(starts, index, -1), dim=1).values
+    run_start = torch.cummax(torch.where(starts, index, -1), dim=1).values  # where each token's image began
+    start, offset = run_start + before, index - run_start
     text = (index + before).expand(3, batch, tokens)
     vision = torch.stack((start + offset // (h * w), start + offset % (h * w) // w, start + offset % w))
     compact = torch.where(image, vision, text)
