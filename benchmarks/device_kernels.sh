@@ -10,14 +10,9 @@
 set -uo pipefail
 qb=${1:-1,4,8,64}
 pb=${2:-1}
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-log="$out/run.log"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 COLQUANT_CACHE_DIR=/tmp/colquant-kernels
-python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -3 | tee -a "$log"
-export PYTHONPATH=/tmp/site:$PWD/lib
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, gemlite; print('torch', torch.__version__, 'triton', triton.__version__, 'gemlite', gemlite.__version__)"
+source "$(dirname "$0")/device_setup.sh"
+export COLQUANT_CACHE_DIR=/tmp/colquant-kernels
+{ python3 -c "import gemlite; print('gemlite', gemlite.__version__)"
   nvcc --version | tail -2; } 2>&1 | tee -a "$log"
 # Marlin: extracted under /tmp, built in the background while the GPU work runs
 tar xzf .whl/gptqmodel-*.tar.gz -C /tmp && src=$(ls -d /tmp/gptqmodel-*/ | head -1)

@@ -6,15 +6,7 @@
 # image lacks it; carry its wheels in .whl/). Everything lands in $OUT.
 # Usage, from the repository root: bash benchmarks/device_merged.sh
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-log="$out/run.log"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -3 | tee -a "$log"
-export PYTHONPATH=/tmp/site:$PWD/lib
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} 2>&1 | tee -a "$log"
+source "$(dirname "$0")/device_setup.sh"
 profile() {  # profile(name, end_to_end_batches, reps): a copy of synthetic-4b with its bench section changed
   python3 - "$1" "$2" "$3" <<'PY'
 import sys, yaml

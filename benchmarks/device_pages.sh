@@ -5,15 +5,8 @@
 #      branch (pages and queries), so the two breakdowns come from one run.
 # Usage, from this branch's copy: BASE=../.dev-pages-base bash benchmarks/device_pages.sh  (pydantic wheels in ../.whl)
 set -uo pipefail
-out=${OUT:-/tmp/out}
 base=$(cd "${BASE:?BASE names a copy of the base commit}" && pwd)
-mkdir -p "$out"
-log="$out/run.log"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --target /tmp/site "${WHEELS:-../.whl}"/*.whl 2>&1 | tail -3 | tee -a "$log"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} 2>&1 | tee -a "$log"
+WHEELS=${WHEELS:-../.whl} source "$(dirname "$0")/device_setup.sh"
 echo "== pytest (CUDA tests of the changed kernels)" | tee -a "$log"
 PYTHONPATH=/tmp/site:$PWD/lib timeout 75 python3 -m pytest --noconftest tests/kernels/test_page_attention.py \
   tests/kernels/test_vision_ops.py tests/kernels/test_triton_ops.py tests/test_fast_vision.py -q -rs \

@@ -10,15 +10,7 @@
 # the GPU image lacks it; carry its wheels in .whl/). Output in $OUT.
 # Usage, from the repository root: bash benchmarks/device_s5.sh [step ...]
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-log="$out/run.log"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -3 | tee -a "$log"
-export PYTHONPATH=/tmp/site:$PWD/lib
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-} 2>&1 | tee -a "$log"
+source "$(dirname "$0")/device_setup.sh"
 
 tests() {
   timeout 200 python3 -m pytest --noconftest tests/kernels/test_triton_ops.py tests/test_fp8_ops.py \
