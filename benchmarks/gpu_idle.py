@@ -7,10 +7,9 @@ running while each gap lasts.
 nothing to run (on the H200, 16 BF16 pages: 439 ms of kernels in a 466 ms forward). A gap opens when
 the host stops launching ahead: a device-to-host read (`.tolist()`, `.item()`, a boolean mask's
 `nonzero`) makes it wait for the GPU to drain, and the Python that follows runs while the GPU idles.
-This script profiles one forward (after two warm-ups) with host and device activity and Python
-stacks, finds every gap longer than `--min-gap-us` on the device timeline, and names, for each, the
-kernels on both sides and the host operators overlapping it with the innermost project or
-transformers frame that called them. One table, one JSON.
+This script profiles one forward (after two warm-ups) with host and device activity, finds every gap
+longer than `--min-gap-us` on the device timeline, and names, for each, the kernels on both sides
+and the host operators overlapping it. One table, one JSON.
 """
 
 from __future__ import annotations
@@ -31,23 +30,12 @@ from kernel_breakdown import page_and_query_work, prepare
 
 log = logging.getLogger("gpu_idle")
 CUDA, CPU = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-OWN_CODE = ("colquant", "transformers")
-
-
-def caller(event: Any) -> str:
-    """The innermost frame of the project's or transformers' code in a host event's stack."""
-    for frame in event.stack or []:
-        if any(f"/{name}/" in frame for name in OWN_CODE):
-            return frame.split("site-packages/")[-1].split("/lib/")[-1]
-    return "-"
-
-
 def idle_gaps(fn: Any, min_gap_us: float) -> dict[str, Any]:
     """Gaps of one profiled call of `fn`: total idle, busy and span (µs), and each gap with its context."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     events = prof.events()
@@ -67,14 +55,13 @@ def idle_gaps(fn: Any, min_gap_us: float) -> dict[str, Any]:
 
 
 def host_during(host: list[Any], start: float, end: float, top: int = 3) -> list[dict[str, Any]]:
-    """The host operators (with their calling frame) that overlap [start, end], by overlap."""
-    overlap: dict[tuple[str, str], float] = collections.defaultdict(float)
+    """The host operators that overlap [start, end], by overlap."""
+    overlap: dict[str, float] = collections.defaultdict(float)
     for event in host:
         shared = min(end, event.time_range.end) - max(start, event.time_range.start)
         if shared > 0:
-            overlap[(event.name, caller(event))] += shared
-    return [dict(op=op, caller=where, us=round(us, 1))
-            for (op, where), us in sorted(overlap.items(), key=lambda kv: -kv[1])[:top]]
+            overlap[event.name] += shared
+    return [dict(op=op, us=round(us, 1)) for op, us in sorted(overlap.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def profile_precision(model: torch.nn.Module, precision: str, work: dict[str, tuple[dict, int]],
@@ -92,9 +79,9 @@ def table(rows: list[dict], top: int) -> str:
         lines.append(f"\n### {row['precision']} {row['work']} (batch {row['batch']}): span {row['span_us'] / 1e3:.1f} ms, "
                      f"kernels busy {row['busy_us'] / 1e3:.1f} ms, idle in gaps {row['idle_us'] / 1e3:.1f} ms "
                      f"({len(row['gaps'])} gaps)")
-        lines += ["| gap µs | kernel before | kernel after | host meanwhile (op @ caller, µs) |", "|---|---|---|---|"]
+        lines += ["| gap µs | kernel before | kernel after | host meanwhile (op, µs) |", "|---|---|---|---|"]
         for gap in row["gaps"][:top]:
-            meanwhile = "; ".join(f"{h['op']} @ {h['caller']} ({h['us']:.0f})" for h in gap["host"])
+            meanwhile = "; ".join(f"{h['op']} ({h['us']:.0f})" for h in gap["host"])
             lines.append(f"| {gap['us']:.0f} | {gap['before'][:50]} | {gap['after'][:50]} | {meanwhile} |")
     return "\n".join(lines)
 
