@@ -45,31 +45,16 @@ def small_model(tiny_path: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_w4a16_path(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An auto-round W4A16 variant of the tiny model (2 iterations), saved as ColQuant saves variants."""
-    import colquant
-    from colquant.calibration import build_text_calibration
-    from colquant.corpus import build_corpus
-    from colquant.quantization import (
-        QuantizationSettings,
-        decoder_linear_names,
-        quantization_metadata,
-        quantize_language_model,
-        save_quantized_model,
-    )
+def tiny_w4a16(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(in-memory model, processor, saved dir): an auto-round W4A16 variant of the tiny model (2 iterations),
+    saved as ColQuant saves variants, with auto-round's no-bf16 CPU branch forced (an AVX2-only CPU);
+    tests/test_quantization.py checks the bf16 branch gives the same variant. Shared by every test that
+    needs a 4-bit checkpoint: read it, never change it (copy it first)."""
+    from tiny_variants import build_tiny_w4a16
 
-    settings = QuantizationSettings(method="autoround", bits=4, group_size=128, sym=True, iters=2, batch_size=2, seed=0)
-    model, processor = colquant.load(tiny_path)
-    corpus = build_corpus(tmp_path_factory.mktemp("w4a16-corpus"), n_pages=4, n_queries=4, progress=False)
-    calibration = build_text_calibration(
-        processor.tokenizer, source="pile-10k", seqlen=64, nsamples=2, seed=0, offline_fallback="embedded", corpus=corpus
-    )
-    autoround, cost = quantize_language_model(model, processor, calibration, settings)
-    metadata = quantization_metadata(
-        "tiny-w4a16", settings, calibration, cost, base_model=str(tiny_path), base_model_revision="local build", random_weights=True,
-        quantized_layers=decoder_linear_names(model.language_model),
-    )
-    out = tmp_path_factory.mktemp("w4a16") / "tiny-w4a16"
-    return save_quantized_model(
-        model, processor, autoround, out, metadata=metadata, export_formats=("auto_round", "auto_gptq")
-    )
+    return build_tiny_w4a16(tiny_path, tmp_path_factory.mktemp("w4a16"), cpu_bf16=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_w4a16_path(tiny_w4a16) -> Path:
+    return tiny_w4a16[2]

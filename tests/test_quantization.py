@@ -1,5 +1,7 @@
 import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,29 +20,17 @@ from colquant.quantization import (
 )
 from colquant.variants import produce_variant
 from colquant.workspace import OutputError, read_variant_metadata
+from safetensors import safe_open
+from tiny_variants import build_tiny_w4a16
 
 SETTINGS = QuantizationSettings(method="autoround", bits=4, group_size=128, sym=True, iters=2, batch_size=2, seed=0)
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_path, tmp_path_factory):
+def quantized(tiny_w4a16, tiny_model):
     """(in-memory quantized model, processor, saved checkpoint dir, base model) for the tiny model."""
-    base, _ = colquant.load(tiny_path)
-    model, processor = colquant.load(tiny_path)
-    corpus = build_corpus(tmp_path_factory.mktemp("corpus"), n_pages=6, n_queries=6, progress=False)
-    calibration = build_text_calibration(
-        processor.tokenizer, source="pile-10k", seqlen=64, nsamples=2, seed=0, offline_fallback="embedded", corpus=corpus
-    )
-    autoround, cost = quantize_language_model(model, processor, calibration, SETTINGS)
-    layers = decoder_linear_names(model.language_model)
-    metadata = quantization_metadata(
-        "tiny-test", SETTINGS, calibration, cost, base_model=str(tiny_path), base_model_revision="local build", random_weights=True, quantized_layers=layers
-    )
-    out = save_quantized_model(
-        model, processor, autoround, tmp_path_factory.mktemp("q") / "variant", metadata=metadata,
-        export_formats=("auto_round", "auto_gptq"),
-    )
-    return model, processor, out, base
+    model, processor, out = tiny_w4a16
+    return model, processor, out, tiny_model[0]
 
 
 def test_every_decoder_linear_is_4bit_group128_after_reload(quantized):
@@ -81,13 +71,13 @@ def test_reload_matches_the_in_memory_quantized_model(quantized):
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
 
 
-def test_metadata_and_model_card_are_written(quantized):
-    _, _, out, _ = quantized
+def test_metadata_and_model_card_are_written(quantized, tmp_path):
+    out = Path(shutil.copytree(quantized[2], tmp_path / "variant"))  # the shared variant stays as built
     metadata = json.loads((out / METADATA_FILE).read_text())
     assert metadata["calibration"]["source_used"] == "embedded" and metadata["quantized_layers"] == 28
     assert metadata["size_on_disk_bytes"] > 0 and metadata["wall_time_s"] > 0
     card = (out / "README.md").read_text()
-    assert "Random weights" in card and "tiny-test" in card
+    assert "Random weights" in card and "tiny-w4a16" in card
     before = (out / METADATA_FILE).read_bytes()
     update_model_card(out, {"NDCG@5 (test)": 0.5})
     update_model_card(out, {"top-5 overlap (test)": 0.25})
@@ -180,3 +170,29 @@ def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_on
     assert seen_scratch == [str(workspace.output_dir(small_profile) / "ar_work_space")] * 2
     assert os.environ.get("AR_WORK_SPACE") == before  # restored after quantizing
     assert [p.name for p in workspace.variants_dir(small_profile).iterdir()] == [first["variant"]]
+
+
+def stored_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file under `checkpoint` (exports included), by relative path."""
+    tensors = {}
+    for shard in sorted(checkpoint.rglob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            tensors |= {f"{shard.relative_to(checkpoint)}:{name}": f.get_tensor(name) for name in f.keys()}
+    return tensors
+
+
+def test_the_variant_is_the_same_whether_or_not_the_cpu_has_bf16(tiny_w4a16_path, tiny_path, tmp_path):
+    """auto-round's bf16 CPU branch (AVX512-BF16/AMX) and its no-bf16 branch (AVX2-only, the shared
+    fixture) give one variant: the same tensors in the dtypes config.json declares, loading and
+    embedding alike, on any CPU."""
+    _, _, with_bf16 = build_tiny_w4a16(tiny_path, tmp_path, cpu_bf16=True)
+    ours, theirs = stored_tensors(tiny_w4a16_path), stored_tensors(with_bf16)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    for variant in (tiny_w4a16_path, with_bf16):
+        declared = json.loads((variant / "config.json").read_text())["dtype"]
+        floating = {str(t.dtype) for k, t in stored_tensors(variant).items() if t.is_floating_point() and not k.endswith(".scales")}
+        assert floating == {f"torch.{declared}"}, variant
+    queries = ["what was the revenue of Norbright Labs in 2019?", "q"]
+    first, second = (colquant.load(v)[0].encode_queries(queries) for v in (tiny_w4a16_path, with_bf16))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -85,7 +85,16 @@ def quantize_language_model(
     calibration: CalibrationSet,
     settings: QuantizationSettings,
 ) -> tuple[Any, Measurement]:
-    """Run auto-round (or its pure RTN mode) on the text tower in place; returns (AutoRound, cost)."""
+    """Run auto-round (or its pure RTN mode) on the text tower in place; returns (AutoRound, cost).
+
+    On a GPU auto-round tunes in bfloat16 (its default, and how the reference variants were made).
+    On a CPU it would tune in bfloat16 only where the processor has AVX512-BF16/AMX and in float32
+    elsewhere (auto-round's `CpuInfo().bf16`), so the same profile gave different variants on
+    different laptops and CI runners. ColQuant turns auto-round's mixed precision off on every CPU:
+    float32, the branch auto-round itself takes without bf16, on all of them. Either way auto-round
+    casts the text tower to its compute dtype; `save_quantized_model` writes it back in the dtype the
+    config declares.
+    """
     from auto_round import AutoRound
 
     language_model = model.language_model
@@ -107,6 +116,7 @@ def quantize_language_model(
         dataset=calibration.items,
         seed=settings.seed,
         device_map=str(model.device),
+        amp=model.device.type != "cpu",  # float32 on every CPU, whatever it supports (see above)
         enable_torch_compile=model.device.type == "cuda",  # on CPU compiling costs more than it saves
     )
     with measure(model.device) as cost, deepstack_replay(language_model):
@@ -152,6 +162,7 @@ def _write_checkpoint(
     model: torch.nn.Module, processor: Any, autoround: Any, staging: Path, metadata: dict[str, Any],
     export_formats: tuple[str, ...],
 ) -> None:
+    cast_unquantized_tensors(model, declared_dtype(model))  # before any format packs or exports the tower
     for fmt in export_formats:
         if fmt != "auto_round":
             _save_tower(autoround, staging / EXTRA_FORMAT_DIR / fmt, fmt, inplace=False)
@@ -172,6 +183,37 @@ def _write_checkpoint(
     bias_notice = projection_bias_notice(staging)
     if bias_notice:
         log.warning(bias_notice)
+
+
+def declared_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The weight dtype the model's config declares (what `save_pretrained` writes into config.json)."""
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"the model's config declares dtype {dtype!r}; load the base model with a floating dtype")
+    return dtype
+
+
+def cast_unquantized_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and saved buffer outside the 4-bit layers to `dtype`, in place.
+
+    auto-round leaves the text tower in its compute dtype (float32 on a CPU, see
+    `quantize_language_model`): embeddings and norms would be saved as float32 (float16 in the GPTQ
+    export) under a config that declares bfloat16, which the strict loader refuses. The decoder's
+    Linear layers keep their tuned weights until packing gives them the dtypes their format defines
+    (int32 codes, float16 scales); buffers that are not saved (RoPE's float32 inverse frequencies)
+    keep theirs.
+    """
+    language_model = model.language_model
+    quantized = {id(language_model.get_submodule(name)) for name in decoder_linear_names(language_model)}
+    for module in model.modules():
+        if id(module) in quantized or hasattr(module, "qweight"):
+            continue
+        saved_buffers = [b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for tensor in [*module.parameters(recurse=False), *saved_buffers]:
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
 
 
 def _save_tower(autoround: Any, directory: Path, fmt: str, *, inplace: bool) -> None:
