@@ -18,9 +18,11 @@ import colquant
 from colquant.serving import (
     PROJECTION_BIAS,
     ServingError,
+    cannot_serve,
     colquant_requests,
     compare_embeddings,
     projection_bias_notice,
+    vllm_capabilities,
     vllm_embeddings,
     vllm_python,
 )
@@ -57,9 +59,24 @@ def with_projection_bias(source: Path, destination: Path) -> Path:
     return destination
 
 
+CASES = {  # name -> kind of checkpoint vLLM serves
+    "bf16": "bf16",
+    "w4a16": "w4a16",
+    "w4a16 GPTQ export": "w4a16",
+    "bf16 with projection bias": "bf16",
+}
+AVX2_ONLY = "import torch\ntorch.cpu._is_avx512_supported = lambda: False"
+AVX512_BF16 = "import torch\ntorch.cpu._is_avx512_supported = lambda: True\ntorch.cpu._is_avx512_bf16_supported = lambda: True"
+
+
 @pytest.fixture(scope="module")
-def served(serving_python, tiny_path, tiny_w4a16_path, pages, tmp_path_factory) -> dict[str, pd.DataFrame]:
-    """name -> per-request comparison table, for every checkpoint vLLM must serve (one vLLM run)."""
+def capabilities(serving_python) -> dict:
+    return vllm_capabilities(serving_python)
+
+
+@pytest.fixture(scope="module")
+def served(serving_python, capabilities, tiny_path, tiny_w4a16_path, pages, tmp_path_factory) -> dict[str, pd.DataFrame]:
+    """name -> per-request comparison table, for every checkpoint this machine's vLLM can serve (one vLLM run)."""
     workdir = tmp_path_factory.mktemp("serving")
     biased = with_projection_bias(tiny_path, workdir / "tiny-bias")
     served_and_reference = {  # what vLLM serves -> what colquant.load embeds for comparison
@@ -68,18 +85,23 @@ def served(serving_python, tiny_path, tiny_w4a16_path, pages, tmp_path_factory) 
         "w4a16 GPTQ export": (tiny_w4a16_path / "exports" / "auto_gptq", tiny_w4a16_path),
         "bf16 with projection bias": (biased, biased),
     }
+    servable = [name for name in served_and_reference if cannot_serve(capabilities, CASES[name]) is None]
     jobs, ours = [], []
-    for index, (served_path, reference) in enumerate(served_and_reference.values()):
+    for index, name in enumerate(servable):
+        served_path, reference = served_and_reference[name]
         model, processor = colquant.load(reference)
         requests, embeddings = colquant_requests(model, processor, QUERIES, pages, workdir / f"job{index}")
         jobs.append((served_path, requests))
         ours.append(embeddings)
     theirs = vllm_embeddings(serving_python, jobs)
-    return {name: compare_embeddings(a, b) for name, a, b in zip(served_and_reference, ours, theirs)}
+    return {name: compare_embeddings(a, b) for name, a, b in zip(servable, ours, theirs)}
 
 
-@pytest.mark.parametrize("name", ["bf16", "w4a16", "w4a16 GPTQ export", "bf16 with projection bias"])
-def test_vllm_embeds_the_checkpoint_like_colquant(served, name):
+@pytest.mark.parametrize("name", list(CASES))
+def test_vllm_embeds_the_checkpoint_like_colquant(served, capabilities, name):
+    why_not = cannot_serve(capabilities, CASES[name])
+    if why_not:
+        pytest.skip(why_not)
     table = served[name]
     print(f"{name}:\n{table.to_string(index=False)}")
     assert len(table) == len(QUERIES) + 2
@@ -97,6 +119,24 @@ def test_compare_embeddings_refuses_mismatched_token_counts():
         compare_embeddings([torch.ones(3, 4)], [torch.ones(2, 4)])
     with pytest.raises(ServingError, match="2 reference items but 1 candidate items"):
         compare_embeddings([torch.ones(3, 4)] * 2, [torch.ones(3, 4)])
+
+
+def test_probe_finds_no_w4a16_gemm_where_vllm_loads_its_avx2_library(serving_python):
+    """The AVX2-only processor's branch, forced on any x86 CPU: vLLM loads its AVX2 kernel library."""
+    capabilities = vllm_capabilities(serving_python, setup=AVX2_ONLY)
+    assert capabilities == {"device": "cpu", "ops": {"cpu_gemm_wna16": False}}
+    assert "AVX2" in cannot_serve(capabilities, "w4a16") and cannot_serve(capabilities, "bf16") is None
+
+
+def test_probe_finds_the_w4a16_gemm_where_vllm_loads_its_avx512_bf16_library(serving_python):
+    capabilities = vllm_capabilities(serving_python, setup=AVX512_BF16)
+    assert capabilities == {"device": "cpu", "ops": {"cpu_gemm_wna16": True}}
+    assert cannot_serve(capabilities, "w4a16") is None and cannot_serve(capabilities, "bf16") is None
+
+
+def test_a_failing_probe_names_the_environment_and_the_fix(serving_python):
+    with pytest.raises(ServingError, match="make vllm-env"):
+        vllm_capabilities(serving_python, setup="raise SystemExit(3)")
 
 
 def test_serving_env_absent_or_failed_is_reported_with_the_fix(tmp_path, monkeypatch):

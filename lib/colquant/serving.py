@@ -24,12 +24,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from colquant.processing import PAGE_PROMPT
+from colquant_vllm.capabilities import W4A16_CPU_OP
 
 VLLM_PYTHON_ENV = "COLQUANT_VLLM_PYTHON"
 DEFAULT_VLLM_VENV = ".venv-vllm"
 UNAVAILABLE_FILE = "UNAVAILABLE"  # written by `make vllm-env` when the serving stack cannot install
 PROJECTION_BIAS = "embedding_proj_layer.bias"
 SERVING_TIMEOUT_S = 900
+PROBE_TIMEOUT_S = 300
 
 
 class ServingError(RuntimeError):
@@ -46,6 +48,34 @@ def vllm_python(repo_root: Path) -> tuple[Path | None, str]:
     if not python.exists():
         return None, f"no vLLM serving environment at {python}: create it with `make vllm-env` (or set ${VLLM_PYTHON_ENV})"
     return python, ""
+
+
+def vllm_capabilities(python: Path, *, setup: str = "") -> dict[str, Any]:
+    """What the serving environment's vLLM build loads on this machine (`colquant_vllm.capabilities`).
+
+    `setup` is Python run first in the same process (tests use it to force vLLM's choice of kernel
+    library)."""
+    code = f"{setup}\nimport json\nfrom colquant_vllm.capabilities import probe\nprint(json.dumps(probe()))"
+    environment = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
+    environment.pop("PYTHONPATH", None)  # the serving env has its own colquant_vllm install
+    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=environment, timeout=PROBE_TIMEOUT_S)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
+        raise ServingError(f"the vLLM capability probe failed in {python} (exit {result.returncode}); "
+                           f"recreate the environment with `make vllm-env`:\n{tail}")
+    return json.loads(lines[-1])
+
+
+def cannot_serve(capabilities: dict[str, Any], kind: str) -> str | None:
+    """Why this vLLM build cannot serve a checkpoint of `kind` ("bf16" or "w4a16") here, or None."""
+    if kind not in ("bf16", "w4a16"):
+        raise ValueError(f"kind={kind!r}: use 'bf16' or 'w4a16'")
+    if kind == "w4a16" and capabilities["device"] == "cpu" and not capabilities["ops"][W4A16_CPU_OP]:
+        return (f"vLLM's CPU build loaded its AVX2 kernel library on this processor, which has no {W4A16_CPU_OP} "
+                "(vLLM's W4A16 GEMM on CPUs needs AVX512): a 4-bit checkpoint cannot be served here; "
+                "BF16 checkpoints can")
+    return None
 
 
 @torch.no_grad()
