@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from colquant import pipeline, workspace
+from colquant.files import discard
 from colquant.params import ProfileError, load_profile
 from colquant.pipeline import PipelineError, plan, run
 
@@ -92,13 +93,27 @@ class StandIn:
         self.parameters.append(step.parameters)
         step.output.write_text("{}")
         if step.key == self.kill_at:
+            for path in step.caches:  # half of the recomputed results
+                write_partial(path)
             raise KeyboardInterrupt  # killed while the notebook runs
         for path in step.results if self.write_results else ():
             path.parent.mkdir(parents=True, exist_ok=True)
             # notebook 02's record of the source it used (offline, the tiny profile's fallback)
             path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__") else "{}")
+        for path in step.caches if self.write_results else ():  # mteb's result folders
+            path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
         if step.results and not self.write_results:
             raise PipelineError(f"{step.notebook} finished but did not write {step.results[0]}")
+
+
+def write_partial(path):
+    """What a killed notebook leaves where a cached result goes: a folder or file with half of it."""
+    if path.suffix:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "partial").write_text("partial")
 
 
 @pytest.fixture
@@ -258,3 +273,79 @@ def test_a_bad_override_on_the_command_line_is_one_line_naming_the_nearest_key(t
     error = capsys.readouterr().err
     assert "quantization.iterz is not a known key; did you mean 'iters'?" in error and error.count("\n") == 1
     assert stand_in.executed == []
+
+
+def steps_by_notebook(profile_path) -> dict:
+    return {step.key: step for step in plan(workspace.resolve(profile_path), load_profile(profile_path))}
+
+
+def test_notebooks_05_and_07_cache_their_mteb_results_in_folders_of_their_own():
+    """The plan's caches are where the notebooks write: a --force of one replaces its results only."""
+    sources = {name: (pipeline.NOTEBOOKS_DIR / f"{name}.ipynb").read_text() for name in ("05_vidore_eval", "07_index_compression")}
+    assert "workspace.mteb_dir(profile)" in sources["05_vidore_eval"]
+    assert "workspace.index_mteb_dir(profile)" in sources["07_index_compression"]
+    assert "workspace.mteb_dir(profile)" not in sources["07_index_compression"]
+
+
+def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    steps = steps_by_notebook(profile_path)
+    evaluation, index = steps["05_vidore_eval"].caches, steps["07_index_compression"].caches
+    assert index and not {folder for folder in index for other in evaluation if other in (folder, *folder.parents)}
+    index_result = index[0] / "results" / "tiny-bf16__index-pool3" / "task.json"
+    index_result.parent.mkdir(parents=True)
+    index_result.write_text('{"ndcg_at_5": 0.5}')
+    assert executed_after(stand_in, profile_path, force=True, notebooks=("05",)) == ["05_vidore_eval"]
+    assert index_result.read_text() == '{"ndcg_at_5": 0.5}'
+    assert executed_after(stand_in, profile_path) == []
+    discard(index[0])  # its mteb results are gone: 07 is not done any more
+    assert executed_after(stand_in, profile_path) == ["07_index_compression"]
+
+
+def finish_old_results(output_root, profile_path) -> dict:
+    """Finished variants with the results the report recorded in them, and finished sweep rows."""
+    old = {}
+    for variant in workspace.quantized_variants(load_profile(profile_path)).values():
+        (variant / workspace.REPORTED_RESULTS_FILE).write_text('{"NDCG@5": 0.61}')
+        old[variant / workspace.REPORTED_RESULTS_FILE] = '{"NDCG@5": 0.61}'
+    (output_root / "results" / "sweep.jsonl").write_text('{"variant": "bf16", "batch_size": 1}\n')
+    old[output_root / "results" / "sweep.jsonl"] = '{"variant": "bf16", "batch_size": 1}\n'
+    return old
+
+
+@pytest.mark.parametrize("killed", ["03_quantization__seqlen64", "06_memory_sweep"])
+def test_a_forced_step_killed_part_way_keeps_the_results_it_was_to_replace(tmp_path, stand_in, output_root, killed):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    old = finish_old_results(output_root, profile_path)
+    stand_in.kill_at = killed
+    with pytest.raises(KeyboardInterrupt):
+        run(profile_path, force=True, notebooks=(killed[:2],))
+    assert {path: path.read_text() for path in old} == old
+    assert not list(output_root.rglob(f"*{pipeline.SET_ASIDE}"))
+    stand_in.kill_at = None
+    assert executed_after(stand_in, profile_path) == [killed]  # not done: it did not finish
+
+
+def test_results_a_hard_killed_forced_run_set_aside_are_put_back_by_the_next_run(tmp_path, stand_in, output_root):
+    """SIGKILL gives the forced step no chance to put its results back; the next run does."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    old = finish_old_results(output_root, profile_path)
+    variant = next(iter(workspace.quantized_variants(load_profile(profile_path)).values()))
+    for path in (variant, output_root / "results" / "sweep.jsonl"):  # as _execute_replacing leaves them
+        path.rename(path.with_name(f".{path.name}{pipeline.SET_ASIDE}"))
+        write_partial(path)
+    run(profile_path, notebooks=("01",))
+    assert {path: path.read_text() for path in old} == old and not (variant / "partial").exists()
+    assert not list(output_root.rglob(f"*{pipeline.SET_ASIDE}"))
+
+
+def test_a_forced_step_that_finishes_replaces_its_results(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    old = finish_old_results(output_root, profile_path)
+    run(profile_path, force=True, notebooks=("03", "06"))
+    assert all(not path.exists() or path.read_text() != text for path, text in old.items())
+    assert not [p for p in output_root.rglob(".*") if p.name != workspace.LOCK_FILE]  # nothing set aside or staged

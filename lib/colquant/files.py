@@ -142,3 +142,14 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         log.info("removing %s, left by an interrupted save", path)
         shutil.rmtree(path)
     return stale
+
+
+def discard(path: Path) -> None:
+    """Delete a file or folder as one step: it is first renamed into a staging folder beside it,
+    so a kill while deleting leaves no half of it under its own name, only staging that
+    `remove_stale_staging` removes."""
+    path = Path(path)
+    with writing(path):
+        trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)

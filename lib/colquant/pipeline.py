@@ -7,7 +7,10 @@ and run once. A step is skipped only when its fingerprint is the one recorded wh
 parameters, the profile sections it reads and the fingerprints of the steps whose outputs it
 reads, so a change re-runs exactly the steps it affects (e.g. `sweep.repeats` re-runs only 06). A
 step's record is removed before it runs, so a run killed half way never leaves a step that looks
-finished. One run at a time holds the output directory. Command-line overrides
+finished. `--force` recomputes a step's cached results without losing them: they are set aside
+(`.<name>.before-force`) while it runs, put back if it fails or is killed (at once, or by the next
+run), and deleted only once it has finished with their successors. One run at a time holds the
+output directory. Command-line overrides
 (`--set quantization.iters=50`) reach the notebooks as the validated profile written to
 `outputs/<profile>/profile.yaml`, which they then read in place of the file.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +31,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import CaselessStrEnum
 
 from colquant import workspace
-from colquant.files import remove_stale_staging
+from colquant.files import discard, remove_stale_staging
 from colquant.params import load_profile, quantization_section
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep",
 STATE_FILE = "pipeline_state.json"
 OVERRIDDEN_PROFILE = "profile.yaml"  # the profile with the command line's --set applied, as notebooks read it
 NOTEBOOK_DEFAULT_PROFILE = "params/tiny.yaml"  # what every notebook's `parameters` cell sets
+SET_ASIDE = ".before-force"  # `.<name>.before-force`: a forced step's previous results while it runs
 # The profile sections each notebook reads (besides the profile's name and random_weights).
 SECTIONS = {
     "01_architecture": ("model",),
@@ -77,7 +81,7 @@ class Step:
     parameters: dict[str, Any]
     output: Path
     results: tuple[Path, ...]  # what the notebook must have written for the step to count as done
-    caches: tuple[Path, ...]  # reused results `--force` removes so that they are recomputed
+    caches: tuple[Path, ...]  # reused results `--force` recomputes (they count as results too)
     depends_on: tuple[str, ...]  # keys of the steps whose outputs it reads
 
     @property
@@ -109,10 +113,11 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
         quantized.append(f"03_quantization__seqlen{seqlen}")
     across = {
         "04_embedding_fidelity": ((results / f"fidelity_{n}.csv" for n in ("summary", "layer_errors", "embeddings")), ()),
-        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (out / "mteb",)),
+        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (workspace.mteb_dir(profile),)),
         "06_memory_sweep": ((results / f"{n}" for n in ("sweep.jsonl", "sweep_same_batch.csv", "sweep_budgets.csv")),
                             (results / "sweep.jsonl",)),
-        "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"), ()),
+        "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"),
+                                 (workspace.index_mteb_dir(profile),)),
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]
@@ -163,6 +168,7 @@ def run(
     profile = load_profile(profile_path, overrides=overrides)
     out = workspace.output_dir(profile)
     with workspace.output_lock(out, wait_s=wait_s):
+        _put_back_set_aside(profile)
         _remove_interrupted_staging(profile)
         if overrides:
             profile_path = _write_overridden_profile(profile, profile_path, overrides)
@@ -184,9 +190,7 @@ def run(
                 continue
             state.pop(step.key, None)
             workspace.write_json(state_path, state)  # a kill from here on leaves the step not done
-            if force:
-                _remove_caches(step)
-            _execute(step, f"{index}/{len(steps)} {step.key}")
+            _execute_replacing(step, f"{index}/{len(steps)} {step.key}", force=force)
             state[step.key] = fingerprints[step.key]
             workspace.write_json(state_path, state)
             summary.append({"step": step.key, "status": "executed"})
@@ -209,20 +213,52 @@ def _read_state(path: Path) -> dict[str, str]:
 
 
 def _finished(step: Step, state: dict[str, str], current: str) -> bool:
-    return state.get(step.key) == current and step.output.exists() and all(path.exists() for path in step.results)
+    """Recorded as finished with this fingerprint, and everything it wrote (cached results too) is there."""
+    written = (step.output, *step.results, *step.caches)
+    return state.get(step.key) == current and all(path.exists() for path in written)
 
 
-def _remove_caches(step: Step) -> None:
-    for path in step.caches:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+def _execute_replacing(step: Step, description: str, *, force: bool) -> None:
+    """Run the step; with `force`, its cached results are set aside first so that it recomputes
+    them, put back if it does not finish, and deleted only once it has."""
+    set_aside = [_set_aside(path) for path in step.caches if path.exists()] if force else []
+    try:
+        _execute(step, description)
+    except BaseException:
+        for aside in set_aside:
+            _put_back(aside)
+        raise
+    for aside in set_aside:
+        discard(aside)
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(f".{path.name}{SET_ASIDE}")
+    os.rename(path, aside)
+    return aside
+
+
+def _put_back(aside: Path) -> None:
+    """Restore results set aside for a forced step that did not finish; what it wrote in their
+    place is incomplete and goes."""
+    original = aside.with_name(aside.name.removeprefix(".").removesuffix(SET_ASIDE))
+    if original.exists():
+        discard(original)
+    os.rename(aside, original)
+
+
+def _put_back_set_aside(profile: dict[str, Any]) -> None:
+    """Results a killed forced run had set aside (this run holds the lock, so no step is running)."""
+    for folder in (workspace.output_dir(profile), workspace.results_dir(profile), workspace.variants_dir(profile)):
+        for aside in sorted(folder.glob(f".*{SET_ASIDE}")):
+            log.info("restoring %s, set aside by a forced run that did not finish", aside)
+            _put_back(aside)
 
 
 def _remove_interrupted_staging(profile: dict[str, Any]) -> None:
     """Staging folders of saves a killed run left behind (this run holds the lock, so none is live)."""
     remove_stale_staging(workspace.output_dir(profile))
+    remove_stale_staging(workspace.results_dir(profile))
     remove_stale_staging(workspace.variants_dir(profile))
 
 

@@ -219,6 +219,17 @@ def variants_dir(profile: dict[str, Any]) -> Path:
     return output_dir(profile) / "variants"
 
 
+def mteb_dir(profile: dict[str, Any]) -> Path:
+    """mteb's result cache of notebook 05 (every variant on the evaluation tasks)."""
+    return output_dir(profile) / "mteb"
+
+
+def index_mteb_dir(profile: dict[str, Any]) -> Path:
+    """mteb's result cache of notebook 07 (every variant with each compressed index), apart from
+    05's: `--force` of one of them then replaces that notebook's results and no other's."""
+    return output_dir(profile) / "mteb-index"
+
+
 def plots_dir(profile: dict[str, Any]) -> Path:
     """The figures' folder, created here because notebooks hand it to matplotlib's `savefig`,
     which does not create folders."""
