@@ -153,3 +153,15 @@ def discard(path: Path) -> None:
         trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         os.replace(path, trash / path.name)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def refuse_unrelated(target: Path, marker: str, what: str, builder: str) -> None:
+    """Before `builder` replaces `target` whole (`atomic_directory`): it may replace its own earlier
+    build (which holds `marker`), an empty folder or nothing, never a file or a folder of other
+    things, which the swap would delete."""
+    target = Path(target)
+    if (target / marker).is_file():
+        return
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} exists and is not a {what} (no {marker}); pass a new or empty directory "
+                         f"so {builder} does not overwrite unrelated files")
