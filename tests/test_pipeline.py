@@ -87,6 +87,7 @@ class StandIn:
         self.parameters: list[dict] = []
         self.kill_at: str | None = None
         self.write_results = True
+        self.stale: frozenset | None = None  # what the pipeline handed the report as stale
 
     def __call__(self, step, description):
         self.executed.append(step.key)
@@ -98,8 +99,10 @@ class StandIn:
             raise KeyboardInterrupt  # killed while the notebook runs
         for path in step.results if self.write_results else ():
             path.parent.mkdir(parents=True, exist_ok=True)
-            # notebook 02's record of the source it used (offline, the tiny profile's fallback)
-            path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__") else "{}")
+            # notebook 02's record of the source it used (offline, the tiny profile's fallback); other
+            # results name the execution that wrote them, so a re-quantized variant has new content
+            path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__")
+                            else json.dumps({"execution": len(self.executed)}))
         for path in step.caches if self.write_results else ():  # mteb's result folders
             path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
         if step.results and not self.write_results:
@@ -120,7 +123,12 @@ def write_partial(path):
 def stand_in(monkeypatch, output_root):
     notebooks = StandIn()
     monkeypatch.setattr(pipeline, "_execute", notebooks)
-    monkeypatch.setattr("colquant.reporting.write_report", lambda profile: workspace.output_dir(profile) / "REPORT.md")
+
+    def report(profile, stale=frozenset()):
+        notebooks.stale = stale
+        return workspace.output_dir(profile) / "REPORT.md"
+
+    monkeypatch.setattr("colquant.reporting.write_report", report)
     return notebooks
 
 
@@ -175,7 +183,7 @@ def test_force_recomputes_cached_results(tmp_path, stand_in, output_root):
     mteb_result.write_text("{}")
     (output_root / "results" / "sweep.jsonl").write_text('{"old": "row"}\n')
     assert executed_after(stand_in, profile_path, force=True, notebooks=("05", "06")) == ["05_vidore_eval", "06_memory_sweep"]
-    assert not mteb_result.exists() and (output_root / "results" / "sweep.jsonl").read_text() == "{}"
+    assert not mteb_result.exists() and (output_root / "results" / "sweep.jsonl").read_text() != '{"old": "row"}\n'
 
 
 def test_removing_a_seqlen_reruns_the_comparisons_without_its_variant(tmp_path, stand_in, output_root):
@@ -325,7 +333,7 @@ def test_a_forced_step_killed_part_way_keeps_the_results_it_was_to_replace(tmp_p
     assert {path: path.read_text() for path in old} == old
     assert not list(output_root.rglob(f"*{pipeline.SET_ASIDE}"))
     stand_in.kill_at = None
-    assert executed_after(stand_in, profile_path) == [killed]  # not done: it did not finish
+    assert executed_after(stand_in, profile_path)[0] == killed  # not done: it did not finish
 
 
 def test_results_a_hard_killed_forced_run_set_aside_are_put_back_by_the_next_run(tmp_path, stand_in, output_root):
@@ -349,3 +357,27 @@ def test_a_forced_step_that_finishes_replaces_its_results(tmp_path, stand_in, ou
     run(profile_path, force=True, notebooks=("03", "06"))
     assert all(not path.exists() or path.read_text() != text for path, text in old.items())
     assert not [p for p in output_root.rglob(".*") if p.name != workspace.LOCK_FILE]  # nothing set aside or staged
+
+
+COMPARISONS = ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
+
+
+def test_re_quantized_variants_make_the_comparisons_stale_until_they_run_again(tmp_path, stand_in, output_root):
+    """`--force --notebooks 03` re-quantizes under the same names: 04-07's numbers are of weights
+    that no longer exist, so the report is told they are stale, and the next run recomputes them."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    assert stand_in.stale == frozenset()
+    summary = run(profile_path, force=True, notebooks=("03",))
+    assert stand_in.stale == frozenset(COMPARISONS)
+    assert all("stale" in row["status"] for row in summary if row["step"] in COMPARISONS)
+    assert executed_after(stand_in, profile_path) == COMPARISONS and stand_in.stale == frozenset()
+
+
+def test_a_partial_run_with_other_calibration_settings_marks_everything_after_it_stale(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    run(profile_path, notebooks=("02", "03"), overrides=["calibration.nsamples=4"])
+    assert stand_in.stale == frozenset(COMPARISONS)
+    run(profile_path, notebooks=("05",))  # back to the file's settings: 02-03 (nsamples=2) are stale now
+    assert stand_in.stale == frozenset({"02_calibration", "03_quantization", *COMPARISONS})

@@ -192,7 +192,7 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     Checks run before anything is written or sent: the variant's metadata, random weights (refused
     unless `force`), the card, and (for a real push) that the hub is reachable."""
     from colquant.checkpoint import hub_offline
-    from colquant.workspace import METADATA_FILE, REPORTED_RESULTS_FILE
+    from colquant.workspace import METADATA_FILE, OutputError, read_reported_results
 
     checkpoint = Path(variant)
     metadata_file = checkpoint / METADATA_FILE
@@ -201,9 +201,10 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     if repo_id.count("/") != 1:
         raise PushError(f"--repo-id {repo_id!r} is not ORG/NAME")
     metadata = json.loads(metadata_file.read_text())
-    results_file = checkpoint / REPORTED_RESULTS_FILE
-    if results_file.exists():  # fidelity and NDCG@5 recorded by later notebooks
-        metadata["results"] = json.loads(results_file.read_text())
+    try:  # fidelity and NDCG@5 recorded by later notebooks, for the weights the variant holds now
+        metadata["results"] = read_reported_results(checkpoint)
+    except OutputError as error:
+        raise PushError(str(error)) from error
     if metadata["random_weights"] and not force:
         raise PushError(f"{checkpoint.name} was quantized from random weights: it is not for use. Pass --force to upload it anyway.")
     card = build_model_card({**metadata, "variant": repo_id}, checkpoint)

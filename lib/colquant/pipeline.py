@@ -4,8 +4,11 @@ Notebook 01 describes the model and runs once; 02-03 run once per calibration se
 (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`); 04-07 compare every variant the profile produces
 and run once. A step is skipped only when its fingerprint is the one recorded when it last
 *finished* and every result it declares exists. The fingerprint covers the notebook's source, its
-parameters, the profile sections it reads and the fingerprints of the steps whose outputs it
-reads, so a change re-runs exactly the steps it affects (e.g. `sweep.repeats` re-runs only 06). A
+parameters, the profile sections it reads, the fingerprints of the steps whose outputs it reads
+and, for 04-07, the content fingerprints of the variants they compare, so a change re-runs exactly
+the steps it affects (e.g. `sweep.repeats` re-runs only 06) and re-quantized weights re-run 04-07.
+A step left out of a partial run whose results no longer match is *stale*: REPORT.md and the
+variants' cards show none of its numbers, only the command that recomputes them. A
 step's record is removed before it runs, so a run killed half way never leaves a step that looks
 finished. `--force` recomputes a step's cached results without losing them: they are set aside
 (`.<name>.before-force`) while it runs, put back if it fails or is killed (at once, or by the next
@@ -134,10 +137,13 @@ def _relative_to_root(path: Path) -> str:
 
 
 def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -> str:
-    """The step's notebook source, parameters, the profile sections it reads, its upstream steps'.
+    """The step's notebook source, parameters, the profile sections it reads, its upstream steps',
+    and for a step that compares variants, the content of the variants on disk now.
 
     The profile enters by content, not by path: `--set` hands the notebooks another file
-    (`profile.yaml` in the outputs), which must re-run only the steps whose sections it changes."""
+    (`profile.yaml` in the outputs), which must re-run only the steps whose sections it changes.
+    The variants enter by content because a re-quantization under the same name (`--force`, or a
+    calibration setting the name does not carry) must not leave 04-07's numbers standing."""
     sections = {name: profile[name] for name in SECTIONS[step.notebook]}
     if "seqlen" in step.parameters and "calibration" in sections:  # its own seqlen is a parameter
         sections["calibration"] = {k: v for k, v in sections["calibration"].items() if k != "seqlens"}
@@ -146,6 +152,9 @@ def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -
     parameters = {key: value for key, value in step.parameters.items() if key != "profile_path"}
     identity = [parameters, profile["profile"], profile["random_weights"], sections,
                 [upstream[key] for key in step.depends_on]]
+    if step.notebook in ACROSS_VARIANTS:
+        identity.append({name: workspace.checkpoint_fingerprint(path)
+                         for name, path in workspace.quantized_variants(profile).items()})
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -177,9 +186,11 @@ def run(
         summary: list[dict[str, Any]] = []
         fingerprints: dict[str, str] = {}
         steps = plan(profile_path, profile)
+        planned: list[Step] = []
         for index, step in enumerate(steps, 1):
             # planned again: a variant's name carries the calibration source 02 actually used
             step = {fresh.key: fresh for fresh in plan(profile_path, profile)}[step.key]
+            planned.append(step)
             fingerprints[step.key] = fingerprint(step, profile, fingerprints)
             if notebooks is not None and step.notebook[:2] not in notebooks:
                 summary.append({"step": step.key, "status": "not selected"})
@@ -194,7 +205,11 @@ def run(
             state[step.key] = fingerprints[step.key]
             workspace.write_json(state_path, state)
             summary.append({"step": step.key, "status": "executed"})
-        report = write_report(profile)
+        stale = stale_steps(planned, state, fingerprints)
+        report = write_report(profile, stale=frozenset(step.notebook for step in planned if step.key in stale))
+    for row in summary:
+        if row["step"] in stale:
+            row["status"] += "; results stale (left out of REPORT.md and the model cards)"
     summary.append({"step": "REPORT.md", "status": str(report)})
     return summary
 
@@ -216,6 +231,17 @@ def _finished(step: Step, state: dict[str, str], current: str) -> bool:
     """Recorded as finished with this fingerprint, and everything it wrote (cached results too) is there."""
     written = (step.output, *step.results, *step.caches)
     return state.get(step.key) == current and all(path.exists() for path in written)
+
+
+def stale_steps(steps: list[Step], state: dict[str, str], fingerprints: dict[str, str]) -> set[str]:
+    """Keys of the steps whose results exist but are not those of the current inputs: not finished
+    with their current fingerprint (a partial run changed what they read, e.g. re-quantized the
+    variants they compared), or reading from a step that is not."""
+    unfinished: set[str] = set()
+    for step in steps:
+        if not _finished(step, state, fingerprints[step.key]) or unfinished & set(step.depends_on):
+            unfinished.add(step.key)
+    return {step.key for step in steps if step.key in unfinished and any(path.exists() for path in step.results)}
 
 
 def _execute_replacing(step: Step, description: str, *, force: bool) -> None:

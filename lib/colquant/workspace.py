@@ -314,6 +314,33 @@ def read_variant_metadata(checkpoint: str | Path) -> dict[str, Any]:
                            "(or `python -m colquant run <profile>`) to quantize it again")
 
 
+def write_reported_results(checkpoint: str | Path, results: dict[str, Any]) -> Path:
+    """Record what later notebooks measured on a variant (fidelity, NDCG@5) beside it, bound to the
+    weights they were measured on (`checkpoint_fingerprint`), so the numbers cannot outlive them."""
+    checkpoint = Path(checkpoint)
+    return write_json(checkpoint / REPORTED_RESULTS_FILE, {"weights": checkpoint_fingerprint(checkpoint), "results": results})
+
+
+def read_reported_results(checkpoint: str | Path) -> dict[str, Any]:
+    """The results recorded beside a variant ({} when none are), refused when they were measured
+    on other weights than it holds now, or do not say which."""
+    checkpoint = Path(checkpoint)
+    path = checkpoint / REPORTED_RESULTS_FILE
+    if not path.exists():
+        return {}
+    fix = (f"recompute them with `colquant run <profile>` (the report rewrites {path.name}), or delete {path} "
+           "to go on without them")
+    recorded = read_json(path, fix)
+    if not isinstance(recorded, dict) or not {"weights", "results"} <= recorded.keys():
+        raise OutputError(f"{path} does not say which weights its results were measured on (an older ColQuant "
+                          f"wrote it, or it was edited); {fix}")
+    current = checkpoint_fingerprint(checkpoint)
+    if recorded["weights"] != current:
+        raise OutputError(f"{path} holds results of other weights (fingerprint {recorded['weights']}) than "
+                          f"{checkpoint.name} holds now ({current}): they are stale; {fix}")
+    return recorded["results"]
+
+
 def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
     """BF16 first, then every quantized variant: what notebooks 04-06 compare."""
     return {BASELINE: base_model(profile), **quantized_variants(profile)}
