@@ -381,3 +381,11 @@ def test_a_partial_run_with_other_calibration_settings_marks_everything_after_it
     assert stand_in.stale == frozenset(COMPARISONS)
     run(profile_path, notebooks=("05",))  # back to the file's settings: 02-03 (nsamples=2) are stale now
     assert stand_in.stale == frozenset({"02_calibration", "03_quantization", *COMPARISONS})
+
+
+def test_notebook_numbers_are_read_without_their_leading_zero_and_unknown_ones_refused(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    assert executed_after(stand_in, profile_path, notebooks=("1",)) == ["01_architecture"]
+    for selection in (("8",), ("04", ""), ("x",)):
+        with pytest.raises(PipelineError, match=r"is not a notebook number; choose from 01,02,03,04,05,06,07"):
+            run(profile_path, notebooks=selection)

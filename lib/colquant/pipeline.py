@@ -173,6 +173,7 @@ def run(
     """
     from colquant.reporting import write_report
 
+    notebooks = _notebook_numbers(notebooks)
     profile_path = workspace.resolve(profile_path)
     profile = load_profile(profile_path, overrides=overrides)
     out = workspace.output_dir(profile)
@@ -212,6 +213,20 @@ def run(
             row["status"] += "; results stale (left out of REPORT.md and the model cards)"
     summary.append({"step": "REPORT.md", "status": str(report)})
     return summary
+
+
+def _notebook_numbers(notebooks: Sequence[str] | None) -> tuple[str, ...] | None:
+    """`("4", "05")` as `("04", "05")`; a number no notebook has is refused: it would select nothing,
+    and the run would only rewrite the report."""
+    if notebooks is None:
+        return None
+    known = [name[:2] for name in SECTIONS]
+    numbers = tuple(str(number).strip().zfill(2) for number in notebooks)
+    unknown = [repr(given) for given, number in zip(notebooks, numbers) if number not in known]
+    if unknown or not numbers:
+        raise PipelineError(f"--notebooks {','.join(map(str, notebooks))}: {', '.join(unknown) or 'nothing'} is not a "
+                            f"notebook number; choose from {','.join(known)}")
+    return numbers
 
 
 def _write_overridden_profile(profile: dict[str, Any], source: Path, overrides: Sequence[str]) -> Path:
