@@ -389,3 +389,12 @@ def test_notebook_numbers_are_read_without_their_leading_zero_and_unknown_ones_r
     for selection in (("8",), ("04", ""), ("x",)):
         with pytest.raises(PipelineError, match=r"is not a notebook number; choose from 01,02,03,04,05,06,07"):
             run(profile_path, notebooks=selection)
+
+
+def test_a_deleted_fp8_variant_makes_its_quantization_step_run_again(tmp_path, stand_in, output_root):
+    """FP8 variants are 03's outputs like the others: gone, 03 is not done (and --force remakes them)."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    discard(output_root / "variants" / "fp8-lm")
+    assert "03_quantization__seqlen64" in executed_after(stand_in, profile_path)
+    assert (output_root / "variants" / "fp8-lm" / workspace.METADATA_FILE).exists()

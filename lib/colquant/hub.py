@@ -23,7 +23,6 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from colquant.files import write_text
-from colquant.tiny import TINY_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +225,8 @@ def check_repo_id(repo_id: str) -> None:
 def random_weights(metadata: dict[str, Any], checkpoint: Path) -> bool:
     """The variant's random-weights flag, checked against what it was made from: a base model that is
     one of ColQuant's random-weight builds makes the variant random whatever the flag says."""
+    from colquant.tiny import TINY_MARKER
+
     base = str(metadata.get("base_model"))
     built = base in RANDOM_WEIGHT_BUILDS or (Path(base) / TINY_MARKER).is_file()
     if built and not metadata["random_weights"]:

@@ -94,14 +94,19 @@ class Step:
 
 def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     """The notebooks to execute for this profile, in order, with what each writes and reads."""
+    from colquant.fp8 import variant_names as fp8_variants
+
     out = workspace.output_dir(profile)
     results = workspace.results_dir(profile)
     parameters = {"profile_path": _relative_to_root(profile_path)}
-    rtn = [quantization_section(profile).variant_name(0, "rtn")] if profile["quantization"]["rtn_baseline"] else []
+    # made by every seqlen's 03 from the base weights alone (no calibration)
+    uncalibrated = [quantization_section(profile).variant_name(0, "rtn")] if profile["quantization"]["rtn_baseline"] else []
+    uncalibrated += fp8_variants(profile)
     steps = [Step("01_architecture", parameters, out / "01_architecture.ipynb", (results / "architecture.json",), (), ())]
     quantized = []
     for seqlen in profile["calibration"]["seqlens"]:
-        variants = tuple(workspace.variants_dir(profile) / name for name in [workspace.autoround_variant(profile, seqlen), *rtn])
+        variants = tuple(workspace.variants_dir(profile) / name
+                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated])
         per_seqlen = {
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (
@@ -275,7 +280,8 @@ def _execute_replacing(step: Step, description: str, *, force: bool) -> None:
 
 def _set_aside(path: Path) -> Path:
     aside = path.with_name(f".{path.name}{SET_ASIDE}")
-    os.rename(path, aside)
+    with workspace.writing(path):
+        os.rename(path, aside)
     return aside
 
 
@@ -285,7 +291,8 @@ def _put_back(aside: Path) -> None:
     original = aside.with_name(aside.name.removeprefix(".").removesuffix(SET_ASIDE))
     if original.exists():
         discard(original)
-    os.rename(aside, original)
+    with workspace.writing(original):
+        os.rename(aside, original)
 
 
 def _put_back_set_aside(profile: dict[str, Any]) -> None:
