@@ -1,7 +1,9 @@
 """Model cards and `colquant push`: checks run before anything is written or uploaded."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -17,8 +19,10 @@ def variant(tiny_w4a16_path, tmp_path):
 
 
 def real_weights(variant):
+    """The tiny variant passed off as one of the real model (base model and flag changed together)."""
     metadata = json.loads((variant / METADATA_FILE).read_text())
-    (variant / METADATA_FILE).write_text(json.dumps({**metadata, "random_weights": False, "license": "apache-2.0"}))
+    (variant / METADATA_FILE).write_text(json.dumps({**metadata, "random_weights": False, "license": "apache-2.0",
+                                                     "base_model": "TomoroAI/tomoro-colqwen3-embed-4b"}))
     return variant
 
 
@@ -85,3 +89,71 @@ def test_variant_model_meta_is_complete_and_validated_by_mteb(variant):
     assert meta.n_parameters > 0 and meta.memory_usage_mb >= 0 and meta.modalities == ["image", "text"]
     (variant / "config.json").write_text((variant / "config.json").read_text() + " ")
     assert content_revision(variant) != meta.revision
+
+
+def test_dry_run_refuses_a_variant_that_does_not_load(variant):
+    config = json.loads((variant / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] -= 1  # a lowered layer count: one layer's weights would be dropped
+    (variant / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PushError, match="does not load as colquant.load loads it.*unexpected keys"):
+        push(real_weights(variant), "org/name", dry_run=True)
+
+
+@pytest.mark.parametrize("stray", [".env", ".git/config", "exports/.DS_Store", "link"])
+def test_hidden_files_and_links_are_refused_by_push_and_dry_run_alike(variant, monkeypatch, stray):
+    path = variant / stray
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if stray == "link":
+        path.symlink_to(variant.parent)  # would upload whatever it points at
+    else:
+        path.write_text("HF_TOKEN=hf_secret\n")
+    real_weights(variant)
+    monkeypatch.setattr("colquant.checkpoint.hub_offline", lambda: False)
+    for dry_run in (True, False):
+        with pytest.raises(PushError, match=rf"holds .*{stray.split('/')[0]}.*Move them out of the folder"):
+            push(variant, "org/name", dry_run=dry_run)
+
+
+def test_push_uploads_exactly_the_files_the_dry_run_lists(variant, monkeypatch):
+    from huggingface_hub.utils import filter_repo_objects
+
+    listed = push(real_weights(variant), "org/name", dry_run=True)
+    sent = {}
+
+    class Hub:
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def upload_folder(self, *, folder_path, allow_patterns, **kwargs):
+            everything = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
+            sent["files"] = sorted(filter_repo_objects(everything, allow_patterns=allow_patterns))
+
+    monkeypatch.setattr("colquant.checkpoint.hub_offline", lambda: False)
+    monkeypatch.setattr("huggingface_hub.HfApi", Hub)
+    (variant / "notes.txt").write_text("not a hidden file: listed and sent")
+    assert push(variant, "org/name") == sent["files"] == sorted([*listed, "notes.txt"])
+
+
+@pytest.mark.parametrize("repo_id", ["org/bad name", "org/name--x", "org/..", "-org/name"])
+def test_a_repo_id_the_hub_would_refuse_is_refused_before_anything_runs(variant, repo_id):
+    with pytest.raises(PushError, match="is not a valid hub repo id"):
+        push(real_weights(variant), repo_id, dry_run=True)
+
+
+def test_a_random_weights_flag_edited_against_the_base_models_provenance_is_refused(variant):
+    metadata = json.loads((variant / METADATA_FILE).read_text())  # base model: the tiny random build
+    (variant / METADATA_FILE).write_text(json.dumps({**metadata, "random_weights": False}))
+    for force in (False, True):
+        with pytest.raises(PushError, match=r"says random_weights: false, but its base model .* random-weight build.*edited"):
+            push(variant, "org/name", dry_run=True, force=force)
+
+
+def test_push_refuses_results_measured_on_other_weights(variant):
+    from colquant.quantization import update_model_card
+
+    update_model_card(real_weights(variant), {"NDCG@5, mean of 1 tasks": 0.5})
+    assert "README.md" in push(variant, "org/name", dry_run=True)
+    shard = next(variant.glob("*.safetensors"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the weights were rewritten
+    with pytest.raises(PushError, match=r"results of other weights .* stale; recompute them with `colquant run"):
+        push(variant, "org/name", dry_run=True)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from colquant import pipeline, workspace
+from colquant.files import discard
 from colquant.params import ProfileError, load_profile
 from colquant.pipeline import PipelineError, plan, run
 
@@ -86,26 +87,48 @@ class StandIn:
         self.parameters: list[dict] = []
         self.kill_at: str | None = None
         self.write_results = True
+        self.stale: frozenset | None = None  # what the pipeline handed the report as stale
 
     def __call__(self, step, description):
         self.executed.append(step.key)
         self.parameters.append(step.parameters)
         step.output.write_text("{}")
         if step.key == self.kill_at:
+            for path in step.caches:  # half of the recomputed results
+                write_partial(path)
             raise KeyboardInterrupt  # killed while the notebook runs
         for path in step.results if self.write_results else ():
             path.parent.mkdir(parents=True, exist_ok=True)
-            # notebook 02's record of the source it used (offline, the tiny profile's fallback)
-            path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__") else "{}")
+            # notebook 02's record of the source it used (offline, the tiny profile's fallback); other
+            # results name the execution that wrote them, so a re-quantized variant has new content
+            path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__")
+                            else json.dumps({"execution": len(self.executed)}))
+        for path in step.caches if self.write_results else ():  # mteb's result folders
+            path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
         if step.results and not self.write_results:
             raise PipelineError(f"{step.notebook} finished but did not write {step.results[0]}")
+
+
+def write_partial(path):
+    """What a killed notebook leaves where a cached result goes: a folder or file with half of it."""
+    if path.suffix:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("partial")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "partial").write_text("partial")
 
 
 @pytest.fixture
 def stand_in(monkeypatch, output_root):
     notebooks = StandIn()
     monkeypatch.setattr(pipeline, "_execute", notebooks)
-    monkeypatch.setattr("colquant.reporting.write_report", lambda profile: workspace.output_dir(profile) / "REPORT.md")
+
+    def report(profile, stale=frozenset()):
+        notebooks.stale = stale
+        return workspace.output_dir(profile) / "REPORT.md"
+
+    monkeypatch.setattr("colquant.reporting.write_report", report)
     return notebooks
 
 
@@ -160,7 +183,7 @@ def test_force_recomputes_cached_results(tmp_path, stand_in, output_root):
     mteb_result.write_text("{}")
     (output_root / "results" / "sweep.jsonl").write_text('{"old": "row"}\n')
     assert executed_after(stand_in, profile_path, force=True, notebooks=("05", "06")) == ["05_vidore_eval", "06_memory_sweep"]
-    assert not mteb_result.exists() and (output_root / "results" / "sweep.jsonl").read_text() == "{}"
+    assert not mteb_result.exists() and (output_root / "results" / "sweep.jsonl").read_text() != '{"old": "row"}\n'
 
 
 def test_removing_a_seqlen_reruns_the_comparisons_without_its_variant(tmp_path, stand_in, output_root):
@@ -258,3 +281,120 @@ def test_a_bad_override_on_the_command_line_is_one_line_naming_the_nearest_key(t
     error = capsys.readouterr().err
     assert "quantization.iterz is not a known key; did you mean 'iters'?" in error and error.count("\n") == 1
     assert stand_in.executed == []
+
+
+def steps_by_notebook(profile_path) -> dict:
+    return {step.key: step for step in plan(workspace.resolve(profile_path), load_profile(profile_path))}
+
+
+def test_notebooks_05_and_07_cache_their_mteb_results_in_folders_of_their_own():
+    """The plan's caches are where the notebooks write: a --force of one replaces its results only."""
+    sources = {name: (pipeline.NOTEBOOKS_DIR / f"{name}.ipynb").read_text() for name in ("05_vidore_eval", "07_index_compression")}
+    assert "workspace.mteb_dir(profile)" in sources["05_vidore_eval"]
+    assert "workspace.index_mteb_dir(profile)" in sources["07_index_compression"]
+    assert "workspace.mteb_dir(profile)" not in sources["07_index_compression"]
+
+
+def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    steps = steps_by_notebook(profile_path)
+    evaluation, index = steps["05_vidore_eval"].caches, steps["07_index_compression"].caches
+    assert index and not {folder for folder in index for other in evaluation if other in (folder, *folder.parents)}
+    index_result = index[0] / "results" / "tiny-bf16__index-pool3" / "task.json"
+    index_result.parent.mkdir(parents=True)
+    index_result.write_text('{"ndcg_at_5": 0.5}')
+    assert executed_after(stand_in, profile_path, force=True, notebooks=("05",)) == ["05_vidore_eval"]
+    assert index_result.read_text() == '{"ndcg_at_5": 0.5}'
+    assert executed_after(stand_in, profile_path) == []
+    discard(index[0])  # its mteb results are gone: 07 is not done any more
+    assert executed_after(stand_in, profile_path) == ["07_index_compression"]
+
+
+def finish_old_results(output_root, profile_path) -> dict:
+    """Finished variants with the results the report recorded in them, and finished sweep rows."""
+    old = {}
+    for variant in workspace.quantized_variants(load_profile(profile_path)).values():
+        (variant / workspace.REPORTED_RESULTS_FILE).write_text('{"NDCG@5": 0.61}')
+        old[variant / workspace.REPORTED_RESULTS_FILE] = '{"NDCG@5": 0.61}'
+    (output_root / "results" / "sweep.jsonl").write_text('{"variant": "bf16", "batch_size": 1}\n')
+    old[output_root / "results" / "sweep.jsonl"] = '{"variant": "bf16", "batch_size": 1}\n'
+    return old
+
+
+@pytest.mark.parametrize("killed", ["03_quantization__seqlen64", "06_memory_sweep"])
+def test_a_forced_step_killed_part_way_keeps_the_results_it_was_to_replace(tmp_path, stand_in, output_root, killed):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    old = finish_old_results(output_root, profile_path)
+    stand_in.kill_at = killed
+    with pytest.raises(KeyboardInterrupt):
+        run(profile_path, force=True, notebooks=(killed[:2],))
+    assert {path: path.read_text() for path in old} == old
+    assert not list(output_root.rglob(f"*{pipeline.SET_ASIDE}"))
+    stand_in.kill_at = None
+    assert executed_after(stand_in, profile_path)[0] == killed  # not done: it did not finish
+
+
+def test_results_a_hard_killed_forced_run_set_aside_are_put_back_by_the_next_run(tmp_path, stand_in, output_root):
+    """SIGKILL gives the forced step no chance to put its results back; the next run does."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    old = finish_old_results(output_root, profile_path)
+    variant = next(iter(workspace.quantized_variants(load_profile(profile_path)).values()))
+    for path in (variant, output_root / "results" / "sweep.jsonl"):  # as _execute_replacing leaves them
+        path.rename(path.with_name(f".{path.name}{pipeline.SET_ASIDE}"))
+        write_partial(path)
+    run(profile_path, notebooks=("01",))
+    assert {path: path.read_text() for path in old} == old and not (variant / "partial").exists()
+    assert not list(output_root.rglob(f"*{pipeline.SET_ASIDE}"))
+
+
+def test_a_forced_step_that_finishes_replaces_its_results(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    old = finish_old_results(output_root, profile_path)
+    run(profile_path, force=True, notebooks=("03", "06"))
+    assert all(not path.exists() or path.read_text() != text for path, text in old.items())
+    assert not [p for p in output_root.rglob(".*") if p.name != workspace.LOCK_FILE]  # nothing set aside or staged
+
+
+COMPARISONS = ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
+
+
+def test_re_quantized_variants_make_the_comparisons_stale_until_they_run_again(tmp_path, stand_in, output_root):
+    """`--force --notebooks 03` re-quantizes under the same names: 04-07's numbers are of weights
+    that no longer exist, so the report is told they are stale, and the next run recomputes them."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    assert stand_in.stale == frozenset()
+    summary = run(profile_path, force=True, notebooks=("03",))
+    assert stand_in.stale == frozenset(COMPARISONS)
+    assert all("stale" in row["status"] for row in summary if row["step"] in COMPARISONS)
+    assert executed_after(stand_in, profile_path) == COMPARISONS and stand_in.stale == frozenset()
+
+
+def test_a_partial_run_with_other_calibration_settings_marks_everything_after_it_stale(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    run(profile_path, notebooks=("02", "03"), overrides=["calibration.nsamples=4"])
+    assert stand_in.stale == frozenset(COMPARISONS)
+    run(profile_path, notebooks=("05",))  # back to the file's settings: 02-03 (nsamples=2) are stale now
+    assert stand_in.stale == frozenset({"02_calibration", "03_quantization", *COMPARISONS})
+
+
+def test_notebook_numbers_are_read_without_their_leading_zero_and_unknown_ones_refused(tmp_path, stand_in, output_root):
+    profile_path = small_profile(tmp_path)
+    assert executed_after(stand_in, profile_path, notebooks=("1",)) == ["01_architecture"]
+    for selection in (("8",), ("04", ""), ("x",)):
+        with pytest.raises(PipelineError, match=r"is not a notebook number; choose from 01,02,03,04,05,06,07"):
+            run(profile_path, notebooks=selection)
+
+
+def test_a_deleted_fp8_variant_makes_its_quantization_step_run_again(tmp_path, stand_in, output_root):
+    """FP8 variants are 03's outputs like the others: gone, 03 is not done (and --force remakes them)."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    discard(output_root / "variants" / "fp8-lm")
+    assert "03_quantization__seqlen64" in executed_after(stand_in, profile_path)
+    assert (output_root / "variants" / "fp8-lm" / workspace.METADATA_FILE).exists()

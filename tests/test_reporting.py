@@ -150,3 +150,44 @@ def test_the_budget_table_collapses_to_one_row_per_budget_with_the_best_choice_p
     assert collapsed["W4A16"].tolist() == [f"`{RTN}` · batch 16 · 6/s", f"`{W4_256}` · batch 64 · 7/s"]
     same = pd.DataFrame([{**row, "budget_gb": budget} for budget in (8, 12, 16) for row in rows if row["budget_gb"] == 80])
     assert reporting.collapse_budgets(same)["page"]["budget (GB)"].tolist() == ["8–16"]
+
+
+def test_stale_results_leave_the_report_and_the_model_card(profile):
+    """After a partial run re-quantized a variant (`--notebooks 02,03 --set calibration.nsamples=4`),
+    the numbers of the weights it replaced are shown nowhere: not in REPORT.md, its headline or
+    plots, nor in the variant's card or reported results."""
+    profile["calibration"]["seqlens"] = [64]
+    w4 = workspace.autoround_variant(profile, 64)
+    fake_variant(profile, w4)
+    results = workspace.results_dir(profile)
+    recorded(results, {"bf16": 0.6125, w4: 0.5125})
+    workspace.write_csv(results / "fidelity_summary.csv", pd.DataFrame(
+        [{"variant": w4, "query_token_cosine_mean": 0.9875, "page_token_cosine_mean": 0.99, "top5_overlap": 0.9}]))
+    workspace.write_csv(results / "ndcg.csv", pd.DataFrame(
+        [{"task": "T", "variant": w4, "ndcg_at_5": 0.5125}, {"task": "T", "variant": "bf16", "ndcg_at_5": 0.6125}]))
+    workspace.plots_dir(profile).joinpath("05_ndcg.png").write_bytes(b"png")
+    card = workspace.variants_dir(profile) / w4 / "README.md"
+    reporting.write_report(profile)
+    assert "0.5125" in card.read_text()  # fresh: published
+    report = reporting.write_report(profile, stale=frozenset({"04_embedding_fidelity", "05_vidore_eval"})).read_text()
+    assert "0.5125" not in report and "0.9875" not in report and "05_ndcg" not in report
+    assert "Stale: the results of `notebooks/05_vidore_eval.ipynb`" in report and "colquant run report-test" in report
+    assert "0.5125" not in card.read_text() and "0.9875" not in card.read_text()
+    assert workspace.read_reported_results(card.parent) == {}
+
+
+def test_reported_results_name_the_weights_they_were_measured_on(profile, tmp_path):
+    from colquant.quantization import update_model_card
+
+    profile["calibration"]["seqlens"] = [64]
+    fake_variant(profile, workspace.autoround_variant(profile, 64))
+    variant = workspace.variants_dir(profile) / workspace.autoround_variant(profile, 64)
+    (variant / "model-00001-of-00001.safetensors").write_bytes(b"weights")
+    update_model_card(variant, {"NDCG@5, mean of 1 tasks": 0.5})
+    assert workspace.read_reported_results(variant) == {"NDCG@5, mean of 1 tasks": 0.5}
+    (variant / "model-00001-of-00001.safetensors").write_bytes(b"other weights")  # re-quantized in place
+    with pytest.raises(workspace.OutputError, match=r"results of other weights .* stale; recompute them with `colquant run"):
+        workspace.read_reported_results(variant)
+    (variant / workspace.REPORTED_RESULTS_FILE).write_text('{"NDCG@5, mean of 1 tasks": 0.5}')  # unbound
+    with pytest.raises(workspace.OutputError, match="does not say which weights"):
+        workspace.read_reported_results(variant)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -59,3 +60,17 @@ def test_a_checkpoint_built_by_an_older_format_is_rebuilt(tmp_path):
     (path / "preprocessor_config.json").write_text("{}")
     tiny.build(path)
     assert json.loads((path / "preprocessor_config.json").read_text())["size"]["shortest_edge"] == 65_536
+
+
+def test_build_refuses_a_folder_of_other_files_instead_of_replacing_it(tmp_path):
+    """`tiny.build("outputs/tiny")` must not swap a folder of results for the checkpoint."""
+    (tmp_path / "REPORT.md").write_text("# results")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "ndcg.csv").write_text("variant,ndcg_at_5\n")
+    with pytest.raises(ValueError, match=r"is not a tiny ColQuant model build \(no colquant_tiny\.json\); pass a new or empty"):
+        tiny.build(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["REPORT.md", "results"]
+    assert (tmp_path / "results" / "ndcg.csv").exists()
+    with pytest.raises(ValueError, match="not a tiny ColQuant model build"):
+        tiny.build(tmp_path / "REPORT.md")  # a file
+    assert tiny.build(tmp_path / "empty").is_dir()  # a new folder is fine

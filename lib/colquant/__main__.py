@@ -146,7 +146,7 @@ def add_push(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("variant", help="the variant's directory (outputs/<profile>/variants/<name>)")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the hub")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
-    parser.add_argument("--dry-run", action="store_true", help="validate the card and list the files; upload nothing")
+    parser.add_argument("--dry-run", action="store_true", help="run every check push runs and list the files it would send; upload nothing")
     parser.add_argument("--force", action="store_true", help="upload even a random-weight variant")
     parser.set_defaults(handler=push_command)
 
@@ -160,7 +160,8 @@ def push_command(args: argparse.Namespace, rest: list[str]) -> int:
     except PushError as error:
         raise CliError(str(error)) from error
     verb = "would upload" if args.dry_run else "uploaded"
-    print(f"{verb} {len(files)} files to {args.repo_id} (model card valid):\n" + "\n".join(f"  {name}" for name in files))
+    print(f"{verb} {len(files)} files to {args.repo_id} (variant loads, model card valid):\n"
+          + "\n".join(f"  {name}" for name in files))
     return 0
 
 

@@ -43,7 +43,7 @@ from colquant.corpus_content import (
     page_id_of,
     page_text,
 )
-from colquant.files import atomic_directory
+from colquant.files import atomic_directory, refuse_unrelated
 from colquant.page_render import DEFAULT_PAGE_SIZE, render_page
 
 FORMAT_VERSION = 1
@@ -198,9 +198,7 @@ def build_corpus(root: str | Path, *, n_pages: int = 60, n_queries: int = 120, s
         manifest = _read_manifest(root)
         if all(manifest.get(key) == value for key, value in params.items()):
             return load_corpus(root)
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ValueError(f"root {root} exists and is not a colquant corpus (no manifest.json); pass a new "
-                         "or empty directory so build_corpus does not overwrite unrelated files")
+    refuse_unrelated(root, "manifest.json", "colquant corpus", "build_corpus")
     rng = random.Random(seed)
     contents = generate_contents(rng, n_pages)
     queries = make_queries(rng, contents, n_queries)

@@ -142,3 +142,26 @@ def remove_stale_staging(directory: Path) -> list[Path]:
         log.info("removing %s, left by an interrupted save", path)
         shutil.rmtree(path)
     return stale
+
+
+def discard(path: Path) -> None:
+    """Delete a file or folder as one step: it is first renamed into a staging folder beside it,
+    so a kill while deleting leaves no half of it under its own name, only staging that
+    `remove_stale_staging` removes."""
+    path = Path(path)
+    with writing(path):
+        trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def refuse_unrelated(target: Path, marker: str, what: str, builder: str) -> None:
+    """Before `builder` replaces `target` whole (`atomic_directory`): it may replace its own earlier
+    build (which holds `marker`), an empty folder or nothing, never a file or a folder of other
+    things, which the swap would delete."""
+    target = Path(target)
+    if (target / marker).is_file():
+        return
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target} exists and is not a {what} (no {marker}); pass a new or empty directory "
+                         f"so {builder} does not overwrite unrelated files")

@@ -4,12 +4,19 @@ The card is built with huggingface_hub's `ModelCard`/`ModelCardData`, so its met
 hub indexes (base model and relation, library, pipeline tag, license carried from the base model,
 quantization details). Usage snippets are the three ways the checkpoint loads (colquant, transformers
 with the remote code it carries, vLLM with the colquant plugin); tests check that each one runs.
+
+`push --dry-run` runs every check `push` runs and lists exactly the files it would send: the
+variant loads as `colquant.load` loads it, the repo id is one the hub accepts, the reported results
+are those of the weights the variant holds, its random-weights flag agrees with its base model's
+provenance, and it holds no hidden file or link (`.env`, `.git/`, ...). Those are refused, not left
+out: a stray file in a folder about to be published is the user's to move, not ours to skip.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,8 @@ PIPELINE_TAG = "visual-document-retrieval"
 REQUIRED_CARD_FIELDS = ("base_model", "library_name", "pipeline_tag", "license", "tags")
 NOT_FOR_USE = "**Not for use: random weights.**"
 UNKNOWN_LICENSE = "other"
+# Profile model ids of the checkpoints ColQuant builds itself, with random weights (`workspace.base_model`).
+RANDOM_WEIGHT_BUILDS = ("embedded-tiny", "synthetic-4b")
 
 
 class PushError(RuntimeError):
@@ -182,33 +191,90 @@ def validate_card(card: ModelCard) -> None:
 
 
 def files_to_upload(checkpoint: Path) -> list[str]:
-    """Every file of the checkpoint (weights, configs, processor files, remote code, metadata, exports)."""
-    return sorted(str(f.relative_to(checkpoint)) for f in checkpoint.rglob("*") if f.is_file() and not f.name.startswith("."))
+    """Every file of the checkpoint (weights, configs, processor files, remote code, metadata, exports),
+    relative to it; a hidden file or folder, or a link, anywhere in it is refused by name."""
+    files, refused = [], []
+    for folder, subfolders, names in os.walk(checkpoint):
+        for name in [*subfolders, *names]:
+            path = Path(folder) / name
+            relative = path.relative_to(checkpoint).as_posix()
+            if name.startswith(".") or path.is_symlink():
+                refused.append(relative + ("/" if path.is_dir() and not path.is_symlink() else ""))
+            elif path.is_file():
+                files.append(relative)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+    if refused:
+        raise PushError(f"{checkpoint} holds {', '.join(sorted(refused))}: hidden files and links are not uploaded "
+                        "with a variant (they may hold secrets, or point outside it). Move them out of the folder, "
+                        "then push again.")
+    return sorted(files)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ORG/NAME as the hub accepts it (huggingface_hub's own validator), before anything is loaded or sent."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1:
+        raise PushError(f"--repo-id {repo_id!r} is not ORG/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PushError(f"--repo-id {repo_id!r} is not a valid hub repo id: {error}") from error
+
+
+def random_weights(metadata: dict[str, Any], checkpoint: Path) -> bool:
+    """The variant's random-weights flag, checked against what it was made from: a base model that is
+    one of ColQuant's random-weight builds makes the variant random whatever the flag says."""
+    from colquant.tiny import TINY_MARKER
+
+    base = str(metadata.get("base_model"))
+    built = base in RANDOM_WEIGHT_BUILDS or (Path(base) / TINY_MARKER).is_file()
+    if built and not metadata["random_weights"]:
+        raise PushError(
+            f"{checkpoint / 'quantization_metadata.json'} says random_weights: false, but its base model {base} is "
+            f"ColQuant's random-weight build ({'a profile model id' if base in RANDOM_WEIGHT_BUILDS else TINY_MARKER}): "
+            "the flag was edited. Restore random_weights: true; a random-weight variant is pushed only with --force.")
+    return bool(metadata["random_weights"])
+
+
+def check_loads(checkpoint: Path) -> None:
+    """Load the variant on the CPU as `colquant.load` does (config, every shard and tensor, keys,
+    NaN/Inf), so a push never publishes a checkpoint that does not load."""
+    from colquant.checkpoint import CheckpointError, load
+
+    try:
+        load(checkpoint, device="cpu", accelerate=False)
+    except CheckpointError as error:
+        raise PushError(f"{checkpoint} does not load as colquant.load loads it, so it is not pushed: {error}") from error
 
 
 def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False, force: bool = False) -> list[str]:
     """Upload a variant with a regenerated card; returns the files (all that would go, on a dry run).
 
-    Checks run before anything is written or sent: the variant's metadata, random weights (refused
-    unless `force`), the card, and (for a real push) that the hub is reachable."""
+    Checks run before anything is written or sent, the same on a dry run: the variant's metadata,
+    the repo id, hidden files and links (refused), random weights (refused unless `force`, and
+    checked against the base model), reported results of other weights (refused), a full load on
+    the CPU, the card, and (for a real push) that the hub is reachable. The upload sends exactly the
+    files returned."""
     from colquant.checkpoint import hub_offline
-    from colquant.workspace import METADATA_FILE, REPORTED_RESULTS_FILE
+    from colquant.workspace import METADATA_FILE, OutputError, read_reported_results, read_variant_metadata
 
     checkpoint = Path(variant)
     metadata_file = checkpoint / METADATA_FILE
     if not metadata_file.exists():
         raise PushError(f"{checkpoint} has no {METADATA_FILE}: pass a variant directory ColQuant wrote (variants/<name>)")
-    if repo_id.count("/") != 1:
-        raise PushError(f"--repo-id {repo_id!r} is not ORG/NAME")
-    metadata = json.loads(metadata_file.read_text())
-    results_file = checkpoint / REPORTED_RESULTS_FILE
-    if results_file.exists():  # fidelity and NDCG@5 recorded by later notebooks
-        metadata["results"] = json.loads(results_file.read_text())
-    if metadata["random_weights"] and not force:
+    check_repo_id(repo_id)
+    files = sorted(set(files_to_upload(checkpoint)) | {"README.md"})
+    try:  # fidelity and NDCG@5 recorded by later notebooks, for the weights the variant holds now
+        metadata = read_variant_metadata(checkpoint)
+        metadata["results"] = read_reported_results(checkpoint)
+    except OutputError as error:
+        raise PushError(str(error)) from error
+    if random_weights(metadata, checkpoint) and not force:
         raise PushError(f"{checkpoint.name} was quantized from random weights: it is not for use. Pass --force to upload it anyway.")
+    check_loads(checkpoint)
     card = build_model_card({**metadata, "variant": repo_id}, checkpoint)
     validate_card(card)
-    files = sorted(set(files_to_upload(checkpoint)) | {"README.md"})
     if dry_run:
         return files
     if hub_offline():
@@ -218,7 +284,7 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     write_text(checkpoint / "README.md", str(card))
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(checkpoint), repo_id=repo_id, repo_type="model",
+    api.upload_folder(folder_path=str(checkpoint), repo_id=repo_id, repo_type="model", allow_patterns=files,
                       commit_message=f"Upload {metadata['variant']} (ColQuant)")
     return files
 

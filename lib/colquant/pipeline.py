@@ -4,10 +4,16 @@ Notebook 01 describes the model and runs once; 02-03 run once per calibration se
 (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`); 04-07 compare every variant the profile produces
 and run once. A step is skipped only when its fingerprint is the one recorded when it last
 *finished* and every result it declares exists. The fingerprint covers the notebook's source, its
-parameters, the profile sections it reads and the fingerprints of the steps whose outputs it
-reads, so a change re-runs exactly the steps it affects (e.g. `sweep.repeats` re-runs only 06). A
+parameters, the profile sections it reads, the fingerprints of the steps whose outputs it reads
+and, for 04-07, the content fingerprints of the variants they compare, so a change re-runs exactly
+the steps it affects (e.g. `sweep.repeats` re-runs only 06) and re-quantized weights re-run 04-07.
+A step left out of a partial run whose results no longer match is *stale*: REPORT.md and the
+variants' cards show none of its numbers, only the command that recomputes them. A
 step's record is removed before it runs, so a run killed half way never leaves a step that looks
-finished. One run at a time holds the output directory. Command-line overrides
+finished. `--force` recomputes a step's cached results without losing them: they are set aside
+(`.<name>.before-force`) while it runs, put back if it fails or is killed (at once, or by the next
+run), and deleted only once it has finished with their successors. One run at a time holds the
+output directory. Command-line overrides
 (`--set quantization.iters=50`) reach the notebooks as the validated profile written to
 `outputs/<profile>/profile.yaml`, which they then read in place of the file.
 """
@@ -17,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +34,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import CaselessStrEnum
 
 from colquant import workspace
-from colquant.files import remove_stale_staging
+from colquant.files import discard, remove_stale_staging
 from colquant.params import load_profile, quantization_section
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,7 @@ ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep",
 STATE_FILE = "pipeline_state.json"
 OVERRIDDEN_PROFILE = "profile.yaml"  # the profile with the command line's --set applied, as notebooks read it
 NOTEBOOK_DEFAULT_PROFILE = "params/tiny.yaml"  # what every notebook's `parameters` cell sets
+SET_ASIDE = ".before-force"  # `.<name>.before-force`: a forced step's previous results while it runs
 # The profile sections each notebook reads (besides the profile's name and random_weights).
 SECTIONS = {
     "01_architecture": ("model",),
@@ -77,7 +84,7 @@ class Step:
     parameters: dict[str, Any]
     output: Path
     results: tuple[Path, ...]  # what the notebook must have written for the step to count as done
-    caches: tuple[Path, ...]  # reused results `--force` removes so that they are recomputed
+    caches: tuple[Path, ...]  # reused results `--force` recomputes (they count as results too)
     depends_on: tuple[str, ...]  # keys of the steps whose outputs it reads
 
     @property
@@ -87,14 +94,19 @@ class Step:
 
 def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     """The notebooks to execute for this profile, in order, with what each writes and reads."""
+    from colquant.fp8 import variant_names as fp8_variants
+
     out = workspace.output_dir(profile)
     results = workspace.results_dir(profile)
     parameters = {"profile_path": _relative_to_root(profile_path)}
-    rtn = [quantization_section(profile).variant_name(0, "rtn")] if profile["quantization"]["rtn_baseline"] else []
+    # made by every seqlen's 03 from the base weights alone (no calibration)
+    uncalibrated = [quantization_section(profile).variant_name(0, "rtn")] if profile["quantization"]["rtn_baseline"] else []
+    uncalibrated += fp8_variants(profile)
     steps = [Step("01_architecture", parameters, out / "01_architecture.ipynb", (results / "architecture.json",), (), ())]
     quantized = []
     for seqlen in profile["calibration"]["seqlens"]:
-        variants = tuple(workspace.variants_dir(profile) / name for name in [workspace.autoround_variant(profile, seqlen), *rtn])
+        variants = tuple(workspace.variants_dir(profile) / name
+                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated])
         per_seqlen = {
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (
@@ -109,10 +121,11 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
         quantized.append(f"03_quantization__seqlen{seqlen}")
     across = {
         "04_embedding_fidelity": ((results / f"fidelity_{n}.csv" for n in ("summary", "layer_errors", "embeddings")), ()),
-        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (out / "mteb",)),
+        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (workspace.mteb_dir(profile),)),
         "06_memory_sweep": ((results / f"{n}" for n in ("sweep.jsonl", "sweep_same_batch.csv", "sweep_budgets.csv")),
                             (results / "sweep.jsonl",)),
-        "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"), ()),
+        "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"),
+                                 (workspace.index_mteb_dir(profile),)),
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]
@@ -129,10 +142,13 @@ def _relative_to_root(path: Path) -> str:
 
 
 def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -> str:
-    """The step's notebook source, parameters, the profile sections it reads, its upstream steps'.
+    """The step's notebook source, parameters, the profile sections it reads, its upstream steps',
+    and for a step that compares variants, the content of the variants on disk now.
 
     The profile enters by content, not by path: `--set` hands the notebooks another file
-    (`profile.yaml` in the outputs), which must re-run only the steps whose sections it changes."""
+    (`profile.yaml` in the outputs), which must re-run only the steps whose sections it changes.
+    The variants enter by content because a re-quantization under the same name (`--force`, or a
+    calibration setting the name does not carry) must not leave 04-07's numbers standing."""
     sections = {name: profile[name] for name in SECTIONS[step.notebook]}
     if "seqlen" in step.parameters and "calibration" in sections:  # its own seqlen is a parameter
         sections["calibration"] = {k: v for k, v in sections["calibration"].items() if k != "seqlens"}
@@ -141,6 +157,9 @@ def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -
     parameters = {key: value for key, value in step.parameters.items() if key != "profile_path"}
     identity = [parameters, profile["profile"], profile["random_weights"], sections,
                 [upstream[key] for key in step.depends_on]]
+    if step.notebook in ACROSS_VARIANTS:
+        identity.append({name: workspace.checkpoint_fingerprint(path)
+                         for name, path in workspace.quantized_variants(profile).items()})
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -159,10 +178,12 @@ def run(
     """
     from colquant.reporting import write_report
 
+    notebooks = _notebook_numbers(notebooks)
     profile_path = workspace.resolve(profile_path)
     profile = load_profile(profile_path, overrides=overrides)
     out = workspace.output_dir(profile)
     with workspace.output_lock(out, wait_s=wait_s):
+        _put_back_set_aside(profile)
         _remove_interrupted_staging(profile)
         if overrides:
             profile_path = _write_overridden_profile(profile, profile_path, overrides)
@@ -171,9 +192,11 @@ def run(
         summary: list[dict[str, Any]] = []
         fingerprints: dict[str, str] = {}
         steps = plan(profile_path, profile)
+        planned: list[Step] = []
         for index, step in enumerate(steps, 1):
             # planned again: a variant's name carries the calibration source 02 actually used
             step = {fresh.key: fresh for fresh in plan(profile_path, profile)}[step.key]
+            planned.append(step)
             fingerprints[step.key] = fingerprint(step, profile, fingerprints)
             if notebooks is not None and step.notebook[:2] not in notebooks:
                 summary.append({"step": step.key, "status": "not selected"})
@@ -184,15 +207,31 @@ def run(
                 continue
             state.pop(step.key, None)
             workspace.write_json(state_path, state)  # a kill from here on leaves the step not done
-            if force:
-                _remove_caches(step)
-            _execute(step, f"{index}/{len(steps)} {step.key}")
+            _execute_replacing(step, f"{index}/{len(steps)} {step.key}", force=force)
             state[step.key] = fingerprints[step.key]
             workspace.write_json(state_path, state)
             summary.append({"step": step.key, "status": "executed"})
-        report = write_report(profile)
+        stale = stale_steps(planned, state, fingerprints)
+        report = write_report(profile, stale=frozenset(step.notebook for step in planned if step.key in stale))
+    for row in summary:
+        if row["step"] in stale:
+            row["status"] += "; results stale (left out of REPORT.md and the model cards)"
     summary.append({"step": "REPORT.md", "status": str(report)})
     return summary
+
+
+def _notebook_numbers(notebooks: Sequence[str] | None) -> tuple[str, ...] | None:
+    """`("4", "05")` as `("04", "05")`; a number no notebook has is refused: it would select nothing,
+    and the run would only rewrite the report."""
+    if notebooks is None:
+        return None
+    known = [name[:2] for name in SECTIONS]
+    numbers = tuple(str(number).strip().zfill(2) for number in notebooks)
+    unknown = [repr(given) for given, number in zip(notebooks, numbers) if number not in known]
+    if unknown or not numbers:
+        raise PipelineError(f"--notebooks {','.join(map(str, notebooks))}: {', '.join(unknown) or 'nothing'} is not a "
+                            f"notebook number; choose from {','.join(known)}")
+    return numbers
 
 
 def _write_overridden_profile(profile: dict[str, Any], source: Path, overrides: Sequence[str]) -> Path:
@@ -209,20 +248,65 @@ def _read_state(path: Path) -> dict[str, str]:
 
 
 def _finished(step: Step, state: dict[str, str], current: str) -> bool:
-    return state.get(step.key) == current and step.output.exists() and all(path.exists() for path in step.results)
+    """Recorded as finished with this fingerprint, and everything it wrote (cached results too) is there."""
+    written = (step.output, *step.results, *step.caches)
+    return state.get(step.key) == current and all(path.exists() for path in written)
 
 
-def _remove_caches(step: Step) -> None:
-    for path in step.caches:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+def stale_steps(steps: list[Step], state: dict[str, str], fingerprints: dict[str, str]) -> set[str]:
+    """Keys of the steps whose results exist but are not those of the current inputs: not finished
+    with their current fingerprint (a partial run changed what they read, e.g. re-quantized the
+    variants they compared), or reading from a step that is not."""
+    unfinished: set[str] = set()
+    for step in steps:
+        if not _finished(step, state, fingerprints[step.key]) or unfinished & set(step.depends_on):
+            unfinished.add(step.key)
+    return {step.key for step in steps if step.key in unfinished and any(path.exists() for path in step.results)}
+
+
+def _execute_replacing(step: Step, description: str, *, force: bool) -> None:
+    """Run the step; with `force`, its cached results are set aside first so that it recomputes
+    them, put back if it does not finish, and deleted only once it has."""
+    set_aside = [_set_aside(path) for path in step.caches if path.exists()] if force else []
+    try:
+        _execute(step, description)
+    except BaseException:
+        for aside in set_aside:
+            _put_back(aside)
+        raise
+    for aside in set_aside:
+        discard(aside)
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(f".{path.name}{SET_ASIDE}")
+    with workspace.writing(path):
+        os.rename(path, aside)
+    return aside
+
+
+def _put_back(aside: Path) -> None:
+    """Restore results set aside for a forced step that did not finish; what it wrote in their
+    place is incomplete and goes."""
+    original = aside.with_name(aside.name.removeprefix(".").removesuffix(SET_ASIDE))
+    if original.exists():
+        discard(original)
+    with workspace.writing(original):
+        os.rename(aside, original)
+
+
+def _put_back_set_aside(profile: dict[str, Any]) -> None:
+    """Results a killed forced run had set aside (this run holds the lock, so no step is running)."""
+    for folder in (workspace.output_dir(profile), workspace.results_dir(profile), workspace.variants_dir(profile)):
+        for aside in sorted(folder.glob(f".*{SET_ASIDE}")):
+            log.info("restoring %s, set aside by a forced run that did not finish", aside)
+            _put_back(aside)
 
 
 def _remove_interrupted_staging(profile: dict[str, Any]) -> None:
     """Staging folders of saves a killed run left behind (this run holds the lock, so none is live)."""
     remove_stale_staging(workspace.output_dir(profile))
+    remove_stale_staging(workspace.results_dir(profile))
     remove_stale_staging(workspace.variants_dir(profile))
 
 

@@ -29,11 +29,11 @@ import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
 from colquant.exports import complete_export
-from colquant.files import atomic_directory, read_json, write_json, write_text
+from colquant.files import atomic_directory, write_json, write_text
 from colquant.measure import Measurement, measure
 from colquant.remote_code import write_remote_code
 from colquant.serving import projection_bias_notice
-from colquant.workspace import METADATA_FILE, REPORTED_RESULTS_FILE, read_variant_metadata
+from colquant.workspace import METADATA_FILE, read_variant_metadata, write_reported_results
 
 log = logging.getLogger(__name__)
 
@@ -273,17 +273,17 @@ def model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> str:
 
 
 def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
-    """Record later results (fidelity, NDCG@5) beside the checkpoint and regenerate the card.
+    """Record the results later notebooks measured on these weights (fidelity, NDCG@5) beside the
+    checkpoint, replacing what was recorded, and regenerate the card.
 
     The metadata is never rewritten after quantization (a kill there would lose it); results go to
-    their own file, and both it and the card are replaced atomically.
+    their own file, bound to the weights' fingerprint (`workspace.write_reported_results`), and both
+    it and the card are replaced atomically. The caller passes every current result: one that is
+    stale must leave the card.
     """
     checkpoint = Path(checkpoint)
     metadata = read_variant_metadata(checkpoint)
-    known = checkpoint / REPORTED_RESULTS_FILE
-    previous = read_json(known, f"delete {known}; the next report rewrites it") if known.exists() else {}
-    results = {**previous, **results}
-    write_json(known, results)
+    write_reported_results(checkpoint, results)
     write_text(checkpoint / "README.md", model_card({**metadata, "results": results}, checkpoint))
 
 

@@ -4,12 +4,15 @@ The headline answers "which variant should I use and why" from the named metrics
 recorded (`colquant.metrics`); the tables read what the notebooks wrote under `results/` and
 `plots/`, variants in one order (BF16, auto-round by seqlen, baselines, FP8, others). A section
 whose inputs are missing says so instead of being left out, so a partial run is visibly partial,
-and a missing or NaN number is shown as missing, never as a pass.
+and a missing or NaN number is shown as missing, never as a pass. Results the pipeline found stale
+(computed from variants or settings a partial run has changed since) are never shown, in the report
+or in the variants' model cards: their sections say how to recompute them.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,23 +30,53 @@ TOLERANCE_PCT = 2.0
 MISSING = "–"
 
 
-def write_report(profile: dict[str, Any]) -> Path:
+def write_report(profile: dict[str, Any], stale: frozenset[str] = frozenset()) -> Path:
+    """REPORT.md from what the notebooks wrote, and the variants' cards updated to match.
+
+    `stale`: notebooks (`"05_vidore_eval"`, ...) whose results on disk no longer describe the
+    current variants or settings (`colquant.pipeline.stale_steps`); their sections, metrics, plots
+    and card numbers are left out, and the report says how to recompute them.
+    """
     results = workspace.results_dir(profile)
+    fresh = {name: rows for name, rows in metrics.read(results).items()
+             if name not in metrics.REGISTRY or metrics.REGISTRY[name].notebook not in stale}
+
+    def unless_stale(notebook: str, title: str, section: Callable[[], str]) -> str:
+        return _stale_section(title, notebook, profile) if notebook in stale else section()
+
+    scoring = profile["evaluation"].get("scoring", "colpali")
     sections = [
         f"# ColQuant report: profile `{profile['profile']}`\n\n{workspace.random_weights_notice(profile)}\n\n"
         f"Base model revision: `{workspace.base_model_revision(profile)}`. "
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python -m colquant run`.",
-        "## Headline\n\n" + headline(metrics.read(results)),
-        _model_section(results),
-        _quantization_section(results, profile),
-        _quality_section(results, profile["evaluation"].get("scoring", "colpali")),
-        compression_report(results),
-        _fidelity_section(results),
-        _sweep_section(results),
-        _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile)),
+        "## Headline\n\n" + headline(fresh) + _stale_note(stale, profile),
+        unless_stale("01_architecture", "Model", lambda: _model_section(results)),
+        unless_stale("03_quantization", "Quantization", lambda: _quantization_section(results, profile)),
+        unless_stale("05_vidore_eval", "Retrieval quality (NDCG@5)", lambda: _quality_section(results, scoring)),
+        unless_stale("07_index_compression", "Index compression", lambda: compression_report(results)),
+        unless_stale("04_embedding_fidelity", "Embedding fidelity", lambda: _fidelity_section(results)),
+        unless_stale("06_memory_sweep", "Memory and throughput", lambda: _sweep_section(results)),
+        _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile), stale),
     ]
-    update_variant_cards(profile)
+    update_variant_cards(profile, stale)
     return workspace.write_text(workspace.output_dir(profile) / "REPORT.md", "\n\n".join(sections) + "\n")
+
+
+def _rerun_command(profile: dict[str, Any]) -> str:
+    return f"`colquant run {profile['profile']}` (it re-runs only what changed)"
+
+
+def _stale_section(title: str, notebook: str, profile: dict[str, Any]) -> str:
+    return (f"## {title}\n\n_Stale: the results of `notebooks/{notebook}.ipynb` were computed from variants or "
+            "settings that have changed since (a partial run re-quantized a variant or changed a setting it reads), "
+            f"so they are not shown. Recompute them with {_rerun_command(profile)}._")
+
+
+def _stale_note(stale: frozenset[str], profile: dict[str, Any]) -> str:
+    if not stale:
+        return ""
+    return (f"\n\n_Left out as stale: the results of {', '.join(f'`{name}`' for name in sorted(stale))}, computed "
+            f"from variants or settings that have changed since; recompute them with {_rerun_command(profile)}._")
 
 
 def headline(recorded: dict[str, list[dict[str, Any]]], tolerance_pct: float = TOLERANCE_PCT) -> str:
@@ -273,19 +306,20 @@ def _merge_equal_budgets(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(merged).drop(columns="_first")
 
 
-def _plots_section(plots: Path, root: Path) -> str:
-    images = sorted(plots.glob("*.png"))
+def _plots_section(plots: Path, root: Path, stale: frozenset[str] = frozenset()) -> str:
+    """Every figure, except those of stale notebooks (a figure's name starts with its notebook's number)."""
+    images = sorted(image for image in plots.glob("*.png") if image.name[:2] not in {name[:2] for name in stale})
     if not images:
         return "## Plots\n\n_No plots yet._"
     return "## Plots\n\n" + "\n\n".join(f"![{image.stem}]({image.relative_to(root)})" for image in images)
 
 
-def variant_results(results: Path, scoring: str = "colpali") -> dict[str, dict[str, Any]]:
+def variant_results(results: Path, scoring: str = "colpali", stale: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
     """Per variant, the headline numbers known so far: fidelity against BF16 and NDCG@5 (in the
-    evaluation's main scoring mode)."""
+    evaluation's main scoring mode); none from a notebook in `stale`."""
     known: dict[str, dict[str, Any]] = {}
     fidelity = results / "fidelity_summary.csv"
-    if fidelity.exists():
+    if fidelity.exists() and "04_embedding_fidelity" not in stale:
         for row in pd.read_csv(fidelity).to_dict("records"):
             known.setdefault(row["variant"], {}).update(
                 {
@@ -295,7 +329,7 @@ def variant_results(results: Path, scoring: str = "colpali") -> dict[str, dict[s
                 }
             )
     ndcg = results / "ndcg.csv"
-    if ndcg.exists():
+    if ndcg.exists() and "05_vidore_eval" not in stale:
         frame = pd.read_csv(ndcg)
         frame = frame[frame["scoring"] == scoring] if "scoring" in frame else frame
         for variant, scores in frame.groupby("variant"):
@@ -303,11 +337,11 @@ def variant_results(results: Path, scoring: str = "colpali") -> dict[str, dict[s
     return known
 
 
-def update_variant_cards(profile: dict[str, Any]) -> None:
-    """Write what the later notebooks measured into each quantized variant's model card."""
+def update_variant_cards(profile: dict[str, Any], stale: frozenset[str] = frozenset()) -> None:
+    """Write what the later notebooks measured for each quantized variant into its model card,
+    replacing what was there: numbers of a stale notebook leave the card."""
     from colquant.quantization import update_model_card
 
-    known = variant_results(workspace.results_dir(profile), profile["evaluation"].get("scoring", "colpali"))
+    known = variant_results(workspace.results_dir(profile), profile["evaluation"].get("scoring", "colpali"), stale)
     for name, path in workspace.quantized_variants(profile).items():
-        if name in known:
-            update_model_card(path, known[name])
+        update_model_card(path, known.get(name, {}))

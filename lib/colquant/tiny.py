@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from colquant.files import atomic_directory
+from colquant.files import atomic_directory, refuse_unrelated
 from colquant.model import QWEN_SPECIAL_TOKENS, ColQwen3, ColQwen3Config
 from colquant.processing import ColQwen3Processor
 from colquant.remote_code import write_remote_code
@@ -61,7 +61,8 @@ def build(
     `size="tiny"` (default) takes seconds on CPU. `size="4b"` gives the exact 4B shapes (8.3 GB,
     built on `device`, a GPU in practice), for measuring memory, speed and quantization cost without
     a download. Written into a temporary sibling and renamed into place, so an interrupted build
-    never leaves a directory that looks complete.
+    never leaves a directory that looks complete. A build with other settings is replaced; a file or
+    a folder holding anything else (outputs, another checkpoint) is refused, never overwritten.
     """
     configs = {"tiny": ColQwen3Config.tiny, "4b": ColQwen3Config.colqwen3_4b}
     if size not in configs:
@@ -71,6 +72,7 @@ def build(
     settings = {"seed": seed, "dtype": str(dtype), "size": size, "format": TINY_FORMAT}
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return path
+    refuse_unrelated(path, TINY_MARKER, "tiny ColQuant model build", "colquant.tiny.build")
     torch.manual_seed(seed)
     with atomic_directory(path) as staging:
         with torch.device(device):

@@ -219,6 +219,17 @@ def variants_dir(profile: dict[str, Any]) -> Path:
     return output_dir(profile) / "variants"
 
 
+def mteb_dir(profile: dict[str, Any]) -> Path:
+    """mteb's result cache of notebook 05 (every variant on the evaluation tasks)."""
+    return output_dir(profile) / "mteb"
+
+
+def index_mteb_dir(profile: dict[str, Any]) -> Path:
+    """mteb's result cache of notebook 07 (every variant with each compressed index), apart from
+    05's: `--force` of one of them then replaces that notebook's results and no other's."""
+    return output_dir(profile) / "mteb-index"
+
+
 def plots_dir(profile: dict[str, Any]) -> Path:
     """The figures' folder, created here because notebooks hand it to matplotlib's `savefig`,
     which does not create folders."""
@@ -301,6 +312,33 @@ def read_variant_metadata(checkpoint: str | Path) -> dict[str, Any]:
     path = Path(checkpoint) / METADATA_FILE
     return read_json(path, f"delete the folder {path.parent} and re-run notebooks/03_quantization.ipynb "
                            "(or `python -m colquant run <profile>`) to quantize it again")
+
+
+def write_reported_results(checkpoint: str | Path, results: dict[str, Any]) -> Path:
+    """Record what later notebooks measured on a variant (fidelity, NDCG@5) beside it, bound to the
+    weights they were measured on (`checkpoint_fingerprint`), so the numbers cannot outlive them."""
+    checkpoint = Path(checkpoint)
+    return write_json(checkpoint / REPORTED_RESULTS_FILE, {"weights": checkpoint_fingerprint(checkpoint), "results": results})
+
+
+def read_reported_results(checkpoint: str | Path) -> dict[str, Any]:
+    """The results recorded beside a variant ({} when none are), refused when they were measured
+    on other weights than it holds now, or do not say which."""
+    checkpoint = Path(checkpoint)
+    path = checkpoint / REPORTED_RESULTS_FILE
+    if not path.exists():
+        return {}
+    fix = (f"recompute them with `colquant run <profile>` (the report rewrites {path.name}), or delete {path} "
+           "to go on without them")
+    recorded = read_json(path, fix)
+    if not isinstance(recorded, dict) or not {"weights", "results"} <= recorded.keys():
+        raise OutputError(f"{path} does not say which weights its results were measured on (an older ColQuant "
+                          f"wrote it, or it was edited); {fix}")
+    current = checkpoint_fingerprint(checkpoint)
+    if recorded["weights"] != current:
+        raise OutputError(f"{path} holds results of other weights (fingerprint {recorded['weights']}) than "
+                          f"{checkpoint.name} holds now ({current}): they are stale; {fix}")
+    return recorded["results"]
 
 
 def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
