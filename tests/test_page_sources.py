@@ -74,3 +74,13 @@ def test_a_dpi_below_one_is_refused_not_replaced(tmp_path, dpi):
     image(tmp_path / "a.png")
     with pytest.raises(SourceError, match=rf"dpi must be a whole number >= 1 .*got {dpi}"):
         open_source(tmp_path, dpi=dpi)
+
+
+def test_one_page_file_is_a_source_and_another_file_is_refused(tmp_path):
+    frames = [Image.new("RGB", (32, 40), (0, 0, 50 * n)) for n in range(2)]
+    frames[0].save(tmp_path / "scan.tif", save_all=True, append_images=frames[1:])
+    assert open_source(tmp_path / "scan.tif").ids == ["scan.tif#page=1", "scan.tif#page=2"]
+    assert open_source(image(tmp_path / "cover.png")).ids == ["cover.png"]
+    (tmp_path / "notes.txt").write_text("no pages")
+    with pytest.raises(SourceError, match="notes.txt is neither a page image .* nor a PDF"):
+        open_source(tmp_path / "notes.txt")

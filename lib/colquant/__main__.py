@@ -184,8 +184,8 @@ def add_encode_corpus(commands: argparse._SubParsersAction) -> None:
                     "symbolic links are followed wherever they point; each page of a PDF and each frame of a "
                     "multi-frame image (TIFF, GIF, WebP, PNG) is a page, FILE#page=N.")
     parser.add_argument("model", help="hub id or checkpoint directory of the model or variant")
-    parser.add_argument("source", help="folder of page images and/or PDFs, a dataset saved with save_to_disk, "
-                                       "or a datasets repository (with --split)")
+    parser.add_argument("source", help="folder of page images and/or PDFs, one PDF or image file, a dataset saved "
+                                       "with save_to_disk, or a datasets repository (with --split)")
     parser.add_argument("out", help="index directory (a rerun into it resumes)")
     parser.add_argument("--batch-size", type=whole_number, default=8, help="pages per forward pass (default 8)")
     parser.add_argument("--shard-size", type=whole_number,

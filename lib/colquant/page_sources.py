@@ -1,4 +1,5 @@
-"""The pages `encode-corpus` reads: a folder of page images and PDFs, or a `datasets` dataset.
+"""The pages `encode-corpus` reads: a folder of page images and PDFs, one such file, or a
+`datasets` dataset.
 
 A source is an ordered list of page ids, a way to decode page i, and the sha256 of the bytes page
 i is read from (its file, or its dataset row's image), which a rerun compares to find pages whose
@@ -70,15 +71,17 @@ class PageSource:
 
 def open_source(source: str | Path, *, split: str | None = None, image_column: str | None = None,
                 id_column: str | None = None, dpi: int = DEFAULT_DPI) -> PageSource:
-    """The pages of `source`: a folder of page images and/or PDFs (see the module docstring), a
-    `datasets` dataset saved with `save_to_disk`, or, with `split`, anything `datasets.load_dataset`
+    """The pages of `source`: a folder of page images and/or PDFs (see the module docstring), one PDF
+    or image file (its pages, named as in a folder), a `datasets` dataset saved with `save_to_disk`, or, with `split`, anything `datasets.load_dataset`
     reads (a hub id or a local dataset repository)."""
     path = Path(source).expanduser()
     if split is None and path.is_dir() and not _is_saved_dataset(path):
         return folder_source(path, dpi=dpi)
+    if split is None and path.is_file():
+        return file_source(path, dpi=dpi)
     if split is None and not path.exists():
-        raise SourceError(f"no page source at {path}: pass a folder of page images or PDFs, a dataset saved "
-                          "with save_to_disk, or a datasets repository with --split")
+        raise SourceError(f"no page source at {path}: pass a folder of page images or PDFs, one such file, a "
+                          "dataset saved with save_to_disk, or a datasets repository with --split")
     return dataset_source(source, split=split, image_column=image_column, id_column=id_column)
 
 
@@ -93,8 +96,7 @@ def _is_saved_dataset(path: Path) -> bool:
 def folder_source(root: Path, *, dpi: int = DEFAULT_DPI) -> PageSource:
     """The pages under `root`; a page id is the path relative to `root`, with `#page=N` (1-based)
     for a page of a PDF or a frame of a multi-frame image."""
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
-        raise SourceError(f"dpi must be a whole number >= 1 (the resolution PDF pages are rendered at), got {dpi!r}")
+    _check_dpi(dpi)
     files = listed_files(root)
     pages = [p for p in files if p.suffix.lower() in PAGE_SUFFIXES]
     if not pages:
@@ -102,12 +104,32 @@ def folder_source(root: Path, *, dpi: int = DEFAULT_DPI) -> PageSource:
                           f"{f' (only {len(files)} other files)' if files else ''}: point SOURCE at the folder of pages")
     if len(pages) < len(files):
         log.warning("%s: ignoring %d files that are neither images nor PDFs", root, len(files) - len(pages))
-    if any(p.suffix.lower() == PDF_SUFFIX for p in pages):
+    return _pages_in_files(root, pages, dpi, {"kind": "folder", "path": str(root.resolve()), "dpi": dpi})
+
+
+def file_source(file: Path, *, dpi: int = DEFAULT_DPI) -> PageSource:
+    """The pages of one PDF or image file, under its file name (`#page=N` as in a folder)."""
+    _check_dpi(dpi)
+    if file.suffix.lower() not in PAGE_SUFFIXES:
+        raise SourceError(f"{file} is neither a page image ({', '.join(sorted(IMAGE_SUFFIXES))}) nor a PDF: pass "
+                          "a folder of pages, one PDF or image, or a dataset")
+    return _pages_in_files(file.parent, [file], dpi, {"kind": "file", "path": str(file.resolve()), "dpi": dpi})
+
+
+def _check_dpi(dpi: int) -> None:
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
+        raise SourceError(f"dpi must be a whole number >= 1 (the resolution PDF pages are rendered at), got {dpi!r}")
+
+
+def _pages_in_files(root: Path, files: list[Path], dpi: int, description: dict[str, Any]) -> PageSource:
+    """The pages of page files under `root`, every file's header read first: unreadable files are
+    all named in one error."""
+    if any(p.suffix.lower() == PDF_SUFFIX for p in files):
         _pdfium()  # a missing extra is one error, not one per PDF
     ids: list[str] = []
     locations: list[tuple[Path, int | None]] = []
     problems: list[str] = []
-    for file in pages:
+    for file in files:
         relative = file.relative_to(root).as_posix()
         try:
             count = pdf_page_count(file) if file.suffix.lower() == PDF_SUFFIX else image_frame_count(file)
@@ -134,7 +156,7 @@ def folder_source(root: Path, *, dpi: int = DEFAULT_DPI) -> PageSource:
     def digester(index: int) -> str:
         return file_sha256(locations[index][0])
 
-    return PageSource(ids, {"kind": "folder", "path": str(root.resolve()), "dpi": dpi}, opener, digester)
+    return PageSource(ids, description, opener, digester)
 
 
 def listed_files(root: Path) -> list[Path]:
