@@ -84,3 +84,20 @@ def test_one_page_file_is_a_source_and_another_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("no pages")
     with pytest.raises(SourceError, match="notes.txt is neither a page image .* nor a PDF"):
         open_source(tmp_path / "notes.txt")
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch):
+    import errno
+
+    image(tmp_path / "a.png")
+    image(tmp_path / "locked" / "b.png")
+    real_iterdir = Path.iterdir
+
+    def locked(folder):  # what an unreadable folder does, even for root
+        if folder.name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_iterdir(folder)
+
+    monkeypatch.setattr(Path, "iterdir", locked)
+    with pytest.raises(SourceError, match=r"cannot list .*locked \(Permission denied\): fix its permissions"):
+        open_source(tmp_path)

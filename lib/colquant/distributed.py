@@ -254,7 +254,10 @@ def _ids_of(shard: int, pages: page_sources.PageSource, manifest: dict[str, Any]
 
 
 def _finished(out_dir: Path, shard: int, pages: page_sources.PageSource, manifest: dict[str, Any]) -> bool:
-    """Whether the shard on disk can be kept: it holds these pages, whose content is unchanged."""
+    """Whether the shard on disk can be kept: it holds these pages, whose content is unchanged (the
+    pages are hashed only where a shard exists: a fresh run reads no page twice)."""
+    if not idx.shard_path(out_dir, shard).exists():
+        return False
     digests = [pages.digest(i) for i in _pages_of(shard, pages, manifest)]
     return idx.finished_shard(out_dir, shard, _ids_of(shard, pages, manifest), digests, manifest["key"])
 

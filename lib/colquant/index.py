@@ -183,7 +183,7 @@ def write_shard(out_dir: Path, shard: int, ids: Sequence[str], page_digests: Seq
                 embeddings: Sequence[torch.Tensor], dtype: torch.dtype, key: str) -> int:
     """Write one shard atomically; returns its token count. Pages whose embeddings are not finite
     are refused by id: an index never stores NaN or infinite values."""
-    broken = [page for page, item in zip(ids, embeddings) if not torch.isfinite(item).all()]
+    broken = [page for page, item in zip(ids, embeddings) if not torch.isfinite(item.to(dtype)).all()]
     if broken:
         raise EmbeddingError(
             f"the model gave NaN or infinite embeddings for {len(broken)} pages of shard {shard}: {broken[:10]}; "

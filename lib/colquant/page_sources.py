@@ -165,7 +165,12 @@ def listed_files(root: Path) -> list[Path]:
     found: list[Path] = []
 
     def visit(folder: Path, ancestors: frozenset[Path]) -> None:
-        for entry in folder.iterdir():
+        try:
+            entries = list(folder.iterdir())
+        except OSError as error:
+            raise SourceError(f"cannot list {folder} ({error.strerror or error}): fix its permissions, or move it "
+                              "out of SOURCE") from error
+        for entry in entries:
             if entry.name.startswith("."):
                 continue
             if entry.is_dir():
