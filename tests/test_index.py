@@ -135,3 +135,13 @@ def test_an_index_of_another_format_is_refused_with_the_fix(index, source, tiny_
     for read in (load_index, lambda out: encode_into(out, source, tiny_path)):
         with pytest.raises(IndexMismatchError, match="format 1 .* encode the corpus again into a new directory"):
             read(index)
+
+
+def test_an_index_whose_manifest_was_lost_is_rebuilt_from_its_shards_as_advised(index, source, tiny_path):
+    (index / idx.MANIFEST).unlink()
+    with pytest.raises(IncompleteIndexError, match="no manifest.json.*if its manifest was lost, rerun encode-corpus"):
+        load_index(index)
+    kept = [idx.shard_path(index, shard).stat().st_mtime_ns for shard in range(N_PAGES)]
+    encode_into(index, source, tiny_path)
+    assert [idx.shard_path(index, shard).stat().st_mtime_ns for shard in range(N_PAGES)] == kept
+    assert len(load_index(index).ids) == N_PAGES

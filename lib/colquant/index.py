@@ -295,7 +295,9 @@ def complete_manifest(out_dir: Path) -> dict[str, Any]:
     """The manifest of a finished index; an unfinished, foreign or inconsistent one is refused."""
     manifest = read_manifest(out_dir)
     if manifest is None:
-        raise IncompleteIndexError(f"{out_dir} has no {MANIFEST}: it is not an index written by encode-corpus")
+        raise IncompleteIndexError(f"{out_dir} has no {MANIFEST}: it is not an index written by encode-corpus (if "
+                                   "its manifest was lost, rerun encode-corpus into it with the same arguments: the "
+                                   "shards it finds are checked and kept)")
     if not manifest.get("complete"):
         raise IncompleteIndexError(f"{out_dir} is not finished ({manifest['shards']} shards planned): rerun "
                                    "encode-corpus with the same arguments to complete it")
