@@ -111,3 +111,45 @@ def test_make_lab_passes_extra_args_and_allow_root_as_root():
     line = result.stdout.strip().splitlines()[-1]
     assert line.endswith("--port 9999") and "jupyter lab notebooks" in line
     assert ("--allow-root" in line) == (os.getuid() == 0)
+
+
+@pytest.mark.parametrize("option", ["--dpi", "--shard-size", "--batch-size", "--max-num-visual-tokens"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_encode_corpus_refuses_a_count_below_one_instead_of_replacing_it(option, value, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["encode-corpus", "model", "pages", "out", option, value])
+    assert f"argument {option}: '{value}' is not a whole number >= 1" in capsys.readouterr().err
+
+
+@pytest.fixture
+def one_page(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    (tmp_path / "pages").mkdir()
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "pages" / "page.png")
+    return tmp_path / "pages"
+
+
+def test_encode_corpus_into_a_file_is_one_clear_error(tiny_path, one_page, tmp_path, capsys):
+    (tmp_path / "index").write_text("not a directory")
+    assert cli.main(["encode-corpus", str(tiny_path), str(one_page), str(tmp_path / "index"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"index is a file, not a directory: pass a directory for the index (OUT), a new one or one encode-corpus wrote")
+
+
+def test_encode_corpus_into_a_read_only_directory_is_one_clear_error(tiny_path, one_page, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # what a read-only directory does, even for root
+        if dir is not None and Path(dir).is_relative_to(tmp_path / "index"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert cli.main(["encode-corpus", str(tiny_path), str(one_page), str(tmp_path / "index"), "--no-progress"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1].endswith("index (Permission denied): pass a directory you can write to, or fix its permissions")
+    assert not any("Traceback" in line for line in errors)

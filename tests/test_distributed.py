@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +15,12 @@ import torch
 from PIL import Image
 
 import colquant
-from colquant import distributed, encode
+from colquant import distributed, encode, page_sources
 from colquant import index as idx
 from colquant.__main__ import main
 from colquant.distributed import CrossRankProgress, Worker, encode_corpus
-from colquant.index import IncompleteIndexError, IndexMismatchError, SourceError, load_index
+from colquant.index import IncompleteIndexError, IndexMismatchError, load_index
+from colquant.page_sources import SourceError
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
 N_PAGES, SHARD_SIZE, BUDGET = 5, 2, 64
@@ -169,12 +171,14 @@ def test_another_model_or_visual_token_budget_into_the_same_directory_is_refused
 
 def test_another_corpus_or_shard_size_into_the_same_directory_is_refused(pages, tiny_path, tmp_path):
     out = encode_into(tmp_path / "index", pages, tiny_path)
-    with pytest.raises(IndexMismatchError, match="another corpus or shard layout"):
+    with pytest.raises(IndexMismatchError, match="another source or shard layout"):
         encode_into(out, pages, tiny_path, shard_size=3)
     fewer = make_pages(tmp_path / "fewer")
     (fewer / "page-4.png").unlink()
-    with pytest.raises(IndexMismatchError, match="another corpus"):
+    with pytest.raises(IndexMismatchError, match="another source"):
         encode_into(out, fewer, tiny_path)
+    with pytest.raises(IndexMismatchError, match="another source"):
+        encode_into(out, pages, tiny_path, dpi=72)  # PDF pages would be rendered otherwise
 
 
 @pytest.mark.parametrize(("make", "message"), [
@@ -190,12 +194,81 @@ def test_a_source_without_pages_is_refused_before_anything_is_written(make, mess
     assert not (tmp_path / "index").exists()
 
 
-def test_an_unreadable_image_stops_the_run_naming_the_file(tiny_path, tmp_path):
+def test_files_that_are_not_images_are_all_named_before_anything_is_encoded(tiny_path, tmp_path):
     source = make_pages(tmp_path / "pages")
-    (source / "page-3.png").write_bytes(b"not a png")
-    with pytest.raises(SourceError, match=r"page 'page-3.png' \(.*page-3.png\) cannot be read as an image"):
+    (source / "page-1.png").write_bytes(b"not a png")
+    (source / "page-3.png").write_bytes(b"nor this")
+    with pytest.raises(SourceError, match=r"2 files .* cannot be read as pages: .*page-1.png.*page-3.png"):
         encode_into(tmp_path / "index", source, tiny_path)
-    assert idx.shard_path(tmp_path / "index", 0).exists()  # shards before it are kept for the rerun
+    assert not idx.shard_path(tmp_path / "index", 0).exists()
+
+
+def truncated(page: Path) -> None:
+    """A page file cut short: its header reads, its pixels do not."""
+    page.write_bytes(page.read_bytes()[:60])
+
+
+def test_after_replacing_or_removing_an_unreadable_page_as_advised_the_rerun_works(reference, tiny_path, tmp_path):
+    source = make_pages(tmp_path / "pages")
+    truncated(source / "page-3.png")
+    out = tmp_path / "index"
+    with pytest.raises(SourceError, match=r"page 'page-3.png' \(.*page-3.png\) cannot be read as an image.*replace or "
+                                          "remove the file and rerun"):
+        encode_into(out, source, tiny_path)
+    kept = idx.shard_path(out, 0).stat().st_mtime_ns  # shard 0 (pages 0, 1) was finished
+    (source / "page-3.png").unlink()
+    assert load_index(encode_into(out, source, tiny_path)).ids == ["page-0.png", "page-1.png", "page-2.png", "page-4.png"]
+    make_pages(source)  # page-3.png replaced by a readable one
+    assert_same_index(load_index(encode_into(out, source, tiny_path)), reference)
+    assert idx.shard_path(out, 0).stat().st_mtime_ns == kept
+
+
+def test_a_page_whose_content_changed_under_the_same_name_is_encoded_again(reference, tiny_path, tmp_path):
+    source = make_pages(tmp_path / "pages")
+    out = encode_into(tmp_path / "index", source, tiny_path)
+    kept = [idx.shard_path(out, shard).stat().st_mtime_ns for shard in (0, 2)]
+    Image.new("RGB", SIZES[2], "black").save(source / "page-2.png")  # same name and size, other content
+    index = load_index(encode_into(out, source, tiny_path))
+    model, _ = colquant.load(tiny_path, max_num_visual_tokens=BUDGET)
+    again = model.encode_pages([source / "page-2.png", source / "page-3.png"], batch_size=2)
+    assert torch.equal(index.embeddings[2].float(), again[0])
+    assert not torch.equal(index.embeddings[2], reference.embeddings[2])
+    assert [idx.shard_path(out, shard).stat().st_mtime_ns for shard in (0, 2)] == kept
+    (source / "page-4.png").unlink()  # the last shard's only page: its file goes too
+    assert load_index(encode_into(out, source, tiny_path)).ids == [f"page-{n}.png" for n in range(4)]
+    assert not idx.shard_path(out, 2).exists()
+
+
+def test_the_same_model_copied_or_touched_keeps_the_finished_shards(pages, tiny_path, tmp_path):
+    out = encode_into(tmp_path / "index", pages, tiny_path)
+    kept = [path.stat().st_mtime_ns for path in sorted((out / idx.SHARDS_DIR).iterdir())]
+    copy = Path(shutil.copytree(tiny_path, tmp_path / "copy"))
+    for file in copy.rglob("*"):
+        os.utime(file)  # a plain copy or a new download: new dates, same bytes
+    encode_into(out, pages, copy)
+    assert [path.stat().st_mtime_ns for path in sorted((out / idx.SHARDS_DIR).iterdir())] == kept
+
+
+def test_a_page_the_model_cannot_take_is_named_by_its_id(tiny_path, tmp_path, capsys):
+    source = make_pages(tmp_path / "pages")
+    Image.new("RGB", (4000, 12), "white").save(source / "page-3.png")
+    assert main(["encode-corpus", str(tiny_path), str(source), str(tmp_path / "index"), "--shard-size", "2",
+                 "--max-num-visual-tokens", str(BUDGET), "--no-progress"]) == 2
+    assert "page 'page-3.png' is 4000x12 pixels, an aspect ratio of 333" in capsys.readouterr().err
+
+
+def test_nan_embeddings_are_refused_naming_the_page(pages, tiny_path, tmp_path, monkeypatch):
+    real_encode_pages = encode.encode_pages
+
+    def nan_for_the_last_page(model, images, **options):
+        embeddings = real_encode_pages(model, images, **options)
+        embeddings[-1][0, 0] = float("nan")
+        return embeddings
+
+    monkeypatch.setattr(encode, "encode_pages", nan_for_the_last_page)
+    with pytest.raises(idx.EmbeddingError, match=r"NaN or infinite embeddings for 1 pages of shard 0: \['page-1.png'\]"):
+        encode_into(tmp_path / "index", pages, tiny_path)
+    assert not idx.shard_path(tmp_path / "index", 0).exists()
 
 
 def test_an_unfinished_or_foreign_directory_is_not_read_as_an_index(tmp_path):
@@ -247,7 +320,7 @@ def test_a_dataset_with_several_splits_needs_one_named(tmp_path):
     splits = datasets.DatasetDict({name: datasets.Dataset.from_dict({"x": [1]}) for name in ("test", "train")})
     splits.save_to_disk(str(tmp_path / "dataset"))
     with pytest.raises(SourceError, match=r"splits \['test', 'train'\]: pass --split"):
-        idx.open_source(tmp_path / "dataset")
+        page_sources.open_source(tmp_path / "dataset")
 
 
 def pdf_with_pages(path: Path, count: int) -> Path:
@@ -262,7 +335,7 @@ def test_pdf_pages_are_rendered_one_page_each(tmp_path):
     source.mkdir()
     pdf_with_pages(source / "report.pdf", 3)
     Image.new("RGB", (64, 64), "white").save(source / "cover.png")
-    pages = idx.open_source(source, dpi=144)
+    pages = page_sources.open_source(source, dpi=144)
     assert pages.ids == ["cover.png", "report.pdf#page=1", "report.pdf#page=2", "report.pdf#page=3"]
     rendered = pages.open(2)
     assert rendered.size == (400, 520)  # 200 x 260 points at 144 dpi
@@ -275,4 +348,4 @@ def test_pdfs_without_the_pdf_extra_name_it(tmp_path, monkeypatch):
     source.mkdir()
     pdf_with_pages(source / "report.pdf", 1)
     with pytest.raises(SourceError, match=r"needs pypdfium2: pip install 'colquant\[pdf\]'"):
-        idx.open_source(source)
+        page_sources.open_source(source)

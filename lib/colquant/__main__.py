@@ -165,42 +165,62 @@ def push_command(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def whole_number(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 and negatives are refused, not replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def add_encode_corpus(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "encode-corpus", help="encode a page corpus into a sharded, resumable index "
-                              "(N GPUs: torchrun --nproc-per-node N -m colquant encode-corpus ...)")
+                              "(N GPUs: torchrun --nproc-per-node N -m colquant encode-corpus ...)",
+        description="Encode every page of SOURCE into a sharded index at OUT; a rerun resumes, keeping the "
+                    "shards whose pages are unchanged. A folder is read recursively (hidden entries skipped); "
+                    "symbolic links are followed wherever they point; each page of a PDF and each frame of a "
+                    "multi-frame image (TIFF, GIF, WebP, PNG) is a page, FILE#page=N.")
     parser.add_argument("model", help="hub id or checkpoint directory of the model or variant")
-    parser.add_argument("source", help="folder of page images and/or PDFs, a dataset saved with save_to_disk, "
-                                       "or a datasets repository (with --split)")
+    parser.add_argument("source", help="folder of page images and/or PDFs, one PDF or image file, a dataset saved "
+                                       "with save_to_disk, or a datasets repository (with --split)")
     parser.add_argument("out", help="index directory (a rerun into it resumes)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass (default 8)")
-    parser.add_argument("--shard-size", type=int, help="pages per shard file, the unit of resumption (default 256)")
+    parser.add_argument("--batch-size", type=whole_number, default=8, help="pages per forward pass (default 8)")
+    parser.add_argument("--shard-size", type=whole_number,
+                        help="pages per shard file, the unit of resumption (default 256)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                         help="weights and stored embeddings (default bfloat16)")
     parser.add_argument("--device", default="auto", help="auto (this rank's GPU, else CPU), cpu, cuda:N")
-    parser.add_argument("--max-num-visual-tokens", type=int, help="visual tokens per page (default: the checkpoint's)")
+    parser.add_argument("--max-num-visual-tokens", type=whole_number,
+                        help="visual tokens per page (default: the checkpoint's)")
     parser.add_argument("--split", help="the datasets split to read (SOURCE is then read by datasets.load_dataset)")
     parser.add_argument("--image-column", help="the dataset column holding pages (default: its one image column)")
     parser.add_argument("--id-column", help="the dataset column holding page ids (default: the row number)")
-    parser.add_argument("--dpi", type=int, help="resolution PDF pages are rendered at (default 144)")
+    parser.add_argument("--dpi", type=whole_number, help="resolution PDF pages are rendered at (default 144)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=encode_corpus_command)
 
 
 def encode_corpus_command(args: argparse.Namespace, rest: list[str]) -> int:
-    """Index problems (bad source, another model's index in OUT, missing extra) are CliErrors."""
+    """Index problems (bad source, another model's index in OUT, OUT not writable, missing extra)
+    are CliErrors."""
     from colquant.checkpoint import CheckpointError
-    from colquant.distributed import DEFAULT_SHARD_SIZE, encode_corpus, leave_multicast_off
-    from colquant.index import DEFAULT_DPI, CorpusIndexError
+    from colquant.distributed import encode_corpus, leave_multicast_off
+    from colquant.files import OutputError
+    from colquant.index import CorpusIndexError
 
     leave_multicast_off()  # before any process group starts (encode_corpus sets them too)
+    defaults_unless_given = {name: getattr(args, name) for name in ("shard_size", "dpi")
+                             if getattr(args, name) is not None}
     try:
-        out = encode_corpus(args.model, args.source, args.out, batch_size=args.batch_size,
-                            shard_size=args.shard_size or DEFAULT_SHARD_SIZE, dtype=args.dtype, device=args.device,
-                            max_num_visual_tokens=args.max_num_visual_tokens, split=args.split,
-                            image_column=args.image_column, id_column=args.id_column, dpi=args.dpi or DEFAULT_DPI,
-                            show_progress_bar=not args.no_progress)
-    except (CorpusIndexError, CheckpointError, ValueError) as error:
+        out = encode_corpus(args.model, args.source, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                            device=args.device, max_num_visual_tokens=args.max_num_visual_tokens, split=args.split,
+                            image_column=args.image_column, id_column=args.id_column,
+                            show_progress_bar=not args.no_progress, **defaults_unless_given)
+    except (CorpusIndexError, CheckpointError, OutputError, ValueError) as error:
         raise CliError(str(error)) from error
     log.info("index written to %s (read it with colquant.index.load_index)", out)
     return 0

@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colquant import index as idx
+from colquant import page_sources
 from colquant.workspace import checkpoint_fingerprint, write_text
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def encode_corpus(
     split: str | None = None,
     image_column: str | None = None,
     id_column: str | None = None,
-    dpi: int = idx.DEFAULT_DPI,
+    dpi: int = page_sources.DEFAULT_DPI,
     show_progress_bar: bool = True,
 ) -> Path:
     """Encode every page of `source` with a model or variant into an index at `out_dir`
@@ -195,15 +196,18 @@ def encode_corpus(
     Run it as is for one GPU or the CPU, or under `torchrun --nproc-per-node N` for N GPUs (each rank
     encodes its round-robin share of the shards). A rerun skips finished shards, so a killed job
     loses only the shards being encoded; a rerun with another model, dtype or visual-token budget
-    into the same directory is refused. `source`, `split`, `image_column`, `id_column` and `dpi` as
-    in `index.open_source`.
+    into the same directory is refused. A rerun over the same source whose pages were added, removed
+    or changed keeps the shards whose pages are unchanged and encodes the others. `source`, `split`,
+    `image_column`, `id_column` and `dpi` as in `page_sources.open_source`.
     """
-    if batch_size < 1 or shard_size < 1:
-        raise ValueError(f"batch_size ({batch_size}) and shard_size ({shard_size}) must be >= 1")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("dpi", dpi)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     out_dir = Path(out_dir)
     with worker_group(device) as worker:
-        pages = idx.open_source(source, split=split, image_column=image_column, id_column=id_column, dpi=dpi)
+        pages = page_sources.open_source(source, split=split, image_column=image_column, id_column=id_column, dpi=dpi)
         manifest = _planned_manifest(model_id_or_variant, pages, dtype, max_num_visual_tokens, shard_size)
+        idx.prepare_index_dir(out_dir)
         idx.check_manifest(out_dir, manifest)
         if worker.is_main:
             idx.write_manifest(out_dir, manifest)
@@ -226,7 +230,7 @@ def encode_corpus(
     return out_dir
 
 
-def _planned_manifest(model_id_or_variant: str | Path, pages: idx.PageSource, dtype: str,
+def _planned_manifest(model_id_or_variant: str | Path, pages: page_sources.PageSource, dtype: str,
                       max_num_visual_tokens: int | None, shard_size: int) -> dict[str, Any]:
     """The manifest of this run, from the checkpoint's files and processor (no weights loaded)."""
     from colquant.checkpoint import resolve_checkpoint
@@ -241,40 +245,58 @@ def _planned_manifest(model_id_or_variant: str | Path, pages: idx.PageSource, dt
     return idx.new_manifest(model=model, processor=settings, dtype=dtype, source=pages, shard_size=shard_size)
 
 
-def _pages_of(shard: int, pages: idx.PageSource, manifest: dict[str, Any]) -> range:
+def _pages_of(shard: int, pages: page_sources.PageSource, manifest: dict[str, Any]) -> range:
     return idx.shard_pages(shard, len(pages), manifest["shard_size"])
 
 
-def _finished(out_dir: Path, shard: int, pages: idx.PageSource, manifest: dict[str, Any]) -> bool:
-    ids = [pages.ids[i] for i in _pages_of(shard, pages, manifest)]
-    return idx.finished_shard(out_dir, shard, ids, manifest["key"])
+def _ids_of(shard: int, pages: page_sources.PageSource, manifest: dict[str, Any]) -> list[str]:
+    return [pages.ids[i] for i in _pages_of(shard, pages, manifest)]
 
 
-def _encode_shards(model_id_or_variant: str | Path, pages: idx.PageSource, out_dir: Path, shards: list[int],
+def _finished(out_dir: Path, shard: int, pages: page_sources.PageSource, manifest: dict[str, Any]) -> bool:
+    """Whether the shard on disk can be kept: it holds these pages, whose content is unchanged (the
+    pages are hashed only where a shard exists: a fresh run reads no page twice)."""
+    if not idx.shard_path(out_dir, shard).exists():
+        return False
+    digests = [pages.digest(i) for i in _pages_of(shard, pages, manifest)]
+    return idx.finished_shard(out_dir, shard, _ids_of(shard, pages, manifest), digests, manifest["key"])
+
+
+def _encode_shards(model_id_or_variant: str | Path, pages: page_sources.PageSource, out_dir: Path, shards: list[int],
                    manifest: dict[str, Any], worker: Worker, progress: CrossRankProgress, *, batch_size: int,
                    dtype: str, max_num_visual_tokens: int | None) -> None:
     """Load the model on this rank's device and write its shards, decoding the next shard's pages
     in a background thread while the current one is encoded."""
     from colquant.checkpoint import load
     from colquant.encode import encode_pages
+    from colquant.processing import page_size_problem
 
     model, processor = load(model_id_or_variant, dtype=dtype, device=worker.device,
                             max_num_visual_tokens=max_num_visual_tokens)
     storage = getattr(torch, dtype)
 
-    def decode(shard: int) -> list[Any]:
-        return [pages.open(i) for i in _pages_of(shard, pages, manifest)]
+    def decode(shard: int) -> tuple[list[Any], list[str]]:
+        """The shard's pages, each checked for a size the model can take, and their sha256."""
+        images, digests = [], []
+        for i in _pages_of(shard, pages, manifest):
+            images.append(pages.open(i))
+            digests.append(pages.digest(i))
+            problem = page_size_problem(*images[-1].size)
+            if problem:
+                raise page_sources.SourceError(f"page {pages.ids[i]!r} {problem} Then rerun: shards whose pages "
+                                               "are unchanged are kept.")
+        return images, digests
 
     started, first_done, encoded = time.time(), 0.0, 0
     with ThreadPoolExecutor(1, thread_name_prefix="decode-pages") as decoder:
         upcoming = decoder.submit(decode, shards[0])
         for position, shard in enumerate(shards):
-            images = upcoming.result()
+            images, digests = upcoming.result()
             if position + 1 < len(shards):
                 upcoming = decoder.submit(decode, shards[position + 1])
             embeddings = encode_pages(model, images, processor=processor, batch_size=batch_size)
-            ids = [pages.ids[i] for i in _pages_of(shard, pages, manifest)]
-            idx.write_shard(out_dir, shard, ids, embeddings, storage, manifest["key"])
+            ids = _ids_of(shard, pages, manifest)
+            idx.write_shard(out_dir, shard, ids, digests, embeddings, storage, manifest["key"])
             progress.add(len(ids))
             encoded += len(ids)
             first_done = first_done or time.time()
@@ -285,14 +307,19 @@ def _encode_shards(model_id_or_variant: str | Path, pages: idx.PageSource, out_d
              encoded / (finished - started), first_done - started, started, first_done, finished)
 
 
-def _finish(out_dir: Path, pages: idx.PageSource, manifest: dict[str, Any]) -> None:
-    """Check every shard and mark the manifest complete (rank 0, after the last barrier)."""
-    unfinished = [k for k in range(manifest["shards"]) if not _finished(out_dir, k, pages, manifest)]
+def _finish(out_dir: Path, pages: page_sources.PageSource, manifest: dict[str, Any]) -> None:
+    """Record every shard's digest and mark the manifest complete (rank 0, after the last barrier:
+    every rank has checked or written its shards, so their headers are read, not their tensors)."""
+    unfinished = [k for k in range(manifest["shards"]) if not idx.shard_path(out_dir, k).exists()]
     if unfinished:
         raise idx.IncompleteIndexError(f"{out_dir}: shards {unfinished[:10]} are missing after every rank "
                                        "finished; rerun encode-corpus to encode them")
-    tokens = sum(idx.shard_tokens(out_dir, k) for k in range(manifest["shards"]))
-    idx.write_manifest(out_dir, manifest | {"complete": True, "tokens": tokens})
+    records = [idx.shard_record(out_dir, k, _ids_of(k, pages, manifest), manifest["key"])
+               for k in range(manifest["shards"])]
+    tokens = sum(rows for _, rows in records)
+    idx.remove_shards_from(out_dir, manifest["shards"])
+    idx.write_manifest(out_dir, manifest | {"complete": True, "tokens": tokens,
+                                            "shard_sha256": [digest for digest, _ in records]})
     shutil.rmtree(out_dir / PROGRESS_DIR, ignore_errors=True)
     log.info("%s: %d pages, %d token vectors in %d shards", out_dir, len(pages), tokens, manifest["shards"])
 

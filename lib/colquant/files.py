@@ -9,6 +9,7 @@ the lowest modules (processing, tiny, corpus, hub) can use it; `colquant.workspa
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 OUTPUT_ROOT_ENV = "COLQUANT_OUTPUT_ROOT"
 # `tempfile.mkdtemp(prefix=".<name>.")` folders: what `atomic_directory` stages in
 STAGING_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")
+
+
+# sha256 of files already read, by file identity and change stamps (see `file_sha256`)
+_FILE_DIGESTS: dict[tuple[int, int, int, int, int], str] = {}
 
 
 class OutputError(RuntimeError):
@@ -165,3 +170,19 @@ def refuse_unrelated(target: Path, marker: str, what: str, builder: str) -> None
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ValueError(f"{target} exists and is not a {what} (no {marker}); pass a new or empty directory "
                          f"so {builder} does not overwrite unrelated files")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read once per process for each version of the file.
+
+    Content, not modification time, is what identifies a file: a model or a page copied, touched or
+    downloaded again is the same. The cache is keyed by the file's device, inode, size, and
+    modification and status-change times: any write to the file changes its status-change time,
+    which no user can set back, so a changed file is always read again.
+    """
+    with open(path, "rb") as file:
+        stat = os.fstat(file.fileno())
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if key not in _FILE_DIGESTS:
+            _FILE_DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
+    return _FILE_DIGESTS[key]

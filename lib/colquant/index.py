@@ -1,20 +1,30 @@
-"""A corpus's page embeddings on disk: the page sources `encode-corpus` reads, the shard files it
-writes, the manifest that says what they depend on, and `load_index`, the reader.
+"""A corpus's page embeddings on disk: the shard files `encode-corpus` writes, the manifest that
+says what they depend on, and `load_index` / `iter_shards`, the readers that verify them
+(`colquant.page_sources` reads the pages).
 
 An index directory holds
 
     manifest.json                     model (id, checkpoint fingerprint), processor settings, dtype,
                                       source, page count and a hash of the page ids, shard size;
-                                      `complete: true` once every shard is written
+                                      once every shard is written `complete: true`, the token count,
+                                      and one digest per shard (`shard_sha256`)
     shards/shard-000000.safetensors   one shard of `shard_size` consecutive pages: `embeddings`
                                       (tokens, dim) flat in the model's dtype, `offsets` (pages + 1,
-                                      int64); its page ids and the index key in the header metadata
+                                      int64); in the header metadata the index key, the shard number,
+                                      its page ids, the sha256 of each page's source bytes, and the
+                                      sha256 of its tensors
 
-A shard is one file written atomically (`files.atomic_write`): it is whole or absent, so a
-rerun keeps every shard whose header matches the key and page ids, and redoes the rest. The key is
-a fingerprint of what the embeddings depend on (checkpoint content, processor settings, dtype), so
-embeddings of two models never mix in one directory. Embeddings are stored in the model's dtype,
-which is lossless: the model computes in that dtype and `encode_pages` only widens to float32.
+A shard is one file written atomically (`files.atomic_write`): it is whole or absent. A rerun keeps
+a shard only if its header has the index key, the pages of the source at that place with the same
+content (page sha256), and tensors that still hash to what was written; any other shard of this
+index is encoded again, and one of another key (another model's) is refused. The key is a
+fingerprint of what the embeddings depend on (checkpoint content, processor settings, dtype), so
+embeddings of two models never mix in one directory. The readers check every shard against the
+manifest (key, number, page count, the shard's digest over its tensors, page ids and page hashes),
+and the whole against the manifest's page ids, page count and token count, so an index that was
+edited, cut or mixed after it was finished is refused with the shard named. Embeddings are stored in
+the model's dtype, which is lossless: the model computes in that dtype and `encode_pages` only widens
+to float32; a page whose embedding is not finite is refused when written.
 """
 
 from __future__ import annotations
@@ -22,37 +32,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from contextlib import contextmanager
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from colquant.processing import open_page
 from colquant.workspace import atomic_write, fingerprint, write_text
+
+if TYPE_CHECKING:
+    from colquant.page_sources import PageSource
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: page and tensor hashes in each shard, shard digests in the manifest
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
-PDF_SUFFIX = ".pdf"
-DEFAULT_DPI = 144  # PDF pages rendered at 2x PDF points: ~1190 x 1684 px for A4, above the 1280-token cap
-PDF_EXTRA_HINT = "pip install 'colquant[pdf]' (it installs pypdfium2)"
 
 
 class CorpusIndexError(RuntimeError):
     """Base of the errors of the on-disk index: each message names the file at fault and the fix."""
-
-
-class SourceError(CorpusIndexError):
-    """The page source is missing, empty, unreadable, or needs an extra that is not installed."""
 
 
 class IndexMismatchError(CorpusIndexError):
@@ -60,166 +64,11 @@ class IndexMismatchError(CorpusIndexError):
 
 
 class IncompleteIndexError(CorpusIndexError):
-    """The index is still being written, or a shard is missing or corrupt."""
+    """The index is still being written, or a shard is missing, corrupt or changed."""
 
 
-# --------------------------------------------------------------------------------------------
-# Page sources
-
-
-@dataclass
-class PageSource:
-    """An ordered list of pages: `ids[i]` names page i, `open(i)` decodes it. Every rank lists the
-    same source the same way, so page i is the same page on every rank."""
-
-    ids: list[str]
-    description: dict[str, Any]
-    opener: Callable[[int], Image.Image] = field(repr=False)
-
-    def open(self, index: int) -> Image.Image:
-        return self.opener(index)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def open_source(source: str | Path, *, split: str | None = None, image_column: str | None = None,
-                id_column: str | None = None, dpi: int = DEFAULT_DPI) -> PageSource:
-    """The pages of `source`: a folder of page images and/or PDFs (each PDF page is one page), a
-    `datasets` dataset saved with `save_to_disk`, or, with `split`, anything `datasets.load_dataset`
-    reads (a hub id or a local dataset repository)."""
-    path = Path(source).expanduser()
-    if split is None and path.is_dir() and not _is_saved_dataset(path):
-        return folder_source(path, dpi=dpi)
-    if split is None and not path.exists():
-        raise SourceError(f"no page source at {path}: pass a folder of page images or PDFs, a dataset saved "
-                          "with save_to_disk, or a datasets repository with --split")
-    return dataset_source(source, split=split, image_column=image_column, id_column=id_column)
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-
-
-def folder_source(root: Path, *, dpi: int = DEFAULT_DPI) -> PageSource:
-    """Image files and PDF pages under `root` (recursively, hidden entries skipped), in path order;
-    a page id is the relative path, with `#page=N` (1-based) for a PDF page."""
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    pages = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES | {PDF_SUFFIX}]
-    if not pages:
-        raise SourceError(f"{root} holds no page images ({', '.join(sorted(IMAGE_SUFFIXES))}) or PDFs"
-                          f"{f' (only {len(files)} other files)' if files else ''}: point SOURCE at the folder of pages")
-    if len(pages) < len(files):
-        log.warning("%s: ignoring %d files that are neither images nor PDFs", root, len(files) - len(pages))
-    ids: list[str] = []
-    locations: list[tuple[Path, int | None]] = []
-    for file in pages:
-        relative = file.relative_to(root).as_posix()
-        if file.suffix.lower() == PDF_SUFFIX:
-            count = pdf_page_count(file)
-            ids += [f"{relative}#page={n + 1}" for n in range(count)]
-            locations += [(file, n) for n in range(count)]
-        else:
-            ids.append(relative)
-            locations.append((file, None))
-
-    def opener(index: int) -> Image.Image:
-        file, page = locations[index]
-        return render_pdf_page(file, page, dpi) if page is not None else read_image(file, ids[index])
-
-    return PageSource(ids, {"kind": "folder", "path": str(root.resolve()), "dpi": dpi}, opener)
-
-
-def read_image(file: Path, page_id: str) -> Image.Image:
-    """A decoded image file; an unreadable one stops the run naming the file and the fix."""
-    try:
-        return open_page(file)
-    except (ValueError, OSError) as error:
-        raise SourceError(f"page {page_id!r} ({file}) cannot be read as an image ({error}); replace or remove "
-                          "the file and rerun: finished shards are kept") from error
-
-
-def _pdfium() -> Any:
-    try:
-        import pypdfium2
-    except ModuleNotFoundError as error:
-        raise SourceError(f"the source holds PDFs, and rendering them needs pypdfium2: {PDF_EXTRA_HINT}") from error
-    return pypdfium2
-
-
-@contextmanager
-def _pdf_document(file: Path) -> Iterator[Any]:
-    """An open PDF, closed after use (opening costs far less than rendering a page)."""
-    pdfium = _pdfium()
-    try:
-        document = pdfium.PdfDocument(str(file))
-    except pdfium.PdfiumError as error:
-        raise SourceError(f"{file} cannot be opened as a PDF ({error}); replace or remove it and rerun") from error
-    try:
-        yield document
-    finally:
-        document.close()
-
-
-def pdf_page_count(file: Path) -> int:
-    with _pdf_document(file) as document:
-        count = len(document)
-    if count == 0:
-        raise SourceError(f"{file} is a PDF with no pages; remove it and rerun")
-    return count
-
-
-def render_pdf_page(file: Path, page: int, dpi: int) -> Image.Image:
-    """PDF page `page` (0-based) as an RGB image at `dpi` (PDF points are 1/72 inch)."""
-    with _pdf_document(file) as document:
-        return document[page].render(scale=dpi / 72).to_pil().convert("RGB")
-
-
-def dataset_source(source: str | Path, *, split: str | None, image_column: str | None,
-                   id_column: str | None) -> PageSource:
-    """Rows of a `datasets` split; ids from `id_column`, else the row number."""
-    import datasets
-
-    path = Path(source).expanduser()
-    if split is None:
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            raise SourceError(f"{path} holds the splits {sorted(dataset)}: pass --split with one of them")
-    else:
-        dataset = datasets.load_dataset(str(source), split=split)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
-    column = image_column or _the_image_column(dataset, source)
-    if column not in dataset.column_names:
-        raise SourceError(f"{source} has no column {column!r} (it has {dataset.column_names}); pass --image-column")
-    if len(dataset) == 0:
-        raise SourceError(f"{source} (split {split}) has no rows: there are no pages to encode")
-    if id_column is not None and id_column not in dataset.column_names:
-        raise SourceError(f"{source} has no column {id_column!r} (it has {dataset.column_names}); pass --id-column")
-    ids = [str(value) for value in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
-    if len(set(ids)) != len(ids):
-        raise SourceError(f"{source}: column {id_column!r} repeats ids; pass an --id-column whose values are unique")
-    description = {"kind": "dataset", "source": str(source), "split": split, "image_column": column,
-                   "id_column": id_column}
-    return PageSource(ids, description, lambda index: _dataset_image(dataset, column, index, ids[index]))
-
-
-def _the_image_column(dataset: Any, source: str | Path) -> str:
-    import datasets
-
-    columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
-    if len(columns) != 1:
-        raise SourceError(f"{source} has {len(columns)} image columns {columns}: pass --image-column")
-    return columns[0]
-
-
-def _dataset_image(dataset: Any, column: str, index: int, page_id: str) -> Image.Image:
-    value = dataset[index][column]
-    try:
-        return value if isinstance(value, Image.Image) else open_page(value["bytes"] or value["path"])
-    except (ValueError, OSError, TypeError, KeyError) as error:
-        raise SourceError(f"row {index} (page {page_id!r}) of column {column!r} is not a readable image ({error})") from error
+class EmbeddingError(CorpusIndexError):
+    """The model gave embeddings that cannot be stored (NaN or infinite values)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,79 +101,180 @@ def new_manifest(*, model: dict[str, Any], processor: dict[str, Any], dtype: str
             "shard_size": shard_size, "shards": shard_count(len(source), shard_size), "complete": False}
 
 
+def prepare_index_dir(out_dir: Path) -> None:
+    """Create OUT, or refuse one that is a file or cannot be written, before any work is done."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CorpusIndexError(f"{out_dir} is a file, not a directory: pass a directory for the index (OUT), "
+                               "a new one or one encode-corpus wrote")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out_dir)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise CorpusIndexError(f"cannot write the index into {out_dir} ({error.strerror or error}): pass a "
+                               "directory you can write to, or fix its permissions") from error
+
+
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise IncompleteIndexError(f"{path} is not valid JSON ({error}); delete it and rerun encode-corpus "
                                    "(finished shards are checked against their own headers)") from error
+    if manifest.get("format") != INDEX_FORMAT:
+        raise IndexMismatchError(f"{out_dir} holds an index of format {manifest.get('format')} (written by another "
+                                 f"version of colquant); this one reads and writes format {INDEX_FORMAT}: "
+                                 "encode the corpus again into a new directory, or delete this one")
+    return manifest
 
 
 def check_manifest(out_dir: Path, wanted: dict[str, Any]) -> None:
-    """Refuse a directory that indexes another model or settings, or another corpus layout."""
+    """Refuse a directory that indexes another model or settings, another source or shard size.
+    The same source with pages added, removed or changed is an update: shards whose pages are
+    unchanged are kept."""
     existing = read_manifest(out_dir)
     if existing is None:
         return
-    if existing.get("key") != wanted["key"]:
+    if existing["key"] != wanted["key"]:
         raise IndexMismatchError(
             f"{out_dir} holds embeddings of {existing['model']['id']} (fingerprint {existing['model']['fingerprint']}, "
             f"dtype {existing['dtype']}, processor {existing['processor']}), not of {wanted['model']['id']} "
             f"(fingerprint {wanted['model']['fingerprint']}, dtype {wanted['dtype']}, processor {wanted['processor']}); "
             "write to another directory, or delete this one to re-encode")
-    layout = ("pages", "page_ids_sha256", "shard_size")
-    if any(existing.get(name) != wanted[name] for name in layout):
+    if existing["source"] != wanted["source"] or existing["shard_size"] != wanted["shard_size"]:
         raise IndexMismatchError(
-            f"{out_dir} indexes another corpus or shard layout ({existing['pages']} pages from {existing['source']}, "
+            f"{out_dir} indexes another source or shard layout ({existing['pages']} pages from {existing['source']}, "
             f"shard size {existing['shard_size']}) than this run ({wanted['pages']} pages from {wanted['source']}, "
             f"shard size {wanted['shard_size']}); write to another directory, or rerun with the same source and "
             "--shard-size")
+    if existing["page_ids_sha256"] != wanted["page_ids_sha256"]:
+        log.info("%s: the source's pages changed since the index was written (%d pages then, %d now): shards whose "
+                 "pages are unchanged are kept, the others are encoded again", out_dir, existing["pages"], wanted["pages"])
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
     return write_text(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def write_shard(out_dir: Path, shard: int, ids: Sequence[str], embeddings: Sequence[torch.Tensor],
-                dtype: torch.dtype, key: str) -> int:
-    """Write one shard atomically; returns its token count."""
+# --------------------------------------------------------------------------------------------
+# Shards
+
+
+def tensors_sha256(embeddings: torch.Tensor, offsets: torch.Tensor) -> str:
+    """sha256 of a shard's tensors: dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for tensor in (embeddings, offsets):
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def shard_digest(header: dict[str, str]) -> str:
+    """What the manifest records of a shard: a hash of its tensors' hash, page ids and page hashes."""
+    parts = (header["content_sha256"], header["page_ids"], header["page_sha256"])
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def write_shard(out_dir: Path, shard: int, ids: Sequence[str], page_digests: Sequence[str],
+                embeddings: Sequence[torch.Tensor], dtype: torch.dtype, key: str) -> int:
+    """Write one shard atomically; returns its token count. Pages whose embeddings are not finite
+    are refused by id: an index never stores NaN or infinite values."""
+    broken = [page for page, item in zip(ids, embeddings) if not torch.isfinite(item.to(dtype)).all()]
+    if broken:
+        raise EmbeddingError(
+            f"the model gave NaN or infinite embeddings for {len(broken)} pages of shard {shard}: {broken[:10]}; "
+            "nothing was stored for them. Check the model on these pages (notebook 04 counts NaN/Inf per variant), "
+            "or encode with another --dtype")
     lengths = torch.tensor([0] + [item.shape[0] for item in embeddings], dtype=torch.int64)
     tensors = {"embeddings": torch.cat(list(embeddings)).to(dtype).contiguous(), "offsets": lengths.cumsum(0)}
-    metadata = {"key": key, "shard": str(shard), "page_ids": json.dumps(list(ids))}
+    metadata = {"key": key, "shard": str(shard), "page_ids": json.dumps(list(ids)),
+                "page_sha256": json.dumps(list(page_digests)),
+                "content_sha256": tensors_sha256(tensors["embeddings"], tensors["offsets"])}
     atomic_write(shard_path(out_dir, shard), lambda staging: save_file(tensors, str(staging), metadata=metadata))
     return int(tensors["offsets"][-1])
 
 
-def finished_shard(out_dir: Path, shard: int, ids: Sequence[str], key: str) -> bool:
-    """True when the shard file is whole and holds exactly these pages under this key. A file that
-    safetensors cannot open (cut short) is redone; one of another key or pages is refused."""
+def shard_header(path: Path) -> dict[str, str]:
+    """The header metadata of a shard file (raises when the file is not a whole safetensors file)."""
+    with safe_open(str(path), framework="pt") as reader:
+        return reader.metadata() or {}
+
+
+def _offsets_problem(offsets: torch.Tensor, pages: int, rows: int) -> str | None:
+    """Why `offsets` cannot cut `rows` token vectors into `pages` pages, or None."""
+    if offsets.dtype != torch.int64 or offsets.shape != (pages + 1,):
+        return f"offsets of shape {tuple(offsets.shape)} ({offsets.dtype}) for {pages} pages"
+    if int(offsets[0]) != 0 or int(offsets[-1]) != rows or not bool((offsets[1:] > offsets[:-1]).all()):
+        return f"offsets {offsets.tolist()[:6]}... do not cut {rows} token vectors into {pages} non-empty pages"
+    return None
+
+
+def _shard_problem(header: dict[str, str], tensors: dict[str, torch.Tensor], shard: int) -> str | None:
+    """Why a shard's own parts disagree (number, tensors against their hash, offsets), or None."""
+    if header.get("shard") != str(shard):
+        return f"its header says it is shard {header.get('shard')}"
+    if tensors_sha256(tensors["embeddings"], tensors["offsets"]) != header["content_sha256"]:
+        return "its tensors changed after it was written (their sha256 differs from its header's)"
+    return _offsets_problem(tensors["offsets"], len(json.loads(header["page_ids"])), tensors["embeddings"].shape[0])
+
+
+def finished_shard(out_dir: Path, shard: int, ids: Sequence[str], page_digests: Sequence[str], key: str) -> bool:
+    """True when the shard file is whole, intact, and holds exactly these pages, with this content,
+    under this key: a rerun keeps it. Any other shard of this index is encoded again (a file cut
+    short, tensors changed since written, pages changed in the source), and one of another key is
+    refused."""
     path = shard_path(out_dir, shard)
     if not path.exists():
         return False
     try:
-        with safe_open(str(path), framework="pt") as reader:
-            metadata = reader.metadata() or {}
-            offsets = reader.get_tensor("offsets")
-            rows = reader.get_slice("embeddings").get_shape()[0]
-        stored_ids = json.loads(metadata["page_ids"])
+        header = shard_header(path)
+        tensors = load_file(str(path))
+        stored = (json.loads(header["page_ids"]), json.loads(header["page_sha256"]))
+        problem = _shard_problem(header, tensors, shard)
     except Exception as error:  # safetensors raises its own error type for a truncated file
         log.warning("%s is not a whole shard (%s): encoding it again", path, error)
         return False
-    if metadata.get("key") != key or stored_ids != list(ids):
-        raise IndexMismatchError(f"{path} holds other embeddings (key {metadata.get('key')}, {len(stored_ids)} pages) "
-                                 f"than this run's (key {key}, {len(ids)} pages): delete it, or write to another directory")
-    if len(offsets) != len(ids) + 1 or int(offsets[-1]) != rows:
-        log.warning("%s has inconsistent offsets: encoding it again", path)
+    if header.get("key") != key:
+        raise IndexMismatchError(f"{path} holds embeddings of another model or settings (key {header.get('key')}) than "
+                                 f"this run's (key {key}): it was copied in from another index; delete it and rerun")
+    if problem:
+        log.warning("%s: %s; encoding it again", path, problem)
+        return False
+    if stored != (list(ids), list(page_digests)):
+        changed = [page for page, old, new in zip(ids, stored[1], page_digests) if old != new]
+        log.info("%s: its pages changed in the source (%s): encoding it again", path,
+                 f"content of {changed[:5]}" if stored[0] == list(ids) else "other pages at its place")
         return False
     return True
 
 
-def shard_tokens(out_dir: Path, shard: int) -> int:
-    """Token vectors in a written shard (read from its header)."""
-    with safe_open(str(shard_path(out_dir, shard)), framework="pt") as reader:
-        return reader.get_slice("embeddings").get_shape()[0]
+def shard_record(out_dir: Path, shard: int, ids: Sequence[str], key: str) -> tuple[str, int]:
+    """(digest, tokens) of a shard this run wrote or kept, read from its header, for the manifest."""
+    path = shard_path(out_dir, shard)
+    try:
+        header = shard_header(path)
+        with safe_open(str(path), framework="pt") as reader:
+            rows = reader.get_slice("embeddings").get_shape()[0]
+    except Exception as error:
+        raise IncompleteIndexError(f"{path} is missing or corrupt after every rank finished ({error}); rerun "
+                                   "encode-corpus to encode it") from error
+    if header.get("key") != key or json.loads(header["page_ids"]) != list(ids):
+        raise IncompleteIndexError(f"{path} changed while the index was written (other key or pages); rerun "
+                                   "encode-corpus to encode it again")
+    return shard_digest(header), rows
+
+
+def remove_shards_from(out_dir: Path, first: int) -> None:
+    """Delete shard files numbered `first` and up: left by a run over a source that had more pages."""
+    for path in sorted((Path(out_dir) / SHARDS_DIR).glob("shard-*.safetensors")):
+        number = path.name.removeprefix("shard-").removesuffix(".safetensors")
+        if number.isdigit() and int(number) >= first:
+            log.info("removing %s: the source has fewer pages now", path)
+            path.unlink()
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,35 +292,76 @@ class CorpusIndex:
 
 
 def complete_manifest(out_dir: Path) -> dict[str, Any]:
-    """The manifest of a finished index; an unfinished or foreign directory is refused."""
+    """The manifest of a finished index; an unfinished, foreign or inconsistent one is refused."""
     manifest = read_manifest(out_dir)
     if manifest is None:
-        raise IncompleteIndexError(f"{out_dir} has no {MANIFEST}: it is not an index written by encode-corpus")
+        raise IncompleteIndexError(f"{out_dir} has no {MANIFEST}: it is not an index written by encode-corpus (if "
+                                   "its manifest was lost, rerun encode-corpus into it with the same arguments: the "
+                                   "shards it finds are checked and kept)")
     if not manifest.get("complete"):
         raise IncompleteIndexError(f"{out_dir} is not finished ({manifest['shards']} shards planned): rerun "
                                    "encode-corpus with the same arguments to complete it")
+    planned = shard_count(manifest["pages"], manifest["shard_size"])
+    if manifest["shards"] != planned or len(manifest.get("shard_sha256", ())) != planned:
+        raise IncompleteIndexError(
+            f"{out_dir / MANIFEST} was edited: {manifest['pages']} pages in shards of {manifest['shard_size']} make "
+            f"{planned} shards, but it lists {manifest['shards']} shards and {len(manifest.get('shard_sha256', ()))} "
+            "shard digests; rerun encode-corpus into it with the same arguments to rewrite it")
     return manifest
+
+
+def read_shard(out_dir: Path, shard: int, manifest: dict[str, Any]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """One shard's page ids and tensors, checked against the manifest; refused, named, otherwise."""
+    path = shard_path(out_dir, shard)
+    redo = f"rerun encode-corpus into {out_dir} with the same arguments to encode it again"
+    try:
+        header = shard_header(path)
+        tensors = load_file(str(path))
+        ids = json.loads(header["page_ids"])
+        problem = _shard_problem(header, tensors, shard)
+    except Exception as error:
+        raise IncompleteIndexError(f"{path} is missing or corrupt ({error}); {redo}") from error
+    if header.get("key") != manifest["key"]:
+        raise IndexMismatchError(f"{path} holds embeddings of another model or settings (key {header.get('key')}) than "
+                                 f"this index of {manifest['model']['id']} (key {manifest['key']}): it was copied in "
+                                 f"from another index; delete it and {redo}")
+    if problem is None and len(ids) != len(shard_pages(shard, manifest["pages"], manifest["shard_size"])):
+        problem = f"it holds {len(ids)} pages where the manifest places {manifest['shard_size']}"
+    if problem is None and shard_digest(header) != manifest["shard_sha256"][shard]:
+        problem = "its pages or embeddings are not those the index was finished with (its digest differs)"
+    if problem:
+        raise IncompleteIndexError(f"{path} does not match the index: {problem}; {redo}")
+    if tensors["embeddings"].dtype != getattr(torch, manifest["dtype"]):
+        raise IncompleteIndexError(f"{path} holds {tensors['embeddings'].dtype} embeddings in a {manifest['dtype']} "
+                                   f"index; {redo}")
+    return ids, tensors
 
 
 def iter_shards(out_dir: str | Path) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
     """(page ids, embeddings) of one shard at a time, in source order: for corpora larger than
-    memory (score each shard, keep the best pages)."""
+    memory (score each shard, keep the best pages). Every shard is checked before it is yielded,
+    the page ids and token count of the whole after the last."""
     out_dir = Path(out_dir)
-    for shard in range(complete_manifest(out_dir)["shards"]):
-        path = shard_path(out_dir, shard)
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), framework="pt") as reader:
-                ids = json.loads(reader.metadata()["page_ids"])
-        except Exception as error:
-            raise IncompleteIndexError(f"{path} is missing or corrupt ({error}); rerun encode-corpus into "
-                                       f"{out_dir} to redo it") from error
+    manifest = complete_manifest(out_dir)
+    seen: list[str] = []
+    tokens = 0
+    for shard in range(manifest["shards"]):
+        ids, tensors = read_shard(out_dir, shard, manifest)
         offsets = tensors["offsets"].tolist()
+        seen += ids
+        tokens += offsets[-1]
         yield ids, [tensors["embeddings"][start:end] for start, end in zip(offsets, offsets[1:])]
+    if len(seen) != manifest["pages"] or page_ids_digest(seen) != manifest["page_ids_sha256"] \
+            or tokens != manifest["tokens"]:
+        raise IncompleteIndexError(
+            f"{out_dir}: its shards hold {len(seen)} pages and {tokens} token vectors, the manifest "
+            f"{manifest['pages']} pages (ids hash {manifest['page_ids_sha256'][:12]}) and {manifest['tokens']}; rerun "
+            "encode-corpus into it with the same arguments to repair it")
 
 
 def load_index(out_dir: str | Path) -> CorpusIndex:
-    """Read a complete index written by `encode_corpus` into memory; refuse one still being written."""
+    """Read a complete index written by `encode_corpus` into memory, every shard verified; refuse
+    one still being written or changed after it was finished."""
     manifest = complete_manifest(Path(out_dir))
     ids: list[str] = []
     embeddings: list[torch.Tensor] = []

@@ -107,6 +107,18 @@ def _scaled_to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values * (255.0 / full_scale)).astype(np.uint8), mode="L")
 
 
+def page_size_problem(width: int, height: int) -> str | None:
+    """Why Qwen's image resizing cannot take a page of this size (empty, or an aspect ratio over
+    200), said after "page X", or None."""
+    if width == 0 or height == 0:
+        return f"is {width}x{height} pixels: an empty image has nothing to embed."
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        return (f"is {width}x{height} pixels, an aspect ratio of {ratio:.0f}; Qwen's image resizing accepts at most "
+                f"{MAX_ASPECT_RATIO}. Crop it or split it into several pages.")
+    return None
+
+
 def open_page(page: PageInput, index: int = 0) -> Image.Image:
     """A PIL image from what users hold: a PIL image, a file path, encoded bytes, or an array.
 
@@ -273,15 +285,9 @@ class ColQwen3Processor:
         """An input page as the RGB image the model sees before resizing; rejects what Qwen cannot
         resize (empty images, aspect ratios over 200) with the limit named."""
         image = to_rgb(open_page(page, index), self.transparency)
-        width, height = image.size
-        if width == 0 or height == 0:
-            raise ValueError(f"page {index} is {width}x{height} pixels: an empty image has nothing to embed")
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise ValueError(
-                f"page {index} is {width}x{height} pixels, an aspect ratio of "
-                f"{max(width, height) / min(width, height):.0f}; Qwen's image resizing accepts at most "
-                f"{MAX_ASPECT_RATIO}. Crop it or split it into several pages."
-            )
+        problem = page_size_problem(*image.size)
+        if problem:
+            raise ValueError(f"page {index} {problem}")
         return image
 
     def resized_size(self, height: int, width: int) -> tuple[int, int]:
