@@ -9,6 +9,7 @@ rows zeroed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,9 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLModel,
     Qwen3VLPreTrainedModel,
 )
+
+# relative, so it resolves both in the package and in a checkpoint's remote code (which carries the file)
+from .weight_checks import load_strictly
 
 # Qwen2/Qwen3 special tokens and the ids Qwen's tokenizer gives them: the one definition in the
 # package (the tiny tokenizer is built from it; code that writes token ids by hand imports these).
@@ -130,6 +134,13 @@ class ColQwen3(Qwen3VLPreTrainedModel):
         self.vlm = _VisionLanguageModel(config)
         self.embedding_proj_layer = nn.Linear(config.text_config.hidden_size, config.embed_dim)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """transformers' loading, refused (CheckpointError) unless the weights match the config: transformers
+        alone initialises missing layers at random, drops unexpected tensors and casts dtypes with a log line.
+        `colquant.load` and `AutoModel.from_pretrained(dir, trust_remote_code=True)` both come through here."""
+        return load_strictly(super().from_pretrained, cls, pretrained_model_name_or_path, args, kwargs)
 
     @property
     def language_model(self) -> nn.Module:
