@@ -180,3 +180,31 @@ def test_automodel_checks_a_hub_checkpoint_once_downloaded(tiny_path, tmp_path):
     with pytest.raises(RuntimeError, match=rf"snapshots/{commit} does not match its config\.json: .*{UP_PROJ} is stored as float32"):
         AutoModel.from_pretrained("colquant/damaged", cache_dir=str(tmp_path / "cache"), trust_remote_code=True,
                                   dtype=torch.bfloat16, local_files_only=True)
+
+
+def colpali_engine_scores(queries: list[torch.Tensor], pages: list[torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+    """colpali-engine's `score_multi_vector`, restated: queries and pages zero-padded per group of `batch_size`,
+    einsum in the inputs' dtype, max over page tokens, sum over query tokens, float32 at the end."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    rows = []
+    for i in range(0, len(queries), batch_size):
+        q = pad(queries[i : i + batch_size], batch_first=True, padding_value=0)
+        blocks = [torch.einsum("bnd,csd->bcns", q, pad(pages[j : j + batch_size], batch_first=True, padding_value=0))
+                  .max(dim=3)[0].sum(dim=2) for j in range(0, len(pages), batch_size)]
+        rows.append(torch.cat(blocks, dim=1).cpu())
+    return torch.cat(rows, dim=0).to(torch.float32)
+
+
+def test_score_multi_vector_pads_pages_in_groups_of_128_like_colpali_engine(tiny_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_path), trust_remote_code=True)
+    generator = torch.Generator().manual_seed(0)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8, generator=generator), dim=-1).bfloat16()  # noqa: E731
+    queries = [unit(5).abs(), unit(9).abs()]
+    # the second group is narrower than the first, and its tokens oppose every query token: best matches < 0
+    pages = [unit(12) for _ in range(128)] + [-unit(3).abs(), -unit(4).abs()]
+    expected = colpali_engine_scores(queries, pages)
+    padded_at_once = colpali_engine_scores(queries, pages, batch_size=len(pages))
+    assert not torch.equal(expected[:, 128:], padded_at_once[:, 128:])  # the grouping changes these scores
+    assert torch.equal(processor.score_multi_vector(queries, pages, device="cpu"), expected)
