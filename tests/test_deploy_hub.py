@@ -85,3 +85,22 @@ def test_variant_model_meta_is_complete_and_validated_by_mteb(variant):
     assert meta.n_parameters > 0 and meta.memory_usage_mb >= 0 and meta.modalities == ["image", "text"]
     (variant / "config.json").write_text((variant / "config.json").read_text() + " ")
     assert content_revision(variant) != meta.revision
+
+
+def test_card_states_the_saved_visual_token_budget_and_how_mteb_gets_it(variant, monkeypatch, tmp_path):
+    """mteb's ColQwen3Wrapper hard-codes 1,280 visual tokens; the card's recipe gives it the variant's budget."""
+    import re
+
+    from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    (variant / "colquant_processor.json").write_text(json.dumps({"max_num_visual_tokens": 64}))
+    metadata = json.loads((variant / METADATA_FILE).read_text())
+    card = build_model_card({**metadata, "variant": str(variant)}, variant).text
+    prose = " ".join(card.split())
+    assert "at most 64 visual tokens" in prose and "with 1,280 visual tokens whatever the checkpoint saved" in prose
+    assert "max_num_visual_tokens=1280" not in card
+    recipe = re.search(r"```python\n(from mteb.*?)```", card, re.DOTALL)[1]
+    namespace = {"ColQwen3Wrapper": ColQwen3Wrapper}
+    exec("from transformers import AutoProcessor\n" + recipe.replace("ColQwen3Wrapper(", "ColQwen3Wrapper(device='cpu', model_name="), namespace)
+    assert namespace["encoder"].processor.max_num_visual_tokens == 64
