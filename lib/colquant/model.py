@@ -173,8 +173,8 @@ class ColQwen3(Qwen3VLPreTrainedModel):
         if pixel_values is not None and mm_token_type_ids is None:
             # transformers >= 5.4 needs it whenever image_grid_thw is given (1 = image token).
             mm_token_type_ids = (input_ids == self.config.image_token_id).to(torch.int32)
-        if pixel_values is not None and kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = image_rope_positions(
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = text_rope_positions(attention_mask) if pixel_values is None else image_rope_positions(
                 mm_token_type_ids, attention_mask, image_grid_thw, self.config.vision_config.spatial_merge_size)
         hidden = self.vlm.model(
             input_ids=input_ids,
@@ -191,6 +191,16 @@ class ColQwen3(Qwen3VLPreTrainedModel):
         if self.config.mask_non_image_embeddings and pixel_values is not None:
             keep = keep * (input_ids == self.config.image_token_id)
         return ColQwen3Output(embeddings=embeddings * keep.unsqueeze(-1).to(embeddings.dtype))
+
+
+def text_rope_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [3, batch, tokens] of a text-only batch: each row's real tokens numbered from 0
+    wherever its padding sits (padding positions 0), as transformers' `get_rope_index` numbers text and
+    the reference model ran. Why: transformers 5 numbers a text-only batch 0..tokens-1, padding included,
+    so a left-padded query's tokens sat at other absolute positions than alone; RoPE is relative only up
+    to rounding, and in bf16 that moved a query's embedding by up to 2e-3 with its batch's longest query."""
+    real = attention_mask.long()
+    return ((real.cumsum(1) - 1) * real).expand(3, -1, -1)
 
 
 def image_rope_positions(mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor,
