@@ -157,3 +157,22 @@ def test_push_refuses_results_measured_on_other_weights(variant):
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # the weights were rewritten
     with pytest.raises(PushError, match=r"results of other weights .* stale; recompute them with `colquant run"):
         push(variant, "org/name", dry_run=True)
+
+
+def test_card_states_the_saved_visual_token_budget_and_how_mteb_gets_it(variant, monkeypatch, tmp_path):
+    """mteb's ColQwen3Wrapper hard-codes 1,280 visual tokens; the card's recipe gives it the variant's budget."""
+    import re
+
+    from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    (variant / "colquant_processor.json").write_text(json.dumps({"max_num_visual_tokens": 64}))
+    metadata = json.loads((variant / METADATA_FILE).read_text())
+    card = build_model_card({**metadata, "variant": str(variant)}, variant).text
+    prose = " ".join(card.split())
+    assert "at most 64 visual tokens" in prose and "with 1,280 visual tokens whatever the checkpoint saved" in prose
+    assert "max_num_visual_tokens=1280" not in card
+    recipe = re.search(r"```python\n(from mteb.*?)```", card, re.DOTALL)[1]
+    namespace = {"ColQwen3Wrapper": ColQwen3Wrapper}
+    exec("from transformers import AutoProcessor\n" + recipe.replace("ColQwen3Wrapper(", "ColQwen3Wrapper(device='cpu', model_name="), namespace)
+    assert namespace["encoder"].processor.max_num_visual_tokens == 64

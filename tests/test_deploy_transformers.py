@@ -1,5 +1,6 @@
 """Drop-in loading: transformers alone (no colquant) loads ColQuant checkpoints and embeds identically."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import colquant
 from colquant.remote_code import AUTO_MAP, REMOTE_CODE_FILES, write_remote_code
 
+UP_PROJ = "vlm.model.language_model.layers.1.mlp.up_proj.weight"
 QUERIES = ["what was the revenue of Norbright Labs in 2019?", "pie chart"]
 
 # Runs in a fresh interpreter where `import colquant` fails, so only the checkpoint's own files count.
@@ -122,3 +124,87 @@ def test_mteb_colqwen3_wrapper_encodes_with_a_colquant_checkpoint(tiny_w4a16_pat
     assert torch.equal(queries, ours["queries"]) and torch.equal(pages, ours["pages"])
     scores = wrapper.similarity(list(queries), list(pages))
     assert scores.shape == (len(QUERIES), len(page_files)) and torch.isfinite(scores).all()
+
+
+def _damaged_copy(checkpoint: Path, tmp_path: Path, damage: str) -> Path:
+    """A copy of `checkpoint` whose config.json or weights no longer agree (the probes' damages)."""
+    import shutil
+
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "damaged"))
+    config = json.loads((copy / "config.json").read_text())
+    if damage == "quantization_config lost":
+        del config["quantization_config"]
+    elif damage == "layers lowered":
+        config["text_config"]["num_hidden_layers"] -= 1
+    else:  # a tensor stored in another dtype than config.json declares, or holding NaN
+        index = json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"]
+        shard = copy / index[UP_PROJ]
+        tensors = load_file(str(shard))
+        tensors[UP_PROJ] = tensors[UP_PROJ].float() if damage == "float32 tensor" else tensors[UP_PROJ].index_fill(0, torch.tensor([3]), float("nan"))
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("damage", "which", "message"),
+    [("quantization_config lost", "w4a16", r"unexpected keys: .*qweight.*quantization_config is missing"),
+     ("layers lowered", "w4a16", r"unexpected keys: vlm\.model\.language_model\.layers\.3\..*num_hidden_layers=3"),
+     ("layers lowered", "bf16", r"unexpected keys: vlm\.model\.language_model\.layers\.3\..*num_hidden_layers=3"),
+     ("float32 tensor", "bf16", rf"{UP_PROJ} is stored as float32, expected bfloat16"),
+     ("NaN tensor", "bf16", rf"tensor {UP_PROJ} holds 128 NaN/Inf")],
+)
+def test_automodel_refuses_what_colquant_load_refuses(damage, which, message, tiny_path, tiny_w4a16_path, tmp_path):
+    """The remote code checks weights as `colquant.load` does: no random or missing layers, no silent cast."""
+    from transformers import AutoModel
+
+    damaged = _damaged_copy(tiny_w4a16_path if which == "w4a16" else tiny_path, tmp_path, damage)
+    with pytest.raises(colquant.CheckpointError, match=message):
+        colquant.load(damaged, accelerate=False)
+    with pytest.raises(RuntimeError, match=message) as raised:  # the checkpoint's own copy of CheckpointError
+        AutoModel.from_pretrained(str(damaged), trust_remote_code=True, dtype=torch.bfloat16)
+    assert type(raised.value).__name__ == "CheckpointError"
+
+
+def test_automodel_checks_a_hub_checkpoint_once_downloaded(tiny_path, tmp_path):
+    """By hub id (as mteb loads a pushed variant) the tensor headers are checked in the downloaded snapshot."""
+    from transformers import AutoModel
+
+    damaged = _damaged_copy(tiny_path, tmp_path, "float32 tensor")
+    # huggingface_hub's cache layout; a commit of its own, since transformers caches remote code by commit
+    repo, commit = tmp_path / "cache" / "models--colquant--damaged", hashlib.sha1(str(tmp_path).encode()).hexdigest()
+    (repo / "snapshots").mkdir(parents=True)
+    damaged.rename(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    with pytest.raises(RuntimeError, match=rf"snapshots/{commit} does not match its config\.json: .*{UP_PROJ} is stored as float32"):
+        AutoModel.from_pretrained("colquant/damaged", cache_dir=str(tmp_path / "cache"), trust_remote_code=True,
+                                  dtype=torch.bfloat16, local_files_only=True)
+
+
+def colpali_engine_scores(queries: list[torch.Tensor], pages: list[torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+    """colpali-engine's `score_multi_vector`, restated: queries and pages zero-padded per group of `batch_size`,
+    einsum in the inputs' dtype, max over page tokens, sum over query tokens, float32 at the end."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    rows = []
+    for i in range(0, len(queries), batch_size):
+        q = pad(queries[i : i + batch_size], batch_first=True, padding_value=0)
+        blocks = [torch.einsum("bnd,csd->bcns", q, pad(pages[j : j + batch_size], batch_first=True, padding_value=0))
+                  .max(dim=3)[0].sum(dim=2) for j in range(0, len(pages), batch_size)]
+        rows.append(torch.cat(blocks, dim=1).cpu())
+    return torch.cat(rows, dim=0).to(torch.float32)
+
+
+def test_score_multi_vector_pads_pages_in_groups_of_128_like_colpali_engine(tiny_path):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_path), trust_remote_code=True)
+    generator = torch.Generator().manual_seed(0)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8, generator=generator), dim=-1).bfloat16()  # noqa: E731
+    queries = [unit(5).abs(), unit(9).abs()]
+    # the second group is narrower than the first, and its tokens oppose every query token: best matches < 0
+    pages = [unit(12) for _ in range(128)] + [-unit(3).abs(), -unit(4).abs()]
+    expected = colpali_engine_scores(queries, pages)
+    padded_at_once = colpali_engine_scores(queries, pages, batch_size=len(pages))
+    assert not torch.equal(expected[:, 128:], padded_at_once[:, 128:])  # the grouping changes these scores
+    assert torch.equal(processor.score_multi_vector(queries, pages, device="cpu"), expected)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from colquant.model import ColQwen3, ColQwen3Config, image_rope_positions, parameter_count
+from colquant.model import ColQwen3, ColQwen3Config, image_rope_positions, parameter_count, text_rope_positions
 
 
 def test_tiny_embeddings_are_unit_norm_with_exact_zero_padding(tiny_model):
@@ -30,6 +30,25 @@ def test_query_embedding_does_not_depend_on_batch_or_padding(tiny_model):
     together = together[batch["attention_mask"][1].bool()]
     assert together.shape == alone.shape
     assert torch.allclose(alone.float(), together.float(), atol=2e-2)  # bf16 tolerance
+
+
+def test_text_batches_number_real_tokens_only_as_the_reference_and_drift_no_more_than_it(tiny_model):
+    """transformers 5 numbers a text-only batch 0..T-1 with its padding; the reference (transformers'
+    `get_rope_index`, which the hub model ran) numbers real tokens only. In bf16 the absolute positions
+    change a query's embedding with how much left padding its batch adds."""
+    model, processor = tiny_model
+    assert model.dtype == torch.bfloat16
+    query = "what was the revenue in 2019"
+    batch = processor.process_queries([query, "a much longer neighbouring query text that pads the other on the left " * 3])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    reference = model.vlm.model.get_rope_index(ids, torch.zeros_like(ids, dtype=torch.int32), attention_mask=mask)[0]
+    assert not mask[0].all() and torch.equal(text_rope_positions(mask), reference)
+    with torch.no_grad():
+        alone = model(**processor.process_queries([query])).embeddings[0].float()
+        padded = model(**batch).embeddings[0][mask[0].bool()].float()
+        padded_as_reference = model(**batch, position_ids=reference).embeddings[0][mask[0].bool()].float()
+    assert torch.equal(padded, padded_as_reference)  # bit-identical to the reference's positions
+    assert (alone - padded).abs().max() <= (alone - padded_as_reference).abs().max()
 
 
 def test_page_embedding_does_not_depend_on_batch(tiny_model):

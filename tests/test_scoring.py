@@ -69,6 +69,16 @@ def test_colpali_mode_matches_colpali_engine_on_lists(seed, batch_size):
     assert torch.allclose(got, score(queries, pages), atol=1e-3) == (batch_size == 1)
 
 
+def test_colpali_mode_pads_a_list_of_more_than_128_pages_in_groups_of_128_by_default():
+    generator = torch.Generator().manual_seed(6)
+    queries = [q.abs() for q in ragged(generator, 2, 4, 8)]
+    # a second group narrower than the first, whose tokens oppose every query token (best matches < 0)
+    pages = ragged(generator, 128, 10, 13) + [-page.abs() for page in (ragged(generator, 1, 3, 4) + ragged(generator, 1, 4, 5))]
+    got = score(queries, pages, mode="colpali")
+    assert torch.allclose(got, colpali_reference(queries, pages, batch_size=128), atol=1e-5)
+    assert (got[:, 128] == 0).all() and (got[:, 129] < 0).all()  # floored only below its own group's width
+
+
 def test_colpali_mode_on_a_padded_tensor_maxes_over_its_zero_rows_like_mteb():
     generator = torch.Generator().manual_seed(4)
     queries, pages = ragged(generator, 4, 2, 6), ragged(generator, 7, 3, 9)

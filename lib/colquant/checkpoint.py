@@ -8,20 +8,18 @@ would fall back to random initialisation or fail deep inside a shard reader.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import socket
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from colquant import fp8
 from colquant.model import ColQwen3, ColQwen3Config
 from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS, ColQwen3Processor
+from colquant.weight_checks import FLOATING_DTYPES, CheckpointError, is_fp8_config, read_json_object, verify_tensors
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +27,6 @@ DEFAULT_MODEL_ID = "TomoroAI/tomoro-colqwen3-embed-4b"
 HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.py"]
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
-SHARD_NAME = re.compile(r"model-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors")
-SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
-                      "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool",
-                      "F8_E4M3": "float8_e4m3fn"}
-FLOATING_DTYPES = frozenset({"bfloat16", "float16", "float32"})
-INT32 = frozenset({"int32"})
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreachable, incomplete or does not match the architecture."""
 
 
 def resolve_checkpoint(model_id_or_path: str | Path, revision: str | None = None) -> Path:
@@ -126,7 +114,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json: it is not a model checkpoint directory")
-    config = _read_json_object(config_file, "re-download the checkpoint or restore config.json from its source")
+    config = read_json_object(config_file, "re-download the checkpoint or restore config.json from its source")
     if config.get("model_type") != "colqwen3":
         raise CheckpointError(
             f"{config_file} says model_type={config.get('model_type')!r}, expected 'colqwen3'. "
@@ -138,147 +126,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             f"{path} lacks {', '.join(missing)}: the processor cannot be built without them. Re-download the "
             "checkpoint, or copy them from its base model (`processor.save_pretrained(path)` writes them)."
         )
-    shards = _shard_files(path)
-    for shard in shards:
-        _verify_shard(shard)
-    _verify_tensors(path, shards)
+    verify_tensors(path, ColQwen3Config.from_pretrained(str(path)), ColQwen3)
     return config
-
-
-def _read_json_object(file: Path, fix: str) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{file} is not valid JSON ({error}); {fix}") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object of settings; {fix}")
-    return data
-
-
-def _shard_files(path: Path) -> list[Path]:
-    index_file = path / "model.safetensors.index.json"
-    if index_file.exists():
-        index = _read_json_object(index_file, "re-download it (it maps every tensor to its shard)")
-        if not isinstance(index.get("weight_map"), dict):
-            raise CheckpointError(f"{index_file} has no weight_map object; re-download it")
-        return [path / name for name in sorted(set(index["weight_map"].values()))]
-    shards = sorted(path.glob("*.safetensors"))
-    numbered = [match for shard in shards if (match := SHARD_NAME.fullmatch(shard.name))]
-    if numbered:
-        total = int(numbered[0]["total"])
-        absent = sorted(set(range(1, total + 1)) - {int(match["number"]) for match in numbered})
-        gaps = f"; shard(s) {', '.join(map(str, absent))} of {total} are missing too" if absent else ""
-        raise CheckpointError(
-            f"{path} holds sharded weights (model-*-of-{total:05d}.safetensors) but no model.safetensors.index.json"
-            f"{gaps}. Re-download the checkpoint: without the index the shards cannot be read as one model."
-        )
-    if not shards:
-        raise CheckpointError(f"{path} holds no *.safetensors weights")
-    return shards
-
-
-def _verify_shard(shard: Path) -> None:
-    """Open the shard's header: safetensors checks it against the file size, so a truncated
-    download fails here with the shard's name instead of deep inside from_pretrained."""
-    if not shard.exists():
-        raise CheckpointError(f"shard {shard.name} is listed in the index but missing from {shard.parent}: re-download it")
-    try:
-        with safe_open(str(shard), framework="pt"):
-            pass
-    except Exception as error:  # safetensors raises its own SafetensorError type
-        raise CheckpointError(
-            f"shard {shard.name} in {shard.parent} is truncated or corrupt ({error}); delete it and download again"
-        ) from error
-
-
-def _verify_tensors(path: Path, shards: list[Path]) -> None:
-    """Every tensor's shape and dtype as the config's architecture (and its 4-bit packing, for a
-    quantized checkpoint) requires: transformers would otherwise cast a wrong dtype silently and
-    report a wrong shape as a bare RuntimeError. Reads only the shards' headers."""
-    config = ColQwen3Config.from_pretrained(str(path))
-    expected = _expected_tensors(config)
-    problems, fixes = [], []
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as reader:
-            for name in reader.keys():
-                header = reader.get_slice(name)
-                dtype = SAFETENSORS_DTYPES.get(header.get_dtype(), header.get_dtype())
-                problem = _tensor_problem(name, tuple(header.get_shape()), dtype, expected)
-                if problem:
-                    problems.append(f"{shard.name}: {problem[0]}")
-                    fixes += [problem[1]] if problem[1] not in fixes else []
-    if problems:
-        shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} tensors in all)" if len(problems) > 4 else "")
-        raise CheckpointError(f"{path} does not match its config.json: {shown}. {' '.join(fixes)}")
-
-
-class _Expected(NamedTuple):
-    """What one tensor must look like, and what to do when it does not."""
-
-    shape: tuple[int, ...]
-    dtypes: frozenset[str]
-    shape_fix: str
-    dtype_fix: str
-
-
-def _expected_tensors(config: ColQwen3Config) -> dict[str, _Expected]:
-    """Per tensor name, from a weightless (meta-device) model of the config; a quantized Linear's
-    packed tensors follow from its widths and the config's quantization settings."""
-    with torch.device("meta"):
-        reference = ColQwen3(config)
-    declared = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
-    shape_fix = "The checkpoint is corrupt or from another model than its config.json describes: re-download it."
-    dtype_fix = (f"config.json declares dtype {declared or 'none'} and loading would cast silently: "
-                 "re-save the checkpoint in one dtype or correct config.json.")
-    floating = frozenset({declared}) if declared else FLOATING_DTYPES
-    expected = {
-        name: _Expected(tuple(tensor.shape), floating if tensor.is_floating_point()
-                        else frozenset({str(tensor.dtype).removeprefix("torch.")}), shape_fix, dtype_fix)
-        for name, tensor in reference.state_dict().items()
-    }
-    quantization = getattr(config, "quantization_config", None)
-    if hasattr(quantization, "to_dict"):  # transformers may have parsed it into its config class
-        quantization = quantization.to_dict()
-    if fp8.is_fp8_config(quantization):
-        fix = "The FP8 checkpoint does not match its quantization_config: re-create the variant (notebook 03)."
-        expected |= {name: _Expected(shape, dtypes, fix, fix)
-                     for name, (shape, dtypes) in fp8.expected_tensors(reference, quantization).items()}
-    elif quantization:
-        expected |= _packed_tensors(reference, quantization["bits"], quantization["group_size"])
-    return expected
-
-
-def _packed_tensors(reference: torch.nn.Module, bits: int, group_size: int) -> dict[str, _Expected]:
-    """The GPTQ-style packing auto-round writes: int32 words of 32/bits weights, one scale and one
-    packed zero point per group of `group_size` inputs (one group per row when group_size <= 0)."""
-    fix = (f"config.json's quantization_config says bits={bits}, group_size={group_size}, which does not describe "
-           "these tensors: re-export the checkpoint, or set quantization_config to the settings it was quantized with.")
-    expected = {}
-    for name, module in reference.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            n_in, n_out = module.in_features, module.out_features
-            groups = 1 if group_size <= 0 else -(-n_in // group_size)
-            for part, shape, dtypes in (("qweight", (n_in * bits // 32, n_out), INT32),
-                                        ("qzeros", (groups, n_out * bits // 32), INT32),
-                                        ("scales", (groups, n_out), FLOATING_DTYPES),
-                                        ("g_idx", (n_in,), INT32)):
-                expected[f"{name}.{part}"] = _Expected(shape, dtypes, fix, fix)
-    return expected
-
-
-def _tensor_problem(
-    name: str, shape: tuple[int, ...], dtype: str, expected: dict[str, _Expected]
-) -> tuple[str, str] | None:
-    """(what is wrong with one tensor, the fix); names the model does not know are left to the key
-    check after loading."""
-    want = expected.get(name)
-    if want is None:
-        return None
-    if shape != want.shape:
-        return f"{name} has shape {list(shape)}, the architecture needs {list(want.shape)}", want.shape_fix
-    if dtype not in want.dtypes:
-        return f"{name} is stored as {dtype}, expected {' or '.join(sorted(want.dtypes))}", want.dtype_fix
-    return None
 
 
 def load(
@@ -330,7 +179,7 @@ def load(
         _store_embeddings(model, embeddings)
         return model, processor
     config = verify_checkpoint(path)
-    is_fp8 = fp8.is_fp8_config(config.get("quantization_config"))
+    is_fp8 = is_fp8_config(config.get("quantization_config"))
     _check_fp8_accumulation(fp8_accumulation, is_fp8, path)
     if is_fp8:
         model = fp8.load_model(path, torch_dtype, device)  # W8A8 FP8 (compressed-tensors layout)
@@ -338,11 +187,8 @@ def load(
     else:
         # Loading straight onto the GPU lets transformers' auto-round integration pick a CUDA kernel.
         device_map = str(device) if device.type == "cuda" else None
-        model, info = ColQwen3.from_pretrained(
-            str(path), dtype=torch_dtype, device_map=device_map, output_loading_info=True
-        )
-        _raise_on_key_mismatch(path, info)
-        _raise_on_non_finite(path, model)
+        # strict: refused on missing, unexpected or non-finite tensors (colquant.weight_checks)
+        model = ColQwen3.from_pretrained(str(path), dtype=torch_dtype, device_map=device_map)
     model = model.to(device).eval()
     _store_embeddings(model, embeddings)
     accelerate = device.type == "cuda" if accelerate is None else accelerate
@@ -390,32 +236,6 @@ def _store_embeddings(model: torch.nn.Module, embeddings: str) -> None:
 
         freed = quantize_embeddings(model)
         log.info("token embeddings stored as int8 per row: %.0f MiB freed", freed / 2**20)
-
-
-def _raise_on_non_finite(path: Path, model: torch.nn.Module) -> None:
-    """One pass over the loaded weights: a NaN or Inf would otherwise surface as NaN scores far
-    downstream (or as a quality drop blamed on quantization), with no hint of the tensor at fault."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            count = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(
-                f"{path}: tensor {name} holds {count} NaN/Inf value(s) (after casting to {tensor.dtype}); the "
-                "checkpoint is corrupt or was saved from a diverged run: re-download it or re-create the variant"
-            )
-
-
-def _raise_on_key_mismatch(path: Path, info: dict[str, Any]) -> None:
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        names = sorted(str(name) for name in info.get(kind, ()))
-        if names:
-            shown = ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
-            problems.append(f"{kind.replace('_', ' ')}: {shown}")
-    if problems:
-        raise CheckpointError(
-            f"{path} does not match the ColQwen3 architecture ({'; '.join(problems)}). "
-            "The checkpoint is incomplete or from another model; re-download it or check the model id."
-        )
 
 
 def _load_remote_code(

@@ -18,7 +18,8 @@ Checkpoints use the `compressed-tensors` `float-quantized` layout that vLLM read
 float8_e4m3fn [out, in], `<layer>.weight_scale` float32 [out, 1], and a `quantization_config`
 (`quant_method: compressed-tensors`, channel-wise weights, dynamic token-wise activations).
 `colquant.load` reads them back with the same strict checks as the 4-bit path
-(:mod:`colquant.fp8_checkpoint`, whose public names are importable from here too).
+(:mod:`colquant.fp8_checkpoint`, whose public names are importable from here too; the layout's checks,
+which checkpoints carry as remote code, are in :mod:`colquant.weight_checks`).
 """
 
 from __future__ import annotations
@@ -365,8 +366,7 @@ def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scop
 
 # The checkpoint layout, loading and variant production live in colquant.fp8_checkpoint (they
 # import this module); their public names stay reachable here, imported on first use.
-_CHECKPOINT_NAMES = frozenset({"quantization_config", "is_fp8_config", "check_config", "quantized_layer_names",
-                               "expected_tensors", "load_model", "variant_names", "save_fp8_model", "fp8_metadata",
+_CHECKPOINT_NAMES = frozenset({"quantization_config", "load_model", "variant_names", "save_fp8_model", "fp8_metadata",
                                "produce_fp8_variant", "model_card"})
 
 

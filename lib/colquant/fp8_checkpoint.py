@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from colquant.fp8 import FP8_DTYPE, METHOD, NO_CALIBRATION, SCOPES, VARIANTS, FP8Linear, quantize_fp8
+from colquant.fp8 import METHOD, NO_CALIBRATION, SCOPES, VARIANTS, FP8Linear, quantize_fp8
+from colquant.weight_checks import CheckpointError, quantized_layer_names, raise_on_non_finite, shard_files
 
 # --------------------------------------------------------------------------------------------
 # the checkpoint format (compressed-tensors "float-quantized", as vLLM reads it)
@@ -43,60 +44,12 @@ def quantization_config(scope: str) -> dict[str, Any]:
     }
 
 
-def is_fp8_config(quantization: Any) -> bool:
-    """True for a compressed-tensors float-quantized config (the FP8 variants' checkpoints)."""
-    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors" \
-        and quantization.get("format") == "float-quantized"
-
-
-def check_config(quantization: dict[str, Any], where: Path | str) -> list[str]:
-    """The target patterns of a supported FP8 config; a CheckpointError naming what is not supported."""
-    from colquant.checkpoint import CheckpointError
-
-    groups = quantization.get("config_groups") or {}
-    fix = ("ColQuant reads FP8 checkpoints with 8-bit float weights per output channel and dynamic per-token "
-           "activations (colquant.fp8.quantization_config); re-create the variant with notebook 03")
-    if len(groups) != 1:
-        raise CheckpointError(f"{where}: quantization_config has {len(groups)} config_groups, expected one. {fix}")
-    group = next(iter(groups.values()))
-    weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
-    wanted = {"weights": (weights, {"num_bits": 8, "type": "float", "strategy": "channel"}),
-              "input_activations": (acts, {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True})}
-    for part, (given, need) in wanted.items():
-        wrong = {key: given.get(key) for key, value in need.items() if given.get(key) != value}
-        if wrong:
-            raise CheckpointError(f"{where}: quantization_config {part} has {wrong}, expected {need}. {fix}")
-    targets = group.get("targets") or []
-    if not targets or not all(isinstance(t, str) and t.startswith("re:") for t in targets):
-        raise CheckpointError(f"{where}: quantization_config targets {targets} are not 're:' patterns of layer names. {fix}")
-    return [t.removeprefix("re:") for t in targets]
-
-
-def quantized_layer_names(model: nn.Module, quantization: dict[str, Any], where: Path | str = "checkpoint") -> list[str]:
-    """The Linear layers of ``model`` that a config's targets cover (minus its `ignore` list)."""
-    patterns = [re.compile(p) for p in check_config(quantization, where)]
-    ignore = set(quantization.get("ignore") or [])
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name not in ignore and any(p.match(name) for p in patterns)]
-
-
-def expected_tensors(reference: nn.Module, quantization: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:
-    """Shape and dtype of each FP8 layer's `weight` and `weight_scale`, for the checkpoint's header check."""
-    expected = {}
-    for name in quantized_layer_names(reference, quantization):
-        module = reference.get_submodule(name)
-        expected[f"{name}.weight"] = ((module.out_features, module.in_features), frozenset({"float8_e4m3fn"}))
-        expected[f"{name}.weight_scale"] = ((module.out_features, 1), frozenset({"float32"}))
-    return expected
-
-
 def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """An FP8 ColQwen3 from a checkpoint written by `save_fp8_model` (header checks already done by
     `colquant.checkpoint.verify_checkpoint`); missing or unexpected tensors raise CheckpointError."""
     from safetensors import safe_open
     from transformers import initialization
 
-    from colquant.checkpoint import CheckpointError, _shard_files
     from colquant.model import ColQwen3, ColQwen3Config
 
     config = ColQwen3Config.from_pretrained(str(path))
@@ -111,7 +64,7 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Modul
     model.config.quantization_config = quantization
     wanted = model.state_dict()
     found: set[str] = set()
-    for shard in _shard_files(path):
+    for shard in shard_files(path):
         with safe_open(str(shard), framework="pt") as reader:
             for key in reader.keys():
                 if key in wanted:
@@ -125,17 +78,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Modul
         shown = ", ".join(missing[:6]) + (f" ... ({len(missing)} in all)" if len(missing) > 6 else "")
         raise CheckpointError(f"{path} lacks {shown}: an FP8 layer needs its weight and weight_scale. The checkpoint "
                               "is incomplete: re-create the variant (notebook 03) or re-download it")
-    _raise_on_non_finite(path, model)
+    raise_on_non_finite(path, model)
     return model
-
-
-def _raise_on_non_finite(path: Path, model: nn.Module) -> None:
-    from colquant.checkpoint import CheckpointError
-
-    for name, tensor in model.state_dict().items():
-        values = tensor.float() if tensor.dtype == FP8_DTYPE else tensor
-        if values.is_floating_point() and not bool(torch.isfinite(values).all()):
-            raise CheckpointError(f"{path}: tensor {name} holds NaN/Inf values; the checkpoint is corrupt: re-create the variant")
 
 
 # --------------------------------------------------------------------------------------------

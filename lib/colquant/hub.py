@@ -23,6 +23,8 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from colquant.files import write_text
+from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS as MTEB_VISUAL_TOKENS  # mteb's ColQwen3Wrapper's
+from colquant.processing import read_saved_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ def results_tables(results: dict[str, Any]) -> tuple[str, str]:
     return rows(fidelity), rows(retrieval)
 
 
-def card_body(metadata: dict[str, Any], bias_notice: str | None) -> str:
+def card_body(metadata: dict[str, Any], bias_notice: str | None, visual_tokens: int = MTEB_VISUAL_TOKENS) -> str:
+    """The card's markdown; `visual_tokens` is the page budget the variant saved (its processor's default)."""
     settings, calibration = metadata["settings"], metadata["calibration"]
     name, base = metadata["variant"], metadata["base_model"]
     first_line = (
@@ -125,8 +128,17 @@ the 4-bit layers):
 ```python
 from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{name}", trust_remote_code=True, dtype="bfloat16").eval()
-processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True, max_num_visual_tokens=1280)
+processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True, max_num_visual_tokens={visual_tokens})
 queries = model(**processor(text=["revenue in 2019"])).embeddings
+```
+Pages are resized to at most {visual_tokens:,} visual tokens, the budget this variant was saved with
+(`colquant_processor.json`; the processor's default when `max_num_visual_tokens` is left out).
+mteb's registered `ColQwen3Wrapper` loads the processor with {MTEB_VISUAL_TOKENS:,} visual tokens whatever the
+checkpoint saved; to evaluate with this variant's budget, replace its processor:
+```python
+from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
+encoder = ColQwen3Wrapper("{name}")
+encoder.processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True, max_num_visual_tokens={visual_tokens})
 ```
 
 With vLLM (`pip install vllm colquant`; the colquant plugin keeps the projection bias):
@@ -168,11 +180,14 @@ mteb's ViDoRe retrieval tasks, scored with MaxSim (ColQuant notebook 05).
 
 
 def build_model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> ModelCard:
-    """The variant's card; `checkpoint` lets it state whether vLLM's bias defect applies."""
+    """The variant's card; `checkpoint` lets it state whether vLLM's bias defect applies and which page
+    budget (visual tokens) the variant saved, since mteb's wrapper does not read it."""
     from colquant.serving import projection_bias_notice
 
     notice = projection_bias_notice(checkpoint) if checkpoint is not None else None
-    return ModelCard.from_template(card_data(metadata), template_str="---\n{{ card_data }}\n---\n" + _escape(card_body(metadata, notice)))
+    budget = read_saved_settings(checkpoint).get("max_num_visual_tokens") if checkpoint is not None else None
+    body = card_body(metadata, notice, budget or MTEB_VISUAL_TOKENS)
+    return ModelCard.from_template(card_data(metadata), template_str="---\n{{ card_data }}\n---\n" + _escape(body))
 
 
 def _escape(text: str) -> str:

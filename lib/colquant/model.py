@@ -9,6 +9,7 @@ rows zeroed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,9 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLModel,
     Qwen3VLPreTrainedModel,
 )
+
+# relative, so it resolves both in the package and in a checkpoint's remote code (which carries the file)
+from .weight_checks import load_strictly
 
 # Qwen2/Qwen3 special tokens and the ids Qwen's tokenizer gives them: the one definition in the
 # package (the tiny tokenizer is built from it; code that writes token ids by hand imports these).
@@ -131,6 +135,13 @@ class ColQwen3(Qwen3VLPreTrainedModel):
         self.embedding_proj_layer = nn.Linear(config.text_config.hidden_size, config.embed_dim)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """transformers' loading, refused (CheckpointError) unless the weights match the config: transformers
+        alone initialises missing layers at random, drops unexpected tensors and casts dtypes with a log line.
+        `colquant.load` and `AutoModel.from_pretrained(dir, trust_remote_code=True)` both come through here."""
+        return load_strictly(super().from_pretrained, cls, pretrained_model_name_or_path, args, kwargs)
+
     @property
     def language_model(self) -> nn.Module:
         """The text tower (Qwen3VLTextModel): the part W4A16 quantizes."""
@@ -162,8 +173,8 @@ class ColQwen3(Qwen3VLPreTrainedModel):
         if pixel_values is not None and mm_token_type_ids is None:
             # transformers >= 5.4 needs it whenever image_grid_thw is given (1 = image token).
             mm_token_type_ids = (input_ids == self.config.image_token_id).to(torch.int32)
-        if pixel_values is not None and kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = image_rope_positions(
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = text_rope_positions(attention_mask) if pixel_values is None else image_rope_positions(
                 mm_token_type_ids, attention_mask, image_grid_thw, self.config.vision_config.spatial_merge_size)
         hidden = self.vlm.model(
             input_ids=input_ids,
@@ -180,6 +191,16 @@ class ColQwen3(Qwen3VLPreTrainedModel):
         if self.config.mask_non_image_embeddings and pixel_values is not None:
             keep = keep * (input_ids == self.config.image_token_id)
         return ColQwen3Output(embeddings=embeddings * keep.unsqueeze(-1).to(embeddings.dtype))
+
+
+def text_rope_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [3, batch, tokens] of a text-only batch: each row's real tokens numbered from 0
+    wherever its padding sits (padding positions 0), as transformers' `get_rope_index` numbers text and
+    the reference model ran. Why: transformers 5 numbers a text-only batch 0..tokens-1, padding included,
+    so a left-padded query's tokens sat at other absolute positions than alone; RoPE is relative only up
+    to rounding, and in bf16 that moved a query's embedding by up to 2e-3 with its batch's longest query."""
+    real = attention_mask.long()
+    return ((real.cumsum(1) - 1) * real).expand(3, -1, -1)
 
 
 def image_rope_positions(mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor,

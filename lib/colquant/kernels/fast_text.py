@@ -144,7 +144,9 @@ def _dims(text_model):
 
 
 def _positions(position_ids, B, T, device):
-    """Same rules as Qwen3VLTextModel.forward -> (3, B, T) positions for the rotary embedding."""
+    """Same rules as Qwen3VLTextModel.forward -> (3, B, T) positions for the rotary embedding. ColQwen3.forward
+    always passes them (text: real tokens numbered from the attention mask; pages: M-RoPE), so this path and
+    the query graphs number tokens exactly as transformers' forward does."""
     if position_ids is None:
         p = torch.arange(T, device=device).view(1, 1, -1).expand(3, B, -1)
         return p

@@ -2,6 +2,8 @@
 
 Checkpoints carry the project's own code next to the weights, with an `auto_map` in config.json:
 `modeling_colqwen3.py` is `colquant/model.py` itself (it imports only torch and transformers),
+`weight_checks.py` is `colquant/weight_checks.py` (the checks `ColQwen3.from_pretrained` runs on the
+weights, so a damaged checkpoint is refused here as by `colquant.load`),
 `colquant_processing.py` is `colquant/processing.py` (torch, PIL, transformers), and
 `processing_colqwen3.py` adds the hub processor interface mteb's ColQwen3 wrapper calls
 (`processor(images=..., text=...)`, `score_multi_vector`). Copying the very files colquant runs
@@ -21,6 +23,7 @@ from colquant.files import write_text
 PACKAGE = Path(__file__).resolve().parent.parent  # lib/colquant
 REMOTE_CODE_FILES = {
     "modeling_colqwen3.py": PACKAGE / "model.py",
+    "weight_checks.py": PACKAGE / "weight_checks.py",  # model.py imports it by this name (relative import)
     "colquant_processing.py": PACKAGE / "processing.py",
     "processing_colqwen3.py": Path(__file__).parent / "processing_colqwen3.py",
 }

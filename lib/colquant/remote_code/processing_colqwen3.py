@@ -44,10 +44,24 @@ class ColQwen3Processor(_ColQuantProcessor):
 
     @staticmethod
     def score_multi_vector(
-        queries: list[torch.Tensor] | torch.Tensor, pages: list[torch.Tensor] | torch.Tensor, device: str | None = None, **_: Any
+        queries: list[torch.Tensor] | torch.Tensor, pages: list[torch.Tensor] | torch.Tensor, batch_size: int = 128,
+        device: str | torch.device | None = None, **_: Any,
     ) -> torch.Tensor:
-        """MaxSim, as colpali-engine scores: token sets zero-padded, (n_queries, n_pages) float32."""
+        """MaxSim as colpali-engine's `BaseVisualRetrieverProcessor.score_multi_vector` (the hub processor's,
+        which mteb calls) computes it, so scores match the published ones: queries and pages are zero-padded
+        per group of `batch_size` (a page shorter than the longest of its group floors each query token's best
+        match at 0), products run in the embeddings' own dtype, and the (n_queries, n_pages) scores come back
+        float32 on the CPU. `colquant.score(..., mode="colpali")` gives the same in float32 without the
+        padded products."""
+        if len(queries) == 0 or len(pages) == 0:
+            raise ValueError(f"nothing to score: {len(queries)} queries and {len(pages)} pages given")
+        device = device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+        queries, pages = [torch.as_tensor(x) for x in queries], [torch.as_tensor(x) for x in pages]
         pad = torch.nn.utils.rnn.pad_sequence
-        q = pad([torch.as_tensor(x) for x in queries], batch_first=True).float().to(device or "cpu")
-        p = pad([torch.as_tensor(x) for x in pages], batch_first=True).float().to(device or "cpu")
-        return torch.einsum("qnd,psd->qpns", q, p).amax(dim=-1).sum(dim=-1)
+        rows = []
+        for i in range(0, len(queries), batch_size):
+            q = pad(queries[i : i + batch_size], batch_first=True).to(device)
+            blocks = [torch.einsum("qnd,psd->qpns", q, pad(pages[j : j + batch_size], batch_first=True).to(device))
+                      .amax(dim=3).sum(dim=2) for j in range(0, len(pages), batch_size)]
+            rows.append(torch.cat(blocks, dim=1).cpu())
+        return torch.cat(rows).float()
