@@ -1,11 +1,13 @@
 """The public encode API on the tiny model: input order kept, length-sorted batches, no-grad results,
 pages from PIL images, paths or a datasets column, and clear errors for inputs it cannot take."""
 
+import os
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -213,6 +215,14 @@ def test_closing_a_pipeline_with_batches_queued_stops_its_thread_and_workers(tin
 def test_default_workers_only_on_a_gpu():
     assert encode.default_workers(torch.device("cpu")) == 0
     assert 0 <= encode.default_workers(torch.device("cuda")) <= encode.MAX_DEFAULT_WORKERS
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(None, 0), (1, 0), (2, 1), (8, 7), (128, 16)])
+def test_default_workers_on_a_gpu_host_of_any_core_count(monkeypatch, cores, workers):
+    """The core count is the machine's choice: each branch forced (unknown, one core, few, many)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert encode.default_workers(torch.device("cuda")) == workers
+    assert encode.default_workers(torch.device("cpu")) == 0
 
 
 def test_processor_can_be_passed_when_none_is_attached(tiny_model):

@@ -5,6 +5,7 @@ and stopped by close(), and a page the processor refuses named in the error."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 
 import mteb
@@ -18,7 +19,7 @@ from mteb.types import PromptType
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from colquant.mteb_encoder import ColQuantEncoder, read_ahead
+from colquant.mteb_encoder import ColQuantEncoder, read_ahead, workers_per_model
 
 REV = "0123abcd"
 # widths x heights of different visual-token counts (tiny processor: 93, 329, 93 | 107, 381, 143 | 137
@@ -144,3 +145,11 @@ def test_read_ahead_keeps_order_raises_in_order_and_stops_its_thread_when_closed
     assert next(endless) == 0
     endless.close()
     assert not [t for t in threading.enumerate() if t.name == "colquant-read-mteb-batches"]
+
+
+@pytest.mark.parametrize(("cores", "n_models", "workers"), [(None, 1, 1), (1, 1, 1), (2, 2, 1), (16, 1, 15), (16, 4, 3), (128, 2, 16)])
+def test_workers_per_model_on_a_gpu_host_of_any_core_count(monkeypatch, cores, n_models, workers):
+    """The core count is the machine's choice: each branch forced (unknown, one core, shared, capped)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert workers_per_model(torch.device("cuda"), n_models) == workers
+    assert workers_per_model(torch.device("cpu"), n_models) == 0
