@@ -134,7 +134,7 @@ def test_encode_corpus_into_a_file_is_one_clear_error(tiny_path, one_page, tmp_p
     (tmp_path / "index").write_text("not a directory")
     assert cli.main(["encode-corpus", str(tiny_path), str(one_page), str(tmp_path / "index"), "--no-progress"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        f"index is a file, not a directory: pass a directory for the index (OUT), a new one or one encode-corpus wrote")
+        "index is a file, not a directory: pass a directory for the index (OUT), a new one or one encode-corpus wrote")
 
 
 def test_encode_corpus_into_a_read_only_directory_is_one_clear_error(tiny_path, one_page, tmp_path, capsys, monkeypatch):

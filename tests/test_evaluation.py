@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 import colquant
-from colquant import evaluation, mteb_encoder, workspace
+from colquant import mteb_encoder, workspace
 from colquant.corpus import Corpus, build_corpus
 from colquant.evaluation import (
     ColQuantEncoder,

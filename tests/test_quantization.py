@@ -13,9 +13,7 @@ from colquant.quantization import (
     METADATA_FILE,
     QuantizationSettings,
     decoder_linear_names,
-    quantization_metadata,
     quantize_language_model,
-    save_quantized_model,
     update_model_card,
 )
 from colquant.variants import produce_variant
