@@ -43,6 +43,8 @@ def test_every_decoder_linear_is_4bit_group128_after_reload(quantized):
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["bits"] == 4 and config["group_size"] == 128 and config["sym"] is True
     assert config["block_name_to_quantize"] == "vlm.model.language_model.layers"
+    text_config = json.loads((out / "config.json").read_text())["text_config"]
+    assert "quantization_config" not in text_config  # one quantization config, the whole model's
 
 
 def test_vision_projection_and_embeddings_are_untouched(quantized):

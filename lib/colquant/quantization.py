@@ -171,6 +171,9 @@ def _write_checkpoint(
         quantization_config = json.loads((Path(tower_dir) / "config.json").read_text())["quantization_config"]
     quantization_config["block_name_to_quantize"] = LANGUAGE_MODEL_BLOCKS
     model.config.quantization_config = quantization_config
+    # auto-round also wrote its tower-relative config ("layers") into the text config; transformers
+    # would fall back to it if the top-level one were lost, and build no 4-bit layer from it
+    model.config.text_config.__dict__.pop("quantization_config", None)
     model.save_pretrained(str(staging), max_shard_size="2GB")
     processor.save_pretrained(staging)
     write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
