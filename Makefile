@@ -103,7 +103,10 @@ run: setup
 NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOSITY=error \
 	HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore
 
-test: test-package test-notebooks test-twin
+# The package tests share the two cores through pytest-xdist; then the notebook regression tests and
+# the twin run (each one notebook kernel at a time, in separate output folders) run side by side.
+test: test-package
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-twin
 
 test-package: setup vllm-env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin" -n 2 --durations=15
@@ -116,7 +119,8 @@ test-notebooks: setup
 # The real profile end to end, offline: builds the hub twin (scripts/build_hub_twin.py) in a temp dir,
 # runs params/twin.yaml through notebooks 01-06 against it and checks REPORT.md (tests/test_twin.py).
 test-twin: setup
-	$(NB_ENV) $(BIN)/python -m pytest tests/test_twin.py -m twin -p no:cacheprovider
+	scratch=$$(mktemp -d) && $(NB_ENV) $(BIN)/python -m pytest tests/test_twin.py -m twin -p no:cacheprovider \
+		--basetemp=$$scratch/pytest; status=$$?; rm -rf $$scratch; exit $$status
 
 # Re-execute the committed notebooks (the nbval reference) after a change that moves results.
 notebooks: setup
