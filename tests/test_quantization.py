@@ -180,3 +180,14 @@ def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_on
     assert seen_scratch == [str(workspace.output_dir(small_profile) / "ar_work_space")] * 2
     assert os.environ.get("AR_WORK_SPACE") == before  # restored after quantizing
     assert [p.name for p in workspace.variants_dir(small_profile).iterdir()] == [first["variant"]]
+
+
+def test_a_saved_variant_is_readable_as_the_umask_allows(quantized):
+    """Its folders were tempfile's 0o700 and its shards safetensors' 0o600 whatever the umask: another
+    user of a shared machine got PermissionError loading it. Now each has a plain open()/mkdir()'s mode."""
+    out = quantized[2]
+    mask = os.umask(0o022)  # read the session's umask (the fixture saved under it), then put it back
+    os.umask(mask)
+    wrong = {str(entry.relative_to(out)): oct(entry.stat().st_mode & 0o777) for entry in [out, *out.rglob("*")]
+             if entry.stat().st_mode & 0o777 != (0o777 if entry.is_dir() else 0o666) & ~mask}
+    assert not wrong, f"modes other than the umask's ({oct(mask)}) gives: {wrong}"

@@ -1,5 +1,8 @@
 import json
+import os
+import stat
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -59,3 +62,18 @@ def test_a_checkpoint_built_by_an_older_format_is_rebuilt(tmp_path):
     (path / "preprocessor_config.json").write_text("{}")
     tiny.build(path)
     assert json.loads((path / "preprocessor_config.json").read_text())["size"]["shortest_edge"] == 65_536
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_a_saved_checkpoint_is_readable_as_the_umask_allows(tmp_path, mask):
+    """Its folder was tempfile's 0o700 and colquant_processor.json 0o600 whatever the umask: another
+    user of a shared machine got PermissionError loading it. Now every file and folder has the mode
+    a plain open()/mkdir() gives under the umask, as the files transformers writes into it do."""
+    previous = os.umask(mask)
+    try:
+        path = tiny.build(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    for entry in [path, *path.rglob("*")]:
+        expected = (0o777 if entry.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(entry.stat().st_mode) == expected, entry

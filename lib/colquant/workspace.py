@@ -25,6 +25,7 @@ from colquant.files import (  # noqa: F401  (re-exported: notebooks write throug
     OutputError,
     atomic_directory,
     atomic_write,
+    plain_mode,
     read_json,
     remove_stale_staging,
     write_csv,
@@ -158,6 +159,7 @@ def _try_lock(lock: Path, holder: dict[str, Any]) -> bool:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f"{lock.name}.", dir=lock.parent)
         try:
+            os.fchmod(handle, plain_mode())  # readable as the results are, so others see who holds it
             with os.fdopen(handle, "w") as file:
                 json.dump(holder, file)
             os.link(name, lock)
