@@ -111,3 +111,24 @@ def test_make_lab_passes_extra_args_and_allow_root_as_root():
     line = result.stdout.strip().splitlines()[-1]
     assert line.endswith("--port 9999") and "jupyter lab notebooks" in line
     assert ("--allow-root" in line) == (os.getuid() == 0)
+
+
+@pytest.mark.parametrize("notebooks", ["5", "08", "04 05", "04,,05", ""])
+def test_notebook_numbers_no_notebook_has_are_refused_naming_the_known_ones(monkeypatch, caplog, notebooks):
+    """They selected nothing: the run did nothing, rewrote REPORT.md and exited 0."""
+    from colquant import pipeline
+
+    monkeypatch.setattr(pipeline, "run", lambda path, **kw: pytest.fail("ran with no notebook selected"))
+    assert cli.main(["run", "tiny", "--notebooks", notebooks]) == 2
+    assert "no notebook numbered" in caplog.text and "the notebooks are 01, 02, 03, 04, 05, 06, 07" in caplog.text
+
+
+@pytest.mark.parametrize("wait", ["nan", "-5", "soon"])
+def test_a_wait_that_is_no_number_of_seconds_is_refused_by_the_parser(monkeypatch, capsys, wait):
+    """NaN waited forever on a locked directory; a negative number was taken as 0."""
+    from colquant import pipeline
+
+    monkeypatch.setattr(pipeline, "run", lambda path, **kw: pytest.fail(f"ran with --wait {wait}"))
+    with pytest.raises(SystemExit):
+        cli.main(["run", "tiny", "--wait", wait])
+    assert "is not a number of seconds >= 0" in capsys.readouterr().err

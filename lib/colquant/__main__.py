@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,12 +68,37 @@ def add_run(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name (tiny, ...) or YAML path")
     parser.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
     parser.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
                         help="wait this long for another run on the same outputs to finish (default: refuse at once)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a profile setting, validated like the file (repeatable), e.g. "
                              "--set quantization.iters=50 --set 'calibration.seqlens=[256]'")
     parser.set_defaults(handler=run_command)
+
+
+def seconds(text: str) -> float:
+    """`--wait`'s value: a number of seconds >= 0 (`inf`: until free); NaN would never time out."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0 (e.g. --wait 600)")
+    return value
+
+
+def selected_notebooks(text: str | None) -> tuple[str, ...] | None:
+    """`--notebooks 04,05` as ("04", "05"), each checked against notebooks/: a number no notebook has
+    (`5`, `08`, `04 05`) would otherwise select nothing and the run would do nothing, successfully."""
+    if text is None:
+        return None
+    known = sorted(path.name[:2] for path in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+    selected = tuple(number.strip() for number in text.split(","))
+    unknown = [number for number in selected if number not in known]
+    if unknown:
+        raise CliError(f"--notebooks {text!r}: no notebook numbered {', '.join(map(repr, unknown))}; the notebooks are "
+                       f"{', '.join(known)}: pass their two-digit numbers separated by commas, e.g. --notebooks 04,05")
+    return selected
 
 
 def run_command(args: argparse.Namespace, rest: list[str]) -> int:
@@ -81,7 +107,7 @@ def run_command(args: argparse.Namespace, rest: list[str]) -> int:
     from colquant.workspace import OutputError
 
     require_notebooks()
-    selected = tuple(args.notebooks.split(",")) if args.notebooks else None
+    selected = selected_notebooks(args.notebooks)
     try:
         summary = run(profile_file(args.profile), overrides=args.overrides, force=args.force, notebooks=selected,
                       wait_s=args.wait)
