@@ -265,6 +265,22 @@ def test_pages_colquant_score_refuses_are_refused_by_compression_too(pages, refu
         score_compressed(pages, compress_pages([torch.ones(2, 8)], "none"))
 
 
+def test_options_of_the_wrong_type_are_refused(monkeypatch):
+    """`binary_queries="no"` was read as True, `protected_tokens=-1` protected all but the last vector,
+    a setting that is neither a name nor a CompressionSetting failed with AttributeError."""
+    pages = [torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(13)), dim=-1)]
+    binary = compress_pages(pages, "binary")
+    with pytest.raises(TypeError, match="binary_queries='no' is not a boolean"):
+        score_compressed(pages, binary, binary_queries="no")
+    with pytest.raises(ValueError, match="protected_tokens must be >= 0, got -1"):
+        compress_pages(pages, "pool2", protected_tokens=-1)
+    with pytest.raises(TypeError, match="setting 3 is neither a CompressionSetting nor its name"):
+        compress_pages(pages, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda': this machine has no CUDA device"):
+        score_compressed(pages, binary, device="cuda")
+
+
 def test_a_page_with_no_real_tokens_scores_zero_in_an_index():
     """colquant.score refuses an all-padding page as bad input; an index may hold one (a blank page)
     and scores it 0, while the real pages score exactly as colquant.score does."""

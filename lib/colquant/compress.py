@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from colquant.arguments import require_count, require_flag, usable_device
 from colquant.params import COMPRESSION_FORMS, COMPRESSION_PATTERN
 from colquant.scoring import Embeddings, check_items, pad_embeddings, require_finite
 
@@ -265,6 +266,9 @@ def compress_pages(page_embeddings: Embeddings, setting: CompressionSetting | st
                    protected_tokens: int = 0) -> CompressedPages:
     """Page embeddings (padded tensor or list of (tokens, dim)) stored as `setting` says."""
     setting = parse_setting(setting) if isinstance(setting, str) else setting
+    if not isinstance(setting, CompressionSetting):
+        raise TypeError(f"setting {setting!r} is neither a CompressionSetting nor its name; pass e.g. 'pool3+binary'")
+    require_count("protected_tokens", protected_tokens, 0)
     pages = real_tokens(page_embeddings)
     if setting.pool_factor is not None:
         pages = [pool_tokens(page.cpu(), setting.pool_factor, protected_tokens) for page in pages]
@@ -302,13 +306,15 @@ def score_compressed(
     (dim - 2 * hamming), the binary x binary case. `compute_dtype` is float32 by default (exact up
     to float32 rounding); bfloat16 is for speed on GPUs, ±1 and int8 codes being exact in it.
     """
+    require_flag("binary_queries", binary_queries)
+    require_count("similarity_elements", similarity_elements, 1)
     queries = pad_embeddings(_checked_items(query_embeddings, "query"))
     if queries.shape[-1] != pages.dim:
         raise ValueError(f"embedding dims differ: queries {queries.shape[-1]}, pages {pages.dim}")
     if binary_queries and not isinstance(pages, BinaryPages):
         raise ValueError(f"binary_queries=True scores binary pages by Hamming distance, got {type(pages).__name__}; "
                          "compress the pages with a binary setting or leave binary_queries False")
-    device = torch.device(device) if device is not None else queries.device
+    device = usable_device(device) if device is not None else queries.device
     queries = queries.to(device)
     pages = pages.to(device)
     query_rows = queries.abs().sum(-1) > 0  # (Q, Tq)

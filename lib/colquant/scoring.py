@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from colquant.arguments import require_count, require_flag, usable_device
+
 Embeddings = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 ScoringMode = Literal["exact", "colpali"]
 SCORING_MODES = ("exact", "colpali")
@@ -175,15 +177,17 @@ def score(
     """
     if mode not in SCORING_MODES:
         raise ValueError(f"mode={mode!r}: use 'exact' (true MaxSim) or 'colpali' (colpali-engine/mteb's scoring)")
-    if colpali_batch_size < 1 or (block_elements is not None and block_elements < 1):
-        raise ValueError(f"colpali_batch_size ({colpali_batch_size}) and block_elements ({block_elements}) must be >= 1")
+    require_count("colpali_batch_size", colpali_batch_size, 1)
+    if block_elements is not None:
+        require_count("block_elements", block_elements, 1)
+    require_flag("show_progress_bar", show_progress_bar, none_means="a bar when there are many blocks")
     queries = _as_items(query_embeddings, "query", colpali_batch_size)
     pages = _as_items(page_embeddings, "page", colpali_batch_size)
     if queries.dim != pages.dim:
         raise ValueError(f"embedding dims differ: queries have dim {queries.dim}, pages have dim {pages.dim}")
     if device is None:
         device = query_embeddings.device if isinstance(query_embeddings, torch.Tensor) else queries.tokens[0].device
-    device = torch.device(device)
+    device = usable_device(device)
     if block_elements is None:
         block_elements = BLOCK_ELEMENTS["cpu" if device.type == "cpu" else "cuda"]
     floor_at_zero = torch.tensor(
