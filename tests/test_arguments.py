@@ -30,6 +30,8 @@ def test_counts_are_integers_of_python_or_numpy_not_bools_floats_or_strings():
 
 def test_a_device_this_machine_has_is_returned_as_a_torch_device(monkeypatch):
     assert usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device: pass 'auto' .* 'cuda' or 'cuda:N'"):
+        usable_device("gpu")  # torch's RuntimeError listed two dozen device types
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"device='cuda:0': this machine has no CUDA device"):
         usable_device(torch.device("cuda", 0))

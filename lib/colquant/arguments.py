@@ -35,7 +35,11 @@ def require_count(name: str, value: Any, minimum: int) -> None:
 def usable_device(device: str | torch.device) -> torch.device:
     """`device` as a torch.device this machine has: a CUDA device without a GPU (or past the
     last one) is refused here, with the fix, instead of as torch's AssertionError at the first copy."""
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:  # torch lists its two dozen device types
+        raise ValueError(f"device={device!r} is not a device: pass 'auto' (CUDA when present, else CPU), 'cpu', "
+                         "'cuda' or 'cuda:N'") from error
     reason = cuda_unavailable_reason(str(resolved)) if resolved.type == "cuda" else None
     if reason is not None:
         raise ValueError(f"device={str(device)!r}: {reason}; pass device='auto' (CUDA when present, else CPU) or 'cpu'")

@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colquant import index as idx
+from colquant.arguments import usable_device
 from colquant.workspace import checkpoint_fingerprint, write_text
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class Worker:
 def worker_device(device: str | torch.device, local_rank: int) -> torch.device:
     """`auto`: this rank's GPU (cuda:LOCAL_RANK) when there are GPUs, else the CPU."""
     if str(device) != "auto":
-        return torch.device(device)
+        return usable_device(device)
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():
