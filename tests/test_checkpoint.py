@@ -237,6 +237,34 @@ def test_device_auto_picks_cuda_when_present(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
 
 
+@pytest.mark.parametrize("option, value, allowed", [
+    ("bf16_copy", "no", "True or False, or None"),
+    ("accelerate", "no", "True or False, or None"),
+    ("trust_remote_code", "no", "True or False"),
+    ("bf16_copy", 0, "True or False, or None"),
+])
+def test_a_flag_that_is_no_boolean_is_refused_before_loading(tiny_path, option, value, allowed):
+    """`bf16_copy="no"` was truthy: a BF16 copy was kept, the opposite of what was asked."""
+    with pytest.raises(TypeError, match=rf"{option}={value!r} is not a boolean: pass {allowed}"):
+        colquant.load(tiny_path, **{option: value})
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", torch.device("cuda", 0)])
+def test_a_cuda_device_without_a_gpu_is_refused_naming_the_fix(tiny_path, monkeypatch, device):
+    """It raised torch's AssertionError "Torch not compiled with CUDA enabled" after reading the weights."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"this machine has no CUDA device .*pass device='auto' .* or 'cpu'"):
+        colquant.load(tiny_path, device=device)
+
+
+def test_a_cuda_device_past_the_last_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="has 2 CUDA device\\(s\\), so cuda:2 does not exist"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_load_with_device_auto(tiny_path):
     model, _ = colquant.load(tiny_path, device="auto")
     expected = "cuda" if torch.cuda.is_available() else "cpu"

@@ -153,3 +153,21 @@ def test_encode_corpus_into_a_read_only_directory_is_one_clear_error(tiny_path, 
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[-1].endswith("index (Permission denied): pass a directory you can write to, or fix its permissions")
     assert not any("Traceback" in line for line in errors)
+
+
+@pytest.mark.parametrize("notebooks", ["08", "04 05", "04,,05", ""])
+def test_notebook_numbers_no_notebook_has_are_refused_naming_the_known_ones(caplog, notebooks):
+    """They selected nothing: the run did nothing, rewrote REPORT.md and exited 0 (`""` ran everything)."""
+    assert cli.main(["run", "tiny", "--notebooks", notebooks]) == 1
+    assert "is not a notebook number; choose from 01,02,03,04,05,06,07" in caplog.text
+
+
+@pytest.mark.parametrize("wait", ["nan", "-5", "soon"])
+def test_a_wait_that_is_no_number_of_seconds_is_refused_by_the_parser(monkeypatch, capsys, wait):
+    """NaN waited forever on a locked directory; a negative number was taken as 0."""
+    from colquant import pipeline
+
+    monkeypatch.setattr(pipeline, "run", lambda path, **kw: pytest.fail(f"ran with --wait {wait}"))
+    with pytest.raises(SystemExit):
+        cli.main(["run", "tiny", "--wait", wait])
+    assert "is not a number of seconds >= 0" in capsys.readouterr().err

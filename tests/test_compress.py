@@ -58,6 +58,20 @@ def test_bad_settings_name_the_allowed_forms(text):
         parse_setting(text)
 
 
+@pytest.mark.parametrize("pool_factor, quantization, refusal", [
+    (None, "int4", "quantization 'int4' is not a number format"),
+    (3, "fp8", "quantization 'fp8' is not a number format"),
+    (1, "float", "pool_factor 1 is not a pool factor"),
+    (10, "int8", "pool_factor 10 is not a pool factor"),
+    (2.5, "float", "pool_factor 2.5 is not a pool factor"),
+    (True, "binary", "pool_factor True is not a pool factor"),
+])
+def test_a_setting_that_cannot_be_stored_is_refused_not_stored_as_float(pool_factor, quantization, refusal):
+    """An unknown format was stored as float under its own name (and filed as that format's results)."""
+    with pytest.raises(ValueError, match=refusal):
+        CompressionSetting(pool_factor, quantization)
+
+
 def test_profile_settings_are_the_validated_profiles_parsed():
     """The default grid and the refusals live in the profile schema (tests/test_params.py)."""
     from colquant.params import validate_profile
@@ -208,6 +222,63 @@ def test_scorer_refusals_name_the_problem():
         score_compressed([torch.ones(1, 8)], pages, binary_queries=True)
     with pytest.raises(ValueError, match="no page embeddings"):
         compress_pages([], "none")
+
+
+@pytest.mark.parametrize("setting", ["none", "int8", "binary", "pool2", "pool2+binary"])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_a_non_finite_page_is_refused_naming_it_as_colquant_score_does(setting, bad_value):
+    """A NaN row was dropped as padding (NaN > 0 is false) and the page scored as a finite number;
+    an Inf one became NaN or a finite sign. Compression refuses them as `colquant.score` does."""
+    generator = torch.Generator().manual_seed(11)
+    queries, pages = ragged(generator, 2, 1, 4, dim=8), ragged(generator, 3, 4, 6, dim=8)
+    pages[1][2, 0] = bad_value
+    with pytest.raises(ValueError, match="page item 1 contains NaN or Inf") as scored:
+        score(queries, pages)
+    with pytest.raises(ValueError, match="page item 1 contains NaN or Inf") as compressed:
+        compress_pages(pages, setting)
+    assert str(compressed.value) == str(scored.value)
+    pages[1][:] = bad_value  # a whole page of them
+    with pytest.raises(ValueError, match="page item 1 contains NaN or Inf"):
+        compress_pages(torch.nn.utils.rnn.pad_sequence(pages, batch_first=True), setting)
+
+
+def test_a_non_finite_query_is_refused_not_scored_as_padding():
+    generator = torch.Generator().manual_seed(12)
+    queries, pages = ragged(generator, 2, 2, 4, dim=8), compress_pages(ragged(generator, 3, 2, 5, dim=8), "int8")
+    queries[1][0, 3] = float("nan")
+    for binary_queries in (False, True):
+        with pytest.raises(ValueError, match="query item 1 contains NaN or Inf"):
+            score_compressed(queries, compress_pages(stored_pages(pages), "binary") if binary_queries else pages,
+                             binary_queries=binary_queries)
+
+
+@pytest.mark.parametrize("pages, refusal", [
+    ([torch.ones(8)], r"page item 0 has shape \(8,\); expected \(tokens, dim\)"),
+    ([torch.ones(2, 8), torch.ones(2, 4)], "page embeddings mix dimensions"),
+    ([torch.ones(2, 8, dtype=torch.int64)], "page item 0 has dtype torch.int64"),
+])
+def test_pages_colquant_score_refuses_are_refused_by_compression_too(pages, refusal):
+    """A 1-D page was stored as one token, integer pages were quantized as if embeddings."""
+    with pytest.raises(ValueError, match=refusal):
+        compress_pages(pages, "int8")
+    with pytest.raises(ValueError, match=refusal.replace("page", "query")):
+        score_compressed(pages, compress_pages([torch.ones(2, 8)], "none"))
+
+
+def test_options_of_the_wrong_type_are_refused(monkeypatch):
+    """`binary_queries="no"` was read as True, `protected_tokens=-1` protected all but the last vector,
+    a setting that is neither a name nor a CompressionSetting failed with AttributeError."""
+    pages = [torch.nn.functional.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(13)), dim=-1)]
+    binary = compress_pages(pages, "binary")
+    with pytest.raises(TypeError, match="binary_queries='no' is not a boolean"):
+        score_compressed(pages, binary, binary_queries="no")
+    with pytest.raises(ValueError, match="protected_tokens must be >= 0, got -1"):
+        compress_pages(pages, "pool2", protected_tokens=-1)
+    with pytest.raises(TypeError, match="setting 3 is neither a CompressionSetting nor its name"):
+        compress_pages(pages, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda': this machine has no CUDA device"):
+        score_compressed(pages, binary, device="cuda")
 
 
 def test_a_page_with_no_real_tokens_scores_zero_in_an_index():

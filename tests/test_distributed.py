@@ -349,3 +349,16 @@ def test_pdfs_without_the_pdf_extra_name_it(tmp_path, monkeypatch):
     pdf_with_pages(source / "report.pdf", 1)
     with pytest.raises(SourceError, match=r"needs pypdfium2: pip install 'colquant\[pdf\]'"):
         page_sources.open_source(source)
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "device='gpu' is not a device: pass 'auto'"),
+                                             ("cuda", "device='cuda': this machine has no CUDA device")])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(pages, tiny_path, tmp_path, capsys,
+                                                                           monkeypatch, device, message):
+    """`--device gpu` ended in torch's RuntimeError traceback; `--device cuda` without a GPU in an
+    AssertionError, or (now that load checks it) only once the run had started on the index."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["encode-corpus", str(tiny_path), str(pages), str(tmp_path / "index"), "--device", device,
+                 "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()

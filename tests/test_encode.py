@@ -259,6 +259,45 @@ def test_bad_inputs_raise_naming_the_problem(tiny_model, call, error, message):
         call(model)
 
 
+@pytest.mark.parametrize("as_one", [str, Path, Image.open, lambda path: path.read_bytes(), lambda path: {"path": str(path)}])
+def test_one_page_not_in_a_list_is_refused(tiny_model, pages, tmp_path, as_one):
+    """A path was iterated character by character ("page 0: no image file at /"), a PIL image or a
+    Path raised "not iterable", bytes were read as integers and a dict by its keys."""
+    model, _ = tiny_model
+    path = tmp_path / "page.png"
+    pages[0].save(path)
+    with pytest.raises(TypeError, match=r"images must be a list of pages, got one page \(\w+\): wrap it as \[page\]"):
+        model.encode_pages(as_one(path))
+
+
+def test_one_query_as_bytes_is_refused_as_one_string_is(tiny_model):
+    """Its bytes were iterated as integers ("texts[0] is a int")."""
+    model, _ = tiny_model
+    with pytest.raises(TypeError, match=r"got one bytes: wrap it as \[text\]"):
+        model.encode_queries(b"what was the 2019 revenue?")
+
+
+@pytest.mark.parametrize("option, value, error, message", [
+    ("padded", "no", TypeError, "padded='no' is not a boolean: pass True or False"),
+    ("show_progress_bar", "no", TypeError, "show_progress_bar='no' is not a boolean"),
+    ("show_progress_bar", None, TypeError, "show_progress_bar=None is not a boolean"),
+    ("batch_size", True, TypeError, r"batch_size must be an int >= 1, got True \(bool\)"),
+    ("batch_size", 2.5, TypeError, r"batch_size must be an int >= 1, got 2.5 \(float\)"),
+    ("batch_size", "8", TypeError, "batch_size must be an int >= 1, got '8'"),
+])
+def test_options_of_the_wrong_type_are_refused_not_read_by_truthiness(tiny_model, pages, option, value, error,
+                                                                      message):
+    """`padded="no"` returned the padded tuple and `batch_size=True` batched by one; a float or a
+    string batch size failed inside with "cannot be interpreted as an integer"."""
+    model, _ = tiny_model
+    with pytest.raises(error, match=message):
+        model.encode_queries(["q"], **{option: value})
+    with pytest.raises(error, match=message):
+        model.encode_pages(pages[:1], **{option: value})
+    with pytest.raises(TypeError, match="num_workers must be an int >= 0, got True"):
+        model.encode_pages(pages[:1], num_workers=True)
+
+
 def test_load_defaults_to_the_gpu_when_present(tiny_path):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = colquant.load(tiny_path, accelerate=False)  # device="auto" is the default

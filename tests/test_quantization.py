@@ -197,3 +197,12 @@ def test_the_variant_is_the_same_whether_or_not_the_cpu_has_bf16(tiny_w4a16_path
     queries = ["what was the revenue of Norbright Labs in 2019?", "q"]
     first, second = (colquant.load(v)[0].encode_queries(queries) for v in (tiny_w4a16_path, with_bf16))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+def test_a_saved_variant_is_readable_as_the_umask_allows(quantized):
+    """Its folders were tempfile's 0o700 and its shards safetensors' 0o600 whatever the umask: another
+    user of a shared machine got PermissionError loading it. Now each has a plain open()/mkdir()'s mode."""
+    out = quantized[2]
+    mask = os.umask(0o022)  # read the session's umask (the fixture saved under it), then put it back
+    os.umask(mask)
+    wrong = {str(entry.relative_to(out)): oct(entry.stat().st_mode & 0o777) for entry in [out, *out.rglob("*")]
+             if entry.stat().st_mode & 0o777 != (0o777 if entry.is_dir() else 0o666) & ~mask}
+    assert not wrong, f"modes other than the umask's ({oct(mask)}) gives: {wrong}"

@@ -164,3 +164,24 @@ def test_model_outputs_that_require_grad_are_scored_without_gradient():
     got = score([q.clone().requires_grad_() for q in queries], pages)
     assert not got.requires_grad
     assert torch.allclose(got, brute_force_maxsim(queries, pages), atol=1e-5)
+
+
+@pytest.mark.parametrize("option, value, error, message", [
+    ("show_progress_bar", "no", TypeError, "show_progress_bar='no' is not a boolean: pass True or False, or None"),
+    ("colpali_batch_size", True, TypeError, r"colpali_batch_size must be an int >= 1, got True \(bool\)"),
+    ("colpali_batch_size", 2.5, TypeError, "colpali_batch_size must be an int >= 1, got 2.5"),
+    ("block_elements", 100.5, TypeError, "block_elements must be an int >= 1, got 100.5"),
+    ("block_elements", 0, ValueError, "block_elements must be >= 1, got 0"),
+])
+def test_options_of_the_wrong_type_are_refused(option, value, error, message):
+    """`show_progress_bar="no"` showed a bar, `block_elements=100.5` and `colpali_batch_size=True` were used as given."""
+    items = [torch.ones(2, 4)]
+    with pytest.raises(error, match=message):
+        score(items, items, **{option: value})
+
+
+def test_a_cuda_device_without_a_gpu_is_refused_naming_the_fix(monkeypatch):
+    """It raised torch's AssertionError "Torch not compiled with CUDA enabled"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device='cuda': this machine has no CUDA device"):
+        score([torch.ones(2, 4)], [torch.ones(2, 4)], device="cuda")

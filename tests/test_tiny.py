@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -74,3 +76,16 @@ def test_build_refuses_a_folder_of_other_files_instead_of_replacing_it(tmp_path)
     with pytest.raises(ValueError, match="not a tiny ColQuant model build"):
         tiny.build(tmp_path / "REPORT.md")  # a file
     assert tiny.build(tmp_path / "empty").is_dir()  # a new folder is fine
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_a_saved_checkpoint_is_readable_as_the_umask_allows(tmp_path, mask):
+    """Its folder was tempfile's 0o700 and colquant_processor.json 0o600 whatever the umask: another
+    user of a shared machine got PermissionError loading it. Now every file and folder has the mode
+    a plain open()/mkdir() gives under the umask, as the files transformers writes into it do."""
+    previous = os.umask(mask)
+    try:
+        path = tiny.build(tmp_path / "model")
+    finally:
+        os.umask(previous)
+    for entry in [path, *path.rglob("*")]:
+        expected = (0o777 if entry.is_dir() else 0o666) & ~mask
+        assert stat.S_IMODE(entry.stat().st_mode) == expected, entry

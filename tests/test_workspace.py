@@ -148,6 +148,49 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
         assert json.loads((tmp_path / workspace.LOCK_FILE).read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.parametrize("make, problem", [
+    (lambda lock: lock.write_bytes(b"\xff\xfe\x00garbage"), "binary, not JSON text"),
+    (lambda lock: lock.write_text(""), "empty"),
+    (lambda lock: lock.write_text("{pid: 12"), "not JSON"),
+    (lambda lock: lock.write_text("[1, 2]"), "a JSON list, not an object"),
+    (lambda lock: lock.write_text(json.dumps({"pid": "abc", "host": socket.gethostname(), "started": "x"})),
+     "a holder whose pid 'abc' is not a process id"),
+    (lambda lock: lock.write_text(json.dumps({"pid": -1, "host": socket.gethostname(), "started": "x"})),
+     "a holder whose pid -1 is not a process id"),  # os.kill(-1, 0) asks about every process: "alive"
+    (lambda lock: lock.write_text(json.dumps({"pid": 2**70, "host": socket.gethostname(), "started": "x"})),
+     "is not a process id"),
+    (lambda lock: lock.write_text(json.dumps({"pid": 1})), "a holder without a host name and start time"),
+    (lambda lock: lock.mkdir(), r"a folder .* \(rm -r "),
+    (lambda lock: lock.symlink_to(lock.parent / "nowhere"), "a symbolic link"),
+])
+def test_a_lock_file_no_run_wrote_gets_the_locks_message_naming_what_is_wrong(tmp_path, make, problem):
+    """Binary or list content, a non-integer pid and a folder raised UnicodeDecodeError, AttributeError,
+    ValueError and IsADirectoryError; pid -1 or 0 passed for a live holder."""
+    make(tmp_path / workspace.LOCK_FILE)
+    with pytest.raises(workspace.OutputLockedError, match=rf"is locked by a file no colquant run wrote: .*{problem}"):
+        with workspace.output_lock(tmp_path, wait_s=0.1, poll_s=0.05):
+            pass
+    assert (tmp_path / workspace.LOCK_FILE).exists() or (tmp_path / workspace.LOCK_FILE).is_symlink()
+
+
+@pytest.mark.parametrize("wait_s", [float("nan"), -1.0, "10"])
+def test_a_wait_that_is_no_number_of_seconds_is_refused(tmp_path, wait_s):
+    """NaN never reached the deadline: a locked directory was waited on forever."""
+    with pytest.raises(ValueError, match="pass the seconds to wait"):
+        with workspace.output_lock(tmp_path, wait_s=wait_s):
+            pass
+
+
+def test_the_lock_is_readable_as_the_umask_allows(tmp_path):
+    """It was tempfile's 0o600: another user's run could not read who holds the directory."""
+    previous = os.umask(0o022)
+    try:
+        with workspace.output_lock(tmp_path) as lock:
+            assert lock.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)
+
+
 def test_checkpoint_fingerprint_follows_content_not_the_model_card(tmp_path):
     (tmp_path / "config.json").write_text('{"a": 1}')
     (tmp_path / "model.safetensors").write_bytes(b"0" * 10)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -67,12 +68,23 @@ def add_run(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name (tiny, ...) or YAML path")
     parser.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
     parser.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
                         help="wait this long for another run on the same outputs to finish (default: refuse at once)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a profile setting, validated like the file (repeatable), e.g. "
                              "--set quantization.iters=50 --set 'calibration.seqlens=[256]'")
     parser.set_defaults(handler=run_command)
+
+
+def seconds(text: str) -> float:
+    """`--wait`'s value: a number of seconds >= 0 (`inf`: until free); NaN would never time out."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0 (e.g. --wait 600)")
+    return value
 
 
 def run_command(args: argparse.Namespace, rest: list[str]) -> int:
@@ -81,7 +93,7 @@ def run_command(args: argparse.Namespace, rest: list[str]) -> int:
     from colquant.workspace import OutputError
 
     require_notebooks()
-    selected = tuple(args.notebooks.split(",")) if args.notebooks else None
+    selected = None if args.notebooks is None else tuple(args.notebooks.split(","))  # checked by run()
     try:
         summary = run(profile_file(args.profile), overrides=args.overrides, force=args.force, notebooks=selected,
                       wait_s=args.wait)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from colquant import fp8
+from colquant.arguments import require_flag, usable_device
 from colquant.model import ColQwen3, ColQwen3Config
 from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS, ColQwen3Processor
 from colquant.weight_checks import FLOATING_DTYPES, CheckpointError, is_fp8_config, read_json_object, verify_tensors
@@ -61,12 +62,13 @@ def _nearby_folders(candidate: Path) -> str:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`auto` is CUDA when this machine has it, else CPU; None is CPU; anything else as given."""
+    """`auto` is CUDA when this machine has it, else CPU; None is CPU; anything else as given,
+    once this machine is known to have it (`arguments.usable_device`)."""
     if device is None:
         return torch.device("cpu")
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return usable_device(device)
 
 
 def hub_offline() -> bool:
@@ -171,9 +173,12 @@ def load(
     `colquant_processor.json`, else the reference's 1280.
     """
     _check_embeddings(embeddings)
-    path = resolve_checkpoint(model_id_or_path, revision)
+    require_flag("trust_remote_code", trust_remote_code)
+    require_flag("accelerate", accelerate, none_means="on with CUDA, off on CPU")
+    require_flag("bf16_copy", bf16_copy, none_means="a BF16 copy where BF16 is faster and memory allows")
     torch_dtype = _torch_dtype(dtype)
     device = resolve_device(device)
+    path = resolve_checkpoint(model_id_or_path, revision)  # after the checks: a download can take minutes
     if trust_remote_code:
         model, processor = _load_remote_code(path, torch_dtype, device, max_num_visual_tokens)
         _store_embeddings(model, embeddings)

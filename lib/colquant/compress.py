@@ -30,15 +30,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from colquant.arguments import require_count, require_flag, usable_device
 from colquant.params import COMPRESSION_FORMS, COMPRESSION_PATTERN
-from colquant.scoring import Embeddings, pad_embeddings
+from colquant.scoring import Embeddings, check_items, pad_embeddings, require_finite
 
 NDCG_COLUMN = "ndcg_at_5"  # as colquant.evaluation, which needs mteb
 COMPRESSION_TABLE = "compression_table.csv"
@@ -60,6 +61,18 @@ class CompressionSetting:
 
     pool_factor: int | None
     quantization: Quantization
+
+    def __post_init__(self) -> None:
+        """Refuse what `compress_pages` cannot store: an unknown number format would otherwise be
+        stored as float under its own name, and its results filed as that format's."""
+        if self.quantization not in get_args(Quantization):
+            raise ValueError(f"quantization {self.quantization!r} is not a number format of the index; use one of "
+                             f"{', '.join(map(repr, get_args(Quantization)))}")
+        factor = self.pool_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int)
+                                   or not COMPRESSION_PATTERN.match(f"pool{factor}")):
+            raise ValueError(f"pool_factor {factor!r} is not a pool factor: use an integer from 2 to 9, "
+                             "or None for no pooling")
 
     @property
     def name(self) -> str:
@@ -181,11 +194,24 @@ CompressedPages = FloatPages | Int8Pages | BinaryPages
 
 
 def real_tokens(embeddings: Embeddings) -> list[torch.Tensor]:
-    """Each item's real token vectors: zero-padded rows dropped, by the rule `colquant.score` uses."""
-    items = embeddings if not isinstance(embeddings, torch.Tensor) else list(pad_embeddings(embeddings))
+    """Each item's real token vectors: zero-padded rows dropped, by the rule `colquant.score` uses.
+
+    Items holding NaN or Inf are refused as `colquant.score` refuses them: a NaN row would
+    otherwise be dropped as padding (or its sign bits stored as -1) and the page scored as finite."""
+    items = _checked_items(embeddings, "page")
+    return [item[item.ne(0).any(-1)] for item in items]
+
+
+def _checked_items(embeddings: Embeddings, side: str) -> list[torch.Tensor]:
+    """`side`'s items as (tokens, dim) tensors, refused by `colquant.score`'s rules: none at all,
+    a wrong shape, integer values, mixed dims, NaN or Inf."""
+    padded = isinstance(embeddings, (torch.Tensor, np.ndarray))
+    items = list(pad_embeddings(embeddings)) if padded else [torch.as_tensor(item) for item in embeddings]
     if len(items) == 0:
-        raise ValueError("no page embeddings to compress")
-    return [item[item.abs().sum(-1) > 0] for item in items]
+        raise ValueError(f"no {side} embeddings to {'compress' if side == 'page' else 'score'}")
+    check_items(items, side)
+    require_finite(items, side)
+    return items
 
 
 def pool_tokens(vectors: torch.Tensor, pool_factor: int, protected_tokens: int = 0) -> torch.Tensor:
@@ -240,6 +266,9 @@ def compress_pages(page_embeddings: Embeddings, setting: CompressionSetting | st
                    protected_tokens: int = 0) -> CompressedPages:
     """Page embeddings (padded tensor or list of (tokens, dim)) stored as `setting` says."""
     setting = parse_setting(setting) if isinstance(setting, str) else setting
+    if not isinstance(setting, CompressionSetting):
+        raise TypeError(f"setting {setting!r} is neither a CompressionSetting nor its name; pass e.g. 'pool3+binary'")
+    require_count("protected_tokens", protected_tokens, 0)
     pages = real_tokens(page_embeddings)
     if setting.pool_factor is not None:
         pages = [pool_tokens(page.cpu(), setting.pool_factor, protected_tokens) for page in pages]
@@ -277,13 +306,15 @@ def score_compressed(
     (dim - 2 * hamming), the binary x binary case. `compute_dtype` is float32 by default (exact up
     to float32 rounding); bfloat16 is for speed on GPUs, ±1 and int8 codes being exact in it.
     """
-    queries = pad_embeddings(query_embeddings)
+    require_flag("binary_queries", binary_queries)
+    require_count("similarity_elements", similarity_elements, 1)
+    queries = pad_embeddings(_checked_items(query_embeddings, "query"))
     if queries.shape[-1] != pages.dim:
         raise ValueError(f"embedding dims differ: queries {queries.shape[-1]}, pages {pages.dim}")
     if binary_queries and not isinstance(pages, BinaryPages):
         raise ValueError(f"binary_queries=True scores binary pages by Hamming distance, got {type(pages).__name__}; "
                          "compress the pages with a binary setting or leave binary_queries False")
-    device = torch.device(device) if device is not None else queries.device
+    device = usable_device(device) if device is not None else queries.device
     queries = queries.to(device)
     pages = pages.to(device)
     query_rows = queries.abs().sum(-1) > 0  # (Q, Tq)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from colquant import index as idx
 from colquant import page_sources
+from colquant.arguments import usable_device
 from colquant.workspace import checkpoint_fingerprint, write_text
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Worker:
 def worker_device(device: str | torch.device, local_rank: int) -> torch.device:
     """`auto`: this rank's GPU (cuda:LOCAL_RANK) when there are GPUs, else the CPU."""
     if str(device) != "auto":
-        return torch.device(device)
+        return usable_device(device)
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():

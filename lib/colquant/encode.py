@@ -33,6 +33,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from colquant.arguments import require_count, require_flag
+
 PageInput = Image.Image | str | Path | dict[str, Any]
 QUERY_BATCH_SIZE = 32
 PAGE_BATCH_SIZE = 8
@@ -68,8 +70,9 @@ def encode_queries(
 
     `padded=True` returns (embeddings (queries, max_tokens, dim), mask (queries, max_tokens)) instead.
     """
-    if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, got one string: wrap it as [text]")
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"texts must be a list of strings, got one {type(texts).__name__}: wrap it as [text]")
+    _check_options(batch_size=batch_size, show_progress_bar=show_progress_bar, padded=padded)
     texts = list(texts)
     for index, text in enumerate(texts):
         if not isinstance(text, str):
@@ -104,6 +107,11 @@ def encode_pages(
     the model for cores); they start for this call and stop after it. To index in many calls, make
     `pipeline=PagePipeline.for_model(model)` once and pass it to each: its workers stay up.
     """
+    if isinstance(images, (str, Path, bytes, dict, Image.Image)):
+        raise TypeError(f"images must be a list of pages, got one page ({type(images).__name__}): wrap it as [page]")
+    _check_options(batch_size=batch_size, show_progress_bar=show_progress_bar, padded=padded)
+    if num_workers is not None:
+        require_count("num_workers", num_workers, 0)
     described = [page_source(item, index) for index, item in enumerate(images)]
     if pipeline is not None:
         if num_workers is not None or processor is not None:
@@ -114,6 +122,13 @@ def encode_pages(
     workers = default_workers(model_device(model)) if num_workers is None else num_workers
     with PagePipeline.for_model(model, processor=processor, num_workers=min(workers, len(described))) as own:
         return _encode_page_sources(model, own, described, batch_size, show_progress_bar, padded)
+
+
+def _check_options(*, batch_size: Any, show_progress_bar: Any, padded: Any) -> None:
+    """Before any work: `padded="no"` would return the padded tuple, a float batch size fail mid-way."""
+    require_count("batch_size", batch_size, 1)
+    require_flag("show_progress_bar", show_progress_bar)
+    require_flag("padded", padded)
 
 
 def _encode_page_sources(model: torch.nn.Module, pipeline: PagePipeline, described: list[tuple[Any, int]],
@@ -198,8 +213,6 @@ def _encode_sorted(
     device's work on the one before instead of following it. `prepare`'s generator is closed at the
     end, even on an error, so whatever it runs ahead (a `BatchJoiner`) stops with this call.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches = [order[start : start + batch_size] for start in range(0, len(lengths), batch_size)]
     device = model_device(model)

@@ -55,12 +55,39 @@ def _fix_for(error: OSError) -> str:
     return f"{error.strerror or error} (errno {error.errno})"
 
 
+def plain_mode(*, directory: bool = False) -> int:
+    """The mode a plain `open()` (0o666) or `mkdir()` (0o777) gives under the process umask.
+
+    `tempfile` makes its files 0o600 and folders 0o700 whatever the umask, for privacy; a result
+    or checkpoint renamed into place from one would lock other users of a shared machine out of it
+    (PermissionError loading a variant), so the staging file or folder gets this mode instead.
+    """
+    return (0o777 if directory else 0o666) & ~_process_umask()
+
+
+def _process_umask() -> int:
+    """The umask, read from /proc on Linux; elsewhere set and put back at once (the only portable
+    way to read it: os has no getter), to 0o777 in between, so a file another thread creates in
+    that instant is too private rather than world-writable."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
+    for line in status.splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    umask = os.umask(0o777)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(temporary path)` in `path`'s directory (created if needed), fsync, then rename
     onto `path`.
 
     A kill or a full disk at any moment leaves either the old file or the new one, never half of
-    one; the temporary file is removed when writing fails.
+    one; the temporary file is removed when writing fails. The file gets the mode a plain `open`
+    of a new file would give (`plain_mode`), not `tempfile`'s 0o600.
     """
     path = Path(path)
     with writing(path):
@@ -72,7 +99,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             write(staging)
             with open(staging, "rb+") as file:
                 os.fsync(file.fileno())
-            os.chmod(staging, 0o644)
+            os.chmod(staging, plain_mode())
             os.replace(staging, path)
         except BaseException:
             staging.unlink(missing_ok=True)
@@ -112,7 +139,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     finishes, it replaces `target`; when it fails, it is deleted and `target` is untouched.
 
     The old `target` is moved aside first and deleted last, so at every moment `target` is the old
-    complete directory or the new one (or absent), never a half-written one.
+    complete directory or the new one (or absent), never a half-written one. Everything in it gets
+    the mode a plain `open`/`mkdir` would give (`plain_mode`), not `tempfile`'s 0o600/0o700, which
+    the folder and the libraries writing into it (safetensors' shards) would otherwise leave.
     """
     target = Path(target)
     with writing(target.parent):
@@ -121,10 +150,22 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     try:
         with writing(staging):
             yield staging
+            _give_plain_modes(staging)
         _swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _give_plain_modes(root: Path) -> None:
+    """`plain_mode` for `root` and every folder and regular file under it (links left alone)."""
+    file_mode, folder_mode = plain_mode(), plain_mode(directory=True)
+    os.chmod(root, folder_mode)
+    for folder, folders, files in os.walk(root):
+        for name in folders + files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, folder_mode if name in folders else file_mode)
 
 
 def _swap_in(staging: Path, target: Path) -> None:

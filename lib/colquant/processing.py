@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -248,9 +247,11 @@ class ColQwen3Processor:
         self.tokenizer.save_pretrained(str(path))
         self.image_processor.save_pretrained(str(path))
         settings = {"max_num_visual_tokens": self.max_num_visual_tokens, "transparency": self.transparency}
-        with tempfile.NamedTemporaryFile("w", dir=path, prefix=f".{PROCESSOR_CONFIG}.", delete=False) as handle:
-            handle.write(json.dumps(settings, indent=2) + "\n")
-        os.replace(handle.name, path / PROCESSOR_CONFIG)
+        # written whole, then renamed; by a plain open, so the file gets the umask's mode (this file
+        # also ships as remote code, so colquant.files' atomic_write is not at hand)
+        staging = path / f".{PROCESSOR_CONFIG}.{os.getpid()}.partial"
+        staging.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, path / PROCESSOR_CONFIG)
 
     def process_queries(self, texts: Sequence[str]) -> BatchFeature:
         """Stripped text + 10 attended `<|endoftext|>` tokens (query augmentation), left-padded."""

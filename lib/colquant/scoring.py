@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from colquant.arguments import require_count, require_flag, usable_device
+
 Embeddings = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 ScoringMode = Literal["exact", "colpali"]
 SCORING_MODES = ("exact", "colpali")
@@ -72,7 +74,7 @@ def _as_items(embeddings: Embeddings, side: str, colpali_batch_size: int) -> _It
         padded_rows = [tensor.shape[1]] * len(items)
     else:
         items = [torch.as_tensor(item) for item in embeddings]
-        _check_shapes(items, side)
+        check_items(items, side)
         padded_rows = _group_widths([item.shape[0] for item in items], colpali_batch_size)
     if not items:
         raise ValueError(f"no {side} embeddings to score (empty input)")
@@ -90,8 +92,9 @@ def _group_widths(rows: list[int], group_size: int) -> list[int]:
     return widths
 
 
-def _check_shapes(items: list[torch.Tensor], side: str) -> None:
-    """Every item a (tokens, dim) tensor of one floating dtype and one dim."""
+def check_items(items: Sequence[torch.Tensor], side: str) -> None:
+    """Every item a (tokens, dim) tensor of one floating dtype and one dim (`colquant.compress`
+    checks its inputs by the same rules)."""
     dims: dict[int, int] = {}
     for index, item in enumerate(items):
         if item.dim() != 2:
@@ -102,6 +105,18 @@ def _check_shapes(items: list[torch.Tensor], side: str) -> None:
     if len(dims) > 1:
         shown = ", ".join(f"dim {dim} (first at item {index})" for dim, index in dims.items())
         raise ValueError(f"{side} embeddings mix dimensions: {shown}; embed all items with one model")
+
+
+def require_finite(items: Sequence[torch.Tensor], side: str) -> None:
+    """Refuse items holding NaN or Inf, naming the first: a NaN token would otherwise score as
+    padding (it is not > 0) or turn a whole score into NaN, and the ranking would hide which item
+    was bad. `colquant.compress` refuses them by the same rule."""
+    bad = next((index for index, item in enumerate(items) if not bool(torch.isfinite(item).all())), None)
+    if bad is not None:
+        raise ValueError(
+            f"{side} item {bad} contains NaN or Inf; the model or its quantization produced non-finite "
+            "embeddings: check the checkpoint (colquant.load verifies weights) and the dtype"
+        )
 
 
 def _real_rows(items: list[torch.Tensor], side: str) -> list[torch.Tensor]:
@@ -130,11 +145,7 @@ def _real_rows(items: list[torch.Tensor], side: str) -> list[torch.Tensor]:
         counts = counts.tolist()
         real = list((rows if counts == lengths else rows[mask]).split(counts))
     if not bool(torch.isfinite(extremes).all()):
-        bad = next(index for index, item in enumerate(items) if not bool(torch.isfinite(item).all()))
-        raise ValueError(
-            f"{side} item {bad} contains NaN or Inf; the model or its quantization produced non-finite "
-            "embeddings: check the checkpoint (colquant.load verifies weights) and the dtype"
-        )
+        require_finite(items, side)
     if 0 in counts:
         raise ValueError(f"{side} item {counts.index(0)} has no non-zero token vectors: nothing to score it with")
     return real
@@ -166,15 +177,17 @@ def score(
     """
     if mode not in SCORING_MODES:
         raise ValueError(f"mode={mode!r}: use 'exact' (true MaxSim) or 'colpali' (colpali-engine/mteb's scoring)")
-    if colpali_batch_size < 1 or (block_elements is not None and block_elements < 1):
-        raise ValueError(f"colpali_batch_size ({colpali_batch_size}) and block_elements ({block_elements}) must be >= 1")
+    require_count("colpali_batch_size", colpali_batch_size, 1)
+    if block_elements is not None:
+        require_count("block_elements", block_elements, 1)
+    require_flag("show_progress_bar", show_progress_bar, none_means="a bar when there are many blocks")
     queries = _as_items(query_embeddings, "query", colpali_batch_size)
     pages = _as_items(page_embeddings, "page", colpali_batch_size)
     if queries.dim != pages.dim:
         raise ValueError(f"embedding dims differ: queries have dim {queries.dim}, pages have dim {pages.dim}")
     if device is None:
         device = query_embeddings.device if isinstance(query_embeddings, torch.Tensor) else queries.tokens[0].device
-    device = torch.device(device)
+    device = usable_device(device)
     if block_elements is None:
         block_elements = BLOCK_ELEMENTS["cpu" if device.type == "cpu" else "cuda"]
     floor_at_zero = torch.tensor(

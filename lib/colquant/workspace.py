@@ -26,6 +26,7 @@ from colquant.files import (  # noqa: F401  (re-exported: notebooks write throug
     atomic_directory,
     atomic_write,
     file_sha256,
+    plain_mode,
     read_json,
     remove_stale_staging,
     write_csv,
@@ -124,24 +125,26 @@ def evaluation_fingerprint(profile: dict[str, Any], checkpoint: str | Path, scor
 def output_lock(directory: Path, *, wait_s: float = 0.0, poll_s: float = 1.0) -> Iterator[Path]:
     """Hold `directory/.colquant.lock` (naming pid, host and start time) for the duration.
 
-    A second run on the same directory waits up to `wait_s` seconds, then refuses with the holder's
-    details; a lock left by a dead process on this host is taken over.
+    A second run on the same directory waits up to `wait_s` seconds (`math.inf`: until it is free),
+    then refuses with the holder's details; a lock left by a dead process on this host is taken
+    over. Something at the lock's path that no run wrote (not a JSON holder: binary, a list, a
+    pid that is no process id, a folder) is refused the same way, naming what is wrong with it.
     """
+    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not wait_s >= 0:
+        raise ValueError(f"wait_s={wait_s!r}: pass the seconds to wait for another run, >= 0 (0: refuse at once)")
     lock = Path(directory) / LOCK_FILE
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     deadline = time.monotonic() + wait_s
     while not _try_lock(lock, holder):
         current = _lock_holder(lock)
-        if current is not None and _is_stale(current):
+        if current is None:  # released between our attempt and the read: try again at once
+            continue
+        if isinstance(current, dict) and _is_stale(current):
             _remove_stale(lock, current)
             continue
         if time.monotonic() >= deadline:
-            raise OutputLockedError(
-                f"{directory} is in use by another run (pid {current.get('pid') if current else '?'} on "
-                f"{current.get('host') if current else '?'}, started {current.get('started') if current else '?'}; "
-                f"lock file {lock}). Wait for it to finish, or use another output directory ({OUTPUT_ROOT_ENV}); "
-                "if that process is gone on another machine, delete the lock file")
+            raise OutputLockedError(_lock_refusal(Path(directory), lock, current))
         time.sleep(poll_s)
     try:
         yield lock
@@ -150,12 +153,25 @@ def output_lock(directory: Path, *, wait_s: float = 0.0, poll_s: float = 1.0) ->
             lock.unlink(missing_ok=True)
 
 
+def _lock_refusal(directory: Path, lock: Path, current: dict[str, Any] | str) -> str:
+    """Why `directory` cannot be taken: a live holder, or a lock file no run wrote, with the fix."""
+    if isinstance(current, str):
+        remove = "rm -r" if lock.is_dir() and not lock.is_symlink() else "rm"
+        return (f"{directory} is locked by a file no colquant run wrote: {lock} is {current} (a run writes a JSON "
+                f"object with its pid, host and start time). If no colquant run is using {directory}, remove it "
+                f"({remove} {lock}) and rerun, or use another output directory ({OUTPUT_ROOT_ENV})")
+    return (f"{directory} is in use by another run (pid {current['pid']} on {current['host']}, started "
+            f"{current['started']}; lock file {lock}). Wait for it to finish, or use another output directory "
+            f"({OUTPUT_ROOT_ENV}); if that process is gone on another machine, delete the lock file")
+
+
 def _try_lock(lock: Path, holder: dict[str, Any]) -> bool:
     """Create the lock with its content in one step (write a temp file, hard-link it into place)."""
     with writing(lock):
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f"{lock.name}.", dir=lock.parent)
         try:
+            os.fchmod(handle, plain_mode())  # readable as the results are, so others see who holds it
             with os.fdopen(handle, "w") as file:
                 json.dump(holder, file)
             os.link(name, lock)
@@ -166,11 +182,39 @@ def _try_lock(lock: Path, holder: dict[str, Any]) -> bool:
             os.unlink(name)
 
 
-def _lock_holder(lock: Path) -> dict[str, Any] | None:
+def _lock_holder(lock: Path) -> dict[str, Any] | str | None:
+    """The holder a run wrote into `lock`; None when there is no lock; else what is wrong with the
+    thing at its path (a run's lock is complete from the start: it is linked into place written)."""
+    if lock.is_symlink():
+        return "a symbolic link"
+    if lock.is_dir():
+        return "a folder"
     try:
-        return json.loads(lock.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        text = lock.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        return "binary, not JSON text"
+    except OSError as error:
+        return f"not readable ({error.strerror})"
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        return "empty" if not text.strip() else "not JSON"
+    problem = _holder_problem(holder)
+    return holder if problem is None else problem
+
+
+def _holder_problem(holder: Any) -> str | None:
+    """What keeps `holder` from being a run's {pid, host, started}, or None."""
+    if not isinstance(holder, dict):
+        return f"a JSON {type(holder).__name__}, not an object"
+    pid = holder.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
+        return f"a holder whose pid {pid!r} is not a process id"
+    if not all(isinstance(holder.get(key), str) for key in ("host", "started")):
+        return "a holder without a host name and start time"
+    return None
 
 
 def _is_stale(holder: dict[str, Any]) -> bool:
@@ -178,7 +222,7 @@ def _is_stale(holder: dict[str, Any]) -> bool:
     if holder.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(holder["pid"]), 0)
+        os.kill(holder["pid"], 0)
     except ProcessLookupError:
         return True
     except PermissionError:
