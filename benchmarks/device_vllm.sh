@@ -30,7 +30,7 @@ s = vllm_ops.machete_schedules(); print(len(s), 'machete schedules:', ' '.join(s
 fi
 if [[ $steps == *tests* ]]; then
   echo "== pytest tests/kernels/test_vllm_ops.py" | tee -a "$log"
-  timeout 150 python3 -m pytest --noconftest tests/kernels/test_vllm_ops.py -q -rs -x -p no:cacheprovider 2>&1 \
+  timeout 200 python3 -m pytest --noconftest tests/kernels/test_vllm_ops.py tests/kernels/test_autotune.py -q -rs -p no:cacheprovider 2>&1 \
     | tail -25 | tee -a "$log"
 fi
 if [[ $steps == *routes* ]]; then

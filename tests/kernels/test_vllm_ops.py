@@ -222,9 +222,9 @@ def _rel(got, want):
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-def _layer(k, n, seed=0):
+def _layer(k, n, seed=0, bias=False):
     torch.manual_seed(seed)
-    return W4A16Linear.from_linear(torch.nn.Linear(k, n, bias=False).to(CUDA, torch.bfloat16))
+    return W4A16Linear.from_linear(torch.nn.Linear(k, n, bias=bias).to(CUDA, torch.bfloat16))
 
 
 @pytest.mark.parametrize("kind", [pytest.param("machete", marks=_needs("machete")),
@@ -233,15 +233,15 @@ def _layer(k, n, seed=0):
 @pytest.mark.parametrize("act", [False, True])
 def test_w4a16_kernel_matches_dequantized_reference(kind, m, act):
     k, n = 2560, 1024
-    lin = _layer(k, n, m)
+    lin = _layer(k, n, m, bias=True)
     ref_w = lin.dequantize(torch.float32)
     own = lin.weight_bytes
     vllm_ops.prepare(lin, kind)
     assert lin.spilled and lin.qweight_k.device.type == "cpu"  # one 4-bit copy on the GPU: the repack
-    assert lin.weight_bytes == lin._vllm.nbytes and lin.weight_bytes <= 1.1 * own
+    assert lin.weight_bytes == lin._vllm.nbytes + lin.bias.numel() * 2 and lin.weight_bytes <= 1.1 * own
     x = torch.randn(m, 2 * k if act else k, device=CUDA, dtype=torch.bfloat16)
     a = (torch.nn.functional.silu(x[:, :k].float()) * x[:, k:].float()) if act else x.float()
-    want = a @ ref_w.t()
+    want = a @ ref_w.t() + lin.bias.float()
     got = lin.forward_act(x) if act else lin(x)
     assert _rel(got, want) < autotune.CHECK_REL_ERR
     vllm_ops.release(lin)

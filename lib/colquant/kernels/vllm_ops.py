@@ -259,10 +259,11 @@ class Packed:
                                         (cfg or {}).get("schedule"))
         elif self.kind == "marlin":
             b_q, s = self.tensors
-            y = torch.ops._C.marlin_gemm(x, out, b_q, bias, s, None, None, None, None, None,
+            # no bias inside: Marlin's epilogue wants it in its column order (vLLM permutes it); ours is added below
+            y = torch.ops._C.marlin_gemm(x, out, b_q, None, s, None, None, None, None, None,
                                          _marlin_workspace(x.device), UINT4B8_ID, x.shape[0], self.n, self.k,
                                          True, False, True, False)
-            return y
+            return y if bias is None else y.add_(bias)
         else:
             b_q, s, chan = self.tensors
             q, qs = x if isinstance(x, tuple) else _quantize_rows(x)
