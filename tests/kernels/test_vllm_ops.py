@@ -283,3 +283,48 @@ def test_tuner_times_the_rows(monkeypatch):
     assert all(e["kind"] != "machete" or "schedule" in e["cfg"] for e in w4a16)
     w4a8 = autotune.tune_shape(1024, 1024, 128, CUDA, ms=(64,), activations="fp8")
     assert set(w4a8[0]["timed_us"]) == {"cutlass-w4a8", "bf16"}
+
+
+# ------------------------------------------------------------------ a repacked layer's dispatch (CPU)
+
+
+class _RecordingRepack:
+    """Stands in for a vllm_ops.Packed on CPU: records the config each call gets (the kernel is the library's)."""
+
+    kind, nbytes = "machete", 0
+
+    def __init__(self):
+        self.cfgs = []
+
+    def __call__(self, x, out=None, bias=None, cfg=None):
+        self.cfgs.append(cfg)
+        return torch.zeros(x.shape[0], 128, dtype=x.dtype)
+
+
+def test_repacked_layer_runs_its_kernel_at_every_bucket(monkeypatch):
+    from colquant.kernels import linear
+
+    lin = W4A16Linear.from_linear(torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16))
+    lin._vllm = _RecordingRepack()
+    table = {(256, 128, 64): ("machete", {"schedule": "s1", "fallback": ["triton", {}]}),
+             (256, 128, 1024): ("triton", {"BM": 64}),
+             (256, 128, 4096): ("bf16", {"fallback": ["machete", {"schedule": "s2"}]})}
+    monkeypatch.setattr(linear.DISPATCH, "table", table)
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    lin._run_vllm(x, act=False)
+    lin._run_vllm(torch.randn(1000, 256, dtype=torch.bfloat16), act=False)
+    lin._run_vllm(torch.randn(3000, 256, dtype=torch.bfloat16), act=False)  # bf16 picked, no copy held
+    assert lin._vllm.cfgs == [{"schedule": "s1", "fallback": ["triton", {}]}, None, None]
+    lin.keep_bf16_copy()
+    got = lin._run_vllm(torch.randn(3000, 256, dtype=torch.bfloat16), act=False)
+    assert len(lin._vllm.cfgs) == 3 and got.abs().sum() > 0  # the BF16 copy ran
+
+
+def test_unrepacked_layer_falls_back_from_a_vllm_entry(monkeypatch):
+    from colquant.kernels import linear
+
+    lin = W4A16Linear.from_linear(torch.nn.Linear(256, 128, bias=False))
+    own = ("triton", {"BM": 16})
+    monkeypatch.setattr(linear.DISPATCH, "table", {(256, 128, 64): ("machete", {"schedule": "s", "fallback": list(own)})})
+    assert tuple(lin._resolve(40, "cpu")) == own
+    assert not lin.has_copy("machete", None) and not lin.has_copy("marlin", None)
