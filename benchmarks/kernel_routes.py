@@ -12,7 +12,13 @@ weights (L2 spilled) and with the tuner's method (CUDA-graph replay, median of
 * gemlite, each kernel kind it lets one choose (GEMV, GEMV_REVSPLITK, GEMM_SPLITK, GEMM), where the
   kind fits the token count, within ``--gemlite-budget-s`` (its first call per shape autotunes);
 * Marlin (gptqmodel's ``gptq_marlin_gemm``, uint4b8: our symmetric weights) when ``--marlin-lib``
-  names a built extension (``--build-marlin`` builds one from gptqmodel's sdist, for sm_90a only).
+  names a built extension (``--build-marlin`` builds one from gptqmodel's sdist, for sm_90a only);
+* ``w4-own``: the fastest tuner candidate that runs on the layer's own 4-bit tensors (Triton tiles,
+  dequantize + cuBLAS): what the memory-first path (no BF16 copies) runs;
+* vLLM 0.26.0's kernels where :mod:`colquant.kernels.vllm_ops` loads them (issue 24): ``machete`` (the
+  fastest of its schedules, each timed: ``configs_us``), ``vllm-marlin``, ``cutlass-w4a8`` (per-token FP8
+  activations, quantized by the fused ``quantize_rows`` inside the timing) and ``cutlass-w4a8-gemm``
+  (the same GEMM fed pre-quantized rows: what a fused FP8 producer would leave it).
 
 Each route is checked against the dequantized weight (relative Frobenius error) and its bandwidth is
 counted in packed 4-bit weight bytes (K*N/2; BF16 too, so the column says what 4-bit would need)
@@ -40,7 +46,7 @@ from pathlib import Path
 import torch
 
 from colquant.files import write_json
-from colquant.kernels import autotune, gemlite_ops
+from colquant.kernels import autotune, gemlite_ops, vllm_ops
 from colquant.kernels.autotune import CANDIDATES, Candidate
 from colquant.kernels.packing import kernel_to_gptq
 
@@ -144,12 +150,35 @@ class MarlinRoute:
 # --------------------------------------------------------------------------------------------
 
 
-def _measure(run, sw, m: int, x, ref, copies: int, device) -> dict:
+def _measure(run, sw, m: int, x, ref, copies: int, device, limit: float = autotune.CHECK_REL_ERR) -> dict:
     """µs per GEMM (graph replay over the rotating copies) and the relative error of copy 0."""
     out = run(x, 0, None)
     err = ((out.float() - ref).norm() / ref.norm()).item()
     us = autotune.graph_time_us(lambda: [run(x, i, None) for i in range(copies)], copies, device)
-    return dict(us=round(us, 2), rel_err=float(f"{err:.3g}"), ok=math.isfinite(err) and err <= autotune.CHECK_REL_ERR)
+    return dict(us=round(us, 2), rel_err=float(f"{err:.3g}"), ok=math.isfinite(err) and err <= limit)
+
+
+def _measure_configs(cand: Candidate, sw, m: int, x, ref, scratch, copies: int, device) -> dict:
+    """The fastest configuration of ``cand`` that passes its check, with every configuration's µs."""
+    got = {}
+    for cfg in (cand.configs() if cand.configs else (None,)):
+        run = autotune._runner(cand, sw, m, scratch, cfg)[0]
+        got[str((cfg or {}).get("schedule"))] = _safe(lambda: _measure(run, sw, m, x, ref, copies, device,
+                                                                       cand.max_rel_err))
+    ok = {c: g for c, g in got.items() if g.get("ok")}
+    if not ok:
+        return dict(error="no configuration passed", configs=got)
+    best = min(ok, key=lambda c: ok[c]["us"])
+    return dict(ok[best], config=best, configs_us={c: g.get("us") for c, g in got.items()}) if cand.configs \
+        else ok[best]
+
+
+def _prequantized_w4a8(sw, m: int, x, ref, scratch, copies: int, device) -> dict:
+    """CUTLASS W4A8 on rows quantized once, outside the timing (a fused producer's output)."""
+    cand = next(c for c in CANDIDATES if c.kind == "w4a8")
+    handles = autotune._layout(cand, sw)
+    pair = vllm_ops._quantize_rows(x)
+    return _measure(lambda xx, i, out: handles[i](pair, out), sw, m, x, ref, copies, device, cand.max_rel_err)
 
 
 def _safe(fn) -> dict:
@@ -185,6 +214,7 @@ def measure_shape(layer: str, k: int, n: int, device, ms, marlin: MarlinRoute | 
         x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
         ref = x.float() @ sw.bf16[0].float().t()
         base = dict(layer=layer, K=k, N=n, M=m)
+        copies_m = copies_n if m <= 256 else 2  # the tuner's rule: from a few hundred tokens on, compute sets the pace
 
         def add(route: str, got: dict, **extra) -> None:
             row = dict(base, route=route, **extra, **got)
@@ -194,15 +224,33 @@ def measure_shape(layer: str, k: int, n: int, device, ms, marlin: MarlinRoute | 
             logger.info("%s", row)
 
         add("bf16", _safe(lambda: _measure(_candidate_run(Candidate("bf16", "bf16"), sw, m, scratch), sw, m, x, ref,
-                                           copies_n, device)))
+                                           copies_m, device)))
         best = None
         for cand in CANDIDATES if wanted("triton") else ():
             if cand.kind == "triton" and cand.applies(m) and cand.name not in skip:
-                got = _safe(lambda: _measure(_candidate_run(cand, sw, m, scratch), sw, m, x, ref, copies_n, device))
+                got = _safe(lambda: _measure(_candidate_run(cand, sw, m, scratch), sw, m, x, ref, copies_m, device))
                 if got.get("ok") and (best is None or got["us"] < best[1]["us"]):
                     best = (cand.name, got)
         if wanted("triton"):
             add("triton-best", best[1] if best else dict(error="no Triton candidate ran"), name=best and best[0])
+        if wanted("w4-own"):
+            own = {}
+            for cand in CANDIDATES:
+                if cand.kind in ("triton", "dequant+cublas") and cand.applies(m) and cand.name not in skip:
+                    own[cand.name] = _safe(lambda: _measure(_candidate_run(cand, sw, m, scratch), sw, m, x, ref,
+                                                            copies_m, device))
+            ok = {c: g for c, g in own.items() if g.get("ok")}
+            pick = min(ok, key=lambda c: ok[c]["us"]) if ok else None
+            add("w4-own", ok[pick] if pick else dict(error="no own-tensor candidate ran"), name=pick)
+        for cand in CANDIDATES:
+            if cand.kind not in vllm_ops.KINDS or not wanted(cand.name):
+                continue
+            if cand.name in skip:
+                add(cand.name, dict(error=skip[cand.name]))
+                continue
+            add(cand.name, _safe(lambda: _measure_configs(cand, sw, m, x, ref, scratch, copies_m, device)))
+            if cand.kind == "w4a8":
+                add(cand.name + "-gemm", _safe(lambda: _prequantized_w4a8(sw, m, x, ref, scratch, copies_m, device)))
         if not wanted("tinygemm"):
             pass
         elif "tinygemm-k8" in skip:
@@ -210,7 +258,7 @@ def measure_shape(layer: str, k: int, n: int, device, ms, marlin: MarlinRoute | 
         else:
             tg = {t: _safe(lambda: _measure(_candidate_run(Candidate(f"tinygemm-k{t}", "tinygemm",
                                                                       cfg=dict(inner_k_tiles=t)), sw, m, scratch),
-                                            sw, m, x, ref, copies_n, device)) for t in (8, 4)}
+                                            sw, m, x, ref, copies_m, device)) for t in (8, 4)}
             t_best = min(tg, key=lambda t: tg[t].get("us", float("inf")))
             add("tinygemm", tg[t_best], name=f"inner_k_tiles={t_best}")
         for kind, (lo, hi) in GEMLITE_RANGES.items():
@@ -223,10 +271,10 @@ def measure_shape(layer: str, k: int, n: int, device, ms, marlin: MarlinRoute | 
             else:
                 cand = Candidate(f"gemlite-{kind}", "gemlite", cfg=dict(matmul_type=kind))
                 add(f"gemlite-{kind}", _safe(lambda: _measure(_candidate_run(cand, sw, m, scratch), sw, m, x, ref,
-                                                              copies_n, device)))
+                                                              copies_m, device)))
         if marlin_packs is not None:
             add("marlin", _safe(lambda: _measure(lambda xx, i, out: marlin.run(xx, marlin_packs[i], out), sw, m, x, ref,
-                                                 copies_n, device)))
+                                                 copies_m, device)))
         del x, ref
     del sw, scratch, marlin_packs
     torch.cuda.empty_cache()
@@ -307,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                   method="CUDA-graph replay over rotating weight copies (> L2), median of 10 (autotune.graph_time_us);"
                          " pct_hbm counts K*N/2 packed weight bytes for every route",
                   torch=torch.__version__, gemlite=gemlite_ops.version(), gemlite_own_choice=gemlite_own_choice(ms),
-                  marlin=marlin_info, shapes=shapes, rows=[])
+                  marlin=marlin_info, shapes=shapes, vllm=vllm_ops.version(), vllm_reason=vllm_ops.load_error(),
+                  machete_schedules=vllm_ops.machete_schedules(), rows=[])
     rows = report["rows"]
     layers = args.layers.split(",")
     for layer in layers:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from colquant.kernels import gemlite_ops, humming_ops, tinygemm
+from colquant.kernels import gemlite_ops, humming_ops, tinygemm, vllm_ops
 from colquant.kernels.backend import capture_stream, fast_path_unavailable, triton_import_error, warn_once
 from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear, m_bucket
 from colquant.kernels.packing import dequantize_kernel, gptq_to_kernel, kernel_to_gptq, rtn_quantize_gptq
@@ -50,6 +50,9 @@ REQUIREMENTS: dict[str, Callable[[torch.device], str | None]] = {
     "tinygemm": tinygemm.unavailable_reason,
     "humming-kernels": _humming_unavailable,
     "gemlite": gemlite_ops.unavailable_reason,
+    "vllm-machete": lambda device: vllm_ops.unavailable_reason(device, "machete"),
+    "vllm-marlin": lambda device: vllm_ops.unavailable_reason(device, "marlin"),
+    "vllm-w4a8": lambda device: vllm_ops.unavailable_reason(device, "w4a8"),
 }
 
 
@@ -58,8 +61,11 @@ class Candidate:
     """One kernel choice the tuner may time. ``kind`` is what :class:`~colquant.kernels.linear.Dispatcher`
     runs; ``cfg`` its configuration (Triton tile, tinygemm's inner k-tiles); ``waves``: split K until
     about that many waves of programs; ``requires``: keys of :data:`REQUIREMENTS`; ``groups``: the
-    group sizes it takes (None: any the layer takes); ``keeps``: the extra GPU memory choosing it costs.
-    The table's order is the priority between equal times."""
+    group sizes it takes (None: any the layer takes); ``keeps``: the extra GPU memory choosing it costs;
+    ``configs``: where the library lists its configurations at run time (Machete's schedules), a
+    function returning them; each is timed and the fastest kept as ``cfg``; ``activations``: ``"fp8"``
+    for a W4A8 kernel (per-token e4m3 activations; timed only for an FP8-activation table, checked at
+    ``max_rel_err``). The table's order is the priority between equal times."""
 
     name: str
     kind: str
@@ -70,6 +76,9 @@ class Candidate:
     requires: tuple[str, ...] = ("triton",)
     groups: tuple[int, ...] | None = None
     keeps: str | None = None
+    configs: Callable[[], tuple[dict, ...]] | None = None
+    activations: str = "bf16"
+    max_rel_err: float = CHECK_REL_ERR
 
     def applies(self, m: int) -> bool:
         return self.min_m <= m <= self.max_m
@@ -88,6 +97,11 @@ class Candidate:
 def _tile(kernel: str, bm: int, bn: int, *, scale_acc: bool = False, warps: int = 4, fixup: bool = False) -> dict:
     return dict(kernel=kernel, BM=bm, BN=bn, GROUP_M=8, num_warps=warps, num_stages=3, SCALE_ACC=scale_acc,
                 FIXUP=fixup)
+
+
+def _machete_configs() -> tuple[dict, ...]:
+    """Machete's own heuristic (no schedule named) and every schedule the library lists."""
+    return ({"schedule": None},) + tuple({"schedule": s} for s in vllm_ops.machete_schedules())
 
 
 _TINY = dict(requires=("triton", "tinygemm"), groups=tinygemm.GROUP_SIZES, keeps=COPY_KINDS["tinygemm"])
@@ -119,6 +133,12 @@ CANDIDATES: tuple[Candidate, ...] = (
     Candidate("bc128x256", "triton", min_m=513, cfg=_tile("bc", 128, 256, warps=8)),
     Candidate("dequant+cublas", "dequant+cublas"),
     Candidate("humming", "humming", requires=("humming-kernels",), keeps="humming's repacked 4-bit copy"),
+    # vLLM 0.26.0's Hopper kernels (optional library, kernels/vllm_ops.py); a layer keeps one repack, no second copy
+    Candidate("machete", "machete", requires=("vllm-machete",), groups=(64, 128), keeps=COPY_KINDS["machete"],
+              configs=_machete_configs),
+    Candidate("vllm-marlin", "marlin", requires=("vllm-marlin",), keeps=COPY_KINDS["marlin"]),
+    Candidate("cutlass-w4a8", "w4a8", requires=("vllm-w4a8",), groups=(128,), activations="fp8",
+              max_rel_err=vllm_ops.W4A8_CHECK_REL_ERR, keeps="vLLM's W4A8 repack (signed int4, e4m3 scales)"),
     Candidate("bf16", "bf16", keeps=COPY_KINDS["bf16"]),
 )
 
@@ -146,6 +166,8 @@ def backend_report(device=None) -> dict:
             kinds[cand.kind] = dict(available=why is None, reason=why)
     kinds["humming"]["version"] = humming_ops.version()
     kinds["gemlite"]["version"] = gemlite_ops.version()
+    for kind in vllm_ops.KINDS:
+        kinds[kind]["version"] = vllm_ops.version()
     info["candidates"] = kinds
     return info
 
@@ -210,9 +232,11 @@ def _make_weights(k: int, n: int, group_size: int, device: torch.device, copies:
 def _layout(cand: Candidate, sw: _ShapeWeights) -> list:
     """``cand``'s own copy of every weight copy (tinygemm's packing, humming's repack, gemlite's pack:
     one for all its kernel kinds), made once."""
-    key = "gemlite" if cand.kind == "gemlite" else cand.name
+    key = cand.kind if cand.kind in ("gemlite", *vllm_ops.KINDS) else cand.name
     if key not in sw.layouts:
-        if cand.kind == "tinygemm":
+        if cand.kind in vllm_ops.KINDS:
+            sw.layouts[key] = [vllm_ops.build_handle(cand.kind, *t, sw.group_size) for t in sw.kernel]
+        elif cand.kind == "tinygemm":
             ikt = cand.cfg["inner_k_tiles"]
             sw.layouts[key] = [tinygemm.pack(*t, inner_k_tiles=ikt) for t in sw.kernel]
         elif cand.kind == "gemlite":
@@ -223,11 +247,15 @@ def _layout(cand: Candidate, sw: _ShapeWeights) -> list:
     return sw.layouts[key]
 
 
-def _runner(cand: Candidate, sw: _ShapeWeights, m: int, scratch: torch.Tensor):
-    """A function (x, copy index, out) -> y for ``cand`` at ``m`` tokens, and its resolved cfg."""
+def _runner(cand: Candidate, sw: _ShapeWeights, m: int, scratch: torch.Tensor, cfg: dict | None = None):
+    """A function (x, copy index, out) -> y for ``cand`` at ``m`` tokens, and its resolved cfg
+    (``cfg``: one of ``cand.configs()``)."""
     from colquant.kernels import triton_ops as tk
 
     g = sw.group_size
+    if cand.kind in vllm_ops.KINDS:
+        handles = _layout(cand, sw)
+        return (lambda x, i, out: handles[i](x, out, cfg=cfg)), cfg
     if cand.kind == "triton":
         split = tk.split_for(m, sw.n, sw.k, cand.cfg["BM"], cand.cfg["BN"], cand.waves) if cand.waves else 1
         cfg = dict(cand.cfg, SPLIT_K=split)
@@ -255,17 +283,18 @@ def _runner(cand: Candidate, sw: _ShapeWeights, m: int, scratch: torch.Tensor):
 
 
 def _time_candidate(cand: Candidate, sw: _ShapeWeights, m: int, x: torch.Tensor, ref: torch.Tensor,
-                    scratch: torch.Tensor, copies: int, device: torch.device):
-    """(µs, cfg) of ``cand`` at ``m`` tokens, or None (logged) when it is off the reference or fails."""
+                    scratch: torch.Tensor, copies: int, device: torch.device, cfg: dict | None = None):
+    """(µs, cfg) of ``cand`` (with ``cfg``, one of its ``configs``) at ``m`` tokens, or None (logged)
+    when it is off the reference or fails."""
     k, n = sw.k, sw.n
     try:
-        run, cfg = _runner(cand, sw, m, scratch)
+        run, cfg = _runner(cand, sw, m, scratch, cfg)
         out = torch.full((m, n), float("nan"), device=device, dtype=torch.bfloat16)
-        run(x, 0, out)
+        out = run(x, 0, out)  # the written output (a kernel may return a new tensor)
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        if not math.isfinite(err) or err > CHECK_REL_ERR:
-            logger.warning("colquant.kernels: tuning: %s on K=%d N=%d M=%d is off by %.2e (limit %.0e); not used",
-                           cand.name, k, n, m, err, CHECK_REL_ERR)
+        if not math.isfinite(err) or err > cand.max_rel_err:
+            logger.warning("colquant.kernels: tuning: %s%s on K=%d N=%d M=%d is off by %.2e (limit %.0e); not used",
+                           cand.name, f" {cfg}" if cand.configs else "", k, n, m, err, cand.max_rel_err)
             return None
         return graph_time_us(lambda: [run(x, i, None) for i in range(copies)], copies, device), cfg
     except Exception as exc:  # a tile that does not compile here (shared memory, arch): not a candidate here
@@ -275,9 +304,20 @@ def _time_candidate(cand: Candidate, sw: _ShapeWeights, m: int, x: torch.Tensor,
         return None
 
 
-def tune_shape(k: int, n: int, group_size: int, device: torch.device, ms: tuple[int, ...] | None = None) -> list[dict]:
+def time_best_config(cand: Candidate, sw: _ShapeWeights, m: int, x: torch.Tensor, ref: torch.Tensor,
+                     scratch: torch.Tensor, copies: int, device: torch.device):
+    """(µs, cfg) of ``cand`` at ``m`` tokens: its only configuration, or the fastest of its ``configs``
+    that passes the check; None when none does."""
+    cfgs = cand.configs() if cand.configs else (None,)
+    timed = [got for cfg in cfgs if (got := _time_candidate(cand, sw, m, x, ref, scratch, copies, device, cfg))]
+    return min(timed, key=lambda t: t[0]) if timed else None
+
+
+def tune_shape(k: int, n: int, group_size: int, device: torch.device, ms: tuple[int, ...] | None = None,
+               activations: str = "bf16") -> list[dict]:
     """Time and check every applicable candidate at each ``m`` for one layer shape; one entry per
-    bucket: the winner, its time, BF16's time, every candidate's time and the fallbacks."""
+    bucket: the winner, its time, BF16's time, every candidate's time and the fallbacks.
+    ``activations="fp8"`` times the W4A8 candidates (and BF16 beside them) instead of the W4A16 ones."""
     ms = ms or TUNE_MS
     skip = unavailable_candidates(device, group_size)
     small_copies = min(MAX_COPIES, max(2, math.ceil(L2_SPILL_BYTES / (k * n * 0.5))))
@@ -290,8 +330,8 @@ def tune_shape(k: int, n: int, group_size: int, device: torch.device, ms: tuple[
         copies = len(sw.kernel) if m <= 256 else 2  # from a few hundred tokens on, compute sets the pace
         timed: dict[str, tuple[float, dict | None, str]] = {}
         for cand in CANDIDATES:
-            if cand.applies(m) and cand.name not in skip:
-                got = _time_candidate(cand, sw, m, x, ref, scratch, copies, device)
+            if cand.applies(m) and cand.name not in skip and (cand.activations == activations or cand.kind == "bf16"):
+                got = time_best_config(cand, sw, m, x, ref, scratch, copies, device)
                 if got is not None:
                     timed[cand.name] = (got[0], got[1], cand.kind)
         entries.extend(_pick(k, n, group_size, m_bucket(m), timed))

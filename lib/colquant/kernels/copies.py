@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from colquant.kernels import gemlite_ops, humming_ops, tinygemm
-from colquant.kernels.autotune import ensure_tuned, layer_shapes
-from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear
+from colquant.kernels import gemlite_ops, humming_ops, tinygemm, vllm_ops
+from colquant.kernels.autotune import BF16_MARGIN, CANDIDATES, ensure_tuned, layer_shapes
+from colquant.kernels.linear import COPY_KINDS, DISPATCH, VLLM_KINDS, W4A16Linear
+from colquant.kernels.tune_cache import read_table
 
 logger = logging.getLogger("colquant.kernels")
 
@@ -139,11 +140,63 @@ def prepare_humming(model: nn.Module, *, only_dispatched: bool = True, single_co
     return info
 
 
+def vllm_repacks(entries: list[dict], min_tokens: int = MIN_TOKENS) -> dict[tuple[int, int], str]:
+    """(K, N) -> the vLLM kernel (``"machete"`` / ``"marlin"``) a layer of that shape should be repacked
+    for: one the tuned ``entries`` pick at some bucket reaching ``min_tokens``, and that is within
+    :data:`~.autotune.BF16_MARGIN` of the layer's own kernels (Triton, dequant+cuBLAS) at *every* such
+    bucket, because a repacked layer runs it at every token count (one 4-bit copy). The faster in
+    total where both qualify."""
+    own = {c.name for c in CANDIDATES if c.kind in ("triton", "dequant+cublas")}
+    name_of = {c.kind: c.name for c in CANDIDATES if c.kind in VLLM_KINDS}
+    by_shape: dict[tuple[int, int], list[dict]] = collections.defaultdict(list)
+    for e in entries:
+        if min_tokens <= e["M_bucket"] < 1 << 62:
+            by_shape[(e["K"], e["N"])].append(e)
+    chosen = {}
+    for shape, rows in by_shape.items():
+        totals = {}
+        for kind, name in name_of.items():
+            if not any(kind in (e["kind"], e.get("fallback_name")) or e["name"] == name for e in rows):
+                continue
+            times = [(e["timed_us"].get(name), min((t for c, t in e["timed_us"].items() if c in own),
+                                                   default=None)) for e in rows]
+            if all(t is not None and o is not None and t <= BF16_MARGIN * o for t, o in times):
+                totals[kind] = sum(t for t, _ in times)
+        if totals:
+            chosen[shape] = min(totals, key=totals.get)
+    return chosen
+
+
+def prepare_vllm(model: nn.Module, entries: list[dict], min_tokens: int = MIN_TOKENS) -> dict:
+    """Repack the symmetric W4A16Linears of ``model`` whose shape :func:`vllm_repacks` assigns a vLLM
+    kernel (their kernel-layout tensors move to the host). Returns counts, bytes and per-kind layers."""
+    plan = vllm_repacks(entries, min_tokens)
+    info = dict(prepared=0, skipped=0, bytes=0, kinds={}, reason=None)
+    mods = [m for m in model.modules() if isinstance(m, W4A16Linear) and (m.in_features, m.out_features) in plan]
+    for m in mods:
+        kind = plan[(m.in_features, m.out_features)]
+        why = vllm_ops.unavailable_reason(m.compute_device, kind) or vllm_ops.layer_unsupported_reason(
+            m.in_features, m.out_features, m.group_size, m.sym_zero == 8, kind)
+        if why:
+            info["skipped"] += 1
+            info["reason"] = why
+            continue
+        info["bytes"] += vllm_ops.prepare(m, kind)
+        info["prepared"] += 1
+        info["kinds"][kind] = info["kinds"].get(kind, 0) + 1
+    if mods:
+        logger.info("colquant.kernels: %d layers repacked for vLLM's kernels %s (%.0f MiB, their own 4-bit "
+                    "copies moved to the host)%s", info["prepared"], info["kinds"], info["bytes"] / 2**20,
+                    f"; {info['skipped']} skipped: {info['reason']}" if info["skipped"] else "")
+    return info
+
+
 def prepare_dispatch(model: nn.Module, device: torch.device | str, *, bf16_copy: bool | None = None,
                      cache_dir: Path | str | None = None, min_tokens: int = MIN_TOKENS) -> dict:
     """What :func:`accelerate_model` does for the 4-bit layers: the tuned table, then the copies it
     asks for: BF16 first (``bf16_copy``, see :func:`keep_copies`), then tinygemm's and gemlite's where no
-    BF16 copy serves those token counts (each about a quarter of a BF16 copy)."""
+    BF16 copy serves those token counts (each about a quarter of a BF16 copy), then vLLM's repacks
+    (:func:`prepare_vllm`: they replace the layer's own 4-bit copy on the GPU)."""
     shapes = layer_shapes(model)
     if not shapes:
         return dict(tuned=False, reason="no 4-bit layers")
@@ -152,4 +205,5 @@ def prepare_dispatch(model: nn.Module, device: torch.device | str, *, bf16_copy:
         info["bf16_copy"] = keep_copies(model, "bf16", allow=bf16_copy, min_tokens=min_tokens)
         info["tinygemm_copy"] = keep_copies(model, "tinygemm", min_tokens=min_tokens)
         info["gemlite_copy"] = keep_copies(model, "gemlite", min_tokens=min_tokens)
+        info["vllm_repack"] = prepare_vllm(model, read_table(Path(info["cache"]), info["key"]) or [], min_tokens)
     return info

@@ -154,9 +154,6 @@ def _single_copy_default() -> bool:
     return os.environ.get("COLQUANT_HUMMING_KEEP_KERNEL_COPY", "") in ("", "0")
 
 
-_KERNEL_TENSORS = ("qweight_k", "zeros_u8", "scales")
-
-
 def attach(mod, handle, *, single_copy: bool | None = None) -> int:
     """Give ``mod`` (a W4A16Linear) the humming ``handle`` made from its weights; with ``single_copy``
     (default: unless ``COLQUANT_HUMMING_KEEP_KERNEL_COPY=1``) move its kernel-layout tensors to host
@@ -165,12 +162,8 @@ def attach(mod, handle, *, single_copy: bool | None = None) -> int:
         single_copy = _single_copy_default()
     mod._humming = handle  # a plain attribute (not a module or buffer): state_dict unchanged
     mod._humming_bytes = int(handle.nbytes)
-    if single_copy and not mod.spilled:
-        dev = mod.scales.device
-        for name in _KERNEL_TENSORS:  # still registered buffers (state_dict keeps them), now on the host
-            setattr(mod, name, getattr(mod, name).to("cpu"))
-        mod._compute_device = dev
-        mod._spilled = True
+    if single_copy:
+        mod.spill_kernel_tensors()
     return mod._humming_bytes
 
 
@@ -191,11 +184,7 @@ def prepare(mod, *, single_copy: bool | None = None) -> int:
 
 def release(mod) -> None:
     """Drop humming's copy; spilled kernel-layout tensors go back to the compute device first."""
-    if getattr(mod, "_spilled", False):
-        dev = mod._compute_device
-        for name in _KERNEL_TENSORS:
-            setattr(mod, name, getattr(mod, name).to(dev))
-        mod._spilled = False
+    mod.unspill_kernel_tensors()
     if getattr(mod, "_humming", None) is not None:
         mod._humming = None
         mod._humming_bytes = 0

@@ -20,6 +20,10 @@ On CUDA with Triton the dispatcher picks, for the number of tokens ``M`` in the 
   package imports (elsewhere such entries fall back to the default choice). Once a layer is
   repacked, its kernel-layout tensors move to host memory (one 4-bit copy on the GPU) and humming
   serves every ``M`` of that layer (:attr:`W4A16Linear.spilled`).
+* ``"machete"`` / ``"marlin"``: vLLM's Hopper kernels (optional library, :mod:`.vllm_ops`; Machete's
+  ``cfg`` names its schedule) on the layer's weights repacked for that kernel, kept (like humming's,
+  as the layer's only 4-bit copy on the GPU) where :func:`.copies.prepare_vllm` finds it never slower
+  than the layer's own kernels; such a layer runs that kernel at every ``M`` (BF16 where it holds a copy).
 
 Elsewhere (CPU, no Triton, old GPU) it runs the reference path, dequantize + ``torch.matmul``,
 after one logged message naming what is missing. The table of choices per (K, N, M) is
@@ -58,7 +62,10 @@ __all__ = ["W4A16Linear", "DISPATCH", "Dispatcher", "quantize_linears_rtn", "rep
 # kinds that run on a copy of the weights besides the layer's own 4-bit tensors: what that copy is
 COPY_KINDS = {"bf16": "a BF16 copy of the layer's weight",
               "tinygemm": "a second copy of the 4-bit weights in tinygemm's layout",
-              "gemlite": "a second copy of the 4-bit weights in gemlite's packed layout"}
+              "gemlite": "a second copy of the 4-bit weights in gemlite's packed layout",
+              "machete": "the 4-bit weights repacked for vLLM's Machete (the layer's only 4-bit copy on the GPU)",
+              "marlin": "the 4-bit weights repacked for vLLM's Marlin (the layer's only 4-bit copy on the GPU)"}
+VLLM_KINDS = ("machete", "marlin")  # vllm_ops kinds a W4A16Linear can hold (W4A8 is a mode of its own)
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 1 << 62)
 
@@ -122,6 +129,7 @@ class Dispatcher:
 DISPATCH = Dispatcher()
 
 _FORCE_REFERENCE = [False]
+_KERNEL_TENSORS = ("qweight_k", "zeros_u8", "scales")  # the layer's own 4-bit copy (spilled to the host when repacked)
 
 
 @functools.cache
@@ -188,6 +196,7 @@ class W4A16Linear(nn.Module):
     _compute_device = None
     tinygemm_inner_k_tiles = 0  # set with the tinygemm copy (its layout depends on it)
     _gemlite = None  # gemlite_ops.Handle: gemlite's packed copy, only where the tuner picked it
+    _vllm = None  # vllm_ops.Packed: vLLM's repack (machete or marlin), the layer's only 4-bit copy on the GPU
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  device=None, dtype=torch.bfloat16):
@@ -243,7 +252,29 @@ class W4A16Linear(nn.Module):
             return self.bf16_weight is not None
         if kind == "gemlite":
             return self._gemlite is not None
+        if kind in VLLM_KINDS:
+            return self._vllm is not None and self._vllm.kind == kind
         return self.tinygemm_weight is not None and self.tinygemm_inner_k_tiles == (cfg or {}).get("inner_k_tiles")
+
+    def spill_kernel_tensors(self) -> None:
+        """Move the kernel-layout tensors to host memory once a repacked copy (humming's, vLLM's) serves
+        this layer: one 4-bit copy on the GPU. They stay registered buffers (the state_dict is unchanged)
+        and keep the reference path, ``to_gptq``/``dequantize`` and the repack's release exact."""
+        if self.spilled:
+            return
+        dev = self.scales.device
+        for name in _KERNEL_TENSORS:
+            setattr(self, name, getattr(self, name).to("cpu"))
+        self._compute_device = dev
+        self._spilled = True
+
+    def unspill_kernel_tensors(self) -> None:
+        """Bring spilled kernel-layout tensors back to the compute device (a repack being released)."""
+        if not self.spilled:
+            return
+        for name in _KERNEL_TENSORS:
+            setattr(self, name, getattr(self, name).to(self._compute_device))
+        self._spilled = False
 
     def _refresh_sym(self) -> None:
         self.sym_zero = 8 if bool((self.zeros_u8 == 8).all()) else 0
@@ -353,6 +384,7 @@ class W4A16Linear(nn.Module):
         b = 0 if self.spilled else self._kernel_bytes
         b += self._humming_bytes  # humming's repacked copy, where one was made
         b += self._gemlite.nbytes if self._gemlite is not None else 0
+        b += self._vllm.nbytes if self._vllm is not None else 0
         for t in (self.bf16_weight, self.tinygemm_weight, self.tinygemm_sz):
             if t is not None:
                 b += t.numel() * t.element_size()
@@ -389,6 +421,8 @@ class W4A16Linear(nn.Module):
 
     def _dispatch(self, x2, act):
         m = x2.shape[0]
+        if self._vllm is not None:
+            return self._run_vllm(x2, act)
         if self.spilled:  # humming's repack is the only 4-bit copy on the GPU: it serves every M
             if DISPATCH.record_stats:
                 DISPATCH.stats[(self.in_features, self.out_features, m, "humming")] += 1
@@ -414,6 +448,22 @@ class W4A16Linear(nn.Module):
         if self.bias is not None:
             return torch.addmm(self.bias.to(a.dtype), a, w)
         return a @ w
+
+    def _run_vllm(self, x2, act):
+        """The layer's vLLM repack at every ``M``: with the table's config where the table picks that
+        kernel (Machete's schedule), its own default elsewhere; a BF16 copy where the table picks one."""
+        m, k, n = x2.shape[0], self.in_features, self.out_features
+        kind, cfg = DISPATCH.table.get((k, n, m_bucket(m))) or (self._vllm.kind, None)
+        a = _triton_ops().silu_mul(x2) if act else x2
+        if kind == "bf16" and self.bf16_weight is not None:
+            run = "bf16"
+            y = nn.functional.linear(a, self.bf16_weight, self.bias)
+        else:
+            run = self._vllm.kind
+            y = self._vllm(a, bias=self.bias, cfg=cfg if kind == run else None)
+        if DISPATCH.record_stats:
+            DISPATCH.stats[(k, n, m, run)] += 1
+        return y
 
     def _resolve(self, m: int, device):
         """The table's choice at ``m`` tokens, walked down its fallbacks to one this layer can run:

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from colquant.kernels import gemlite_ops, humming_ops
+from colquant.kernels import gemlite_ops, humming_ops, vllm_ops
 from colquant.files import OutputError, write_text
 from colquant.kernels.backend import triton_import_error
 
 logger = logging.getLogger("colquant.kernels")
 
 SCHEMA = 2  # 2: tinygemm entries and nested copy fallbacks
-KERNEL_SOURCES = ("triton_gemm.py", "tinygemm.py", "autotune.py", "humming_ops.py", "gemlite_ops.py")
+KERNEL_SOURCES = ("triton_gemm.py", "tinygemm.py", "autotune.py", "humming_ops.py", "gemlite_ops.py", "vllm_ops.py")
 
 
 def _package_version(name: str) -> str:
@@ -47,7 +47,8 @@ def kernel_sources_digest() -> str:
 
 
 def cache_key(device: torch.device | str) -> dict:
-    """What a tuned table depends on: GPU name, colquant/torch/triton/humming/gemlite versions, kernel sources."""
+    """What a tuned table depends on: GPU name, colquant/torch/triton/humming/gemlite/vLLM-kernel versions,
+    kernel sources."""
     device = torch.device(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     triton_version = None
@@ -57,7 +58,7 @@ def cache_key(device: torch.device | str) -> dict:
         triton_version = triton.__version__
     return dict(schema=SCHEMA, gpu=gpu, colquant=_package_version("colquant"), torch=torch.__version__,
                 triton=triton_version or "none", humming=humming_ops.version() or "none",
-                gemlite=gemlite_ops.version() or "none",
+                gemlite=gemlite_ops.version() or "none", vllm=vllm_ops.version() or "none",
                 kernels=kernel_sources_digest())
 
 
