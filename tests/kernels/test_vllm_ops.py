@@ -7,7 +7,7 @@ import torch
 from colquant.kernels import autotune, vllm_ops
 from colquant.kernels.copies import prepare_vllm, vllm_repacks
 from colquant.kernels.linear import W4A16Linear
-from colquant.kernels.packing import kernel_to_gptq, unpack_int4_rows
+from colquant.kernels.packing import unpack_int4_rows
 
 # ScalarType.id of these types as vllm 0.26.0's vllm/scalar_type.py computes them (read off that file)
 VLLM_0_26_IDS = {"uint4b8": 1125899907892224, "int4": 1125899906908928, "uint4": 1125899906843648,
