@@ -69,6 +69,17 @@ def test_a_dataset_row_digest_is_its_image_bytes(tmp_path):
     assert pages.open(1).getpixel((0, 0)) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("ids", [["a", None], ["a", ""]])
+def test_a_dataset_row_without_an_id_is_named_not_stored_as_a_string(tmp_path, ids):
+    import datasets
+
+    files = [str(image(tmp_path / f"{n}.png", colour=(n, n, n))) for n in range(2)]
+    dataset = datasets.Dataset.from_dict({"page": files, "pid": ids}).cast_column("page", datasets.Image())
+    dataset.save_to_disk(str(tmp_path / "dataset"))
+    with pytest.raises(SourceError, match=r"column 'pid' has no id in row 1 .*--id-column"):
+        open_source(tmp_path / "dataset", id_column="pid")
+
+
 @pytest.mark.parametrize("dpi", [0, -72])
 def test_a_dpi_below_one_is_refused_not_replaced(tmp_path, dpi):
     image(tmp_path / "a.png")

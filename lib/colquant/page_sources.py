@@ -258,6 +258,22 @@ def render_pdf_page(file: Path, page: int, dpi: int) -> Image.Image:
 # A dataset
 
 
+def _dataset_page_ids(dataset: Any, id_column: str | None, source: str | Path) -> list[str]:
+    """One id per row: `id_column`'s values as strings, else the row numbers. A missing or empty
+    value is refused by its row (str(None) would file the page as 'None'), and so are repeats."""
+    if id_column is None:
+        return [str(row) for row in range(len(dataset))]
+    values = dataset[id_column]
+    missing = [row for row, value in enumerate(values) if value is None or str(value) == ""]
+    if missing:
+        raise SourceError(f"{source}: column {id_column!r} has no id in row {missing[0]} ({len(missing)} rows "
+                          f"without one: {missing[:10]}); fill them in or pass an --id-column whose values are set")
+    ids = [str(value) for value in values]
+    if len(set(ids)) != len(ids):
+        raise SourceError(f"{source}: column {id_column!r} repeats ids; pass an --id-column whose values are unique")
+    return ids
+
+
 def dataset_source(source: str | Path, *, split: str | None, image_column: str | None,
                    id_column: str | None) -> PageSource:
     """Rows of a `datasets` split; ids from `id_column`, else the row number. A row's page is read
@@ -280,9 +296,7 @@ def dataset_source(source: str | Path, *, split: str | None, image_column: str |
         raise SourceError(f"{source} (split {split}) has no rows: there are no pages to encode")
     if id_column is not None and id_column not in dataset.column_names:
         raise SourceError(f"{source} has no column {id_column!r} (it has {dataset.column_names}); pass --id-column")
-    ids = [str(value) for value in dataset[id_column]] if id_column else [str(i) for i in range(len(dataset))]
-    if len(set(ids)) != len(ids):
-        raise SourceError(f"{source}: column {id_column!r} repeats ids; pass an --id-column whose values are unique")
+    ids = _dataset_page_ids(dataset, id_column, source)
     if isinstance(dataset.features[column], datasets.Image):
         dataset = dataset.cast_column(column, datasets.Image(decode=False))
     where = str(path.resolve()) if path.exists() else str(source)
