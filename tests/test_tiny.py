@@ -89,3 +89,19 @@ def test_a_saved_checkpoint_is_readable_as_the_umask_allows(tmp_path, mask):
     for entry in [path, *path.rglob("*")]:
         expected = (0o777 if entry.is_dir() else 0o666) & ~mask
         assert stat.S_IMODE(entry.stat().st_mode) == expected, entry
+
+
+@pytest.mark.parametrize("arguments, refusal", [
+    ({"seed": 1.5}, (TypeError, r"seed must be an int >= 0, got 1.5")),
+    ({"seed": "1"}, (TypeError, r"seed must be an int >= 0, got '1'")),
+    ({"seed": True}, (TypeError, r"seed must be an int >= 0, got True")),
+    ({"dtype": "bfloat16"}, (TypeError, r"dtype='bfloat16' is not a floating torch dtype: pass e.g. torch.bfloat16")),
+    ({"dtype": torch.int8}, (TypeError, r"dtype=torch.int8 is not a floating torch dtype")),
+])
+def test_build_refuses_a_seed_or_dtype_of_the_wrong_type(tmp_path, arguments, refusal):
+    """seed=1.5 built seed 1's weights under a marker saying 1.5 (torch.manual_seed truncates), and
+    dtype='bfloat16' failed as 'Invalid device string'."""
+    error, message = refusal
+    with pytest.raises(error, match=message):
+        tiny.build(tmp_path / "tiny", **arguments)
+    assert not (tmp_path / "tiny").exists()

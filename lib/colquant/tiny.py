@@ -16,6 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from colquant.arguments import require_count
 from colquant.files import atomic_directory, refuse_unrelated
 from colquant.model import QWEN_SPECIAL_TOKENS, ColQwen3, ColQwen3Config
 from colquant.processing import ColQwen3Processor
@@ -67,6 +68,9 @@ def build(
     configs = {"tiny": ColQwen3Config.tiny, "4b": ColQwen3Config.colqwen3_4b}
     if size not in configs:
         raise ValueError(f"size={size!r}: use 'tiny' or '4b'")
+    require_count("seed", seed, 0)  # torch.manual_seed truncates 1.5 to 1, while the marker would say 1.5
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r} is not a floating torch dtype: pass e.g. torch.bfloat16 or torch.float32")
     path = Path(path)
     marker = path / TINY_MARKER
     settings = {"seed": seed, "dtype": str(dtype), "size": size, "format": TINY_FORMAT}
