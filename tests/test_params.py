@@ -169,6 +169,20 @@ def test_missing_section_is_named(tiny):
     assert "sweep must be a mapping of its keys" in _rejected(tiny, lambda profile: profile.__setitem__("sweep", None))
 
 
+@pytest.mark.parametrize("section, key, values, repeated", [
+    ("calibration", "seqlens", [256, 512, 256], "256"),
+    ("quantization", "fp8", ["lm", "lm"], "lm"),
+    ("evaluation", "tasks", ["my-task", "other-task", "my-task"], "my-task"),
+    ("sweep", "query_batch_sizes", [1, 2, 1], "1"),
+    ("sweep", "memory_budgets_gb", [8, 8.0], "8.0"),
+])
+def test_a_value_listed_twice_is_refused(tiny, section, key, values, repeated):
+    """`seqlens: [256, 256]` listed the seqlen's variant twice in expected_variants, so notebooks
+    04-06 evaluated it twice and its rows were reported twice; compression.settings already refused it."""
+    message = _rejected(tiny, lambda p: p[section].__setitem__(key, values))
+    assert f"{section}.{key}=" in message and f"{repeated} listed more than once; list each value once" in message
+
+
 def test_compression_settings_follow_the_grammar(tiny):
     profile = copy.deepcopy(tiny)
     profile["compression"] = {}

@@ -47,6 +47,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+def _listed_once(values: list[Any]) -> list[Any]:
+    """Refuse a list naming one value twice: a repeated seqlen, task or batch size would run (and
+    report) the same step or row twice."""
+    repeated = sorted({str(value) for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(repeated)} listed more than once; list each value once")
+    return values
+
+
 class ModelSection(_Section):
     id: str = Field(min_length=1)
     revision: str | None = None  # a hub commit sha for hub ids; null for local or built models
@@ -80,6 +89,8 @@ class CalibrationSection(_Section):
     seqlens: list[PositiveInt] = Field(min_length=1)
     seed: NonNegativeInt
 
+    _seqlens_listed_once = field_validator("seqlens")(_listed_once)
+
 
 class QuantizationSection(_Section):
     bits: Literal[4]  # only W4A16 is supported
@@ -90,6 +101,8 @@ class QuantizationSection(_Section):
     rtn_baseline: bool
     export_formats: list[Literal["auto_round", "auto_gptq", "auto_awq"]] = Field(min_length=1)
     fp8: list[Literal["lm", "all"]] = []  # W8A8 FP8 variants (colquant.fp8): fp8-lm, fp8-all (+ vision tower)
+
+    _lists_listed_once = field_validator("export_formats", "fp8")(_listed_once)
 
     def variant_name(self, seqlen: int, method: str = "autoround", *, calibration_source: str | None = None) -> str:
         """A quantized variant's name, made of its settings, so notebooks and mteb tell variants apart.
@@ -116,6 +129,8 @@ class EvaluationSection(_Section):
     batch_size: PositiveInt
     corpus_chunk_size: PositiveInt
 
+    _tasks_listed_once = field_validator("tasks")(_listed_once)
+
 
 class FidelitySection(_Section):
     n_queries: PositiveInt
@@ -129,6 +144,8 @@ class SweepSection(_Section):
     repeats: PositiveInt
     memory_budgets_gb: list[PositiveFloat] = Field(min_length=1)
 
+    _lists_listed_once = field_validator("query_batch_sizes", "page_batch_sizes", "memory_budgets_gb")(_listed_once)
+
 
 class CompressionSection(_Section):
     settings: list[str] = Field(default=["none", "pool2", "pool3", "int8", "binary", "pool3+binary"], min_length=1)
@@ -139,10 +156,7 @@ class CompressionSection(_Section):
         wrong = [setting for setting in settings if not COMPRESSION_PATTERN.match(setting)]
         if wrong:
             raise ValueError(f"{', '.join(map(repr, wrong))} not understood; each setting is one of {COMPRESSION_FORMS}")
-        repeated = sorted({setting for setting in settings if settings.count(setting) > 1})
-        if repeated:
-            raise ValueError(f"{', '.join(repeated)} listed more than once; list each setting once")
-        return settings
+        return _listed_once(settings)
 
 
 class BenchSettings(_Section):
