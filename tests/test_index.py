@@ -145,3 +145,16 @@ def test_an_index_whose_manifest_was_lost_is_rebuilt_from_its_shards_as_advised(
     encode_into(index, source, tiny_path)
     assert [idx.shard_path(index, shard).stat().st_mtime_ns for shard in range(N_PAGES)] == kept
     assert len(load_index(index).ids) == N_PAGES
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", "3"])
+def test_a_manifest_that_is_not_a_json_object_is_refused_with_the_fix(index, source, tiny_path, content):
+    """A manifest holding a list or null failed with AttributeError ('list' object has no attribute 'get')."""
+    (index / idx.MANIFEST).write_text(content)
+    for read in (load_index, lambda out: encode_into(out, source, tiny_path)):
+        with pytest.raises(IncompleteIndexError, match="manifest.json is not a JSON object.*delete it and rerun "
+                                                       "encode-corpus"):
+            read(index)
+    (index / idx.MANIFEST).unlink()
+    encode_into(index, source, tiny_path)
+    assert len(load_index(index).ids) == N_PAGES

@@ -125,6 +125,9 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     except json.JSONDecodeError as error:
         raise IncompleteIndexError(f"{path} is not valid JSON ({error}); delete it and rerun encode-corpus "
                                    "(finished shards are checked against their own headers)") from error
+    if not isinstance(manifest, dict):
+        raise IncompleteIndexError(f"{path} is not a JSON object (it holds a {type(manifest).__name__}); delete it and "
+                                   "rerun encode-corpus (finished shards are checked against their own headers)")
     if manifest.get("format") != INDEX_FORMAT:
         raise IndexMismatchError(f"{out_dir} holds an index of format {manifest.get('format')} (written by another "
                                  f"version of colquant); this one reads and writes format {INDEX_FORMAT}: "
