@@ -69,6 +69,17 @@ def test_a_dataset_row_digest_is_its_image_bytes(tmp_path):
     assert pages.open(1).getpixel((0, 0)) == (1, 1, 1)
 
 
+def test_files_that_are_not_pages_are_named_when_skipped(tmp_path, caplog):
+    """Only their count was logged: a page saved as JPEG 2000 went missing from a corpus of thousands unnamed."""
+    image(tmp_path / "a.png")
+    image(tmp_path / "scans" / "b.jp2")
+    (tmp_path / "notes.txt").write_text("not a page")
+    with caplog.at_level("WARNING", logger="colquant.page_sources"):
+        assert open_source(tmp_path).ids == ["a.png"]
+    assert "ignoring 2 files that are neither images (.bmp, " in caplog.text
+    assert "nor PDFs: notes.txt, scans/b.jp2" in caplog.text
+
+
 @pytest.mark.parametrize("ids", [["a", None], ["a", ""]])
 def test_a_dataset_row_without_an_id_is_named_not_stored_as_a_string(tmp_path, ids):
     import datasets

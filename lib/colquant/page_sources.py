@@ -102,8 +102,11 @@ def folder_source(root: Path, *, dpi: int = DEFAULT_DPI) -> PageSource:
     if not pages:
         raise SourceError(f"{root} holds no page images ({', '.join(sorted(IMAGE_SUFFIXES))}) or PDFs"
                           f"{f' (only {len(files)} other files)' if files else ''}: point SOURCE at the folder of pages")
-    if len(pages) < len(files):
-        log.warning("%s: ignoring %d files that are neither images nor PDFs", root, len(files) - len(pages))
+    skipped = [path for path in files if path.suffix.lower() not in PAGE_SUFFIXES]
+    if skipped:  # named, so a page in another format (.jp2, .heic) is seen missing, not just counted
+        log.warning("%s: ignoring %d files that are neither images (%s) nor PDFs: %s%s", root, len(skipped),
+                    ", ".join(sorted(IMAGE_SUFFIXES)), ", ".join(str(path.relative_to(root)) for path in skipped[:5]),
+                    ", ..." if len(skipped) > 5 else "")
     return _pages_in_files(root, pages, dpi, {"kind": "folder", "path": str(root.resolve()), "dpi": dpi})
 
 
