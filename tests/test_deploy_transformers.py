@@ -166,6 +166,20 @@ def test_automodel_refuses_what_colquant_load_refuses(damage, which, message, ti
     assert type(raised.value).__name__ == "CheckpointError"
 
 
+@torch.no_grad()
+def test_automodel_casts_to_the_dtype_asked_for_as_colquant_load_does(tiny_path):
+    """`AutoModel.from_pretrained(dir, trust_remote_code=True, dtype=torch.float32)` of a bfloat16 checkpoint
+    was refused as 'config.json declares dtype float32 and loading would cast silently': the check read
+    the dtype asked for, not the one config.json declares."""
+    from transformers import AutoModel
+
+    theirs = AutoModel.from_pretrained(str(tiny_path), trust_remote_code=True, dtype=torch.float32).eval()
+    ours, processor = colquant.load(tiny_path, dtype="float32", accelerate=False)
+    assert {parameter.dtype for parameter in theirs.parameters()} == {torch.float32}
+    batch = processor.process_queries(QUERIES)
+    assert torch.equal(theirs(**batch).embeddings, ours(**batch).embeddings)
+
+
 def test_automodel_checks_a_hub_checkpoint_once_downloaded(tiny_path, tmp_path):
     """By hub id (as mteb loads a pushed variant) the tensor headers are checked in the downloaded snapshot."""
     from transformers import AutoModel

@@ -133,7 +133,7 @@ def verify_tensors(path: Path, config: Any, model_class: type) -> None:
     shards = shard_files(path)
     for shard in shards:
         verify_shard(shard)
-    expected = expected_tensors(config, model_class)
+    expected = expected_tensors(config, model_class, declared_dtype(path))
     problems, fixes = [], []
     for shard in shards:
         with safe_open(str(shard), framework="pt") as reader:
@@ -158,12 +158,20 @@ class Expected(NamedTuple):
     dtype_fix: str
 
 
-def expected_tensors(config: Any, model_class: type) -> dict[str, Expected]:
+def declared_dtype(path: Path) -> str:
+    """The dtype the checkpoint's config.json declares ('' when none). Read from the file, not from the
+    config a load builds: `from_pretrained(..., dtype=torch.float32)` sets that config's dtype to the
+    cast the caller asked for, which is no disagreement between the checkpoint and its config."""
+    config = read_json_object(path / "config.json", "re-download the checkpoint")
+    return str(config.get("dtype") or config.get("torch_dtype") or "").removeprefix("torch.")
+
+
+def expected_tensors(config: Any, model_class: type, declared: str) -> dict[str, Expected]:
     """Per tensor name, from a weightless (meta-device) model of the config; a quantized Linear's
-    packed tensors follow from its widths and the config's quantization settings."""
+    packed tensors follow from its widths and the config's quantization settings. Floating tensors
+    are expected in `declared`, config.json's dtype (any floating dtype when it declares none)."""
     with torch.device("meta"):
         reference = model_class(config)
-    declared = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
     shape_fix = "The checkpoint is corrupt or from another model than its config.json describes: re-download it."
     dtype_fix = (f"config.json declares dtype {declared or 'none'} and loading would cast silently: "
                  "re-save the checkpoint in one dtype or correct config.json.")
