@@ -117,7 +117,7 @@ test-package: setup vllm-env
 
 test-notebooks: setup
 	scratch=$$(mktemp -d) && $(NB_ENV) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
-		notebooks --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider; \
+		notebooks --nbval-sanitize-with notebooks/sanitize.cfg --nbval-kernel-startup-timeout 600 -p no:cacheprovider; \
 		status=$$?; rm -rf $$scratch; exit $$status
 
 # The real profile end to end, offline: builds the hub twin (scripts/build_hub_twin.py) in a temp dir,

@@ -38,6 +38,9 @@ from colquant.files import discard, remove_stale_staging
 from colquant.params import load_profile, quantization_section
 
 log = logging.getLogger(__name__)
+# papermill waits 60 s for a kernel to start; on a busy 2-core machine (CI running tests side by side)
+# a kernel importing torch took longer, and the run failed with "Kernel didn't respond in 60 seconds"
+KERNEL_START_TIMEOUT_S = 600
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
 PER_SEQLEN = ("02_calibration", "03_quantization")
@@ -324,6 +327,7 @@ def _execute(step: Step, description: str) -> None:
             progress_bar={"desc": description, "leave": True},
             kernel_manager_class=QuietKernelManager,
             store_widget_state=False,  # tqdm bars are ipywidgets in a kernel: their state is 50-400 KB of noise
+            start_timeout=KERNEL_START_TIMEOUT_S,
         )
     except PapermillExecutionError as error:
         raise PipelineError(
@@ -357,6 +361,7 @@ def refresh_committed_notebooks(profile_path: str | Path = NOTEBOOK_DEFAULT_PROF
                     str(notebook), str(notebook), parameters={} if default else {"profile_path": str(profile_path)},
                     cwd=str(NOTEBOOKS_DIR), progress_bar={"desc": notebook.stem, "leave": True},
                     kernel_manager_class=QuietKernelManager, store_widget_state=False,
+                    start_timeout=KERNEL_START_TIMEOUT_S,
                 )
                 executed.append(notebook)
         finally:
