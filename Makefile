@@ -58,7 +58,7 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
 	$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -c constraints/cpu.in -e ".[notebooks,eval,dev,pdf]"
 	$(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -E "^(torch|transformers|auto-round|mteb|datasets|accelerate|huggingface.hub|pydantic|numpy)=="
-	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest tests -m "not twin" -n 2 -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(LATEST_VENV)/bin/python -m pytest tests -m "not twin" -n 2 --dist loadscope -q -p no:cacheprovider
 
 # The serving check's environment: vLLM's CPU build pins transformers < 5.20, so it cannot share
 # .venv. PyPI's torchvision is a CUDA build whose C++ ops cannot load here; the .pth defines the two
@@ -107,13 +107,14 @@ run: setup
 NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOSITY=error \
 	HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
-# The package tests share the two cores through pytest-xdist; then the notebook regression tests and
+# The package tests share the two cores through pytest-xdist, a test module per worker (its module
+# fixtures, such as the one vLLM run of the serving check, are made once); then the notebook regression tests and
 # the twin run (each one notebook kernel at a time, in separate output folders) run side by side.
 test: test-package
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-twin
 
 test-package: setup vllm-env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin" -n 2 --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin" -n 2 --dist loadscope --durations=15
 
 test-notebooks: setup
 	scratch=$$(mktemp -d) && $(NB_ENV) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
