@@ -98,18 +98,21 @@ vllm-env: $(VLLM_STAMP)
 run: setup
 	$(BIN)/colquant run $(PARAMS) $(ARGS)
 
-# Quiet, offline, deterministic settings for executing notebooks as regression tests: no progress
-# bars or timestamped library logs in outputs, and a fresh output directory every time. torch's CPU
-# kernels are held to AVX2 (ATen's vector code and oneDNN's): bfloat16 matrix products round
-# differently with AVX512-BF16/AMX than without, enough to move the tiny model's fidelity figures
-# in the third decimal, so the committed outputs are made, and compared, with the kernels every
-# x86-64 CPU of the last decade runs alike.
+# Quiet, offline settings for executing notebooks as tests: no progress bars or timestamped library
+# logs in outputs, one torch thread (the twin run and the notebook tests share the two cores side by
+# side; two threads each would spin against each other), a fresh output directory every time.
 NB_ENV := HF_HUB_OFFLINE=1 TQDM_DISABLE=1 AR_LOG_LEVEL=ERROR TRANSFORMERS_VERBOSITY=error \
-	HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+	HF_HUB_DISABLE_PROGRESS_BARS=1 PYTHONWARNINGS=ignore OMP_NUM_THREADS=1
+# The committed notebooks are made and compared with the same CPU kernels on every machine: torch's
+# are held to AVX2 (ATen's vector code and oneDNN's), since bfloat16 matrix products round
+# differently with AVX512-BF16/AMX than without, enough to move the tiny model's fidelity figures in
+# the third decimal; one thread, since a reduction split over more threads may round differently.
+NB_KERNELS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 
 # The package tests share the two cores through pytest-xdist, a test module per worker (its module
-# fixtures, such as the one vLLM run of the serving check, are made once); then the notebook regression tests and
-# the twin run (each one notebook kernel at a time, in separate output folders) run side by side.
+# fixtures, such as the one vLLM run of the serving check, are made once); then the notebook
+# regression tests and the twin run (one notebook kernel at a time each, in separate output folders)
+# run side by side.
 test: test-package
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-twin
 
@@ -117,7 +120,7 @@ test-package: setup vllm-env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin" -n 2 --dist loadscope --durations=15
 
 test-notebooks: setup
-	scratch=$$(mktemp -d) && $(NB_ENV) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
+	scratch=$$(mktemp -d) && $(NB_ENV) $(NB_KERNELS) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
 		notebooks --nbval-sanitize-with notebooks/sanitize.cfg --nbval-kernel-startup-timeout 600 -p no:cacheprovider; \
 		status=$$?; rm -rf $$scratch; exit $$status
 
@@ -129,7 +132,7 @@ test-twin: setup
 
 # Re-execute the committed notebooks (the nbval reference) after a change that moves results.
 notebooks: setup
-	$(NB_ENV) $(BIN)/colquant notebooks
+	$(NB_ENV) $(NB_KERNELS) $(BIN)/colquant notebooks
 
 # GPU containers run as root, where Jupyter refuses to start without --allow-root.
 lab: setup
