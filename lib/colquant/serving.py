@@ -50,20 +50,29 @@ def vllm_python(repo_root: Path) -> tuple[Path | None, str]:
     return python, ""
 
 
+def run_in_serving_env(command: list[str], timeout_s: float, **variables: str) -> subprocess.CompletedProcess:
+    """Run `command` (the serving environment's Python) with this environment plus `variables`, minus
+    PYTHONPATH: the serving environment has its own colquant_vllm install."""
+    environment = {**os.environ, **variables}
+    environment.pop("PYTHONPATH", None)
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout_s)
+
+
+def output_tail(result: subprocess.CompletedProcess, lines: int = 25) -> str:
+    return "\n".join((result.stdout + result.stderr).splitlines()[-lines:])
+
+
 def vllm_capabilities(python: Path, *, setup: str = "") -> dict[str, Any]:
     """What the serving environment's vLLM build loads on this machine (`colquant_vllm.capabilities`).
 
     `setup` is Python run first in the same process (tests use it to force vLLM's choice of kernel
     library)."""
     code = f"{setup}\nimport json\nfrom colquant_vllm.capabilities import probe\nprint(json.dumps(probe()))"
-    environment = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
-    environment.pop("PYTHONPATH", None)  # the serving env has its own colquant_vllm install
-    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=environment, timeout=PROBE_TIMEOUT_S)
+    result = run_in_serving_env([str(python), "-c", code], PROBE_TIMEOUT_S, VLLM_LOGGING_LEVEL="ERROR")
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
         raise ServingError(f"the vLLM capability probe failed in {python} (exit {result.returncode}); "
-                           f"recreate the environment with `make vllm-env`:\n{tail}")
+                           f"recreate the environment with `make vllm-env`:\n{output_tail(result)}")
     return json.loads(lines[-1])
 
 
@@ -118,13 +127,11 @@ def vllm_embeddings(
         for (checkpoint, requests), out in zip(jobs, outs)
     ]))
     command = [str(python), "-m", "colquant_vllm.embed", "--jobs", str(jobs_file), "--dtype", dtype]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    environment.pop("PYTHONPATH", None)  # the serving env has its own colquant_vllm install
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=SERVING_TIMEOUT_S)
+    result = run_in_serving_env(command, SERVING_TIMEOUT_S, HF_HUB_OFFLINE="1",
+                                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     missing = [str(checkpoint) for (checkpoint, _), out in zip(jobs, outs) if not out.exists()]
     if result.returncode != 0 or missing:
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-25:])
-        raise ServingError(f"vLLM failed (exit {result.returncode}; no embeddings for {missing}):\n{tail}")
+        raise ServingError(f"vLLM failed (exit {result.returncode}; no embeddings for {missing}):\n{output_tail(result)}")
     return [[tensors[str(i)] for i in range(len(tensors))] for tensors in (load_file(str(out)) for out in outs)]
 
 
