@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from colquant.params import cuda_unavailable_reason
-
 
 def require_flag(name: str, value: Any, *, none_means: str | None = None) -> None:
     """`value` is True or False (or None, when `none_means` says what None does)."""
@@ -44,3 +42,14 @@ def usable_device(device: str | torch.device) -> torch.device:
     if reason is not None:
         raise ValueError(f"device={str(device)!r}: {reason}; pass device='auto' (CUDA when present, else CPU) or 'cpu'")
     return resolved
+
+
+def cuda_unavailable_reason(device: str) -> str | None:
+    """Why `device` (cpu, auto, cuda, cuda:N) cannot run here, or None when it can."""
+    if not device.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return f"this machine has no CUDA device (torch {torch.__version__})"
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    return f"this machine has {count} CUDA device(s), so {device} does not exist" if index >= count else None

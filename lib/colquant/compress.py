@@ -28,6 +28,7 @@ lets mteb evaluate a (variant, setting) pair under a model name of its own.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -38,11 +39,13 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
 from colquant.arguments import require_count, require_flag, usable_device
-from colquant.params import COMPRESSION_FORMS, COMPRESSION_PATTERN
 from colquant.scoring import Embeddings, check_items, pad_embeddings, require_finite
 
 NDCG_COLUMN = "ndcg_at_5"  # as colquant.evaluation, which needs mteb
 COMPRESSION_TABLE = "compression_table.csv"
+COMPRESSION_FORMS = "none, int8, binary, poolN, poolN+int8 or poolN+binary (N an integer from 2 to 9)"
+# group 1: the pool factor (or None), group 2: the number format after pooling (or None)
+COMPRESSION_PATTERN = re.compile(r"^(?:none|int8|binary|pool([2-9])(?:\+(int8|binary))?)$")
 
 Quantization = Literal["float", "int8", "binary"]
 # Elements of the (queries x query tokens x pages x page tokens) similarity per step: about 400 MB

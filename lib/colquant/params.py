@@ -25,15 +25,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails
 
+from colquant.arguments import cuda_unavailable_reason
+from colquant.compress import COMPRESSION_FORMS, COMPRESSION_PATTERN
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 DEVICE_FORMS = "cpu, cuda, cuda:N or auto (CUDA when present, else CPU)"
 _DEVICE_PATTERN = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-COMPRESSION_FORMS = "none, int8, binary, poolN, poolN+int8 or poolN+binary (N an integer from 2 to 9)"
-# group 1: the pool factor (or None), group 2: the number format after pooling (or None)
-COMPRESSION_PATTERN = re.compile(r"^(?:none|int8|binary|pool([2-9])(?:\+(int8|binary))?)$")
 EXAMPLE_PROFILE = "params/tiny.yaml"
 
 
@@ -269,19 +269,6 @@ def validate_profile(profile: dict[str, Any], source: str = "profile", *, check_
     if problems:
         raise ProfileError(_problem_report(source, problems))
     return validated.model_dump()
-
-
-def cuda_unavailable_reason(device: str) -> str | None:
-    """Why `device` (cpu, auto, cuda, cuda:N) cannot run here, or None when it can."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return f"this machine has no CUDA device (torch {torch.__version__})"
-    index = int(device.partition(":")[2] or 0)
-    count = torch.cuda.device_count()
-    return f"this machine has {count} CUDA device(s), so {device} does not exist" if index >= count else None
 
 
 def quantized_input_widths(model_id: str) -> dict[str, int] | None:
