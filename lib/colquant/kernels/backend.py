@@ -1,4 +1,4 @@
-"""Which kernel backend can run here, and why not when it cannot.
+"""Which kernel backend can run here, and why not when it cannot; where tuning results are kept.
 
 The fast path needs a CUDA device and Triton. Anything else (CPU, no Triton, an old GPU) runs the
 reference path (dequantize + torch matmul, torch ops for the fused kernels) and says so once, in a
@@ -11,7 +11,9 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -118,3 +120,17 @@ def capture_stream(device) -> torch.cuda.Stream:
     if key not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[key]
+
+
+def default_cache_dir() -> Path:
+    """``$COLQUANT_CACHE_DIR`` if set (optional), else ``$XDG_CACHE_HOME/colquant/kernels`` or
+    ``~/.cache/colquant/kernels``."""
+    if os.environ.get("COLQUANT_CACHE_DIR"):
+        return Path(os.environ["COLQUANT_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "colquant" / "kernels"
+
+
+def slug(text: str) -> str:
+    """``text`` as a file-name part: letters, digits and dots, other runs as one dash, lower case."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()

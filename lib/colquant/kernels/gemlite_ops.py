@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from colquant.files import OutputError, atomic_write
-from colquant.kernels.backend import gpu_unavailable, package_import_error
+from colquant.kernels.backend import default_cache_dir, gpu_unavailable, package_import_error, slug
 from colquant.kernels.packing import unpack_kblocked
 
 logger = logging.getLogger("colquant.kernels")
@@ -189,10 +189,8 @@ _LOADED: set[str] = set()
 
 def config_path(device, cache_dir: Path | str | None = None) -> Path:
     """``<colquant kernel cache>/gemlite-<gpu>-<gemlite version>.json``."""
-    from colquant.kernels.tune_cache import _slug, default_cache_dir
-
     gpu = torch.cuda.get_device_name(torch.device(device))
-    return Path(cache_dir or default_cache_dir()) / f"gemlite-{_slug(gpu)}-{_slug(version() or 'none')}.json"
+    return Path(cache_dir or default_cache_dir()) / f"gemlite-{slug(gpu)}-{slug(version() or 'none')}.json"
 
 
 def load_configs(device, cache_dir: Path | str | None = None) -> bool:

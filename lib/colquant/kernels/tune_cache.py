@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 
 from colquant.kernels import gemlite_ops, humming_ops, vllm_ops
 from colquant.files import OutputError, write_text
-from colquant.kernels.backend import triton_import_error
+from colquant.kernels.backend import default_cache_dir, slug, triton_import_error
 
 logger = logging.getLogger("colquant.kernels")
 
@@ -62,22 +60,9 @@ def cache_key(device: torch.device | str) -> dict:
                 kernels=kernel_sources_digest())
 
 
-def default_cache_dir() -> Path:
-    """``$COLQUANT_CACHE_DIR`` if set (optional), else ``$XDG_CACHE_HOME/colquant/kernels`` or
-    ``~/.cache/colquant/kernels``."""
-    if os.environ.get("COLQUANT_CACHE_DIR"):
-        return Path(os.environ["COLQUANT_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "colquant" / "kernels"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
-
-
 def cache_path(key: dict, cache_dir: Path | str | None = None) -> Path:
     """``<dir>/<gpu>-<colquant>-<torch>-<triton>-<humming|none>.json``."""
-    name = "-".join(_slug(str(key[k])) for k in ("gpu", "colquant", "torch", "triton", "humming"))
+    name = "-".join(slug(str(key[k])) for k in ("gpu", "colquant", "torch", "triton", "humming"))
     return Path(cache_dir or default_cache_dir()) / f"{name}.json"
 
 
