@@ -37,16 +37,13 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from colquant.workspace import atomic_write, fingerprint, write_text
-
-if TYPE_CHECKING:
-    from colquant.page_sources import PageSource
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +89,14 @@ def shard_path(out_dir: Path, shard: int) -> Path:
     return Path(out_dir) / SHARDS_DIR / f"shard-{shard:06d}.safetensors"
 
 
-def new_manifest(*, model: dict[str, Any], processor: dict[str, Any], dtype: str, source: PageSource,
-                 shard_size: int) -> dict[str, Any]:
-    """What the embeddings depend on (`key`) and the corpus layout they are stored in."""
+def new_manifest(*, model: dict[str, Any], processor: dict[str, Any], dtype: str, source: dict[str, Any],
+                 page_ids: Sequence[str], shard_size: int) -> dict[str, Any]:
+    """What the embeddings depend on (`key`) and the corpus layout they are stored in: `source` describes
+    where the pages come from (`PageSource.description`), `page_ids` names them in order."""
     key = fingerprint(INDEX_FORMAT, model["fingerprint"], processor, dtype)
     return {"format": INDEX_FORMAT, "key": key, "model": model, "processor": processor, "dtype": dtype,
-            "source": source.description, "pages": len(source), "page_ids_sha256": page_ids_digest(source.ids),
-            "shard_size": shard_size, "shards": shard_count(len(source), shard_size), "complete": False}
+            "source": source, "pages": len(page_ids), "page_ids_sha256": page_ids_digest(page_ids),
+            "shard_size": shard_size, "shards": shard_count(len(page_ids), shard_size), "complete": False}
 
 
 def prepare_index_dir(out_dir: Path) -> None:
