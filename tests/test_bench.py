@@ -80,10 +80,12 @@ def test_fp8_targets_read_the_default_fp8_variants_not_the_precise_ones():
 
 
 def test_cli_overrides_the_profile(monkeypatch, tmp_path):
+    from colquant import __main__ as cli
+
     seen = {}
     monkeypatch.setattr(bench, "run_bench", lambda profile, out, device=None: seen.update(p=profile, o=out))
-    assert bench.main(["--profile", "tiny", "--out", str(tmp_path / "x.json"), "--query-batches", "1,8",
-                       "--page-batches", "", "--no-kernel-checks"]) == 0
+    assert cli.main(["bench", "--profile", "tiny", "--out", str(tmp_path / "x.json"), "--query-batches", "1,8",
+                     "--page-batches", "", "--no-kernel-checks"]) == 0
     assert seen["p"]["profile"] == "tiny" and seen["o"] == str(tmp_path / "x.json")
     assert seen["p"]["bench"]["query_batches"] == [1, 8] and seen["p"]["bench"]["page_batches"] == []
     assert seen["p"]["bench"]["kernel_checks"] is False

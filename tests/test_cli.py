@@ -80,18 +80,23 @@ def test_run_and_notebooks_pass_the_resolved_profile(monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["bench", "tiny", "--no-calibrate"], ["--profile", "tiny", "--no-calibrate"]),
-        (["bench", "params/synthetic-4b.yaml"], ["--profile", "synthetic-4b"]),
-        (["bench", "--profile", "tiny"], ["--profile", "tiny"]),
+        (["bench", "tiny", "--no-kernel-checks"], "tiny"),
+        (["bench", str(ROOT / "params/synthetic-4b.yaml"), "--device", "cpu"], "synthetic-4b"),
+        (["bench", "--profile", "tiny"], "tiny"),
     ],
 )
 def test_bench_takes_the_same_profile_argument(monkeypatch, argv, expected):
     from colquant import bench
 
     seen = []
-    monkeypatch.setattr(bench, "main", lambda rest: seen.append(rest) or 0)
+    monkeypatch.setattr(bench, "run_bench", lambda profile, out, device=None: seen.append(profile["profile"]))
     assert cli.main(argv) == 0
     assert seen == [expected]
+
+
+def test_bench_refuses_an_unknown_profile_like_the_other_commands(caplog):
+    assert cli.main(["bench", "tinny"]) == 2
+    assert "no profile 'tinny'" in caplog.text
 
 
 def test_unknown_options_are_refused_outside_bench(capsys):

@@ -133,13 +133,20 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
 
 
 def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
-    """`colquant bench tiny --no-calibrate` reads as `--profile tiny --no-calibrate`; --profile works too."""
-    from colquant.bench import main as bench_main
+    """`colquant bench tiny ...` reads as `--profile tiny ...`; --profile works too (a name or a YAML path)."""
+    from colquant import bench
+    from colquant.params import ProfileError, load_profile
 
     if rest and not rest[0].startswith("-"):
         profile, *rest = rest
-        rest = ["--profile", Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile, *rest]
-    return bench_main(rest)
+        rest = ["--profile", profile, *rest]
+    options = bench.build_parser().parse_args(rest)
+    try:
+        profile = load_profile(profile_file(options.profile), check_device=options.device is None)
+    except ProfileError as error:
+        raise CliError(str(error)) from error
+    bench.run_with_options(profile, options)
+    return 0
 
 
 def add_tune(commands: argparse._SubParsersAction) -> None:

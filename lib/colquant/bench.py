@@ -269,10 +269,8 @@ def run_bench(profile: dict, out_json: str | Path | None = None, *, device: str 
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    from colquant.__main__ import profile_file, show_package_logs
-    from colquant.params import load_profile
-
+def build_parser() -> argparse.ArgumentParser:
+    """`colquant bench`'s options (the command line resolves the profile and calls `run_with_options`)."""
     parser = argparse.ArgumentParser(prog="colquant bench", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="synthetic-4b", help="a profile name from params/ or a YAML path")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench-<profile>.json)")
@@ -282,16 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default=None, help="comma list, overrides bench.precisions")
     parser.add_argument("--vision", default=None, help="comma list (eager,fast), overrides bench.vision")
     parser.add_argument("--no-kernel-checks", action="store_true", help="skip the GEMM and fused-op checks")
-    args = parser.parse_args(argv)
-    show_package_logs()
-    profile = load_profile(profile_file(args.profile), check_device=args.device is None)
-    for option, key in ((args.query_batches, "query_batches"), (args.page_batches, "page_batches")):
+    return parser
+
+
+def run_with_options(profile: dict, options: argparse.Namespace):
+    """`run_bench` on `profile` with the command line's overrides of its `bench:` section applied."""
+    for option, key in ((options.query_batches, "query_batches"), (options.page_batches, "page_batches")):
         if option is not None:
             profile["bench"][key] = [int(x) for x in option.split(",") if x]
-    for option, key in ((args.precisions, "precisions"), (args.vision, "vision")):
+    for option, key in ((options.precisions, "precisions"), (options.vision, "vision")):
         if option:
             profile["bench"][key] = option.split(",")
-    if args.no_kernel_checks:
+    if options.no_kernel_checks:
         profile["bench"]["kernel_checks"] = False
-    run_bench(profile, args.out or f"benchmarks/results/bench-{profile['profile']}.json", device=args.device)
-    return 0
+    return run_bench(profile, options.out or f"benchmarks/results/bench-{profile['profile']}.json", device=options.device)
