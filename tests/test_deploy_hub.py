@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 
 from colquant.__main__ import main
 from colquant.hub import NOT_FOR_USE, PIPELINE_TAG, PushError, build_model_card, push, validate_card
-from colquant.quantization import METADATA_FILE
+from colquant.checkpoint_files import METADATA_FILE
 
 
 @pytest.fixture

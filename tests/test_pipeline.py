@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from colquant import pipeline, workspace
+from colquant.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE
 from colquant.files import discard
 from colquant.params import ProfileError, load_profile
 from colquant.pipeline import PipelineError, plan, run
@@ -315,8 +316,8 @@ def finish_old_results(output_root, profile_path) -> dict:
     """Finished variants with the results the report recorded in them, and finished sweep rows."""
     old = {}
     for variant in workspace.quantized_variants(load_profile(profile_path)).values():
-        (variant / workspace.REPORTED_RESULTS_FILE).write_text('{"NDCG@5": 0.61}')
-        old[variant / workspace.REPORTED_RESULTS_FILE] = '{"NDCG@5": 0.61}'
+        (variant / REPORTED_RESULTS_FILE).write_text('{"NDCG@5": 0.61}')
+        old[variant / REPORTED_RESULTS_FILE] = '{"NDCG@5": 0.61}'
     (output_root / "results" / "sweep.jsonl").write_text('{"variant": "bf16", "batch_size": 1}\n')
     old[output_root / "results" / "sweep.jsonl"] = '{"variant": "bf16", "batch_size": 1}\n'
     return old
@@ -397,4 +398,4 @@ def test_a_deleted_fp8_variant_makes_its_quantization_step_run_again(tmp_path, s
     executed_after(stand_in, profile_path)
     discard(output_root / "variants" / "fp8-lm")
     assert "03_quantization__seqlen64" in executed_after(stand_in, profile_path)
-    assert (output_root / "variants" / "fp8-lm" / workspace.METADATA_FILE).exists()
+    assert (output_root / "variants" / "fp8-lm" / METADATA_FILE).exists()

@@ -17,7 +17,8 @@ from colquant.quantization import (
     update_model_card,
 )
 from colquant.variants import produce_variant
-from colquant.workspace import OutputError, read_variant_metadata
+from colquant.checkpoint_files import checkpoint_fingerprint, read_variant_metadata
+from colquant.files import OutputError
 from safetensors import safe_open
 from tiny_variants import build_tiny_w4a16
 
@@ -161,12 +162,12 @@ def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_on
     calibrate(small_profile, 4)
     first = produce_variant(small_profile, 64)
     assert not first["reused"] and first["calibration"]["nsamples"] == 4
-    fingerprint = workspace.checkpoint_fingerprint(workspace.variants_dir(small_profile) / first["variant"])
+    fingerprint = checkpoint_fingerprint(workspace.variants_dir(small_profile) / first["variant"])
     assert produce_variant(small_profile, 64)["reused"]
     calibrate(small_profile, 2)
     second = produce_variant(small_profile, 64)
     assert not second["reused"] and second["calibration"]["nsamples"] == 2
-    assert workspace.checkpoint_fingerprint(workspace.variants_dir(small_profile) / second["variant"]) != fingerprint
+    assert checkpoint_fingerprint(workspace.variants_dir(small_profile) / second["variant"]) != fingerprint
     # auto-round's scratch space goes under the output root, never the directory the process runs in
     assert seen_scratch == [str(workspace.output_dir(small_profile) / "ar_work_space")] * 2
     assert os.environ.get("AR_WORK_SPACE") == before  # restored after quantizing

@@ -5,7 +5,8 @@ import pytest
 
 from colquant import metrics, reporting, workspace
 from colquant.params import load_profile
-from colquant.quantization import METADATA_FILE, model_card
+from colquant.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE, read_reported_results
+from colquant.quantization import model_card
 
 
 @pytest.fixture
@@ -173,7 +174,7 @@ def test_stale_results_leave_the_report_and_the_model_card(profile):
     assert "0.5125" not in report and "0.9875" not in report and "05_ndcg" not in report
     assert "Stale: the results of `notebooks/05_vidore_eval.ipynb`" in report and "colquant run report-test" in report
     assert "0.5125" not in card.read_text() and "0.9875" not in card.read_text()
-    assert workspace.read_reported_results(card.parent) == {}
+    assert read_reported_results(card.parent) == {}
 
 
 def test_reported_results_name_the_weights_they_were_measured_on(profile, tmp_path):
@@ -184,10 +185,10 @@ def test_reported_results_name_the_weights_they_were_measured_on(profile, tmp_pa
     variant = workspace.variants_dir(profile) / workspace.autoround_variant(profile, 64)
     (variant / "model-00001-of-00001.safetensors").write_bytes(b"weights")
     update_model_card(variant, {"NDCG@5, mean of 1 tasks": 0.5})
-    assert workspace.read_reported_results(variant) == {"NDCG@5, mean of 1 tasks": 0.5}
+    assert read_reported_results(variant) == {"NDCG@5, mean of 1 tasks": 0.5}
     (variant / "model-00001-of-00001.safetensors").write_bytes(b"other weights")  # re-quantized in place
     with pytest.raises(workspace.OutputError, match=r"results of other weights .* stale; recompute them with `colquant run"):
-        workspace.read_reported_results(variant)
-    (variant / workspace.REPORTED_RESULTS_FILE).write_text('{"NDCG@5, mean of 1 tasks": 0.5}')  # unbound
+        read_reported_results(variant)
+    (variant / REPORTED_RESULTS_FILE).write_text('{"NDCG@5, mean of 1 tasks": 0.5}')  # unbound
     with pytest.raises(workspace.OutputError, match="does not say which weights"):
-        workspace.read_reported_results(variant)
+        read_reported_results(variant)

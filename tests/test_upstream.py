@@ -7,7 +7,7 @@ import pytest
 
 from colquant import upstream, workspace
 from colquant.params import load_profile
-from colquant.quantization import METADATA_FILE
+from colquant.checkpoint_files import METADATA_FILE
 
 
 @pytest.fixture

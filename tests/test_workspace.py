@@ -10,7 +10,7 @@ import pytest
 
 from colquant import workspace
 from colquant.params import load_profile, quantization_section
-from colquant.workspace import METADATA_FILE
+from colquant.checkpoint_files import METADATA_FILE
 
 
 @pytest.fixture
@@ -191,16 +191,6 @@ def test_the_lock_is_readable_as_the_umask_allows(tmp_path):
         os.umask(previous)
 
 
-def test_checkpoint_fingerprint_follows_content_not_the_model_card(tmp_path):
-    (tmp_path / "config.json").write_text('{"a": 1}')
-    (tmp_path / "model.safetensors").write_bytes(b"0" * 10)
-    first = workspace.checkpoint_fingerprint(tmp_path)
-    (tmp_path / "README.md").write_text("card")
-    assert workspace.checkpoint_fingerprint(tmp_path) == first
-    (tmp_path / "config.json").write_text('{"a": 2}')
-    assert workspace.checkpoint_fingerprint(tmp_path) != first
-
-
 def test_calibration_files_of_other_settings_have_other_names(profile):
     first = workspace.calibration_file(profile, 256)
     assert first.suffix == ".safetensors" and first.parent == workspace.output_dir(profile) / "calibration"
@@ -248,23 +238,3 @@ def test_stale_staging_folders_are_removed_and_finished_variants_kept(tmp_path):
     (tmp_path / ".ipynb_checkpoints").mkdir()  # not a staging folder: kept
     assert [p.name for p in workspace.remove_stale_staging(tmp_path)] == [".w4a16-g128-sym-rtn.k2j3x_9a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "w4a16-g128-sym-rtn"]
-
-
-def test_checkpoint_fingerprint_is_the_weights_content_not_their_file_dates(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text('{"a": 1}')
-    weights = model / "model.safetensors"
-    weights.write_bytes(b"weights-1")
-    first = workspace.checkpoint_fingerprint(model)
-    os.utime(weights, ns=(1, 1))  # touched
-    assert workspace.checkpoint_fingerprint(model) == first
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in model.iterdir():  # copied (or downloaded again): new files, new dates, same bytes
-        (copy / file.name).write_bytes(file.read_bytes())
-    assert workspace.checkpoint_fingerprint(copy) == first
-    stamp = weights.stat().st_mtime_ns
-    weights.write_bytes(b"weights-2")  # same size, other bytes, the old date put back
-    os.utime(weights, ns=(stamp, stamp))
-    assert workspace.checkpoint_fingerprint(model) != first

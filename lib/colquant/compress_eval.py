@@ -30,7 +30,7 @@ from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.types import PromptType
 from torch.utils.data import DataLoader
 
-from colquant import workspace
+from colquant import files
 from colquant.compress import CompressionSetting, compress_pages, pareto_front, score_compressed
 from colquant.evaluation import SIMILARITY_ELEMENTS, ColQuantEncoder, evaluate_variant
 from colquant.plots import hue_style, legend_outside
@@ -159,7 +159,7 @@ def _stored_index_stats(path: Path, measured: dict[str, dict[str, int]]) -> dict
     stats = json.loads(path.read_text()) if path.exists() else {}
     if measured:
         stats.update(measured)
-        workspace.write_json(path, stats)
+        files.write_json(path, stats)
     return stats
 
 

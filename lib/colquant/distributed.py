@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from colquant import index as idx
 from colquant import page_sources
 from colquant.arguments import usable_device
-from colquant.workspace import checkpoint_fingerprint, write_text
+from colquant.checkpoint_files import checkpoint_fingerprint
+from colquant.files import write_text
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ OUTPUT_ROOT_ENV = "COLQUANT_OUTPUT_ROOT"
 STAGING_NAME = re.compile(r"\..+\.[a-z0-9_]{8}")
 
 
+FINGERPRINT_LENGTH = 16
+
 # sha256 of files already read, by file identity and change stamps (see `file_sha256`)
 _FILE_DIGESTS: dict[tuple[int, int, int, int, int], str] = {}
 
@@ -227,3 +229,9 @@ def file_sha256(path: str | Path) -> str:
         if key not in _FILE_DIGESTS:
             _FILE_DIGESTS[key] = hashlib.file_digest(file, "sha256").hexdigest()
     return _FILE_DIGESTS[key]
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (dict keys sorted)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_LENGTH]

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from colquant.fp8 import METHOD, NO_CALIBRATION, SCOPES, VARIANTS, FP8Linear, quantize_fp8
+from colquant.checkpoint_files import METADATA_FILE, size_on_disk
 from colquant.weight_checks import CheckpointError, quantized_layer_names, raise_on_non_finite, shard_files
 
 # --------------------------------------------------------------------------------------------
@@ -96,9 +97,7 @@ def save_fp8_model(model: nn.Module, processor: Any, out_dir: Path, scope: str, 
     """Write the FP8 ColQwen3 (compressed-tensors layout + metadata JSON and model card) atomically:
     into a staging folder first, swapped in whole (`files.atomic_directory`)."""
     from colquant.files import atomic_directory, write_json, write_text
-    from colquant.quantization import _size_of
     from colquant.remote_code import write_remote_code
-    from colquant.workspace import METADATA_FILE
 
     with atomic_directory(Path(out_dir)) as staging:
         model.config.quantization_config = quantization_config(scope)
@@ -106,7 +105,7 @@ def save_fp8_model(model: nn.Module, processor: Any, out_dir: Path, scope: str, 
         processor.save_pretrained(staging)
         write_remote_code(staging)
         metadata = {**metadata, "quantization_config": model.config.quantization_config,
-                    "size_on_disk_bytes": _size_of(staging)}
+                    "size_on_disk_bytes": size_on_disk(staging)}
         write_json(staging / METADATA_FILE, metadata)
         write_text(staging / "README.md", model_card(metadata))
     return Path(out_dir)

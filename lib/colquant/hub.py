@@ -22,7 +22,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from colquant.files import write_text
+from colquant.checkpoint_files import METADATA_FILE, read_reported_results, read_variant_metadata
+from colquant.files import OutputError, write_text
 from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS as MTEB_VISUAL_TOKENS  # mteb's ColQwen3Wrapper's
 from colquant.processing import read_saved_settings
 
@@ -272,7 +273,6 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     the CPU, the card, and (for a real push) that the hub is reachable. The upload sends exactly the
     files returned."""
     from colquant.checkpoint import hub_offline
-    from colquant.workspace import METADATA_FILE, OutputError, read_reported_results, read_variant_metadata
 
     checkpoint = Path(variant)
     metadata_file = checkpoint / METADATA_FILE
@@ -344,8 +344,6 @@ def variant_model_meta(checkpoint: str | Path, repo_id: str, *, base_model: str 
     import mteb
     from mteb.models.model_implementations.colqwen_models import ColQwen3Wrapper
     from mteb.models.model_meta import ModelMeta, ScoringFunction
-
-    from colquant.workspace import METADATA_FILE
 
     checkpoint = Path(checkpoint)
     metadata = json.loads((checkpoint / METADATA_FILE).read_text())

@@ -43,7 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from colquant.workspace import atomic_write, fingerprint, write_text
+from colquant.files import atomic_write, fingerprint, write_text
 
 log = logging.getLogger(__name__)
 

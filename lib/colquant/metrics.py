@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from colquant import workspace
+from colquant import files
 
 METRICS_FILE = "metrics.json"
 FIX = "delete it and re-run the notebooks that record metrics (or `python -m colquant run <profile>`)"
@@ -85,7 +85,7 @@ def _number(value: Any, where: str) -> float | None:
 def read(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """Everything recorded so far: per metric name, rows of its labels and `value`."""
     path = Path(results_dir) / METRICS_FILE
-    return workspace.read_json(path, FIX) if path.exists() else {}
+    return files.read_json(path, FIX) if path.exists() else {}
 
 
 def record(results_dir: Path, metric: Metric, values: Mapping[Any, Any] | float | None) -> Path:
@@ -106,7 +106,7 @@ def record(results_dir: Path, metric: Metric, values: Mapping[Any, Any] | float 
                 for labels, value in values.items()]
     recorded = read(results_dir)
     recorded[metric.name] = rows
-    return workspace.write_json(Path(results_dir) / METRICS_FILE, recorded)
+    return files.write_json(Path(results_dir) / METRICS_FILE, recorded)
 
 
 def values(results_dir: Path | Mapping[str, list[dict[str, Any]]], metric: Metric) -> dict[Any, float]:

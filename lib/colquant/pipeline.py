@@ -34,6 +34,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets import CaselessStrEnum
 
 from colquant import workspace
+from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint
 from colquant.files import discard, remove_stale_staging
 from colquant.params import load_profile, quantization_section
 
@@ -113,7 +114,7 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
         per_seqlen = {
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (
-                (results / f"quantization__seqlen{seqlen}.json", *(v / workspace.METADATA_FILE for v in variants)),
+                (results / f"quantization__seqlen{seqlen}.json", *(v / METADATA_FILE for v in variants)),
                 variants, (f"02_calibration__seqlen{seqlen}",),
             ),
         }
@@ -161,7 +162,7 @@ def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -
     identity = [parameters, profile["profile"], profile["random_weights"], sections,
                 [upstream[key] for key in step.depends_on]]
     if step.notebook in ACROSS_VARIANTS:
-        identity.append({name: workspace.checkpoint_fingerprint(path)
+        identity.append({name: checkpoint_fingerprint(path)
                          for name, path in workspace.quantized_variants(profile).items()})
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()

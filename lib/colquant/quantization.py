@@ -28,17 +28,16 @@ import pandas as pd
 import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
+from colquant.checkpoint_files import EXPORTS_DIR, METADATA_FILE, read_variant_metadata, size_on_disk, write_reported_results
 from colquant.exports import complete_export
 from colquant.files import atomic_directory, write_json, write_text
 from colquant.measure import Measurement, measure
 from colquant.remote_code import write_remote_code
 from colquant.serving import projection_bias_notice
-from colquant.workspace import METADATA_FILE, read_variant_metadata, write_reported_results
 
 log = logging.getLogger(__name__)
 
 LANGUAGE_MODEL_BLOCKS = "vlm.model.language_model.layers"
-EXTRA_FORMAT_DIR = "exports"
 SCRATCH_DIR = "ar_work_space"  # auto-round's offload/cache directory, placed under the output root
 
 
@@ -165,7 +164,7 @@ def _write_checkpoint(
     cast_unquantized_tensors(model, declared_dtype(model))  # before any format packs or exports the tower
     for fmt in export_formats:
         if fmt != "auto_round":
-            _save_tower(autoround, staging / EXTRA_FORMAT_DIR / fmt, fmt, inplace=False)
+            _save_tower(autoround, staging / EXPORTS_DIR / fmt, fmt, inplace=False)
     with tempfile.TemporaryDirectory() as tower_dir:
         _save_tower(autoround, Path(tower_dir), "auto_round", inplace=True)  # packs layers in place
         quantization_config = json.loads((Path(tower_dir) / "config.json").read_text())["quantization_config"]
@@ -179,8 +178,8 @@ def _write_checkpoint(
     write_remote_code(staging)  # transformers' AutoModel/AutoProcessor load it without colquant
     for fmt in export_formats:
         if fmt != "auto_round":
-            complete_export(staging, staging / EXTRA_FORMAT_DIR / fmt)  # whole retrievers, not text towers
-    metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": _size_of(staging)}
+            complete_export(staging, staging / EXPORTS_DIR / fmt)  # whole retrievers, not text towers
+    metadata = {**metadata, "quantization_config": quantization_config, "size_on_disk_bytes": size_on_disk(staging)}
     write_json(staging / METADATA_FILE, metadata)
     write_text(staging / "README.md", model_card(metadata, staging))
     bias_notice = projection_bias_notice(staging)
@@ -224,10 +223,6 @@ def _save_tower(autoround: Any, directory: Path, fmt: str, *, inplace: bool) -> 
     # assigning the format string makes save_quantized resolve it afresh
     autoround.formats = fmt
     autoround.save_quantized(str(directory), format=fmt, inplace=inplace)
-
-
-def _size_of(directory: Path) -> int:
-    return sum(f.stat().st_size for f in directory.rglob("*.safetensors") if EXTRA_FORMAT_DIR not in f.parts)
 
 
 def quantization_metadata(
@@ -280,7 +275,7 @@ def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
     checkpoint, replacing what was recorded, and regenerate the card.
 
     The metadata is never rewritten after quantization (a kill there would lose it); results go to
-    their own file, bound to the weights' fingerprint (`workspace.write_reported_results`), and both
+    their own file, bound to the weights' fingerprint (`checkpoint_files.write_reported_results`), and both
     it and the card are replaced atomically. The caller passes every current result: one that is
     stale must leave the card.
     """

@@ -45,8 +45,8 @@ from transformers import BatchFeature
 from colquant.measure import MIB, call_times, memory_kind, peak_memory, reset_peak_memory
 from colquant.plots import hue_style, legend_outside
 from colquant.processing import PIXELS_PER_VISUAL_TOKEN, QUERY_AUGMENTATION_TOKENS
-from colquant.files import write_text
-from colquant.workspace import checkpoint_fingerprint, fingerprint
+from colquant.checkpoint_files import checkpoint_fingerprint
+from colquant.files import fingerprint, write_text
 
 KINDS = ("query", "page")
 FINISHED = ("ok", "oom")  # statuses a re-run keeps; `skipped_after_oom` rows are re-decided
@@ -235,7 +235,7 @@ def run_sweep(
     Each row goes into `results_path` (JSON lines, the whole file replaced atomically) as soon as it
     is measured, replacing an older row of the same (variant, kind, batch size). Rows already there
     with status 'ok' or 'oom' for (variant, kind, batch size) and the same inputs (the weights'
-    `weights_fingerprint`, e.g. `workspace.checkpoint_fingerprint`, the workload, repeats,
+    `weights_fingerprint`, e.g. `checkpoint_files.checkpoint_fingerprint`, the workload, repeats,
     `min_time_s`, warm-up, device, dtype) are reused, not re-measured; rows measured with other inputs are replaced. An
     out-of-memory batch becomes an 'oom' row and every larger size a 'skipped_after_oom' row; any
     other error propagates. `model` must already be on `device`; `page_image` defaults to

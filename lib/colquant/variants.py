@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from colquant import workspace
+from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint, read_variant_metadata
+from colquant.files import fingerprint
 from colquant.calibration import CalibrationSet
 from colquant.params import quantization_section
 from colquant.quantization import (
@@ -40,8 +42,8 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
     out = workspace.variants_dir(profile) / name
     base = workspace.base_model(profile)
     inputs = variant_inputs_fingerprint(profile, settings, base, None if method == "rtn" else calibration_path)
-    if (out / workspace.METADATA_FILE).exists():
-        existing = workspace.read_variant_metadata(out)
+    if (out / METADATA_FILE).exists():
+        existing = read_variant_metadata(out)
         if existing.get("inputs_fingerprint") == inputs:
             return {**existing, "reused": True}
     model, processor = workspace.load_variant(profile, base, accelerate=False)  # auto-round replays transformers' blocks
@@ -61,7 +63,7 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
             model, processor, autoround, out, metadata={**metadata, "inputs_fingerprint": inputs},
             export_formats=tuple(profile["quantization"]["export_formats"]),
         )
-    return {**workspace.read_variant_metadata(out), "reused": False}
+    return {**read_variant_metadata(out), "reused": False}
 
 
 def variant_inputs_fingerprint(
@@ -73,8 +75,8 @@ def variant_inputs_fingerprint(
     if calibration_path is not None:
         stat = calibration_path.stat()
         calibration = [calibration_path.name, stat.st_size, stat.st_mtime_ns]
-    return workspace.fingerprint(
-        asdict(settings), workspace.checkpoint_fingerprint(base), profile["model"]["dtype"], calibration,
+    return fingerprint(
+        asdict(settings), checkpoint_fingerprint(base), profile["model"]["dtype"], calibration,
         sorted(profile["quantization"]["export_formats"]),
     )
 

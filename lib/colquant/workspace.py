@@ -7,7 +7,6 @@ outputs elsewhere: `make test-notebooks` uses it to run nbval against a fresh di
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,12 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint, read_variant_metadata
 from colquant.files import (  # noqa: F401  (re-exported: notebooks write through workspace)
     OUTPUT_ROOT_ENV,
     OutputError,
     atomic_directory,
     atomic_write,
-    file_sha256,
+    fingerprint,
     plain_mode,
     read_json,
     remove_stale_staging,
@@ -40,13 +40,6 @@ BASELINE = "bf16"
 LOCK_FILE = ".colquant.lock"
 # A profile name becomes a directory name: letters, digits, '.', '_', '-', not starting with a dot.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# A quantized variant's folder: its metadata (written once, with the checkpoint) and the results
-# the report records later (fidelity, NDCG@5), kept apart so the metadata is never rewritten.
-METADATA_FILE = "quantization_metadata.json"
-REPORTED_RESULTS_FILE = "reported_results.json"
-# Files a finished checkpoint may get later without its weights changing (the report rewrites them).
-NOT_CHECKPOINT_CONTENT = ("README.md", REPORTED_RESULTS_FILE)
-FINGERPRINT_LENGTH = 16
 
 
 class OutputLockedError(OutputError):
@@ -77,34 +70,6 @@ def output_dir(profile: dict[str, Any]) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # Fingerprints: what a cached result depends on
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (dict keys sorted)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:FINGERPRINT_LENGTH]
-
-
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """The content identity of a checkpoint directory: every file's name and sha256.
-
-    By content, so that the same model copied, touched or downloaded again is the same model, and a
-    re-quantized or rebuilt one with other bytes is another. The model card and the results the report
-    records are left out: they change after the checkpoint is finished. Each file is read once per
-    process (`files.file_sha256` caches it), at sha256's rate: 0.65-0.72 GB/s measured on the shared
-    2-core development machine (a 2.1 GB file), so the 4B model's 8.9 GB of bf16 weights cost ~13 s
-    once per process, a 4-bit variant a third of that.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no checkpoint directory at {root}")
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = file.relative_to(root)
-        if relative.name in NOT_CHECKPOINT_CONTENT or relative.parts[0].startswith("."):
-            continue
-        digest.update(f"{relative.as_posix()}\0{file_sha256(file)}\n".encode())
-    return digest.hexdigest()[:FINGERPRINT_LENGTH]
 
 
 def evaluation_fingerprint(profile: dict[str, Any], checkpoint: str | Path, scoring: str | None = None) -> str:
@@ -347,40 +312,6 @@ def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
             read_variant_metadata(path)  # a corrupt file is reported here, by path, with the fix
             finished[name] = path
     return finished
-
-
-def read_variant_metadata(checkpoint: str | Path) -> dict[str, Any]:
-    """A quantized variant's metadata; an empty or corrupt file is reported by path with the fix."""
-    path = Path(checkpoint) / METADATA_FILE
-    return read_json(path, f"delete the folder {path.parent} and re-run notebooks/03_quantization.ipynb "
-                           "(or `python -m colquant run <profile>`) to quantize it again")
-
-
-def write_reported_results(checkpoint: str | Path, results: dict[str, Any]) -> Path:
-    """Record what later notebooks measured on a variant (fidelity, NDCG@5) beside it, bound to the
-    weights they were measured on (`checkpoint_fingerprint`), so the numbers cannot outlive them."""
-    checkpoint = Path(checkpoint)
-    return write_json(checkpoint / REPORTED_RESULTS_FILE, {"weights": checkpoint_fingerprint(checkpoint), "results": results})
-
-
-def read_reported_results(checkpoint: str | Path) -> dict[str, Any]:
-    """The results recorded beside a variant ({} when none are), refused when they were measured
-    on other weights than it holds now, or do not say which."""
-    checkpoint = Path(checkpoint)
-    path = checkpoint / REPORTED_RESULTS_FILE
-    if not path.exists():
-        return {}
-    fix = (f"recompute them with `colquant run <profile>` (the report rewrites {path.name}), or delete {path} "
-           "to go on without them")
-    recorded = read_json(path, fix)
-    if not isinstance(recorded, dict) or not {"weights", "results"} <= recorded.keys():
-        raise OutputError(f"{path} does not say which weights its results were measured on (an older ColQuant "
-                          f"wrote it, or it was edited); {fix}")
-    current = checkpoint_fingerprint(checkpoint)
-    if recorded["weights"] != current:
-        raise OutputError(f"{path} holds results of other weights (fingerprint {recorded['weights']}) than "
-                          f"{checkpoint.name} holds now ({current}): they are stale; {fix}")
-    return recorded["results"]
 
 
 def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
