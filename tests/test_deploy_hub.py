@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from huggingface_hub import ModelCard
 
 from colquant.__main__ import main
-from colquant.hub import NOT_FOR_USE, PIPELINE_TAG, PushError, build_model_card, push, validate_card
+from colquant.cards import NOT_FOR_USE, PIPELINE_TAG, build_model_card
+from colquant.hub import PushError, push, validate_card
 from colquant.checkpoint_files import METADATA_FILE
 
 
@@ -149,7 +150,7 @@ def test_a_random_weights_flag_edited_against_the_base_models_provenance_is_refu
 
 
 def test_push_refuses_results_measured_on_other_weights(variant):
-    from colquant.quantization import update_model_card
+    from colquant.cards import update_model_card
 
     update_model_card(real_weights(variant), {"NDCG@5, mean of 1 tasks": 0.5})
     assert "README.md" in push(variant, "org/name", dry_run=True)

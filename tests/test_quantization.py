@@ -9,13 +9,9 @@ import torch
 import colquant
 from colquant.calibration import build_text_calibration
 from colquant.corpus import build_corpus
-from colquant.quantization import (
-    METADATA_FILE,
-    QuantizationSettings,
-    decoder_linear_names,
-    quantize_language_model,
-    update_model_card,
-)
+from colquant.cards import update_model_card
+from colquant.checkpoint_files import METADATA_FILE
+from colquant.quantization import QuantizationSettings, decoder_linear_names, quantize_language_model
 from colquant.variants import produce_variant
 from colquant.checkpoint_files import checkpoint_fingerprint, read_variant_metadata
 from colquant.files import OutputError

@@ -15,13 +15,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import colquant
+from colquant.cards import PROJECTION_BIAS, projection_bias_notice
 from colquant.serving import (
-    PROJECTION_BIAS,
     ServingError,
     cannot_serve,
     colquant_requests,
     compare_embeddings,
-    projection_bias_notice,
     vllm_capabilities,
     vllm_embeddings,
     vllm_python,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from colquant.fp8 import METHOD, NO_CALIBRATION, SCOPES, VARIANTS, FP8Linear, quantize_fp8
+from colquant.cards import fp8_card
 from colquant.checkpoint_files import METADATA_FILE, size_on_disk
 from colquant.weight_checks import CheckpointError, quantized_layer_names, raise_on_non_finite, shard_files
 
@@ -107,7 +108,7 @@ def save_fp8_model(model: nn.Module, processor: Any, out_dir: Path, scope: str, 
         metadata = {**metadata, "quantization_config": model.config.quantization_config,
                     "size_on_disk_bytes": size_on_disk(staging)}
         write_json(staging / METADATA_FILE, metadata)
-        write_text(staging / "README.md", model_card(metadata))
+        write_text(staging / "README.md", fp8_card(metadata))
     return Path(out_dir)
 
 
@@ -158,37 +159,3 @@ def produce_fp8_variant(profile: dict[str, Any], kind: str) -> dict[str, Any]:
     metadata = fp8_metadata(profile, name, scope, layers, cost)
     save_fp8_model(model, processor, out, scope, {**metadata, "inputs_fingerprint": inputs})
     return {**workspace.read_variant_metadata(out), "reused": False}
-
-
-def model_card(metadata: dict[str, Any]) -> str:
-    """README.md of an FP8 variant: what it is, how it was made, what was measured so far."""
-    settings = metadata["settings"]
-    warning = ("\n> **Random weights**: this checkpoint checks the machinery only; it retrieves nothing.\n"
-               if metadata["random_weights"] else "")
-    results = metadata.get("results") or {}
-    measured = "\n".join(f"| {key} | {value} |" for key, value in results.items()) or "| (none yet) | |"
-    return f"""---
-base_model: {metadata['base_model']}
-library_name: colquant
-tags: [colqwen3, fp8, w8a8, compressed-tensors, colquant]
----
-# {metadata['variant']}
-{warning}
-W8A8 FP8 (e4m3) version of `{metadata['base_model']}` made by ColQuant: weights {settings['weights']},
-activations {settings['activations']} (computed at run time). {metadata['quantized_layers']} Linear layers of
-{metadata['scope']}. {NO_CALIBRATION}.
-
-Stored in the `compressed-tensors` `float-quantized` layout (`weight` float8_e4m3fn, `weight_scale`
-float32 per output channel). `colquant.load(path)` reads it: on GPUs of compute capability 8.9 or
-more it runs FP8 tensor cores (`torch._scaled_mm`, rowwise scales), elsewhere a dequantized reference.
-
-| | |
-|---|---|
-| base model revision | {metadata.get('base_model_revision') or 'not recorded'} |
-| size on disk | {metadata.get('size_on_disk_bytes', 0) / 2**20:,.0f} MiB |
-| quantization time | {metadata.get('wall_time_s', 'n/a')} s |
-
-| result | value |
-|---|---|
-{measured}
-"""

@@ -28,12 +28,12 @@ import pandas as pd
 import torch
 
 from colquant.calibration import CalibrationSet, deepstack_replay
-from colquant.checkpoint_files import EXPORTS_DIR, METADATA_FILE, read_variant_metadata, size_on_disk, write_reported_results
+from colquant.cards import model_card, projection_bias_notice
+from colquant.checkpoint_files import EXPORTS_DIR, METADATA_FILE, size_on_disk
 from colquant.exports import complete_export
 from colquant.files import atomic_directory, write_json, write_text
 from colquant.measure import Measurement, measure
 from colquant.remote_code import write_remote_code
-from colquant.serving import projection_bias_notice
 
 log = logging.getLogger(__name__)
 
@@ -258,31 +258,6 @@ def quantization_metadata(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-
-
-def model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> str:
-    """README.md for the hub (built by `colquant.hub.build_model_card`)."""
-    from colquant import fp8
-    from colquant.hub import build_model_card
-
-    if metadata["settings"]["method"] == fp8.METHOD:
-        return fp8.model_card(metadata)
-    return str(build_model_card(metadata, checkpoint))
-
-
-def update_model_card(checkpoint: str | Path, results: dict[str, Any]) -> None:
-    """Record the results later notebooks measured on these weights (fidelity, NDCG@5) beside the
-    checkpoint, replacing what was recorded, and regenerate the card.
-
-    The metadata is never rewritten after quantization (a kill there would lose it); results go to
-    their own file, bound to the weights' fingerprint (`checkpoint_files.write_reported_results`), and both
-    it and the card are replaced atomically. The caller passes every current result: one that is
-    stale must leave the card.
-    """
-    checkpoint = Path(checkpoint)
-    metadata = read_variant_metadata(checkpoint)
-    write_reported_results(checkpoint, results)
-    write_text(checkpoint / "README.md", model_card({**metadata, "results": results}, checkpoint))
 
 
 def layer_types(model: torch.nn.Module) -> pd.DataFrame:

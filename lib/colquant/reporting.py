@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from colquant import metrics, workspace
+from colquant.cards import update_model_card
 from colquant.compress import compression_report
 from colquant.interpret import plural
 from colquant.plots import BASELINE, variant_order, variant_precision
@@ -340,8 +341,6 @@ def variant_results(results: Path, scoring: str = "colpali", stale: frozenset[st
 def update_variant_cards(profile: dict[str, Any], stale: frozenset[str] = frozenset()) -> None:
     """Write what the later notebooks measured for each quantized variant into its model card,
     replacing what was there: numbers of a stale notebook leave the card."""
-    from colquant.quantization import update_model_card
-
     known = variant_results(workspace.results_dir(profile), profile["evaluation"].get("scoring", "colpali"), stale)
     for name, path in workspace.quantized_variants(profile).items():
         update_model_card(path, known.get(name, {}))

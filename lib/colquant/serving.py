@@ -5,7 +5,7 @@ ColQwen3. vLLM (0.32) lives in its own environment (its transformers and torchvi
 this project's), so the comparison runs vLLM in a subprocess with that environment's Python
 (`colquant_vllm.embed`), on the same query token ids and page images ColQuant embeds here, and
 compares token by token. The projection-bias defect of vLLM's ColQwen3 is handled by the
-`colquant_vllm` plugin; `projection_bias_notice` says when a checkpoint depends on it.
+`colquant_vllm` plugin; `colquant.cards.projection_bias_notice` says when a checkpoint depends on it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 import pandas as pd
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from colquant.processing import PAGE_PROMPT
@@ -29,7 +28,6 @@ from colquant_vllm.capabilities import W4A16_CPU_OP
 VLLM_PYTHON_ENV = "COLQUANT_VLLM_PYTHON"
 DEFAULT_VLLM_VENV = ".venv-vllm"
 UNAVAILABLE_FILE = "UNAVAILABLE"  # written by `make vllm-env` when the serving stack cannot install
-PROJECTION_BIAS = "embedding_proj_layer.bias"
 SERVING_TIMEOUT_S = 900
 PROBE_TIMEOUT_S = 300
 
@@ -149,23 +147,3 @@ def compare_embeddings(ours: Sequence[torch.Tensor], theirs: Sequence[torch.Tens
          "max_abs_diff": (a.float() - b.float()).abs().max().item()}
         for index, (a, b, cosine) in enumerate(zip(ours, theirs, cosines))
     ])
-
-
-def projection_bias_notice(checkpoint: Path) -> str | None:
-    """A warning when the checkpoint's projection bias is non-zero (vLLM without the plugin drops it)."""
-    index_file = checkpoint / "model.safetensors.index.json"
-    if index_file.exists():
-        shard = checkpoint / json.loads(index_file.read_text())["weight_map"].get(PROJECTION_BIAS, "")
-    else:
-        shard = checkpoint / "model.safetensors"
-    if not shard.is_file():
-        return None
-    with safe_open(str(shard), framework="pt") as tensors:
-        if PROJECTION_BIAS not in tensors.keys() or not tensors.get_tensor(PROJECTION_BIAS).any():
-            return None
-    return (
-        f"{checkpoint.name} has a non-zero {PROJECTION_BIAS}. vLLM 0.32's ColQwen3 drops it (every token "
-        "vector shifts; cosine to the true embedding fell to 0.977 in a test) unless the `colquant_vllm` "
-        "plugin is installed in the serving environment (`pip install colquant`, which registers it under "
-        "vllm.general_plugins). transformers and colquant.load use the bias."
-    )
