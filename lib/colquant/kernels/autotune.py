@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from colquant.kernels import gemlite_ops, humming_ops, tinygemm, vllm_ops
-from colquant.kernels.backend import capture_stream, fast_path_unavailable, triton_import_error, warn_once
+from colquant.kernels.backend import fast_path_unavailable, graph_time_us, triton_import_error, warn_once
 from colquant.kernels.linear import COPY_KINDS, DISPATCH, W4A16Linear, m_bucket
 from colquant.kernels.packing import dequantize_kernel, gptq_to_kernel, kernel_to_gptq, rtn_quantize_gptq
 from colquant.kernels.tune_cache import cache_key, cache_path, read_table, save_table
@@ -175,32 +174,6 @@ def backend_report(device=None) -> dict:
 # --------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------
-
-
-def graph_time_us(fn, n_inner: int, device: torch.device, reps: int = 10) -> float:
-    """Median µs per GEMM of ``fn`` (``n_inner`` GEMMs over rotating weights) replayed as a CUDA graph:
-    launch overhead counts as it does in the model's graphed query path."""
-    stream = capture_stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) * 1e3 / n_inner)
-    del graph
-    return statistics.median(times)
 
 
 @dataclass

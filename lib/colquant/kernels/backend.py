@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import re
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -120,6 +121,32 @@ def capture_stream(device) -> torch.cuda.Stream:
     if key not in _CAPTURE_STREAMS:
         _CAPTURE_STREAMS[key] = torch.cuda.Stream(device)
     return _CAPTURE_STREAMS[key]
+
+
+def graph_time_us(fn, n_inner: int, device: torch.device, reps: int = 10) -> float:
+    """Median µs per GEMM of ``fn`` (``n_inner`` GEMMs over rotating weights) replayed as a CUDA graph:
+    launch overhead counts as it does in the model's graphed query path."""
+    stream = capture_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e3 / n_inner)
+    del graph
+    return statistics.median(times)
 
 
 def default_cache_dir() -> Path:

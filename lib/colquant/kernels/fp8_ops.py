@@ -34,6 +34,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from colquant.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
+from colquant.kernels.backend import graph_time_us
 
 __all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "gelu_tanh_quant", "scaled_mm",
            "gemm_comparison", "lm_shapes", "vision_shapes"]
@@ -382,8 +383,6 @@ def vision_shapes(vision_config: Any, tokens: Iterable[int] = VISION_TOKENS) -> 
 
 def _median_us(fn: Callable[[], Any], device: torch.device, reps: int = 20) -> float:
     """Median µs of ``fn`` replayed as a CUDA graph (warm-up on a side stream, then captured)."""
-    from colquant.kernels.autotune import graph_time_us
-
     return graph_time_us(fn, 1, device, reps=reps)
 
 
@@ -453,8 +452,6 @@ def producer_sweep(device: str | torch.device = "cuda", m: int = 43008, reps: in
     """µs and achieved GB/s of each fused producer (and its bf16 Triton twin) at the LM widths, per
     ``num_warps``: the data behind `_launch_args`' default."""
     from colquant.kernels import triton_ops
-    from colquant.kernels.autotune import graph_time_us
-
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []

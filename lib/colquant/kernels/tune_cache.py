@@ -23,7 +23,9 @@ from colquant.kernels.backend import default_cache_dir, slug, triton_import_erro
 logger = logging.getLogger("colquant.kernels")
 
 SCHEMA = 2  # 2: tinygemm entries and nested copy fallbacks
-KERNEL_SOURCES = ("triton_gemm.py", "tinygemm.py", "autotune.py", "humming_ops.py", "gemlite_ops.py", "vllm_ops.py")
+# backend.py: the tuner times candidates with its `graph_time_us`
+KERNEL_SOURCES = ("triton_gemm.py", "tinygemm.py", "autotune.py", "backend.py", "humming_ops.py", "gemlite_ops.py",
+                  "vllm_ops.py")
 
 
 def _package_version(name: str) -> str:
