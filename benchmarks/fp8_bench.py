@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from colquant import bench, fp8, workspace
-from colquant.kernels import accelerate_model, find_text_model, quantize_linears_rtn, reset_graphs
+from colquant import bench, workspace
+from colquant.fp8_checkpoint import quantize_fp8
+from colquant.kernels import accelerate_model, find_text_model, fp8_dispatch, quantize_linears_rtn, reset_graphs
 from colquant.kernels.checks import compare
 from colquant.model import ColQwen3, ColQwen3Config
 from colquant.params import load_profile
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     profile = load_profile(workspace.REPO_ROOT / "params" / f"{args.profile}.yaml", check_device=False)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "fp8_kernels": fp8.fp8_unavailable_reason(device) or "yes"}
+                              "torch": torch.__version__, "fp8_kernels": fp8_dispatch.fp8_unavailable_reason(device) or "yes"}
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     if not args.skip_gemm:
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     page_batches = profile["bench"]["page_batches"] if args.page_batches is None else args.page_batches
     rows = runner.time(model, "bf16", args.query_batches, args.vision, page_batches)
     for label, scope in (("fp8-lm", "lm"), ("fp8-all", "lm+vision")):
-        fp8.quantize_fp8(model, scope)  # fp8-all adds the vision tower to fp8-lm's layers
+        quantize_fp8(model, scope)  # fp8-all adds the vision tower to fp8-lm's layers
+        fp8_dispatch.attach(model)
         reset_graphs(model)
         report["fidelity"][label] = runner.fidelity(model, reference)
         log.info("%s fidelity: %s", label, report["fidelity"][label])

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from colquant import bench, fp8, workspace
+from colquant import bench, workspace
 from colquant.kernels import accelerate_model
 from colquant.kernels.fast_vision import VisionSettings, accelerate_vision
 from colquant.params import load_profile
@@ -92,7 +92,7 @@ def prepare(model: torch.nn.Module, precision: str, vision_sdpa: tuple[str, ...]
     if precision == "bf16":
         accelerate_model(model)
     else:
-        fp8.prepare_fp8(model, scope={"fp8-lm": "lm", "fp8-all": "lm+vision"}[precision])
+        bench.prepare_fp8(model, scope={"fp8-lm": "lm", "fp8-all": "lm+vision"}[precision])
     accelerate_vision(model, VisionSettings(sdpa_backends=vision_sdpa))
 
 

@@ -14,7 +14,9 @@ from torch import nn
 import colquant
 from colquant import fp8
 from colquant.checkpoint import CheckpointError
-from colquant.fp8 import FP8Linear, quantize_fp8, quantize_rows_reference, quantize_weight
+from colquant.fp8 import FP8Linear, quantize_rows_reference, quantize_weight
+from colquant.fp8_checkpoint import fp8_metadata, fp8_targets, quantize_fp8, save_fp8_model
+from colquant.kernels import fp8_dispatch
 
 
 def e4m3_error_bound(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -86,8 +88,9 @@ def test_cpu_says_once_that_it_runs_the_reference(caplog, monkeypatch):
     from colquant.kernels import backend
 
     monkeypatch.setattr(backend, "_WARNED", set())
-    fp8._kernels_run_on.cache_clear()
+    fp8_dispatch.kernels_run_on.cache_clear()
     layer = FP8Linear.from_linear(make_linear(64, 16))
+    fp8_dispatch.attach(layer)
     with caplog.at_level(logging.INFO, logger="colquant.kernels"):
         layer(torch.randn(2, 64, dtype=torch.bfloat16))
         layer(torch.randn(2, 64, dtype=torch.bfloat16))
@@ -120,9 +123,9 @@ def fp8_variant(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     model, processor = colquant.load(tiny_path, device="cpu")
     with measure(model.device) as cost:
         layers = quantize_fp8(model, "lm+vision")
-    metadata = fp8.fp8_metadata({"model": {"id": "embedded-tiny"}, "random_weights": True}, "fp8-all", "lm+vision",
-                                layers, cost)
-    return fp8.save_fp8_model(model, processor, tmp_path_factory.mktemp("fp8") / "fp8-all", "lm+vision", metadata)
+    metadata = fp8_metadata("fp8-all", "lm+vision", layers, cost, base_model="embedded-tiny",
+                            base_model_revision="local build", random_weights=True)
+    return save_fp8_model(model, processor, tmp_path_factory.mktemp("fp8") / "fp8-all", "lm+vision", metadata)
 
 
 def test_the_variant_is_saved_in_the_compressed_tensors_fp8_layout(fp8_variant):
@@ -152,7 +155,8 @@ def test_the_variant_reloads_and_embeds_close_to_bf16(fp8_variant, tiny_path):
     base, processor = colquant.load(tiny_path, device="cpu")
     model, _ = colquant.load(fp8_variant, device="cpu")
     layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
-    assert len(layers) == len(fp8.fp8_targets(base, "lm+vision"))
+    assert len(layers) == len(fp8_targets(base, "lm+vision"))
+    assert all(layer.kernels is fp8_dispatch.KERNELS for layer in layers)  # attached, with accelerate off on CPU
     saved = load_file(next(fp8_variant.glob("*.safetensors")))
     some = next(k for k in saved if k.endswith(".weight_scale"))
     assert torch.equal(model.get_submodule(some.removesuffix(".weight_scale")).weight_scale, saved[some])
@@ -244,16 +248,17 @@ def test_profiles_select_fp8_kinds_and_reject_unknown_ones():
 def test_notebook_03_makes_the_fp8_variant_once(tmp_path, monkeypatch):
     from colquant import workspace
     from colquant.params import load_profile
+    from colquant.variants import produce_fp8_variant
 
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
-    first = fp8.produce_fp8_variant(profile, "lm")
+    first = produce_fp8_variant(profile, "lm")
     assert not first["reused"] and first["variant"] == "fp8-lm" and first["settings"]["method"] == fp8.METHOD
     assert first["quantized_layers"] == 4 * 7  # the tiny model's 4 decoder layers x 7 projections
-    assert fp8.produce_fp8_variant(profile, "lm")["reused"]
+    assert produce_fp8_variant(profile, "lm")["reused"]
     assert list(workspace.quantized_variants(profile)) == ["fp8-lm"]
     with pytest.raises(ValueError, match="kind 'half'"):
-        fp8.produce_fp8_variant(profile, "half")
+        produce_fp8_variant(profile, "half")
 
 
 def test_the_fused_text_tower_runs_fp8_layers_like_transformers_forward(fp8_variant):
@@ -271,9 +276,11 @@ def test_the_fused_text_tower_runs_fp8_layers_like_transformers_forward(fp8_vari
 
 
 def test_prepare_fp8_gives_the_bench_an_fp8_model(tiny_path):
+    from colquant.bench import prepare_fp8
+
     model, processor = colquant.load(tiny_path, device="cpu", accelerate=False)
     reference = model.encode_queries(["energy use per site"], processor=processor)[0]
-    info = fp8.prepare_fp8(model, {}, scope="lm")
+    info = prepare_fp8(model, {}, scope="lm")
     assert info["fp8_layers"] == 4 * 7 and info["fused_projections"] == 4 * 2
     assert getattr(model, "_colquant_acceleration")["unfused"] == 0
     assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 4 * 4  # qkv, o, gate_up, down per layer
@@ -287,8 +294,9 @@ def test_a_gpu_layer_that_cannot_use_fp8_kernels_says_why(monkeypatch, caplog):
     from colquant.kernels import backend
 
     monkeypatch.setattr(backend, "_WARNED", set())
-    monkeypatch.setattr(fp8, "_kernels_run_on", lambda device: True)
+    monkeypatch.setattr(fp8_dispatch, "kernels_run_on", lambda device: True)
     layer = FP8Linear.from_linear(make_linear(64, 16).to(torch.float16))
+    fp8_dispatch.attach(layer)
     with caplog.at_level(logging.WARNING, logger="colquant.kernels"):
         y = layer(torch.randn(2, 64, dtype=torch.float16))
     assert y.dtype == torch.float16
@@ -329,10 +337,14 @@ def test_notebook_03s_layer_check_names_the_fp8_layers(fp8_variant):
 
 
 class RecordingKernels:
-    """Stands in for fp8_ops on CPU: the reference arithmetic, recording how each GEMM was asked to accumulate."""
+    """Stands in for the attached FP8 kernels on CPU: they serve every call with the reference arithmetic,
+    recording how each GEMM was asked to accumulate."""
 
     def __init__(self) -> None:
         self.fast_accum: list[bool] = []
+
+    def serves(self, layer: FP8Linear, rows: torch.Tensor, out_dtype: torch.dtype) -> bool:
+        return True
 
     def quantize_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rows_reference(x)
@@ -343,11 +355,11 @@ class RecordingKernels:
         return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
-def test_fp8_gemms_accumulate_fast_by_default_and_precisely_when_asked(monkeypatch):
+def test_fp8_gemms_accumulate_fast_by_default_and_precisely_when_asked():
     kernels = RecordingKernels()
-    monkeypatch.setattr(fp8, "_kernels_run_on", lambda device: True)
-    monkeypatch.setattr(fp8, "_fp8_ops", lambda: kernels)
     model = nn.Sequential(FP8Linear.from_linear(make_linear(64, 32)), FP8Linear.from_linear(make_linear(32, 16)))
+    for layer in model:
+        layer.kernels = kernels
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     model(x)
     model[1](quantize_rows_reference(torch.randn(3, 32, dtype=torch.bfloat16)))  # a producer's pre-quantized rows
@@ -357,7 +369,7 @@ def test_fp8_gemms_accumulate_fast_by_default_and_precisely_when_asked(monkeypat
     assert kernels.fast_accum[3:] == [False, False]
     assert "accumulation=precise" in repr(model[0])
     fused = FP8Linear.concat([model[0], FP8Linear.from_linear(make_linear(64, 16))])
-    assert fused.accumulation == "precise"  # a fused layer accumulates as the layers it replaces
+    assert fused.accumulation == "precise" and fused.kernels is kernels  # as the layers it replaces
 
 
 def test_a_bad_accumulation_or_a_model_without_fp8_layers_is_refused():
@@ -390,12 +402,15 @@ def test_the_bench_times_each_fp8_variant_with_both_accumulations():
         assert bench.PREPARE[f"{variant}-precise"].keywords["accumulation"] == "precise"
 
 
-def test_changing_the_accumulation_drops_captured_query_graphs():
-    """Graphs replay the GEMMs captured with the old accumulation: set_accumulation frees them."""
-    from types import SimpleNamespace
+def test_query_graphs_are_keyed_by_the_fp8_accumulation():
+    """A graph replays the GEMMs it captured: one captured with the old accumulation is never replayed
+    after set_accumulation changed it."""
+    from colquant.kernels.fast_text import QueryGraphs
 
-    resets = []
     model = nn.Sequential(FP8Linear.from_linear(make_linear(64, 32)))
-    model._colquant_accel = SimpleNamespace(runner=SimpleNamespace(reset=lambda: resets.append(1)))
+    graphs = QueryGraphs(model)
+    fast = graphs.key(8, 64)
     fp8.set_accumulation(model, "precise")
-    assert resets == [1]
+    assert graphs.key(8, 64) != fast
+    fp8.set_accumulation(model, "fast")
+    assert graphs.key(8, 64) == fast

@@ -13,12 +13,11 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, i.e. on import
 pytest.importorskip("triton")
 
-from colquant import fp8  # noqa: E402
-from colquant.fp8 import FP8Linear, add_rmsnorm_reference, quantize_rows_reference, silu_mul_reference  # noqa: E402
-from colquant.kernels import fp8_ops  # noqa: E402
+from colquant.fp8 import FP8Linear, ReferenceProducers, add_rmsnorm_reference, quantize_rows_reference, silu_mul_reference  # noqa: E402
+from colquant.kernels import fp8_dispatch, fp8_ops  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-FP8_GPU = CUDA and fp8.fp8_unavailable_reason("cuda") is None
+FP8_GPU = CUDA and fp8_dispatch.fp8_unavailable_reason("cuda") is None
 
 
 def rows(m: int, n: int, seed: int) -> torch.Tensor:
@@ -139,8 +138,8 @@ def test_gelu_tanh_quant_matches_the_torch_twin():
 
 def test_the_torch_twins_are_what_fp8_producers_gives_on_cpu():
     """Where FP8Linear runs its reference, the producers are the torch twins under the kernels' names."""
-    twins = fp8.producers("cpu")
-    assert twins is fp8.ReferenceProducers
+    twins = fp8_dispatch.producers("cpu")
+    assert twins is ReferenceProducers
     assert all(hasattr(fp8_ops, name) for name in vars(twins) if not name.startswith("_"))
 
 
@@ -189,6 +188,7 @@ def test_fp8_linear_on_the_gpu_matches_its_reference():
     torch.manual_seed(0)
     linear = torch.nn.Linear(2560, 1024, bias=True, device="cuda", dtype=torch.bfloat16)
     layer = FP8Linear.from_linear(linear)
+    assert fp8_dispatch.attach(layer) == 1
     x = torch.randn(77, 2560, device="cuda", dtype=torch.bfloat16)
     fast = layer(x)
     with force_reference():

@@ -16,7 +16,7 @@ from typing import Any
 
 _EXPORTS = {
     "CheckpointError": "colquant.checkpoint",
-    "load": "colquant.checkpoint",
+    "load": "colquant.loading",
     "ColQwen3": "colquant.model",
     "ColQwen3Config": "colquant.model",
     "ColQwen3Processor": "colquant.processing",

@@ -34,7 +34,9 @@ from torch import nn
 from colquant import encode, fp8, measure
 from colquant.bench_report import format_report, summary, targets_met
 from colquant.files import write_text
+from colquant.fp8_checkpoint import quantize_fp8
 from colquant.kernels import checks
+from colquant.kernels.fp8_dispatch import attach as attach_fp8_kernels
 
 logger = logging.getLogger("colquant.bench")
 QUERY_SOURCE = "Unit {i}, year {y}: what were the revenue, operating margin and headcount of this business unit?"
@@ -71,13 +73,33 @@ def prepare_w4a16_memory_first(model: nn.Module, profile: dict) -> dict:
                 int8_embeddings_freed_mib=round(freed / 2**20, 1))
 
 
+def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scope: str = "lm",
+                accelerate: bool = True, accumulation: str = fp8.DEFAULT_ACCUMULATION) -> dict[str, Any]:
+    """The FP8 precisions: quantize ``scope`` of a loaded BF16 model in place, its GEMMs on the fused FP8
+    kernels (where they run) accumulating ``accumulation``-ly and, where ``accelerate``, the fused text
+    tower (its FP8 q/k/v and gate/up fused; CUDA graphs for queries) and, on CUDA, the fast vision tower
+    (whose GEMMs call the FP8 vision layers in fp8-all)."""
+    fp8.check_accumulation(accumulation)
+    names = quantize_fp8(model, scope)
+    fp8.set_accumulation(model, accumulation)
+    attach_fp8_kernels(model)
+    info: dict[str, Any] = dict(scope=scope, fp8_layers=len(names), calibration=fp8.NO_CALIBRATION,
+                                accumulation=accumulation)
+    if accelerate:
+        from colquant.kernels import accelerate_model
+
+        acceleration = accelerate_model(model)._colquant_acceleration
+        info["fused_projections"] = acceleration["qkv"] + acceleration["gate_up"]
+    return info
+
+
 PREPARE: dict[str, Callable[[nn.Module, dict], dict]] = {
     "bf16-eager": prepare_eager, "bf16": prepare_bf16, "w4a16": prepare_w4a16,
     "w4a16-memory": prepare_w4a16_memory_first,
-    "fp8-lm": partial(fp8.prepare_fp8, scope="lm"), "fp8-all": partial(fp8.prepare_fp8, scope="lm+vision"),
+    "fp8-lm": partial(prepare_fp8, scope="lm"), "fp8-all": partial(prepare_fp8, scope="lm+vision"),
     # the FP8 variants with fp32-promoted accumulation, beside the default fast one (fp8.ACCUMULATIONS)
-    "fp8-lm-precise": partial(fp8.prepare_fp8, scope="lm", accumulation="precise"),
-    "fp8-all-precise": partial(fp8.prepare_fp8, scope="lm+vision", accumulation="precise"),
+    "fp8-lm-precise": partial(prepare_fp8, scope="lm", accumulation="precise"),
+    "fp8-all-precise": partial(prepare_fp8, scope="lm+vision", accumulation="precise"),
 }
 
 

@@ -1,14 +1,14 @@
-"""Finding, checking and loading ColQwen3 checkpoints (hub id or local directory).
+"""Finding, checking and reading ColQwen3 checkpoints (hub id or local directory).
 
-`load` is the one entry point the notebooks, evaluation and sweeps use, for the real 4B model, the
-embedded tiny model and the project's quantized variants alike. Problems are reported as
-`CheckpointError` naming the file or tensors at fault and what to do about it, before transformers
-would fall back to random initialisation or fail deep inside a shard reader.
+`colquant.load` (:mod:`colquant.loading`) reads every checkpoint through here, the real 4B model, the
+embedded tiny model and the project's quantized variants alike, then adds the fast path; nothing here
+knows of kernels. Problems are reported as `CheckpointError` naming the file or tensors at fault and
+what to do about it, before transformers would fall back to random initialisation or fail deep
+inside a shard reader.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from pathlib import Path
@@ -17,12 +17,10 @@ from typing import Any
 import torch
 
 from colquant import fp8
-from colquant.arguments import require_flag, usable_device
+from colquant.arguments import usable_device
 from colquant.model import ColQwen3, ColQwen3Config
 from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS, ColQwen3Processor
 from colquant.weight_checks import FLOATING_DTYPES, CheckpointError, is_fp8_config, read_json_object, verify_tensors
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "TomoroAI/tomoro-colqwen3-embed-4b"
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -132,82 +130,30 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return config
 
 
-def load(
-    model_id_or_path: str | Path = DEFAULT_MODEL_ID,
-    *,
-    dtype: str | torch.dtype = "bfloat16",
-    device: str | torch.device | None = "auto",
-    max_num_visual_tokens: int | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    accelerate: bool | None = None,
-    bf16_copy: bool | None = None,
-    embeddings: str = "bf16",
-    fp8_accumulation: str | None = None,
-) -> tuple[torch.nn.Module, Any]:
-    """Load (model, processor) in eval mode, on the GPU when one is present (`device="auto"`).
+def read_model(path: Path, config: dict[str, Any], dtype: torch.dtype, device: torch.device,
+               max_num_visual_tokens: int | None = None) -> tuple[torch.nn.Module, ColQwen3Processor]:
+    """(model, processor) of a checkpoint `verify_checkpoint` passed (its `config`), in eval mode on
+    `device`, the processor attached to the model (`model.encode_queries` needs no processor argument).
 
-    Native path (default): the project's ColQwen3 reads the checkpoint with strict key checks.
-    `trust_remote_code=True` instead runs the hub's own code (needs a transformers it supports) for
-    cross-checks against the native implementation.
-
-    `device="auto"` is CUDA when present, else CPU. `accelerate` (default: on CUDA) swaps the text tower for the
-    project's fused path: each 4-bit layer runs the kernel tuned fastest for this GPU, its shape and
-    token count (tuned once, cached on disk: `colquant tune`), q/k/v and gate/up are fused for both
-    precisions, and short queries replay CUDA graphs (`colquant.kernels`). Where no 4-bit kernel beats
-    BF16 cuBLAS, `bf16_copy=None` keeps a BF16 copy of those layers if memory allows (speed first: the
-    4-bit model is then as fast as BF16 but larger than it on the GPU), `False` never does (memory
-    first: about 0.42x BF16's memory, slower at small batches), `True` always. Where the fused path
-    cannot run, a warning names why and the model keeps transformers' forward.
-
-    `embeddings="int8"` stores the text tower's token-embedding table as int8 with one scale per
-    vocabulary row (`colquant.kernels.embedding`): 371 MiB less on the 4B, for a rounding error of at
-    most absmax(row)/254 per value; the memory-first setting together with `bf16_copy=False`. The
-    default `"bf16"` keeps the table as loaded.
-
-    `fp8_accumulation` (FP8 variants only): how the FP8 GEMMs accumulate on Hopper-class GPUs,
-    `"fast"` (the default: as vLLM serves FP8 checkpoints) or `"precise"` (fp32 promotion, slower);
-    `fp8.set_accumulation` changes it on a loaded model.
-
-    `max_num_visual_tokens` (visual tokens per page) defaults to what the checkpoint saved in
-    `colquant_processor.json`, else the reference's 1280.
-    """
-    _check_embeddings(embeddings)
-    require_flag("trust_remote_code", trust_remote_code)
-    require_flag("accelerate", accelerate, none_means="on with CUDA, off on CPU")
-    require_flag("bf16_copy", bf16_copy, none_means="a BF16 copy where BF16 is faster and memory allows")
-    torch_dtype = _torch_dtype(dtype)
-    device = resolve_device(device)
-    path = resolve_checkpoint(model_id_or_path, revision)  # after the checks: a download can take minutes
-    if trust_remote_code:
-        model, processor = _load_remote_code(path, torch_dtype, device, max_num_visual_tokens)
-        _store_embeddings(model, embeddings)
-        return model, processor
-    config = verify_checkpoint(path)
-    is_fp8 = is_fp8_config(config.get("quantization_config"))
-    _check_fp8_accumulation(fp8_accumulation, is_fp8, path)
-    if is_fp8:
-        model = fp8.load_model(path, torch_dtype, device)  # W8A8 FP8 (compressed-tensors layout)
-        fp8.set_accumulation(model, fp8_accumulation or fp8.DEFAULT_ACCUMULATION)
+    The project's ColQwen3 reads the weights with strict key checks; W8A8 FP8 checkpoints (the
+    compressed-tensors layout) get `FP8Linear` layers, computing their reference until the fast path
+    attaches its kernels. `max_num_visual_tokens` (visual tokens per page) defaults to what the
+    checkpoint saved in `colquant_processor.json`, else the reference's 1280."""
+    if is_fp8_config(config.get("quantization_config")):
+        model = fp8.load_model(path, dtype, device)
     else:
         # Loading straight onto the GPU lets transformers' auto-round integration pick a CUDA kernel.
         device_map = str(device) if device.type == "cuda" else None
         # strict: refused on missing, unexpected or non-finite tensors (colquant.weight_checks)
-        model = ColQwen3.from_pretrained(str(path), dtype=torch_dtype, device_map=device_map)
+        model = ColQwen3.from_pretrained(str(path), dtype=dtype, device_map=device_map)
     model = model.to(device).eval()
-    _store_embeddings(model, embeddings)
-    accelerate = device.type == "cuda" if accelerate is None else accelerate
-    if accelerate:
-        from colquant.kernels import accelerate_model
-
-        fp8.fuse_text_projections(model)  # no-op without FP8 layers
-        accelerate_model(model, bf16_copy=bf16_copy)
     processor = ColQwen3Processor.from_pretrained(path, max_num_visual_tokens=max_num_visual_tokens)
-    model.processor = processor  # so model.encode_queries/encode_pages need no processor argument
+    model.processor = processor
     return model, processor
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A weight dtype given by name (`bfloat16`, ...) or as a torch.dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in FLOATING_DTYPES:
@@ -215,37 +161,10 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _check_embeddings(embeddings: str) -> None:
-    """Before any loading: a typo would otherwise cost a multi-GB load before failing."""
-    from colquant.kernels.embedding import EMBEDDINGS
-
-    if embeddings not in EMBEDDINGS:
-        raise ValueError(f"embeddings={embeddings!r} is not a token-embedding storage; use one of "
-                         f"{', '.join(map(repr, EMBEDDINGS))} ('int8': one scale per vocabulary row, half the memory)")
-
-
-def _check_fp8_accumulation(accumulation: str | None, is_fp8: bool, path: Path) -> None:
-    """Before the weights load: a bad value, or one given for a checkpoint without FP8 layers."""
-    if accumulation is None:
-        return
-    fp8.check_accumulation(accumulation)
-    if not is_fp8:
-        raise ValueError(f"fp8_accumulation={accumulation!r} applies to FP8 variants only, and {path} is not one "
-                         "(its config has no compressed-tensors float-quantized quantization_config): leave it unset")
-
-
-def _store_embeddings(model: torch.nn.Module, embeddings: str) -> None:
-    """Quantize the token-embedding table when asked (`_check_embeddings` validated the value)."""
-    if embeddings == "int8":
-        from colquant.kernels.embedding import quantize_embeddings
-
-        freed = quantize_embeddings(model)
-        log.info("token embeddings stored as int8 per row: %.0f MiB freed", freed / 2**20)
-
-
-def _load_remote_code(
+def read_remote_code(
     path: Path, dtype: torch.dtype, device: torch.device, max_num_visual_tokens: int | None
 ) -> tuple[torch.nn.Module, Any]:
+    """(model, processor) built by the checkpoint's own code (`trust_remote_code`), for cross-checks."""
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=True).to(device).eval()

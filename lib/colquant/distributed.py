@@ -270,7 +270,7 @@ def _encode_shards(model_id_or_variant: str | Path, pages: page_sources.PageSour
                    dtype: str, max_num_visual_tokens: int | None) -> None:
     """Load the model on this rank's device and write its shards, decoding the next shard's pages
     in a background thread while the current one is encoded."""
-    from colquant.checkpoint import load
+    from colquant.loading import load
     from colquant.encode import encode_pages
     from colquant.processing import page_size_problem
 
@@ -338,7 +338,7 @@ def visible_gpus() -> list[torch.device]:
 def load_replicas(checkpoint: str | Path, devices: Sequence[torch.device], **load_options: Any) -> list[torch.nn.Module]:
     """One copy of a checkpoint's model per device, loaded as `colquant.load(checkpoint, device=...,
     **load_options)` loads it."""
-    from colquant.checkpoint import load
+    from colquant.loading import load
 
     return [load(checkpoint, device=device, **load_options)[0] for device in devices]
 

@@ -1,13 +1,11 @@
-"""FP8 variants on disk: the compressed-tensors "float-quantized" checkpoint layout vLLM reads,
-loading it back with strict checks, and producing/saving the variants notebook 03 makes.
+"""FP8 variants: quantizing a model's Linear layers to `FP8Linear`, and saving the variants notebook 03 makes.
 
-Why a module of its own: `colquant.fp8` holds the arithmetic and the `FP8Linear` layer that run at
-inference time; this is the I/O around them. The public names stay importable from `colquant.fp8`.
+The layer, its arithmetic and the checkpoint layout vLLM reads (written by `save_fp8_model`, read back
+by `colquant.load`) are :mod:`colquant.fp8`'s; this is making and writing the variants.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,78 +13,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from colquant.fp8 import METHOD, NO_CALIBRATION, SCOPES, VARIANTS, FP8Linear, quantize_fp8
 from colquant.cards import fp8_card
 from colquant.checkpoint_files import METADATA_FILE, size_on_disk
-from colquant.weight_checks import CheckpointError, quantized_layer_names, raise_on_non_finite, shard_files
+from colquant.files import atomic_directory, write_json, write_text
+from colquant.fp8 import METHOD, NO_CALIBRATION, SCOPES, FP8Linear, quantization_config
+from colquant.measure import Measurement
+from colquant.remote_code import write_remote_code
 
-# --------------------------------------------------------------------------------------------
-# the checkpoint format (compressed-tensors "float-quantized", as vLLM reads it)
-# --------------------------------------------------------------------------------------------
-
-
-def quantization_config(scope: str) -> dict[str, Any]:
-    """config.json's `quantization_config`: channel-wise e4m3 weights, dynamic token-wise e4m3
-    activations, for the Linear layers whose names start with the scope's prefixes."""
-    fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "block_structure": None}
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "float-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": [f"re:^{re.escape(prefix)}.*" for prefix in SCOPES[scope]],
-            "weights": {**fp8, "strategy": "channel", "dynamic": False},
-            "input_activations": {**fp8, "strategy": "token", "dynamic": True},
-            "output_activations": None,
-            "format": "float-quantized",
-        }},
-        "ignore": ["embedding_proj_layer"],
-        "kv_cache_scheme": None,
-        "colquant_scope": scope,
-    }
+VARIANTS: dict[str, tuple[str, str]] = {"lm": ("fp8-lm", "lm"), "all": ("fp8-all", "lm+vision")}  # kind -> (name, scope)
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """An FP8 ColQwen3 from a checkpoint written by `save_fp8_model` (header checks already done by
-    `colquant.checkpoint.verify_checkpoint`); missing or unexpected tensors raise CheckpointError."""
-    from safetensors import safe_open
-    from transformers import initialization
-
-    from colquant.model import ColQwen3, ColQwen3Config
-
-    config = ColQwen3Config.from_pretrained(str(path))
-    quantization = config.quantization_config
-    del config.quantization_config  # the FP8 layers are built here, not by a transformers quantizer
-    with initialization.no_init_weights(), torch.device(device):
-        model = ColQwen3._from_config(config, dtype=dtype)
-    for name in quantized_layer_names(model, quantization, path):
-        linear = model.get_submodule(name)
-        model.set_submodule(name, FP8Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                            dtype=dtype, device=device))
-    model.config.quantization_config = quantization
-    wanted = model.state_dict()
-    found: set[str] = set()
-    for shard in shard_files(path):
-        with safe_open(str(shard), framework="pt") as reader:
-            for key in reader.keys():
-                if key in wanted:
-                    wanted[key].copy_(reader.get_tensor(key))
-                    found.add(key)
-                elif not any(re.fullmatch(p, key) for p in ColQwen3._keys_to_ignore_on_load_unexpected):
-                    raise CheckpointError(f"{path}: {shard.name} holds {key}, which the FP8 ColQwen3 of its config.json "
-                                          "does not have; the checkpoint is from another model or scope: re-create it")
-    missing = sorted(set(wanted) - found)
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" ... ({len(missing)} in all)" if len(missing) > 6 else "")
-        raise CheckpointError(f"{path} lacks {shown}: an FP8 layer needs its weight and weight_scale. The checkpoint "
-                              "is incomplete: re-create the variant (notebook 03) or re-download it")
-    raise_on_non_finite(path, model)
-    return model
+def fp8_targets(model: nn.Module, scope: str) -> list[str]:
+    """Names of the Linear layers ``scope`` covers (see SCOPES); the 320-d projection stays 16-bit."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r}: use one of {', '.join(SCOPES)}")
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(SCOPES[scope])]
 
 
-# --------------------------------------------------------------------------------------------
-# variants (notebook 03)
-# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def quantize_fp8(model: nn.Module, scope: str = "lm") -> list[str]:
+    """Replace the Linear layers in ``scope`` ("lm" or "lm+vision") by `FP8Linear`, in place, one at
+    a time so memory stays flat; returns their names."""
+    names = fp8_targets(model, scope)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear layers under {', '.join(SCOPES[scope])}: "
+                         "quantize_fp8 expects a ColQwen3 (colquant.load)")
+    for name in names:
+        model.set_submodule(name, FP8Linear.from_linear(model.get_submodule(name)))
+    return names
 
 
 def variant_names(profile: dict[str, Any]) -> list[str]:
@@ -97,9 +52,6 @@ def variant_names(profile: dict[str, Any]) -> list[str]:
 def save_fp8_model(model: nn.Module, processor: Any, out_dir: Path, scope: str, metadata: dict[str, Any]) -> Path:
     """Write the FP8 ColQwen3 (compressed-tensors layout + metadata JSON and model card) atomically:
     into a staging folder first, swapped in whole (`files.atomic_directory`)."""
-    from colquant.files import atomic_directory, write_json, write_text
-    from colquant.remote_code import write_remote_code
-
     with atomic_directory(Path(out_dir)) as staging:
         model.config.quantization_config = quantization_config(scope)
         model.save_pretrained(str(staging), max_shard_size="2GB")
@@ -112,15 +64,14 @@ def save_fp8_model(model: nn.Module, processor: Any, out_dir: Path, scope: str, 
     return Path(out_dir)
 
 
-def fp8_metadata(profile: dict[str, Any], name: str, scope: str, layers: list[str], cost: Any) -> dict[str, Any]:
+def fp8_metadata(name: str, scope: str, layers: list[str], cost: Measurement, *, base_model: str,
+                 base_model_revision: str, random_weights: bool) -> dict[str, Any]:
     """What notebook 03, the report and the card read about a variant; FP8 has no calibration."""
-    from colquant import workspace
-
     return {
         "variant": name,
-        "base_model": str(profile["model"]["id"]),
-        "base_model_revision": workspace.base_model_revision(profile),
-        "random_weights": profile["random_weights"],
+        "base_model": base_model,
+        "base_model_revision": base_model_revision,
+        "random_weights": random_weights,
         "settings": {"method": METHOD, "bits": 8, "format": "float8_e4m3fn", "group_size": None, "sym": True,
                      "iters": 0, "seed": None, "weights": "per output channel", "activations": "dynamic per token",
                      "scope": scope},
@@ -134,28 +85,3 @@ def fp8_metadata(profile: dict[str, Any], name: str, scope: str, layers: list[st
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
     }
-
-
-def produce_fp8_variant(profile: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Quantize the profile's base model to the FP8 variant `kind` ("lm" or "all") in
-    `variants/<name>`, unless one made from the same base weights and dtype exists. Returns its
-    metadata (`reused: True` when nothing had to be done)."""
-    from colquant import workspace
-    from colquant.measure import measure
-
-    if kind not in VARIANTS:
-        raise ValueError(f"FP8 variant kind {kind!r}: use one of {', '.join(VARIANTS)}")
-    name, scope = VARIANTS[kind]
-    out = workspace.variants_dir(profile) / name
-    base = workspace.base_model(profile)
-    inputs = workspace.fingerprint(METHOD, scope, workspace.checkpoint_fingerprint(base), profile["model"]["dtype"])
-    if (out / workspace.METADATA_FILE).exists():
-        existing = workspace.read_variant_metadata(out)
-        if existing.get("inputs_fingerprint") == inputs:
-            return {**existing, "reused": True}
-    model, processor = workspace.load_variant(profile, base, accelerate=False)  # quantize transformers' layers
-    with measure(model.device) as cost:
-        layers = quantize_fp8(model, scope)
-    metadata = fp8_metadata(profile, name, scope, layers, cost)
-    save_fp8_model(model, processor, out, scope, {**metadata, "inputs_fingerprint": inputs})
-    return {**workspace.read_variant_metadata(out), "reused": False}

@@ -92,7 +92,8 @@ def random_weights(metadata: dict[str, Any], checkpoint: Path) -> bool:
 def check_loads(checkpoint: Path) -> None:
     """Load the variant on the CPU as `colquant.load` does (config, every shard and tensor, keys,
     NaN/Inf), so a push never publishes a checkpoint that does not load."""
-    from colquant.checkpoint import CheckpointError, load
+    from colquant.checkpoint import CheckpointError
+    from colquant.loading import load
 
     try:
         load(checkpoint, device="cpu", accelerate=False)

@@ -286,7 +286,7 @@ def quantized_input_widths(model_id: str) -> dict[str, int] | None:
     elif config_file.is_file():
         try:
             text = ColQwen3Config.from_pretrained(str(config_file.parent)).text_config
-        except (OSError, ValueError, TypeError, AttributeError):  # checkpoint.load reports it, naming the file
+        except (OSError, ValueError, TypeError, AttributeError):  # colquant.load reports it, naming the file
             return None
     else:
         return None

@@ -98,7 +98,7 @@ class Step:
 
 def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     """The notebooks to execute for this profile, in order, with what each writes and reads."""
-    from colquant.fp8 import variant_names as fp8_variants
+    from colquant.fp8_checkpoint import variant_names as fp8_variants
 
     out = workspace.output_dir(profile)
     results = workspace.results_dir(profile)

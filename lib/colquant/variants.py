@@ -1,9 +1,10 @@
-"""Producing a profile's quantized variants: notebook 03's one call.
+"""Producing a profile's quantized variants: notebook 03's one call per variant.
 
-`colquant.quantization` knows how to quantize a model and save it; `colquant.workspace` knows where
-a profile's inputs and outputs live. This module joins the two for a profile: it names the variant
-from its settings, decides whether an identical checkpoint already exists, and otherwise loads the
-base model (through `workspace.load_variant`), quantizes it and saves it under `variants/<name>`.
+`colquant.quantization` (auto-round W4A16) and `colquant.fp8_checkpoint` (FP8) know how to quantize a
+model and save it; `colquant.workspace` knows where a profile's inputs and outputs live. This module
+joins them for a profile: it names the variant from its settings, decides whether an identical
+checkpoint already exists, and otherwise loads the base model (through `workspace.load_variant`),
+quantizes it and saves it under `variants/<name>`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from typing import Any
 
 from colquant import workspace
 from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint, read_variant_metadata
-from colquant.files import fingerprint
 from colquant.calibration import CalibrationSet
+from colquant.files import fingerprint
+from colquant.fp8 import METHOD as FP8_METHOD
+from colquant.fp8_checkpoint import VARIANTS as FP8_VARIANTS
+from colquant.fp8_checkpoint import fp8_metadata, quantize_fp8, save_fp8_model
+from colquant.measure import measure
 from colquant.params import quantization_section
 from colquant.quantization import (
     SCRATCH_DIR,
@@ -80,3 +85,26 @@ def variant_inputs_fingerprint(
         sorted(profile["quantization"]["export_formats"]),
     )
 
+
+def produce_fp8_variant(profile: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Quantize the profile's base model to the FP8 variant `kind` ("lm" or "all") in
+    `variants/<name>`, unless one made from the same base weights and dtype exists. Returns its
+    metadata (`reused: True` when nothing had to be done)."""
+    if kind not in FP8_VARIANTS:
+        raise ValueError(f"FP8 variant kind {kind!r}: use one of {', '.join(FP8_VARIANTS)}")
+    name, scope = FP8_VARIANTS[kind]
+    out = workspace.variants_dir(profile) / name
+    base = workspace.base_model(profile)
+    inputs = fingerprint(FP8_METHOD, scope, checkpoint_fingerprint(base), profile["model"]["dtype"])
+    if (out / METADATA_FILE).exists():
+        existing = read_variant_metadata(out)
+        if existing.get("inputs_fingerprint") == inputs:
+            return {**existing, "reused": True}
+    model, processor = workspace.load_variant(profile, base, accelerate=False)  # quantize transformers' layers
+    with measure(model.device) as cost:
+        layers = quantize_fp8(model, scope)
+    metadata = fp8_metadata(name, scope, layers, cost, base_model=str(profile["model"]["id"]),
+                            base_model_revision=workspace.base_model_revision(profile),
+                            random_weights=profile["random_weights"])
+    save_fp8_model(model, processor, out, scope, {**metadata, "inputs_fingerprint": inputs})
+    return {**read_variant_metadata(out), "reused": False}

@@ -289,7 +289,7 @@ def autoround_variant(profile: dict[str, Any], seqlen: int) -> str:
 
 def expected_variants(profile: dict[str, Any]) -> list[str]:
     """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN, then FP8."""
-    from colquant.fp8 import variant_names
+    from colquant.fp8_checkpoint import variant_names
     from colquant.params import quantization_section
 
     names = [autoround_variant(profile, seqlen) for seqlen in sorted(profile["calibration"]["seqlens"])]
@@ -330,7 +330,7 @@ def load_variant(profile: dict[str, Any], path: str | Path, *, accelerate: bool 
     `accelerate` as in `colquant.load` (default: the fused fast path on CUDA); pass False where
     code needs transformers' own decoder layers (per-layer hooks, auto-round's block replay).
     """
-    from colquant.checkpoint import load
+    from colquant.loading import load
 
     model = profile["model"]
     return load(

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from colquant import fp8
+from colquant.kernels import fp8_dispatch
 from colquant.kernels import backend, fast_vision, tinygemm
 
 
@@ -35,10 +35,10 @@ def fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
 
 
 def test_each_family_names_the_capability_it_needs(monkeypatch):
-    for module in (backend, fast_vision):  # as where Triton is installed
+    for module in (backend, fast_vision, fp8_dispatch):  # as where Triton is installed
         monkeypatch.setattr(module, "triton_import_error", lambda: None)
     fake_gpu(monkeypatch, (8, 6))
-    assert fp8.fp8_unavailable_reason("cuda") == \
+    assert fp8_dispatch.fp8_unavailable_reason("cuda") == \
         "Fake GPU has compute capability 8.6; FP8 tensor cores need 8.9 or more"
     fake_gpu(monkeypatch, (7, 5))
     assert backend.gpu_unavailable("cuda", "x", lambda: None) == \
@@ -55,7 +55,7 @@ def test_a_missing_dependency_is_named_before_the_capability(monkeypatch):
     monkeypatch.setenv("COLQUANT_DISABLE_TRITON", "1")
     backend.clear_cache()
     try:
-        assert fp8.fp8_unavailable_reason("cuda") == "Triton disabled by COLQUANT_DISABLE_TRITON"
+        assert fp8_dispatch.fp8_unavailable_reason("cuda") == "Triton disabled by COLQUANT_DISABLE_TRITON"
         assert fast_vision.unavailable_reason("cuda") == "Triton disabled by COLQUANT_DISABLE_TRITON"
     finally:
         monkeypatch.delenv("COLQUANT_DISABLE_TRITON")
@@ -66,5 +66,5 @@ def test_a_missing_dependency_is_named_before_the_capability(monkeypatch):
 def test_off_gpu_every_family_says_it_needs_cuda(device):
     assert backend.fast_path_unavailable(device) == "device is cpu, the fused W4A16 path needs a CUDA GPU"
     assert tinygemm.unavailable_reason(device) == "device is cpu, tinygemm needs a CUDA GPU"
-    assert fp8.fp8_unavailable_reason(device) == "device is cpu, the FP8 path needs a CUDA GPU"
+    assert fp8_dispatch.fp8_unavailable_reason(device) == "device is cpu, the FP8 path needs a CUDA GPU"
     assert fast_vision.unavailable_reason(device) == "device is cpu, the fast vision tower needs a CUDA GPU"

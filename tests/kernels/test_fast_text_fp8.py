@@ -10,9 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from colquant import fp8
-from colquant.fp8 import FP8Linear
-from colquant.kernels import fast_text
+from colquant.fp8 import FP8Linear, ReferenceProducers
+from colquant.kernels import fast_text, fp8_dispatch
 from colquant.kernels import reference as ref
 from colquant.kernels.linear import W4A16Linear, quantize_linears_rtn
 from colquant.model import ColQwen3, ColQwen3Config
@@ -37,19 +36,19 @@ def test_each_layer_type_gets_its_producer(text_model):
     assert isinstance(text_model.layers[2].mlp.down_proj, W4A16Linear)
     for producer in (fp8_layer.attn_in, fp8_layer.mlp_in):
         assert producer.func is fast_text._norm_then_quantize
-        assert producer.args == (fp8.ReferenceProducers.add_rmsnorm_quant,)
-    assert fp8_layer.down_in is fp8.ReferenceProducers.silu_mul_quant
+        assert producer.args == (ReferenceProducers.add_rmsnorm_quant,)
+    assert fp8_layer.down_in is ReferenceProducers.silu_mul_quant
     for layer in (bf16_layer, w4_layer):
         assert layer.attn_in is ref.add_rmsnorm and layer.mlp_in is ref.add_rmsnorm and layer.down_in is ref.silu_mul
 
 
 def test_the_triton_tower_takes_the_fused_kernels_only_where_fp8_kernels_run(text_model, monkeypatch):
-    """With the Triton ops (stood in for by a namespace) the FP8 producers are `fp8.producers`' choice:
+    """With the Triton ops (stood in for by a namespace) the FP8 producers are `fp8_dispatch.producers`' choice:
     the Triton kernels on an FP8 GPU, the torch twins on CPU (here) or a GPU without FP8."""
     triton_ops = type("TritonOps", (), {"add_rmsnorm": object(), "silu_mul": object()})
-    assert fast_text.layer_producers(text_model, triton_ops)[0].down_in is fp8.ReferenceProducers.silu_mul_quant
+    assert fast_text.layer_producers(text_model, triton_ops)[0].down_in is ReferenceProducers.silu_mul_quant
     kernels = type("Kernels", (), {"silu_mul_quant": object(), "add_rmsnorm_quant": object()})
-    monkeypatch.setattr(fp8, "producers", lambda device: kernels)
+    monkeypatch.setattr(fp8_dispatch, "producers", lambda device: kernels)
     first, second = fast_text.layer_producers(text_model, triton_ops)[:2]
     assert first.down_in is kernels.silu_mul_quant and first.mlp_in.args == (kernels.add_rmsnorm_quant,)
     assert second.down_in is triton_ops.silu_mul and second.attn_in is triton_ops.add_rmsnorm

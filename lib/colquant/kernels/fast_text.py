@@ -5,7 +5,8 @@
 
 * auto-round / GPTQ QuantLinears become :class:`W4A16Linear` (dispatching on token count);
 * q/k/v and gate/up are fused along N (``self_attn.qkv_proj``, ``mlp.gate_up_proj``), for bf16
-  ``nn.Linear`` and 4-bit alike; the separate modules are dropped so no weight is held twice;
+  ``nn.Linear``, 4-bit and FP8 alike; the separate modules are dropped so no weight is held twice;
+* FP8 layers (the tower's and the vision tower's) get the fused FP8 kernels (:mod:`.fp8_dispatch`);
 * the tower's forward becomes one loop of fused kernels per layer: add+RMSNorm, qkv GEMM,
   attention (for <= 128 tokens one kernel does q/k RMSNorm, RoPE, masking, softmax and P@V straight
   from the qkv rows; longer sequences use a norm+RoPE kernel and SDPA/flash), o GEMM,
@@ -13,7 +14,7 @@
   silu-mul kernel (bf16); where a GEMM is an FP8 layer its producer (add+RMSNorm, silu*mul)
   writes FP8 rows and per-token scales instead (:func:`layer_producers`);
 * text-only calls that fit ``graph_max_tokens`` run through CUDA graphs captured per
-  (batch bucket, length bucket): inputs are left-padded into static buffers (positions and key
+  (batch bucket, length bucket, FP8 accumulation): inputs are left-padded into static buffers (positions and key
   mask padded so the result equals the unpadded call) and the graph is replayed, so batch-1
   latency is not bound by kernel launches.
 
@@ -33,10 +34,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from colquant import fp8
-from colquant.fp8 import FP8Linear
+from colquant.fp8 import FP8Linear, ReferenceProducers
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import capture_stream, fast_path_unavailable, warn_once
+from colquant.kernels import fp8_dispatch
 from colquant.kernels.copies import MIN_TOKENS, prepare_dispatch
 from colquant.kernels.linear import (
     _FORCE_REFERENCE,
@@ -76,6 +77,8 @@ def _looks_like_text_model(mod) -> bool:
 def _fuse(mods: list[nn.Module]) -> nn.Module | None:
     if all(isinstance(m, W4A16Linear) for m in mods):
         return W4A16Linear.concat(mods)
+    if all(isinstance(m, FP8Linear) for m in mods):
+        return FP8Linear.concat(mods)  # exact: one scale per output channel
     if all(type(m) is nn.Linear for m in mods):
         w = torch.cat([m.weight.data for m in mods], dim=0)
         has_bias = any(m.bias is not None for m in mods)
@@ -199,7 +202,7 @@ def act_producer(consumer: nn.Module, ops) -> Callable:
 def fp8_producers(device: torch.device, ops):
     """The Triton quantizing producers with the Triton tower on an FP8 GPU; their torch twins otherwise
     (the reference tower, or a GPU without FP8 tensor cores)."""
-    return fp8.producers(device) if ops is not ref else fp8.ReferenceProducers
+    return fp8_dispatch.producers(device) if ops is not ref else ReferenceProducers
 
 
 def _device_of(layer: nn.Module) -> torch.device:
@@ -341,6 +344,8 @@ class QueryGraphs:
 
     def __init__(self, text_model, max_tokens: int = 4096, max_graphs: int = 48):
         self.tm = text_model
+        # a graph replays the GEMMs it captured: the FP8 layers' accumulation is part of its key
+        self.fp8_layers = [m for m in text_model.modules() if isinstance(m, FP8Linear)]
         self.max_tokens = max_tokens
         self.max_graphs = max_graphs
         self.graphs: dict = {}
@@ -357,12 +362,13 @@ class QueryGraphs:
         Bb, Tb = _bucket_B(B), _bucket_T(T)
         if Bb * Tb > self.max_tokens:
             return None
-        g = self.graphs.get((Bb, Tb))
+        key = self.key(Bb, Tb)
+        g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
             g = self._capture(Bb, Tb, H, emb.dtype, emb.device)
-            self.graphs[(Bb, Tb)] = g
+            self.graphs[key] = g
         P = Tb - T
         g.mask.zero_()
         g.pos.zero_()
@@ -374,6 +380,11 @@ class QueryGraphs:
         g.pos[:, :B, P:].copy_(pos3)
         g.graph.replay()
         return g.out[:B, P:].clone()
+
+    def key(self, batch_bucket: int, length_bucket: int) -> tuple:
+        """What a captured graph depends on besides the weights: its shape buckets and how its FP8
+        GEMMs accumulate (`fp8.set_accumulation` may change it after capture)."""
+        return (batch_bucket, length_bucket, *(layer.accumulation for layer in self.fp8_layers))
 
     def _capture(self, Bb, Tb, H, dtype, device) -> _Graph:
         g = _Graph()
@@ -480,6 +491,7 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
     ``offload_embeddings_to_host``: keep the token-embedding table in pinned host memory (saves
     742 MiB on the 4B; see :class:`OffloadedEmbedding`)."""
     n_q = replace_quant_linears(model)
+    fp8_dispatch.attach(model)
     if offload_embeddings_to_host:
         offload_embeddings(model)
     tm = find_text_model(model)
@@ -524,7 +536,7 @@ def _accelerate_vision_tower(model: nn.Module) -> dict | None:
 
 def reset_graphs(model: nn.Module) -> None:
     """Free the captured query graphs (between benchmark settings, or when the layers they replay
-    change: `fp8.set_accumulation`); a model without an accelerated text tower has none."""
+    are replaced); a model without an accelerated text tower has none."""
     for module in model.modules():
         state = getattr(module, "_colquant_accel", None)
         if state is not None and state.runner is not None:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colquant import fp8
-from colquant.fp8 import FP8Linear
+from colquant.fp8 import FP8Linear, ReferenceProducers, quantize_rows_reference
+from colquant.kernels import fp8_dispatch
 from colquant.kernels.backend import gpu_unavailable, triton_import_error
 
 logger = logging.getLogger("colquant.kernels")
@@ -244,7 +244,7 @@ def add_layernorm_into(consumer: nn.Module, norm: nn.LayerNorm, x: torch.Tensor,
     kernels run), its torch twin elsewhere."""
     args = (x, delta, norm.weight, norm.bias, norm.eps)
     if isinstance(consumer, FP8Linear):
-        kernels = fp8.producers(x.device) is not fp8.ReferenceProducers
+        kernels = fp8_dispatch.producers(x.device) is not ReferenceProducers
         residual, q, scale = (_vision_ops().add_layernorm_quant if kernels else add_layernorm_quant_reference)(*args)
         return residual, (q, scale)
     return (_vision_ops().add_layernorm if x.is_cuda else add_layernorm_reference)(*args)
@@ -263,7 +263,7 @@ def add_layernorm_quant_reference(x: torch.Tensor, delta: torch.Tensor, weight: 
     """`vision_ops.add_layernorm_quant`'s twin: :func:`add_layernorm_reference` with the normed rows
     quantized per row."""
     residual, normed = add_layernorm_reference(x, delta, weight, bias, eps)
-    return (residual, *fp8.quantize_rows_reference(normed))
+    return (residual, *quantize_rows_reference(normed))
 
 
 @functools.cache
@@ -282,7 +282,7 @@ def fc1_activation(mlp: nn.Module, h: torch.Tensor | tuple[torch.Tensor, torch.T
     activation after the GEMM (on CPU `_addmm_activation` applies the erf GELU instead)."""
     fc1, fc2 = mlp.linear_fc1, mlp.linear_fc2
     if isinstance(fc2, FP8Linear) and tanh_gelu:
-        return fp8.producers(fc1.weight.device).gelu_tanh_quant(linear(fc1, h))
+        return fp8_dispatch.producers(fc1.weight.device).gelu_tanh_quant(linear(fc1, h))
     if tanh_gelu and type(fc1) is nn.Linear and h.is_cuda:
         return torch._addmm_activation(fc1.bias, h, fc1.weight.t(), use_gelu=True)
     return mlp.act_fn(linear(fc1, h))

@@ -12,11 +12,11 @@ FP8 rows plus one fp32 scale per row:
 * :func:`silu_mul_quant`: silu(gate) * up + quantization (the producer of the down projection's input);
 * :func:`gelu_tanh_quant`: tanh-GELU + quantization (the vision MLP's fc2 input).
 
-The fused towers call them through :func:`colquant.fp8.producers` where the next layer is an
+The fused towers call them through :func:`.fp8_dispatch.producers` where the next layer is an
 :class:`colquant.fp8.FP8Linear` (:func:`colquant.kernels.fast_text.layer_producers`, and the vision
 blocks of :mod:`colquant.kernels.fast_vision`) and pass the ``(q, scale)`` pair on;
 `FP8Linear.forward` takes such pairs as they are. Other FP8 inputs (attention outputs) are quantized
-inside the layer with :func:`quantize_rows`.
+inside the layer with :func:`quantize_rows` (:mod:`.fp8_dispatch` attaches it and :func:`scaled_mm`).
 
 Imported only where Triton is (like :mod:`.triton_ops`); their torch twins live in
 :mod:`colquant.fp8` and are what CPU runs. On CPU the kernels can be checked with
