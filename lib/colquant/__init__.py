@@ -24,21 +24,26 @@ _EXPORTS = {
     "encode_queries": "colquant.encode",
     "encode_pages": "colquant.encode",
 }
-_SUBMODULES = ("tiny", "encode")
+# Modules that are public names too: `colquant.tiny.build(path)`, and `from colquant import encode` in the
+# remote code of checkpoints (`model.encode_queries`).
+_SUBMODULES = {"tiny": "colquant.tiny", "encode": "colquant.encode"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
 def __getattr__(name: str) -> Any:
-    """`colquant.load`, `colquant.score`, ... and any submodule (`colquant.fidelity`), imported on first use."""
+    """`colquant.load`, `colquant.score`, `colquant.tiny`, ... and any subpackage (`colquant.kernels`),
+    imported on first use."""
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = import_module(_SUBMODULES[name])
     else:
         try:
             value = import_module(f"colquant.{name}")
         except ModuleNotFoundError as error:
             if error.name != f"colquant.{name}":
-                raise  # the submodule exists but needs a package that is missing: say which
+                raise  # the subpackage exists but needs a package that is missing: say which
             raise AttributeError(f"module 'colquant' has no attribute {name!r}") from None
     globals()[name] = value
     return value

@@ -35,7 +35,8 @@ from colquant.files import (  # noqa: F401  (re-exported: notebooks write throug
     writing,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The checkout: lib/ lies as many folders above this file as its module name has parts (colquant.workspace: 2)
+REPO_ROOT = Path(__file__).resolve().parents[len(__name__.split("."))]
 BASELINE = "bf16"
 LOCK_FILE = ".colquant.lock"
 # A profile name becomes a directory name: letters, digits, '.', '_', '-', not starting with a dot.
