@@ -7,6 +7,20 @@
 
 The names below are imported on first use (PEP 562), so `import colquant` and the `colquant`
 command line start without loading torch and transformers.
+
+Layers, lowest first (a module imports from its own layer and those below it, never from one above,
+imports inside functions included; tests/test_layers.py checks it):
+
+    colquant_vllm       the vLLM plugin that keeps the projection bias (imports nothing of colquant)
+    colquant.basics     files written whole, argument checks, time and memory measurements
+    colquant.retriever  ColQwen3, its processor, MaxSim, encoding, checkpoints, FP8 layers, tiny, remote code
+    colquant.quantize   making variants: calibration, auto-round W4A16, FP8, GPTQ/AWQ exports, model cards
+    colquant.kernels    the fast path: 4-bit and FP8 GEMMs, fused towers, CUDA graphs, per-GPU tuning
+    colquant.inference  colquant.load (read, then made fast), multi-GPU corpus encoding, the index, compression
+    colquant.evaluate   the embedded corpus, mteb retrieval, fidelity, speed and memory sweeps, metrics, plots
+    colquant.research   profiles, their outputs, a profile's variants, the notebook pipeline, the report
+    colquant.deploy     hub pushes, the vLLM serving check, the benchmark
+    colquant            the public names (this file) and the command line (__main__)
 """
 
 from __future__ import annotations

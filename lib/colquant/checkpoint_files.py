@@ -81,4 +81,5 @@ def read_reported_results(checkpoint: str | Path) -> dict[str, Any]:
 
 def size_on_disk(checkpoint: Path) -> int:
     """Bytes of the checkpoint's weights (its safetensors files), the exports under `EXPORTS_DIR` left out."""
-    return sum(f.stat().st_size for f in checkpoint.rglob("*.safetensors") if EXPORTS_DIR not in f.relative_to(checkpoint).parts)
+    weights = [f for f in checkpoint.rglob("*.safetensors") if EXPORTS_DIR not in f.relative_to(checkpoint).parts]
+    return sum(f.stat().st_size for f in weights)
