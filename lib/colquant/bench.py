@@ -31,12 +31,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from colquant import encode, fp8, measure
+from colquant import encode, fp8, measure, workspace
 from colquant.bench_report import format_report, summary, targets_met
 from colquant.files import write_text
 from colquant.fp8_checkpoint import quantize_fp8
 from colquant.kernels import checks
 from colquant.kernels.fp8_dispatch import attach as attach_fp8_kernels
+from colquant.loading import load
 
 logger = logging.getLogger("colquant.bench")
 QUERY_SOURCE = "Unit {i}, year {y}: what were the revenue, operating margin and headcount of this business unit?"
@@ -105,12 +106,8 @@ PREPARE: dict[str, Callable[[nn.Module, dict], dict]] = {
 
 def load_model(profile: dict, device: torch.device) -> tuple[nn.Module, Any]:
     """The profile's model and processor, built on first use by `workspace.base_model`."""
-    import colquant
-    from colquant import workspace
-
     path = workspace.base_model(profile)
-    return colquant.load(path, device=device, accelerate=False,
-                         max_num_visual_tokens=profile["model"]["max_num_visual_tokens"])
+    return load(path, device=device, accelerate=False, max_num_visual_tokens=profile["model"]["max_num_visual_tokens"])
 
 
 def query_texts(tokenizer: Any, count: int, tokens: int, ragged: bool = False) -> list[str]:
