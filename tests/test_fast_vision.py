@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from colquant.fp8 import FP8Linear
-from colquant.kernels import fast_vision
+from colquant.kernels import fast_vision, fp8_dispatch
 from colquant.model import ColQwen3, ColQwen3Config
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -124,10 +124,12 @@ def test_cpu_keeps_the_eager_tower():
 
 
 def fp8_tower(visual: torch.nn.Module) -> torch.nn.Module:
-    """`visual` with every Linear (blocks, merger, deepstack mergers) an FP8Linear, as in fp8-all."""
+    """`visual` with every Linear (blocks, merger, deepstack mergers) an FP8Linear, as in fp8-all, the FP8
+    kernels attached as `colquant.load` attaches them (they run where the GPU has FP8 tensor cores)."""
     names = [name for name, module in visual.named_modules() if type(module) is torch.nn.Linear]
     for name in names:
         visual.set_submodule(name, FP8Linear.from_linear(visual.get_submodule(name)))
+    fp8_dispatch.attach(visual)
     return visual
 
 
