@@ -20,7 +20,7 @@ from pathlib import Path
 
 from colquant.files import write_text
 
-PACKAGE = Path(__file__).resolve().parent.parent  # lib/colquant
+PACKAGE = Path(__file__).resolve().parent.parent  # the package holding this one: model.py, processing.py beside it
 REMOTE_CODE_FILES = {
     "modeling_colqwen3.py": PACKAGE / "model.py",
     "weight_checks.py": PACKAGE / "weight_checks.py",  # model.py imports it by this name (relative import)
