@@ -7,17 +7,21 @@ import logging
 
 import pytest
 import torch
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from colquant.fp8 import FP8Linear
 from colquant.kernels import backend, fa3_ops, fast_vision, vision_attention
-from colquant.model import ColQwen3Config
 
 NOT_INSTALLED = "vLLM 0.26.0's FlashAttention-3 library is not installed (pip install ...)"
 
 
 def tower(hidden: int = 128, fp8: bool = True, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """A one-block Qwen3-VL vision tower of two heads (head dim hidden / 2), FP8 Linears as in fp8-all."""
+    """A one-block Qwen3-VL vision tower of two heads (head dim hidden / 2), FP8 Linears as in fp8-all.
+    transformers' Qwen3-VL module is imported here, not at collection: it imports Triton, which must
+    first see TRITON_INTERPRET where the Triton kernel tests set it (tests/kernels/triton_setup.py)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    from colquant.model import ColQwen3Config
+
     config = copy.deepcopy(ColQwen3Config.tiny().vision_config)
     config.hidden_size, config.depth, config.deepstack_visual_indexes = hidden, 1, []
     visual = Qwen3VLVisionModel._from_config(config, dtype=dtype)
