@@ -195,7 +195,7 @@ def test_load_fp8_runs_every_4bit_text_layer_as_w4a8_close_to_w4a16(tiny_w4a16_p
     assert not all(torch.equal(a, b) for a, b in zip(got, want))  # the activations really are FP8
 
 
-def test_the_fused_tower_feeds_w4a8_layers_quantized_rows(tiny_w4a16_path):
+def test_load_fp8_with_the_fused_tower_feeds_w4a8_layers_quantized_rows(tiny_w4a16_path):
     fused, processor = colquant.load(tiny_w4a16_path, activations="fp8", accelerate=True)
     plain, _ = colquant.load(tiny_w4a16_path, activations="fp8")
     layers = {name: m for name, m in fused.named_modules() if isinstance(m, w4a8.W4A8Linear)}
@@ -213,7 +213,7 @@ def test_the_fused_tower_feeds_w4a8_layers_quantized_rows(tiny_w4a16_path):
     assert all(torch.allclose(a, b, atol=2e-2) for a, b in zip(got, want))
 
 
-def test_bad_activations_are_refused_before_loading(tiny_w4a16_path):
+def test_load_refuses_bad_activations_before_loading(tiny_w4a16_path):
     with pytest.raises(ValueError, match="activations='int8'.*'bf16', 'fp8'"):
         colquant.load(tiny_w4a16_path, activations="int8")
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -224,12 +224,12 @@ def test_bad_activations_are_refused_before_loading(tiny_w4a16_path):
         colquant.load(tiny_w4a16_path, activations="fp8", dtype="float16")
 
 
-def test_fp8_on_a_16bit_checkpoint_is_refused_naming_why(tiny_path):
+def test_load_fp8_of_a_16bit_checkpoint_is_refused_naming_why(tiny_path):
     with pytest.raises(CheckpointError, match="not one: it has no quantization_config"):
         colquant.load(tiny_path, activations="fp8")
 
 
-def test_fp8_on_an_asymmetric_checkpoint_is_refused_naming_why(tiny_w4a16_path, tmp_path):
+def test_load_fp8_of_an_asymmetric_checkpoint_is_refused_naming_why(tiny_w4a16_path, tmp_path):
     copy = shutil.copytree(tiny_w4a16_path, tmp_path / "asym")
     config = json.loads((copy / "config.json").read_text())
     config["quantization_config"]["sym"] = False
@@ -238,7 +238,7 @@ def test_fp8_on_an_asymmetric_checkpoint_is_refused_naming_why(tiny_w4a16_path, 
         colquant.load(copy, activations="fp8")
 
 
-def test_no_kernel_on_the_gpu_is_refused_not_replaced(tiny_w4a16_path, monkeypatch):
+def test_load_fp8_without_the_kernel_on_the_gpu_is_refused_not_replaced(tiny_w4a16_path, monkeypatch):
     """A CUDA device without vLLM's library (or not Hopper): refused with vllm_ops' reason, never W4A16 instead."""
     from colquant import checkpoint
 
