@@ -74,18 +74,20 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
 def _with_w4a8_run(profile: dict[str, Any], seqlen: int, method: str, produced: dict[str, Any]) -> dict[str, Any]:
     """`produced` (the variant's metadata), once its W4A8 run exists where the profile asks for one."""
     if method == "autoround" and seqlen == workspace.w4a8_seqlen(profile):
-        produce_w4a8_variant(profile, seqlen)
+        produce_w4a8_variant(profile, seqlen, produced["calibration"]["source_used"])
     return produced
 
 
-def produce_w4a8_variant(profile: dict[str, Any], seqlen: int) -> dict[str, Any]:
-    """The W4A8 run of the auto-round variant at `seqlen` in `variants/<w4a8 name>`, unless one made for
-    that checkpoint's current weights exists: its metadata (the checkpoint's, with `loads`: the checkpoint
-    beside it, its weights' fingerprint, the activations) and card. Returns its metadata (`reused`)."""
+def produce_w4a8_variant(profile: dict[str, Any], seqlen: int, calibration_source: str) -> dict[str, Any]:
+    """The W4A8 run of the auto-round variant at `seqlen` (calibrated on `calibration_source`, which both
+    names carry) in `variants/<w4a8 name>`, unless one made for that checkpoint's current weights exists:
+    its metadata (the checkpoint's, with `loads`: the checkpoint beside it, its weights' fingerprint, the
+    activations) and card. Returns its metadata (`reused`)."""
     from colquant.kernels.w4a8 import KERNEL, REFERENCE
 
-    directory = workspace.variants_dir(profile)
-    name, checkpoint = workspace.w4a8_variant(profile, seqlen), workspace.autoround_variant(profile, seqlen)
+    settings, directory = quantization_section(profile), workspace.variants_dir(profile)
+    name = settings.w4a8_variant_name(seqlen, calibration_source=calibration_source)
+    checkpoint = settings.variant_name(seqlen, calibration_source=calibration_source)
     out = directory / name
     weights = workspace.checkpoint_fingerprint(directory / checkpoint)
     if (out / workspace.METADATA_FILE).exists():
