@@ -53,6 +53,7 @@ def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output
         "w4a16-g128-sym-embedded-seqlen128-iters2",  # offline, the profile's embedded fallback was used
         "w4a16-g128-sym-embedded-seqlen64-iters2",
         "w4a16-g128-sym-rtn",
+        "w4a8-g128-sym-embedded-seqlen128-iters2",  # the seqlen-128 checkpoint run as W4A8 (quantization.w4a8)
     ]
     report = (output_root / "REPORT.md").read_text()
     assert "random weights" in report and "No " not in report.split("## Plots")[0]
@@ -189,10 +190,13 @@ def test_force_recomputes_cached_results(tmp_path, stand_in, output_root):
 def test_removing_a_seqlen_reruns_the_comparisons_without_its_variant(tmp_path, stand_in, output_root):
     executed_after(stand_in, small_profile(tmp_path))
     profile_path = small_profile(tmp_path, calibration={"seqlens": [64]})
-    assert executed_after(stand_in, profile_path) == ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep",
-                                                   "07_index_compression"]
+    # 64 is now the largest seqlen: its step runs again to make the W4A8 run (quantization.w4a8) of its checkpoint
+    assert executed_after(stand_in, profile_path) == ["03_quantization__seqlen64", "04_embedding_fidelity",
+                                                   "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
     profile = load_profile(profile_path)
     assert workspace.autoround_variant(profile, 128) not in workspace.quantized_variants(profile)
+    assert workspace.w4a8_variant(profile, 128) not in workspace.quantized_variants(profile)
+    assert workspace.w4a8_variant(profile, 64) in workspace.quantized_variants(profile)
 
 
 def test_a_second_run_on_the_same_outputs_is_refused_naming_the_holder(tmp_path, stand_in, output_root):
@@ -250,6 +254,15 @@ def test_the_command_line_reports_a_held_output_dir_in_one_line_after_waiting(tm
         assert main(["run", profile_path, "--wait", "0.3"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("colquant run: ") and "is in use by another run" in error and error.count("\n") == 1
+
+
+def test_the_w4a8_run_is_made_by_the_largest_seqlens_quantization_step(tmp_path, stand_in, output_root):
+    steps = {step.key: step for step in plan(workspace.resolve(small_profile(tmp_path)), load_profile(small_profile(tmp_path)))}
+    w4a8 = output_root / "variants" / "w4a8-g128-sym-pile10k-seqlen128-iters2" / workspace.METADATA_FILE
+    assert w4a8 in steps["03_quantization__seqlen128"].results and w4a8 not in steps["03_quantization__seqlen64"].results
+    off = plan(workspace.resolve(small_profile(tmp_path, quantization={"w4a8": False})),
+               load_profile(small_profile(tmp_path, quantization={"w4a8": False})))
+    assert not any(path.parent.name.startswith("w4a8-") for step in off for path in step.results)
 
 
 def test_notebook_01_runs_once_per_profile_without_a_seqlen(tmp_path, stand_in, output_root):

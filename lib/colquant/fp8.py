@@ -181,6 +181,7 @@ class FP8Linear(nn.Module):
     ``(e4m3 rows [M, in], fp32 scales [M, 1])`` from a fused producer (RMSNorm, silu·mul)."""
 
     bits = 8  # read by `quantization.layer_types`
+    takes_fp8_rows = True  # the fused text tower hands it quantized rows (fast_text.norm_producer)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None) -> None:

@@ -108,8 +108,9 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     steps = [Step("01_architecture", parameters, out / "01_architecture.ipynb", (results / "architecture.json",), (), ())]
     quantized = []
     for seqlen in profile["calibration"]["seqlens"]:
+        w4a8 = [workspace.w4a8_variant(profile, seqlen)] if seqlen == workspace.w4a8_seqlen(profile) else []
         variants = tuple(workspace.variants_dir(profile) / name
-                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated])
+                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated, *w4a8])
         per_seqlen = {
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (

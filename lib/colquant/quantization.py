@@ -272,6 +272,10 @@ def model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> str:
 
     if metadata["settings"]["method"] == fp8.METHOD:
         return fp8.model_card(metadata)
+    if "loads" in metadata:  # a W4A8 run of a 4-bit checkpoint (colquant.variants)
+        from colquant.variants import w4a8_model_card
+
+        return w4a8_model_card(metadata)
     return str(build_model_card(metadata, checkpoint))
 
 

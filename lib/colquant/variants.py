@@ -4,15 +4,22 @@
 a profile's inputs and outputs live. This module joins the two for a profile: it names the variant
 from its settings, decides whether an identical checkpoint already exists, and otherwise loads the
 base model (through `workspace.load_variant`), quantizes it and saves it under `variants/<name>`.
+
+With `quantization.w4a8`, the auto-round variant of the largest calibration seqlen also gets a W4A8 run:
+`variants/<w4a8 name>` holds no weights, only metadata naming that checkpoint, the weights it was made
+for and the load option (`activations="fp8"`, `colquant.kernels.w4a8`), and a card; notebooks 04-07
+load it through `workspace.load_variant` and compare it like any variant.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from colquant import workspace
+from colquant.files import atomic_directory, write_json, write_text
 from colquant.calibration import CalibrationSet
 from colquant.params import quantization_section
 from colquant.quantization import (
@@ -43,7 +50,7 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
     if (out / workspace.METADATA_FILE).exists():
         existing = workspace.read_variant_metadata(out)
         if existing.get("inputs_fingerprint") == inputs:
-            return {**existing, "reused": True}
+            return _with_w4a8_run(profile, seqlen, method, {**existing, "reused": True})
     model, processor = workspace.load_variant(profile, base, accelerate=False)  # auto-round replays transformers' blocks
     with scratch_dir(workspace.output_dir(profile) / SCRATCH_DIR):
         autoround, cost = quantize_language_model(model, processor, calibration, settings)
@@ -61,7 +68,74 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
             model, processor, autoround, out, metadata={**metadata, "inputs_fingerprint": inputs},
             export_formats=tuple(profile["quantization"]["export_formats"]),
         )
+    return _with_w4a8_run(profile, seqlen, method, {**workspace.read_variant_metadata(out), "reused": False})
+
+
+def _with_w4a8_run(profile: dict[str, Any], seqlen: int, method: str, produced: dict[str, Any]) -> dict[str, Any]:
+    """`produced` (the variant's metadata), once its W4A8 run exists where the profile asks for one."""
+    if method == "autoround" and seqlen == workspace.w4a8_seqlen(profile):
+        produce_w4a8_variant(profile, seqlen, produced["calibration"]["source_used"])
+    return produced
+
+
+def produce_w4a8_variant(profile: dict[str, Any], seqlen: int, calibration_source: str) -> dict[str, Any]:
+    """The W4A8 run of the auto-round variant at `seqlen` (calibrated on `calibration_source`, which both
+    names carry) in `variants/<w4a8 name>`, unless one made for that checkpoint's current weights exists:
+    its metadata (the checkpoint's, with `loads`: the checkpoint beside it, its weights' fingerprint, the
+    activations) and card. Returns its metadata (`reused`)."""
+    from colquant.kernels.w4a8 import KERNEL, REFERENCE
+
+    settings, directory = quantization_section(profile), workspace.variants_dir(profile)
+    name = settings.w4a8_variant_name(seqlen, calibration_source=calibration_source)
+    checkpoint = settings.variant_name(seqlen, calibration_source=calibration_source)
+    out = directory / name
+    weights = workspace.checkpoint_fingerprint(directory / checkpoint)
+    if (out / workspace.METADATA_FILE).exists():
+        existing = workspace.read_variant_metadata(out)
+        if (existing.get("loads") or {}).get("weights") == weights:
+            return {**existing, "reused": True}
+    source = workspace.read_variant_metadata(directory / checkpoint)
+    metadata = {**{key: value for key, value in source.items() if key != "inputs_fingerprint"}, "variant": name,
+                "settings": {**source["settings"], "activations": "fp8 (e4m3, dynamic per token)"},
+                "loads": {"checkpoint": checkpoint, "weights": weights, "activations": "fp8"},
+                "runs": {"cuda": KERNEL, "cpu": REFERENCE},
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with atomic_directory(out) as staging:
+        write_json(staging / workspace.METADATA_FILE, metadata)
+        write_text(staging / "README.md", w4a8_model_card(metadata))
     return {**workspace.read_variant_metadata(out), "reused": False}
+
+
+def w4a8_model_card(metadata: dict[str, Any]) -> str:
+    """README.md of a W4A8 run: what it loads and how, what runs where, what was measured so far."""
+    from colquant.hub import NOT_FOR_USE
+
+    loads, runs = metadata["loads"], metadata["runs"]
+    warning = f"{NOT_FOR_USE} It runs a checkpoint quantized from a randomly initialised model.\n\n" \
+        if metadata["random_weights"] else ""
+    measured = "\n".join(f"| {key} | {value} |" for key, value in (metadata.get("results") or {}).items())
+    return f"""# {metadata['variant']}
+
+{warning}The 4-bit checkpoint `{loads['checkpoint']}` (the folder beside this one) run as W4A8: its int4 weights
+re-encoded at load with e4m3 group scales and an fp32 scale per output channel, activations e4m3 per token,
+FP8 tensor cores. This folder holds no weights; it names the checkpoint and how it is loaded:
+
+```python
+import colquant
+model, processor = colquant.load("{loads['checkpoint']}", activations="{loads['activations']}")
+```
+
+| where | what runs |
+|---|---|
+| CUDA | {runs['cuda']} |
+| CPU | {runs['cpu']} |
+
+## Measured so far
+
+| metric | value |
+|---|---|
+{measured or "| (none yet) | |"}
+"""
 
 
 def variant_inputs_fingerprint(
