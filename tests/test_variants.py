@@ -78,3 +78,12 @@ def test_the_report_records_results_on_the_w4a8_runs_card(profile, checkpoint):
     update_model_card(out, {"top-5 page overlap with BF16": 0.875})
     assert "| top-5 page overlap with BF16 | 0.875 |" in (out / "README.md").read_text()
     assert workspace.read_reported_results(out) == {"top-5 page overlap with BF16": 0.875}
+
+
+def test_pushing_a_w4a8_run_names_the_checkpoint_to_push_instead(profile, checkpoint):
+    from colquant.hub import PushError, push
+
+    out = workspace.variants_dir(profile) / _produce(profile)["variant"]
+    with pytest.raises(PushError, match=rf"(?s)W4A8 run of {checkpoint.name}.*no weights of its own.*push {checkpoint.name}"
+                                        r".*activations=\"fp8\""):
+        push(out, "me/colqwen3-w4a8", dry_run=True)
