@@ -300,6 +300,9 @@ def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again
     executed_after(stand_in, profile_path)
     steps = steps_by_notebook(profile_path)
     evaluation, index = steps["05_vidore_eval"].caches, steps["07_index_compression"].caches
+    shared = {workspace.embeddings_dir(load_profile(profile_path))}  # the embeddings both read and write
+    assert set(evaluation) & set(index) == shared
+    evaluation, index = [p for p in evaluation if p not in shared], [p for p in index if p not in shared]
     assert index and not {folder for folder in index for other in evaluation if other in (folder, *folder.parents)}
     index_result = index[0] / "results" / "tiny-bf16__index-pool3" / "task.json"
     index_result.parent.mkdir(parents=True)
@@ -309,6 +312,24 @@ def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again
     assert executed_after(stand_in, profile_path) == []
     discard(index[0])  # its mteb results are gone: 07 is not done any more
     assert executed_after(stand_in, profile_path) == ["07_index_compression"]
+
+
+def test_a_forced_run_recomputes_the_embeddings_05_and_07_share_once(tmp_path, stand_in, output_root, monkeypatch):
+    """Forced, 05 recomputes the embedding cache; 07, after it in the same run, reuses what 05 just
+    wrote instead of setting it aside and encoding every variant again."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    embeddings = workspace.embeddings_dir(load_profile(profile_path))
+    (embeddings / "before-force").write_text("old entry")
+
+    def writing_entries(step, description):
+        stand_in(step, description)
+        if step.notebook == "05_vidore_eval":
+            (embeddings / "written-by-05").write_text("new entry")
+
+    monkeypatch.setattr(pipeline, "_execute", writing_entries)
+    run(profile_path, force=True)
+    assert sorted(path.name for path in embeddings.iterdir()) == ["written-by-05"]
 
 
 def finish_old_results(output_root, profile_path) -> dict:

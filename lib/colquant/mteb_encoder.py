@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import torch
+from datasets import Dataset
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder
@@ -41,7 +42,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from colquant.distributed import encode_across_replicas, load_replicas, visible_gpus
+from colquant.embedding_cache import EmbeddingCache, Request
 from colquant.encode import MAX_DEFAULT_WORKERS, Failed, InFlight, PagePipeline, _launch, model_device
+from colquant.mteb_rows import items_digest
 from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
 log = logging.getLogger(__name__)
@@ -104,12 +107,17 @@ class ColQuantEncoder(AbsEncoder):
     encoder is a context manager that does. `page_workers` processes per model prepare pages
     (default: the cores but one per model, shared among the models, up to 16 each, on a GPU; none
     on a CPU), `batches_per_call` mteb batches at a time.
+
+    With a `cache` (`embedding_cache.EmbeddingCache` of this model), a call whose items, task and
+    batching were encoded before returns the stored embeddings (bit-identical) instead of encoding,
+    and a call it encodes is stored.
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str,
                  scoring: ScoringMode = DEFAULT_SCORING,
                  replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto", *,
-                 page_workers: int | None = None, batches_per_call: int = BATCHES_PER_CALL) -> None:
+                 page_workers: int | None = None, batches_per_call: int = BATCHES_PER_CALL,
+                 cache: EmbeddingCache | None = None) -> None:
         if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
             raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
                              "workspace.evaluation_fingerprint(profile, checkpoint, scoring)")
@@ -119,6 +127,7 @@ class ColQuantEncoder(AbsEncoder):
         if batches_per_call < 1:
             raise ValueError(f"batches_per_call must be >= 1, got {batches_per_call}")
         self.page_workers, self.batches_per_call = page_workers, batches_per_call
+        self.cache = cache
         self.pipelines: dict[int, PagePipeline] = {}
         self.model = model
         self.replicas: list[torch.nn.Module] | None = None if replicas == "auto" else list(replicas)
@@ -160,19 +169,24 @@ class ColQuantEncoder(AbsEncoder):
         """Embed a dataloader of text queries or page images (mteb's batches: {"text": [...]} or
         {"image": [PIL, ...]}); the batch size is the dataloader's, set by mteb from encode_kwargs.
         Page batches are spread over the model and its replicas, prepared ahead by their page
-        pipelines; queries run on the model."""
+        pipelines; queries run on the model. Read from the cache instead where it holds the call."""
         columns = set(inputs.dataset.column_names) & {"text", "image"}
         progress = kwargs.get("show_progress_bar", True)
-        if columns == {"text"}:
-            return self._encode_queries(inputs, progress)
-        if columns == {"image"}:
-            return self._encode_pages(inputs, progress)
-        raise ValueError(
-            f"{task_metadata.name} ({hf_subset}/{hf_split}) gives inputs with columns "
-            f"{sorted(inputs.dataset.column_names)}; ColQuantEncoder embeds either text queries or "
-            "page images, so use text-to-image tasks (category 't2i')")
+        if columns not in ({"text"}, {"image"}):
+            raise ValueError(
+                f"{task_metadata.name} ({hf_subset}/{hf_split}) gives inputs with columns "
+                f"{sorted(inputs.dataset.column_names)}; ColQuantEncoder embeds either text queries or "
+                "page images, so use text-to-image tasks (category 't2i')")
+        column = columns.pop()
+        request = None if self.cache is None else cache_request(inputs, column, task_metadata, hf_subset, hf_split)
+        items = None if request is None else self.cache.get(request)
+        if items is None:
+            items = self._encode_queries(inputs, progress) if column == "text" else self._encode_pages(inputs, progress)
+            if request is not None:
+                self.cache.put(request, items)
+        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
 
-    def _encode_queries(self, inputs: DataLoader, progress: bool) -> torch.Tensor:
+    def _encode_queries(self, inputs: DataLoader, progress: bool) -> list[torch.Tensor]:
         """Each mteb batch of queries through the processor and the model, in this thread."""
         items = []
         with torch.inference_mode():
@@ -181,9 +195,9 @@ class ColQuantEncoder(AbsEncoder):
                 embeddings = self.model(**features).embeddings
                 keep = features["attention_mask"].bool()
                 items += [row[mask].cpu() for row, mask in zip(embeddings, keep)]
-        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+        return items
 
-    def _encode_pages(self, inputs: DataLoader, progress: bool) -> torch.Tensor:
+    def _encode_pages(self, inputs: DataLoader, progress: bool) -> list[torch.Tensor]:
         """mteb's page batches, `batches_per_call` at a time, group k on model k mod n (each with
         its own pipeline), read from mteb's dataloader one group ahead by a thread."""
         if self.replicas is None:
@@ -193,8 +207,7 @@ class ColQuantEncoder(AbsEncoder):
             self._pipeline(model, len(models))  # made here, in the calling thread, before any is used
         batches = tqdm(inputs, desc="Encoding pages", disable=not progress)
         with contextlib.closing(read_ahead(page_groups(batches, self.batches_per_call), ahead=1)) as groups:
-            items = encode_across_replicas(models, groups, self._encode_group)
-        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+            return encode_across_replicas(models, groups, self._encode_group)
 
     def _pipeline(self, model: torch.nn.Module, n_models: int) -> PagePipeline:
         """`model`'s page pipeline, made on first use and kept until `close()`."""
@@ -279,6 +292,18 @@ class ColQuantEncoder(AbsEncoder):
             for i in range(len(embeddings1))
         ])
 
+
+
+def cache_request(inputs: DataLoader, column: str, task_metadata: TaskMetadata, hf_subset: str,
+                  hf_split: str) -> Request:
+    """What an encode call asks for, as the embedding cache keys it: the task's name and dataset
+    revision, subset and split, queries or pages, mteb's batch size and the items' content in order."""
+    if not isinstance(inputs.dataset, Dataset):
+        raise TypeError(f"the embedding cache identifies a call by its datasets.Dataset (mteb's create_dataloader "
+                        f"gives one), not a {type(inputs.dataset).__name__}: pass cache=None to encode without it")
+    return Request(task=task_metadata.name, revision=task_metadata.revision, subset=hf_subset, split=hf_split,
+                   kind="queries" if column == "text" else "pages", batch_size=inputs.batch_size,
+                   items=len(inputs.dataset), content=items_digest(inputs.dataset, column))
 
 
 def gpu_replicas(model: torch.nn.Module, processor: Any) -> list[torch.nn.Module]:

@@ -124,11 +124,12 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
         quantized.append(f"03_quantization__seqlen{seqlen}")
     across = {
         "04_embedding_fidelity": ((results / f"fidelity_{n}.csv" for n in ("summary", "layer_errors", "embeddings")), ()),
-        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (workspace.mteb_dir(profile),)),
+        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"),
+                           (workspace.mteb_dir(profile), workspace.embeddings_dir(profile))),
         "06_memory_sweep": ((results / f"{n}" for n in ("sweep.jsonl", "sweep_same_batch.csv", "sweep_budgets.csv")),
                             (results / "sweep.jsonl",)),
         "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"),
-                                 (workspace.index_mteb_dir(profile),)),
+                                 (workspace.index_mteb_dir(profile), workspace.embeddings_dir(profile))),
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]
@@ -196,6 +197,7 @@ def run(
         fingerprints: dict[str, str] = {}
         steps = plan(profile_path, profile)
         planned: list[Step] = []
+        recomputed: set[Path] = set()  # caches a forced step of this run has already recomputed
         for index, step in enumerate(steps, 1):
             # planned again: a variant's name carries the calibration source 02 actually used
             step = {fresh.key: fresh for fresh in plan(profile_path, profile)}[step.key]
@@ -210,7 +212,7 @@ def run(
                 continue
             state.pop(step.key, None)
             workspace.write_json(state_path, state)  # a kill from here on leaves the step not done
-            _execute_replacing(step, f"{index}/{len(steps)} {step.key}", force=force)
+            _execute_replacing(step, f"{index}/{len(steps)} {step.key}", force=force, recomputed=recomputed)
             state[step.key] = fingerprints[step.key]
             workspace.write_json(state_path, state)
             summary.append({"step": step.key, "status": "executed"})
@@ -267,10 +269,13 @@ def stale_steps(steps: list[Step], state: dict[str, str], fingerprints: dict[str
     return {step.key for step in steps if step.key in unfinished and any(path.exists() for path in step.results)}
 
 
-def _execute_replacing(step: Step, description: str, *, force: bool) -> None:
+def _execute_replacing(step: Step, description: str, *, force: bool, recomputed: set[Path]) -> None:
     """Run the step; with `force`, its cached results are set aside first so that it recomputes
-    them, put back if it does not finish, and deleted only once it has."""
-    set_aside = [_set_aside(path) for path in step.caches if path.exists()] if force else []
+    them, put back if it does not finish, and deleted only once it has. A cache two steps share
+    (the embeddings of 05 and 07) is recomputed once per run: by the first of them, not again by
+    the second, which reuses what the first just computed; `recomputed` holds those of this run."""
+    fresh = [path for path in step.caches if path not in recomputed] if force else []
+    set_aside = [_set_aside(path) for path in fresh if path.exists()]
     try:
         _execute(step, description)
     except BaseException:
@@ -279,6 +284,7 @@ def _execute_replacing(step: Step, description: str, *, force: bool) -> None:
         raise
     for aside in set_aside:
         discard(aside)
+    recomputed.update(fresh)
 
 
 def _set_aside(path: Path) -> Path:
@@ -307,10 +313,15 @@ def _put_back_set_aside(profile: dict[str, Any]) -> None:
 
 
 def _remove_interrupted_staging(profile: dict[str, Any]) -> None:
-    """Staging folders of saves a killed run left behind (this run holds the lock, so none is live)."""
+    """Staging folders of saves a killed run left behind, and its unfinished embedding-cache files
+    (this run holds the lock, so none is live)."""
+    # imports torch: only once a run starts, so that `colquant --help` stays instant
+    from colquant.embedding_cache import remove_unfinished
+
     remove_stale_staging(workspace.output_dir(profile))
     remove_stale_staging(workspace.results_dir(profile))
     remove_stale_staging(workspace.variants_dir(profile))
+    remove_unfinished(workspace.embeddings_dir(profile))
 
 
 def _execute(step: Step, description: str) -> None:
