@@ -128,6 +128,10 @@ class EmbeddingCache:
             return None
         return unpack_items(tensors)
 
+    def has(self, request: Request) -> bool:
+        """Whether a finished entry for `request` is recorded (`get` still checks it when read)."""
+        return request.key in self._manifest()["entries"]
+
     def put(self, request: Request, items: list[torch.Tensor]) -> bool:
         """Store a call's embeddings (one entry, then its record); False when the cache is at its bound."""
         if not items:

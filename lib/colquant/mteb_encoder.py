@@ -45,6 +45,7 @@ from colquant.distributed import encode_across_replicas, load_replicas, visible_
 from colquant.embedding_cache import EmbeddingCache, Request
 from colquant.encode import MAX_DEFAULT_WORKERS, Failed, InFlight, PagePipeline, _launch, model_device
 from colquant.mteb_rows import items_digest
+from colquant.shared_vision import Companion, check_shareable, launch_shared_vision
 from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,18 @@ class ColQuantEncoder(AbsEncoder):
 
     With a `cache` (`embedding_cache.EmbeddingCache` of this model), a call whose items, task and
     batching were encoded before returns the stored embeddings (bit-identical) instead of encoding,
-    and a call it encodes is stored.
+    and a call it encodes is stored. `companions` (`shared_vision.Companion`: models with the same
+    vision tower, on the same device, and their caches) are encoded with it: each page batch runs
+    through this model's vision tower once and through every model's language model, and the
+    companions' embeddings go to their caches, so evaluating them after this one encodes no page
+    (their calls' embeddings are held in memory until this call ends).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str,
                  scoring: ScoringMode = DEFAULT_SCORING,
                  replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto", *,
                  page_workers: int | None = None, batches_per_call: int = BATCHES_PER_CALL,
-                 cache: EmbeddingCache | None = None) -> None:
+                 cache: EmbeddingCache | None = None, companions: Sequence[Companion] = ()) -> None:
         if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
             raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
                              "workspace.evaluation_fingerprint(profile, checkpoint, scoring)")
@@ -127,7 +132,11 @@ class ColQuantEncoder(AbsEncoder):
         if batches_per_call < 1:
             raise ValueError(f"batches_per_call must be >= 1, got {batches_per_call}")
         self.page_workers, self.batches_per_call = page_workers, batches_per_call
-        self.cache = cache
+        self.cache, self.companions = cache, list(companions)
+        if self.companions:
+            replicas = replicas_with_companions(model, cache, replicas, self.companions)
+        self._sharing: list[Companion] = []  # during a page call: the companions encoded with it
+        self._shared_items: list[list[torch.Tensor]] = []
         self.pipelines: dict[int, PagePipeline] = {}
         self.model = model
         self.replicas: list[torch.nn.Module] | None = None if replicas == "auto" else list(replicas)
@@ -181,7 +190,8 @@ class ColQuantEncoder(AbsEncoder):
         request = None if self.cache is None else cache_request(inputs, column, task_metadata, hf_subset, hf_split)
         items = None if request is None else self.cache.get(request)
         if items is None:
-            items = self._encode_queries(inputs, progress) if column == "text" else self._encode_pages(inputs, progress)
+            items = (self._encode_queries(inputs, progress) if column == "text"
+                     else self._encode_pages(inputs, progress, request))
             if request is not None:
                 self.cache.put(request, items)
         return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
@@ -197,9 +207,21 @@ class ColQuantEncoder(AbsEncoder):
                 items += [row[mask].cpu() for row, mask in zip(embeddings, keep)]
         return items
 
-    def _encode_pages(self, inputs: DataLoader, progress: bool) -> list[torch.Tensor]:
+    def _encode_pages(self, inputs: DataLoader, progress: bool, request: Request | None) -> list[torch.Tensor]:
         """mteb's page batches, `batches_per_call` at a time, group k on model k mod n (each with
-        its own pipeline), read from mteb's dataloader one group ahead by a thread."""
+        its own pipeline), read from mteb's dataloader one group ahead by a thread; the companions
+        whose caches lack this call are encoded with the model and their embeddings stored."""
+        self._sharing = [c for c in self.companions if request is not None and not c.cache.has(request)]
+        self._shared_items = [[] for _ in self._sharing]
+        try:
+            items = self._encode_page_groups(inputs, progress)
+            for companion, shared in zip(self._sharing, self._shared_items):
+                companion.cache.put(request, shared)
+        finally:
+            self._sharing, self._shared_items = [], []
+        return items
+
+    def _encode_page_groups(self, inputs: DataLoader, progress: bool) -> list[torch.Tensor]:
         if self.replicas is None:
             self.replicas = gpu_replicas(self.model, self.processor)
         models = [self.model, *self.replicas]
@@ -227,8 +249,9 @@ class ColQuantEncoder(AbsEncoder):
         for batch in group.batches:
             positions.append(list(range(start, start + len(batch["image"]))))
             start += len(batch["image"])
-        device, items = model_device(model), []
-        in_flight: InFlight | None = None
+        device = model_device(model)
+        items: list[list[torch.Tensor]] = [[] for _ in range(1 + len(self._sharing))]  # model's, companions'
+        in_flight: list[InFlight] = []
         with contextlib.closing(pipeline.prepared(sources, positions)) as prepared:
             for number, indices in enumerate(positions):
                 try:
@@ -236,13 +259,16 @@ class ColQuantEncoder(AbsEncoder):
                 except Exception as error:
                     self._name_the_page(error, group, number)
                     raise
-                launched = _launch(model, features, indices, device)
-                if in_flight is not None:
-                    items += embeddings_read_back(in_flight)
+                launched = (launch_shared_vision([model, *(c.model for c in self._sharing)], features, indices, device)
+                            if self._sharing else [_launch(model, features, indices, device)])
+                for own, batch in zip(items, in_flight):
+                    own += embeddings_read_back(batch)
                 in_flight = launched
-        if in_flight is not None:
-            items += embeddings_read_back(in_flight)
-        return items
+        for own, batch in zip(items, in_flight):
+            own += embeddings_read_back(batch)
+        for shared, companion_items in zip(self._shared_items, items[1:]):
+            shared += companion_items
+        return items[0]
 
     def _name_the_page(self, error: Exception, group: PageGroup, number: int) -> None:
         """Add a note to `error`, raised while preparing batch `number` of `group`, naming the page:
@@ -292,6 +318,21 @@ class ColQuantEncoder(AbsEncoder):
             for i in range(len(embeddings1))
         ])
 
+
+
+def replicas_with_companions(model: torch.nn.Module, cache: EmbeddingCache | None,
+                             replicas: Sequence[torch.nn.Module] | Literal["auto"],
+                             companions: Sequence[Companion]) -> tuple[()]:
+    """Companions run on the model's one device (no replicas) and store into caches: refuse an
+    encoder that has no cache, is given replicas, or whose companions cannot share its vision output."""
+    if cache is None:
+        raise ValueError("companions are encoded into their caches alongside this model's: give this encoder a "
+                         "cache too, or no companions")
+    if replicas != "auto" and len(replicas):
+        raise ValueError("companions share this model's vision tower on its one device: pass replicas=() with "
+                         "companions, or no companions to spread pages over replicas")
+    check_shareable([model, *(companion.model for companion in companions)])
+    return ()
 
 
 def cache_request(inputs: DataLoader, column: str, task_metadata: TaskMetadata, hf_subset: str,
