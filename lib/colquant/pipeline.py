@@ -179,8 +179,10 @@ def run(
     steps and recomputes their cached results (mteb results, sweep rows, quantized variants).
     A second run on the same output directory waits up to `wait_s` seconds, then refuses.
     `overrides` (`KEY.PATH=VALUE`) change the profile's settings for this run, validated as the file is.
+    The run's first lines are its plan (`colquant.run_plan`: steps, work, reused caches, estimated time).
     """
     from colquant.reporting import write_report
+    from colquant.run_plan import format_plan, make_plan
 
     notebooks = _notebook_numbers(notebooks)
     profile_path = workspace.resolve(profile_path)
@@ -189,6 +191,7 @@ def run(
     with workspace.output_lock(out, wait_s=wait_s):
         _put_back_set_aside(profile)
         _remove_interrupted_staging(profile)
+        log.info("%s", format_plan(make_plan(profile_path, overrides=overrides, force=force, notebooks=notebooks)))
         if overrides:
             profile_path = _write_overridden_profile(profile, profile_path, overrides)
         state_path = out / STATE_FILE
