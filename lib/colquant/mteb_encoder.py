@@ -8,13 +8,19 @@ evaluation of one variant on N GPUs takes about 1/N of the page-encoding time. `
 loads those copies when more than one GPU is visible. `colquant.evaluation` runs it through mteb.
 
 Pages run as `encode_pages` runs them: each model (and replica) has a `PagePipeline` whose worker
-processes prepare (resize, normalise, patchify) the pages of the next mteb batches while the model
-encodes the current one, and a thread reads mteb's dataloader (which decodes the images) ahead of
-both. mteb's batches are kept exactly as mteb gives them (the published ViDoRe numbers pad each of
-its batches as one): the pipeline joins each batch's pages into the tensors the processor makes of
-that batch, so the embeddings are the same as processing the batch in one call. Memory: per model,
-the decoded pages of a group being encoded and of up to two more read ahead, plus the first
-group's pages, which the pipeline's workers were forked with, until `close()`.
+processes prepare (decode, resize, normalise, patchify) the pages of the next mteb batches while the
+model encodes the current one. The pages are read from mteb's corpus rows as stored, not through
+its dataloader (`mteb_page_batches`): iterating the dataloader decodes every page in one thread of
+this process and then sends the decoded page (~16 MB at 2560x2048) to a worker, which bounded the
+evaluation at a third of `encode_pages`' rate; a stored page is its encoded bytes or file path,
+decoded in a worker exactly as `datasets` decodes it (`encode.StoredPage`). A corpus not stored as
+a `datasets` Image column, or a dataloader that does not read it in order, is read through the
+dataloader as before. A thread reads the batches ahead of the models. mteb's batches are kept
+exactly as mteb gives them (the published ViDoRe numbers pad each of its batches as one): the
+pipeline joins each batch's pages into the tensors the processor makes of that batch, so the
+embeddings are the same as processing the batch in one call. Memory: per model, the pages of a
+group being encoded and of up to two more read ahead, plus the first group's pages, which the
+pipeline's workers were forked with, until `close()`.
 """
 
 from __future__ import annotations
@@ -43,8 +49,8 @@ from tqdm.auto import tqdm
 
 from colquant.distributed import encode_across_replicas, load_replicas, visible_gpus
 from colquant.embedding_cache import EmbeddingCache, Request
-from colquant.encode import MAX_DEFAULT_WORKERS, Failed, InFlight, PagePipeline, _launch, model_device
-from colquant.mteb_rows import items_digest
+from colquant.encode import MAX_DEFAULT_WORKERS, Failed, InFlight, PagePipeline, StoredPage, _launch, model_device
+from colquant.mteb_rows import items_digest, mteb_page_batches
 from colquant.shared_vision import Companion, check_shareable, launch_shared_vision
 from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
@@ -227,9 +233,13 @@ class ColQuantEncoder(AbsEncoder):
         models = [self.model, *self.replicas]
         for model in models:
             self._pipeline(model, len(models))  # made here, in the calling thread, before any is used
-        batches = tqdm(inputs, desc="Encoding pages", disable=not progress)
+        batches = tqdm(self._page_batches(inputs), total=len(inputs), desc="Encoding pages", disable=not progress)
         with contextlib.closing(read_ahead(page_groups(batches, self.batches_per_call), ahead=1)) as groups:
             return encode_across_replicas(models, groups, self._encode_group)
+
+    def _page_batches(self, inputs: DataLoader) -> Iterable[dict[str, Any]]:
+        """mteb's page batches, stored pages where its corpus allows (`mteb_page_batches`)."""
+        return mteb_page_batches(inputs)
 
     def _pipeline(self, model: torch.nn.Module, n_models: int) -> PagePipeline:
         """`model`'s page pipeline, made on first use and kept until `close()`."""
@@ -278,7 +288,7 @@ class ColQuantEncoder(AbsEncoder):
         first = group.first_page + sum(len(earlier["image"]) for earlier in group.batches[:number])
         for offset, page in enumerate(batch["image"]):
             try:
-                self.processor.process_images([page])
+                self.processor.process_images([page.decoded() if isinstance(page, StoredPage) else page])
             except Exception:  # noqa: BLE001  # the page is found; the error raised is the original
                 ids = batch.get("id")
                 named = f" (id {ids[offset]!r})" if ids is not None else ""

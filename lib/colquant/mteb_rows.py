@@ -2,21 +2,25 @@
 
 mteb hands an encoder a `DataLoader` over a `datasets.Dataset` whose image column decodes every page
 when the loader is iterated, in the thread that iterates it. ColQuant reads the same rows without
-decoding them (`encoded_pages`: each page's stored bytes or file path, which its page workers decode
-exactly as `datasets` would) and identifies what a call encodes by the content of its items, in
-order (`items_digest`), which is what the embedding cache is keyed by.
+decoding them (`encoded_pages`; `mteb_page_batches` gives mteb's batches of them, each page an
+`encode.StoredPage` its page workers decode exactly as `datasets` would) and identifies what a call
+encodes by the content of its items, in order (`items_digest`), which is what the embedding cache
+is keyed by.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image
+from torch.utils.data import DataLoader, SequentialSampler
 
+from colquant.encode import StoredPage
 from colquant.files import file_sha256
 
 ROWS_PER_READ = 64  # rows read from the Arrow table at a time (bounds the bytes held while hashing)
@@ -85,3 +89,26 @@ def _value_digest(value: Any) -> str:
         return digest.hexdigest()
     raise TypeError(f"cannot identify an item of type {type(value).__name__}: the embedding cache keys "
                     "texts and images")
+
+
+def mteb_page_batches(inputs: DataLoader) -> Iterable[dict[str, Any]]:
+    """The batches mteb's dataloader gives (`{"image": [...], "id": [...]}`, `batch_size` rows in
+    order), with each page left as stored (`encode.StoredPage`, decoded by a page worker) when the
+    corpus is a `datasets` Image column read in order; otherwise the dataloader itself, which
+    decodes."""
+    dataset = inputs.dataset
+    feature = stored_image_feature(dataset)
+    in_order = isinstance(inputs.sampler, SequentialSampler) and inputs.batch_size and not inputs.drop_last
+    if feature is None or not feature.decode or not in_order:
+        return inputs
+    return _stored_batches(dataset, feature, inputs.batch_size)
+
+
+def _stored_batches(dataset: Dataset, feature: Any, batch_size: int) -> Iterator[dict[str, Any]]:
+    ids = dataset["id"] if "id" in dataset.column_names else None
+    pages = encoded_pages(dataset)
+    for start in range(0, len(dataset), batch_size):
+        batch: dict[str, Any] = {"image": [StoredPage(row, feature) for row in itertools.islice(pages, batch_size)]}
+        if ids is not None:
+            batch["id"] = ids[start : start + batch_size]
+        yield batch

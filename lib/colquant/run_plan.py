@@ -133,10 +133,24 @@ class Workloads:
         self._sizes: list[Any] | None = None
 
     def _built_checkpoints(self) -> dict[str, Path]:
+        """The checkpoints on disk now: finished variants, and the base model where it is built or
+        downloaded (nothing is built or downloaded here)."""
         built = dict(workspace.quantized_variants(self.profile))
+        model = self.profile["model"]
         base = workspace.output_dir(self.profile) / "base-model"
-        if self.profile["model"]["id"] in BUILT_MODELS and (base / "config.json").is_file():
+        if model["id"] in BUILT_MODELS and (base / "config.json").is_file():
             built[workspace.BASELINE] = base
+        elif Path(model["id"]).expanduser().is_dir():
+            built[workspace.BASELINE] = Path(model["id"]).expanduser()
+        elif model["id"] not in BUILT_MODELS:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            try:
+                built[workspace.BASELINE] = Path(snapshot_download(model["id"], revision=model["revision"],
+                                                                   local_files_only=True))
+            except LocalEntryNotFoundError:
+                pass  # not downloaded yet: its pages count as not cached
         return built
 
     @property

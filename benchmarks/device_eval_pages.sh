@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device run for issue 26: where notebook 05's page time goes (benchmarks/eval_pages_profile.py): the mteb path
+# (pages through mteb's dataloader as before, and stored pages decoded in the workers as now) against encode_pages on
+# the same 2048x2560 document pages, batch 16, BF16 synthetic 4B; the per-page breakdown and a profiler trace; the
+# saving of evaluating 3 LM-only variants together. From the tree's root, with the wheels the GPU image lacks in
+# WHEELS (default .whl): mteb and its needs (datasets, dill, multiprocess, polars, polars-runtime-32,
+# pytrec-eval-terrier, pydantic, pydantic-core, annotated-types, typing-inspection; Python 3.12, manylinux x86_64).
+# Writes $OUT/eval-pages-profile.json and run.log; prints the table last.
+# Usage: bash benchmarks/device_eval_pages.sh [pages=96] [rounds=2]
+set -uo pipefail
+pages=${1:-96}
+rounds=${2:-2}
+source "$(dirname "$0")/device_setup.sh"
+if ! python3 -c "import mteb, datasets" >> "$log" 2>&1; then
+  echo "mteb or datasets does not import: carry their wheels in ${WHEELS:-.whl} (see this script's header)" | tee -a "$log"
+  exit 1
+fi
+echo "== eval_pages_profile: $pages pages, $rounds rounds" | tee -a "$log"
+timeout "${TOTAL_S:-500}" python3 benchmarks/eval_pages_profile.py --out "$out" --pages "$pages" --rounds "$rounds" \
+  > "$out/eval-pages-profile.log" 2>&1
+status=$?
+echo "exit $status" >> "$out/eval-pages-profile.log"
+grep -v -e "USDT:" -e "profiler_st" "$out/eval-pages-profile.log" | tail -16 | tee -a "$log"
+exit $status
