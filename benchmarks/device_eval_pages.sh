@@ -5,7 +5,9 @@
 # saving of evaluating 3 LM-only variants together. From the tree's root, with the wheels the GPU image lacks in
 # WHEELS (default .whl): mteb and its needs (datasets, dill, multiprocess, polars, polars-runtime-32,
 # pytrec-eval-terrier, pydantic, pydantic-core, annotated-types, typing-inspection; Python 3.12, manylinux x86_64).
-# Writes $OUT/eval-pages-profile.json and run.log; prints the table last.
+# Then `colquant run params/colqwen3-4b.yaml --plan`: the real study's steps, work and estimated wall time on this GPU
+# (the 4B's shapes with random weights in memory: the checkpoint is not downloaded there).
+# Writes $OUT/eval-pages-profile.json, plan-colqwen3-4b.txt and run.log; prints the table last.
 # Usage: bash benchmarks/device_eval_pages.sh [pages=96] [rounds=2]
 set -uo pipefail
 pages=${1:-96}
@@ -15,8 +17,12 @@ if ! python3 -c "import mteb, datasets" >> "$log" 2>&1; then
   echo "mteb or datasets does not import: carry their wheels in ${WHEELS:-.whl} (see this script's header)" | tee -a "$log"
   exit 1
 fi
+echo "== colquant run params/colqwen3-4b.yaml --plan" | tee -a "$log"
+timeout "${PLAN_S:-170}" python3 -m colquant run params/colqwen3-4b.yaml --plan > "$out/plan-colqwen3-4b.txt" 2>&1
+echo "exit $?" >> "$out/plan-colqwen3-4b.txt"
+tail -5 "$out/plan-colqwen3-4b.txt" | tee -a "$log"
 echo "== eval_pages_profile: $pages pages, $rounds rounds" | tee -a "$log"
-timeout "${TOTAL_S:-500}" python3 benchmarks/eval_pages_profile.py --out "$out" --pages "$pages" --rounds "$rounds" \
+timeout "${PROFILE_S:-340}" python3 benchmarks/eval_pages_profile.py --out "$out" --pages "$pages" --rounds "$rounds" \
   > "$out/eval-pages-profile.log" 2>&1
 status=$?
 echo "exit $status" >> "$out/eval-pages-profile.log"

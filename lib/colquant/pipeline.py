@@ -20,6 +20,7 @@ output directory. Command-line overrides
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jupyter_client.manager import AsyncKernelManager
-from traitlets import CaselessStrEnum
 
 from colquant import workspace
 from colquant.files import discard, remove_stale_staging
@@ -65,20 +64,27 @@ class PipelineError(RuntimeError):
     """A notebook failed or did not write its results; the message names it and its executed copy."""
 
 
-class QuietKernelManager(AsyncKernelManager):
-    """The notebooks' kernel, without the noise of a normal run at its source.
+@functools.cache
+def quiet_kernel_manager() -> type:
+    """The notebooks' kernel manager class, without the noise of a normal run at its source.
 
     IPC sockets instead of TCP (the kernel warns that TCP carries code unencrypted), and no SIGINT
     to a kernel that is being shut down after its notebook finished (jupyter_client interrupts
     before asking it to exit, and the idle kernel logs "KeyboardInterrupt caught in kernel").
+    Made on first use, so that planning a run (`colquant.run_plan`) needs no Jupyter installed.
     """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
 
-    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+    class QuietKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
 
-    async def _async_interrupt_kernel(self) -> None:
-        if self.shutting_down:
-            return
-        await super()._async_interrupt_kernel()
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    return QuietKernelManager
 
 
 @dataclass(frozen=True)
@@ -339,7 +345,7 @@ def _execute(step: Step, description: str) -> None:
             parameters=step.parameters,
             cwd=str(workspace.REPO_ROOT),
             progress_bar={"desc": description, "leave": True},
-            kernel_manager_class=QuietKernelManager,
+            kernel_manager_class=quiet_kernel_manager(),
             store_widget_state=False,  # tqdm bars are ipywidgets in a kernel: their state is 50-400 KB of noise
             start_timeout=KERNEL_START_TIMEOUT_S,
         )
@@ -374,7 +380,7 @@ def refresh_committed_notebooks(profile_path: str | Path = NOTEBOOK_DEFAULT_PROF
                 papermill.execute_notebook(
                     str(notebook), str(notebook), parameters={} if default else {"profile_path": str(profile_path)},
                     cwd=str(NOTEBOOKS_DIR), progress_bar={"desc": notebook.stem, "leave": True},
-                    kernel_manager_class=QuietKernelManager, store_widget_state=False,
+                    kernel_manager_class=quiet_kernel_manager(), store_widget_state=False,
                     start_timeout=KERNEL_START_TIMEOUT_S,
                 )
                 executed.append(notebook)
