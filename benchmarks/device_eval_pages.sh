@@ -3,8 +3,12 @@
 # (pages through mteb's dataloader as before, and stored pages decoded in the workers as now) against encode_pages on
 # the same 2048x2560 document pages, batch 16, BF16 synthetic 4B; the per-page breakdown and a profiler trace; the
 # saving of evaluating 3 LM-only variants together. From the tree's root, with the wheels the GPU image lacks in
-# WHEELS (default .whl): mteb and its needs (datasets, dill, multiprocess, polars, polars-runtime-32,
-# pytrec-eval-terrier, pydantic, pydantic-core, annotated-types, typing-inspection; Python 3.12, manylinux x86_64).
+# WHEELS (default .whl, ~49 MB): mteb and its needs, for Python 3.12 on manylinux x86_64. polars 1.33.1 is one wheel
+# (40 MB); the lock's polars 2.2 needs polars-runtime-32 (52 MB), past the 64 MiB a call carries; mteb imports either:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl mteb==2.26.24 datasets==5.2.0 dill==0.4.1
+#     multiprocess==0.70.19 polars==1.33.1 pytrec-eval-terrier==0.5.11 pydantic==2.14.4 pydantic-core==2.50.5
+#     annotated-types==0.8.0 typing-inspection==0.4.5
 # Then `colquant run params/colqwen3-4b.yaml --plan`: the real study's steps, work and estimated wall time on this GPU
 # (the 4B's shapes with random weights in memory: the checkpoint is not downloaded there).
 # Writes $OUT/eval-pages-profile.json, plan-colqwen3-4b.txt and run.log; prints the table last.
