@@ -7,34 +7,12 @@ import json
 import nbformat
 import pytest
 import yaml
+from pipeline_stand_in import ALL, executed_after, small_profile, write_partial
 
 from colquant import pipeline, workspace
 from colquant.files import discard
 from colquant.params import ProfileError, load_profile
 from colquant.pipeline import PipelineError, plan, run
-
-
-def small_profile(tmp_path, **overrides) -> str:
-    profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
-    profile["profile"] = "pipeline-test"
-    profile["model"]["max_num_visual_tokens"] = 64
-    profile["corpus"].update(n_pages=8, n_queries=16)
-    profile["calibration"].update(seqlens=[64, 128], nsamples=2)
-    profile["quantization"].update(iters=2, batch_size=2)
-    profile["fidelity"].update(n_queries=4, n_pages=6)
-    profile["sweep"].update(query_batch_sizes=[1, 2], page_batch_sizes=[1], repeats=1)
-    for section, values in overrides.items():
-        profile[section].update(values)
-    path = tmp_path / "profile.yaml"
-    path.write_text(yaml.safe_dump(profile))
-    return str(path)
-
-
-@pytest.fixture
-def output_root(tmp_path, monkeypatch):
-    monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    return tmp_path / "outputs" / "pipeline-test"
 
 
 def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output_root):
@@ -76,72 +54,7 @@ def test_failing_notebook_names_itself_and_its_executed_copy(tmp_path, output_ro
 
 
 # --------------------------------------------------------------------------------------------
-# Scheduling, with stand-in notebooks
-
-
-class StandIn:
-    """Replaces `pipeline._execute`: records the step and writes what the notebook declares it
-    writes (or not, or is killed half way, as a test asks)."""
-
-    def __init__(self) -> None:
-        self.executed: list[str] = []
-        self.parameters: list[dict] = []
-        self.kill_at: str | None = None
-        self.write_results = True
-        self.stale: frozenset | None = None  # what the pipeline handed the report as stale
-
-    def __call__(self, step, description):
-        self.executed.append(step.key)
-        self.parameters.append(step.parameters)
-        step.output.write_text("{}")
-        if step.key == self.kill_at:
-            for path in step.caches:  # half of the recomputed results
-                write_partial(path)
-            raise KeyboardInterrupt  # killed while the notebook runs
-        for path in step.results if self.write_results else ():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # notebook 02's record of the source it used (offline, the tiny profile's fallback); other
-            # results name the execution that wrote them, so a re-quantized variant has new content
-            path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__")
-                            else json.dumps({"execution": len(self.executed)}))
-        for path in step.caches if self.write_results else ():  # mteb's result folders
-            path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
-        if step.results and not self.write_results:
-            raise PipelineError(f"{step.notebook} finished but did not write {step.results[0]}")
-
-
-def write_partial(path):
-    """What a killed notebook leaves where a cached result goes: a folder or file with half of it."""
-    if path.suffix:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("partial")
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "partial").write_text("partial")
-
-
-@pytest.fixture
-def stand_in(monkeypatch, output_root):
-    notebooks = StandIn()
-    monkeypatch.setattr(pipeline, "_execute", notebooks)
-
-    def report(profile, stale=frozenset()):
-        notebooks.stale = stale
-        return workspace.output_dir(profile) / "REPORT.md"
-
-    monkeypatch.setattr("colquant.reporting.write_report", report)
-    return notebooks
-
-
-def executed_after(stand_in, profile_path, **options) -> list[str]:
-    stand_in.executed.clear()
-    run(profile_path, **options)
-    return list(stand_in.executed)
-
-
-ALL = ["01_architecture", "02_calibration__seqlen64", "03_quantization__seqlen64",
-       "02_calibration__seqlen128", "03_quantization__seqlen128",
-       "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
+# Scheduling, with stand-in notebooks (tests/pipeline_stand_in.py; fixtures in conftest.py)
 
 
 def test_sweep_repeats_reruns_only_the_sweep_and_recomputes_its_rows(tmp_path, stand_in, output_root):
@@ -313,6 +226,9 @@ def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again
     executed_after(stand_in, profile_path)
     steps = steps_by_notebook(profile_path)
     evaluation, index = steps["05_vidore_eval"].caches, steps["07_index_compression"].caches
+    shared = {workspace.embeddings_dir(load_profile(profile_path))}  # the embeddings both read and write
+    assert set(evaluation) & set(index) == shared
+    evaluation, index = [p for p in evaluation if p not in shared], [p for p in index if p not in shared]
     assert index and not {folder for folder in index for other in evaluation if other in (folder, *folder.parents)}
     index_result = index[0] / "results" / "tiny-bf16__index-pool3" / "task.json"
     index_result.parent.mkdir(parents=True)
@@ -322,6 +238,24 @@ def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again
     assert executed_after(stand_in, profile_path) == []
     discard(index[0])  # its mteb results are gone: 07 is not done any more
     assert executed_after(stand_in, profile_path) == ["07_index_compression"]
+
+
+def test_a_forced_run_recomputes_the_embeddings_05_and_07_share_once(tmp_path, stand_in, output_root, monkeypatch):
+    """Forced, 05 recomputes the embedding cache; 07, after it in the same run, reuses what 05 just
+    wrote instead of setting it aside and encoding every variant again."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    embeddings = workspace.embeddings_dir(load_profile(profile_path))
+    (embeddings / "before-force").write_text("old entry")
+
+    def writing_entries(step, description):
+        stand_in(step, description)
+        if step.notebook == "05_vidore_eval":
+            (embeddings / "written-by-05").write_text("new entry")
+
+    monkeypatch.setattr(pipeline, "_execute", writing_entries)
+    run(profile_path, force=True)
+    assert sorted(path.name for path in embeddings.iterdir()) == ["written-by-05"]
 
 
 def finish_old_results(output_root, profile_path) -> dict:

@@ -272,6 +272,11 @@ def index_mteb_dir(profile: dict[str, Any]) -> Path:
     return output_dir(profile) / "mteb-index"
 
 
+def embeddings_dir(profile: dict[str, Any]) -> Path:
+    """The page and query embeddings notebooks 05 and 07 share (`colquant.embedding_cache`)."""
+    return output_dir(profile) / "embeddings"
+
+
 def plots_dir(profile: dict[str, Any]) -> Path:
     """The figures' folder, created here because notebooks hand it to matplotlib's `savefig`,
     which does not create folders."""
