@@ -87,3 +87,11 @@ def test_pushing_a_w4a8_run_names_the_checkpoint_to_push_instead(profile, checkp
     with pytest.raises(PushError, match=rf"(?s)W4A8 run of {checkpoint.name}.*no weights of its own.*push {checkpoint.name}"
                                         r".*activations=\"fp8\""):
         push(out, "me/colqwen3-w4a8", dry_run=True)
+
+
+def test_a_w4a8_run_shares_the_vision_tower_and_weight_bytes_of_its_checkpoint(profile, checkpoint):
+    from colquant import shared_vision
+
+    out = workspace.variants_dir(profile) / _produce(profile)["variant"]
+    assert shared_vision.sharing_groups({"w4a16": checkpoint, "w4a8": out}) == [["w4a16", "w4a8"]]
+    assert shared_vision.checkpoint_bytes(out) == shared_vision.checkpoint_bytes(checkpoint) > 0

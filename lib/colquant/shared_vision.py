@@ -62,10 +62,11 @@ def vision_fingerprint(checkpoint: str | Path) -> str:
     from the checkpoint's safetensors files without loading the model."""
     from colquant.workspace import checkpoint_fingerprint
 
+    checkpoint = weights_folder(checkpoint)
     content = checkpoint_fingerprint(checkpoint)
     if content not in _VISION_FINGERPRINTS:
         tensors: dict[str, torch.Tensor] = {}
-        for path in shard_files(Path(checkpoint)):
+        for path in shard_files(checkpoint):
             with safe_open(str(path), framework="pt") as reader:
                 tensors.update({match.group(1): reader.get_tensor(key) for key in reader.keys()
                                 if (match := VISION_TENSOR.search(key))})
@@ -202,9 +203,17 @@ def _proc_kib(path: Path, field: str) -> int:
     return int(line.split()[1])
 
 
+def weights_folder(variant: str | Path) -> Path:
+    """The folder holding a variant's weights: itself, or for a W4A8 run (a folder naming a 4-bit checkpoint,
+    `workspace.variant_checkpoint`) that checkpoint, whose vision tower and weight bytes it runs."""
+    from colquant.workspace import variant_checkpoint
+
+    return variant_checkpoint(variant)[0]
+
+
 def checkpoint_bytes(checkpoint: Path) -> int:
     """The bytes of a checkpoint's weight files: what loading it puts in memory, before any copy."""
-    return sum(path.stat().st_size for path in shard_files(Path(checkpoint)))
+    return sum(path.stat().st_size for path in shard_files(weights_folder(checkpoint)))
 
 
 def copies_missing(model: torch.nn.Module) -> int:
