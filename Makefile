@@ -51,7 +51,7 @@ lock: $(UV)
 		--no-deps --only-binary :all: --quiet -o /dev/null || exit 1; done
 
 # The newest releases inside pyproject.toml's ranges, in a scratch venv, through the fast tests:
-# drift found before users find it. The README's install section records the last result.
+# drift found before users find it. docs/install.md records the last result.
 LATEST_VENV := .venv-latest
 test-latest:
 	rm -rf $(LATEST_VENV) && $(PYTHON) -m venv $(LATEST_VENV)

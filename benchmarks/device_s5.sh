@@ -3,7 +3,6 @@
 #   tests      the CUDA tests of the kernels changed this session
 #   breakdown  where a batch's GPU time goes (kernel_breakdown.py, BF16 and fp8-all)
 #   gemm       BF16 vs FP8 GEMMs (precise and fast accumulation) at queries' and pages' token counts
-#   producers  the FP8 producers, main's before this session vs now (needs .dev-old/old_fp8_ops.py)
 #   bench      `colquant bench`: queries and pages, BF16 and the FP8 variants, each FP8 one with fast
 #              (the default) and precise accumulation
 # The default path: no environment variable, no optional kernel package (only pydantic is installed:
@@ -40,9 +39,6 @@ for r in rows:
           f"{r['bf16_tflops']:.0f} | {r['fp8_gemm_tflops']:.0f} | {r['fp8_gemm_us'] / r['fp8_gemm_fast_accum_us']:.2f} |")
 PY
 }
-producers() {
-  timeout 150 python3 benchmarks/producer_bench.py --old .dev-old/old_fp8_ops.py --out "$out/producers.json" 2>&1 | tail -14
-}
 bench() {
   python3 - <<'PY'
 import yaml
@@ -56,7 +52,7 @@ PY
     --out "$out/bench.json" > "$out/bench.log" 2>&1; echo "exit $?" >> "$out/bench.log"
   grep -E "ms .* /s" "$out/bench.log" | tail -20
 }
-for step in "${@:-tests breakdown gemm producers bench}"; do
+for step in "${@:-tests breakdown gemm bench}"; do
   for s in $step; do echo "== $s" | tee -a "$log"; "$s" 2>&1 | tee -a "$log"; done
 done
 exit 0

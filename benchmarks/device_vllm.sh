@@ -4,8 +4,8 @@
 # vllm_C.so.xz (vllm 0.26.0's vllm/_C_stable_libtorch.abi3.so, xz-compressed to fit the 64 MiB transfer;
 # extracted from the PyPI wheel, git-ignored, never committed):
 #   1. the library decompressed under /tmp and named by COLQUANT_VLLM_OPS_LIB; what loads, which schedules;
-#   2. the CUDA tests of kernels/vllm_ops.py;  3. benchmarks/kernel_routes.py on the four text shapes at the
-#   issue's token counts (BF16, the own-tensor 4-bit path, Machete's best schedule, Marlin, CUTLASS W4A8);
+#   2. the CUDA tests of kernels/vllm_ops.py and kernels/w4a8.py;  3. benchmarks/kernel_routes.py on the four text
+#   shapes at the issue's token counts (BF16, the own-tensor 4-bit path, Machete's best schedule, Marlin, CUTLASS W4A8);
 #   4. optionally (STEPS containing "bench") `colquant tune --force` and the bench, BF16 beside the 4-bit rows,
 #   in what is left of TOTAL_S seconds (default 540).
 # Usage: STEPS=probe,tests,routes,bench bash benchmarks/device_vllm.sh [query batches] [page batches]
@@ -35,6 +35,11 @@ if [[ $steps == *tests* ]]; then
   echo "== pytest tests/kernels/test_vllm_ops.py" | tee -a "$log"
   timeout 150 python3 -m pytest --noconftest tests/kernels/test_vllm_ops.py -q -rs -p no:cacheprovider 2>&1 \
     | tail -25 | tee -a "$log"
+  echo "== pytest tests/kernels/test_w4a8.py" | tee -a "$log"
+  # its test_load_* tests need the tiny W4A16 variant (conftest's fixture: auto-round); without auto-round, the rest
+  if python3 -c "import auto_round" 2>/dev/null; then only=(); else only=(--noconftest -k "not test_load"); fi
+  timeout 240 python3 -m pytest tests/kernels/test_w4a8.py "${only[@]}" -q -rs -p no:cacheprovider 2>&1 \
+    | tail -25 | tee -a "$log"
 fi
 if [[ $steps == *routes* ]]; then
   echo "== kernel_routes" | tee -a "$log"
@@ -48,7 +53,7 @@ if [[ $steps == *bench* ]]; then
   timeout "$(( $(left) * 45 / 100 ))" python3 -m colquant tune --force 2>&1 | grep -v "off by" | tail -70 | tee -a "$log"
   cp /tmp/colquant-kernels/*.json "$out/" 2>/dev/null
   echo "== bench" | tee -a "$log"
-  timeout "$(( $(left) - 5 ))" python3 -m colquant bench --profile synthetic-4b --precisions bf16,w4a16,w4a16-memory \
+  timeout "$(( $(left) - 5 ))" python3 -m colquant bench --profile synthetic-4b --precisions bf16,w4a16,w4a16-memory,w4a8 \
     --query-batches "$qb" --page-batches "$pb" --no-kernel-checks --out "$out/bench.json" 2>&1 | tail -40 | tee -a "$log"
 fi
 exit 0

@@ -59,3 +59,32 @@ def tiny_w4a16(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_w4a16_path(tiny_w4a16) -> Path:
     return tiny_w4a16[2]
+
+
+@pytest.fixture
+def output_root(tmp_path, monkeypatch):
+    """Outputs of a pipeline run under this test's folder (profile `pipeline-test`), progress bars off."""
+    from colquant import workspace
+
+    monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    return tmp_path / "outputs" / "pipeline-test"
+
+
+@pytest.fixture
+def stand_in(monkeypatch, output_root):
+    """`pipeline.run` with stand-in notebooks (tests/pipeline_stand_in.py), the report and the plan's
+    warm-up replaced too: the scheduling is tested, no model runs."""
+    from colquant import pipeline, workspace
+    from pipeline_stand_in import StandIn, not_measured
+
+    notebooks = StandIn()
+    monkeypatch.setattr(pipeline, "_execute", notebooks)
+
+    def report(profile, stale=frozenset()):
+        notebooks.stale = stale
+        return workspace.output_dir(profile) / "REPORT.md"
+
+    monkeypatch.setattr("colquant.reporting.write_report", report)
+    monkeypatch.setattr("colquant.warmup.measure_in_subprocess", not_measured)
+    return notebooks

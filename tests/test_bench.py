@@ -112,16 +112,32 @@ def test_a_gemm_shape_with_no_passing_route_fails_the_checks():
     assert row["ok"] and row["w4_choice"] == "triton-a" and row["dispatch"] == "bf16" and row["speedup"] == 0.5
 
 
-def test_fp8_and_memory_first_precisions_are_timed_and_checked(tiny_profile, tmp_path):
-    tiny_profile["bench"].update(precisions=["bf16", "w4a16-memory", "fp8-lm", "fp8-all"], query_batches=[1],
+def test_fp8_w4a8_and_memory_first_precisions_are_timed_and_checked(tiny_profile, tmp_path):
+    tiny_profile["bench"].update(precisions=["bf16", "w4a16-memory", "w4a8", "fp8-lm", "fp8-all"], query_batches=[1],
                                  page_batches=[1], end_to_end_batches=0)
     bench.run_bench(tiny_profile, tmp_path / "bench.json", device="cpu")
     data = json.loads((tmp_path / "bench.json").read_text())
     checks = data["model_checks"]
     assert checks["fp8-all_vs_transformers_queries"]["cos_min"] > 0.95  # W8A8 on a random tiny model
-    assert checks["w4a16-memory_vs_dequant_reference_queries"]["cos_min"] > 0.999
+    assert checks["w4a8_vs_transformers_queries"]["cos_min"] > 0.95  # W4A8 likewise
+    for precision in ("w4a16-memory", "w4a8"):
+        assert checks[f"{precision}_vs_dequant_reference_queries"]["cos_min"] > 0.999
     timed = {(r["precision"], r["work"]) for r in data["results"] if "ms" in r}
-    assert {("fp8-lm", "query"), ("fp8-all", "page"), ("w4a16-memory", "query")} <= timed
+    assert {("fp8-lm", "query"), ("fp8-all", "page"), ("w4a16-memory", "query"), ("w4a8", "query"),
+            ("w4a8", "page")} <= timed
+
+
+def test_w4a8_is_refused_where_its_kernel_cannot_run(tiny_profile, tiny_model, monkeypatch):
+    from colquant.kernels import w4a8
+
+    model, _ = tiny_model  # shared: both refusals come before anything changes it
+    with monkeypatch.context() as patch:
+        patch.setattr(w4a8, "device_problem", lambda device, dtype: "no CUTLASS W4A8 here (test)")
+        with pytest.raises(RuntimeError, match="w4a8 cannot run: no CUTLASS W4A8 here"):
+            bench.PREPARE["w4a8"](model, tiny_profile)
+    tiny_profile["quantization"]["group_size"] = 64
+    with pytest.raises(RuntimeError, match="group_size is 64; CUTLASS W4A8 takes group size 128"):
+        bench.PREPARE["w4a8"](model, tiny_profile)
 
 
 def test_pages_from_pil_are_timed_through_a_warm_pipeline_with_workers(tiny_profile, tmp_path, monkeypatch):

@@ -82,6 +82,41 @@ def test_page_embeddings_are_bit_identical_to_processing_each_mteb_batch(tiny_mo
         assert not item[len(want):].any()  # mteb's layout: real tokens first, zero rows after
 
 
+def test_pages_are_decoded_in_the_page_workers_not_by_mtebs_dataloader(tiny_model, tmp_path, monkeypatch):
+    """Iterating mteb's dataloader decodes every page in this process, then sends it decoded to a
+    worker: the bound of the evaluation's page rate. The stored pages go to the workers instead."""
+    model, processor = tiny_model
+    loader, arguments = mteb_loader(SIZES)
+    decoders = tmp_path / "decoders"
+    decode = ImageFeature.decode_example
+
+    def recording(self, value, token_per_repo_id=None):
+        with decoders.open("a") as file:  # a worker is another process: it appends its pid here
+            file.write(f"{os.getpid()}\n")
+        return decode(self, value, token_per_repo_id)
+
+    expected = per_batch_reference(model, processor, loader)
+    monkeypatch.setattr(ImageFeature, "decode_example", recording)
+    with ColQuantEncoder(model, processor, "bf16", REV, replicas=(), page_workers=1) as encoder:
+        encoded = encoder.encode(loader, **arguments)
+    pids = decoders.read_text().split()
+    assert len(pids) == len(SIZES) and str(os.getpid()) not in pids
+    for item, want in zip(encoded, expected):
+        assert torch.equal(item[: len(want)], want)
+
+
+def test_a_loader_that_does_not_read_the_corpus_in_order_is_read_as_mteb_gives_it(tiny_model):
+    model, processor = tiny_model
+    loader, arguments = mteb_loader(SIZES)
+    shuffled = DataLoader(loader.dataset, batch_size=3, sampler=list(reversed(range(len(SIZES)))),
+                          collate_fn=loader.collate_fn)
+    expected = per_batch_reference(model, processor, shuffled)
+    with ColQuantEncoder(model, processor, "bf16", REV, replicas=()) as encoder:
+        encoded = encoder.encode(shuffled, **arguments)
+    for item, want in zip(encoded, expected):
+        assert torch.equal(item[: len(want)], want)
+
+
 def test_mteb_batches_are_padded_as_mteb_gives_them_not_regrouped(tiny_model):
     """A batch of a small and a large page is one forward padded to the large page's prompt, as the
     processor pads that batch (sorting pages by size, as encode_pages does, would change it)."""

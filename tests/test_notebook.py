@@ -105,6 +105,18 @@ def test_the_sweep_prose_compares_at_the_largest_batch_every_variant_ran():
     assert interpret.sweep_rows(pd.DataFrame(rows)).endswith(f"out of memory: `{RTN}` pages from batch 8.")
 
 
+def test_the_sweep_prose_labels_a_w4a8_run_on_cpu_as_its_dequantized_reference():
+    w4a8 = "w4a8-g128-sym-pile10k-seqlen1024-iters20"
+    rows = [{"variant": v, "kind": "query", "batch_size": 4, "status": "ok", "peak_memory_mib": 100.0,
+             "items_per_s": 10.0, "memory_kind": "process_rss", "device": device}
+            for v, device in (("bf16", "cpu"), (W4, "cpu"), (w4a8, "cpu"))]
+    text = interpret.sweep(pd.DataFrame(rows))
+    assert f"`{w4a8}` (W4A8's dequantized reference on CPU: its arithmetic, not its kernel's speed or memory)" in text
+    assert f"`{W4}` 1.00× memory" in text
+    on_gpu = interpret.sweep(pd.DataFrame([dict(row, device="cuda") for row in rows]))
+    assert "dequantized reference" not in on_gpu
+
+
 def test_the_ndcg_prose_ranks_variants_by_their_mean():
     from colquant.evaluation import change_counts, ndcg_table
 

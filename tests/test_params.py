@@ -237,6 +237,19 @@ def test_variant_names_carry_their_settings(tiny):
     assert asymmetric.variant_name(256, calibration_source="pages") == "w4a16-g64-asym-pages-seqlen256-iters20"
 
 
+def test_w4a8_runs_are_named_like_their_checkpoint_with_8_bit_activations(tiny):
+    settings = quantization_section(tiny)
+    assert settings.w4a8_variant_name(512, calibration_source="embedded") == "w4a8-g128-sym-embedded-seqlen512-iters20"
+
+
+@pytest.mark.parametrize("change, problem", [(dict(sym=False), "sym=False, group_size=128"),
+                                             (dict(group_size=64), "sym=True, group_size=64")])
+def test_w4a8_runs_only_checkpoints_the_kernel_takes(tiny, change, problem):
+    message = _rejected(tiny, lambda p: p["quantization"].update(w4a8=True, **change))
+    assert problem in message and "set quantization.w4a8: false" in message
+    assert validate_profile({**tiny, "quantization": {**tiny["quantization"], "w4a8": False, **change}})
+
+
 def test_variant_names_carry_the_calibration_source_actually_used(tiny):
     """The tiny profile requests pile-10k but calibrates on the embedded fallback offline: its
     variants must not be called pile10k."""
@@ -252,9 +265,11 @@ def test_variant_names_carry_the_calibration_source_actually_used(tiny):
 
 def test_overrides_set_values_of_their_yaml_type_and_repeat():
     profile = load_profile(PARAMS / "tiny.yaml", overrides=[
-        "quantization.iters=50", "calibration.seqlens=[128, 64]", "quantization.sym=false", "profile=tiny-iters50"])
+        "quantization.iters=50", "calibration.seqlens=[128, 64]", "quantization.sym=false", "quantization.w4a8=false",
+        "profile=tiny-iters50"])  # asymmetric: no W4A8 run (CUTLASS W4A8 takes symmetric checkpoints)
     assert profile["quantization"]["iters"] == 50 and profile["calibration"]["seqlens"] == [128, 64]
-    assert profile["quantization"]["sym"] is False and profile["profile"] == "tiny-iters50"
+    assert profile["quantization"]["sym"] is False and profile["quantization"]["w4a8"] is False
+    assert profile["profile"] == "tiny-iters50"
     assert quantization_section(profile).variant_name(64, calibration_source="embedded").endswith("seqlen64-iters50")
 
 

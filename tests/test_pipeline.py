@@ -7,35 +7,13 @@ import json
 import nbformat
 import pytest
 import yaml
+from pipeline_stand_in import ALL, executed_after, small_profile, write_partial
 
 from colquant import pipeline, workspace
 from colquant.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE
 from colquant.files import discard
 from colquant.params import ProfileError, load_profile
 from colquant.pipeline import PipelineError, plan, run
-
-
-def small_profile(tmp_path, **overrides) -> str:
-    profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
-    profile["profile"] = "pipeline-test"
-    profile["model"]["max_num_visual_tokens"] = 64
-    profile["corpus"].update(n_pages=8, n_queries=16)
-    profile["calibration"].update(seqlens=[64, 128], nsamples=2)
-    profile["quantization"].update(iters=2, batch_size=2)
-    profile["fidelity"].update(n_queries=4, n_pages=6)
-    profile["sweep"].update(query_batch_sizes=[1, 2], page_batch_sizes=[1], repeats=1)
-    for section, values in overrides.items():
-        profile[section].update(values)
-    path = tmp_path / "profile.yaml"
-    path.write_text(yaml.safe_dump(profile))
-    return str(path)
-
-
-@pytest.fixture
-def output_root(tmp_path, monkeypatch):
-    monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    return tmp_path / "outputs" / "pipeline-test"
 
 
 def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output_root):
@@ -54,6 +32,7 @@ def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output
         "w4a16-g128-sym-embedded-seqlen128-iters2",  # offline, the profile's embedded fallback was used
         "w4a16-g128-sym-embedded-seqlen64-iters2",
         "w4a16-g128-sym-rtn",
+        "w4a8-g128-sym-embedded-seqlen128-iters2",  # the seqlen-128 checkpoint run as W4A8 (quantization.w4a8)
     ]
     report = (output_root / "REPORT.md").read_text()
     assert "random weights" in report and "No " not in report.split("## Plots")[0]
@@ -76,72 +55,7 @@ def test_failing_notebook_names_itself_and_its_executed_copy(tmp_path, output_ro
 
 
 # --------------------------------------------------------------------------------------------
-# Scheduling, with stand-in notebooks
-
-
-class StandIn:
-    """Replaces `pipeline._execute`: records the step and writes what the notebook declares it
-    writes (or not, or is killed half way, as a test asks)."""
-
-    def __init__(self) -> None:
-        self.executed: list[str] = []
-        self.parameters: list[dict] = []
-        self.kill_at: str | None = None
-        self.write_results = True
-        self.stale: frozenset | None = None  # what the pipeline handed the report as stale
-
-    def __call__(self, step, description):
-        self.executed.append(step.key)
-        self.parameters.append(step.parameters)
-        step.output.write_text("{}")
-        if step.key == self.kill_at:
-            for path in step.caches:  # half of the recomputed results
-                write_partial(path)
-            raise KeyboardInterrupt  # killed while the notebook runs
-        for path in step.results if self.write_results else ():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # notebook 02's record of the source it used (offline, the tiny profile's fallback); other
-            # results name the execution that wrote them, so a re-quantized variant has new content
-            path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__")
-                            else json.dumps({"execution": len(self.executed)}))
-        for path in step.caches if self.write_results else ():  # mteb's result folders
-            path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
-        if step.results and not self.write_results:
-            raise PipelineError(f"{step.notebook} finished but did not write {step.results[0]}")
-
-
-def write_partial(path):
-    """What a killed notebook leaves where a cached result goes: a folder or file with half of it."""
-    if path.suffix:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("partial")
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "partial").write_text("partial")
-
-
-@pytest.fixture
-def stand_in(monkeypatch, output_root):
-    notebooks = StandIn()
-    monkeypatch.setattr(pipeline, "_execute", notebooks)
-
-    def report(profile, stale=frozenset()):
-        notebooks.stale = stale
-        return workspace.output_dir(profile) / "REPORT.md"
-
-    monkeypatch.setattr("colquant.reporting.write_report", report)
-    return notebooks
-
-
-def executed_after(stand_in, profile_path, **options) -> list[str]:
-    stand_in.executed.clear()
-    run(profile_path, **options)
-    return list(stand_in.executed)
-
-
-ALL = ["01_architecture", "02_calibration__seqlen64", "03_quantization__seqlen64",
-       "02_calibration__seqlen128", "03_quantization__seqlen128",
-       "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
+# Scheduling, with stand-in notebooks (tests/pipeline_stand_in.py; fixtures in conftest.py)
 
 
 def test_sweep_repeats_reruns_only_the_sweep_and_recomputes_its_rows(tmp_path, stand_in, output_root):
@@ -190,10 +104,13 @@ def test_force_recomputes_cached_results(tmp_path, stand_in, output_root):
 def test_removing_a_seqlen_reruns_the_comparisons_without_its_variant(tmp_path, stand_in, output_root):
     executed_after(stand_in, small_profile(tmp_path))
     profile_path = small_profile(tmp_path, calibration={"seqlens": [64]})
-    assert executed_after(stand_in, profile_path) == ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep",
-                                                   "07_index_compression"]
+    # 64 is now the largest seqlen: its step runs again to make the W4A8 run (quantization.w4a8) of its checkpoint
+    assert executed_after(stand_in, profile_path) == ["03_quantization__seqlen64", "04_embedding_fidelity",
+                                                   "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
     profile = load_profile(profile_path)
     assert workspace.autoround_variant(profile, 128) not in workspace.quantized_variants(profile)
+    assert workspace.w4a8_variant(profile, 128) not in workspace.quantized_variants(profile)
+    assert workspace.w4a8_variant(profile, 64) in workspace.quantized_variants(profile)
 
 
 def test_a_second_run_on_the_same_outputs_is_refused_naming_the_holder(tmp_path, stand_in, output_root):
@@ -253,6 +170,15 @@ def test_the_command_line_reports_a_held_output_dir_in_one_line_after_waiting(tm
     assert error.startswith("colquant run: ") and "is in use by another run" in error and error.count("\n") == 1
 
 
+def test_the_w4a8_run_is_made_by_the_largest_seqlens_quantization_step(tmp_path, stand_in, output_root):
+    steps = {step.key: step for step in plan(workspace.resolve(small_profile(tmp_path)), load_profile(small_profile(tmp_path)))}
+    w4a8 = output_root / "variants" / "w4a8-g128-sym-pile10k-seqlen128-iters2" / workspace.METADATA_FILE
+    assert w4a8 in steps["03_quantization__seqlen128"].results and w4a8 not in steps["03_quantization__seqlen64"].results
+    off = plan(workspace.resolve(small_profile(tmp_path, quantization={"w4a8": False})),
+               load_profile(small_profile(tmp_path, quantization={"w4a8": False})))
+    assert not any(path.parent.name.startswith("w4a8-") for step in off for path in step.results)
+
+
 def test_notebook_01_runs_once_per_profile_without_a_seqlen(tmp_path, stand_in, output_root):
     steps = plan(workspace.resolve(small_profile(tmp_path)), load_profile(small_profile(tmp_path)))
     architecture = [step for step in steps if step.notebook == "01_architecture"]
@@ -301,6 +227,9 @@ def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again
     executed_after(stand_in, profile_path)
     steps = steps_by_notebook(profile_path)
     evaluation, index = steps["05_vidore_eval"].caches, steps["07_index_compression"].caches
+    shared = {workspace.embeddings_dir(load_profile(profile_path))}  # the embeddings both read and write
+    assert set(evaluation) & set(index) == shared
+    evaluation, index = [p for p in evaluation if p not in shared], [p for p in index if p not in shared]
     assert index and not {folder for folder in index for other in evaluation if other in (folder, *folder.parents)}
     index_result = index[0] / "results" / "tiny-bf16__index-pool3" / "task.json"
     index_result.parent.mkdir(parents=True)
@@ -310,6 +239,24 @@ def test_forcing_05_keeps_07s_results_and_a_step_whose_results_vanish_runs_again
     assert executed_after(stand_in, profile_path) == []
     discard(index[0])  # its mteb results are gone: 07 is not done any more
     assert executed_after(stand_in, profile_path) == ["07_index_compression"]
+
+
+def test_a_forced_run_recomputes_the_embeddings_05_and_07_share_once(tmp_path, stand_in, output_root, monkeypatch):
+    """Forced, 05 recomputes the embedding cache; 07, after it in the same run, reuses what 05 just
+    wrote instead of setting it aside and encoding every variant again."""
+    profile_path = small_profile(tmp_path)
+    executed_after(stand_in, profile_path)
+    embeddings = workspace.embeddings_dir(load_profile(profile_path))
+    (embeddings / "before-force").write_text("old entry")
+
+    def writing_entries(step, description):
+        stand_in(step, description)
+        if step.notebook == "05_vidore_eval":
+            (embeddings / "written-by-05").write_text("new entry")
+
+    monkeypatch.setattr(pipeline, "_execute", writing_entries)
+    run(profile_path, force=True)
+    assert sorted(path.name for path in embeddings.iterdir()) == ["written-by-05"]
 
 
 def finish_old_results(output_root, profile_path) -> dict:

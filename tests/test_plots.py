@@ -10,10 +10,20 @@ W4 = {seqlen: f"w4a16-g128-sym-pile10k-seqlen{seqlen}-iters200" for seqlen in (2
 RTN = "w4a16-g128-sym-rtn"
 
 
-def test_variants_are_ordered_bf16_then_seqlen_numerically_then_baselines_fp8_and_unknown_kinds():
-    names = ["mystery-q3", "fp8-lm", RTN, W4[1024], "bf16", W4[256], W4[512], "fp8-all"]
-    assert plots.variant_order(names) == ["bf16", W4[256], W4[512], W4[1024], RTN, "fp8-all", "fp8-lm", "mystery-q3"]
-    assert [plots.variant_precision(name) for name in ("bf16", RTN, "fp8-lm")] == ["BF16", "W4A16", "FP8"]
+W4A8 = "w4a8-g128-sym-pile10k-seqlen1024-iters200"  # the seqlen-1024 checkpoint run as W4A8
+
+
+def test_variants_are_ordered_bf16_then_seqlen_numerically_then_baselines_fp8_w4a8_and_unknown_kinds():
+    names = ["mystery-q3", W4A8, "fp8-lm", RTN, W4[1024], "bf16", W4[256], W4[512], "fp8-all"]
+    assert plots.variant_order(names) == ["bf16", W4[256], W4[512], W4[1024], RTN, "fp8-all", "fp8-lm", W4A8,
+                                          "mystery-q3"]
+    assert [plots.variant_precision(name) for name in ("bf16", RTN, "fp8-lm", W4A8)] == ["BF16", "W4A16", "FP8", "W4A8"]
+
+
+def test_a_w4a8_run_has_a_hue_of_its_own_and_leaves_the_auto_round_shades_as_they_were():
+    without = plots.variant_palette(["bf16", *W4.values(), RTN])
+    with_w4a8 = plots.variant_palette(["bf16", *W4.values(), RTN, W4A8])
+    assert {name: with_w4a8[name] for name in without} == without and with_w4a8[W4A8] not in without.values()
 
 
 def test_a_variant_keeps_its_colour_whatever_else_a_figure_shows():

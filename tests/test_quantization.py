@@ -12,6 +12,7 @@ from colquant.corpus import build_corpus
 from colquant.cards import update_model_card
 from colquant.checkpoint_files import METADATA_FILE
 from colquant.quantization import QuantizationSettings, decoder_linear_names, quantize_language_model
+from colquant.params import quantization_section
 from colquant.variants import produce_variant
 from colquant.checkpoint_files import checkpoint_fingerprint, read_variant_metadata
 from colquant.files import OutputError
@@ -167,7 +168,11 @@ def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_on
     # auto-round's scratch space goes under the output root, never the directory the process runs in
     assert seen_scratch == [str(workspace.output_dir(small_profile) / "ar_work_space")] * 2
     assert os.environ.get("AR_WORK_SPACE") == before  # restored after quantizing
-    assert [p.name for p in workspace.variants_dir(small_profile).iterdir()] == [first["variant"]]
+    # the checkpoint and its W4A8 run (quantization.w4a8), made again for the new weights; no staging folder left
+    w4a8_name = quantization_section(small_profile).w4a8_variant_name(64, calibration_source=second["calibration"]["source_used"])
+    w4a8 = workspace.read_variant_metadata(workspace.variants_dir(small_profile) / w4a8_name)
+    assert w4a8["loads"]["weights"] == workspace.checkpoint_fingerprint(workspace.variants_dir(small_profile) / second["variant"])
+    assert sorted(p.name for p in workspace.variants_dir(small_profile).iterdir()) == [first["variant"], w4a8["variant"]]
 
 
 def stored_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -67,6 +67,10 @@ def add_run(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("run", help="execute the notebooks for a profile and write REPORT.md")
     parser.add_argument("profile", nargs="?", default=DEFAULT_PROFILE, help="profile name (tiny, ...) or YAML path")
     parser.add_argument("--force", action="store_true", help="re-run steps even if unchanged")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the steps a run would execute (and which are done), the pages and queries each "
+                             "notebook encodes, the caches it reuses and an estimated wall time from a short warm-up "
+                             "on this machine's device; run and write nothing")
     parser.add_argument("--notebooks", help="comma-separated notebook numbers to run, e.g. 01,02,03,06")
     parser.add_argument("--wait", type=seconds, default=0.0, metavar="SECONDS",
                         help="wait this long for another run on the same outputs to finish (default: refuse at once)")
@@ -94,6 +98,8 @@ def run_command(args: argparse.Namespace, rest: list[str]) -> int:
 
     require_notebooks()
     selected = None if args.notebooks is None else tuple(args.notebooks.split(","))  # checked by run()
+    if args.plan:
+        return plan_command(args, selected)
     try:
         summary = run(profile_file(args.profile), overrides=args.overrides, force=args.force, notebooks=selected,
                       wait_s=args.wait)
@@ -104,6 +110,20 @@ def run_command(args: argparse.Namespace, rest: list[str]) -> int:
         return 1
     width = max(len(row["step"]) for row in summary)
     print("\n".join(f"{row['step']:<{width}}  {row['status']}" for row in summary))
+    return 0
+
+
+def plan_command(args: argparse.Namespace, selected: tuple[str, ...] | None) -> int:
+    """`colquant run PROFILE --plan`: the plan on stdout, nothing run or written."""
+    from colquant.params import ProfileError
+    from colquant.pipeline import PipelineError
+    from colquant.run_plan import format_plan, make_plan
+
+    try:
+        print(format_plan(make_plan(profile_file(args.profile), overrides=args.overrides, force=args.force,
+                                    notebooks=selected)))
+    except (ProfileError, PipelineError) as error:
+        raise CliError(str(error)) from error
     return 0
 
 

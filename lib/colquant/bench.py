@@ -62,16 +62,42 @@ def prepare_w4a16(model: nn.Module, profile: dict) -> dict:
     return dict(prepare_bf16(model, profile), rtn_linears=quantized)
 
 
-def prepare_w4a16_memory_first(model: nn.Module, profile: dict) -> dict:
-    """The memory-first 4-bit model: as `w4a16`, keeping no BF16 copy of any layer, with the token
-    embeddings in int8 per row (`colquant.load(..., bf16_copy=False, embeddings="int8")`)."""
-    from colquant.kernels import accelerate_model, find_text_model, quantize_linears_rtn
+def memory_first_weights(model: nn.Module, profile: dict) -> dict:
+    """The memory-first 4-bit model's weights, in place: the text tower's linears RTN W4 (as `w4a16`)
+    and the token embeddings int8 per row (`colquant.load(..., embeddings="int8")`)."""
+    from colquant.kernels import find_text_model, quantize_linears_rtn
     from colquant.kernels.embedding import quantize_embeddings
 
     quantized = quantize_linears_rtn(find_text_model(model), profile["quantization"]["group_size"])
-    freed = quantize_embeddings(model)
-    return dict(accelerate_model(model, bf16_copy=False)._colquant_acceleration, rtn_linears=quantized,
-                int8_embeddings_freed_mib=round(freed / 2**20, 1))
+    return dict(rtn_linears=quantized, int8_embeddings_freed_mib=round(quantize_embeddings(model) / 2**20, 1))
+
+
+def prepare_w4a16_memory_first(model: nn.Module, profile: dict) -> dict:
+    """The memory-first 4-bit model: as `w4a16`, keeping no BF16 copy of any layer, with the token
+    embeddings in int8 per row (`colquant.load(..., bf16_copy=False, embeddings="int8")`)."""
+    from colquant.kernels import accelerate_model
+
+    weights = memory_first_weights(model, profile)
+    return dict(accelerate_model(model, bf16_copy=False)._colquant_acceleration, **weights)
+
+
+def prepare_w4a8(model: nn.Module, profile: dict) -> dict:
+    """The memory-first 4-bit model run as W4A8 (`colquant.load(..., activations="fp8", embeddings="int8")`):
+    the weights of `w4a16-memory`, every 4-bit layer on its one W4A8 copy (no BF16 copy), fed e4m3 rows
+    by the fused tower's producers: vLLM's CUTLASS W4A8 on CUDA, refused where it cannot run, and its
+    dequantized reference on CPU (`info["w4a8"]["runs"]` says which)."""
+    from colquant.kernels import accelerate_model
+    from colquant.kernels.w4a8 import GROUP_SIZE, convert_model, device_problem
+
+    group_size = profile["quantization"]["group_size"]
+    problem = device_problem(next(model.parameters()).device, model.dtype)
+    if problem is None and group_size != GROUP_SIZE:
+        problem = f"quantization.group_size is {group_size}; CUTLASS W4A8 takes group size {GROUP_SIZE} only"
+    if problem:
+        raise RuntimeError(f"bench precision w4a8 cannot run: {problem}")
+    weights = memory_first_weights(model, profile)
+    w4a8 = convert_model(model, fuse=True)
+    return dict(accelerate_model(model)._colquant_acceleration, **weights, w4a8=w4a8)
 
 
 def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scope: str = "lm",
@@ -96,7 +122,7 @@ def prepare_fp8(model: nn.Module, profile: dict[str, Any] | None = None, *, scop
 
 PREPARE: dict[str, Callable[[nn.Module, dict], dict]] = {
     "bf16-eager": prepare_eager, "bf16": prepare_bf16, "w4a16": prepare_w4a16,
-    "w4a16-memory": prepare_w4a16_memory_first,
+    "w4a16-memory": prepare_w4a16_memory_first, "w4a8": prepare_w4a8,
     "fp8-lm": partial(prepare_fp8, scope="lm"), "fp8-all": partial(prepare_fp8, scope="lm+vision"),
     # the FP8 variants with fp32-promoted accumulation, beside the default fast one (fp8.ACCUMULATIONS)
     "fp8-lm-precise": partial(prepare_fp8, scope="lm", accumulation="precise"),
@@ -238,7 +264,7 @@ class Bench:
         found = {f"{precision}_vs_transformers_{work}": checks.compare(embed(model, batch), reference[work][1],
                                                                         batch["attention_mask"].cpu())
                  for work, (batch, _) in reference.items()}
-        if precision.startswith("w4a16"):
+        if precision.startswith(("w4a16", "w4a8")):  # the 4-bit kernels against their torch references
             from colquant.kernels import force_reference
 
             with force_reference():

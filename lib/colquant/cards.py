@@ -241,10 +241,42 @@ more it runs FP8 tensor cores (`torch._scaled_mm`, rowwise scales), elsewhere a 
 """
 
 
+def w4a8_card(metadata: dict[str, Any]) -> str:
+    """README.md of a W4A8 run: what it loads and how, what runs where, what was measured so far."""
+    loads, runs = metadata["loads"], metadata["runs"]
+    warning = f"{NOT_FOR_USE} It runs a checkpoint quantized from a randomly initialised model.\n\n" \
+        if metadata["random_weights"] else ""
+    measured = "\n".join(f"| {key} | {value} |" for key, value in (metadata.get("results") or {}).items())
+    return f"""# {metadata['variant']}
+
+{warning}The 4-bit checkpoint `{loads['checkpoint']}` (the folder beside this one) run as W4A8: its int4 weights
+re-encoded at load with e4m3 group scales and an fp32 scale per output channel, activations e4m3 per token,
+FP8 tensor cores. This folder holds no weights; it names the checkpoint and how it is loaded:
+
+```python
+import colquant
+model, processor = colquant.load("{loads['checkpoint']}", activations="{loads['activations']}")
+```
+
+| where | what runs |
+|---|---|
+| CUDA | {runs['cuda']} |
+| CPU | {runs['cpu']} |
+
+## Measured so far
+
+| metric | value |
+|---|---|
+{measured or "| (none yet) | |"}
+"""
+
+
 def model_card(metadata: dict[str, Any], checkpoint: Path | None = None) -> str:
     """A variant's README.md: the FP8 card for FP8 variants, else the auto-round card (`build_model_card`)."""
     if metadata["settings"]["method"] == FP8_METHOD:
         return fp8_card(metadata)
+    if "loads" in metadata:  # a W4A8 run of a 4-bit checkpoint (colquant.variants)
+        return w4a8_card(metadata)
     return str(build_model_card(metadata, checkpoint))
 
 

@@ -17,7 +17,7 @@ scoring benchmark do not have. The pieces:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from torch.utils.data import DataLoader
 
 from colquant import files
 from colquant.compress import CompressionSetting, compress_pages, pareto_front, score_compressed
+from colquant.embedding_cache import EmbeddingCache
+from colquant.shared_vision import Companion
 from colquant.evaluation import SIMILARITY_ELEMENTS, ColQuantEncoder, evaluate_variant
 from colquant.plots import hue_style, legend_outside
 from colquant.scoring import Embeddings
@@ -74,8 +76,10 @@ class CompressedIndexEncoder(ColQuantEncoder):
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, setting: CompressionSetting,
-                 revision: str, memo: EmbeddingMemo | None = None) -> None:
-        super().__init__(model, processor, index_variant_name(variant_name, setting), revision, "exact")
+                 revision: str, memo: EmbeddingMemo | None = None, cache: EmbeddingCache | None = None,
+                 companions: Sequence[Companion] = ()) -> None:
+        super().__init__(model, processor, index_variant_name(variant_name, setting), revision, "exact", cache=cache,
+                         companions=companions)
         self.setting = setting
         self.memo = memo
         self.index_stats: dict[str, dict[str, int]] = {}
@@ -130,15 +134,18 @@ def _item_ids(inputs: DataLoader) -> tuple[Any, ...]:
 
 def evaluate_setting(model: torch.nn.Module, processor: Any, variant_name: str, setting: CompressionSetting,
                      tasks: Iterable[AbsTask], output_dir: str | Path, *, revision: str, batch_size: int,
-                     corpus_chunk_size: int, memo: EmbeddingMemo | None = None) -> pd.DataFrame:
+                     corpus_chunk_size: int, memo: EmbeddingMemo | None = None,
+                     cache: EmbeddingCache | None = None, companions: Sequence[Companion] = ()) -> pd.DataFrame:
     """`evaluation.evaluate_variant` of one variant with its page index compressed by `setting`.
 
     Rows as `evaluation.results_frame`, with `variant` the plain variant name, plus `setting` and
     `bytes_per_page` (stored bytes of the compressed index over its pages, for that task). The
     bytes are written to `output_dir/index_stats/<model name>/<revision>.json` when measured and read from
-    there when mteb answers from its cache.
+    there when mteb answers from its cache. `cache`: the model's `embedding_cache.EmbeddingCache`,
+    shared with notebook 05's evaluation of the same variant (same tasks and batching: no page is
+    encoded again); `companions` as in `evaluation.evaluate_variant`.
     """
-    with CompressedIndexEncoder(model, processor, variant_name, setting, revision, memo) as encoder:
+    with CompressedIndexEncoder(model, processor, variant_name, setting, revision, memo, cache, companions) as encoder:
         results = evaluate_variant(model, processor, index_variant_name(variant_name, setting), tasks, output_dir,
                                    revision=revision, scoring="exact", batch_size=batch_size,
                                    corpus_chunk_size=corpus_chunk_size, encoder=encoder)

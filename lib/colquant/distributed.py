@@ -242,9 +242,8 @@ def _planned_manifest(model_id_or_variant: str | Path, pages: page_sources.PageS
     processor = ColQwen3Processor.from_pretrained(checkpoint, max_num_visual_tokens=max_num_visual_tokens)
     model = {"id": str(model_id_or_variant), "checkpoint": str(checkpoint),
              "fingerprint": checkpoint_fingerprint(checkpoint)}
-    settings = {"max_num_visual_tokens": processor.max_num_visual_tokens, "min_pixels": processor.min_pixels,
-                "max_pixels": processor.max_pixels, "transparency": processor.transparency}
-    return idx.new_manifest(model=model, processor=settings, dtype=dtype, source=pages.description, page_ids=pages.ids,
+    return idx.new_manifest(model=model, processor=idx.processor_settings(processor), dtype=dtype,
+                            source=pages.description, page_ids=pages.ids,
                             shard_size=shard_size)
 
 

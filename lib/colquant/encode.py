@@ -264,6 +264,18 @@ def _read_back(batch: InFlight, results: list[torch.Tensor | None]) -> None:
         results[i] = row[mask].float()
 
 
+@dataclass(frozen=True)
+class StoredPage:
+    """A page as a `datasets` Image column stores it (`{"bytes", "path"}`) and the feature decoding it:
+    a worker decodes it as `datasets` would, so only encoded bytes cross to the workers."""
+
+    stored: dict[str, Any]
+    feature: Any  # datasets.Image
+
+    def decoded(self) -> Image.Image:
+        return self.feature.decode_example(self.stored)
+
+
 class PageWorker(torch.utils.data.Dataset):
     """What a worker does for one page: the processor's tensors for a batch of one, pixels cast to
     `pixel_dtype` (see `pixel_dtype`). An item names its page either by position among the pages
@@ -279,6 +291,8 @@ class PageWorker(torch.utils.data.Dataset):
         return self.prepare(self.held[value] if kind == "held" else value)
 
     def prepare(self, source: Any) -> dict[str, torch.Tensor]:
+        if isinstance(source, StoredPage):
+            source = source.decoded()
         page = dict(self.processor.process_images([source]))
         if self.pixel_dtype is not None:
             page["pixel_values"] = page["pixel_values"].to(self.pixel_dtype)

@@ -46,6 +46,8 @@ from mteb.models import ModelMeta, SearchEncoderWrapper
 from mteb.results import TaskResult
 
 from colquant.corpus import FORMAT_VERSION, build_corpus
+from colquant.embedding_cache import EmbeddingCache
+from colquant.shared_vision import Companion
 # The encoder lives in colquant.mteb_encoder; the names notebooks, compress_eval and the report
 # use as evaluation.X stay importable from here.
 from colquant.mteb_encoder import (  # noqa: F401  (SIMILARITY_ELEMENTS: re-exported)
@@ -173,7 +175,8 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
                      output_dir: str | Path, *, revision: str, batch_size: int, corpus_chunk_size: int,
                      scoring: ScoringMode = DEFAULT_SCORING, model_revision: str | None = None,
                      encoder: ColQuantEncoder | None = None,
-                     replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto") -> pd.DataFrame:
+                     replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto",
+                     cache: EmbeddingCache | None = None, companions: Sequence[Companion] = ()) -> pd.DataFrame:
     """Evaluate one variant on `tasks` with mteb; one row per task and subset (see `results_frame`).
 
     Results are written by mteb's `ResultCache` under `output_dir/results/colquant__<variant>/<revision>/`.
@@ -187,11 +190,16 @@ def evaluate_variant(model: torch.nn.Module, processor: Any, variant_name: str, 
     `colquant.compress_eval.CompressedIndexEncoder`, which scores a compressed page index (its name
     carries the setting). `replicas` as in `ColQuantEncoder`:
     by default pages are encoded on every visible GPU, group k of mteb batches on GPU k mod N.
+    `cache` (the model's `embedding_cache.EmbeddingCache`) keeps the embeddings of every encode
+    call, so the next evaluation of the same variant on the same tasks (another scoring mode,
+    notebook 07, a rerun after a crash) reads them instead of encoding. `companions`
+    (`shared_vision.Companion`: variants with the same vision tower, loaded beside this one) have
+    their pages encoded with this variant's, the vision tower run once per batch, into their caches.
     """
     tasks = list(tasks)
     # An encoder made here is closed here (its page workers stop); one passed in is the caller's.
     with contextlib.nullcontext(encoder) if encoder is not None else ColQuantEncoder(
-            model, processor, variant_name, revision, scoring, replicas) as used:
+            model, processor, variant_name, revision, scoring, replicas, cache=cache, companions=companions) as used:
         cache = mteb.ResultCache(output_dir)
         _drop_interrupted_results(cache, used.mteb_model_meta, tasks)
         _refuse_results_of_other_datasets(cache, used.mteb_model_meta, tasks)

@@ -129,6 +129,7 @@ class FP8Linear(nn.Module):
     call, the dequantized reference otherwise."""
 
     bits = 8  # read by `quantization.layer_types`
+    takes_fp8_rows = True  # the fused text tower hands it quantized rows (fast_text.norm_producer)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None) -> None:

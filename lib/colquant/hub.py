@@ -115,6 +115,11 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     metadata_file = checkpoint / METADATA_FILE
     if not metadata_file.exists():
         raise PushError(f"{checkpoint} has no {METADATA_FILE}: pass a variant directory ColQuant wrote (variants/<name>)")
+    loads = json.loads(metadata_file.read_text()).get("loads")
+    if loads:  # a W4A8 run (variants.produce_w4a8_variant) names a checkpoint and holds no weights
+        raise PushError(f"{checkpoint.name} is a W4A8 run of {loads['checkpoint']} with no weights of its own: push "
+                        f"{loads['checkpoint']} (its folder beside this one); users run it as W4A8 with "
+                        f"colquant.load(path, activations=\"{loads['activations']}\")")
     check_repo_id(repo_id)
     files = sorted(set(files_to_upload(checkpoint)) | {"README.md"})
     try:  # fidelity and NDCG@5 recorded by later notebooks, for the weights the variant holds now

@@ -30,6 +30,7 @@ to float32; a page whose embedding is not finite is refused when written.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -165,6 +166,26 @@ def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
 # Shards
 
 
+def processor_settings(processor: Any) -> dict[str, Any]:
+    """The processor's settings page embeddings depend on beyond the checkpoint's files: the
+    visual-token budget and the pixel bounds it sets, and how transparency is flattened."""
+    return {"max_num_visual_tokens": processor.max_num_visual_tokens, "min_pixels": processor.min_pixels,
+            "max_pixels": processor.max_pixels, "transparency": processor.transparency}
+
+
+def pack_items(embeddings: Sequence[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Items' (tokens, dim) embeddings as a shard's tensors: `embeddings` flat in `dtype`, `offsets`
+    (items + 1, int64) where each item starts and ends."""
+    lengths = torch.tensor([0] + [item.shape[0] for item in embeddings], dtype=torch.int64)
+    return {"embeddings": torch.cat(list(embeddings)).to(dtype).contiguous(), "offsets": lengths.cumsum(0)}
+
+
+def unpack_items(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """`pack_items` undone: each item's rows (views into the flat tensor)."""
+    offsets = tensors["offsets"].tolist()
+    return [tensors["embeddings"][start:end] for start, end in itertools.pairwise(offsets)]
+
+
 def tensors_sha256(embeddings: torch.Tensor, offsets: torch.Tensor) -> str:
     """sha256 of a shard's tensors: dtypes, shapes and bytes."""
     digest = hashlib.sha256()
@@ -190,8 +211,7 @@ def write_shard(out_dir: Path, shard: int, ids: Sequence[str], page_digests: Seq
             f"the model gave NaN or infinite embeddings for {len(broken)} pages of shard {shard}: {broken[:10]}; "
             "nothing was stored for them. Check the model on these pages (notebook 04 counts NaN/Inf per variant), "
             "or encode with another --dtype")
-    lengths = torch.tensor([0] + [item.shape[0] for item in embeddings], dtype=torch.int64)
-    tensors = {"embeddings": torch.cat(list(embeddings)).to(dtype).contiguous(), "offsets": lengths.cumsum(0)}
+    tensors = pack_items(embeddings, dtype)
     metadata = {"key": key, "shard": str(shard), "page_ids": json.dumps(list(ids)),
                 "page_sha256": json.dumps(list(page_digests)),
                 "content_sha256": tensors_sha256(tensors["embeddings"], tensors["offsets"])}
@@ -205,7 +225,7 @@ def shard_header(path: Path) -> dict[str, str]:
         return reader.metadata() or {}
 
 
-def _offsets_problem(offsets: torch.Tensor, pages: int, rows: int) -> str | None:
+def offsets_problem(offsets: torch.Tensor, pages: int, rows: int) -> str | None:
     """Why `offsets` cannot cut `rows` token vectors into `pages` pages, or None."""
     if offsets.dtype != torch.int64 or offsets.shape != (pages + 1,):
         return f"offsets of shape {tuple(offsets.shape)} ({offsets.dtype}) for {pages} pages"
@@ -220,7 +240,7 @@ def _shard_problem(header: dict[str, str], tensors: dict[str, torch.Tensor], sha
         return f"its header says it is shard {header.get('shard')}"
     if tensors_sha256(tensors["embeddings"], tensors["offsets"]) != header["content_sha256"]:
         return "its tensors changed after it was written (their sha256 differs from its header's)"
-    return _offsets_problem(tensors["offsets"], len(json.loads(header["page_ids"])), tensors["embeddings"].shape[0])
+    return offsets_problem(tensors["offsets"], len(json.loads(header["page_ids"])), tensors["embeddings"].shape[0])
 
 
 def finished_shard(out_dir: Path, shard: int, ids: Sequence[str], page_digests: Sequence[str], key: str) -> bool:
@@ -348,10 +368,9 @@ def iter_shards(out_dir: str | Path) -> Iterator[tuple[list[str], list[torch.Ten
     tokens = 0
     for shard in range(manifest["shards"]):
         ids, tensors = read_shard(out_dir, shard, manifest)
-        offsets = tensors["offsets"].tolist()
         seen += ids
-        tokens += offsets[-1]
-        yield ids, [tensors["embeddings"][start:end] for start, end in zip(offsets, offsets[1:])]
+        tokens += int(tensors["offsets"][-1])
+        yield ids, unpack_items(tensors)
     if len(seen) != manifest["pages"] or page_ids_digest(seen) != manifest["page_ids_sha256"] \
             or tokens != manifest["tokens"]:
         raise IncompleteIndexError(

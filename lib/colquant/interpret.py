@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from colquant.plots import BASELINE, variant_order
+from colquant.plots import BASELINE, variant_family, variant_order
 
 
 PLURALS = {"page": "pages", "query": "queries"}
@@ -277,13 +277,22 @@ def sweep(reference: pd.DataFrame, baseline: str = BASELINE) -> str:
             lines.append(f"- {plural(kind)}: no {baseline} row at a batch every variant ran, so no ratio.")
             continue
         base = rows.loc[baseline]
-        parts = [f"{_name(v)} {rows.loc[v, 'peak_memory_mib'] / base['peak_memory_mib']:.2f}× memory, "
+        devices = rows["device"] if "device" in rows else pd.Series(dtype=object)
+        parts = [f"{_name(v)}{_reference_note(v, devices.get(v))} "
+                 f"{rows.loc[v, 'peak_memory_mib'] / base['peak_memory_mib']:.2f}× memory, "
                  f"{rows.loc[v, 'items_per_s'] / base['items_per_s']:.2f}× throughput"
                  for v in variant_order(rows.index) if v != baseline]
         lines.append(f"- {plural(kind)} at batch {int(base['batch_size'])} ({base['memory_kind']}), against {baseline}'s "
                      f"{base['peak_memory_mib']:,.0f} MiB and {_rate(base['items_per_s'])} {plural(kind)}/s: "
                      + "; ".join(parts) + ".")
     return "\n".join(lines) + "\n\nBelow 1× memory is the saving; below 1× throughput, the price of dequantizing on the fly."
+
+
+def _reference_note(variant: str, device: Any) -> str:
+    """A W4A8 run measured on CPU timed its dequantized reference (colquant.kernels.w4a8), not the kernel."""
+    if variant_family(variant) == "w4a8" and str(device).startswith("cpu"):
+        return " (W4A8's dequantized reference on CPU: its arithmetic, not its kernel's speed or memory)"
+    return ""
 
 
 def _rate(items_per_s: float) -> str:

@@ -29,7 +29,8 @@ from colquant.checkpoint import (
 from colquant.kernels import accelerate_model
 from colquant.kernels import fp8_dispatch
 from colquant.kernels.embedding import EMBEDDINGS, quantize_embeddings
-from colquant.weight_checks import is_fp8_config
+from colquant.kernels.w4a8 import check_activations, checkpoint_problem, convert_model, device_problem
+from colquant.weight_checks import CheckpointError, is_fp8_config
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def load(
     bf16_copy: bool | None = None,
     embeddings: str = "bf16",
     fp8_accumulation: str | None = None,
+    activations: str = "bf16",
 ) -> tuple[torch.nn.Module, Any]:
     """Load (model, processor) in eval mode, on the GPU when one is present (`device="auto"`).
 
@@ -72,15 +74,25 @@ def load(
     `fp8.set_accumulation` changes it on a loaded model. FP8 layers run the fused FP8 kernels wherever
     they can, with or without `accelerate`.
 
+    `activations="fp8"` runs a 4-bit auto-round/GPTQ symmetric checkpoint (group 128) as W4A8: the same
+    int4 weights re-encoded with e4m3 group scales, per-token e4m3 activations, FP8 tensor cores
+    (`colquant.kernels.w4a8`). On CUDA every 4-bit text layer runs vLLM's CUTLASS W4A8 kernel (Hopper,
+    vLLM 0.26.0's library), refused with the reason where it cannot run; on CPU a dequantized reference of
+    exactly its arithmetic (`model._colquant_w4a8["runs"]` says which). The default `"bf16"` runs the
+    checkpoint as saved.
+
     `max_num_visual_tokens` (visual tokens per page) defaults to what the checkpoint saved in
     `colquant_processor.json`, else the reference's 1280.
     """
     _check_embeddings(embeddings)
+    _check_activations(activations, trust_remote_code, bf16_copy)
     require_flag("trust_remote_code", trust_remote_code)
     require_flag("accelerate", accelerate, none_means="on with CUDA, off on CPU")
     require_flag("bf16_copy", bf16_copy, none_means="a BF16 copy where BF16 is faster and memory allows")
     weights_dtype = torch_dtype(dtype)
     device = resolve_device(device)
+    if activations == "fp8":
+        _check_w4a8_device(device, weights_dtype)
     path = resolve_checkpoint(model_id_or_path, revision)  # after the checks: a download can take minutes
     if trust_remote_code:
         model, processor = read_remote_code(path, weights_dtype, device, max_num_visual_tokens)
@@ -89,12 +101,17 @@ def load(
     config = verify_checkpoint(path)
     is_fp8 = is_fp8_config(config.get("quantization_config"))
     _check_fp8_accumulation(fp8_accumulation, is_fp8, path)
+    if activations == "fp8":
+        _check_w4a8_checkpoint(config.get("quantization_config"), path)
     model, processor = read_model(path, config, weights_dtype, device, max_num_visual_tokens)
     _store_embeddings(model, embeddings)
     if is_fp8:
         fp8.set_accumulation(model, fp8_accumulation or fp8.DEFAULT_ACCUMULATION)
         fp8_dispatch.attach(model)
-    if device.type == "cuda" if accelerate is None else accelerate:
+    accelerate = device.type == "cuda" if accelerate is None else accelerate
+    if activations == "fp8":
+        _run_as_w4a8(model, fuse=accelerate)
+    if accelerate:
         accelerate_model(model, bf16_copy=bf16_copy)
     return model, processor
 
@@ -104,6 +121,42 @@ def _check_embeddings(embeddings: str) -> None:
     if embeddings not in EMBEDDINGS:
         raise ValueError(f"embeddings={embeddings!r} is not a token-embedding storage; use one of "
                          f"{', '.join(map(repr, EMBEDDINGS))} ('int8': one scale per vocabulary row, half the memory)")
+
+
+def _check_activations(activations: str, trust_remote_code: bool, bf16_copy: bool | None) -> None:
+    """Before any loading: the value, and the options W4A8 cannot be combined with."""
+    check_activations(activations)
+    if activations == "fp8" and trust_remote_code:
+        raise ValueError("activations='fp8' runs the project's own ColQwen3 (its W4A8 layers); the hub's remote code "
+                         "knows none: leave trust_remote_code off")
+    if activations == "fp8" and bf16_copy:
+        raise ValueError("bf16_copy=True keeps BF16 copies of W4A16 layers; W4A8 runs every 4-bit layer on its single "
+                         "int4 copy: leave bf16_copy unset")
+
+
+def _check_w4a8_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Before the download and the load: no W4A8 kernel here is known without reading a weight."""
+    problem = device_problem(device, dtype)
+    if problem:
+        raise RuntimeError(f"activations='fp8' cannot run here: {problem}. Load with activations='bf16' (W4A16), "
+                           "or on device='cpu' for W4A8's dequantized reference")
+
+
+def _check_w4a8_checkpoint(quantization: dict[str, Any] | None, path: Path) -> None:
+    problem = checkpoint_problem(quantization)
+    if problem:
+        raise CheckpointError(f"activations='fp8' runs a 4-bit auto-round/GPTQ symmetric checkpoint as W4A8, and "
+                              f"{path} is not one: {problem}")
+
+
+def _run_as_w4a8(model: torch.nn.Module, *, fuse: bool) -> None:
+    """Every 4-bit text layer as W4A8 (`_check_w4a8_*` cleared the device and checkpoint); the model
+    says what runs, the CUDA kernel or the CPU reference."""
+    try:
+        model._colquant_w4a8 = convert_model(model, fuse=fuse)
+    except ValueError as error:  # a layer the kernel cannot take
+        raise CheckpointError(f"activations='fp8': {error}") from error
+    log.info("W4A8: %s", model._colquant_w4a8)
 
 
 def _check_fp8_accumulation(accumulation: str | None, is_fp8: bool, path: Path) -> None:

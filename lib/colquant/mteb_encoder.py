@@ -8,13 +8,19 @@ evaluation of one variant on N GPUs takes about 1/N of the page-encoding time. `
 loads those copies when more than one GPU is visible. `colquant.evaluation` runs it through mteb.
 
 Pages run as `encode_pages` runs them: each model (and replica) has a `PagePipeline` whose worker
-processes prepare (resize, normalise, patchify) the pages of the next mteb batches while the model
-encodes the current one, and a thread reads mteb's dataloader (which decodes the images) ahead of
-both. mteb's batches are kept exactly as mteb gives them (the published ViDoRe numbers pad each of
-its batches as one): the pipeline joins each batch's pages into the tensors the processor makes of
-that batch, so the embeddings are the same as processing the batch in one call. Memory: per model,
-the decoded pages of a group being encoded and of up to two more read ahead, plus the first
-group's pages, which the pipeline's workers were forked with, until `close()`.
+processes prepare (decode, resize, normalise, patchify) the pages of the next mteb batches while the
+model encodes the current one. The pages are read from mteb's corpus rows as stored, not through
+its dataloader (`mteb_page_batches`): iterating the dataloader decodes every page in one thread of
+this process and then sends the decoded page (~16 MB at 2560x2048) to a worker, which bounded the
+evaluation at a third of `encode_pages`' rate; a stored page is its encoded bytes or file path,
+decoded in a worker exactly as `datasets` decodes it (`encode.StoredPage`). A corpus not stored as
+a `datasets` Image column, or a dataloader that does not read it in order, is read through the
+dataloader as before. A thread reads the batches ahead of the models. mteb's batches are kept
+exactly as mteb gives them (the published ViDoRe numbers pad each of its batches as one): the
+pipeline joins each batch's pages into the tensors the processor makes of that batch, so the
+embeddings are the same as processing the batch in one call. Memory: per model, the pages of a
+group being encoded and of up to two more read ahead, plus the first group's pages, which the
+pipeline's workers were forked with, until `close()`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import torch
+from datasets import Dataset
 from mteb.abstasks.task_metadata import TaskMetadata
 from mteb.models import ModelMeta
 from mteb.models.abs_encoder import AbsEncoder
@@ -41,7 +48,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from colquant.distributed import encode_across_replicas, load_replicas, visible_gpus
-from colquant.encode import MAX_DEFAULT_WORKERS, Failed, InFlight, PagePipeline, _launch, model_device
+from colquant.embedding_cache import EmbeddingCache, Request
+from colquant.encode import MAX_DEFAULT_WORKERS, Failed, InFlight, PagePipeline, StoredPage, _launch, model_device
+from colquant.mteb_rows import items_digest, mteb_page_batches
+from colquant.shared_vision import Companion, check_shareable, launch_shared_vision
 from colquant.scoring import SCORING_MODES, Embeddings, ScoringMode, score
 
 log = logging.getLogger(__name__)
@@ -104,12 +114,21 @@ class ColQuantEncoder(AbsEncoder):
     encoder is a context manager that does. `page_workers` processes per model prepare pages
     (default: the cores but one per model, shared among the models, up to 16 each, on a GPU; none
     on a CPU), `batches_per_call` mteb batches at a time.
+
+    With a `cache` (`embedding_cache.EmbeddingCache` of this model), a call whose items, task and
+    batching were encoded before returns the stored embeddings (bit-identical) instead of encoding,
+    and a call it encodes is stored. `companions` (`shared_vision.Companion`: models with the same
+    vision tower, on the same device, and their caches) are encoded with it: each page batch runs
+    through this model's vision tower once and through every model's language model, and the
+    companions' embeddings go to their caches, so evaluating them after this one encodes no page
+    (their calls' embeddings are held in memory until this call ends).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any, variant_name: str, revision: str,
                  scoring: ScoringMode = DEFAULT_SCORING,
                  replicas: Sequence[torch.nn.Module] | Literal["auto"] = "auto", *,
-                 page_workers: int | None = None, batches_per_call: int = BATCHES_PER_CALL) -> None:
+                 page_workers: int | None = None, batches_per_call: int = BATCHES_PER_CALL,
+                 cache: EmbeddingCache | None = None, companions: Sequence[Companion] = ()) -> None:
         if not isinstance(revision, str) or not REVISION_PATTERN.fullmatch(revision):
             raise ValueError(f"revision {revision!r} must be a hex fingerprint of the variant's inputs, e.g. "
                              "workspace.evaluation_fingerprint(profile, checkpoint, scoring)")
@@ -119,6 +138,11 @@ class ColQuantEncoder(AbsEncoder):
         if batches_per_call < 1:
             raise ValueError(f"batches_per_call must be >= 1, got {batches_per_call}")
         self.page_workers, self.batches_per_call = page_workers, batches_per_call
+        self.cache, self.companions = cache, list(companions)
+        if self.companions:
+            replicas = replicas_with_companions(model, cache, replicas, self.companions)
+        self._sharing: list[Companion] = []  # during a page call: the companions encoded with it
+        self._shared_items: list[list[torch.Tensor]] = []
         self.pipelines: dict[int, PagePipeline] = {}
         self.model = model
         self.replicas: list[torch.nn.Module] | None = None if replicas == "auto" else list(replicas)
@@ -160,19 +184,25 @@ class ColQuantEncoder(AbsEncoder):
         """Embed a dataloader of text queries or page images (mteb's batches: {"text": [...]} or
         {"image": [PIL, ...]}); the batch size is the dataloader's, set by mteb from encode_kwargs.
         Page batches are spread over the model and its replicas, prepared ahead by their page
-        pipelines; queries run on the model."""
+        pipelines; queries run on the model. Read from the cache instead where it holds the call."""
         columns = set(inputs.dataset.column_names) & {"text", "image"}
         progress = kwargs.get("show_progress_bar", True)
-        if columns == {"text"}:
-            return self._encode_queries(inputs, progress)
-        if columns == {"image"}:
-            return self._encode_pages(inputs, progress)
-        raise ValueError(
-            f"{task_metadata.name} ({hf_subset}/{hf_split}) gives inputs with columns "
-            f"{sorted(inputs.dataset.column_names)}; ColQuantEncoder embeds either text queries or "
-            "page images, so use text-to-image tasks (category 't2i')")
+        if columns not in ({"text"}, {"image"}):
+            raise ValueError(
+                f"{task_metadata.name} ({hf_subset}/{hf_split}) gives inputs with columns "
+                f"{sorted(inputs.dataset.column_names)}; ColQuantEncoder embeds either text queries or "
+                "page images, so use text-to-image tasks (category 't2i')")
+        column = columns.pop()
+        request = None if self.cache is None else cache_request(inputs, column, task_metadata, hf_subset, hf_split)
+        items = None if request is None else self.cache.get(request)
+        if items is None:
+            items = (self._encode_queries(inputs, progress) if column == "text"
+                     else self._encode_pages(inputs, progress, request))
+            if request is not None:
+                self.cache.put(request, items)
+        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
 
-    def _encode_queries(self, inputs: DataLoader, progress: bool) -> torch.Tensor:
+    def _encode_queries(self, inputs: DataLoader, progress: bool) -> list[torch.Tensor]:
         """Each mteb batch of queries through the processor and the model, in this thread."""
         items = []
         with torch.inference_mode():
@@ -181,20 +211,35 @@ class ColQuantEncoder(AbsEncoder):
                 embeddings = self.model(**features).embeddings
                 keep = features["attention_mask"].bool()
                 items += [row[mask].cpu() for row, mask in zip(embeddings, keep)]
-        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+        return items
 
-    def _encode_pages(self, inputs: DataLoader, progress: bool) -> torch.Tensor:
+    def _encode_pages(self, inputs: DataLoader, progress: bool, request: Request | None) -> list[torch.Tensor]:
         """mteb's page batches, `batches_per_call` at a time, group k on model k mod n (each with
-        its own pipeline), read from mteb's dataloader one group ahead by a thread."""
+        its own pipeline), read from mteb's dataloader one group ahead by a thread; the companions
+        whose caches lack this call are encoded with the model and their embeddings stored."""
+        self._sharing = [c for c in self.companions if request is not None and not c.cache.has(request)]
+        self._shared_items = [[] for _ in self._sharing]
+        try:
+            items = self._encode_page_groups(inputs, progress)
+            for companion, shared in zip(self._sharing, self._shared_items):
+                companion.cache.put(request, shared)
+        finally:
+            self._sharing, self._shared_items = [], []
+        return items
+
+    def _encode_page_groups(self, inputs: DataLoader, progress: bool) -> list[torch.Tensor]:
         if self.replicas is None:
             self.replicas = gpu_replicas(self.model, self.processor)
         models = [self.model, *self.replicas]
         for model in models:
             self._pipeline(model, len(models))  # made here, in the calling thread, before any is used
-        batches = tqdm(inputs, desc="Encoding pages", disable=not progress)
+        batches = tqdm(self._page_batches(inputs), total=len(inputs), desc="Encoding pages", disable=not progress)
         with contextlib.closing(read_ahead(page_groups(batches, self.batches_per_call), ahead=1)) as groups:
-            items = encode_across_replicas(models, groups, self._encode_group)
-        return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
+            return encode_across_replicas(models, groups, self._encode_group)
+
+    def _page_batches(self, inputs: DataLoader) -> Iterable[dict[str, Any]]:
+        """mteb's page batches, stored pages where its corpus allows (`mteb_page_batches`)."""
+        return mteb_page_batches(inputs)
 
     def _pipeline(self, model: torch.nn.Module, n_models: int) -> PagePipeline:
         """`model`'s page pipeline, made on first use and kept until `close()`."""
@@ -214,8 +259,9 @@ class ColQuantEncoder(AbsEncoder):
         for batch in group.batches:
             positions.append(list(range(start, start + len(batch["image"]))))
             start += len(batch["image"])
-        device, items = model_device(model), []
-        in_flight: InFlight | None = None
+        device = model_device(model)
+        items: list[list[torch.Tensor]] = [[] for _ in range(1 + len(self._sharing))]  # model's, companions'
+        in_flight: list[InFlight] = []
         with contextlib.closing(pipeline.prepared(sources, positions)) as prepared:
             for number, indices in enumerate(positions):
                 try:
@@ -223,13 +269,16 @@ class ColQuantEncoder(AbsEncoder):
                 except Exception as error:
                     self._name_the_page(error, group, number)
                     raise
-                launched = _launch(model, features, indices, device)
-                if in_flight is not None:
-                    items += embeddings_read_back(in_flight)
+                launched = (launch_shared_vision([model, *(c.model for c in self._sharing)], features, indices, device)
+                            if self._sharing else [_launch(model, features, indices, device)])
+                for own, batch in zip(items, in_flight):
+                    own += embeddings_read_back(batch)
                 in_flight = launched
-        if in_flight is not None:
-            items += embeddings_read_back(in_flight)
-        return items
+        for own, batch in zip(items, in_flight):
+            own += embeddings_read_back(batch)
+        for shared, companion_items in zip(self._shared_items, items[1:]):
+            shared += companion_items
+        return items[0]
 
     def _name_the_page(self, error: Exception, group: PageGroup, number: int) -> None:
         """Add a note to `error`, raised while preparing batch `number` of `group`, naming the page:
@@ -239,7 +288,7 @@ class ColQuantEncoder(AbsEncoder):
         first = group.first_page + sum(len(earlier["image"]) for earlier in group.batches[:number])
         for offset, page in enumerate(batch["image"]):
             try:
-                self.processor.process_images([page])
+                self.processor.process_images([page.decoded() if isinstance(page, StoredPage) else page])
             except Exception:  # noqa: BLE001  # the page is found; the error raised is the original
                 ids = batch.get("id")
                 named = f" (id {ids[offset]!r})" if ids is not None else ""
@@ -279,6 +328,33 @@ class ColQuantEncoder(AbsEncoder):
             for i in range(len(embeddings1))
         ])
 
+
+
+def replicas_with_companions(model: torch.nn.Module, cache: EmbeddingCache | None,
+                             replicas: Sequence[torch.nn.Module] | Literal["auto"],
+                             companions: Sequence[Companion]) -> tuple[()]:
+    """Companions run on the model's one device (no replicas) and store into caches: refuse an
+    encoder that has no cache, is given replicas, or whose companions cannot share its vision output."""
+    if cache is None:
+        raise ValueError("companions are encoded into their caches alongside this model's: give this encoder a "
+                         "cache too, or no companions")
+    if replicas != "auto" and len(replicas):
+        raise ValueError("companions share this model's vision tower on its one device: pass replicas=() with "
+                         "companions, or no companions to spread pages over replicas")
+    check_shareable([model, *(companion.model for companion in companions)])
+    return ()
+
+
+def cache_request(inputs: DataLoader, column: str, task_metadata: TaskMetadata, hf_subset: str,
+                  hf_split: str) -> Request:
+    """What an encode call asks for, as the embedding cache keys it: the task's name and dataset
+    revision, subset and split, queries or pages, mteb's batch size and the items' content in order."""
+    if not isinstance(inputs.dataset, Dataset):
+        raise TypeError(f"the embedding cache identifies a call by its datasets.Dataset (mteb's create_dataloader "
+                        f"gives one), not a {type(inputs.dataset).__name__}: pass cache=None to encode without it")
+    return Request(task=task_metadata.name, revision=task_metadata.revision, subset=hf_subset, split=hf_split,
+                   kind="queries" if column == "text" else "pages", batch_size=inputs.batch_size,
+                   items=len(inputs.dataset), content=items_digest(inputs.dataset, column))
 
 
 def gpu_replicas(model: torch.nn.Module, processor: Any) -> list[torch.nn.Module]:

@@ -101,6 +101,9 @@ class QuantizationSection(_Section):
     rtn_baseline: bool
     export_formats: list[Literal["auto_round", "auto_gptq", "auto_awq"]] = Field(min_length=1)
     fp8: list[Literal["lm", "all"]] = []  # W8A8 FP8 variants (colquant.fp8): fp8-lm, fp8-all (+ vision tower)
+    # the auto-round variant of the largest calibration seqlen also run as W4A8: the same checkpoint loaded
+    # with colquant.load(..., activations="fp8") (colquant.kernels.w4a8), compared in notebooks 04-07 as a variant
+    w4a8: bool = False
 
     _lists_listed_once = field_validator("export_formats", "fp8")(_listed_once)
 
@@ -120,6 +123,12 @@ class QuantizationSection(_Section):
                              "set actually used (CalibrationSet.source_used)")
         source = "".join(character for character in calibration_source if character.isalnum())
         return f"{base}-{source}-seqlen{seqlen}-iters{self.iters}"
+
+    def w4a8_variant_name(self, seqlen: int, *, calibration_source: str) -> str:
+        """The W4A8 run of the auto-round variant at `seqlen`: its name with the activations' bits, e.g.
+        `w4a8-g128-sym-pile10k-seqlen512-iters200` for `w4a16-g128-sym-pile10k-seqlen512-iters200`."""
+        name = self.variant_name(seqlen, calibration_source=calibration_source)
+        return f"w{self.bits}a8-" + name.removeprefix(f"w{self.bits}a16-")
 
 
 class EvaluationSection(_Section):
@@ -265,7 +274,7 @@ def validate_profile(profile: dict[str, Any], source: str = "profile", *, check_
     except ValidationError as error:
         problems = [_describe(detail) for detail in error.errors(include_url=False)]
         raise ProfileError(_problem_report(source, problems)) from None
-    problems = _group_size_problems(validated)
+    problems = _group_size_problems(validated) + _w4a8_problems(validated)
     if problems:
         raise ProfileError(_problem_report(source, problems))
     return validated.model_dump()
@@ -308,6 +317,18 @@ def _group_size_problems(profile: Profile) -> list[str]:
         f"quantization.group_size={group_size} does not divide the input width of {shown} in {profile.model.id}; "
         f"use a divisor of {math.gcd(*widths.values())} (every quantized layer's input width is a multiple of it)"
     ]
+
+
+def _w4a8_problems(profile: Profile) -> list[str]:
+    """`quantization.w4a8` asks for a W4A8 run of an auto-round variant CUTLASS W4A8 can run."""
+    from colquant.kernels.w4a8 import GROUP_SIZE
+
+    quantization = profile.quantization
+    if not quantization.w4a8 or (quantization.sym and quantization.group_size == GROUP_SIZE):
+        return []
+    return [f"quantization.w4a8 runs a symmetric group-{GROUP_SIZE} checkpoint as W4A8 (what CUTLASS W4A8 takes), and "
+            f"this profile quantizes sym={quantization.sym}, group_size={quantization.group_size}: set "
+            f"quantization.w4a8: false, or quantize with sym: true and group_size: {GROUP_SIZE}"]
 
 
 def _problem_report(source: str, problems: list[str]) -> str:

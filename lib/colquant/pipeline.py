@@ -20,6 +20,7 @@ output directory. Command-line overrides
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jupyter_client.manager import AsyncKernelManager
-from traitlets import CaselessStrEnum
 
 from colquant import workspace
 from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint
@@ -66,20 +65,27 @@ class PipelineError(RuntimeError):
     """A notebook failed or did not write its results; the message names it and its executed copy."""
 
 
-class QuietKernelManager(AsyncKernelManager):
-    """The notebooks' kernel, without the noise of a normal run at its source.
+@functools.cache
+def quiet_kernel_manager() -> type:
+    """The notebooks' kernel manager class, without the noise of a normal run at its source.
 
     IPC sockets instead of TCP (the kernel warns that TCP carries code unencrypted), and no SIGINT
     to a kernel that is being shut down after its notebook finished (jupyter_client interrupts
     before asking it to exit, and the idle kernel logs "KeyboardInterrupt caught in kernel").
+    Made on first use, so that planning a run (`colquant.run_plan`) needs no Jupyter installed.
     """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
 
-    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+    class QuietKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
 
-    async def _async_interrupt_kernel(self) -> None:
-        if self.shutting_down:
-            return
-        await super()._async_interrupt_kernel()
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    return QuietKernelManager
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,9 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     steps = [Step("01_architecture", parameters, out / "01_architecture.ipynb", (results / "architecture.json",), (), ())]
     quantized = []
     for seqlen in profile["calibration"]["seqlens"]:
+        w4a8 = [workspace.w4a8_variant(profile, seqlen)] if seqlen == workspace.w4a8_seqlen(profile) else []
         variants = tuple(workspace.variants_dir(profile) / name
-                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated])
+                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated, *w4a8])
         per_seqlen = {
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (
@@ -125,11 +132,12 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
         quantized.append(f"03_quantization__seqlen{seqlen}")
     across = {
         "04_embedding_fidelity": ((results / f"fidelity_{n}.csv" for n in ("summary", "layer_errors", "embeddings")), ()),
-        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"), (workspace.mteb_dir(profile),)),
+        "05_vidore_eval": ((results / "ndcg.csv", results / "ndcg_table.csv"),
+                           (workspace.mteb_dir(profile), workspace.embeddings_dir(profile))),
         "06_memory_sweep": ((results / f"{n}" for n in ("sweep.jsonl", "sweep_same_batch.csv", "sweep_budgets.csv")),
                             (results / "sweep.jsonl",)),
         "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"),
-                                 (workspace.index_mteb_dir(profile),)),
+                                 (workspace.index_mteb_dir(profile), workspace.embeddings_dir(profile))),
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]
@@ -179,8 +187,10 @@ def run(
     steps and recomputes their cached results (mteb results, sweep rows, quantized variants).
     A second run on the same output directory waits up to `wait_s` seconds, then refuses.
     `overrides` (`KEY.PATH=VALUE`) change the profile's settings for this run, validated as the file is.
+    The run's first lines are its plan (`colquant.run_plan`: steps, work, reused caches, estimated time).
     """
     from colquant.reporting import write_report
+    from colquant.run_plan import format_plan, make_plan
 
     notebooks = _notebook_numbers(notebooks)
     profile_path = workspace.resolve(profile_path)
@@ -189,6 +199,7 @@ def run(
     with workspace.output_lock(out, wait_s=wait_s):
         _put_back_set_aside(profile)
         _remove_interrupted_staging(profile)
+        log.info("%s", format_plan(make_plan(profile_path, overrides=overrides, force=force, notebooks=notebooks)))
         if overrides:
             profile_path = _write_overridden_profile(profile, profile_path, overrides)
         state_path = out / STATE_FILE
@@ -197,6 +208,7 @@ def run(
         fingerprints: dict[str, str] = {}
         steps = plan(profile_path, profile)
         planned: list[Step] = []
+        recomputed: set[Path] = set()  # caches a forced step of this run has already recomputed
         for index, step in enumerate(steps, 1):
             # planned again: a variant's name carries the calibration source 02 actually used
             step = {fresh.key: fresh for fresh in plan(profile_path, profile)}[step.key]
@@ -211,7 +223,7 @@ def run(
                 continue
             state.pop(step.key, None)
             workspace.write_json(state_path, state)  # a kill from here on leaves the step not done
-            _execute_replacing(step, f"{index}/{len(steps)} {step.key}", force=force)
+            _execute_replacing(step, f"{index}/{len(steps)} {step.key}", force=force, recomputed=recomputed)
             state[step.key] = fingerprints[step.key]
             workspace.write_json(state_path, state)
             summary.append({"step": step.key, "status": "executed"})
@@ -268,10 +280,13 @@ def stale_steps(steps: list[Step], state: dict[str, str], fingerprints: dict[str
     return {step.key for step in steps if step.key in unfinished and any(path.exists() for path in step.results)}
 
 
-def _execute_replacing(step: Step, description: str, *, force: bool) -> None:
+def _execute_replacing(step: Step, description: str, *, force: bool, recomputed: set[Path]) -> None:
     """Run the step; with `force`, its cached results are set aside first so that it recomputes
-    them, put back if it does not finish, and deleted only once it has."""
-    set_aside = [_set_aside(path) for path in step.caches if path.exists()] if force else []
+    them, put back if it does not finish, and deleted only once it has. A cache two steps share
+    (the embeddings of 05 and 07) is recomputed once per run: by the first of them, not again by
+    the second, which reuses what the first just computed; `recomputed` holds those of this run."""
+    fresh = [path for path in step.caches if path not in recomputed] if force else []
+    set_aside = [_set_aside(path) for path in fresh if path.exists()]
     try:
         _execute(step, description)
     except BaseException:
@@ -280,6 +295,7 @@ def _execute_replacing(step: Step, description: str, *, force: bool) -> None:
         raise
     for aside in set_aside:
         discard(aside)
+    recomputed.update(fresh)
 
 
 def _set_aside(path: Path) -> Path:
@@ -308,10 +324,15 @@ def _put_back_set_aside(profile: dict[str, Any]) -> None:
 
 
 def _remove_interrupted_staging(profile: dict[str, Any]) -> None:
-    """Staging folders of saves a killed run left behind (this run holds the lock, so none is live)."""
+    """Staging folders of saves a killed run left behind, and its unfinished embedding-cache files
+    (this run holds the lock, so none is live)."""
+    # imports torch: only once a run starts, so that `colquant --help` stays instant
+    from colquant.embedding_cache import remove_unfinished
+
     remove_stale_staging(workspace.output_dir(profile))
     remove_stale_staging(workspace.results_dir(profile))
     remove_stale_staging(workspace.variants_dir(profile))
+    remove_unfinished(workspace.embeddings_dir(profile))
 
 
 def _execute(step: Step, description: str) -> None:
@@ -326,7 +347,7 @@ def _execute(step: Step, description: str) -> None:
             parameters=step.parameters,
             cwd=str(workspace.REPO_ROOT),
             progress_bar={"desc": description, "leave": True},
-            kernel_manager_class=QuietKernelManager,
+            kernel_manager_class=quiet_kernel_manager(),
             store_widget_state=False,  # tqdm bars are ipywidgets in a kernel: their state is 50-400 KB of noise
             start_timeout=KERNEL_START_TIMEOUT_S,
         )
@@ -361,7 +382,7 @@ def refresh_committed_notebooks(profile_path: str | Path = NOTEBOOK_DEFAULT_PROF
                 papermill.execute_notebook(
                     str(notebook), str(notebook), parameters={} if default else {"profile_path": str(profile_path)},
                     cwd=str(NOTEBOOKS_DIR), progress_bar={"desc": notebook.stem, "leave": True},
-                    kernel_manager_class=QuietKernelManager, store_widget_state=False,
+                    kernel_manager_class=quiet_kernel_manager(), store_widget_state=False,
                     start_timeout=KERNEL_START_TIMEOUT_S,
                 )
                 executed.append(notebook)

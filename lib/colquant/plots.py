@@ -1,6 +1,6 @@
 """Shared plot styling, so every figure and table of a run tells the variants apart the same way.
 
-One order (BF16, auto-round by calibration seqlen, baselines, FP8, then anything else), one colour
+One order (BF16, auto-round by calibration seqlen, baselines, FP8, W4A8 runs, then anything else), one colour
 per variant in every figure, legends beside the axes (variant names are long), and the
 random-weights note on every figure of a random-weights profile.
 """
@@ -20,15 +20,18 @@ RANDOM_WEIGHTS_NOTE = "random weights: checks the machinery, not retrieval quali
 _SEQLEN = re.compile(r"seqlen(\d+)")
 # Families in report and legend order; each family draws its colours from its own palette, so a
 # variant's colour says what kind of variant it is (shades of one hue: the same method, other settings).
-_FAMILIES = ("bf16", "autoround", "rtn", "fp8", "other")
-_FAMILY_PALETTES = {"autoround": "crest", "rtn": "Oranges", "fp8": "Greens", "other": "Set2"}
+_FAMILIES = ("bf16", "autoround", "rtn", "fp8", "w4a8", "other")
+_FAMILY_PALETTES = {"autoround": "crest", "rtn": "Oranges", "fp8": "Greens", "w4a8": "Purples", "other": "Set2"}
 _BF16_COLOUR = (0.25, 0.25, 0.25)
 
 
 def variant_family(name: str) -> str:
-    """bf16, autoround (a `seqlen<N>` in the name), rtn, fp8, or other (a kind this module does not know)."""
+    """bf16, autoround (a `seqlen<N>` in the name), rtn, fp8, w4a8 (an auto-round checkpoint run as W4A8),
+    or other (a kind this module does not know)."""
     if name == BASELINE:
         return "bf16"
+    if name.startswith("w4a8-"):
+        return "w4a8"
     if _SEQLEN.search(name):
         return "autoround"
     if name.endswith("-rtn"):
@@ -51,7 +54,7 @@ def _sort_key(name: str) -> tuple[int, int, str]:
 
 
 def variant_order(names: Iterable[str]) -> list[str]:
-    """BF16, then auto-round variants by calibration seqlen (numerically), then RTN, FP8, then the rest."""
+    """BF16, then auto-round variants by calibration seqlen (numerically), then RTN, FP8, W4A8, then the rest."""
     return sorted(dict.fromkeys(names), key=_sort_key)
 
 

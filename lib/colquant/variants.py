@@ -5,18 +5,25 @@ model and save it; `colquant.workspace` knows where a profile's inputs and outpu
 joins them for a profile: it names the variant from its settings, decides whether an identical
 checkpoint already exists, and otherwise loads the base model (through `workspace.load_variant`),
 quantizes it and saves it under `variants/<name>`.
+
+With `quantization.w4a8`, the auto-round variant of the largest calibration seqlen also gets a W4A8 run:
+`variants/<w4a8 name>` holds no weights, only metadata naming that checkpoint, the weights it was made
+for and the load option (`activations="fp8"`, `colquant.kernels.w4a8`), and a card; notebooks 04-07
+load it through `workspace.load_variant` and compare it like any variant.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from colquant import workspace
 from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint, read_variant_metadata
 from colquant.calibration import CalibrationSet
-from colquant.files import fingerprint
+from colquant.cards import w4a8_card
+from colquant.files import atomic_directory, fingerprint, write_json, write_text
 from colquant.fp8 import METHOD as FP8_METHOD
 from colquant.fp8_checkpoint import VARIANTS as FP8_VARIANTS
 from colquant.fp8_checkpoint import fp8_metadata, quantize_fp8, save_fp8_model
@@ -50,7 +57,7 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
     if (out / METADATA_FILE).exists():
         existing = read_variant_metadata(out)
         if existing.get("inputs_fingerprint") == inputs:
-            return {**existing, "reused": True}
+            return _with_w4a8_run(profile, seqlen, method, {**existing, "reused": True})
     model, processor = workspace.load_variant(profile, base, accelerate=False)  # auto-round replays transformers' blocks
     with scratch_dir(workspace.output_dir(profile) / SCRATCH_DIR):
         autoround, cost = quantize_language_model(model, processor, calibration, settings)
@@ -68,6 +75,41 @@ def produce_variant(profile: dict[str, Any], seqlen: int, method: str = "autorou
             model, processor, autoround, out, metadata={**metadata, "inputs_fingerprint": inputs},
             export_formats=tuple(profile["quantization"]["export_formats"]),
         )
+    return _with_w4a8_run(profile, seqlen, method, {**read_variant_metadata(out), "reused": False})
+
+
+def _with_w4a8_run(profile: dict[str, Any], seqlen: int, method: str, produced: dict[str, Any]) -> dict[str, Any]:
+    """`produced` (the variant's metadata), once its W4A8 run exists where the profile asks for one."""
+    if method == "autoround" and seqlen == workspace.w4a8_seqlen(profile):
+        produce_w4a8_variant(profile, seqlen, produced["calibration"]["source_used"])
+    return produced
+
+
+def produce_w4a8_variant(profile: dict[str, Any], seqlen: int, calibration_source: str) -> dict[str, Any]:
+    """The W4A8 run of the auto-round variant at `seqlen` (calibrated on `calibration_source`, which both
+    names carry) in `variants/<w4a8 name>`, unless one made for that checkpoint's current weights exists:
+    its metadata (the checkpoint's, with `loads`: the checkpoint beside it, its weights' fingerprint, the
+    activations) and card. Returns its metadata (`reused`)."""
+    from colquant.kernels.w4a8 import KERNEL, REFERENCE
+
+    settings, directory = quantization_section(profile), workspace.variants_dir(profile)
+    name = settings.w4a8_variant_name(seqlen, calibration_source=calibration_source)
+    checkpoint = settings.variant_name(seqlen, calibration_source=calibration_source)
+    out = directory / name
+    weights = checkpoint_fingerprint(directory / checkpoint)
+    if (out / METADATA_FILE).exists():
+        existing = read_variant_metadata(out)
+        if (existing.get("loads") or {}).get("weights") == weights:
+            return {**existing, "reused": True}
+    source = read_variant_metadata(directory / checkpoint)
+    metadata = {**{key: value for key, value in source.items() if key != "inputs_fingerprint"}, "variant": name,
+                "settings": {**source["settings"], "activations": "fp8 (e4m3, dynamic per token)"},
+                "loads": {"checkpoint": checkpoint, "weights": weights, "activations": "fp8"},
+                "runs": {"cuda": KERNEL, "cpu": REFERENCE},
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with atomic_directory(out) as staging:
+        write_json(staging / METADATA_FILE, metadata)
+        write_text(staging / "README.md", w4a8_card(metadata))
     return {**read_variant_metadata(out), "reused": False}
 
 

@@ -238,6 +238,11 @@ def index_mteb_dir(profile: dict[str, Any]) -> Path:
     return output_dir(profile) / "mteb-index"
 
 
+def embeddings_dir(profile: dict[str, Any]) -> Path:
+    """The page and query embeddings notebooks 05 and 07 share (`colquant.embedding_cache`)."""
+    return output_dir(profile) / "embeddings"
+
+
 def plots_dir(profile: dict[str, Any]) -> Path:
     """The figures' folder, created here because notebooks hand it to matplotlib's `savefig`,
     which does not create folders."""
@@ -288,15 +293,29 @@ def autoround_variant(profile: dict[str, Any], seqlen: int) -> str:
     return quantization_section(profile).variant_name(seqlen, calibration_source=calibration_source_used(profile, seqlen))
 
 
+def w4a8_seqlen(profile: dict[str, Any]) -> int | None:
+    """The calibration seqlen whose auto-round variant also runs as W4A8 (`quantization.w4a8`): the largest."""
+    return max(profile["calibration"]["seqlens"]) if profile["quantization"]["w4a8"] else None
+
+
+def w4a8_variant(profile: dict[str, Any], seqlen: int) -> str:
+    """The name of the W4A8 run of the auto-round variant at `seqlen`."""
+    from colquant.params import quantization_section
+
+    return quantization_section(profile).w4a8_variant_name(seqlen, calibration_source=calibration_source_used(profile, seqlen))
+
+
 def expected_variants(profile: dict[str, Any]) -> list[str]:
-    """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN, then FP8."""
+    """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN, then FP8,
+    then the W4A8 runs of auto-round variants."""
     from colquant.fp8_checkpoint import variant_names
     from colquant.params import quantization_section
 
     names = [autoround_variant(profile, seqlen) for seqlen in sorted(profile["calibration"]["seqlens"])]
     if profile["quantization"]["rtn_baseline"]:
         names.append(quantization_section(profile).variant_name(0, "rtn"))
-    return names + variant_names(profile)
+    w4a8 = w4a8_seqlen(profile)
+    return names + variant_names(profile) + ([w4a8_variant(profile, w4a8)] if w4a8 is not None else [])
 
 
 def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
@@ -326,7 +345,8 @@ def results_dir(profile: dict[str, Any]) -> Path:
 
 
 def load_variant(profile: dict[str, Any], path: str | Path, *, accelerate: bool | None = None) -> tuple[Any, Any]:
-    """Load a variant (BF16 or 4-bit) with the profile's dtype, device and visual-token budget.
+    """Load a variant (BF16, 4-bit, FP8, or a W4A8 run of a 4-bit one) with the profile's dtype, device and
+    visual-token budget.
 
     `accelerate` as in `colquant.load` (default: the fused fast path on CUDA); pass False where
     code needs transformers' own decoder layers (per-layer hooks, auto-round's block replay).
@@ -334,13 +354,32 @@ def load_variant(profile: dict[str, Any], path: str | Path, *, accelerate: bool 
     from colquant.loading import load
 
     model = profile["model"]
-    return load(
-        path,
-        dtype=model["dtype"],
-        device=model["device"],
-        max_num_visual_tokens=model["max_num_visual_tokens"],
-        accelerate=accelerate,
-    )
+    checkpoint, options = variant_checkpoint(path)
+    try:
+        return load(checkpoint, dtype=model["dtype"], device=model["device"],
+                    max_num_visual_tokens=model["max_num_visual_tokens"], accelerate=accelerate, **options)
+    except RuntimeError as error:
+        if not options:
+            raise
+        raise type(error)(f"{Path(path).name}: {error} (a W4A8 run this profile asks for in quantization.w4a8: set "
+                          "quantization.w4a8: false to leave it out)") from error
+
+
+def variant_checkpoint(path: str | Path) -> tuple[Path, dict[str, str]]:
+    """(the checkpoint a variant folder loads, the `colquant.load` options it loads it with): the folder
+    itself as saved, or, for a W4A8 run (its metadata's `loads`), the 4-bit checkpoint beside it with
+    FP8 activations, refused once that checkpoint holds other weights than the run was made for (its
+    cached results would then be another model's)."""
+    path = Path(path)
+    loads = read_variant_metadata(path).get("loads") if (path / METADATA_FILE).exists() else None
+    if loads is None:
+        return path, {}
+    checkpoint = path.parent / loads["checkpoint"]
+    if not (checkpoint / METADATA_FILE).exists() or checkpoint_fingerprint(checkpoint) != loads["weights"]:
+        raise OutputError(f"{path.name} runs {checkpoint} with {loads['activations']} activations, and that checkpoint "
+                          "is missing or holds other weights than it was made for: re-run notebooks/03_quantization.ipynb "
+                          "(or `colquant run <profile> --notebooks 03`) to make both again")
+    return checkpoint, {"activations": loads["activations"]}
 
 
 def corpus(profile: dict[str, Any]) -> Any:

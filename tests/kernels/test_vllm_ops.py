@@ -8,6 +8,7 @@ from colquant.kernels import autotune, vllm_ops
 from colquant.kernels.copies import prepare_vllm, vllm_repacks
 from colquant.kernels.linear import W4A16Linear
 from colquant.kernels.packing import unpack_int4_rows
+from e4m3_rounding import round_e4m3
 
 # ScalarType.id of these types as vllm 0.26.0's vllm/scalar_type.py computes them (read off that file)
 VLLM_0_26_IDS = {"uint4b8": 1125899907892224, "int4": 1125899906908928, "uint4": 1125899906843648,
@@ -70,6 +71,17 @@ def test_fp8_group_scales_reconstruct_the_scales():
     bound = torch.maximum(s.abs() * 2**-4, c * 2**-10) * (1 + 1e-6)
     assert bool((err <= bound).all())
     assert torch.equal(torch.sign(f), torch.sign(s))  # negative scales (auto-round's sign rule) keep their sign
+
+
+def test_fp8_group_scales_are_one_round_to_nearest_even_of_scale_over_channel():
+    torch.manual_seed(3)
+    scales = (torch.randn(24, 384) * 1e-3).to(torch.float16)
+    scales[3, :5] = 0  # zero groups in live columns
+    scales[5:9] *= 2e-4  # tiny groups: their quotients land among e4m3's subnormals (below 2^-6)
+    fp8, chan = vllm_ops.fp8_group_scales(scales)
+    assert bool(((fp8.float().abs() < 2**-6) & (fp8.float() != 0)).any())
+    quotient = (scales.float() / chan.t()).clamp(-56, 56)  # fp32 division, as specified; |q * s| <= 8 * 56 = 448
+    assert torch.equal(fp8.double(), round_e4m3(quotient))
 
 
 def test_w4a8_reencoding_dequantizes_to_the_w4a16_weight():

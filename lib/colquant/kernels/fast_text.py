@@ -11,7 +11,7 @@
   attention (for <= 128 tokens one kernel does q/k RMSNorm, RoPE, masking, softmax and P@V straight
   from the qkv rows; longer sequences use a norm+RoPE kernel and SDPA/flash), o GEMM,
   add+RMSNorm, gate_up GEMM, down GEMM with silu(gate)*up fused into its input (4-bit) or a
-  silu-mul kernel (bf16); where a GEMM is an FP8 layer its producer (add+RMSNorm, silu*mul)
+  silu-mul kernel (bf16); where a GEMM takes FP8 rows (FP8, W4A8) its producer (add+RMSNorm, silu*mul)
   writes FP8 rows and per-token scales instead (:func:`layer_producers`);
 * text-only calls that fit ``graph_max_tokens`` run through CUDA graphs captured per
   (batch bucket, length bucket, FP8 accumulation): inputs are left-padded into static buffers (positions and key
@@ -169,8 +169,8 @@ def _positions(position_ids, B, T, device):
 class LayerProducers:
     """The kernels that make one decoder layer's GEMM inputs. ``attn_in`` / ``mlp_in`` take
     ``(residual, delta, norm weight, eps)`` and return ``(residual + delta, input)``; ``down_in`` takes
-    the gate_up rows. The input is a bf16 tensor, or an ``(e4m3 rows, scales)`` pair where the GEMM is
-    an :class:`~colquant.fp8.FP8Linear` (the quantization fused into its producer instead of a
+    the gate_up rows. The input is a bf16 tensor, or an ``(e4m3 rows, scales)`` pair where the GEMM takes
+    e4m3 rows (an FP8Linear, a W4A8Linear: the quantization fused into its producer instead of a
     separate pass over the activation inside the layer)."""
 
     attn_in: Callable
@@ -186,15 +186,16 @@ def _norm_then_quantize(add_rmsnorm_quant: Callable, residual: torch.Tensor, del
 
 
 def norm_producer(consumer: nn.Module, ops) -> Callable:
-    """add+RMSNorm feeding ``consumer``: fused with the FP8 quantization for an FP8Linear, else ``ops``'s."""
-    if isinstance(consumer, FP8Linear):
+    """add+RMSNorm feeding ``consumer``: fused with the FP8 quantization for a layer that takes e4m3 rows
+    (``takes_fp8_rows``: FP8Linear, W4A8Linear), else ``ops``'s."""
+    if getattr(consumer, "takes_fp8_rows", False):
         return partial(_norm_then_quantize, fp8_producers(_device_of(consumer), ops).add_rmsnorm_quant)
     return ops.add_rmsnorm
 
 
 def act_producer(consumer: nn.Module, ops) -> Callable:
-    """silu(gate)*up feeding ``consumer``: fused with the FP8 quantization for an FP8Linear, else ``ops``'s."""
-    if isinstance(consumer, FP8Linear):
+    """silu(gate)*up feeding ``consumer``: fused with the FP8 quantization where it takes e4m3 rows, else ``ops``'s."""
+    if getattr(consumer, "takes_fp8_rows", False):
         return fp8_producers(_device_of(consumer), ops).silu_mul_quant
     return ops.silu_mul
 
@@ -206,7 +207,7 @@ def fp8_producers(device: torch.device, ops):
 
 
 def _device_of(layer: nn.Module) -> torch.device:
-    return layer.weight.device
+    return getattr(layer, "compute_device", None) or layer.weight.device  # W4A8Linear keeps its weights on the host
 
 
 def layer_producers(text_model, ops) -> list[LayerProducers]:

@@ -11,16 +11,17 @@ runs the same function with:
 * per block: the residual add fused into the LayerNorm after it (one Triton kernel writes the sum and
   its LayerNorm: :mod:`.vision_ops`), the (already fused) qkv GEMM with its bias, one Triton kernel for the 2-D
   rotary embedding of q and k (float32 math, as transformers does), attention over the images of
-  the batch (images of equal patch count run as one batched SDPA call, whose backend torch picks:
-  cuDNN on the H200, the fastest measured by benchmarks/attention_backends.py; or torch's varlen
-  flash attention over the packed batch), the output GEMM, and the MLP's first GEMM
-  with bias and tanh-GELU fused into cuBLASLt's epilogue (`torch._addmm_activation`);
+  the batch (a declared backend, :mod:`.vision_attention`: equal-size images as one batched SDPA call,
+  whose backend torch picks, cuDNN on the H200; torch's varlen flash attention; or, for an FP8 tower
+  on Hopper, FlashAttention-3's FP8 forward fed by a rope+quantization producer), the output GEMM, and
+  the MLP's first GEMM with bias and tanh-GELU fused into cuBLASLt's epilogue (`torch._addmm_activation`);
 * the patch merger and the deepstack mergers as in transformers.
 
 With FP8 vision Linears (the fp8-all variant) the GEMMs are W8A8 `FP8Linear` calls whose inputs come
 quantized from their producers: residual add+LayerNorm+quantization before qkv and fc1
 (:mod:`.vision_ops`), tanh-GELU+quantization before fc2 (:mod:`.fp8_ops`); the attention output is
-quantized inside `proj`.
+quantized inside `proj`. Where vLLM's FlashAttention-3 loads on a Hopper GPU the attention runs in FP8
+too (``fa3-fp8``); elsewhere SDPA, with the reason logged once.
 
 `accelerate_vision(model)` installs it on CUDA (the tower is BF16 in the 4-bit variants, so BF16
 and 4-bit models share it; FP8 in fp8-all). On CPU, or without Triton, nothing is installed and the eager
@@ -41,23 +42,26 @@ from torch import nn
 
 from colquant.fp8 import FP8Linear, ReferenceProducers, quantize_rows_reference
 from colquant.kernels import fp8_dispatch
+from colquant.kernels import vision_attention
 from colquant.kernels.backend import gpu_unavailable, triton_import_error
+from colquant.kernels.vision_attention import ATTENTION_CHOICES, SDPA_BACKENDS, attention
 
 logger = logging.getLogger("colquant.kernels")
 
-Attention = Literal["sdpa", "varlen"]
-ATTENTION_CHOICES: tuple[str, ...] = ("sdpa", "varlen")
-SDPA_BACKENDS: tuple[str, ...] = ("flash", "cudnn", "efficient", "math")
+Attention = Literal["fa3-fp8", "sdpa", "varlen"]
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 
 
 @dataclass
 class VisionSettings:
-    """How the fast tower runs. `attention`: `sdpa` (equal-size images batched into one SDPA call)
-    or `varlen` (torch's flash varlen over the packed batch); `sdpa_backends`: SDPA backends to
-    allow, in priority order (None: torch's own choice)."""
+    """How the fast tower runs. `attention`: a row of `vision_attention.ATTENTION_BACKENDS` (`fa3-fp8`,
+    `sdpa`, `varlen`), or None: the tower's default where it can run (`vision_attention.choose_attention`),
+    chosen at install or first call and recorded here with the rows passed over and why
+    (`attention_passed_over`); `sdpa_backends`: SDPA backends to allow, in priority order (None:
+    torch's own choice)."""
 
-    attention: Attention = "sdpa"
+    attention: Attention | None = None
+    attention_passed_over: dict[str, str] = field(default_factory=dict)
     sdpa_backends: tuple[str, ...] | None = None
     max_cached_grids: int = 64
     grids: dict[tuple[tuple[int, int, int], ...], "GridPlan"] = field(default_factory=dict)
@@ -65,7 +69,7 @@ class VisionSettings:
 
     def __post_init__(self) -> None:
         """Refuse unknown names now (a bench flag's typo), not at the first page batch."""
-        if self.attention not in ATTENTION_CHOICES:
+        if self.attention is not None and self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"unknown vision attention {self.attention!r}; use one of {', '.join(ATTENTION_CHOICES)}")
         unknown = [name for name in self.sdpa_backends or () if name not in SDPA_BACKENDS]
         if unknown:
@@ -125,13 +129,24 @@ def accelerate_vision(model: nn.Module, settings: VisionSettings | None = None) 
         logger.info("colquant.kernels: the vision tower keeps transformers' eager forward because %s", reason)
         return dict(installed=False, reason=reason)
     _output_class()  # fail now, naming the transformers version, rather than at the first page
-    visual._colquant_vision = settings or getattr(visual, "_colquant_vision", None) or VisionSettings()
+    chosen = settings or getattr(visual, "_colquant_vision", None) or VisionSettings()
+    _resolve_attention(chosen, visual, device)
+    visual._colquant_vision = chosen
     if not getattr(type(visual), "_colquant_fast", False):
         visual.__class__ = _fast_class(type(visual))
-    info = dict(installed=True, reason=None, attention=visual._colquant_vision.attention,
-                sdpa_backends=visual._colquant_vision.sdpa_backends)
+    info = dict(installed=True, reason=None, attention=chosen.attention,
+                attention_passed_over=chosen.attention_passed_over, sdpa_backends=chosen.sdpa_backends)
     logger.info("colquant.kernels: fast vision tower: %s", info)
     return info
+
+
+def _resolve_attention(settings: VisionSettings, visual: nn.Module, device: torch.device) -> None:
+    """Fill in `settings.attention` where None (the tower's default here, noting what was passed over);
+    an attention asked for by name that cannot run here is refused with the reason."""
+    if settings.attention is None:
+        settings.attention, settings.attention_passed_over = vision_attention.choose_attention(visual, device)
+    else:
+        vision_attention.check_attention(settings.attention, visual, device)
 
 
 def _unsupported_linears(visual: nn.Module) -> str | None:
@@ -189,6 +204,8 @@ def fast_vision_forward(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch
     """The vision tower's output (last hidden state, merged tokens, deepstack features) computed
     with fused ops: Triton/cuBLASLt on CUDA, their torch equivalents elsewhere."""
     settings = settings or VisionSettings()
+    if settings.attention is None:
+        _resolve_attention(settings, visual, pixels.device)
     plan = grid_plan(visual, grid_thw, settings)
     # the residual stream travels as (x, delta) with x + delta the hidden state: each block's first
     # LayerNorm adds the pending delta (the position embeddings, then the previous block's MLP output)
@@ -220,10 +237,7 @@ def block_forward(block: nn.Module, x: torch.Tensor, delta: torch.Tensor, plan: 
     attn, mlp = block.attn, block.mlp
     heads = attn.num_heads
     x, normed = add_layernorm_into(attn.qkv, block.norm1, x, delta)
-    qkv = linear(attn.qkv, normed)
-    q, k = rotary(qkv, plan.cos, plan.sin, heads)
-    v = qkv.view(qkv.shape[0], 3, heads, -1)[:, 2]
-    a = attention(q, k, v, plan, settings)
+    a = self_attention(linear(attn.qkv, normed), plan, settings, heads)
     x, normed = add_layernorm_into(mlp.linear_fc1, block.norm2, x, linear(attn.proj, a))
     h = fc1_activation(mlp, normed, tanh_gelu)
     return x, linear(mlp.linear_fc2, h)
@@ -309,47 +323,22 @@ def rope_qk_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return out[0], out[1]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: GridPlan,
-              settings: VisionSettings) -> torch.Tensor:
-    """Bidirectional attention within each frame; (patches, heads * head_dim)."""
-    n, heads, dim = q.shape
-    if settings.attention == "varlen":
-        from torch.nn.attention.varlen import varlen_attn
-
-        out = varlen_attn(q, k, v.contiguous(), plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen,
-                          plan.max_seqlen)
-        return out.reshape(n, heads * dim)
-    parts = []
-    with _sdpa_backends(settings.sdpa_backends):
-        for start, frames, length in plan.segments:  # consecutive row ranges, in order
-            rows = slice(start, start + frames * length)
-            shaped = [t[rows].view(frames, length, heads, dim).transpose(1, 2) for t in (q, k, v)]
-            # q is token-major, so SDPA's output is too and this reshape is a view of it
-            parts.append(F.scaled_dot_product_attention(*shaped).transpose(1, 2).reshape(frames * length, heads * dim))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)  # pages of one size: no copy at all
+def self_attention(qkv: torch.Tensor, plan: GridPlan, settings: VisionSettings, heads: int) -> torch.Tensor:
+    """A block's attention from its packed qkv rows, (patches, heads * head_dim): rotary, then the
+    settings' backend (:mod:`.vision_attention`); for ``fa3-fp8`` the rotary writes e4m3 q, k, v."""
+    if settings.attention == "fa3-fp8":
+        return vision_attention.attention_fp8(*quantized_rotary(qkv, plan, heads), plan)
+    q, k = rotary(qkv, plan.cos, plan.sin, heads)
+    return attention(q, k, qkv.view(qkv.shape[0], 3, heads, -1)[:, 2], plan, settings)
 
 
-class _sdpa_backends:
-    """`torch.nn.attention.sdpa_kernel` with backends named by strings (flash, cudnn, efficient, math),
-    priority in the order given; no-op for None."""
-
-    def __init__(self, names: tuple[str, ...] | None) -> None:
-        self.names = names
-        self.context = None
-
-    def __enter__(self) -> None:
-        if not self.names:
-            return
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        table = dict(zip(SDPA_BACKENDS, (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)))
-        self.context = sdpa_kernel([table[name] for name in self.names], set_priority=True)
-        self.context.__enter__()
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.context is not None:
-            self.context.__exit__(*exc_info)
+def quantized_rotary(qkv: torch.Tensor, plan: GridPlan, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 (patches, 3, heads, head_dim) of rotated q, k and v, fp32 descales (frames, 3, heads)):
+    two Triton passes on CUDA (:func:`.vision_ops.rope_quant_qkv`), the torch twins elsewhere."""
+    if qkv.is_cuda:
+        return _vision_ops().rope_quant_qkv(qkv, plan.cos, plan.sin, heads, plan.cu_seqlens, plan.max_seqlen)
+    q, k = rope_qk_reference(qkv, plan.cos, plan.sin, heads)
+    return vision_attention.quantize_qkv_reference(q, k, qkv.view(qkv.shape[0], 3, heads, -1)[:, 2], plan.cu_seqlens)
 
 
 def rope_qk_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

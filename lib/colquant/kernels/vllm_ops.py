@@ -42,8 +42,8 @@ from colquant.kernels.packing import kernel_to_gptq
 
 __all__ = ["VLLM_VERSION", "KINDS", "UINT4B8_ID", "INT4_ID", "scalar_type_id", "library_path", "load_error",
            "unavailable_reason", "version", "uint4b8_to_int4", "fp8_group_scales", "marlin_scale_order",
-           "marlin_scales", "machete_schedules", "Packed", "build_handle", "layer_unsupported_reason", "prepare",
-           "release", "W4A8_CHECK_REL_ERR"]
+           "marlin_scales", "machete_schedules", "Packed", "build_handle", "pack_w4a8", "layer_unsupported_reason",
+           "prepare", "release", "W4A8_CHECK_REL_ERR"]
 
 VLLM_VERSION = "0.26.0"  # the release whose library this module was written against (pyproject's extra pins it)
 TORCH_SERIES = "2.11"  # vllm 0.26.0 requires torch==2.11.0
@@ -307,9 +307,19 @@ def build_handle(kind: str, qweight_k: torch.Tensor, zeros_u8: torch.Tensor, sca
         empty = torch.empty(0, dtype=torch.int32, device=qweight.device)
         b_q = torch.ops._C.gptq_marlin_repack(qweight.contiguous(), empty, k, n, 4, False)
         return Packed(kind, k, n, group_size, (b_q, marlin_scales(scales)))
-    fp8, chan = fp8_group_scales(scales)
-    b_q = torch.ops._C.cutlass_encode_and_reorder_int4b(uint4b8_to_int4(qweight).t().contiguous().t())
-    return Packed(kind, k, n, group_size, (b_q, torch.ops._C.cutlass_pack_scale_fp8(fp8.contiguous()), chan))
+    return pack_w4a8(uint4b8_to_int4(qweight), *fp8_group_scales(scales), group_size)
+
+
+def pack_w4a8(int4_words: torch.Tensor, group_scales: torch.Tensor, channel_scales: torch.Tensor,
+              group_size: int) -> Packed:
+    """The W4A8 encoding (signed int4 words [K/8, N] as :func:`uint4b8_to_int4` gives them, e4m3 group
+    scales [K/G, N] and fp32 channel scales [N, 1] as :func:`fp8_group_scales` gives them; on the GPU)
+    -> CUTLASS W4A8's layouts. One encoding feeds both this and the torch reference of
+    :mod:`colquant.kernels.w4a8`, so the two run the same numbers."""
+    k, n = int4_words.shape[0] * 8, int4_words.shape[1]
+    b_q = torch.ops._C.cutlass_encode_and_reorder_int4b(int4_words.t().contiguous().t())
+    return Packed("w4a8", k, n, group_size, (b_q, torch.ops._C.cutlass_pack_scale_fp8(group_scales.contiguous()),
+                                             channel_scales))
 
 
 # --------------------------------------------------------------------------------------------
