@@ -54,7 +54,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fp8_bench import build_model  # a sibling script
 
-from colquant import fp8, mteb_encoder
+from colquant import mteb_encoder
+from colquant.bench import prepare_fp8
 from colquant.corpus_content import generate_contents
 from colquant.encode import PagePipeline, _launch, encode_pages
 from colquant.files import write_json
@@ -161,7 +162,7 @@ def joint_saving(profile_name: str, model: torch.nn.Module, processor: Any, page
                  device: torch.device, batches: int) -> dict[str, Any]:
     """GPU seconds per page and variant: BF16, fp8-lm, a second BF16 language model, together and alone."""
     fp8_lm = build_model(profile_name, device)
-    fp8.prepare_fp8(fp8_lm, scope="lm", accelerate=device.type == "cuda")
+    prepare_fp8(fp8_lm, scope="lm", accelerate=device.type == "cuda")
     second = build_model(profile_name, device)
     with torch.no_grad():
         for parameter in second.language_model.parameters():

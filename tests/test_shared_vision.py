@@ -11,10 +11,11 @@ from pathlib import Path
 import colquant
 import pytest
 import torch
-from colquant import evaluation_runs, fp8, shared_vision, workspace
+from colquant import evaluation_runs, shared_vision, workspace
 from colquant.corpus import build_corpus
 from colquant.embedding_cache import manifests
 from colquant.evaluation import evaluate_variant, get_tasks
+from colquant.fp8_checkpoint import fp8_metadata, quantize_fp8, save_fp8_model
 from colquant.measure import measure
 from colquant.shared_vision import (
     Companion,
@@ -46,9 +47,10 @@ def fp8_variants(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     for name, scope in (("fp8-lm", "lm"), ("fp8-all", "lm+vision")):
         model, processor = colquant.load(tiny_path, device="cpu")
         with measure(model.device) as cost:
-            layers = fp8.quantize_fp8(model, scope)
-        metadata = fp8.fp8_metadata({"model": {"id": "embedded-tiny"}, "random_weights": True}, name, scope, layers, cost)
-        made[name] = fp8.save_fp8_model(model, processor, folder / name, scope, metadata)
+            layers = quantize_fp8(model, scope)
+        metadata = fp8_metadata(name, scope, layers, cost, base_model="embedded-tiny", base_model_revision="local build",
+                                random_weights=True)
+        made[name] = save_fp8_model(model, processor, folder / name, scope, metadata)
     return made
 
 

@@ -83,3 +83,20 @@ def size_on_disk(checkpoint: Path) -> int:
     """Bytes of the checkpoint's weights (its safetensors files), the exports under `EXPORTS_DIR` left out."""
     weights = [f for f in checkpoint.rglob("*.safetensors") if EXPORTS_DIR not in f.relative_to(checkpoint).parts]
     return sum(f.stat().st_size for f in weights)
+
+
+def variant_checkpoint(path: str | Path) -> tuple[Path, dict[str, str]]:
+    """(the checkpoint a variant folder loads, the `colquant.load` options it loads it with): the folder
+    itself as saved, or, for a W4A8 run (its metadata's `loads`), the 4-bit checkpoint beside it with
+    FP8 activations, refused once that checkpoint holds other weights than the run was made for (its
+    cached results would then be another model's)."""
+    path = Path(path)
+    loads = read_variant_metadata(path).get("loads") if (path / METADATA_FILE).exists() else None
+    if loads is None:
+        return path, {}
+    checkpoint = path.parent / loads["checkpoint"]
+    if not (checkpoint / METADATA_FILE).exists() or checkpoint_fingerprint(checkpoint) != loads["weights"]:
+        raise OutputError(f"{path.name} runs {checkpoint} with {loads['activations']} activations, and that checkpoint "
+                          "is missing or holds other weights than it was made for: re-run notebooks/03_quantization.ipynb "
+                          "(or `colquant run <profile> --notebooks 03`) to make both again")
+    return checkpoint, {"activations": loads["activations"]}

@@ -6,7 +6,7 @@ same pages and queries with the same model. This cache keeps what one `encode` c
 `ColQuantEncoder` returned, so the next identical call reads it instead of encoding.
 
 A call is identified by everything its embeddings depend on:
-- the encoder (`encoder_identity`): the checkpoint's content (`workspace.checkpoint_fingerprint`),
+- the encoder (`encoder_identity`): the checkpoint's content (`checkpoint_files.checkpoint_fingerprint`),
   the processor's settings (visual-token budget and pixel bounds, transparency), the dtype, and the
   compute path that decides the arithmetic besides them (`compute_path`: device kind, attention,
   fused or transformers text tower, fast or eager vision tower, the 4-bit layers' dispatch table
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from colquant.files import OutputError, atomic_write, discard, read_json, write_json
+from colquant.files import OutputError, atomic_write, discard, fingerprint, read_json, write_json
 from colquant.index import (
     offsets_problem,
     pack_items,
@@ -58,7 +58,7 @@ from colquant.index import (
     tensors_sha256,
     unpack_items,
 )
-from colquant.workspace import checkpoint_fingerprint, fingerprint
+from colquant.checkpoint_files import checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ class Companion:
 def vision_fingerprint(checkpoint: str | Path) -> str:
     """sha256 over the vision tower's stored tensors (name within the tower, dtype, shape, bytes), read
     from the checkpoint's safetensors files without loading the model."""
-    from colquant.workspace import checkpoint_fingerprint
+    from colquant.checkpoint_files import checkpoint_fingerprint
 
     checkpoint = weights_folder(checkpoint)
     content = checkpoint_fingerprint(checkpoint)
@@ -205,8 +205,8 @@ def _proc_kib(path: Path, field: str) -> int:
 
 def weights_folder(variant: str | Path) -> Path:
     """The folder holding a variant's weights: itself, or for a W4A8 run (a folder naming a 4-bit checkpoint,
-    `workspace.variant_checkpoint`) that checkpoint, whose vision tower and weight bytes it runs."""
-    from colquant.workspace import variant_checkpoint
+    `checkpoint_files.variant_checkpoint`) that checkpoint, whose vision tower and weight bytes it runs."""
+    from colquant.checkpoint_files import variant_checkpoint
 
     return variant_checkpoint(variant)[0]
 

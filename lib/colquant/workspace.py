@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint, read_variant_metadata
+from colquant.checkpoint_files import METADATA_FILE, checkpoint_fingerprint, read_variant_metadata, variant_checkpoint
 from colquant.files import (  # noqa: F401  (re-exported: notebooks write through workspace)
     OUTPUT_ROOT_ENV,
     OutputError,
@@ -363,23 +363,6 @@ def load_variant(profile: dict[str, Any], path: str | Path, *, accelerate: bool 
             raise
         raise type(error)(f"{Path(path).name}: {error} (a W4A8 run this profile asks for in quantization.w4a8: set "
                           "quantization.w4a8: false to leave it out)") from error
-
-
-def variant_checkpoint(path: str | Path) -> tuple[Path, dict[str, str]]:
-    """(the checkpoint a variant folder loads, the `colquant.load` options it loads it with): the folder
-    itself as saved, or, for a W4A8 run (its metadata's `loads`), the 4-bit checkpoint beside it with
-    FP8 activations, refused once that checkpoint holds other weights than the run was made for (its
-    cached results would then be another model's)."""
-    path = Path(path)
-    loads = read_variant_metadata(path).get("loads") if (path / METADATA_FILE).exists() else None
-    if loads is None:
-        return path, {}
-    checkpoint = path.parent / loads["checkpoint"]
-    if not (checkpoint / METADATA_FILE).exists() or checkpoint_fingerprint(checkpoint) != loads["weights"]:
-        raise OutputError(f"{path.name} runs {checkpoint} with {loads['activations']} activations, and that checkpoint "
-                          "is missing or holds other weights than it was made for: re-run notebooks/03_quantization.ipynb "
-                          "(or `colquant run <profile> --notebooks 03`) to make both again")
-    return checkpoint, {"activations": loads["activations"]}
 
 
 def corpus(profile: dict[str, Any]) -> Any:
