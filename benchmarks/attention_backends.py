@@ -5,7 +5,7 @@
 torch's `scaled_dot_product_attention` picks a backend itself (on the H200 with torch 2.11 it picked
 cuDNN for both of a page batch's attentions, `kernel_breakdown.py`). The fast vision tower can ask
 for others (`VisionSettings.sdpa_backends`); whether it should is a measurement: each backend that
-accepts the shape is timed (`colquant.measure.call_times`, median) at the vision tower's
+accepts the shape is timed (`colquant.basics.measure.call_times`, median) at the vision tower's
 attention (frames × 16 heads × 5,120 patches × 64, bidirectional) and the language model's page
 attention (pages × 32 query heads over 8 key/value heads × 1,309 tokens × 128, causal), with its
 throughput in TFLOP/s (4·T²·D per head, halved when causal) and its largest difference from the
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from colquant import measure
+from colquant.basics import measure
 
 log = logging.getLogger("attention_backends")
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -26,7 +26,7 @@ gemm() {
 import json, sys
 import torch
 from colquant.kernels import fp8_ops
-from colquant.model import ColQwen3Config
+from colquant.retriever.model import ColQwen3Config
 torch.backends.cuda.matmul.allow_tf32 = False
 config = ColQwen3Config.colqwen3_4b()
 shapes = fp8_ops.lm_shapes(config.text_config, (42, 20944, 43008)) + fp8_ops.vision_shapes(config.vision_config, (81920,))

@@ -54,18 +54,18 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fp8_bench import build_model  # a sibling script
 
-from colquant import mteb_encoder
-from colquant.bench import prepare_fp8
-from colquant.corpus_content import generate_contents
-from colquant.encode import PagePipeline, _launch, encode_pages
-from colquant.files import write_json
+from colquant.basics.files import write_json
+from colquant.deploy.bench import prepare_fp8
+from colquant.evaluate import mteb_encoder
+from colquant.evaluate.corpus_content import generate_contents
+from colquant.evaluate.mteb_rows import encoded_pages, stored_image_feature
+from colquant.evaluate.page_render import render_page
+from colquant.evaluate.shared_vision import launch_shared_vision
 from colquant.kernels import accelerate_model
-from colquant.mteb_rows import encoded_pages, stored_image_feature
-from colquant.page_render import render_page
-from colquant.params import load_profile
-from colquant.processing import ColQwen3Processor
-from colquant.shared_vision import launch_shared_vision
-from colquant.tiny import build_tokenizer
+from colquant.research.params import load_profile
+from colquant.retriever.encode import PagePipeline, _launch, encode_pages
+from colquant.retriever.processing import ColQwen3Processor
+from colquant.retriever.tiny import build_tokenizer
 
 log = logging.getLogger("eval_pages_profile")
 REVISION = "0123abcd"

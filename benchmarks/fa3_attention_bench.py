@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from colquant.kernels import fa3_ops, fast_vision, vision_ops
 from colquant.__main__ import profile_file
+from colquant.kernels import fa3_ops, fast_vision, vision_ops
 from colquant.kernels.vision_attention import attention, attention_fp8
-from colquant.model import ColQwen3Config
-from colquant.params import load_profile
+from colquant.research.params import load_profile
+from colquant.retriever.model import ColQwen3Config
 
 
 def page_shape(profile: str) -> dict:

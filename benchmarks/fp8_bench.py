@@ -25,14 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from colquant import bench, workspace
-from colquant.fp8_checkpoint import quantize_fp8
+from colquant.deploy import bench
 from colquant.kernels import accelerate_model, find_text_model, fp8_dispatch, quantize_linears_rtn, reset_graphs
 from colquant.kernels.checks import compare
-from colquant.model import ColQwen3, ColQwen3Config
-from colquant.params import load_profile
-from colquant.processing import ColQwen3Processor
-from colquant.tiny import build_tokenizer
+from colquant.quantize.fp8_variants import quantize_fp8
+from colquant.research import workspace
+from colquant.research.params import load_profile
+from colquant.retriever.model import ColQwen3, ColQwen3Config
+from colquant.retriever.processing import ColQwen3Processor
+from colquant.retriever.tiny import build_tokenizer
 
 log = logging.getLogger("fp8_bench")
 CONFIGS = {"synthetic-4b": ColQwen3Config.colqwen3_4b, "tiny": ColQwen3Config.tiny}
@@ -79,7 +80,7 @@ class Fp8Bench:
         return {work: bench.embed(model, batch) for work, batch in self.fidelity_inputs.items()}
 
     def fidelity(self, model: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
-        from colquant.scoring import score
+        from colquant.retriever.scoring import score
 
         found = self.embeddings(model)
         row = {}

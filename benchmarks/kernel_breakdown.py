@@ -27,12 +27,13 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from colquant import bench, workspace
+from colquant.deploy import bench
 from colquant.kernels import accelerate_model
 from colquant.kernels.fast_vision import VisionSettings, accelerate_vision
-from colquant.params import load_profile
-from colquant.processing import ColQwen3Processor
-from colquant.tiny import build_tokenizer
+from colquant.research import workspace
+from colquant.research.params import load_profile
+from colquant.retriever.processing import ColQwen3Processor
+from colquant.retriever.tiny import build_tokenizer
 from fp8_bench import build_model
 
 log = logging.getLogger("kernel_breakdown")

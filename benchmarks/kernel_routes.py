@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from colquant.files import write_json
+from colquant.basics.files import write_json
 from colquant.kernels import autotune, gemlite_ops, vllm_ops
 from colquant.kernels.autotune import CANDIDATES, Candidate
 from colquant.kernels.packing import kernel_to_gptq
@@ -62,7 +62,7 @@ MARLIN_OPS = "gptqmodel_marlin_bf16"
 
 def tower_shapes(config_name: str = "colqwen3_4b") -> dict[str, tuple[int, int]]:
     """(K, N) of qkv, o, gate_up, down for the profile's model config (synthetic-4b: the 4B's)."""
-    from colquant.model import ColQwen3Config
+    from colquant.retriever.model import ColQwen3Config
 
     tc = getattr(ColQwen3Config, config_name)().text_config
     hd = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads

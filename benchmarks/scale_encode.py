@@ -51,7 +51,7 @@ def synthetic_page(number: int) -> Image.Image:
 
 
 def prepare(work: Path, pages: int, size: str) -> None:
-    from colquant import tiny
+    from colquant.retriever import tiny
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny.build(work / "model", size=size, device=device)
@@ -79,7 +79,7 @@ def run_summary(log_file: Path, shard_size: int) -> dict:
 
 
 def same_as_one_gpu(index_dir: Path, reference: Path) -> dict:
-    from colquant.index import load_index
+    from colquant.inference.index import load_index
 
     a, b = load_index(index_dir), load_index(reference)
     equal = sum(torch.equal(x, y) for x, y in zip(a.embeddings, b.embeddings))
@@ -117,7 +117,7 @@ def replicas(work: Path, out: Path, pages: int, batch_size: int) -> None:
     import time
 
     import colquant
-    from colquant.distributed import encode_across_replicas, load_replicas, visible_gpus
+    from colquant.inference.distributed import encode_across_replicas, load_replicas, visible_gpus
 
     model, processor = colquant.load(work / "model")
     others = load_replicas(work / "model", visible_gpus()[1:], dtype=model.dtype,

@@ -1,6 +1,6 @@
 """GPU scoring benchmark: 1,000 queries against 100,000 compressed pages, per compression setting.
 
-Builds a random index of unit vectors directly in each storage format of `colquant.compress`
+Builds a random index of unit vectors directly in each storage format of `colquant.inference.compress`
 (page lengths drawn uniformly in [--min-tokens, --max-tokens], as ColQwen3 pages of up to 1,280
 visual tokens; pooled settings store tokens // N vectors per page, random too: this measures
 scoring and memory, not the pooling itself, which runs once at indexing time), scores all queries
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from colquant.compress import (
+from colquant.inference.compress import (
     BinaryPages,
     CompressedPages,
     CompressionSetting,

@@ -31,7 +31,7 @@ import triton
 import triton.runtime.errors
 import triton.testing
 
-from colquant.files import read_json, write_json
+from colquant.basics.files import read_json, write_json
 from colquant.kernels import reference
 from old_source import import_old
 

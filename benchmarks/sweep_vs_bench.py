@@ -1,6 +1,6 @@
 """Notebook 06's sweep against `colquant bench`: the same precision, work and batch timed both ways.
 
-Issue 10 asks that the sweep (models loaded by `colquant.load`, timed by `colquant.sweep`) agree with
+Issue 10 asks that the sweep (models loaded by `colquant.load`, timed by `colquant.evaluate.sweep`) agree with
 the bench within 5% at the same batch. For each precision (BF16, then 4-bit) this loads the model the
 bench's way (`bench.load_model` + `bench.PREPARE[precision]`) and times query batches and one page
 batch with `Bench.queries`/`Bench.pages`; then, back to back, loads it the notebook's way
@@ -30,9 +30,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from colquant import bench, sweep, workspace
-from colquant.checkpoint import resolve_device
-from colquant.files import write_text
+from colquant.basics.files import write_text
+from colquant.deploy import bench
+from colquant.evaluate import sweep
+from colquant.research import workspace
+from colquant.retriever.checkpoint import resolve_device
 
 logger = logging.getLogger("colquant.sweep_vs_bench")
 PRECISIONS = ("bf16", "w4a16")
@@ -164,7 +166,7 @@ def compare(profile: dict, device: torch.device, query_batches: list[int], page_
 
 def main(argv: list[str] | None = None) -> int:
     from colquant.__main__ import profile_file, show_package_logs
-    from colquant.params import load_profile
+    from colquant.research.params import load_profile
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="synthetic-4b", help="a profile name from params/ or a YAML path")

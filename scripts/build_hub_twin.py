@@ -20,7 +20,7 @@ they ran the real profile once with hub access:
 
 Nothing in `lib/colquant` knows about the twin: the package reads it through huggingface_hub,
 datasets and mteb exactly as it reads a cache filled from the real hub. The weights are random and
-the pages are rendered by `colquant.corpus`: numbers computed on the twin check the machinery only.
+the pages are rendered by `colquant.evaluate.corpus`: numbers computed on the twin check the machinery only.
 
 Where each layout fact comes from is noted beside it. Layout of a hub cache (blobs/, snapshots/<commit>/
 as relative symlinks into blobs/, refs/main holding the commit): huggingface_hub's file_download.py
@@ -50,9 +50,9 @@ from datasets.packaged_modules.parquet.parquet import Parquet
 from huggingface_hub.file_download import repo_folder_name
 from PIL import Image as PILImage
 
-from colquant import tiny
-from colquant.remote_code import REMOTE_CODE_FILES
-from colquant.corpus import Corpus, build_corpus
+from colquant.evaluate.corpus import Corpus, build_corpus
+from colquant.retriever import tiny
+from colquant.retriever.remote_code import REMOTE_CODE_FILES
 
 log = logging.getLogger("build_hub_twin")
 
@@ -221,7 +221,7 @@ def prepare_datasets_cache(datasets_cache: Path, snapshot: Path, repo: HubRepo, 
 
 
 # --------------------------------------------------------------------------------------------
-# Contents: rendered pages and their texts from colquant.corpus
+# Contents: rendered pages and their texts from colquant.evaluate.corpus
 
 
 # Real ViDoRe pages come in many sizes, so pages in one corpus chunk have different visual-token

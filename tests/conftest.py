@@ -17,7 +17,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min
 def auto_round_scratch(tmp_path_factory: pytest.TempPathFactory):
     """Tests that call auto-round directly (not through the pipeline, which points it under the output
     root) keep its scratch directory out of the working tree."""
-    from colquant.quantization import scratch_dir
+    from colquant.quantize.autoround import scratch_dir
 
     with scratch_dir(tmp_path_factory.mktemp("ar_work_space")):
         yield
@@ -25,7 +25,7 @@ def auto_round_scratch(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from colquant import tiny
+    from colquant.retriever import tiny
 
     return tiny.build(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -64,7 +64,7 @@ def tiny_w4a16_path(tiny_w4a16) -> Path:
 @pytest.fixture
 def output_root(tmp_path, monkeypatch):
     """Outputs of a pipeline run under this test's folder (profile `pipeline-test`), progress bars off."""
-    from colquant import workspace
+    from colquant.research import workspace
 
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
     monkeypatch.setenv("TQDM_DISABLE", "1")
@@ -75,7 +75,7 @@ def output_root(tmp_path, monkeypatch):
 def stand_in(monkeypatch, output_root):
     """`pipeline.run` with stand-in notebooks (tests/pipeline_stand_in.py), the report and the plan's
     warm-up replaced too: the scheduling is tested, no model runs."""
-    from colquant import pipeline, workspace
+    from colquant.research import pipeline, workspace
     from pipeline_stand_in import StandIn, not_measured
 
     notebooks = StandIn()
@@ -85,6 +85,6 @@ def stand_in(monkeypatch, output_root):
         notebooks.stale = stale
         return workspace.output_dir(profile) / "REPORT.md"
 
-    monkeypatch.setattr("colquant.reporting.write_report", report)
-    monkeypatch.setattr("colquant.warmup.measure_in_subprocess", not_measured)
+    monkeypatch.setattr("colquant.research.reporting.write_report", report)
+    monkeypatch.setattr("colquant.research.warmup.measure_in_subprocess", not_measured)
     return notebooks

@@ -6,9 +6,9 @@ install them (`output_root`, `stand_in`) are in conftest.py."""
 import json
 
 import yaml
-from colquant import workspace
-from colquant.params import load_profile
-from colquant.pipeline import PipelineError, run
+from colquant.research import workspace
+from colquant.research.params import load_profile
+from colquant.research.pipeline import PipelineError, run
 
 
 def small_profile(tmp_path, **overrides) -> str:

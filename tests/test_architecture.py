@@ -1,4 +1,4 @@
-from colquant.architecture import (
+from colquant.retriever.architecture import (
     PackedCost,
     linear_inventory,
     meta_model,
@@ -6,7 +6,7 @@ from colquant.architecture import (
     predicted_sizes,
     w4a16_coverage,
 )
-from colquant.model import ColQwen3Config
+from colquant.retriever.model import ColQwen3Config
 
 
 def test_4b_inventory_matches_the_published_split():

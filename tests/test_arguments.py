@@ -1,10 +1,10 @@
-"""colquant.arguments: the checks every public entry point runs on its options."""
+"""colquant.basics.arguments: the checks every public entry point runs on its options."""
 
 import numpy as np
 import pytest
 import torch
 
-from colquant.arguments import require_count, require_flag, usable_device
+from colquant.basics.arguments import require_count, require_flag, usable_device
 
 
 def test_flags_are_booleans_and_none_only_where_it_means_something():

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from colquant import bench, bench_report
-from colquant.params import load_profile
+from colquant.deploy import bench, bench_report
+from colquant.research.params import load_profile
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def test_tiny_bench_runs_on_cpu_and_writes_json(tiny_profile, tmp_path, monkeypa
     built, load = [], bench.load_model
     monkeypatch.setattr(bench, "load_model", lambda profile, device: built.append(device) or load(profile, device))
     out = tmp_path / "bench.json"
-    with caplog.at_level("INFO", logger="colquant.bench"):
+    with caplog.at_level("INFO", logger="colquant.deploy.bench"):
         table = bench.run_bench(tiny_profile, out, device="cpu")
     assert list(table.columns)[-2:] == ["thr_ratio", "mem_ratio"]  # ratios last
     assert set(table.work) == {"query", "page"}
@@ -144,7 +144,7 @@ def test_pages_from_pil_are_timed_through_a_warm_pipeline_with_workers(tiny_prof
     """With workers, every end-to-end call after the first runs on the same worker processes."""
     import multiprocessing
 
-    from colquant import encode
+    from colquant.retriever import encode
 
     tiny_profile["bench"].update(precisions=["bf16"], query_batches=[1], page_batches=[2], end_to_end_batches=2,
                                  workers=2)

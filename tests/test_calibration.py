@@ -8,7 +8,7 @@ import torch
 from auto_round.compressors.utils import block_forward
 from PIL import Image
 
-from colquant.calibration import (
+from colquant.quantize.calibration import (
     CalibrationDataError,
     CalibrationSet,
     build_page_calibration,
@@ -18,7 +18,7 @@ from colquant.calibration import (
     page_grid,
     page_prompt_tokens,
 )
-from colquant.corpus import build_corpus
+from colquant.evaluate.corpus import build_corpus
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import colquant
-from colquant import checkpoint
-from colquant.calibration import build_text_calibration
-from colquant.checkpoint import CheckpointError, resolve_device
-from colquant.corpus import build_corpus
-from colquant.quantization import (
+from colquant.evaluate.corpus import build_corpus
+from colquant.quantize.calibration import build_text_calibration
+from colquant.retriever import checkpoint
+from colquant.retriever.checkpoint import CheckpointError, resolve_device
+from colquant.quantize.autoround import (
     QuantizationSettings,
     decoder_linear_names,
     quantization_metadata,

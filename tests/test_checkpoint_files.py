@@ -2,7 +2,7 @@
 
 import os
 
-from colquant.checkpoint_files import EXPORTS_DIR, checkpoint_fingerprint, size_on_disk
+from colquant.retriever.checkpoint_files import EXPORTS_DIR, checkpoint_fingerprint, size_on_disk
 
 
 def test_checkpoint_fingerprint_follows_content_not_the_model_card(tmp_path):

@@ -61,7 +61,7 @@ def test_outside_a_checkout_the_error_says_to_clone(monkeypatch, tmp_path):
 
 
 def test_run_and_notebooks_pass_the_resolved_profile(monkeypatch):
-    from colquant import pipeline
+    from colquant.research import pipeline
 
     seen = []
     monkeypatch.setattr(pipeline, "run", lambda path, **kw: seen.append((path, kw)) or [{"step": "x", "status": "ok"}])
@@ -86,7 +86,7 @@ def test_run_and_notebooks_pass_the_resolved_profile(monkeypatch):
     ],
 )
 def test_bench_takes_the_same_profile_argument(monkeypatch, argv, expected):
-    from colquant import bench
+    from colquant.deploy import bench
 
     seen = []
     monkeypatch.setattr(bench, "run_bench", lambda profile, out, device=None: seen.append(profile["profile"]))
@@ -170,7 +170,7 @@ def test_notebook_numbers_no_notebook_has_are_refused_naming_the_known_ones(capl
 @pytest.mark.parametrize("wait", ["nan", "-5", "soon"])
 def test_a_wait_that_is_no_number_of_seconds_is_refused_by_the_parser(monkeypatch, capsys, wait):
     """NaN waited forever on a locked directory; a negative number was taken as 0."""
-    from colquant import pipeline
+    from colquant.research import pipeline
 
     monkeypatch.setattr(pipeline, "run", lambda path, **kw: pytest.fail(f"ran with --wait {wait}"))
     with pytest.raises(SystemExit):

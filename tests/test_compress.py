@@ -2,7 +2,7 @@ import pytest
 import torch
 import yaml
 
-from colquant.compress import (
+from colquant.inference.compress import (
     BinaryPages,
     CompressionSetting,
     FloatPages,
@@ -15,7 +15,7 @@ from colquant.compress import (
     score_compressed,
     unpack_signs,
 )
-from colquant.scoring import score
+from colquant.retriever.scoring import score
 
 
 def brute_force_maxsim(queries: list[torch.Tensor], pages: list[torch.Tensor]) -> torch.Tensor:
@@ -74,8 +74,8 @@ def test_a_setting_that_cannot_be_stored_is_refused_not_stored_as_float(pool_fac
 
 def test_profile_settings_are_the_validated_profiles_parsed():
     """The default grid and the refusals live in the profile schema (tests/test_params.py)."""
-    from colquant.params import validate_profile
-    from colquant.workspace import REPO_ROOT
+    from colquant.research.params import validate_profile
+    from colquant.research.workspace import REPO_ROOT
 
     profile = yaml.safe_load((REPO_ROOT / "params" / "tiny.yaml").read_text())
     profile.pop("compression", None)

@@ -10,16 +10,16 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from colquant.compress import compress_pages, parse_setting, score_compressed
-from colquant.compress import compression_report, compression_table, pareto_front, recommend
-from colquant.compress_eval import (
+from colquant.inference.compress import compress_pages, parse_setting, score_compressed
+from colquant.inference.compress import compression_report, compression_table, pareto_front, recommend
+from colquant.evaluate.compress_eval import (
     CompressedIndexEncoder,
     EmbeddingMemo,
     evaluate_setting,
     plot_pareto,
 )
-from colquant.corpus import build_corpus
-from colquant.evaluation import ColQuantEncoder, get_tasks
+from colquant.evaluate.corpus import build_corpus
+from colquant.evaluate.evaluation import ColQuantEncoder, get_tasks
 
 N_PAGES, N_QUERIES = 6, 8
 TASK = "ColQuantTinyPagesRetrieval"

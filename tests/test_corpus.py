@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from colquant import corpus as corpus_module
-from colquant.corpus import (
+from colquant.evaluate import corpus as corpus_module
+from colquant.evaluate.corpus import (
     DEFAULT_PAGE_SIZE,
     LAYOUTS,
     Corpus,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colquant.exports import TOWER_PREFIX, complete_export
-from colquant.remote_code import REMOTE_CODE_FILES
+from colquant.quantize.exports import TOWER_PREFIX, complete_export
+from colquant.retriever.remote_code import REMOTE_CODE_FILES
 
 
 def tensors(directory):

@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 from huggingface_hub import ModelCard
 
 from colquant.__main__ import main
-from colquant.cards import NOT_FOR_USE, PIPELINE_TAG, build_model_card
-from colquant.hub import PushError, push, validate_card
-from colquant.checkpoint_files import METADATA_FILE
+from colquant.deploy.hub import PushError, push, validate_card
+from colquant.quantize.cards import NOT_FOR_USE, PIPELINE_TAG, build_model_card
+from colquant.retriever.checkpoint_files import METADATA_FILE
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def test_push_rejects_a_non_variant_or_a_bad_repo_id(bad, variant, tmp_path):
 
 
 def test_variant_model_meta_is_complete_and_validated_by_mteb(variant):
-    from colquant.hub import content_revision, variant_model_meta
+    from colquant.deploy.hub import content_revision, variant_model_meta
 
     meta = variant_model_meta(variant, "org/tiny-w4a16")
     assert meta.name == "org/tiny-w4a16" and meta.revision == content_revision(variant) and len(meta.revision) == 40
@@ -109,7 +109,7 @@ def test_hidden_files_and_links_are_refused_by_push_and_dry_run_alike(variant, m
     else:
         path.write_text("HF_TOKEN=hf_secret\n")
     real_weights(variant)
-    monkeypatch.setattr("colquant.checkpoint.hub_offline", lambda: False)
+    monkeypatch.setattr("colquant.retriever.checkpoint.hub_offline", lambda: False)
     for dry_run in (True, False):
         with pytest.raises(PushError, match=rf"holds .*{stray.split('/')[0]}.*Move them out of the folder"):
             push(variant, "org/name", dry_run=dry_run)
@@ -129,7 +129,7 @@ def test_push_uploads_exactly_the_files_the_dry_run_lists(variant, monkeypatch):
             everything = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
             sent["files"] = sorted(filter_repo_objects(everything, allow_patterns=allow_patterns))
 
-    monkeypatch.setattr("colquant.checkpoint.hub_offline", lambda: False)
+    monkeypatch.setattr("colquant.retriever.checkpoint.hub_offline", lambda: False)
     monkeypatch.setattr("huggingface_hub.HfApi", Hub)
     (variant / "notes.txt").write_text("not a hidden file: listed and sent")
     assert push(variant, "org/name") == sent["files"] == sorted([*listed, "notes.txt"])
@@ -150,7 +150,7 @@ def test_a_random_weights_flag_edited_against_the_base_models_provenance_is_refu
 
 
 def test_push_refuses_results_measured_on_other_weights(variant):
-    from colquant.cards import update_model_card
+    from colquant.quantize.cards import update_model_card
 
     update_model_card(real_weights(variant), {"NDCG@5, mean of 1 tasks": 0.5})
     assert "README.md" in push(variant, "org/name", dry_run=True)

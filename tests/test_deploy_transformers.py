@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import colquant
-from colquant.remote_code import AUTO_MAP, REMOTE_CODE_FILES, write_remote_code
+from colquant.retriever.remote_code import AUTO_MAP, REMOTE_CODE_FILES, write_remote_code
 
 UP_PROJ = "vlm.model.language_model.layers.1.mlp.up_proj.weight"
 QUERIES = ["what was the revenue of Norbright Labs in 2019?", "pie chart"]

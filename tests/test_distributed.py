@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 
 import colquant
-from colquant import distributed, encode, page_sources
-from colquant import index as idx
 from colquant.__main__ import main
-from colquant.distributed import CrossRankProgress, Worker, encode_corpus
-from colquant.index import IncompleteIndexError, IndexMismatchError, load_index
-from colquant.page_sources import SourceError
+from colquant.inference import distributed, page_sources
+from colquant.inference import index as idx
+from colquant.inference.distributed import CrossRankProgress, Worker, encode_corpus
+from colquant.inference.index import IncompleteIndexError, IndexMismatchError, load_index
+from colquant.inference.page_sources import SourceError
+from colquant.retriever import encode
 
 LIB = Path(__file__).resolve().parents[1] / "lib"
 N_PAGES, SHARD_SIZE, BUDGET = 5, 2, 64

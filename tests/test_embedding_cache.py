@@ -9,12 +9,12 @@ from pathlib import Path
 import colquant
 import pytest
 import torch
-from colquant import embedding_cache
-from colquant.compress import parse_setting
-from colquant.compress_eval import EmbeddingMemo, evaluate_setting
-from colquant.corpus import build_corpus
-from colquant.embedding_cache import EmbeddingCache, Request
-from colquant.evaluation import ColQuantEncoder, evaluate_variant, get_tasks
+from colquant.evaluate import embedding_cache
+from colquant.evaluate.compress_eval import EmbeddingMemo, evaluate_setting
+from colquant.evaluate.corpus import build_corpus
+from colquant.evaluate.embedding_cache import EmbeddingCache, Request
+from colquant.evaluate.evaluation import ColQuantEncoder, evaluate_variant, get_tasks
+from colquant.inference.compress import parse_setting
 from mteb._create_dataloaders import create_dataloader
 from mteb.types import PromptType
 

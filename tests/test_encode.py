@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import colquant
-from colquant import encode
+from colquant.retriever import encode
 
 QUERIES = ["short", "a much longer query about the revenue of Norbright Labs in 2019", "capex", "headcount at year end"]
 

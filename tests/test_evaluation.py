@@ -18,9 +18,10 @@ from PIL import Image
 from transformers import BatchFeature
 
 import colquant
-from colquant import mteb_encoder, workspace
-from colquant.corpus import Corpus, build_corpus
-from colquant.evaluation import (
+from colquant.evaluate import mteb_encoder
+from colquant.evaluate.corpus import Corpus, build_corpus
+from colquant.research import workspace
+from colquant.evaluate.evaluation import (
     ColQuantEncoder,
     ColQuantTinyPagesRetrieval,
     change_counts,
@@ -32,8 +33,8 @@ from colquant.evaluation import (
     plot_delta,
     plot_ndcg,
 )
-from colquant.params import load_profile
-from colquant.processing import to_rgb
+from colquant.research.params import load_profile
+from colquant.retriever.processing import to_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 N_PAGES, N_QUERIES = 8, 16
@@ -201,7 +202,7 @@ def test_a_revision_must_be_a_fingerprint(small_model):
 def test_halving_the_visual_token_budget_recomputes_instead_of_reading_the_old_result(tiny_path, corpus_root,
                                                                                        tmp_path, monkeypatch):
     """Issue 8's probe: max_num_visual_tokens 64 -> 32 left BF16 at its old NDCG@5."""
-    from colquant import workspace
+    from colquant.research import workspace
 
     profile = {"model": {"dtype": "bfloat16", "max_num_visual_tokens": 64}, "evaluation": {"scoring": "colpali"}}
     encoded = []

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colquant.fp8 import FP8Linear
 from colquant.kernels import fa3_ops, fast_vision, fp8_dispatch, vision_attention
-from colquant.model import ColQwen3, ColQwen3Config
+from colquant.retriever.fp8 import FP8Linear
+from colquant.retriever.model import ColQwen3, ColQwen3Config
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from colquant import fidelity
+from colquant.evaluate import fidelity
 
 QUERIES = ["revenue of Norbright Labs in 2019", "operating cost", "capex 2021", "headcount at year end"]
 

@@ -1,4 +1,4 @@
-"""colquant.files: atomic writes leave files and folders as a plain open()/mkdir() would."""
+"""colquant.basics.files: atomic writes leave files and folders as a plain open()/mkdir() would."""
 
 import os
 import stat
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from colquant import files
-from colquant.files import atomic_directory, atomic_write, write_json
+from colquant.basics import files
+from colquant.basics.files import atomic_directory, atomic_write, write_json
 
 
 @contextmanager

@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import colquant
-from colquant import fp8
-from colquant.checkpoint import CheckpointError
-from colquant.fp8 import FP8Linear, quantize_rows_reference, quantize_weight
-from colquant.fp8_checkpoint import fp8_metadata, fp8_targets, quantize_fp8, save_fp8_model
 from colquant.kernels import fp8_dispatch
+from colquant.quantize.fp8_variants import fp8_metadata, fp8_targets, quantize_fp8, save_fp8_model
+from colquant.retriever import fp8
+from colquant.retriever.checkpoint import CheckpointError
+from colquant.retriever.fp8 import FP8Linear, quantize_rows_reference, quantize_weight
 
 
 def e4m3_error_bound(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def embed(model, processor, texts, images):
 @pytest.fixture(scope="module")
 def fp8_variant(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model's fp8-all variant, saved as notebook 03 saves it."""
-    from colquant.measure import measure
+    from colquant.basics.measure import measure
 
     model, processor = colquant.load(tiny_path, device="cpu")
     with measure(model.device) as cost:
@@ -232,8 +232,8 @@ def test_an_unsupported_fp8_scheme_is_a_checkpoint_error(fp8_variant, tmp_path):
 
 
 def test_profiles_select_fp8_kinds_and_reject_unknown_ones():
-    from colquant import workspace
-    from colquant.params import ProfileError, load_profile, validate_profile
+    from colquant.research import workspace
+    from colquant.research.params import ProfileError, load_profile, validate_profile
 
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
     assert profile["quantization"]["fp8"] == ["lm", "all"]
@@ -247,9 +247,9 @@ def test_profiles_select_fp8_kinds_and_reject_unknown_ones():
 
 
 def test_notebook_03_makes_the_fp8_variant_once(tmp_path, monkeypatch):
-    from colquant import workspace
-    from colquant.params import load_profile
-    from colquant.variants import produce_fp8_variant
+    from colquant.research import workspace
+    from colquant.research.params import load_profile
+    from colquant.research.variants import produce_fp8_variant
 
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
@@ -277,7 +277,7 @@ def test_the_fused_text_tower_runs_fp8_layers_like_transformers_forward(fp8_vari
 
 
 def test_prepare_fp8_gives_the_bench_an_fp8_model(tiny_path):
-    from colquant.bench import prepare_fp8
+    from colquant.deploy.bench import prepare_fp8
 
     model, processor = colquant.load(tiny_path, device="cpu", accelerate=False)
     reference = model.encode_queries(["energy use per site"], processor=processor)[0]
@@ -324,8 +324,8 @@ def test_fp8_vision_layers_run_in_the_fast_vision_tower(fp8_variant, monkeypatch
 
 
 def test_notebook_03s_layer_check_names_the_fp8_layers(fp8_variant):
-    from colquant import interpret
-    from colquant.quantization import layer_types
+    from colquant.quantize.autoround import layer_types
+    from colquant.research import interpret
 
     model, _ = colquant.load(fp8_variant, device="cpu", accelerate=False)
     said = interpret.layer_check({"fp8-all": layer_types(model)})
@@ -386,7 +386,7 @@ def test_load_sets_the_fp8_accumulation_and_refuses_it_for_other_checkpoints(fp8
     assert {m.accumulation for m in model.modules() if isinstance(m, FP8Linear)} == {"precise"}
     model, _ = colquant.load(fp8_variant, device="cpu")
     assert {m.accumulation for m in model.modules() if isinstance(m, FP8Linear)} == {fp8.DEFAULT_ACCUMULATION}
-    from colquant.model import ColQwen3
+    from colquant.retriever.model import ColQwen3
 
     monkeypatch.setattr(ColQwen3, "from_pretrained", None)  # refused before any weight is read
     with pytest.raises(ValueError, match="applies to FP8 variants only"):
@@ -396,7 +396,7 @@ def test_load_sets_the_fp8_accumulation_and_refuses_it_for_other_checkpoints(fp8
 
 
 def test_the_bench_times_each_fp8_variant_with_both_accumulations():
-    from colquant import bench
+    from colquant.deploy import bench
 
     for variant in ("fp8-lm", "fp8-all"):
         assert bench.PREPARE[variant].keywords.get("accumulation", fp8.DEFAULT_ACCUMULATION) == "fast"

@@ -13,8 +13,8 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, i.e. on import
 pytest.importorskip("triton")
 
-from colquant.fp8 import FP8Linear, ReferenceProducers, add_rmsnorm_reference, quantize_rows_reference, silu_mul_reference  # noqa: E402
 from colquant.kernels import fp8_dispatch, fp8_ops  # noqa: E402
+from colquant.retriever.fp8 import FP8Linear, ReferenceProducers, add_rmsnorm_reference, quantize_rows_reference, silu_mul_reference  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 FP8_GPU = CUDA and fp8_dispatch.fp8_unavailable_reason("cuda") is None
@@ -149,7 +149,7 @@ def test_quantize_rows_rejects_a_tensor_without_contiguous_rows():
 
 
 def test_shapes_come_from_the_4b_config():
-    from colquant.model import ColQwen3Config
+    from colquant.retriever.model import ColQwen3Config
 
     config = ColQwen3Config.colqwen3_4b()
     lm = {(r["layer"], r["K"], r["N"]) for r in fp8_ops.lm_shapes(config.text_config, tokens=[1408])}

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from colquant import index as idx
-from colquant.distributed import encode_corpus
-from colquant.index import IncompleteIndexError, IndexMismatchError, load_index
+from colquant.inference import index as idx
+from colquant.inference.distributed import encode_corpus
+from colquant.inference.index import IncompleteIndexError, IndexMismatchError, load_index
 
 N_PAGES, BUDGET = 3, 16
 
@@ -78,7 +78,7 @@ def test_a_lowered_shard_count_is_refused_not_read_as_fewer_pages(index, source,
 
 
 def test_a_shard_copied_from_another_models_index_is_refused(index, source, tiny_path, tmp_path):
-    import colquant.tiny
+    import colquant.retriever.tiny
 
     other = encode_into(tmp_path / "other-index", source, colquant.tiny.build(tmp_path / "other-model", seed=1))
     shutil.copyfile(idx.shard_path(other, 1), idx.shard_path(index, 1))

@@ -1,6 +1,6 @@
 import torch
 
-from colquant.measure import call_times, measure
+from colquant.basics.measure import call_times, measure
 
 
 def test_cpu_peak_covers_an_allocation_made_inside_the_block():

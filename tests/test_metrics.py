@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from colquant import metrics, workspace
+from colquant.evaluate import metrics
+from colquant.research import workspace
 
 
 def test_a_metric_round_trips_by_its_definition_and_nan_reads_back_as_missing(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from colquant.model import ColQwen3, ColQwen3Config, image_rope_positions, parameter_count, text_rope_positions
+from colquant.retriever.model import ColQwen3, ColQwen3Config, image_rope_positions, parameter_count, text_rope_positions
 
 
 def test_tiny_embeddings_are_unit_norm_with_exact_zero_padding(tiny_model):

@@ -19,7 +19,7 @@ from mteb.types import PromptType
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from colquant.mteb_encoder import ColQuantEncoder, read_ahead, workers_per_model
+from colquant.evaluate.mteb_encoder import ColQuantEncoder, read_ahead, workers_per_model
 
 REV = "0123abcd"
 # widths x heights of different visual-token counts (tiny processor: 93, 329, 93 | 107, 381, 143 | 137

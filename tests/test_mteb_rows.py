@@ -9,7 +9,7 @@ from datasets import Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from colquant.mteb_rows import encoded_pages, items_digest, stored_image_feature
+from colquant.evaluate.mteb_rows import encoded_pages, items_digest, stored_image_feature
 
 
 def png(seed: int) -> bytes:

@@ -1,4 +1,4 @@
-"""colquant.notebook (the setup every notebook calls), colquant.interpret (the sentences after each
+"""colquant.research.notebook (the setup every notebook calls), colquant.research.interpret (the sentences after each
 result) and the committed notebooks' shape: no widget state, no stale parameters cell."""
 
 import os
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from colquant import interpret, notebook, pipeline, plots, workspace
+from colquant.evaluate import plots
+from colquant.research import interpret, notebook, pipeline, workspace
 
 matplotlib.use("Agg")
 NOTEBOOKS = sorted(pipeline.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -118,7 +119,7 @@ def test_the_sweep_prose_labels_a_w4a8_run_on_cpu_as_its_dequantized_reference()
 
 
 def test_the_ndcg_prose_ranks_variants_by_their_mean():
-    from colquant.evaluation import change_counts, ndcg_table
+    from colquant.evaluate.evaluation import change_counts, ndcg_table
 
     results = pd.DataFrame([{"task": task, "language": "eng", "variant": variant, "ndcg_at_5": score}
                             for task, scores in (("A", (0.8, 0.78, 0.7)), ("B", (0.6, 0.61, 0.5)))
@@ -150,7 +151,7 @@ def test_the_budget_prose_names_the_fastest_fit_per_kind_and_says_when_nothing_f
 
 
 def test_every_registered_metric_is_recorded_by_the_notebook_it_names():
-    from colquant import metrics
+    from colquant.evaluate import metrics
 
     constants = {metric.name: name for name, metric in vars(metrics).items() if isinstance(metric, metrics.Metric)}
     for metric in metrics.REGISTRY.values():

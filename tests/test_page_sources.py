@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from colquant.page_sources import SourceError, open_source
+from colquant.inference.page_sources import SourceError, open_source
 
 
 def image(path: Path, colour: tuple[int, int, int] = (10, 20, 30), size: tuple[int, int] = (32, 40)) -> Path:
@@ -74,7 +74,7 @@ def test_files_that_are_not_pages_are_named_when_skipped(tmp_path, caplog):
     image(tmp_path / "a.png")
     image(tmp_path / "scans" / "b.jp2")
     (tmp_path / "notes.txt").write_text("not a page")
-    with caplog.at_level("WARNING", logger="colquant.page_sources"):
+    with caplog.at_level("WARNING", logger="colquant.inference.page_sources"):
         assert open_source(tmp_path).ids == ["a.png"]
     assert "ignoring 2 files that are neither images (.bmp, " in caplog.text
     assert "nor PDFs: notes.txt, scans/b.jp2" in caplog.text

@@ -6,9 +6,9 @@ import pytest
 import torch
 import yaml
 
-from colquant import workspace
-from colquant.params import ProfileError, load_profile, quantization_section, quantized_input_widths, validate_profile
-from colquant.quantization import decoder_linear_names
+from colquant.quantize.autoround import decoder_linear_names
+from colquant.research import workspace
+from colquant.research.params import ProfileError, load_profile, quantization_section, quantized_input_widths, validate_profile
 
 PARAMS = workspace.REPO_ROOT / "params"
 

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from pipeline_stand_in import ALL, executed_after, small_profile, write_partial
 
-from colquant import pipeline, workspace
-from colquant.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE
-from colquant.files import discard
-from colquant.params import ProfileError, load_profile
-from colquant.pipeline import PipelineError, plan, run
+from colquant.basics.files import discard
+from colquant.research import pipeline, workspace
+from colquant.research.params import ProfileError, load_profile
+from colquant.research.pipeline import PipelineError, plan, run
+from colquant.retriever.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE
 
 
 def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output_root):

@@ -2,7 +2,7 @@ import matplotlib
 import pandas as pd
 import pytest
 
-from colquant import plots, sweep
+from colquant.evaluate import plots, sweep
 
 matplotlib.use("Agg")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colquant.processing import PAD_TOKEN, QUERY_AUGMENTATION_TOKENS, ColQwen3Processor, to_rgb
+from colquant.retriever.processing import PAD_TOKEN, QUERY_AUGMENTATION_TOKENS, ColQwen3Processor, to_rgb
 
 PATCH_VALUES = 3 * 2 * 16 * 16  # channels x temporal patch x 16 x 16
 

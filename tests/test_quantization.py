@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import colquant
-from colquant.calibration import build_text_calibration
-from colquant.corpus import build_corpus
-from colquant.cards import update_model_card
-from colquant.checkpoint_files import METADATA_FILE
-from colquant.quantization import QuantizationSettings, decoder_linear_names, quantize_language_model
-from colquant.params import quantization_section
-from colquant.variants import produce_variant
-from colquant.checkpoint_files import checkpoint_fingerprint, read_variant_metadata
-from colquant.files import OutputError
+from colquant.basics.files import OutputError
+from colquant.evaluate.corpus import build_corpus
+from colquant.quantize.autoround import QuantizationSettings, decoder_linear_names, quantize_language_model
+from colquant.quantize.calibration import build_text_calibration
+from colquant.quantize.cards import update_model_card
+from colquant.research.params import quantization_section
+from colquant.research.variants import produce_variant
+from colquant.retriever.checkpoint_files import METADATA_FILE
+from colquant.retriever.checkpoint_files import checkpoint_fingerprint, read_variant_metadata
 from safetensors import safe_open
 from tiny_variants import build_tiny_w4a16
 
@@ -110,8 +110,8 @@ def test_extra_export_format_keeps_the_primary_checkpoint_auto_round(quantized):
 
 def test_size_on_disk_matches_the_architecture_prediction(quantized):
     """Notebook 01's predicted W4A16 size is the size the saved checkpoint really has."""
-    from colquant.architecture import meta_model, predicted_sizes
-    from colquant.model import ColQwen3Config
+    from colquant.retriever.architecture import meta_model, predicted_sizes
+    from colquant.retriever.model import ColQwen3Config
 
     _, _, out, _ = quantized
     predicted = predicted_sizes(meta_model(ColQwen3Config.tiny())).set_index("scheme").loc["W4A16 (language model)", "bytes"]
@@ -121,8 +121,8 @@ def test_size_on_disk_matches_the_architecture_prediction(quantized):
 
 @pytest.fixture
 def small_profile(tmp_path, monkeypatch):
-    from colquant import workspace
-    from colquant.params import load_profile
+    from colquant.research import workspace
+    from colquant.research.params import load_profile
 
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
@@ -133,7 +133,7 @@ def small_profile(tmp_path, monkeypatch):
 
 def calibrate(profile, nsamples):
     """What notebook 02 does: build the profile's calibration set and save it where 03 reads it."""
-    from colquant import workspace
+    from colquant.research import workspace
 
     profile["calibration"]["nsamples"] = nsamples
     _, processor = colquant.load(workspace.base_model(profile))
@@ -145,17 +145,17 @@ def calibrate(profile, nsamples):
 
 def test_requantizing_with_other_nsamples_makes_a_new_checkpoint_not_a_reused_one(small_profile, monkeypatch):
     """Issue 8's probe: nsamples 8 -> 4 must not keep the old checkpoint (and its cached scores)."""
-    from colquant import workspace
+    from colquant.research import workspace
 
     seen_scratch = []
     before = os.environ.get("AR_WORK_SPACE")  # the session's scratch (tests/conftest.py)
-    original = colquant.variants.quantize_language_model
+    original = colquant.research.variants.quantize_language_model
 
     def recording(*args, **kwargs):
         seen_scratch.append(os.environ.get("AR_WORK_SPACE"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(colquant.variants, "quantize_language_model", recording)
+    monkeypatch.setattr(colquant.research.variants, "quantize_language_model", recording)
     calibrate(small_profile, 4)
     first = produce_variant(small_profile, 64)
     assert not first["reused"] and first["calibration"]["nsamples"] == 4

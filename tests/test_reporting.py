@@ -3,10 +3,11 @@ import json
 import pandas as pd
 import pytest
 
-from colquant import metrics, reporting, workspace
-from colquant.params import load_profile
-from colquant.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE, read_reported_results
-from colquant.cards import model_card
+from colquant.evaluate import metrics
+from colquant.quantize.cards import model_card
+from colquant.research import reporting, workspace
+from colquant.research.params import load_profile
+from colquant.retriever.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE, read_reported_results
 
 
 @pytest.fixture
@@ -178,7 +179,7 @@ def test_stale_results_leave_the_report_and_the_model_card(profile):
 
 
 def test_reported_results_name_the_weights_they_were_measured_on(profile, tmp_path):
-    from colquant.cards import update_model_card
+    from colquant.quantize.cards import update_model_card
 
     profile["calibration"]["seqlens"] = [64]
     fake_variant(profile, workspace.autoround_variant(profile, 64))

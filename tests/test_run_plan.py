@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from pipeline_stand_in import ALL, executed_after, small_profile
 
-from colquant import workspace
 from colquant.__main__ import main
-from colquant.params import load_profile
-from colquant.run_plan import CONDITIONAL, DONE, RUNS, duration, make_plan
-from colquant.task_sizes import task_sizes
+from colquant.evaluate.task_sizes import task_sizes
+from colquant.research import workspace
+from colquant.research.params import load_profile
+from colquant.research.run_plan import CONDITIONAL, DONE, RUNS, duration, make_plan
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:

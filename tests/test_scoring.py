@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import colquant
-from colquant.scoring import score
+from colquant.retriever.scoring import score
 
 
 def brute_force_maxsim(queries: list[torch.Tensor], pages: list[torch.Tensor]) -> torch.Tensor:

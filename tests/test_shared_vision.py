@@ -11,13 +11,14 @@ from pathlib import Path
 import colquant
 import pytest
 import torch
-from colquant import evaluation_runs, shared_vision, workspace
-from colquant.corpus import build_corpus
-from colquant.embedding_cache import manifests
-from colquant.evaluation import evaluate_variant, get_tasks
-from colquant.fp8_checkpoint import fp8_metadata, quantize_fp8, save_fp8_model
-from colquant.measure import measure
-from colquant.shared_vision import (
+from colquant.basics.measure import measure
+from colquant.evaluate import shared_vision
+from colquant.evaluate.corpus import build_corpus
+from colquant.evaluate.embedding_cache import manifests
+from colquant.evaluate.evaluation import evaluate_variant, get_tasks
+from colquant.quantize.fp8_variants import fp8_metadata, quantize_fp8, save_fp8_model
+from colquant.research import evaluation_runs, workspace
+from colquant.evaluate.shared_vision import (
     Companion,
     MemoryCheck,
     check_shareable,
@@ -125,7 +126,7 @@ def test_a_variant_that_does_not_fit_beside_the_group_is_evaluated_after_it(tiny
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path))
     free = iter([10 * 2**30, 0])  # room to load the W4A16 variant; none left once it is loaded
     monkeypatch.setattr(MemoryCheck, "free", lambda self: next(free))
-    caplog.set_level(logging.INFO, logger="colquant.evaluation_runs")
+    caplog.set_level(logging.INFO, logger="colquant.research.evaluation_runs")
     seen = []
     for variant in evaluation_runs.loaded_variants(profile_for("tight"), {"bf16": tiny_path, "w4a16": tiny_w4a16_path}):
         seen.append((variant.name, len(variant.companions)))
@@ -148,4 +149,4 @@ def test_models_that_cannot_share_a_vision_output_are_refused(small_model, tiny_
     with pytest.raises(ValueError, match="mask_non_image_embeddings"):
         check_shareable([model, other])
     with pytest.raises(ValueError, match="give this encoder a cache too"):
-        colquant.evaluation.ColQuantEncoder(*small_model, "bf16", REV, companions=[Companion(other, None)])
+        colquant.evaluate.evaluation.ColQuantEncoder(*small_model, "bf16", REV, companions=[Companion(other, None)])

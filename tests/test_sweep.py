@@ -16,8 +16,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from colquant import sweep
-from colquant.processing import ColQwen3Processor
+from colquant.evaluate import sweep
+from colquant.retriever.processing import ColQwen3Processor
 
 QUERY_TOKENS = 8
 
@@ -272,7 +272,7 @@ def test_sweep_variants_measures_each_variant_with_one_model_loaded(tiny_path, t
     import weakref
 
     import colquant
-    from colquant.sweep import sweep_variants
+    from colquant.evaluate.sweep import sweep_variants
 
     alive: list[weakref.ref] = []
 
@@ -324,9 +324,9 @@ def test_sweep_vs_bench_times_both_methods_for_both_precisions(tiny_w4a16_path, 
 
 
 def test_sweep_vs_bench_without_a_4bit_checkpoint_says_what_it_times(tmp_path, monkeypatch, caplog):
-    from colquant import workspace
     from colquant.kernels import W4A16Linear
-    from colquant.params import load_profile
+    from colquant.research import workspace
+    from colquant.research.params import load_profile
 
     monkeypatch.setenv("COLQUANT_OUTPUT_ROOT", str(tmp_path / "outputs"))
     profile = load_profile("params/tiny.yaml")

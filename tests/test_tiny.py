@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colquant import tiny
-from colquant.model import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, ColQwen3Config
+from colquant.retriever import tiny
+from colquant.retriever.model import IMAGE_TOKEN_ID, PAD_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, ColQwen3Config
 
 
 def test_tiny_checkpoint_has_the_hub_layout(tiny_path):

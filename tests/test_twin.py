@@ -92,9 +92,9 @@ def test_real_loading_code_reads_the_twin_offline(twin):
     result = run_in_twin(twin, """
         import json
         import mteb
-        from colquant import workspace
-        from colquant.calibration import load_text_documents
-        from colquant.params import load_profile
+        from colquant.quantize.calibration import load_text_documents
+        from colquant.research import workspace
+        from colquant.research.params import load_profile
 
         profile = load_profile("params/twin.yaml")
         out = {"pile": load_text_documents("pile-10k", seed=0, limit=10),
@@ -128,8 +128,8 @@ def test_a_revision_the_cache_lacks_is_an_error_naming_the_fix(twin):
 def test_offline_without_the_dataset_cached_still_refuses_to_substitute(tmp_path):
     """The real profile's `offline_fallback: none` holds when the cache lacks the dataset."""
     result = run_in_twin(tmp_path, """
-        from colquant.calibration import build_text_calibration
-        from colquant.tiny import build_tokenizer
+        from colquant.quantize.calibration import build_text_calibration
+        from colquant.retriever.tiny import build_tokenizer
         build_text_calibration(build_tokenizer(), source="pile-10k", seqlen=16, nsamples=1, seed=0, offline_fallback="none")
     """)
     assert result.returncode != 0 and "CalibrationDataError" in result.stderr

@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from colquant import upstream, workspace
-from colquant.params import load_profile
-from colquant.checkpoint_files import METADATA_FILE
+from colquant.research import upstream, workspace
+from colquant.research.params import load_profile
+from colquant.retriever.checkpoint_files import METADATA_FILE
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_fidelity_without_variants_says_what_to_run(profile):
 
 
 def test_eval_and_sweep_warn_and_run_on_bf16_alone(profile, caplog):
-    with caplog.at_level(logging.WARNING, logger="colquant.upstream"):
+    with caplog.at_level(logging.WARNING, logger="colquant.research.upstream"):
         variants = upstream.variants_to_compare(profile, "05_vidore_eval", need_quantized=False)
     assert list(variants) == [workspace.BASELINE]
     assert "05_vidore_eval found no quantized variant" in caplog.text and "colquant run tiny" in caplog.text

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
-from colquant import variants, workspace
 from colquant.kernels import w4a8
-from colquant.checkpoint_files import read_reported_results
-from colquant.params import load_profile
-from colquant.cards import update_model_card
+from colquant.quantize.cards import update_model_card
+from colquant.research import variants, workspace
+from colquant.research.params import load_profile
+from colquant.retriever.checkpoint_files import read_reported_results
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_the_report_records_results_on_the_w4a8_runs_card(profile, checkpoint):
 
 
 def test_pushing_a_w4a8_run_names_the_checkpoint_to_push_instead(profile, checkpoint):
-    from colquant.hub import PushError, push
+    from colquant.deploy.hub import PushError, push
 
     out = workspace.variants_dir(profile) / _produce(profile)["variant"]
     with pytest.raises(PushError, match=rf"(?s)W4A8 run of {checkpoint.name}.*no weights of its own.*push {checkpoint.name}"
@@ -91,7 +91,7 @@ def test_pushing_a_w4a8_run_names_the_checkpoint_to_push_instead(profile, checkp
 
 
 def test_a_w4a8_run_shares_the_vision_tower_and_weight_bytes_of_its_checkpoint(profile, checkpoint):
-    from colquant import shared_vision
+    from colquant.evaluate import shared_vision
 
     out = workspace.variants_dir(profile) / _produce(profile)["variant"]
     assert shared_vision.sharing_groups({"w4a16": checkpoint, "w4a8": out}) == [["w4a16", "w4a8"]]

@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import colquant
-from colquant.cards import PROJECTION_BIAS, projection_bias_notice
-from colquant.serving import (
+from colquant.quantize.cards import PROJECTION_BIAS, projection_bias_notice
+from colquant.deploy.serving import (
     ServingError,
     cannot_serve,
     colquant_requests,

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from colquant import workspace
-from colquant.params import load_profile, quantization_section
-from colquant.checkpoint_files import METADATA_FILE
+from colquant.research import workspace
+from colquant.research.params import load_profile, quantization_section
+from colquant.retriever.checkpoint_files import METADATA_FILE
 
 
 @pytest.fixture

@@ -27,9 +27,9 @@ def forced_cpu_bf16(supported: bool) -> Iterator[None]:
 def build_tiny_w4a16(tiny_path: Path, workdir: Path, *, cpu_bf16: bool):
     """(in-memory quantized model, processor, saved variant dir) with auto-round's CPU branch forced."""
     import colquant
-    from colquant.calibration import build_text_calibration
-    from colquant.corpus import build_corpus
-    from colquant.quantization import (
+    from colquant.evaluate.corpus import build_corpus
+    from colquant.quantize.calibration import build_text_calibration
+    from colquant.quantize.autoround import (
         QuantizationSettings,
         decoder_linear_names,
         quantization_metadata,

@@ -29,18 +29,18 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "colquant.checkpoint",
-    "load": "colquant.loading",
-    "ColQwen3": "colquant.model",
-    "ColQwen3Config": "colquant.model",
-    "ColQwen3Processor": "colquant.processing",
-    "score": "colquant.scoring",
-    "encode_queries": "colquant.encode",
-    "encode_pages": "colquant.encode",
+    "CheckpointError": "colquant.retriever.checkpoint",
+    "load": "colquant.inference.loading",
+    "ColQwen3": "colquant.retriever.model",
+    "ColQwen3Config": "colquant.retriever.model",
+    "ColQwen3Processor": "colquant.retriever.processing",
+    "score": "colquant.retriever.scoring",
+    "encode_queries": "colquant.retriever.encode",
+    "encode_pages": "colquant.retriever.encode",
 }
 # Modules that are public names too: `colquant.tiny.build(path)`, and `from colquant import encode` in the
 # remote code of checkpoints (`model.encode_queries`).
-_SUBMODULES = {"tiny": "colquant.tiny", "encode": "colquant.encode"}
+_SUBMODULES = {"tiny": "colquant.retriever.tiny", "encode": "colquant.retriever.encode"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 

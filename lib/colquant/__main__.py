@@ -92,9 +92,9 @@ def seconds(text: str) -> float:
 
 
 def run_command(args: argparse.Namespace, rest: list[str]) -> int:
-    from colquant.params import ProfileError
-    from colquant.pipeline import PipelineError, run
-    from colquant.workspace import OutputError
+    from colquant.research.params import ProfileError
+    from colquant.research.pipeline import PipelineError, run
+    from colquant.research.workspace import OutputError
 
     require_notebooks()
     selected = None if args.notebooks is None else tuple(args.notebooks.split(","))  # checked by run()
@@ -115,9 +115,9 @@ def run_command(args: argparse.Namespace, rest: list[str]) -> int:
 
 def plan_command(args: argparse.Namespace, selected: tuple[str, ...] | None) -> int:
     """`colquant run PROFILE --plan`: the plan on stdout, nothing run or written."""
-    from colquant.params import ProfileError
-    from colquant.pipeline import PipelineError
-    from colquant.run_plan import format_plan, make_plan
+    from colquant.research.params import ProfileError
+    from colquant.research.pipeline import PipelineError
+    from colquant.research.run_plan import format_plan, make_plan
 
     try:
         print(format_plan(make_plan(profile_file(args.profile), overrides=args.overrides, force=args.force,
@@ -134,7 +134,7 @@ def add_notebooks(commands: argparse._SubParsersAction) -> None:
 
 
 def notebooks_command(args: argparse.Namespace, rest: list[str]) -> int:
-    from colquant.pipeline import refresh_committed_notebooks
+    from colquant.research.pipeline import refresh_committed_notebooks
 
     require_notebooks()
     for notebook in refresh_committed_notebooks(profile_file(args.profile)):
@@ -154,8 +154,8 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
 
 def bench_command(args: argparse.Namespace, rest: list[str]) -> int:
     """`colquant bench tiny ...` reads as `--profile tiny ...`; --profile works too (a name or a YAML path)."""
-    from colquant import bench
-    from colquant.params import ProfileError, load_profile
+    from colquant.deploy import bench
+    from colquant.research.params import ProfileError, load_profile
 
     if rest and not rest[0].startswith("-"):
         profile, *rest = rest
@@ -192,7 +192,7 @@ def add_push(commands: argparse._SubParsersAction) -> None:
 
 def push_command(args: argparse.Namespace, rest: list[str]) -> int:
     """The file list is the command's output (stdout); problems are CliErrors like every subcommand's."""
-    from colquant.hub import PushError, push
+    from colquant.deploy.hub import PushError, push
 
     try:
         files = push(args.variant, args.repo_id, private=args.private, dry_run=args.dry_run, force=args.force)
@@ -246,10 +246,10 @@ def add_encode_corpus(commands: argparse._SubParsersAction) -> None:
 def encode_corpus_command(args: argparse.Namespace, rest: list[str]) -> int:
     """Index problems (bad source, another model's index in OUT, OUT not writable, missing extra)
     are CliErrors."""
-    from colquant.checkpoint import CheckpointError
-    from colquant.distributed import encode_corpus, leave_multicast_off
-    from colquant.files import OutputError
-    from colquant.index import CorpusIndexError
+    from colquant.basics.files import OutputError
+    from colquant.inference.distributed import encode_corpus, leave_multicast_off
+    from colquant.inference.index import CorpusIndexError
+    from colquant.retriever.checkpoint import CheckpointError
 
     leave_multicast_off()  # before any process group starts (encode_corpus sets them too)
     defaults_unless_given = {name: getattr(args, name) for name in ("shard_size", "dpi")
@@ -261,7 +261,7 @@ def encode_corpus_command(args: argparse.Namespace, rest: list[str]) -> int:
                             show_progress_bar=not args.no_progress, **defaults_unless_given)
     except (CorpusIndexError, CheckpointError, OutputError, ValueError) as error:
         raise CliError(str(error)) from error
-    log.info("index written to %s (read it with colquant.index.load_index)", out)
+    log.info("index written to %s (read it with colquant.inference.index.load_index)", out)
     return 0
 
 

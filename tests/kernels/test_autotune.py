@@ -116,7 +116,7 @@ def test_tune_command_without_gpu_fails_with_the_reason(caplog):
 
 
 def test_text_tower_shapes_of_the_4b():
-    from colquant.model import ColQwen3Config
+    from colquant.retriever.model import ColQwen3Config
 
     shapes = autotune.text_tower_shapes(ColQwen3Config.colqwen3_4b().text_config)
     assert shapes == {(2560, 6144, 128), (4096, 2560, 128), (2560, 19456, 128), (9728, 2560, 128)}

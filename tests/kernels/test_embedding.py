@@ -98,7 +98,7 @@ def test_offloaded_embeddings_are_refused_with_the_fix(tiny_path):
 
 
 def test_the_bench_memory_first_precision_uses_int8_embeddings(tiny_path):
-    from colquant import bench
+    from colquant.deploy import bench
     from colquant.kernels import W4A16Linear
 
     model, _ = colquant.load(tiny_path)

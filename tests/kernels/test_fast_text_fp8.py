@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from colquant.fp8 import FP8Linear, ReferenceProducers
 from colquant.kernels import fast_text, fp8_dispatch
 from colquant.kernels import reference as ref
 from colquant.kernels.linear import W4A16Linear, quantize_linears_rtn
-from colquant.model import ColQwen3, ColQwen3Config
+from colquant.retriever.fp8 import FP8Linear, ReferenceProducers
+from colquant.retriever.model import ColQwen3, ColQwen3Config
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from colquant.fp8 import FP8Linear
 from colquant.kernels import backend, fa3_ops, fast_vision, vision_attention
+from colquant.retriever.fp8 import FP8Linear
 
 NOT_INSTALLED = "vLLM 0.26.0's FlashAttention-3 library is not installed (pip install ...)"
 
@@ -20,7 +20,7 @@ def tower(hidden: int = 128, fp8: bool = True, dtype: torch.dtype = torch.bfloat
     first see TRITON_INTERPRET where the Triton kernel tests set it (tests/kernels/triton_setup.py)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-    from colquant.model import ColQwen3Config
+    from colquant.retriever.model import ColQwen3Config
 
     config = copy.deepcopy(ColQwen3Config.tiny().vision_config)
     config.hidden_size, config.depth, config.deepstack_visual_indexes = hidden, 1, []

@@ -10,8 +10,8 @@ from triton_setup import device_or_skip
 
 DEVICE = device_or_skip()
 
-from colquant import fp8  # noqa: E402
 from colquant.kernels import fast_vision, vision_attention, vision_ops  # noqa: E402
+from colquant.retriever import fp8  # noqa: E402
 
 EPS = 1e-6
 SHAPES = [(7, 80), (3, 1024)] if DEVICE == "cpu" else [(7, 80), (5120, 1024)]  # odd width; the ViT's

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import colquant
-from colquant import fp8
 from colquant.kernels import force_reference, vllm_ops, w4a8
 from colquant.kernels.linear import W4A16Linear, is_quant_linear
 from colquant.kernels.packing import unpack_kblocked
-from colquant.weight_checks import CheckpointError
+from colquant.retriever import fp8
+from colquant.retriever.weight_checks import CheckpointError
 from e4m3_rounding import round_e4m3
 
 G = w4a8.GROUP_SIZE
@@ -240,7 +240,7 @@ def test_load_fp8_of_an_asymmetric_checkpoint_is_refused_naming_why(tiny_w4a16_p
 
 def test_load_fp8_without_the_kernel_on_the_gpu_is_refused_not_replaced(tiny_w4a16_path, monkeypatch):
     """A CUDA device without vLLM's library (or not Hopper): refused with vllm_ops' reason, never W4A16 instead."""
-    from colquant import checkpoint
+    from colquant.retriever import checkpoint
 
     monkeypatch.setattr(checkpoint, "resolve_device", lambda device: torch.device("cuda:0"))
     monkeypatch.setattr(vllm_ops, "unavailable_reason", lambda device, kind: f"no {kind} library (test)")

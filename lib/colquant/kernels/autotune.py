@@ -425,7 +425,7 @@ def tune_main(argv: list[str] | None = None) -> int:
     """``python -m colquant tune``: tune (or read from the cache) and print the table."""
     import argparse
 
-    from colquant.model import ColQwen3Config
+    from colquant.retriever.model import ColQwen3Config
 
     ap = argparse.ArgumentParser(prog="colquant tune", description=tune_main.__doc__)
     ap.add_argument("--config", default="colqwen3_4b", help="ColQwen3Config constructor naming the layer shapes")

@@ -34,11 +34,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from colquant.fp8 import FP8Linear, ReferenceProducers
+from colquant.kernels import fp8_dispatch
 from colquant.kernels import reference as ref
 from colquant.kernels.backend import capture_stream, fast_path_unavailable, warn_once
-from colquant.kernels import fp8_dispatch
 from colquant.kernels.copies import MIN_TOKENS, prepare_dispatch
+from colquant.retriever.fp8 import FP8Linear, ReferenceProducers
 from colquant.kernels.linear import (
     _FORCE_REFERENCE,
     W4A16Linear,

@@ -40,11 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colquant.fp8 import FP8Linear, ReferenceProducers, quantize_rows_reference
 from colquant.kernels import fp8_dispatch
 from colquant.kernels import vision_attention
 from colquant.kernels.backend import gpu_unavailable, triton_import_error
 from colquant.kernels.vision_attention import ATTENTION_CHOICES, SDPA_BACKENDS, attention
+from colquant.retriever.fp8 import FP8Linear, ReferenceProducers, quantize_rows_reference
 
 logger = logging.getLogger("colquant.kernels")
 

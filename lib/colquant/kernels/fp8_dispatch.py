@@ -1,6 +1,6 @@
 """Where `FP8Linear` layers run the fused FP8 kernels, and which quantizing producers feed them.
 
-`colquant.fp8.FP8Linear` computes the dequantized reference (PyTorch, any device) until kernels are
+`colquant.retriever.fp8.FP8Linear` computes the dequantized reference (PyTorch, any device) until kernels are
 attached to it: :func:`attach` gives each FP8 layer of a model :data:`KERNELS`, which decides per call
 whether the fused kernels serve it (a CUDA GPU of compute capability 8.9 or more with Triton, bf16
 activations, GEMM widths that are multiples of 16, `force_reference` off) and runs them: the fused
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from colquant.fp8 import FP8Linear, ReferenceProducers
 from colquant.kernels.backend import gpu_unavailable, triton_import_error, warn_once
 from colquant.kernels.linear import _FORCE_REFERENCE
+from colquant.retriever.fp8 import FP8Linear, ReferenceProducers
 
 
 def fp8_unavailable_reason(device: torch.device | str) -> str | None:

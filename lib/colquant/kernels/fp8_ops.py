@@ -13,13 +13,13 @@ FP8 rows plus one fp32 scale per row:
 * :func:`gelu_tanh_quant`: tanh-GELU + quantization (the vision MLP's fc2 input).
 
 The fused towers call them through :func:`.fp8_dispatch.producers` where the next layer is an
-:class:`colquant.fp8.FP8Linear` (:func:`colquant.kernels.fast_text.layer_producers`, and the vision
+:class:`colquant.retriever.fp8.FP8Linear` (:func:`colquant.kernels.fast_text.layer_producers`, and the vision
 blocks of :mod:`colquant.kernels.fast_vision`) and pass the ``(q, scale)`` pair on;
 `FP8Linear.forward` takes such pairs as they are. Other FP8 inputs (attention outputs) are quantized
 inside the layer with :func:`quantize_rows` (:mod:`.fp8_dispatch` attaches it and :func:`scaled_mm`).
 
 Imported only where Triton is (like :mod:`.triton_ops`); their torch twins live in
-:mod:`colquant.fp8` and are what CPU runs. On CPU the kernels can be checked with
+:mod:`colquant.retriever.fp8` and are what CPU runs. On CPU the kernels can be checked with
 ``TRITON_INTERPRET=1`` on tiny shapes.
 """
 
@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from colquant.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
 from colquant.kernels.backend import graph_time_us
+from colquant.retriever.fp8 import FP8_MAX, SCALE_FLOOR, quantize_rows_reference
 
 __all__ = ["quantize_rows", "add_rmsnorm_quant", "silu_mul_quant", "gelu_tanh_quant", "scaled_mm",
            "gemm_comparison", "lm_shapes", "vision_shapes"]
@@ -401,8 +401,8 @@ def gemm_comparison(shapes: list[dict[str, Any]], device: str | torch.device = "
 
 
 def _compare_one(shape: dict[str, Any], device: torch.device, reps: int) -> dict[str, Any]:
-    from colquant.fp8 import quantize_weight
     from colquant.kernels import triton_ops
+    from colquant.retriever.fp8 import quantize_weight
 
     m, k, n, producer = shape["M"], shape["K"], shape["N"], shape.get("producer", "plain")
     gen = torch.Generator(device=device).manual_seed(m * 7 + k * 3 + n)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from colquant.files import OutputError, atomic_write
+from colquant.basics.files import OutputError, atomic_write
 from colquant.kernels.backend import default_cache_dir, gpu_unavailable, package_import_error, slug
 from colquant.kernels.packing import unpack_kblocked
 

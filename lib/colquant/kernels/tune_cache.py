@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from colquant.basics.files import OutputError, write_text
 from colquant.kernels import gemlite_ops, humming_ops, vllm_ops
-from colquant.files import OutputError, write_text
 from colquant.kernels.backend import default_cache_dir, slug, triton_import_error
 
 logger = logging.getLogger("colquant.kernels")

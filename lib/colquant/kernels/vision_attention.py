@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colquant.fp8 import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, FP8Linear
 from colquant.kernels import fa3_ops
 from colquant.kernels.backend import warn_once
+from colquant.retriever.fp8 import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, FP8Linear
 
 __all__ = ["AttentionBackend", "ATTENTION_BACKENDS", "ATTENTION_CHOICES", "SDPA_BACKENDS", "tower_precision",
            "attention_unavailable", "choose_attention", "check_attention", "quantize_qkv_reference",

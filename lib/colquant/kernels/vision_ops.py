@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from colquant.fp8 import FP8_DTYPE, FP8_MAX, SCALE_FLOOR
 from colquant.kernels.fp8_ops import _common_args, _store_quantized, _store_segment
+from colquant.retriever.fp8 import FP8_DTYPE, FP8_MAX, SCALE_FLOOR
 
 __all__ = ["add_layernorm", "add_layernorm_quant", "rope_quant_qkv"]
 

@@ -11,7 +11,7 @@ The auto-round / GPTQ symmetric int4 weights are re-encoded once, at load (:func
 * integers: uint4b8 -> signed int4, ``q - 8`` per nibble (:func:`.vllm_ops.uint4b8_to_int4`);
 * scales: fp16 group scales -> e4m3 group scales times an fp32 scale per output channel
   (:func:`.vllm_ops.fp8_group_scales`, one e4m3 rounding);
-* activations: e4m3 per token with scale ``amax / 448`` (:func:`colquant.fp8.quantize_rows_reference`'s rule).
+* activations: e4m3 per token with scale ``amax / 448`` (:func:`colquant.retriever.fp8.quantize_rows_reference`'s rule).
 
 What the kernel computes (CUTLASS's mixed-input GEMM behind ``cutlass_w4a8_mm``): it multiplies an int4
 ``q`` by its e4m3 group scale ``s`` through a table of ``e4m3(s * q)`` (``cutlass_pack_scale_fp8`` writes
@@ -32,12 +32,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from colquant import fp8
 from colquant.kernels import fp8_dispatch, vllm_ops
 from colquant.kernels.fast_text import find_text_model, fuse_text_model
 from colquant.kernels.linear import _FORCE_REFERENCE, W4A16Linear, replace_quant_linears
 from colquant.kernels.packing import kernel_to_gptq, unpack_int4_rows
-from colquant.weight_checks import is_fp8_config
+from colquant.retriever import fp8
+from colquant.retriever.weight_checks import is_fp8_config
 
 __all__ = ["ACTIVATIONS", "KERNEL", "REFERENCE", "W4A8Linear", "check_activations", "checkpoint_problem",
            "device_problem", "encode", "signed_int4", "table_weight", "reference_matmul", "convert_model"]

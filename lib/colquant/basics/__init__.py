@@ -1,0 +1,5 @@
+"""Files written whole, argument checks, time and memory measurements.
+
+A layer of colquant: its modules import from this layer and the layers below it only
+(the layers, lowest first, are listed in colquant/__init__.py).
+"""

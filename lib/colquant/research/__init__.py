@@ -1,0 +1,5 @@
+"""Profiles, their outputs, a profile's variants, the notebook pipeline, the report.
+
+A layer of colquant: its modules import from this layer and the layers below it only
+(the layers, lowest first, are listed in colquant/__init__.py).
+"""
