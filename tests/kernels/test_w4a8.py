@@ -240,9 +240,9 @@ def test_load_fp8_of_an_asymmetric_checkpoint_is_refused_naming_why(tiny_w4a16_p
 
 def test_load_fp8_without_the_kernel_on_the_gpu_is_refused_not_replaced(tiny_w4a16_path, monkeypatch):
     """A CUDA device without vLLM's library (or not Hopper): refused with vllm_ops' reason, never W4A16 instead."""
-    from colquant.retriever import checkpoint
+    from colquant.inference import loading
 
-    monkeypatch.setattr(checkpoint, "resolve_device", lambda device: torch.device("cuda:0"))
+    monkeypatch.setattr(loading, "resolve_device", lambda device: torch.device("cuda:0"))
     monkeypatch.setattr(vllm_ops, "unavailable_reason", lambda device, kind: f"no {kind} library (test)")
     with pytest.raises(RuntimeError, match="cannot run on cuda:0: no w4a8 library \\(test\\).*activations='bf16'"):
         colquant.load(tiny_w4a16_path, activations="fp8")
