@@ -36,7 +36,7 @@ def write_report(profile: dict[str, Any], stale: frozenset[str] = frozenset()) -
     """REPORT.md from what the notebooks wrote, and the variants' cards updated to match.
 
     `stale`: notebooks (`"05_vidore_eval"`, ...) whose results on disk no longer describe the
-    current variants or settings (`colquant.research.pipeline.stale_steps`); their sections, metrics, plots
+    current variants or settings (`colquant.research.steps.stale_steps`); their sections, metrics, plots
     and card numbers are left out, and the report says how to recompute them.
     """
     results = workspace.results_dir(profile)

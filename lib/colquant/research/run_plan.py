@@ -26,15 +26,15 @@ from typing import Any
 
 from colquant.research import workspace
 from colquant.research.params import load_profile
-from colquant.research.pipeline import (
+from colquant.research.steps import (
     ACROSS_VARIANTS,
     STATE_FILE,
     Step,
-    _finished,
-    _notebook_numbers,
-    _read_state,
+    finished,
     fingerprint,
+    notebook_numbers,
     plan,
+    read_state,
 )
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def make_plan(profile_path: str | Path, *, overrides: Sequence[str] = (), force:
     """The plan of `pipeline.run(profile_path, overrides=..., force=..., notebooks=...)`; writes nothing."""
     profile = load_profile(workspace.resolve(profile_path), overrides=overrides)
     steps = plan(workspace.resolve(profile_path), profile)
-    statuses = step_statuses(steps, profile, force, _notebook_numbers(notebooks))
+    statuses = step_statuses(steps, profile, force, notebook_numbers(notebooks))
     work = Workloads(profile, force)
     planned = [work.of(step, *statuses[step.key]) for step in steps]
     rates, note = _rates(profile, planned) if measure else (None, "no warm-up (measure=False)")
@@ -91,7 +91,7 @@ def make_plan(profile_path: str | Path, *, overrides: Sequence[str] = (), force:
 def step_statuses(steps: list[Step], profile: dict[str, Any], force: bool,
                   notebooks: tuple[str, ...] | None) -> dict[str, tuple[str, str]]:
     """Step key -> (status, why), by the rules `pipeline.run` applies."""
-    state = _read_state(workspace.output_dir(profile) / STATE_FILE)
+    state = read_state(workspace.output_dir(profile) / STATE_FILE)
     fingerprints: dict[str, str] = {}
     statuses: dict[str, tuple[str, str]] = {}
     for step in steps:
@@ -101,7 +101,7 @@ def step_statuses(steps: list[Step], profile: dict[str, Any], force: bool,
             statuses[step.key] = (NOT_SELECTED, "")
         elif force:
             statuses[step.key] = (RUNS, "--force")
-        elif not _finished(step, state, fingerprints[step.key]):
+        elif not finished(step, state, fingerprints[step.key]):
             statuses[step.key] = (RUNS, _unfinished_because(step, state, fingerprints[step.key]))
         elif step.notebook in ACROSS_VARIANTS and any(status in (RUNS, CONDITIONAL) for status, _ in upstream):
             makes_new = any(why.startswith(("new variant", "--force")) for _, why in upstream)
