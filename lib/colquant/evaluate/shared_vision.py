@@ -178,6 +178,9 @@ class MemoryCheck:
         return max(0, _proc_kib(PROC_STATUS, "VmHWM") - before) * 1024
 
     def free(self) -> int:
+        """Free bytes now. A variant joins only where more than its need is free: on a CPU the measured peak can
+        be 0 (the allocator reuses pages freed earlier without growing the resident size), and nothing free is
+        never room."""
         if self.device.type == "cuda":
             return torch.cuda.mem_get_info(self.device)[0]
         return _proc_kib(PROC_MEMINFO, "MemAvailable") * 1024
@@ -185,7 +188,7 @@ class MemoryCheck:
     def before_loading(self, checkpoint: Path) -> str | None:
         need = checkpoint_bytes(checkpoint) + self.reserve
         free = self.free()
-        return None if free >= need else (f"its {checkpoint_bytes(checkpoint) / 2**30:.2f} GiB of weights and "
+        return None if free > need else (f"its {checkpoint_bytes(checkpoint) / 2**30:.2f} GiB of weights and "
                                           f"{self.reserve / 2**30:.2f} GiB for page batches do not fit in the "
                                           f"{free / 2**30:.2f} GiB free")
 
@@ -194,7 +197,7 @@ class MemoryCheck:
         if missing:
             return f"{missing} of its 4-bit layers lack the weight copy their kernel table asks for (memory)"
         free = self.free()
-        return None if free >= self.reserve else (f"loaded, it leaves {free / 2**30:.2f} GiB free, under the "
+        return None if free > self.reserve else (f"loaded, it leaves {free / 2**30:.2f} GiB free, under the "
                                                   f"{self.reserve / 2**30:.2f} GiB its page batches need")
 
 
