@@ -25,6 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from colquant.files import write_text
 from colquant.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS as MTEB_VISUAL_TOKENS  # mteb's ColQwen3Wrapper's
 from colquant.processing import read_saved_settings
+from colquant.weight_grid import weight_format
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def base_model_license(base_model: str) -> str | None:
 def card_data(metadata: dict[str, Any]) -> ModelCardData:
     """Hub metadata for a variant: base model, relation, library, task, license, tags, quantization."""
     settings = metadata["settings"]
+    widths = list(settings.get("options") or [settings["bits"]])  # AutoScheme variants: every width a layer may have
     license_ = metadata.get("license") or base_model_license(metadata["base_model"]) or UNKNOWN_LICENSE
     return ModelCardData(
         base_model=metadata["base_model"],
@@ -64,11 +66,12 @@ def card_data(metadata: dict[str, Any]) -> ModelCardData:
         pipeline_tag=PIPELINE_TAG,
         license=license_,
         tags=["colqwen3", "late-interaction", "multi-vector", "vidore", "auto-round",
-              f"w{settings['bits']}a16", f"{settings['bits']}-bit", "colquant"]
+              *(f"w{bits}a16" for bits in widths), *(f"{bits}-bit" for bits in widths), "colquant"]
+        + (["mixed-precision"] if len(widths) > 1 else [])
         + (["random-weights", "not-for-use"] if metadata["random_weights"] else []),
         quantization={
             "method": f"auto-round ({settings['method']})",
-            "bits": settings["bits"],
+            "bits": settings["bits"] if len(widths) == 1 else widths,
             "group_size": settings["group_size"],
             "sym": settings["sym"],
             "iters": settings["iters"],
@@ -100,7 +103,7 @@ def card_body(metadata: dict[str, Any], bias_notice: str | None, visual_tokens: 
     fidelity, retrieval = results_tables(metadata.get("results", {}))
     size = metadata.get("size_on_disk_bytes")
     limits = [
-        "Only the language model's decoder Linear layers are 4-bit; the vision tower, token embeddings "
+        "Only the language model's decoder Linear layers are quantized; the vision tower, token embeddings "
         "and the 320-d projection stay 16-bit, so pages cost the same vision compute as the base model.",
         bias_notice or "The projection bias is zero here, so vLLM's handling of it does not matter.",
     ]
@@ -108,7 +111,7 @@ def card_body(metadata: dict[str, Any], bias_notice: str | None, visual_tokens: 
         limits.insert(0, "Random weights: do not use for retrieval.")
     return f"""{first_line}# {name}
 
-4-bit weight (W{settings['bits']}A16) quantization of `{base}` made with
+Weight quantization ({weight_format(settings)}) of `{base}` made with
 [auto-round](https://github.com/intel/auto-round) by ColQuant. {metadata.get('quantized_layers', 'All')} decoder
 Linear layers are quantized (group size {settings['group_size']}, {'symmetric' if settings['sym'] else 'asymmetric'});
 the vision tower, token embeddings and the 320-d projection stay 16-bit.
@@ -124,7 +127,7 @@ queries = model(**processor.process_queries(["revenue in 2019"])).embeddings
 ```
 
 With transformers alone (the checkpoint carries its model and processor code; auto-round restores
-the 4-bit layers):
+the quantized layers):
 ```python
 from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{name}", trust_remote_code=True, dtype="bfloat16").eval()
@@ -318,11 +321,14 @@ def content_revision(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def logical_parameters(checkpoint: Path, bits: int) -> int:
-    """Parameters of the model as trained: a packed int32 qweight holds 32/bits weights; the
-    quantization side tensors (scales, zeros, g_idx) are not parameters."""
+def logical_parameters(checkpoint: Path) -> int:
+    """Parameters of the model as trained: a packed int32 qweight holds 32/bits weights, bits being the
+    layer's own width where config.json's quantization_config gives it one (`extra_config`, mixed-width
+    variants); the quantization side tensors (scales, zeros, g_idx) are not parameters."""
     from safetensors import safe_open
 
+    quantization = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
+    layers = quantization.get("extra_config") or {}
     total = 0
     for shard in checkpoint.glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as tensors:
@@ -332,7 +338,10 @@ def logical_parameters(checkpoint: Path, bits: int) -> int:
                 numel = 1
                 for size in tensors.get_slice(name).get_shape():
                     numel *= size
-                total += numel * (32 // bits if name.endswith(".qweight") else 1)
+                if name.endswith(".qweight"):
+                    bits = layers.get(name.removesuffix(".qweight"), {}).get("bits", quantization.get("bits"))
+                    numel = numel * 32 // bits
+                total += numel
     return total
 
 
@@ -357,7 +366,7 @@ def variant_model_meta(checkpoint: str | Path, repo_id: str, *, base_model: str 
         revision=content_revision(checkpoint),
         release_date=metadata["created"][:10],
         languages=base.languages,
-        n_parameters=logical_parameters(checkpoint, metadata["settings"]["bits"]),
+        n_parameters=logical_parameters(checkpoint),
         memory_usage_mb=round(metadata["size_on_disk_bytes"] / 2**20),
         max_tokens=config["text_config"]["max_position_embeddings"],
         embed_dim=config["embed_dim"],
