@@ -1,12 +1,12 @@
 """Headless runs: execute the numbered notebooks with papermill for a profile, then write the report.
 
 Notebook 01 describes the model and runs once; 02-03 run once per calibration seqlen
-(`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`); 04-07 compare every variant the profile produces
-and run once. A step is skipped only when its fingerprint is the one recorded when it last
+(`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`, the frontier's weight grid made by the run of its
+seqlen); 04-08 compare every variant the profile produces and run once (08 reads 07's grid too). A step is skipped only when its fingerprint is the one recorded when it last
 *finished* and every result it declares exists. The fingerprint covers the notebook's source, its
 parameters, the profile sections it reads, the fingerprints of the steps whose outputs it reads
-and, for 04-07, the content fingerprints of the variants they compare, so a change re-runs exactly
-the steps it affects (e.g. `sweep.repeats` re-runs only 06) and re-quantized weights re-run 04-07.
+and, for 04-08, the content fingerprints of the variants they compare, so a change re-runs exactly
+the steps it affects (e.g. `sweep.repeats` re-runs only 06) and re-quantized weights re-run 04-08.
 A step left out of a partial run whose results no longer match is *stale*: REPORT.md and the
 variants' cards show none of its numbers, only the command that recomputes them. A
 step's record is removed before it runs, so a run killed half way never leaves a step that looks
@@ -35,7 +35,10 @@ from traitlets import CaselessStrEnum
 
 from colquant import workspace
 from colquant.files import discard, remove_stale_staging
+from colquant.frontier import FRONT_TABLE, FRONTIER_TABLE, MODEL_BYTES_TABLE, RECOMMENDATIONS_TABLE, SENSITIVITY_TABLE
+from colquant.grid_plan import describe_plan, grid_plan
 from colquant.params import load_profile, quantization_section
+from colquant.upstream import MEASURES_GRID
 
 log = logging.getLogger(__name__)
 # papermill waits 60 s for a kernel to start; on a busy 2-core machine (CI running tests side by side)
@@ -44,7 +47,7 @@ KERNEL_START_TIMEOUT_S = 600
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
 PER_SEQLEN = ("02_calibration", "03_quantization")
-ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression")
+ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression", "08_frontier")
 STATE_FILE = "pipeline_state.json"
 OVERRIDDEN_PROFILE = "profile.yaml"  # the profile with the command line's --set applied, as notebooks read it
 NOTEBOOK_DEFAULT_PROFILE = "params/tiny.yaml"  # what every notebook's `parameters` cell sets
@@ -58,7 +61,9 @@ SECTIONS = {
     "05_vidore_eval": ("model", "corpus", "evaluation"),
     "06_memory_sweep": ("model", "sweep"),
     "07_index_compression": ("model", "corpus", "evaluation", "compression"),
+    "08_frontier": ("model", "corpus", "quantization", "fidelity", "evaluation", "compression", "frontier"),
 }
+READS_ACROSS = {"08_frontier": ("07_index_compression",)}  # steps across variants that read another one's results
 
 
 class PipelineError(RuntimeError):
@@ -108,8 +113,10 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     steps = [Step("01_architecture", parameters, out / "01_architecture.ipynb", (results / "architecture.json",), (), ())]
     quantized = []
     for seqlen in profile["calibration"]["seqlens"]:
-        variants = tuple(workspace.variants_dir(profile) / name
-                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated])
+        grid = profile["quantization"]["grid"]
+        made_here = workspace.grid_variant_names(profile) if grid is not None and grid["seqlen"] == seqlen else []
+        names = dict.fromkeys([workspace.autoround_variant(profile, seqlen), *uncalibrated, *made_here])
+        variants = tuple(workspace.variants_dir(profile) / name for name in names)
         per_seqlen = {
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (
@@ -129,10 +136,13 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
                             (results / "sweep.jsonl",)),
         "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"),
                                  (workspace.index_mteb_dir(profile),)),
+        "08_frontier": ((results / name for name in (FRONTIER_TABLE, FRONT_TABLE, RECOMMENDATIONS_TABLE,
+                                                     MODEL_BYTES_TABLE, SENSITIVITY_TABLE)), ()),
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]
-        steps.append(Step(name, parameters, out / f"{name}.ipynb", tuple(written), caches, tuple(quantized)))
+        steps.append(Step(name, parameters, out / f"{name}.ipynb", tuple(written), caches,
+                          (*quantized, *READS_ACROSS.get(name, ()))))
     return steps
 
 
@@ -151,7 +161,7 @@ def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -
     The profile enters by content, not by path: `--set` hands the notebooks another file
     (`profile.yaml` in the outputs), which must re-run only the steps whose sections it changes.
     The variants enter by content because a re-quantization under the same name (`--force`, or a
-    calibration setting the name does not carry) must not leave 04-07's numbers standing."""
+    calibration setting the name does not carry) must not leave 04-08's numbers standing."""
     sections = {name: profile[name] for name in SECTIONS[step.notebook]}
     if "seqlen" in step.parameters and "calibration" in sections:  # its own seqlen is a parameter
         sections["calibration"] = {k: v for k, v in sections["calibration"].items() if k != "seqlens"}
@@ -162,7 +172,8 @@ def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -
                 [upstream[key] for key in step.depends_on]]
     if step.notebook in ACROSS_VARIANTS:
         identity.append({name: workspace.checkpoint_fingerprint(path)
-                         for name, path in workspace.quantized_variants(profile).items()})
+                         for name, path in workspace.quantized_variants(
+                             profile, grid=step.notebook in MEASURES_GRID).items()})
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -190,6 +201,7 @@ def run(
         _remove_interrupted_staging(profile)
         if overrides:
             profile_path = _write_overridden_profile(profile, profile_path, overrides)
+        log.info(describe_plan(grid_plan(profile)))
         state_path = out / STATE_FILE
         state = _read_state(state_path)
         summary: list[dict[str, Any]] = []
