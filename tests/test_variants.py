@@ -89,6 +89,24 @@ def test_autoschemes_widths_are_read_back_from_the_checkpoint_as_the_library_cho
     assert loaded == library
 
 
+def test_a_mixed_width_checkpoint_is_the_size_its_widths_predict(grid_profile, grid_runs, tiny_model):
+    """Each decoder layer's packed tensors on disk within 2% of `packed_layer_bytes` at its own width."""
+    from safetensors import safe_open
+
+    from colquant.weight_grid import packed_layer_bytes
+
+    path = workspace.variants_dir(grid_profile) / MIXED
+    layer_bits = workspace.read_variant_metadata(path)["autoscheme"]["layer_bits"]
+    with safe_open(str(path / "model.safetensors"), framework="pt") as tensors:
+        stored = {name: tensors.get_slice(name).get_shape() for name in tensors.keys()}
+    for name, bits in layer_bits.items():
+        layer = tiny_model[0].language_model.get_submodule(name)
+        predicted = packed_layer_bytes(layer.in_features, layer.out_features, bits, 128)
+        saved = sum(shape[0] * shape[1] * (2 if key.endswith(".scales") else 4) for key, shape in stored.items()
+                    if key.startswith(f"vlm.model.language_model.{name}."))
+        assert abs(saved - predicted) / predicted < 0.02, (name, bits, saved, predicted)
+
+
 def test_a_checkpoint_whose_per_layer_widths_lie_is_refused_naming_the_layer(grid_profile, grid_runs, tmp_path):
     source = workspace.variants_dir(grid_profile) / MIXED
     copy = shutil.copytree(source, tmp_path / "lying")
