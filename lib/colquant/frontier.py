@@ -152,7 +152,8 @@ def sensitivity_table(profile: dict[str, Any], reference: Path, candidates: Mapp
     (AutoScheme's choice, or the variant's one width)."""
     from colquant import fidelity, workspace
 
-    ref_model, ref_processor = workspace.load_variant(profile, reference, accelerate=False)  # hooks need transformers' layers
+    # transformers' own layers: the hooks need them
+    ref_model, ref_processor = workspace.load_variant(profile, reference, accelerate=False)
     batch = ref_processor.process_images(list(images))
     tables = []
     for name, path in candidates.items():
@@ -160,8 +161,8 @@ def sensitivity_table(profile: dict[str, Any], reference: Path, candidates: Mapp
         metadata = workspace.read_variant_metadata(path)
         layer_bits = metadata.get("autoscheme", {}).get("layer_bits", {})
         errors = fidelity.projection_errors(ref_model, model, batch).assign(variant=name)
-        names = "layers." + errors["layer"].astype(str) + "." + errors["projection"].map(_module_of) + "." + errors["projection"]
-        errors["bits"] = names.map(layer_bits).fillna(metadata["settings"]["bits"]).astype(int)
+        names = [f"layers.{row.layer}.{_module_of(row.projection)}.{row.projection}" for row in errors.itertuples()]
+        errors["bits"] = [layer_bits.get(name, metadata["settings"]["bits"]) for name in names]
         tables.append(errors)
         del model
     columns = ["variant", "layer", "projection", "bits", "relative_l2"]

@@ -2,8 +2,9 @@
 
 Notebook 01 describes the model and runs once; 02-03 run once per calibration seqlen
 (`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`, the frontier's weight grid made by the run of its
-seqlen); 04-08 compare every variant the profile produces and run once (08 reads 07's grid too). A step is skipped only when its fingerprint is the one recorded when it last
-*finished* and every result it declares exists. The fingerprint covers the notebook's source, its
+seqlen); 04-08 compare every variant the profile produces and run once (08 reads 07's grid too).
+A step is skipped only when its fingerprint is the one recorded when it last *finished* and every
+result it declares exists. The fingerprint covers the notebook's source, its
 parameters, the profile sections it reads, the fingerprints of the steps whose outputs it reads
 and, for 04-08, the content fingerprints of the variants they compare, so a change re-runs exactly
 the steps it affects (e.g. `sweep.repeats` re-runs only 06) and re-quantized weights re-run 04-08.

@@ -182,9 +182,10 @@ def _write_checkpoint(
         _save_tower(autoround, Path(tower_dir), "auto_round", inplace=True)  # packs layers in place
         quantization_config = json.loads((Path(tower_dir) / "config.json").read_text())["quantization_config"]
     quantization_config["block_name_to_quantize"] = LANGUAGE_MODEL_BLOCKS
-    if "extra_config" in quantization_config:  # per-layer widths, by full name: tower-relative ones are regexes to auto-round
+    if "extra_config" in quantization_config:  # per-layer widths by full name (auto-round reads other keys as regexes)
         prefix = LANGUAGE_MODEL_BLOCKS.removesuffix("layers")
-        quantization_config["extra_config"] = {prefix + name: layer for name, layer in quantization_config["extra_config"].items()}
+        layers = quantization_config["extra_config"]
+        quantization_config["extra_config"] = {prefix + name: layer for name, layer in layers.items()}
     model.config.quantization_config = quantization_config
     # auto-round also wrote its tower-relative config ("layers") into the text config; transformers
     # would fall back to it if the top-level one were lost, and build no 4-bit layer from it
