@@ -9,7 +9,7 @@ seeds' auto-round variant at the grid's seqlen): the wall time and peak memory o
 the profile's device (`frontier.measure_model_bytes`, with the CUDA allocator's growth beside it). The
 JSON (`frontier-grid-<profile>.json`; `colquant.grid_plan` reads it from benchmarks/results/ as the
 profile's reference timings) is rewritten after every point, so a run stopped by its time limit keeps
-what it measured; a point whose predicted time (the last tuned point's) would not end inside
+what it measured; a point predicted (by the last point of its kind, tuned or not) to end after
 `--budget-s` is listed as not run.
 On a CPU with `params/tiny.yaml` it checks the script in a minute.
 """
@@ -64,7 +64,8 @@ def produce(profile: dict[str, Any], kind: str, point: Any) -> dict[str, Any]:
     if kind == "fp8":
         return produce_fp8_variant(profile, point)
     if kind.startswith("seeds"):
-        return produce_variant(profile, profile["quantization"]["grid"]["seqlen"], "rtn" if kind == "seeds-rtn" else "autoround")
+        method = "rtn" if kind == "seeds-rtn" else "autoround"
+        return produce_variant(profile, profile["quantization"]["grid"]["seqlen"], method)
     return produce_grid_point(profile, point)
 
 
@@ -96,19 +97,19 @@ def main() -> None:
                               "rows": [], "not_run": []}
     calibrate(profile, seqlen)
     report["setup_s"] = round(time.monotonic() - start, 1)
-    predicted = 0.0  # seconds of the last tuned point: what the next one is expected to take
+    predicted = {True: 0.0, False: 0.0}  # seconds the last tuned / untuned point took, made and measured
     for kind, point in points(profile):
         elapsed = time.monotonic() - start
         tuned = kind in ("autoscheme", "autoround", "seeds")
-        if tuned and elapsed + predicted > args.budget_s:
-            report["not_run"].append({"kind": kind, "point": str(point), "why": f"{elapsed:.0f} s spent, the last tuned "
-                                      f"point took {predicted:.0f} s: it would end after the {args.budget_s:.0f} s budget"})
+        if elapsed + predicted[tuned] > args.budget_s:
+            why = (f"{elapsed:.0f} s spent, the last such point took {predicted[tuned]:.0f} s: it would end after the "
+                   f"{args.budget_s:.0f} s budget")
+            report["not_run"].append({"kind": kind, "point": str(point), "why": why})
             continue
         run = produce(profile, kind, point)
-        predicted = run["wall_time_s"] if tuned else predicted
-        if run["variant"] in {row["variant"] for row in report["rows"]}:
-            continue  # the seeds' variant is also a grid point (W4 g128 at the grid's seqlen): listed once
-        report["rows"].append(measured_row(profile, run))
+        if run["variant"] not in {row["variant"] for row in report["rows"]}:  # the seeds' W4 g128 may be a grid point
+            report["rows"].append(measured_row(profile, run))
+        predicted[tuned] = time.monotonic() - start - elapsed
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"frontier-grid-{profile['profile']}.json").write_text(json.dumps(report, indent=1))
         log.info("%s: %s", kind, report["rows"][-1])
