@@ -1,7 +1,7 @@
 """Real model bytes and quantization time of every default grid point of a profile (issue 27), through
 notebook 03's own code path (`colquant.variants`), one point after another.
 
-    python benchmarks/frontier_grid.py params/synthetic-4b.yaml OUT [--budget-s 500]
+    python benchmarks/frontier_grid.py params/synthetic-4b.yaml OUT [--budget-s 500] [--kinds rtn,autoscheme]
 
 For each point (the RTN baselines, AutoScheme, the grid's auto-round points, the FP8 variants, then the
 seeds' auto-round variant at the grid's seqlen): the wall time and peak memory of quantizing it
@@ -11,7 +11,9 @@ JSON (`frontier-grid-<profile>.json`; `colquant.grid_plan` reads it from benchma
 profile's reference timings) is rewritten after every point, so a run stopped by its time limit keeps
 what it measured; a point predicted (by the last point of its kind, tuned or not) to end after
 `--budget-s` is listed as not run.
-On a CPU with `params/tiny.yaml` it checks the script in a minute.
+`--kinds` (of `ORDER`) splits a grid that one run's time limit cannot hold into runs that each can: their
+JSON files (`frontier-grid-<profile>-<kinds>.json`) are read together as the reference. On a CPU with
+`params/tiny.yaml` it checks the script in a minute.
 """
 
 from __future__ import annotations
@@ -86,7 +88,13 @@ def main() -> None:
     parser.add_argument("profile", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--budget-s", type=float, default=500.0, help="stop starting points that would end after this")
+    parser.add_argument("--kinds", default=",".join(ORDER), help=f"the kinds of point to make, of {', '.join(ORDER)}")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(ORDER))
+    if unknown:
+        parser.error(f"--kinds {args.kinds}: {', '.join(unknown)} unknown; choose from {', '.join(ORDER)}")
+    name = f"frontier-grid-{{profile}}{'' if set(kinds) == set(ORDER) else '-' + '-'.join(kinds)}.json"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     start = time.monotonic()
     profile = load_profile(args.profile)
@@ -98,7 +106,8 @@ def main() -> None:
     calibrate(profile, seqlen)
     report["setup_s"] = round(time.monotonic() - start, 1)
     predicted = {True: 0.0, False: 0.0}  # seconds the last tuned / untuned point took, made and measured
-    for kind, point in points(profile):
+    result = args.out / name.format(profile=profile["profile"])
+    for kind, point in (item for item in points(profile) if item[0] in kinds):
         elapsed = time.monotonic() - start
         tuned = kind in ("autoscheme", "autoround", "seeds")
         if elapsed + predicted[tuned] > args.budget_s:
@@ -111,10 +120,11 @@ def main() -> None:
             report["rows"].append(measured_row(profile, run))
         predicted[tuned] = time.monotonic() - start - elapsed
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"frontier-grid-{profile['profile']}.json").write_text(json.dumps(report, indent=1))
+        result.write_text(json.dumps(report, indent=1))
         log.info("%s: %s", kind, report["rows"][-1])
     report["total_s"] = round(time.monotonic() - start, 1)
-    (args.out / f"frontier-grid-{profile['profile']}.json").write_text(json.dumps(report, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(report, indent=1))
     print(f"{'variant':<62} {'quant s':>8} {'ckpt GiB':>9} {'loaded GiB':>11}")
     for row in report["rows"]:
         print(f"{row['variant']:<62} {row['quantize_s']:>8.1f} {row['checkpoint_gib']:>9.3f} {row['loaded_gib']:>11.3f}")

@@ -24,7 +24,8 @@ def test_the_plan_counts_every_run_the_grid_implies(tiny):
     assert plan.loc["evaluate: 07 (variant x index setting x task)", "runs"] == (8 + 1) * settings * tasks
     assert plan["estimated s"].isna().all() and set(plan["seconds from"]) == {"not measured yet"}
     text = grid_plan.describe_plan(plan.reset_index())
-    assert text.startswith(f"The profile implies 8 quantizations (0 already on disk) and {8 * tasks + 54 * tasks} evaluations")
+    evaluations = 8 * tasks + 54 * tasks
+    assert text.startswith(f"The profile implies 8 quantizations (0 already on disk) and {evaluations} evaluations")
     assert "no estimate yet" in text
 
 
@@ -42,10 +43,14 @@ def test_the_estimate_uses_the_profiles_reference_run(tiny, tmp_path):
     text = grid_plan.describe_plan(plan.reset_index())
     assert "estimated 0.8 min for what is left (not counting quantize: AutoScheme" in text
     assert grid_plan.reference_seconds(tiny, tmp_path / "absent") == ({}, "")
-    real = {"profile": "colqwen3-4b"}
-    (tmp_path / "frontier-grid-synthetic-4b.json").write_text(json.dumps(
-        {"device": "NVIDIA H200", "quantization": {"iters": 200}, "rows": rows[:1]}))
-    assert grid_plan.reference_seconds(real, tmp_path) == ({grid_plan.STAGES[0]: 10.0}, "NVIDIA H200, synthetic-4b, iters 200")
+    real = {"profile": "colqwen3-4b"}  # timed by its synthetic twin's runs, here in two parts
+    for part, part_rows in (("rtn-autoscheme", rows[2:]), ("autoround", rows[:1])):
+        (tmp_path / f"frontier-grid-synthetic-4b-{part}.json").write_text(json.dumps(
+            {"device": "NVIDIA H200", "quantization": {"iters": 200}, "rows": part_rows}))
+    assert grid_plan.reference_seconds(real, tmp_path) == (
+        {grid_plan.STAGES[0]: 10.0, grid_plan.STAGES[1]: 2.0}, "NVIDIA H200, synthetic-4b, iters 200")
+    (tmp_path / "frontier-grid-synthetic-4bx.json").write_text("not this profile's")  # another profile's name
+    assert grid_plan.reference_seconds(real, tmp_path)[0] == {grid_plan.STAGES[0]: 10.0, grid_plan.STAGES[1]: 2.0}
 
 
 def test_quantizations_on_disk_are_counted_and_time_the_estimate(tiny):

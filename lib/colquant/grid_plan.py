@@ -60,18 +60,18 @@ def measured_seconds(profile: dict[str, Any]) -> dict[str, float]:
 
 
 def reference_seconds(profile: dict[str, Any], directory: Path = REFERENCES) -> tuple[dict[str, float], str]:
-    """(median seconds per quantization stage, where and how they were measured) from the reference run of
-    `benchmarks/frontier_grid.py` for this profile (or the profile it stands in for), or ({}, "")."""
+    """(median seconds per quantization stage, where and how they were measured) from the reference runs of
+    `benchmarks/frontier_grid.py` for this profile (or the profile it stands in for: `frontier-grid-<name>.json`
+    and its parts `frontier-grid-<name>-<kinds>.json`), or ({}, "")."""
     name = REFERENCE_PROFILES.get(profile["profile"], profile["profile"])
-    path = directory / f"frontier-grid-{name}.json"
-    if not path.exists():
+    runs = [json.loads(path.read_text()) for path in sorted(directory.glob(f"frontier-grid-{name}*.json"))
+            if path.stem == f"frontier-grid-{name}" or path.stem.startswith(f"frontier-grid-{name}-")]
+    if not runs:
         return {}, ""
-    reference = json.loads(path.read_text())
     times: dict[str, list[float]] = {}
-    for row in reference["rows"]:
+    for row in (row for run in runs for row in run["rows"]):
         times.setdefault(row["stage"], []).append(row["quantize_s"])
-    settings = reference["quantization"]
-    where = f"{reference['device']}, {name}, iters {settings['iters']}"
+    where = "; ".join(sorted({f"{run['device']}, {name}, iters {run['quantization']['iters']}" for run in runs}))
     return {stage: statistics.median(values) for stage, values in times.items()}, where
 
 
