@@ -1,5 +1,5 @@
 """Real model bytes and quantization time of every default grid point of a profile (issue 27), through
-notebook 03's own code path (`colquant.variants`), one point after another.
+notebook 03's own code path (`colquant.research.variants`), one point after another.
 
     python benchmarks/frontier_grid.py params/synthetic-4b.yaml OUT [--budget-s 500] [--kinds rtn,autoscheme]
 
@@ -7,7 +7,7 @@ For each point (the RTN baselines, AutoScheme, the grid's auto-round points, the
 seeds' auto-round variant at the grid's seqlen): the wall time and peak memory of quantizing it
 (AutoScheme: its selection and its tuning), its checkpoint's weight files, and its bytes once loaded on
 the profile's device (`frontier.measure_model_bytes`, with the CUDA allocator's growth beside it). The
-JSON (`frontier-grid-<profile>.json`; `colquant.grid_plan` reads it from benchmarks/results/ as the
+JSON (`frontier-grid-<profile>.json`; `colquant.research.grid_plan` reads it from benchmarks/results/ as the
 profile's reference timings) is rewritten after every point, so a run stopped by its time limit keeps
 what it measured; a point predicted (by the last point of its kind, tuned or not) to end after
 `--budget-s` is listed as not run.
@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from colquant import workspace
-from colquant.calibration import build_calibration
+from colquant.quantize.calibration import build_calibration
+from colquant.quantize.weight_formats import weight_format
+from colquant.quantize.weight_grid import grid_settings
+from colquant.research import workspace
+from colquant.research.frontier import GIB, measure_model_bytes
+from colquant.research.grid_plan import METHOD_STAGES
+from colquant.research.params import load_profile
 from colquant.research.variants import produce_fp8_variant
-from colquant.frontier import GIB, measure_model_bytes
-from colquant.grid_plan import METHOD_STAGES
-from colquant.params import load_profile
-from colquant.variants import produce_grid_point, produce_variant
-from colquant.weight_formats import weight_format
-from colquant.weight_grid import grid_settings
+from colquant.research.variants import produce_grid_point, produce_variant
 
 log = logging.getLogger("frontier_grid")
 # the grid first (RTN, then the tuned points), then FP8 (seconds), then the seeds' variant (already measured

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import colquant
-from colquant import fidelity, frontier, workspace
-from colquant.frontier import GIB
-from colquant.params import load_profile
+from colquant.evaluate import fidelity
+from colquant.research import frontier, workspace
+from colquant.research.frontier import GIB
+from colquant.research.params import load_profile
 
 
 def table(rows, pages=1000):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from colquant import grid_plan, workspace
-from colquant.params import load_profile
+from colquant.research import grid_plan, workspace
+from colquant.research.params import load_profile
 
 
 @pytest.fixture

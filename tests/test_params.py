@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 
-from colquant.profile_checks import quantized_input_widths
 from colquant.quantize.autoround import decoder_linear_names
 from colquant.research import workspace
 from colquant.research.params import ProfileError, load_profile, quantization_section, validate_profile
+from colquant.research.profile_checks import quantized_input_widths
 
 PARAMS = workspace.REPO_ROOT / "params"
 

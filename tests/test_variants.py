@@ -11,14 +11,14 @@ import pytest
 import torch
 
 import colquant
-from colquant import autoscheme
-from colquant.calibration import CalibrationSet, build_text_calibration
-from colquant.checkpoint import CheckpointError
-from colquant.corpus import build_corpus
+from colquant.evaluate.corpus import build_corpus
 from colquant.kernels import w4a8
+from colquant.quantize import autoscheme
+from colquant.quantize.calibration import CalibrationSet, build_text_calibration
 from colquant.quantize.cards import update_model_card
 from colquant.research import variants, workspace
 from colquant.research.params import load_profile, validate_profile
+from colquant.retriever.checkpoint import CheckpointError
 from colquant.retriever.checkpoint_files import read_reported_results
 
 
@@ -191,7 +191,7 @@ def test_a_mixed_width_checkpoint_is_the_size_its_widths_predict(grid_profile, g
     """Each decoder layer's packed tensors on disk within 2% of `packed_layer_bytes` at its own width."""
     from safetensors import safe_open
 
-    from colquant.weight_grid import packed_layer_bytes
+    from colquant.quantize.weight_grid import packed_layer_bytes
 
     path = workspace.variants_dir(grid_profile) / MIXED
     layer_bits = workspace.read_variant_metadata(path)["autoscheme"]["layer_bits"]
@@ -232,7 +232,7 @@ def test_the_fast_path_converts_only_4bit_layers_and_leaves_the_others_dequantiz
 
 
 def test_a_mixed_width_checkpoint_counts_its_parameters_as_trained(grid_profile, grid_runs, tiny_model):
-    from colquant.hub import logical_parameters
+    from colquant.deploy.hub import logical_parameters
 
     base = sum(parameter.numel() for parameter in tiny_model[0].parameters())
     assert logical_parameters(workspace.variants_dir(grid_profile) / MIXED) == base

@@ -7,19 +7,19 @@ import torch
 from safetensors import safe_open
 
 import colquant
-from colquant import workspace
-from colquant.calibration import build_text_calibration
-from colquant.corpus import build_corpus
-from colquant.params import load_profile, quantization_section
-from colquant.quantization import (
+from colquant.evaluate.corpus import build_corpus
+from colquant.quantize.calibration import build_text_calibration
+from colquant.research import workspace
+from colquant.research.params import load_profile, quantization_section
+from colquant.quantize.autoround import (
     QuantizationSettings,
     decoder_linear_names,
     quantization_metadata,
     quantize_language_model,
     save_quantized_model,
 )
-from colquant.weight_formats import average_bits, kernel_path, weight_format
-from colquant.weight_grid import WeightSetting, grid_settings, grid_variants, packed_layer_bytes
+from colquant.quantize.weight_formats import average_bits, kernel_path, weight_format
+from colquant.quantize.weight_grid import WeightSetting, grid_settings, grid_variants, packed_layer_bytes
 
 PREFIX = "vlm.model.language_model."
 

@@ -89,7 +89,7 @@ def quantize_language_model(
     """Run auto-round (or its pure RTN mode) on the text tower in place; returns (AutoRound, cost).
 
     `layer_bits` gives some decoder Linears (names relative to the text tower) their own width, e.g.
-    AutoScheme's choice (`colquant.autoscheme`); the others take `settings.bits`.
+    AutoScheme's choice (`colquant.quantize.autoscheme`); the others take `settings.bits`.
 
     On a GPU auto-round tunes in bfloat16 (its default, and how the reference variants were made).
     On a CPU it would tune in bfloat16 only where the processor has AVX512-BF16/AMX and in float32

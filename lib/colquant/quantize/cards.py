@@ -20,12 +20,12 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
 from colquant.basics.files import write_text
+from colquant.quantize.weight_formats import weight_format
 from colquant.retriever.checkpoint_files import read_variant_metadata, write_reported_results
 from colquant.retriever.fp8 import METHOD as FP8_METHOD
 from colquant.retriever.fp8 import NO_CALIBRATION
 from colquant.retriever.processing import DEFAULT_MAX_NUM_VISUAL_TOKENS as MTEB_VISUAL_TOKENS  # mteb's ColQwen3Wrapper's
 from colquant.retriever.processing import read_saved_settings
-from colquant.weight_formats import weight_format
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from pydantic_core import ErrorDetails
 
 from colquant.basics.arguments import cuda_unavailable_reason
 from colquant.inference.compress import COMPRESSION_FORMS, COMPRESSION_PATTERN
-from colquant.profile_checks import architecture_problems
-from colquant.weight_formats import variant_name
+from colquant.quantize.weight_formats import variant_name
+from colquant.research.profile_checks import architecture_problems
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -109,7 +109,7 @@ class AutoSchemeSection(_Section):
 
 
 class GridSection(_Section):
-    """The frontier's weight settings (`colquant.weight_grid`), tuned on the calibration set of `seqlen`:
+    """The frontier's weight settings (`colquant.quantize.weight_grid`), tuned on the calibration set of `seqlen`:
     auto-round W{bits}A16 for every bits x group size, an RTN baseline for each (`rtn`), and AutoScheme."""
 
     seqlen: PositiveInt | None = None  # None: the middle of calibration.seqlens (sorted; the lower middle if even)

@@ -31,8 +31,8 @@ from typing import Any
 import yaml
 
 from colquant.basics.files import discard, remove_stale_staging
-from colquant.grid_plan import describe_plan, grid_plan
 from colquant.research import workspace
+from colquant.research.grid_plan import describe_plan, grid_plan
 from colquant.research.params import load_profile
 from colquant.research.steps import (NOTEBOOKS_DIR, STATE_FILE, PipelineError, Step, finished, fingerprint, notebook_numbers, plan,
                                      read_state, stale_steps)

@@ -22,12 +22,12 @@ import pandas as pd
 
 from colquant.evaluate import metrics
 from colquant.evaluate.plots import BASELINE, variant_order, variant_precision
-from colquant.frontier import frontier_report
 from colquant.inference.compress import compression_report
 from colquant.quantize.cards import update_model_card
+from colquant.quantize.weight_formats import kernel_path, weight_format
 from colquant.research import workspace
+from colquant.research.frontier import frontier_report
 from colquant.research.interpret import plural
-from colquant.weight_formats import kernel_path, weight_format
 
 # A variant whose mean NDCG@5 is within this many percent of BF16's may be recommended over it.
 TOLERANCE_PCT = 2.0

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from colquant.frontier import FRONT_TABLE, FRONTIER_TABLE, MODEL_BYTES_TABLE, RECOMMENDATIONS_TABLE, SENSITIVITY_TABLE
 from colquant.research import workspace
+from colquant.research.frontier import FRONT_TABLE, FRONTIER_TABLE, MODEL_BYTES_TABLE, RECOMMENDATIONS_TABLE, SENSITIVITY_TABLE
 from colquant.research.params import quantization_section
-from colquant.upstream import MEASURES_GRID
+from colquant.research.upstream import MEASURES_GRID
 from colquant.retriever.checkpoint_files import METADATA_FILE, checkpoint_fingerprint
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"

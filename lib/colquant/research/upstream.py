@@ -61,7 +61,7 @@ def variants_to_compare(profile: dict[str, Any], notebook: str, *, need_quantize
 def compression_results(profile: dict[str, Any], variants: Iterable[str]) -> pd.DataFrame:
     """Notebook 07's (variant, index setting) table, checked to cover every variant now compared:
     notebook 08 places exactly those pairs on the frontier."""
-    from colquant.compress import COMPRESSION_TABLE
+    from colquant.inference.compress import COMPRESSION_TABLE
 
     path = workspace.results_dir(profile) / COMPRESSION_TABLE
     command = f"run notebooks/07_index_compression.ipynb, or `colquant run {profile['profile']} --notebooks 07`"

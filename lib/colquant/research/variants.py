@@ -5,8 +5,8 @@ model and save it; `colquant.research.workspace` knows where a profile's inputs 
 joins them for a profile: it names the variant from its settings, decides whether an identical
 checkpoint already exists, and otherwise loads the base model (through `workspace.load_variant`),
 quantizes it and saves it under `variants/<name>`. The seeds' variant and its RTN baseline come from
-`quantization` (`produce_variant`); the frontier's grid (`quantization.grid`, `colquant.weight_grid`) from
-`produce_grid_variants`, AutoScheme's with the per-layer widths the library chose (`colquant.autoscheme`).
+`quantization` (`produce_variant`); the frontier's grid (`quantization.grid`, `colquant.quantize.weight_grid`) from
+`produce_grid_variants`, AutoScheme's with the per-layer widths the library chose (`colquant.quantize.autoscheme`).
 
 With `quantization.w4a8`, the auto-round variant of the largest calibration seqlen also gets a W4A8 run:
 `variants/<w4a8 name>` holds no weights, only metadata naming that checkpoint, the weights it was made
@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from colquant.autoscheme import AutoSchemeSettings, achieved_average_bits, choose_layer_bits
 from colquant.basics.files import atomic_directory, fingerprint, write_json, write_text
 from colquant.basics.measure import Measurement, measure
+from colquant.quantize.autoscheme import AutoSchemeSettings, achieved_average_bits, choose_layer_bits
 from colquant.quantize.calibration import CalibrationSet
 from colquant.quantize.cards import w4a8_card
 from colquant.quantize.fp8_variants import VARIANTS as FP8_VARIANTS
@@ -42,8 +42,8 @@ from colquant.quantize.autoround import (
     save_quantized_model,
     scratch_dir,
 )
-from colquant.weight_formats import kernel_path, weight_format
-from colquant.weight_grid import WeightSetting, grid_variants
+from colquant.quantize.weight_formats import kernel_path, weight_format
+from colquant.quantize.weight_grid import WeightSetting, grid_variants
 
 GRID_EXPORT_FORMATS = ("auto_round",)  # grid variants are evaluated, not served: no GPTQ/AWQ exports
 SELECTION = ("auto-round AutoScheme: delta loss (|gradient x quantization error|) of the backbone's next-token loss "

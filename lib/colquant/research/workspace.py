@@ -322,7 +322,7 @@ def expected_variants(profile: dict[str, Any], *, grid: bool = True) -> list[str
 
 def grid_variant_names(profile: dict[str, Any]) -> list[str]:
     """The names of the grid's points (`quantization.grid`), with the calibration source used at its seqlen."""
-    from colquant.weight_grid import grid_variants
+    from colquant.quantize.weight_grid import grid_variants
 
     grid = profile["quantization"]["grid"]
     return [] if grid is None else list(grid_variants(profile, calibration_source_used(profile, grid["seqlen"])))

@@ -2,13 +2,13 @@
 
 A profile's `quantization.grid` asks for auto-round W{bits}A16 at every (bits, group size), an RTN
 baseline for each, and auto-round's AutoScheme (per-layer bit widths under an average-bits budget),
-all tuned on the calibration set of one seqlen. Notebook 03 makes them (`colquant.variants`), 04-07
+all tuned on the calibration set of one seqlen. Notebook 03 makes them (`colquant.research.variants`), 04-07
 measure them as they measure every variant, and notebook 08 puts them on the frontier
-(`colquant.frontier`). This module says what a point is: `WeightSetting`, its variant name, its
-`QuantizationSettings` and the packed bytes it stores; `colquant.weight_formats` says what its weights are
+(`colquant.research.frontier`). This module says what a point is: `WeightSetting`, its variant name, its
+`QuantizationSettings` and the packed bytes it stores; `colquant.quantize.weight_formats` says what its weights are
 and whether a fast kernel runs them.
 
-Packed sizes follow auto-round's `auto_round:auto_gptq` packing, which `colquant.weight_checks`
+Packed sizes follow auto-round's `auto_round:auto_gptq` packing, which `colquant.retriever.weight_checks`
 checks tensor by tensor: int32 words of 32/bits weights, one fp16 scale and one packed zero point per
 group of inputs and output.
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from colquant.autoscheme import AutoSchemeSettings
-from colquant.quantization import QuantizationSettings
-from colquant.weight_formats import variant_name
+from colquant.quantize.autoround import QuantizationSettings
+from colquant.quantize.autoscheme import AutoSchemeSettings
+from colquant.quantize.weight_formats import variant_name
 
 
 def packed_layer_bytes(in_features: int, out_features: int, bits: int, group_size: int) -> int:

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from colquant.calibration import CalibrationSet
-from colquant.quantization import QuantizationSettings, decoder_linear_names, environment_variable
-from colquant.weight_formats import average_bits
+from colquant.quantize.autoround import QuantizationSettings, decoder_linear_names, environment_variable
+from colquant.quantize.calibration import CalibrationSet
+from colquant.quantize.weight_formats import average_bits
 
 
 @dataclass(frozen=True)

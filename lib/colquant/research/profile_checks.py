@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from colquant.weight_formats import average_bits
+from colquant.quantize.weight_formats import average_bits
 
 
 def architecture_problems(profile: dict[str, Any]) -> list[str]:

@@ -113,10 +113,10 @@ def recommendations(table: pd.DataFrame, budgets_gb: Sequence[float]) -> pd.Data
 def model_bytes_table(profile: dict[str, Any], variants: Mapping[str, Path]) -> pd.DataFrame:
     """Per variant (BF16 first): what its weights are, whether a fast kernel runs them, its checkpoint's
     weight files and its measured bytes once loaded (`measure_model_bytes`)."""
-    from colquant import workspace
-    from colquant.notebook import checkpoint_bytes
+    from colquant.quantize.weight_formats import kernel_path, weight_format
+    from colquant.research import workspace
+    from colquant.research.notebook import checkpoint_bytes
     from colquant.retriever.checkpoint_files import read_variant_metadata
-    from colquant.weight_formats import kernel_path, weight_format
 
     rows = []
     for name, path in variants.items():
@@ -134,7 +134,7 @@ def model_bytes_table(profile: dict[str, Any], variants: Mapping[str, Path]) -> 
 def low_bit_variants(profile: dict[str, Any], variants: Mapping[str, Path], max_bits: int = 3) -> dict[str, Path]:
     """The quantized variants with layers of `max_bits` bits or fewer (uniform W2/W3, AutoScheme with such
     options): the ones whose per-layer sensitivity notebook 08 maps."""
-    from colquant import workspace
+    from colquant.research import workspace
     from colquant.retriever.checkpoint_files import read_variant_metadata
 
     chosen = {}
@@ -153,7 +153,8 @@ def sensitivity_table(profile: dict[str, Any], reference: Path, candidates: Mapp
     """Each candidate's own error per decoder layer and projection (`fidelity.projection_errors`) on a
     batch of pages (what the index is built from) against BF16, with the width each projection has
     (AutoScheme's choice, or the variant's one width)."""
-    from colquant import fidelity, workspace
+    from colquant.evaluate import fidelity
+    from colquant.research import workspace
     from colquant.retriever.checkpoint_files import read_variant_metadata
 
     # transformers' own layers: the hooks need them

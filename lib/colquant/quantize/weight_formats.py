@@ -2,8 +2,8 @@
 from its settings, its format (`W3A16 g128`, `AutoScheme W3/W4A16 g128, 3.5 bits on average`), whether a
 fast kernel runs it, and the bits per weight a width stores.
 
-Kept apart from `colquant.weight_grid` (the frontier's grid points) and free of torch, because the
-profile schema (`colquant.params`), the model cards (`colquant.cards`) and the report all name variants.
+Kept apart from `colquant.quantize.weight_grid` (the frontier's grid points) and free of torch, because the
+profile schema (`colquant.research.params`), the model cards (`colquant.quantize.cards`) and the report all name variants.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 SCALE_BITS = 16  # one fp16 scale per group, as auto-round stores and AutoScheme counts it
 FAST_W4 = "fused Triton W4A16 GEMMs on CUDA (colquant.kernels); a dequantized reference on CPU"
-FAST_FP8 = "FP8 tensor cores on CUDA compute capability 8.9+ (colquant.fp8); a dequantized reference elsewhere"
+FAST_FP8 = "FP8 tensor cores on CUDA compute capability 8.9+ (colquant.retriever.fp8); a dequantized reference elsewhere"
 DEQUANTIZED = ("dequantized: no fused kernel in colquant runs {what}, so its layers run auto-round's torch QuantLinear "
                "(quality and memory are real, speed is not what a kernel would give)")
 

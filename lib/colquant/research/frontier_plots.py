@@ -10,8 +10,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from colquant.frontier import GIB, pareto_front
-from colquant.plots import hue_style, legend_outside
+from colquant.evaluate.plots import hue_style, legend_outside
+from colquant.research.frontier import GIB, pareto_front
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

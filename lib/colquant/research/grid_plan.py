@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from colquant import workspace
+from colquant.research import workspace
 from colquant.retriever.checkpoint_files import read_variant_metadata
 
 REFERENCES = workspace.REPO_ROOT / "benchmarks" / "results"  # frontier-grid-<profile>.json (benchmarks/frontier_grid.py)
@@ -35,9 +35,9 @@ METHOD_STAGES = {"autoround": STAGES[0], "rtn": STAGES[1], "autoscheme": STAGES[
 def variant_methods(profile: dict[str, Any]) -> dict[str, str]:
     """Each variant the profile makes (`workspace.expected_variants`), with its method."""
     from colquant.quantize.fp8_variants import variant_names as fp8_variants
+    from colquant.quantize.weight_grid import grid_variants
+    from colquant.research.params import quantization_section
     from colquant.retriever.fp8 import METHOD as FP8
-    from colquant.params import quantization_section
-    from colquant.weight_grid import grid_variants
 
     methods = {workspace.autoround_variant(profile, seqlen): "autoround" for seqlen in profile["calibration"]["seqlens"]}
     if profile["quantization"]["rtn_baseline"]:
@@ -79,7 +79,7 @@ def reference_seconds(profile: dict[str, Any], directory: Path = REFERENCES) -> 
 def grid_plan(profile: dict[str, Any], reference: tuple[Mapping[str, float], str] | None = None) -> pd.DataFrame:
     """One row per stage: runs the profile implies, how many quantizations are already on disk, seconds
     per run (measured here, else the reference) and the estimated time of those still to run."""
-    from colquant.upstream import MEASURES_GRID
+    from colquant.research.upstream import MEASURES_GRID
 
     methods = variant_methods(profile)
     finished = workspace.quantized_variants(profile)
