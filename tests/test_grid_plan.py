@@ -20,11 +20,13 @@ def test_the_plan_counts_every_run_the_grid_implies(tiny):
     # has none); 1 AutoScheme; 2 FP8
     assert plan["runs"].tolist()[:4] == [4, 1, 1, 2] and plan["on disk"].sum() == 0
     tasks, settings = len(tiny["evaluation"]["tasks"]), len(tiny["compression"]["settings"])
-    assert plan.loc["evaluate: 05 (variant x task)", "runs"] == (6 + 1 + 1) * tasks  # seeds' variants, BF16 twice
-    assert plan.loc["evaluate: 07 (variant x index setting x task)", "runs"] == (8 + 1) * settings * tasks
+    # 05: the seeds' 7 variants (3 auto-round, RTN, 2 FP8, the W4A8 run, which quantizes nothing), BF16 twice (also
+    # scored the other way); 07: those 7, the grid's 2 points and BF16
+    assert plan.loc["evaluate: 05 (variant x task)", "runs"] == (7 + 1 + 1) * tasks
+    assert plan.loc["evaluate: 07 (variant x index setting x task)", "runs"] == (9 + 1) * settings * tasks
     assert plan["estimated s"].isna().all() and set(plan["seconds from"]) == {"not measured yet"}
     text = grid_plan.describe_plan(plan.reset_index())
-    evaluations = 8 * tasks + 54 * tasks
+    evaluations = 9 * tasks + 60 * tasks
     assert text.startswith(f"The profile implies 8 quantizations (0 already on disk) and {evaluations} evaluations")
     assert "no estimate yet" in text
 

@@ -56,6 +56,8 @@ def measured_seconds(profile: dict[str, Any]) -> dict[str, float]:
     times: dict[str, list[float]] = {}
     for path in workspace.quantized_variants(profile).values():
         metadata = read_variant_metadata(path)
+        if "loads" in metadata:  # a W4A8 run: its checkpoint's metadata, no quantization of its own
+            continue
         times.setdefault(METHOD_STAGES[metadata["settings"]["method"]], []).append(metadata["wall_time_s"])
     return {stage: statistics.median(values) for stage, values in times.items()}
 
