@@ -108,6 +108,17 @@ def test_a_w4a8_run_shares_the_vision_tower_and_weight_bytes_of_its_checkpoint(p
     assert shared_vision.checkpoint_bytes(out) == shared_vision.checkpoint_bytes(checkpoint) > 0
 
 
+def test_the_frontier_measures_a_w4a8_run_as_its_checkpoint_loaded_with_fp8_activations(profile, checkpoint):
+    """Notebook 08 loads every compared variant for its bytes: a W4A8 run holds no weights of its own."""
+    from colquant.research import frontier
+
+    out = workspace.variants_dir(profile) / _produce(profile)["variant"]
+    row = frontier.model_bytes_table(profile, {out.name: out}).iloc[0]
+    assert row["weights"] == "W4A8 g128 (FP8 activations)" and bool(row["fast_kernel"])
+    assert row["checkpoint_bytes"] == frontier.model_bytes_table(profile, {checkpoint.name: checkpoint}).iloc[0]["checkpoint_bytes"] > 0
+    assert row["model_bytes"] > 0
+
+
 # --------------------------------------------------------------------------------------------
 # The frontier grid
 

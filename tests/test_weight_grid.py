@@ -78,6 +78,8 @@ def test_weights_are_described_and_marked_by_what_runs_them():
     assert weight_format(mixed) == "AutoScheme W3/W4A16 g128, 3.5 bits on average" and kernel_path(mixed)[0] is False
     assert kernel_path({"method": "rtn", "bits": 4, "group_size": 32})[0] is True
     assert kernel_path({"method": "fp8-dynamic", "bits": 8, "group_size": None})[0] is True
+    w4a8 = {"method": "autoround", "bits": 4, "group_size": 128, "activations": "fp8 (e4m3, dynamic per token)"}
+    assert weight_format(w4a8) == "W4A8 g128 (FP8 activations)" and "CUTLASS W4A8" in kernel_path(w4a8)[1]
 
 
 def stored_bytes(checkpoint) -> dict[str, int]:

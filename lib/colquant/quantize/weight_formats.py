@@ -13,6 +13,8 @@ from typing import Any
 SCALE_BITS = 16  # one fp16 scale per group, as auto-round stores and AutoScheme counts it
 FAST_W4 = "fused Triton W4A16 GEMMs on CUDA (colquant.kernels); a dequantized reference on CPU"
 FAST_FP8 = "FP8 tensor cores on CUDA compute capability 8.9+ (colquant.retriever.fp8); a dequantized reference elsewhere"
+FAST_W4A8 = ("vLLM's CUTLASS W4A8 GEMMs on Hopper (colquant.kernels.w4a8); a dequantized reference with FP8-rounded "
+             "activations elsewhere")
 DEQUANTIZED = ("dequantized: no fused kernel in colquant runs {what}, so its layers run auto-round's torch QuantLinear "
                "(quality and memory are real, speed is not what a kernel would give)")
 
@@ -48,6 +50,8 @@ def weight_format(settings: dict[str, Any]) -> str:
     `AutoScheme W3/W4A16 g128, 3.5 bits on average`, `FP8 W8A8 per channel`)."""
     if settings["method"] == "fp8-dynamic":
         return "FP8 W8A8 per channel"
+    if str(settings.get("activations", "")).startswith("fp8"):  # a W4A8 run of a 4-bit checkpoint
+        return f"W{settings['bits']}A8 g{settings['group_size']} (FP8 activations)"
     if settings["method"] == "autoscheme":
         options = "/".join(f"W{bits}" for bits in settings["options"])
         return f"AutoScheme {options}A16 g{settings['group_size']}, {settings['avg_bits']:g} bits on average"
@@ -59,6 +63,8 @@ def kernel_path(settings: dict[str, Any]) -> tuple[bool, str]:
     layers and FP8 have kernels here; W2/W3/W8 and mixed widths are evaluated dequantized."""
     if settings["method"] == "fp8-dynamic":
         return True, FAST_FP8
+    if str(settings.get("activations", "")).startswith("fp8"):
+        return True, FAST_W4A8
     if settings["method"] == "autoscheme":
         return False, DEQUANTIZED.format(what="mixed widths (q/k/v and gate/up must share one 4-bit width to fuse)")
     if settings["bits"] == 4:

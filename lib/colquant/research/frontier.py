@@ -46,14 +46,12 @@ def measure_model_bytes(profile: dict[str, Any], checkpoint: str | Path) -> dict
     """The variant's memory once loaded on the profile's device: its tensors' bytes as they are held
     (packed layers packed, no BF16 copies or kernel workspaces: `accelerate=False`), and on CUDA also
     the allocator's growth while loading, as a check."""
-    from colquant.inference.loading import load
+    from colquant.research import workspace
     from colquant.retriever.checkpoint import resolve_device
 
-    settings = profile["model"]
-    device = resolve_device(settings["device"])
+    device = resolve_device(profile["model"]["device"])
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-    model, _ = load(checkpoint, dtype=settings["dtype"], device=device,
-                    max_num_visual_tokens=settings["max_num_visual_tokens"], accelerate=False)
+    model, _ = workspace.load_variant(profile, checkpoint, accelerate=False)  # a W4A8 run: its checkpoint, FP8 activations
     measured = {"model_bytes": tensor_bytes(model), "device": str(device),
                 "allocated_bytes": None if before is None else torch.cuda.memory_allocated(device) - before}
     del model
@@ -116,7 +114,7 @@ def model_bytes_table(profile: dict[str, Any], variants: Mapping[str, Path]) -> 
     from colquant.quantize.weight_formats import kernel_path, weight_format
     from colquant.research import workspace
     from colquant.research.notebook import checkpoint_bytes
-    from colquant.retriever.checkpoint_files import read_variant_metadata
+    from colquant.retriever.checkpoint_files import read_variant_metadata, variant_checkpoint
 
     rows = []
     for name, path in variants.items():
@@ -126,7 +124,8 @@ def model_bytes_table(profile: dict[str, Any], variants: Mapping[str, Path]) -> 
             settings = read_variant_metadata(path)["settings"]
             weights, fast = weight_format(settings), kernel_path(settings)[0]
         measured = measure_model_bytes(profile, path)
-        rows.append({"variant": name, "weights": weights, "fast_kernel": fast, "checkpoint_bytes": checkpoint_bytes(path),
+        weight_files = variant_checkpoint(path)[0]  # a W4A8 run holds none: its checkpoint's
+        rows.append({"variant": name, "weights": weights, "fast_kernel": fast, "checkpoint_bytes": checkpoint_bytes(weight_files),
                      **measured})
     return pd.DataFrame(rows)
 
