@@ -17,7 +17,7 @@ def small_profile(tmp_path, **overrides) -> str:
     profile["model"]["max_num_visual_tokens"] = 64
     profile["corpus"].update(n_pages=8, n_queries=16)
     profile["calibration"].update(seqlens=[64, 128], nsamples=2)
-    profile["quantization"].update(iters=2, batch_size=2)
+    profile["quantization"].update(iters=2, batch_size=2, grid=None)
     profile["fidelity"].update(n_queries=4, n_pages=6)
     profile["sweep"].update(query_batch_sizes=[1, 2], page_batch_sizes=[1], repeats=1)
     for section, values in overrides.items():
@@ -51,11 +51,19 @@ class StandIn:
             # notebook 02's record of the source it used (offline, the tiny profile's fallback); other
             # results name the execution that wrote them, so a re-quantized variant has new content
             path.write_text('{"source_used": "embedded"}' if path.name.startswith("calibration__")
-                            else json.dumps({"execution": len(self.executed)}))
+                            else json.dumps(stand_in_metadata(path, len(self.executed)))
+                            if path.name == workspace.METADATA_FILE else json.dumps({"execution": len(self.executed)}))
         for path in step.caches if self.write_results else ():  # mteb's result folders
             path.mkdir(parents=True, exist_ok=True) if not path.exists() else None
         if step.results and not self.write_results:
             raise PipelineError(f"{step.notebook} finished but did not write {step.results[0]}")
+
+
+def stand_in_metadata(path, execution: int) -> dict:
+    """A variant's metadata as far as the pipeline reads it (the plan it logs times quantizations by method)."""
+    name = path.parent.name
+    method = "rtn" if name.endswith("-rtn") else "fp8-dynamic" if name.startswith("fp8") else "autoround"
+    return {"settings": {"method": method}, "wall_time_s": 1.0, "execution": execution}
 
 
 def write_partial(path):
@@ -81,4 +89,4 @@ def executed_after(stand_in, profile_path, **options) -> list[str]:
 
 ALL = ["01_architecture", "02_calibration__seqlen64", "03_quantization__seqlen64",
        "02_calibration__seqlen128", "03_quantization__seqlen128",
-       "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
+       "04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression", "08_frontier"]

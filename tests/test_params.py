@@ -8,7 +8,8 @@ import yaml
 
 from colquant.quantize.autoround import decoder_linear_names
 from colquant.research import workspace
-from colquant.research.params import ProfileError, load_profile, quantization_section, quantized_input_widths, validate_profile
+from colquant.research.params import ProfileError, load_profile, quantization_section, validate_profile
+from colquant.research.profile_checks import quantized_input_widths
 
 PARAMS = workspace.REPO_ROOT / "params"
 
@@ -295,3 +296,91 @@ def test_an_override_may_add_an_optional_section_or_key():
 def test_bad_overrides_are_refused_by_the_same_validation(override, message):
     with pytest.raises(ProfileError, match=message):
         load_profile(PARAMS / "tiny.yaml", overrides=[override])
+
+
+# --- the frontier's weight grid (quantization.grid) and the frontier section ----------------------
+
+
+def _grid(profile: dict, **changes) -> None:
+    profile["quantization"]["grid"] = {**profile["quantization"]["grid"], **changes}
+
+
+def test_the_tiny_grid_is_valid_and_defaults_fill_in(tiny):
+    grid = tiny["quantization"]["grid"]
+    assert grid["seqlen"] in tiny["calibration"]["seqlens"] and {3, 4} <= set(grid["bits"])
+    assert grid["autoscheme"]["avg_bits"] and tiny["frontier"]["memory_budgets_gb"] == [8, 12, 24, 80]
+    profile = copy.deepcopy(tiny)
+    profile["quantization"]["grid"] = {"bits": [2]}
+    assert validate_profile(profile)["quantization"]["grid"] == {"seqlen": 512, "bits": [2], "group_sizes": [128],
+                                                                  "rtn": True, "autoscheme": None}
+    profile["calibration"]["seqlens"] = [1024, 64, 256, 128]  # the middle one, the lower of two
+    assert validate_profile(profile)["quantization"]["grid"]["seqlen"] == 128
+    profile["quantization"]["grid"]["seqlen"] = 1024
+    assert validate_profile(profile)["quantization"]["grid"]["seqlen"] == 1024
+    profile.pop("frontier")
+    assert validate_profile(profile)["frontier"]["corpus_pages"] == [10_000, 100_000, 1_000_000]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"bits": [4, 5]}, "quantization.grid.bits[1]=5 is not allowed: input should be 2, 3, 4 or 8"),
+    ({"bits": [3, 3]}, "quantization.grid.bits=[3, 3]: 3 listed more than once"),
+    ({"group_sizes": [128, 128]}, "quantization.grid.group_sizes=[128, 128]: 128 listed more than once"),
+    ({"group_sizes": []}, "quantization.grid.group_sizes is empty"),
+    ({"seqlen": 300}, "quantization.grid.seqlen=300 has no calibration set: it is not one of calibration.seqlens "
+                      "[256, 512, 1024]; use one of them"),
+    ({"bits": [], "autoscheme": None}, "quantization.grid makes no variant: list bit widths in quantization.grid.bits"),
+])
+def test_bad_grid_entries_are_refused_with_their_key_path(tiny, changes, message):
+    assert message in _rejected(tiny, lambda profile: _grid(profile, **changes))
+
+
+def test_a_grid_group_size_must_divide_the_models_widths(tiny):
+    message = _rejected(tiny, lambda profile: _grid(profile, group_sizes=[64, 96]))
+    assert "quantization.grid.group_sizes[1]=96 does not divide the input width of" in message
+    assert "group_sizes[0]" not in message and "use a divisor of 128" in message
+    autoscheme = {**tiny["quantization"]["grid"]["autoscheme"], "group_size": 256}
+    assert "quantization.grid.autoscheme.group_size=256 does not divide" in _rejected(
+        tiny, lambda profile: _grid(profile, autoscheme=autoscheme))
+
+
+def test_a_grid_group_size_is_checked_against_the_real_4b(tiny):
+    real = load_profile(PARAMS / "colqwen3-4b.yaml", check_device=False)
+    real["quantization"]["grid"] = {"seqlen": 512, "bits": [4], "group_sizes": [128, 1024]}
+    with pytest.raises(ProfileError, match=r"quantization\.grid\.group_sizes\[1\]=1024 does not divide .*\(2560\)"):
+        validate_profile(real, check_device=False)
+
+
+@pytest.mark.parametrize(("autoscheme", "message"), [
+    ({"avg_bits": [3.0]}, "quantization.grid.autoscheme.avg_bits[0]=3.0 is outside what its options can average: "
+                          "W3A16 to W4A16 at group size 128 store 3.148 to 4.156 bits per weight"),
+    ({"avg_bits": [3.5, 4.5]}, "quantization.grid.autoscheme.avg_bits[1]=4.5 is outside"),
+    ({"avg_bits": [3.5, 3.5]}, "quantization.grid.autoscheme.avg_bits=[3.5, 3.5]: 3.5 listed more than once"),
+    ({"options": [4]}, "quantization.grid.autoscheme.options=[4] has 1 value(s); give at least 2"),
+    ({"options": [3, 6]}, "quantization.grid.autoscheme.options[1]=6 is not allowed"),
+    ({"options": [4, 4]}, "quantization.grid.autoscheme.options=[4, 4]: 4 listed more than once"),
+    ({"nsamples": 0}, "quantization.grid.autoscheme.nsamples=0: input should be greater than 0"),
+])
+def test_bad_autoscheme_entries_are_refused_with_their_key_path_and_range(tiny, autoscheme, message):
+    changed = {**tiny["quantization"]["grid"]["autoscheme"], **autoscheme}
+    assert message in _rejected(tiny, lambda profile: _grid(profile, autoscheme=changed))
+
+
+def test_an_autoscheme_budget_at_an_end_of_the_range_is_accepted(tiny):
+    """auto-round accepts a budget within 1e-3 of the ends; 4.15625 is W4A16 g128 exactly."""
+    profile = copy.deepcopy(tiny)
+    _grid(profile, autoscheme={**tiny["quantization"]["grid"]["autoscheme"], "avg_bits": [3.1484, 4.15625]})
+    assert validate_profile(profile)["quantization"]["grid"]["autoscheme"]["avg_bits"] == [3.1484, 4.15625]
+
+
+def test_autoscheme_is_refused_with_page_calibration(tiny):
+    message = _rejected(tiny, lambda profile: profile["calibration"].__setitem__("source", "pages"))
+    assert "quantization.grid.autoscheme needs text calibration" in message and "calibration.source is pages" in message
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("corpus_pages", [10_000, 10_000], "frontier.corpus_pages=[10000, 10000]: 10000 listed more than once"),
+    ("corpus_pages", [0], "frontier.corpus_pages[0]=0: input should be greater than 0"),
+    ("memory_budgets_gb", [], "frontier.memory_budgets_gb is empty"),
+])
+def test_bad_frontier_settings_are_refused(tiny, key, value, message):
+    assert message in _rejected(tiny, lambda profile: profile["frontier"].__setitem__(key, value))

@@ -7,7 +7,7 @@ import json
 import nbformat
 import pytest
 import yaml
-from pipeline_stand_in import ALL, executed_after, small_profile, write_partial
+from pipeline_stand_in import ALL, executed_after, small_profile, stand_in_metadata, write_partial
 
 from colquant.basics.files import discard
 from colquant.research import pipeline, workspace
@@ -106,7 +106,8 @@ def test_removing_a_seqlen_reruns_the_comparisons_without_its_variant(tmp_path, 
     profile_path = small_profile(tmp_path, calibration={"seqlens": [64]})
     # 64 is now the largest seqlen: its step runs again to make the W4A8 run (quantization.w4a8) of its checkpoint
     assert executed_after(stand_in, profile_path) == ["03_quantization__seqlen64", "04_embedding_fidelity",
-                                                   "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
+                                                   "05_vidore_eval", "06_memory_sweep", "07_index_compression",
+                                                   "08_frontier"]
     profile = load_profile(profile_path)
     assert workspace.autoround_variant(profile, 128) not in workspace.quantized_variants(profile)
     assert workspace.w4a8_variant(profile, 128) not in workspace.quantized_variants(profile)
@@ -187,7 +188,7 @@ def test_notebook_01_runs_once_per_profile_without_a_seqlen(tmp_path, stand_in, 
     assert executed_after(stand_in, small_profile(tmp_path)) == ALL
     assert executed_after(stand_in, small_profile(tmp_path, calibration={"seqlens": [64, 128, 256]})) == [
         "02_calibration__seqlen256", "03_quantization__seqlen256", "04_embedding_fidelity", "05_vidore_eval",
-        "06_memory_sweep", "07_index_compression"]  # a new seqlen leaves 01 alone
+        "06_memory_sweep", "07_index_compression", "08_frontier"]  # a new seqlen leaves 01 alone
 
 
 def test_overrides_reach_the_notebooks_and_rerun_only_what_they_change(tmp_path, stand_in, output_root):
@@ -307,7 +308,7 @@ def test_a_forced_step_that_finishes_replaces_its_results(tmp_path, stand_in, ou
     assert not [p for p in output_root.rglob(".*") if p.name != workspace.LOCK_FILE]  # nothing set aside or staged
 
 
-COMPARISONS = ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression"]
+COMPARISONS = ["04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression", "08_frontier"]
 
 
 def test_re_quantized_variants_make_the_comparisons_stale_until_they_run_again(tmp_path, stand_in, output_root):
@@ -334,8 +335,8 @@ def test_a_partial_run_with_other_calibration_settings_marks_everything_after_it
 def test_notebook_numbers_are_read_without_their_leading_zero_and_unknown_ones_refused(tmp_path, stand_in, output_root):
     profile_path = small_profile(tmp_path)
     assert executed_after(stand_in, profile_path, notebooks=("1",)) == ["01_architecture"]
-    for selection in (("8",), ("04", ""), ("x",)):
-        with pytest.raises(PipelineError, match=r"is not a notebook number; choose from 01,02,03,04,05,06,07"):
+    for selection in (("9",), ("04", ""), ("x",)):
+        with pytest.raises(PipelineError, match=r"is not a notebook number; choose from 01,02,03,04,05,06,07,08"):
             run(profile_path, notebooks=selection)
 
 
@@ -346,3 +347,29 @@ def test_a_deleted_fp8_variant_makes_its_quantization_step_run_again(tmp_path, s
     discard(output_root / "variants" / "fp8-lm")
     assert "03_quantization__seqlen64" in executed_after(stand_in, profile_path)
     assert (output_root / "variants" / "fp8-lm" / METADATA_FILE).exists()
+
+
+GRID = {"seqlen": 64, "bits": [3], "rtn": False}
+
+
+def test_the_grid_is_made_at_its_seqlen_and_only_07_and_08_compare_it(tmp_path, stand_in, output_root):
+    """A grid point is 03's output at the grid's seqlen; other weights under its name re-run the frontier
+    (07, 08), not 04-06, which compare the seeds' variants."""
+    profile_path = small_profile(tmp_path, quantization={"grid": GRID})
+    steps = {step.key: step for step in plan(workspace.resolve(profile_path), load_profile(profile_path))}
+    assert output_root / "variants" / "w3a16-g128-sym-pile10k-seqlen64-iters2" in steps["03_quantization__seqlen64"].caches
+    assert all("w3a16" not in str(path) for path in steps["03_quantization__seqlen128"].caches)
+    assert executed_after(stand_in, profile_path) == ALL
+    profile = load_profile(profile_path)
+
+    def fingerprints():
+        done: dict[str, str] = {}
+        for step in plan(workspace.resolve(profile_path), profile):
+            done[step.key] = pipeline.fingerprint(step, profile, done)
+        return done
+
+    before = fingerprints()
+    (output_root / "variants" / "w3a16-g128-sym-embedded-seqlen64-iters2" / METADATA_FILE).write_text(
+        json.dumps(stand_in_metadata(output_root / "variants" / "w3a16-g128-sym-embedded-seqlen64-iters2", 99)))
+    after = fingerprints()
+    assert [key for key in before if before[key] != after[key]] == ["07_index_compression", "08_frontier"]

@@ -193,3 +193,24 @@ def test_reported_results_name_the_weights_they_were_measured_on(profile, tmp_pa
     (variant / REPORTED_RESULTS_FILE).write_text('{"NDCG@5, mean of 1 tasks": 0.5}')  # unbound
     with pytest.raises(workspace.OutputError, match="does not say which weights"):
         read_reported_results(variant)
+
+
+def test_the_headline_names_the_frontiers_best_pair_per_budget_and_corpus_size(profile):
+    """Notebook 08's picks become a budget x corpus-size table under the headline; a budget nothing fits says so."""
+    results = workspace.results_dir(profile)
+    picks = {(12.0, 10_000, W4_256, "pool3"): 0.81, (12.0, 1_000_000, "fp8-lm", "pool3+binary"): 0.74,
+             (80.0, 10_000, "bf16", "none"): 0.83, (80.0, 1_000_000, W4_256, "int8"): 0.80}
+    metrics.record(results, metrics.FRONTIER_PICK_NDCG, picks)
+    metrics.record(results, metrics.FRONTIER_PICK_GIB, {key: 9.5 for key in picks})
+    text = reporting.frontier_headline(metrics.read(results), {"memory_budgets_gb": [8.0, 12.0, 80.0],
+                                                              "corpus_pages": [10_000, 1_000_000]})
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "GiB" in line}
+    assert list(rows) == ["8 GiB", "12 GiB", "80 GiB"]
+    assert rows["8 GiB"].count("nothing fits") == 2
+    assert f"`{W4_256}` + `pool3` index: NDCG@5 0.8100, 9.5 GiB" in rows["12 GiB"]
+    assert "`fp8-lm` + `pool3+binary` index: NDCG@5 0.7400" in rows["12 GiB"] and "`bf16` + `none`" in rows["80 GiB"]
+    assert "10,000 pages" in text and "1,000,000 pages" in text
+    assert reporting.frontier_headline({}, profile["frontier"]).startswith("The quality-memory frontier is not computed yet")
+    report = reporting.write_report(profile).read_text()
+    headline = report[report.index("## Headline"):report.index("## Model")]
+    assert "NDCG@5 0.8100" in headline and "No frontier yet: run `notebooks/08_frontier.ipynb`" in report

@@ -160,11 +160,14 @@ def content_revision(checkpoint: Path) -> str:
     return digest.hexdigest()
 
 
-def logical_parameters(checkpoint: Path, bits: int) -> int:
-    """Parameters of the model as trained: a packed int32 qweight holds 32/bits weights; the
-    quantization side tensors (scales, zeros, g_idx) are not parameters."""
+def logical_parameters(checkpoint: Path) -> int:
+    """Parameters of the model as trained: a packed int32 qweight holds 32/bits weights, bits being the
+    layer's own width where config.json's quantization_config gives it one (`extra_config`, mixed-width
+    variants); the quantization side tensors (scales, zeros, g_idx) are not parameters."""
     from safetensors import safe_open
 
+    quantization = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
+    layers = quantization.get("extra_config") or {}
     total = 0
     for shard in checkpoint.glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as tensors:
@@ -174,7 +177,10 @@ def logical_parameters(checkpoint: Path, bits: int) -> int:
                 numel = 1
                 for size in tensors.get_slice(name).get_shape():
                     numel *= size
-                total += numel * (32 // bits if name.endswith(".qweight") else 1)
+                if name.endswith(".qweight"):
+                    bits = layers.get(name.removesuffix(".qweight"), {}).get("bits", quantization.get("bits"))
+                    numel = numel * 32 // bits
+                total += numel
     return total
 
 
@@ -197,7 +203,7 @@ def variant_model_meta(checkpoint: str | Path, repo_id: str, *, base_model: str 
         revision=content_revision(checkpoint),
         release_date=metadata["created"][:10],
         languages=base.languages,
-        n_parameters=logical_parameters(checkpoint, metadata["settings"]["bits"]),
+        n_parameters=logical_parameters(checkpoint),
         memory_usage_mb=round(metadata["size_on_disk_bytes"] / 2**20),
         max_tokens=config["text_config"]["max_position_embeddings"],
         embed_dim=config["embed_dim"],

@@ -183,6 +183,46 @@ def layer_errors(
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def projection_errors(
+    reference_model: torch.nn.Module, candidate_model: torch.nn.Module, batch: Mapping[str, torch.Tensor]
+) -> pd.DataFrame:
+    """Per decoder Linear of the text tower (layer x projection): the candidate layer's own error.
+
+    While the reference runs `batch`, each decoder Linear's input is also fed to the candidate's layer
+    of the same name, so every projection is judged on the same (reference) input: its error is its
+    own, not what earlier layers passed on (`layer_errors` shows that accumulation). `relative_l2` is
+    ||y_cand - y_ref|| / ||y_ref|| over attended tokens. Nothing is kept between layers."""
+    keep = batch["attention_mask"].bool()
+    references = dict(_decoder_linears(reference_model))
+    candidates = dict(_decoder_linears(candidate_model))
+    rows = []
+
+    def compare(name: str) -> Any:
+        def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            ref = output[keep.to(output.device)].float()
+            cand = candidates[name](inputs[0].to(model_device(candidate_model)))
+            diff = cand[keep.to(cand.device)].float().to(ref.device) - ref
+            layer, projection = name.split(".")[1], name.rsplit(".", 1)[1]
+            rows.append({"layer": int(layer), "projection": projection, "relative_l2": (diff.norm() / ref.norm()).item()})
+        return hook
+
+    handles = [module.register_forward_hook(compare(name)) for name, module in references.items()]
+    try:
+        with torch.inference_mode():
+            reference_model(**{name: value.to(model_device(reference_model)) for name, value in batch.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pd.DataFrame(rows)
+
+
+def _decoder_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(`layers.N.<module>.<projection>`, layer) for the decoder's projections, float or packed."""
+    return [(name, module) for name, module in model.language_model.named_modules()
+            if name.startswith("layers.") and name.endswith("_proj")]
+
+
 # --- the notebook's tables ------------------------------------------------------------------------
 
 

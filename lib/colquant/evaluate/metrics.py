@@ -59,9 +59,19 @@ INDEX_BYTES_PER_PAGE = Metric("index_bytes_per_page", "stored bytes per page of 
 INDEX_NDCG_AT_5 = Metric("index_ndcg_at_5", "mean NDCG@5 with the compressed page index", "07_index_compression",
                          ("variant", "setting"))
 
+MODEL_BYTES = Metric("model_bytes", "bytes of the variant's tensors once loaded on the profile's device (measured)",
+                     "08_frontier", ("variant",))
+GRID_RUNS = Metric("grid_runs", "runs the profile's variants imply, by stage (quantize / evaluate)", "08_frontier",
+                   ("stage",))
+FRONTIER_PICK_NDCG = Metric("frontier_pick_ndcg_at_5", "NDCG@5 of the best (weights, index) pair that fits the memory "
+                            "budget for a corpus of that many pages", "08_frontier",
+                            ("budget_gb", "pages", "variant", "setting"))
+FRONTIER_PICK_GIB = Metric("frontier_pick_total_gib", "model + index GiB of that pair", "08_frontier",
+                           ("budget_gb", "pages", "variant", "setting"))
+
 REGISTRY: dict[str, Metric] = {metric.name: metric for metric in (
     NDCG_AT_5, TASKS_EVALUATED, TOKEN_COSINE, TOP5_OVERLAP, FIDELITY_PASSES, REFERENCE_BATCH, PEAK_MEMORY_MIB,
-    ITEMS_PER_S, INDEX_BYTES_PER_PAGE, INDEX_NDCG_AT_5)}
+    ITEMS_PER_S, INDEX_BYTES_PER_PAGE, INDEX_NDCG_AT_5, MODEL_BYTES, GRID_RUNS, FRONTIER_PICK_NDCG, FRONTIER_PICK_GIB)}
 
 
 def _registered(metric: Metric) -> Metric:

@@ -498,8 +498,9 @@ def accelerate_model(model: nn.Module, *, graphs: bool = True, graph_max_tokens:
     tm = find_text_model(model)
     counts = fuse_text_model(tm)
     if counts["unfused"]:
-        warn_once("mixed", f"colquant.kernels: {counts['unfused']} projections mix 4-bit and 16-bit parts "
-                           "and were left as they were; the tower keeps transformers' forward")
+        warn_once("mixed", f"colquant.kernels: {counts['unfused']} projections mix 4-bit and 16-bit parts or hold "
+                           "layers of other widths (2/3/8-bit, which run dequantized) and were left as they were; "
+                           "the tower keeps transformers' forward")
         return model
     device = next(tm.parameters()).device
     reason = fast_path_unavailable(device)

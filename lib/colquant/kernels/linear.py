@@ -501,12 +501,14 @@ def is_quant_linear(mod: nn.Module) -> bool:
 
 
 def replace_quant_linears(model: nn.Module, dtype=None) -> int:
-    """Swap every auto-round/GPTQ QuantLinear in ``model`` for a :class:`W4A16Linear`; returns how
-    many were swapped. ``dtype`` is the activation dtype (default: the model's)."""
+    """Swap every 4-bit auto-round/GPTQ QuantLinear in ``model`` for a :class:`W4A16Linear`; returns how
+    many were swapped. ``dtype`` is the activation dtype (default: the model's). Layers of other widths
+    (the frontier's W2/W3/W8 and mixed-width variants) have no kernel here and keep auto-round's
+    QuantLinear, which computes with dequantized weights."""
     dtype = dtype or getattr(model, "dtype", torch.bfloat16)
     if dtype not in (torch.float16, torch.bfloat16):
         dtype = torch.bfloat16
-    names = [n for n, m in model.named_modules() if is_quant_linear(m)]
+    names = [n for n, m in model.named_modules() if is_quant_linear(m) and getattr(m, "bits", 4) == 4]
     for name in names:
         model.set_submodule(name, W4A16Linear.from_quantlinear(model.get_submodule(name), dtype=dtype))
     return len(names)

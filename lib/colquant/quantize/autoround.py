@@ -13,6 +13,7 @@ a `quantization_config` whose `block_name_to_quantize` points at the full path, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -83,8 +84,12 @@ def quantize_language_model(
     processor: Any,
     calibration: CalibrationSet,
     settings: QuantizationSettings,
+    layer_bits: dict[str, int] | None = None,
 ) -> tuple[Any, Measurement]:
     """Run auto-round (or its pure RTN mode) on the text tower in place; returns (AutoRound, cost).
+
+    `layer_bits` gives some decoder Linears (names relative to the text tower) their own width, e.g.
+    AutoScheme's choice (`colquant.quantize.autoscheme`); the others take `settings.bits`.
 
     On a GPU auto-round tunes in bfloat16 (its default, and how the reference variants were made).
     On a CPU it would tune in bfloat16 only where the processor has AVX512-BF16/AMX and in float32
@@ -106,6 +111,8 @@ def quantize_language_model(
         processor.tokenizer,
         scheme=f"W{settings.bits}A16",
         group_size=group_size,
+        layer_config={name: {"bits": bits, "group_size": group_size, "sym": settings.sym}
+                      for name, bits in (layer_bits or {}).items()} or None,
         sym=settings.sym,
         iters=settings.iters,
         disable_opt_rtn=settings.method == "rtn",
@@ -124,18 +131,23 @@ def quantize_language_model(
 
 
 @contextmanager
-def scratch_dir(directory: Path) -> Iterator[None]:
-    """Point auto-round's scratch space (AR_WORK_SPACE, default `./ar_work_space` in whatever
-    directory the process runs in) at `directory`; auto-round reads the variable when it needs it."""
-    previous = os.environ.get("AR_WORK_SPACE")
-    os.environ["AR_WORK_SPACE"] = str(directory)
+def environment_variable(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration, then restore what it was (or unset it)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop("AR_WORK_SPACE", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["AR_WORK_SPACE"] = previous
+            os.environ[name] = previous
+
+
+def scratch_dir(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """Point auto-round's scratch space (AR_WORK_SPACE, default `./ar_work_space` in whatever
+    directory the process runs in) at `directory`; auto-round reads the variable when it needs it."""
+    return environment_variable("AR_WORK_SPACE", str(directory))
 
 
 def save_quantized_model(
@@ -169,6 +181,10 @@ def _write_checkpoint(
         _save_tower(autoround, Path(tower_dir), "auto_round", inplace=True)  # packs layers in place
         quantization_config = json.loads((Path(tower_dir) / "config.json").read_text())["quantization_config"]
     quantization_config["block_name_to_quantize"] = LANGUAGE_MODEL_BLOCKS
+    if "extra_config" in quantization_config:  # per-layer widths by full name (auto-round reads other keys as regexes)
+        prefix = LANGUAGE_MODEL_BLOCKS.removesuffix("layers")
+        layers = quantization_config["extra_config"]
+        quantization_config["extra_config"] = {prefix + name: layer for name, layer in layers.items()}
     model.config.quantization_config = quantization_config
     # auto-round also wrote its tower-relative config ("layers") into the text config; transformers
     # would fall back to it if the top-level one were lost, and build no 4-bit layer from it

@@ -20,6 +20,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
 from colquant.basics.files import write_text
+from colquant.quantize.weight_formats import weight_format
 from colquant.retriever.checkpoint_files import read_variant_metadata, write_reported_results
 from colquant.retriever.fp8 import METHOD as FP8_METHOD
 from colquant.retriever.fp8 import NO_CALIBRATION
@@ -50,6 +51,7 @@ def base_model_license(base_model: str) -> str | None:
 def card_data(metadata: dict[str, Any]) -> ModelCardData:
     """Hub metadata for a variant: base model, relation, library, task, license, tags, quantization."""
     settings = metadata["settings"]
+    widths = list(settings.get("options") or [settings["bits"]])  # AutoScheme variants: every width a layer may have
     license_ = metadata.get("license") or base_model_license(metadata["base_model"]) or UNKNOWN_LICENSE
     return ModelCardData(
         base_model=metadata["base_model"],
@@ -58,11 +60,12 @@ def card_data(metadata: dict[str, Any]) -> ModelCardData:
         pipeline_tag=PIPELINE_TAG,
         license=license_,
         tags=["colqwen3", "late-interaction", "multi-vector", "vidore", "auto-round",
-              f"w{settings['bits']}a16", f"{settings['bits']}-bit", "colquant"]
+              *(f"w{bits}a16" for bits in widths), *(f"{bits}-bit" for bits in widths), "colquant"]
+        + (["mixed-precision"] if len(widths) > 1 else [])
         + (["random-weights", "not-for-use"] if metadata["random_weights"] else []),
         quantization={
             "method": f"auto-round ({settings['method']})",
-            "bits": settings["bits"],
+            "bits": settings["bits"] if len(widths) == 1 else widths,
             "group_size": settings["group_size"],
             "sym": settings["sym"],
             "iters": settings["iters"],
@@ -94,7 +97,7 @@ def card_body(metadata: dict[str, Any], bias_notice: str | None, visual_tokens: 
     fidelity, retrieval = results_tables(metadata.get("results", {}))
     size = metadata.get("size_on_disk_bytes")
     limits = [
-        "Only the language model's decoder Linear layers are 4-bit; the vision tower, token embeddings "
+        "Only the language model's decoder Linear layers are quantized; the vision tower, token embeddings "
         "and the 320-d projection stay 16-bit, so pages cost the same vision compute as the base model.",
         bias_notice or "The projection bias is zero here, so vLLM's handling of it does not matter.",
     ]
@@ -102,7 +105,7 @@ def card_body(metadata: dict[str, Any], bias_notice: str | None, visual_tokens: 
         limits.insert(0, "Random weights: do not use for retrieval.")
     return f"""{first_line}# {name}
 
-4-bit weight (W{settings['bits']}A16) quantization of `{base}` made with
+Weight quantization ({weight_format(settings)}) of `{base}` made with
 [auto-round](https://github.com/intel/auto-round) by ColQuant. {metadata.get('quantized_layers', 'All')} decoder
 Linear layers are quantized (group size {settings['group_size']}, {'symmetric' if settings['sym'] else 'asymmetric'});
 the vision tower, token embeddings and the 320-d projection stay 16-bit.
@@ -118,7 +121,7 @@ queries = model(**processor.process_queries(["revenue in 2019"])).embeddings
 ```
 
 With transformers alone (the checkpoint carries its model and processor code; auto-round restores
-the 4-bit layers):
+the quantized layers):
 ```python
 from transformers import AutoModel, AutoProcessor
 model = AutoModel.from_pretrained("{name}", trust_remote_code=True, dtype="bfloat16").eval()

@@ -127,21 +127,23 @@ def quantization_cost(runs: Sequence[Mapping[str, Any]]) -> str:
 
 
 def layer_check(tables: Mapping[str, pd.DataFrame]) -> str:
-    """Whether every reloaded variant holds 4-bit decoder layers and nothing else quantized (FP8
-    variants: how many FP8 layers, in which components)."""
+    """Whether every reloaded variant holds packed decoder layers at the widths it was made with and
+    nothing else quantized (FP8 variants: how many FP8 layers, in which components)."""
     lines = []
     for variant, table in tables.items():
-        fp8_layers = table[table["bits"] == 8]  # FP8 variants (colquant.retriever.fp8): e4m3 layers, by scope
+        fp8_layers = table[table["layer type"] == "FP8Linear"]  # FP8 variants (colquant.retriever.fp8): e4m3 layers, by scope
         if not fp8_layers.empty:
             lines.append(f"- {_name(variant)}: {fp8_layers['layers'].sum():,} FP8 (e4m3) layers, in "
                          f"{', '.join(sorted(set(fp8_layers['component'])))}.")
             continue
-        four_bit = table[table["bits"] == 4]
-        stray = four_bit[four_bit["component"] != "language model (decoder Linear)"]
-        verdict = ("only the decoder Linear layers are 4-bit" if not four_bit.empty and stray.empty
-                   else "no 4-bit layer came back" if four_bit.empty
-                   else f"4-bit layers outside the decoder: {sorted(set(stray['component']))}")
-        lines.append(f"- {_name(variant)}: {four_bit['layers'].sum():,} packed 4-bit layers; {verdict}.")
+        packed = table[table["bits"] < 16]
+        stray = packed[packed["component"] != "language model (decoder Linear)"]
+        widths = packed.groupby("bits")["layers"].sum()
+        verdict = ("only the decoder Linear layers are packed" if not packed.empty and stray.empty
+                   else "no packed layer came back" if packed.empty
+                   else f"packed layers outside the decoder: {sorted(set(stray['component']))}")
+        counted = ", ".join(f"{count:,} at {bits} bits" for bits, count in widths.items())
+        lines.append(f"- {_name(variant)}: {widths.sum():,} packed layers ({counted or 'none'}); {verdict}.")
     return "\n".join(lines)
 
 
@@ -327,3 +329,35 @@ def compression(table: pd.DataFrame) -> str:
              for setting, row in means.drop(index="none", errors="ignore").iterrows()]
     return ("Against each variant's uncompressed index, on average over variants: " + "; ".join(parts)
             + ". Settings that lose little NDCG@5 at a fraction of the bytes are the candidates below.")
+
+
+# --- 08 frontier ------------------------------------------------------------------------------
+
+
+def frontier_picks(picks: pd.DataFrame) -> str:
+    """Per corpus size, the best pair under each budget (and the budgets nothing fits)."""
+    lines = []
+    for pages, group in picks.groupby("pages", sort=True):
+        parts = [f"{row.budget_gb:g} GiB: {_name(row.variant)} with the `{row.setting}` index, NDCG@5 {row.ndcg_at_5:.4f} "
+                 f"({row.total_bytes / 2**30:.3g} GiB)" if row.fit == "fits" else
+                 f"{row.budget_gb:g} GiB: nothing fits (the smallest pair needs {row.smallest_total_gib:.3g} GiB)"
+                 for row in group.itertuples()]
+        lines.append(f"- {int(pages):,} pages: " + "; ".join(parts) + ".")
+    return "Best pair per memory budget:\n" + "\n".join(lines)
+
+
+def sensitivity(table: pd.DataFrame) -> str:
+    """Which projections lose most in each low-bit variant, and whether AutoScheme gave them more bits."""
+    lines = []
+    for variant, group in table.groupby("variant", sort=False):
+        worst = group.nlargest(3, "relative_l2")
+        named = ", ".join(f"layer {row.layer} {row.projection} ({row.relative_l2:.3f})" for row in worst.itertuples())
+        line = f"- {_name(variant)}: largest own error at {named}"
+        if group["bits"].nunique() > 1:
+            by_bits = group.groupby("bits")["relative_l2"].mean()
+            line += "; AutoScheme's widths: " + ", ".join(
+                f"{(group['bits'] == bits).sum()} projections at {bits} bits (mean error {error:.3f})"
+                for bits, error in by_bits.items())
+        lines.append(line + ".")
+    return "Each projection's own error on pages, against BF16:\n" + "\n".join(lines)
+

@@ -15,18 +15,19 @@ before validation, so they meet the same checks; the quantization settings name 
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from colquant.basics.arguments import cuda_unavailable_reason
 from colquant.inference.compress import COMPRESSION_FORMS, COMPRESSION_PATTERN
+from colquant.quantize.weight_formats import variant_name
+from colquant.research.profile_checks import architecture_problems
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -92,8 +93,36 @@ class CalibrationSection(_Section):
     _seqlens_listed_once = field_validator("seqlens")(_listed_once)
 
 
+GridBits = Literal[2, 3, 4, 8]  # the weight widths auto-round packs (auto_round:auto_gptq) and transformers loads
+
+
+class AutoSchemeSection(_Section):
+    """auto-round's AutoScheme: per-layer bit widths, chosen among `options` (W{bits}A16 at
+    `group_size`) by its delta-loss sensitivity, one variant per average-bits budget in `avg_bits`."""
+
+    avg_bits: list[PositiveFloat] = Field(min_length=1)
+    options: list[GridBits] = Field(min_length=2)
+    group_size: PositiveInt = 128
+    nsamples: PositiveInt | None = None  # calibration windows AutoScheme scores on (None: all of them)
+
+    _lists_listed_once = field_validator("avg_bits", "options")(_listed_once)
+
+
+class GridSection(_Section):
+    """The frontier's weight settings (`colquant.quantize.weight_grid`), tuned on the calibration set of `seqlen`:
+    auto-round W{bits}A16 for every bits x group size, an RTN baseline for each (`rtn`), and AutoScheme."""
+
+    seqlen: PositiveInt | None = None  # None: the middle of calibration.seqlens (sorted; the lower middle if even)
+    bits: list[GridBits] = []
+    group_sizes: list[PositiveInt] = Field(default=[128], min_length=1)
+    rtn: bool = True
+    autoscheme: AutoSchemeSection | None = None
+
+    _lists_listed_once = field_validator("bits", "group_sizes")(_listed_once)
+
+
 class QuantizationSection(_Section):
-    bits: Literal[4]  # only W4A16 is supported
+    bits: Literal[4]  # the seeds' variant per seqlen; other widths are grid settings (`grid`)
     group_size: PositiveInt
     sym: bool
     iters: NonNegativeInt  # 0 = RTN
@@ -104,25 +133,14 @@ class QuantizationSection(_Section):
     # the auto-round variant of the largest calibration seqlen also run as W4A8: the same checkpoint loaded
     # with colquant.load(..., activations="fp8") (colquant.kernels.w4a8), compared in notebooks 04-07 as a variant
     w4a8: bool = False
+    grid: GridSection | None = None  # the frontier's weight settings; None: the variants above only
 
     _lists_listed_once = field_validator("export_formats", "fp8")(_listed_once)
 
     def variant_name(self, seqlen: int, method: str = "autoround", *, calibration_source: str | None = None) -> str:
-        """A quantized variant's name, made of its settings, so notebooks and mteb tell variants apart.
-
-        e.g. `w4a16-g128-sym-pile10k-seqlen512-iters200` (auto-round) or `...-rtn` for the baseline.
-        `calibration_source` is the source the calibration set actually came from
-        (`CalibrationSet.source_used`), not the one the profile requested: a variant calibrated on the
-        embedded fallback is `...-embedded-...`, never `...-pile10k-...`.
-        """
-        base = f"w{self.bits}a16-g{self.group_size}-{'sym' if self.sym else 'asym'}"
-        if method == "rtn":
-            return f"{base}-rtn"
-        if not calibration_source:
-            raise ValueError("an auto-round variant's name needs calibration_source: the source its calibration "
-                             "set actually used (CalibrationSet.source_used)")
-        source = "".join(character for character in calibration_source if character.isalnum())
-        return f"{base}-{source}-seqlen{seqlen}-iters{self.iters}"
+        """This section's variant at `seqlen` (`variant_name` with its bits, group size and iters)."""
+        return variant_name(self.bits, self.group_size, self.sym, method, seqlen=seqlen, iters=self.iters,
+                            calibration_source=calibration_source)
 
     def w4a8_variant_name(self, seqlen: int, *, calibration_source: str) -> str:
         """The W4A8 run of the auto-round variant at `seqlen`: its name with the activations' bits, e.g.
@@ -168,6 +186,16 @@ class CompressionSection(_Section):
         return _listed_once(settings)
 
 
+class FrontierSection(_Section):
+    """Notebook 08: NDCG@5 against total bytes (the model on the GPU + the page index of a corpus of each
+    size in `corpus_pages`), and the best (weights, index) pair under each of `memory_budgets_gb`."""
+
+    corpus_pages: list[PositiveInt] = Field(default=[10_000, 100_000, 1_000_000], min_length=1)
+    memory_budgets_gb: list[PositiveFloat] = Field(default=[8, 12, 24, 80], min_length=1)
+
+    _lists_listed_once = field_validator("corpus_pages", "memory_budgets_gb")(_listed_once)
+
+
 class BenchSettings(_Section):
     """`python -m colquant bench`: what is timed, at which sizes, against which targets.
 
@@ -206,7 +234,18 @@ class Profile(_Section):
     fidelity: FidelitySection
     sweep: SweepSection
     compression: CompressionSection = Field(default_factory=CompressionSection)
+    frontier: FrontierSection = Field(default_factory=FrontierSection)
     bench: BenchSettings = Field(default_factory=BenchSettings)
+
+    @model_validator(mode="after")
+    def _grid_seqlen_defaults_to_the_middle_one(self) -> "Profile":
+        """The grid is tuned at one calibration seqlen: the middle one unless it names one (512 in the
+        shipped profiles, the seqlen the committed notebooks run 02-03 at)."""
+        grid = self.quantization.grid
+        if grid is not None and grid.seqlen is None:
+            seqlens = sorted(self.calibration.seqlens)
+            grid.seqlen = seqlens[(len(seqlens) - 1) // 2]
+        return self
 
     @field_validator("profile")
     @classmethod
@@ -274,61 +313,13 @@ def validate_profile(profile: dict[str, Any], source: str = "profile", *, check_
     except ValidationError as error:
         problems = [_describe(detail) for detail in error.errors(include_url=False)]
         raise ProfileError(_problem_report(source, problems)) from None
-    problems = _group_size_problems(validated) + _w4a8_problems(validated)
+    dumped = validated.model_dump()
+    problems = architecture_problems(dumped)
     if problems:
         raise ProfileError(_problem_report(source, problems))
-    return validated.model_dump()
+    return dumped
 
 
-def quantized_input_widths(model_id: str) -> dict[str, int] | None:
-    """Input widths of the decoder Linears auto-round quantizes, by layer, for models whose
-    architecture is known before loading: the embedded tiny model, the synthetic and real 4B, and a
-    local checkpoint directory (from its config.json). None when unknown (checked at quantization)."""
-    from colquant.retriever.checkpoint import DEFAULT_MODEL_ID
-    from colquant.retriever.model import ColQwen3Config
-
-    known = {"embedded-tiny": ColQwen3Config.tiny, "synthetic-4b": ColQwen3Config.colqwen3_4b,
-             DEFAULT_MODEL_ID: ColQwen3Config.colqwen3_4b}
-    config_file = Path(model_id) / "config.json"
-    if model_id in known:
-        text = known[model_id]().text_config
-    elif config_file.is_file():
-        try:
-            text = ColQwen3Config.from_pretrained(str(config_file.parent)).text_config
-        except (OSError, ValueError, TypeError, AttributeError):  # colquant.load reports it, naming the file
-            return None
-    else:
-        return None
-    return {
-        "q/k/v_proj, gate/up_proj": text.hidden_size,
-        "o_proj": text.num_attention_heads * text.head_dim,
-        "down_proj": text.intermediate_size,
-    }
-
-
-def _group_size_problems(profile: Profile) -> list[str]:
-    widths = quantized_input_widths(profile.model.id)
-    group_size = profile.quantization.group_size
-    narrow = {name: width for name, width in (widths or {}).items() if width % group_size}
-    if not narrow:
-        return []
-    shown = ", ".join(f"{name} ({width})" for name, width in narrow.items())
-    return [
-        f"quantization.group_size={group_size} does not divide the input width of {shown} in {profile.model.id}; "
-        f"use a divisor of {math.gcd(*widths.values())} (every quantized layer's input width is a multiple of it)"
-    ]
-
-
-def _w4a8_problems(profile: Profile) -> list[str]:
-    """`quantization.w4a8` asks for a W4A8 run of an auto-round variant CUTLASS W4A8 can run."""
-    from colquant.kernels.w4a8 import GROUP_SIZE
-
-    quantization = profile.quantization
-    if not quantization.w4a8 or (quantization.sym and quantization.group_size == GROUP_SIZE):
-        return []
-    return [f"quantization.w4a8 runs a symmetric group-{GROUP_SIZE} checkpoint as W4A8 (what CUTLASS W4A8 takes), and "
-            f"this profile quantizes sym={quantization.sym}, group_size={quantization.group_size}: set "
-            f"quantization.w4a8: false, or quantize with sym: true and group_size: {GROUP_SIZE}"]
 
 
 def _problem_report(source: str, problems: list[str]) -> str:
@@ -347,7 +338,10 @@ def _describe(detail: ErrorDetails) -> str:
     if kind == "missing":
         return f"{key} is missing; add it (see {EXAMPLE_PROFILE} for a complete profile)"
     if kind == "too_short":
-        return f"{key} is empty; give at least one value"
+        needed = detail.get("ctx", {}).get("min_length", 1)
+        if needed > 1 and value:
+            return f"{key}={value!r} has {len(value)} value(s); give at least {needed}"
+        return f"{key} is empty; give at least {'one value' if needed == 1 else needed}"
     if kind == "literal_error":
         allowed = re.findall(r"'([^']*)'|(\d+)", detail.get("ctx", {}).get("expected", ""))
         nearest = difflib.get_close_matches(str(value), [a or b for a, b in allowed], n=1)

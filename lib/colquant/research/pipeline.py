@@ -1,12 +1,13 @@
 """Headless runs: execute the numbered notebooks with papermill for a profile, then write the report.
 
 Notebook 01 describes the model and runs once; 02-03 run once per calibration seqlen
-(`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`); 04-07 compare every variant the profile produces
-and run once. A step is skipped only when its fingerprint is the one recorded when it last
-*finished* and every result it declares exists. The fingerprint covers the notebook's source, its
+(`outputs/<profile>/<NN_name>__seqlen<N>.ipynb`, the frontier's weight grid made by the run of its
+seqlen); 04-08 compare every variant the profile produces and run once (08 reads 07's grid too).
+A step is skipped only when its fingerprint is the one recorded when it last *finished* and every
+result it declares exists. The fingerprint covers the notebook's source, its
 parameters, the profile sections it reads, the fingerprints of the steps whose outputs it reads
-and, for 04-07, the content fingerprints of the variants they compare, so a change re-runs exactly
-the steps it affects (e.g. `sweep.repeats` re-runs only 06) and re-quantized weights re-run 04-07.
+and, for 04-08, the content fingerprints of the variants they compare, so a change re-runs exactly
+the steps it affects (e.g. `sweep.repeats` re-runs only 06) and re-quantized weights re-run 04-08.
 A step left out of a partial run whose results no longer match is *stale*: REPORT.md and the
 variants' cards show none of its numbers, only the command that recomputes them. A
 step's record is removed before it runs, so a run killed half way never leaves a step that looks
@@ -31,6 +32,7 @@ import yaml
 
 from colquant.basics.files import discard, remove_stale_staging
 from colquant.research import workspace
+from colquant.research.grid_plan import describe_plan, grid_plan
 from colquant.research.params import load_profile
 from colquant.research.steps import (NOTEBOOKS_DIR, STATE_FILE, PipelineError, Step, finished, fingerprint, notebook_numbers, plan,
                                      read_state, stale_steps)
@@ -94,6 +96,7 @@ def run(
         log.info("%s", format_plan(make_plan(profile_path, overrides=overrides, force=force, notebooks=notebooks)))
         if overrides:
             profile_path = _write_overridden_profile(profile, profile_path, overrides)
+        log.info(describe_plan(grid_plan(profile)))
         state_path = out / STATE_FILE
         state = read_state(state_path)
         summary: list[dict[str, Any]] = []

@@ -24,7 +24,9 @@ from colquant.evaluate import metrics
 from colquant.evaluate.plots import BASELINE, variant_order, variant_precision
 from colquant.inference.compress import compression_report
 from colquant.quantize.cards import update_model_card
+from colquant.quantize.weight_formats import kernel_path, weight_format
 from colquant.research import workspace
+from colquant.research.frontier import frontier_report
 from colquant.research.interpret import plural
 
 # A variant whose mean NDCG@5 is within this many percent of BF16's may be recommended over it.
@@ -51,11 +53,13 @@ def write_report(profile: dict[str, Any], stale: frozenset[str] = frozenset()) -
         f"# ColQuant report: profile `{profile['profile']}`\n\n{workspace.random_weights_notice(profile)}\n\n"
         f"Base model revision: `{workspace.base_model_revision(profile)}`. "
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python -m colquant run`.",
-        "## Headline\n\n" + headline(fresh) + _stale_note(stale, profile),
+        "## Headline\n\n" + headline(fresh) + "\n\n" + frontier_headline(fresh, profile["frontier"])
+        + _stale_note(stale, profile),
         unless_stale("01_architecture", "Model", lambda: _model_section(results)),
         unless_stale("03_quantization", "Quantization", lambda: _quantization_section(results, profile)),
         unless_stale("05_vidore_eval", "Retrieval quality (NDCG@5)", lambda: _quality_section(results, scoring)),
         unless_stale("07_index_compression", "Index compression", lambda: compression_report(results)),
+        unless_stale("08_frontier", "The quality-memory frontier", lambda: frontier_report(results)),
         unless_stale("04_embedding_fidelity", "Embedding fidelity", lambda: _fidelity_section(results)),
         unless_stale("06_memory_sweep", "Memory and throughput", lambda: _sweep_section(results)),
         _plots_section(workspace.plots_dir(profile), workspace.output_dir(profile), stale),
@@ -107,6 +111,29 @@ def headline(recorded: dict[str, list[dict[str, Any]]], tolerance_pct: float = T
         first = (f"Keep **BF16** where quality decides: no quantized variant stays within {tolerance_pct:g}% of its "
                  f"mean NDCG@5{over} ({base:.4f}); the closest, `{pick}`, scores {ndcg[pick]:.4f} ({change}).")
     return " ".join([first, *_cost_sentences(recorded, pick)])
+
+
+def frontier_headline(recorded: dict[str, list[dict[str, Any]]], frontier: dict[str, Any]) -> str:
+    """The frontier's best (weights, index) pair per memory budget and corpus size, as a table: budgets
+    down, corpus sizes across (notebook 08's `frontier_pick_*` metrics; "nothing fits" where none does)."""
+    ndcg = metrics.values(recorded, metrics.FRONTIER_PICK_NDCG)
+    if not ndcg:
+        return ("The quality-memory frontier is not computed yet: run `notebooks/08_frontier.ipynb` (or "
+                "`python -m colquant run <profile>`) after 07.")
+    gib = metrics.values(recorded, metrics.FRONTIER_PICK_GIB)
+    picks = {(float(budget), int(pages)): (variant, setting, value, gib.get((budget, pages, variant, setting)))
+             for (budget, pages, variant, setting), value in ndcg.items()}
+    rows = []
+    for budget in frontier["memory_budgets_gb"]:
+        row = {"budget": f"{budget:g} GiB"}
+        for pages in frontier["corpus_pages"]:
+            pick = picks.get((float(budget), int(pages)))
+            row[f"{pages:,} pages"] = (
+                "nothing fits" if pick is None else
+                f"`{pick[0]}` + `{pick[1]}` index: NDCG@5 {pick[2]:.4f}, {_cell(pick[3])} GiB")
+        rows.append(row)
+    return ("The frontier's best pair per memory budget (weights + page index, total = model bytes on the GPU + "
+            "index bytes for the corpus; notebook 08):\n\n" + pd.DataFrame(rows).to_markdown(index=False))
 
 
 def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str) -> list[str]:
@@ -184,7 +211,9 @@ def _quantization_section(results: Path, profile: dict[str, Any]) -> str:
         run["variant"]: {
             "variant": run["variant"],
             "method": run["settings"]["method"],
-            "bits / group / sym": f"{run['settings']['bits']} / {run['settings']['group_size']} / {run['settings']['sym']}",
+            "weights": weight_format(run["settings"]),
+            "sym": run["settings"]["sym"],
+            "fast kernel": kernel_path(run["settings"])[0],
             "iters": run["settings"]["iters"],
             "calibration (used)": f"{run['calibration']['source_used']} {run['calibration']['nsamples']}x{run['calibration']['seqlen']}",
             "layers": run["quantized_layers"],
@@ -196,7 +225,9 @@ def _quantization_section(results: Path, profile: dict[str, Any]) -> str:
         for run in runs
     }
     ordered = [rows[name] for name in variant_order(rows)]
-    return "## Quantization (auto-round W4A16, language-model decoder Linear layers)\n\n" + _table(pd.DataFrame(ordered))
+    return ("## Quantization (language-model decoder Linear layers)\n\n`fast kernel`: whether a fused kernel runs the "
+            "weights on a GPU; the others are evaluated with dequantized weights (real quality and memory, not speed).\n\n"
+            + _table(pd.DataFrame(ordered)))
 
 
 def _quality_section(results: Path, scoring: str) -> str:

@@ -3,7 +3,7 @@
 `make_plan` decides each step's status as `pipeline.run` does (selected, forced, finished with its
 current fingerprint and results) without running or writing anything: `runs`, `done` (skipped, its
 results reused), `not selected`, or `runs if 03 changes the weights` for a finished comparison step
-(04-07) whose quantization step runs while its variants exist (the run re-checks it after 03).
+(04-08) whose quantization step runs while its variants exist (the run re-checks it after 03).
 
 For each step that runs it counts the model work: checkpoint loads; pages and queries encoded (05
 and 07 net of the mteb results and embedding-cache entries already on disk, 07 also net of what 05
@@ -126,7 +126,8 @@ class Workloads:
 
     def __init__(self, profile: dict[str, Any], force: bool) -> None:
         self.profile, self.force = profile, force
-        self.variants = [workspace.BASELINE, *workspace.expected_variants(profile)]
+        self.variants = [workspace.BASELINE, *workspace.expected_variants(profile)]  # 07 and 08 compare all
+        self.compared = [workspace.BASELINE, *workspace.expected_variants(profile, grid=False)]  # 04-06: not the grid's
         self.built = self._built_checkpoints()
         self.stored_by_05: set[tuple[str, str, str]] = set()  # (variant, task, subset) 05 stores in this run
         self.made: set[str] = set()  # variants an earlier 03 step of this run makes
@@ -190,21 +191,22 @@ class Workloads:
         planned.text_tokens = len(calibrated) * step.parameters["seqlen"] * per_variant
 
     def _step_04(self, planned: StepPlan, step: Step) -> None:
-        fidelity, count = self.profile["fidelity"], len(self.variants)
+        fidelity, count = self.profile["fidelity"], len(self.compared)
         planned.loads = count
         planned.pages = planned.vision_pages = fidelity["n_pages"] * count
         planned.queries = fidelity["n_queries"] * count
 
     def _step_06(self, planned: StepPlan, step: Step) -> None:
-        sweep, count = self.profile["sweep"], len(self.variants)
+        sweep, count = self.profile["sweep"], len(self.compared)
         planned.loads = count
         planned.pages = planned.vision_pages = count * sweep["repeats"] * sum(sweep["page_batch_sizes"])
         planned.queries = count * sweep["repeats"] * sum(sweep["query_batch_sizes"])
 
     def _step_05(self, planned: StepPlan, step: Step) -> None:
         scoring = self.profile["evaluation"]["scoring"]
-        self._evaluation(planned, step, lambda variant: [(workspace.mteb_dir(self.profile), variant, scoring)])
-        self.stored_by_05 = {(variant, size.task, size.subset) for variant in self.variants for size in self.sizes}
+        self._evaluation(planned, step, lambda variant: [(workspace.mteb_dir(self.profile), variant, scoring)],
+                         self.compared)
+        self.stored_by_05 = {(variant, size.task, size.subset) for variant in self.compared for size in self.sizes}
 
     def _step_07(self, planned: StepPlan, step: Step) -> None:
         from colquant.evaluate.compress_eval import index_variant_name
@@ -214,9 +216,28 @@ class Workloads:
             return [(workspace.index_mteb_dir(self.profile), index_variant_name(variant, setting), "exact")
                     for setting in profile_settings(self.profile)]
 
-        self._evaluation(planned, step, results, skip=self.stored_by_05)
+        self._evaluation(planned, step, results, self.variants, skip=self.stored_by_05)
 
-    def _evaluation(self, planned: StepPlan, step: Step, results: Any,
+    def _step_08(self, planned: StepPlan, step: Step) -> None:
+        """Every variant loaded once for its bytes; BF16 and each variant of 3 bits or fewer again for the
+        per-projection sensitivity, on `frontier.SENSITIVITY_ITEMS` pages each."""
+        from colquant.research.frontier import SENSITIVITY_ITEMS
+
+        low_bit = 1 + len(self._low_bit_grid_points())
+        planned.loads = len(self.variants) + low_bit
+        planned.pages = planned.vision_pages = low_bit * min(SENSITIVITY_ITEMS, self.profile["corpus"]["n_pages"])
+
+    def _low_bit_grid_points(self) -> list[str]:
+        """The grid's points with layers of 3 bits or fewer (what `frontier.low_bit_variants` picks once made)."""
+        from colquant.quantize.weight_grid import grid_variants
+
+        grid = self.profile["quantization"]["grid"]
+        if grid is None:
+            return []
+        source = workspace.calibration_source_used(self.profile, grid["seqlen"])
+        return [name for name, point in grid_variants(self.profile, source).items() if point.bits <= 3]
+
+    def _evaluation(self, planned: StepPlan, step: Step, results: Any, variants: list[str],
                     skip: set[tuple[str, str, str]] = frozenset()) -> None:
         """Per (variant, task, subset), the pages and queries it encodes: none where mteb's results
         of every evaluation of it are on disk (mteb reads them back), else those neither the
@@ -226,11 +247,11 @@ class Workloads:
 
         cached = {} if self.force else _cached_items(manifests(workspace.embeddings_dir(self.profile)))
         towers = self.sharing()
-        planned.loads = len(self.variants)
+        planned.loads = len(variants)
         planned.reuses = [_shown(path) + "/" for path in step.caches if path.exists() and not self.force]
         for size in self.sizes:
             shared: dict[str, int] = {}
-            for variant in self.variants:
+            for variant in variants:
                 if (variant, size.task, size.subset) in skip or self._evaluated(variant, size.task, results(variant)):
                     continue
                 key = (self._fingerprint(variant), size.task, size.subset, size.revision)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from colquant.research import workspace
+from colquant.research.frontier import FRONT_TABLE, FRONTIER_TABLE, MODEL_BYTES_TABLE, RECOMMENDATIONS_TABLE, SENSITIVITY_TABLE
 from colquant.research.params import quantization_section
+from colquant.research.upstream import MEASURES_GRID
 from colquant.retriever.checkpoint_files import METADATA_FILE, checkpoint_fingerprint
 
 NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
@@ -24,7 +26,7 @@ NOTEBOOKS_DIR = workspace.REPO_ROOT / "notebooks"
 PER_SEQLEN = ("02_calibration", "03_quantization")
 
 
-ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression")
+ACROSS_VARIANTS = ("04_embedding_fidelity", "05_vidore_eval", "06_memory_sweep", "07_index_compression", "08_frontier")
 
 
 STATE_FILE = "pipeline_state.json"
@@ -39,7 +41,9 @@ SECTIONS = {
     "05_vidore_eval": ("model", "corpus", "evaluation"),
     "06_memory_sweep": ("model", "sweep"),
     "07_index_compression": ("model", "corpus", "evaluation", "compression"),
+    "08_frontier": ("model", "corpus", "quantization", "fidelity", "evaluation", "compression", "frontier"),
 }
+READS_ACROSS = {"08_frontier": ("07_index_compression",)}  # steps across variants that read another one's results
 
 
 class PipelineError(RuntimeError):
@@ -74,8 +78,10 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
     quantized = []
     for seqlen in profile["calibration"]["seqlens"]:
         w4a8 = [workspace.w4a8_variant(profile, seqlen)] if seqlen == workspace.w4a8_seqlen(profile) else []
-        variants = tuple(workspace.variants_dir(profile) / name
-                         for name in [workspace.autoround_variant(profile, seqlen), *uncalibrated, *w4a8])
+        grid = profile["quantization"]["grid"]
+        made_here = workspace.grid_variant_names(profile) if grid is not None and grid["seqlen"] == seqlen else []
+        names = dict.fromkeys([workspace.autoround_variant(profile, seqlen), *uncalibrated, *w4a8, *made_here])
+        variants = tuple(workspace.variants_dir(profile) / name for name in names)
         per_seqlen = {
             "02_calibration": ((workspace.calibration_file(profile, seqlen), results / f"calibration__seqlen{seqlen}.json"), (), ()),
             "03_quantization": (
@@ -96,10 +102,13 @@ def plan(profile_path: Path, profile: dict[str, Any]) -> list[Step]:
                             (results / "sweep.jsonl",)),
         "07_index_compression": ((results / "compression.csv", results / "compression_table.csv"),
                                  (workspace.index_mteb_dir(profile), workspace.embeddings_dir(profile))),
+        "08_frontier": ((results / name for name in (FRONTIER_TABLE, FRONT_TABLE, RECOMMENDATIONS_TABLE,
+                                                     MODEL_BYTES_TABLE, SENSITIVITY_TABLE)), ()),
     }
     for name in ACROSS_VARIANTS:
         written, caches = across[name]
-        steps.append(Step(name, parameters, out / f"{name}.ipynb", tuple(written), caches, tuple(quantized)))
+        steps.append(Step(name, parameters, out / f"{name}.ipynb", tuple(written), caches,
+                          (*quantized, *READS_ACROSS.get(name, ()))))
     return steps
 
 
@@ -118,7 +127,7 @@ def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -
     The profile enters by content, not by path: `--set` hands the notebooks another file
     (`profile.yaml` in the outputs), which must re-run only the steps whose sections it changes.
     The variants enter by content because a re-quantization under the same name (`--force`, or a
-    calibration setting the name does not carry) must not leave 04-07's numbers standing."""
+    calibration setting the name does not carry) must not leave 04-08's numbers standing."""
     sections = {name: profile[name] for name in SECTIONS[step.notebook]}
     if "seqlen" in step.parameters and "calibration" in sections:  # its own seqlen is a parameter
         sections["calibration"] = {k: v for k, v in sections["calibration"].items() if k != "seqlens"}
@@ -129,7 +138,8 @@ def fingerprint(step: Step, profile: dict[str, Any], upstream: dict[str, str]) -
                 [upstream[key] for key in step.depends_on]]
     if step.notebook in ACROSS_VARIANTS:
         identity.append({name: checkpoint_fingerprint(path)
-                         for name, path in workspace.quantized_variants(profile).items()})
+                         for name, path in workspace.quantized_variants(
+                             profile, grid=step.notebook in MEASURES_GRID).items()})
     digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 

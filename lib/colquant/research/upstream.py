@@ -8,13 +8,20 @@ notebook, or which `colquant run` command, produces the missing inputs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from colquant.research import workspace
 
 log = logging.getLogger(__name__)
 PRODUCER = "03_quantization"
+# The frontier's weight grid (`quantization.grid`) is measured where the frontier needs it: quality with
+# every index setting (07), bytes and per-layer sensitivity (08). 04-06 compare the seeds' variants
+# (auto-round per seqlen, RTN, FP8), which keeps a grid from multiplying the sweep and the mteb runs.
+MEASURES_GRID = ("07_index_compression", "08_frontier")
 
 
 class MissingInputError(RuntimeError):
@@ -30,12 +37,13 @@ def how_to_produce(profile: dict[str, Any], notebooks: str = "02,03") -> str:
 
 
 def variants_to_compare(profile: dict[str, Any], notebook: str, *, need_quantized: bool) -> dict[str, Path]:
-    """BF16 and every finished quantized variant, as `workspace.all_variants`, checked for emptiness.
+    """BF16 and every finished quantized variant the notebook compares (the grid's only in
+    `MEASURES_GRID`), as `workspace.all_variants`, checked for emptiness.
 
     `need_quantized`: the notebook compares variants with BF16 (04) and cannot run without one;
     otherwise (05, 06) BF16 alone is a valid run, and a warning says the quantized rows are missing.
     """
-    variants = workspace.all_variants(profile)
+    variants = workspace.all_variants(profile, grid=notebook in MEASURES_GRID)
     if len(variants) > 1:
         return variants
     where = workspace.variants_dir(profile)
@@ -48,3 +56,21 @@ def variants_to_compare(profile: dict[str, Any], notebook: str, *, need_quantize
         notebook, where, how_to_produce(profile),
     )
     return variants
+
+
+def compression_results(profile: dict[str, Any], variants: Iterable[str]) -> pd.DataFrame:
+    """Notebook 07's (variant, index setting) table, checked to cover every variant now compared:
+    notebook 08 places exactly those pairs on the frontier."""
+    from colquant.inference.compress import COMPRESSION_TABLE
+
+    path = workspace.results_dir(profile) / COMPRESSION_TABLE
+    command = f"run notebooks/07_index_compression.ipynb, or `colquant run {profile['profile']} --notebooks 07`"
+    if not path.exists():
+        raise MissingInputError(f"08_frontier places notebook 07's (variant, index setting) grid, and {path} does not "
+                                f"exist yet: {command}")
+    table = pd.read_csv(path)
+    missing = sorted(set(variants) - set(table["variant"]))
+    if missing:
+        raise MissingInputError(f"{path} has no index results for {', '.join(missing)} (07 ran before they were made): "
+                                f"{command}")
+    return table

@@ -305,9 +305,10 @@ def w4a8_variant(profile: dict[str, Any], seqlen: int) -> str:
     return quantization_section(profile).w4a8_variant_name(seqlen, calibration_source=calibration_source_used(profile, seqlen))
 
 
-def expected_variants(profile: dict[str, Any]) -> list[str]:
+def expected_variants(profile: dict[str, Any], *, grid: bool = True) -> list[str]:
     """The quantized variants the profile produces: auto-round per seqlen (ascending), then RTN, then FP8,
-    then the W4A8 runs of auto-round variants."""
+    then the W4A8 runs of auto-round variants, then (`grid`) the grid's points that are none of those
+    (`weight_grid.grid_variants`)."""
     from colquant.quantize.fp8_variants import variant_names
     from colquant.research.params import quantization_section
 
@@ -315,18 +316,28 @@ def expected_variants(profile: dict[str, Any]) -> list[str]:
     if profile["quantization"]["rtn_baseline"]:
         names.append(quantization_section(profile).variant_name(0, "rtn"))
     w4a8 = w4a8_seqlen(profile)
-    return names + variant_names(profile) + ([w4a8_variant(profile, w4a8)] if w4a8 is not None else [])
+    names += variant_names(profile) + ([w4a8_variant(profile, w4a8)] if w4a8 is not None else [])
+    return names + [name for name in grid_variant_names(profile) if grid and name not in names]
 
 
-def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
-    """Finished quantized checkpoints of this profile (metadata written), by variant name.
+def grid_variant_names(profile: dict[str, Any]) -> list[str]:
+    """The names of the grid's points (`quantization.grid`), with the calibration source used at its seqlen."""
+    from colquant.quantize.weight_grid import grid_variants
+
+    grid = profile["quantization"]["grid"]
+    return [] if grid is None else list(grid_variants(profile, calibration_source_used(profile, grid["seqlen"])))
+
+
+def quantized_variants(profile: dict[str, Any], *, grid: bool = True) -> dict[str, Path]:
+    """Finished quantized checkpoints of this profile (metadata written), by variant name; `grid=False`
+    leaves out the frontier grid's own points.
 
     Only variants the current profile produces count: a folder left by a seqlen since removed from
     the profile, or a staging folder (`.<name>.…`) of an interrupted save, is never compared.
     """
     directory = variants_dir(profile)
     finished = {}
-    for name in expected_variants(profile):
+    for name in expected_variants(profile, grid=grid):
         path = directory / name
         if (path / METADATA_FILE).exists():
             read_variant_metadata(path)  # a corrupt file is reported here, by path, with the fix
@@ -334,9 +345,9 @@ def quantized_variants(profile: dict[str, Any]) -> dict[str, Path]:
     return finished
 
 
-def all_variants(profile: dict[str, Any]) -> dict[str, Path]:
-    """BF16 first, then every quantized variant: what notebooks 04-06 compare."""
-    return {BASELINE: base_model(profile), **quantized_variants(profile)}
+def all_variants(profile: dict[str, Any], *, grid: bool = True) -> dict[str, Path]:
+    """BF16 first, then every quantized variant (`grid=False`: not the frontier grid's own points)."""
+    return {BASELINE: base_model(profile), **quantized_variants(profile, grid=grid)}
 
 
 def results_dir(profile: dict[str, Any]) -> Path:

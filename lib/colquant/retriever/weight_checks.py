@@ -187,7 +187,8 @@ def expected_tensors(config: Any, model_class: type, declared: str) -> dict[str,
         expected |= {name: Expected(shape, dtypes, fix, fix)
                      for name, (shape, dtypes) in fp8_expected_tensors(reference, quantization).items()}
     elif quantization:
-        expected |= packed_tensors(reference, quantization["bits"], quantization["group_size"])
+        expected |= packed_tensors(reference, quantization["bits"], quantization["group_size"],
+                                   quantization.get("extra_config") or {})
     return expected
 
 
@@ -197,18 +198,26 @@ def quantization_settings(config: Any) -> dict[str, Any] | None:
     return quantization.to_dict() if hasattr(quantization, "to_dict") else quantization
 
 
-def packed_tensors(reference: torch.nn.Module, bits: int, group_size: int) -> dict[str, Expected]:
+def packed_tensors(reference: torch.nn.Module, bits: int, group_size: int,
+                   layers: dict[str, dict[str, Any]] | None = None) -> dict[str, Expected]:
     """The GPTQ-style packing auto-round writes: int32 words of 32/bits weights, one scale and one
-    packed zero point per group of `group_size` inputs (one group per row when group_size <= 0)."""
-    fix = (f"config.json's quantization_config says bits={bits}, group_size={group_size}, which does not describe "
-           "these tensors: re-export the checkpoint, or set quantization_config to the settings it was quantized with.")
+    packed zero point per group of `group_size` inputs (one group per row when group_size <= 0).
+    `layers` (quantization_config's `extra_config`, by full layer name) gives a layer its own bits or
+    group size, as mixed-precision variants do; a layer it keeps at 16 bits or more has no packing."""
     expected = {}
     for name, module in reference.named_modules():
         if isinstance(module, torch.nn.Linear):
+            own = (layers or {}).get(name, {})
+            layer_bits, layer_group = own.get("bits", bits), own.get("group_size", group_size)
+            if layer_bits >= 16:
+                continue
+            fix = (f"config.json's quantization_config says bits={layer_bits}, group_size={layer_group}"
+                   f"{' for this layer' if own else ''}, which does not describe these tensors: re-export the "
+                   "checkpoint, or set quantization_config to the settings it was quantized with.")
             n_in, n_out = module.in_features, module.out_features
-            groups = 1 if group_size <= 0 else -(-n_in // group_size)
-            for part, shape, dtypes in (("qweight", (n_in * bits // 32, n_out), INT32),
-                                        ("qzeros", (groups, n_out * bits // 32), INT32),
+            groups = 1 if layer_group <= 0 else -(-n_in // layer_group)
+            for part, shape, dtypes in (("qweight", (n_in * layer_bits // 32, n_out), INT32),
+                                        ("qzeros", (groups, n_out * layer_bits // 32), INT32),
                                         ("scales", (groups, n_out), FLOATING_DTYPES),
                                         ("g_idx", (n_in,), INT32)):
                 expected[f"{name}.{part}"] = Expected(shape, dtypes, fix, fix)
