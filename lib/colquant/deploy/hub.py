@@ -115,7 +115,11 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     metadata_file = checkpoint / METADATA_FILE
     if not metadata_file.exists():
         raise PushError(f"{checkpoint} has no {METADATA_FILE}: pass a variant directory ColQuant wrote (variants/<name>)")
-    loads = json.loads(metadata_file.read_text()).get("loads")
+    try:
+        metadata = read_variant_metadata(checkpoint)
+    except OutputError as error:
+        raise PushError(str(error)) from error
+    loads = metadata.get("loads")
     if loads:  # a W4A8 run (variants.produce_w4a8_variant) names a checkpoint and holds no weights
         raise PushError(f"{checkpoint.name} is a W4A8 run of {loads['checkpoint']} with no weights of its own: push "
                         f"{loads['checkpoint']} (its folder beside this one); users run it as W4A8 with "
@@ -123,7 +127,6 @@ def push(variant: str | Path, repo_id: str, *, private: bool = False, dry_run: b
     check_repo_id(repo_id)
     files = sorted(set(files_to_upload(checkpoint)) | {"README.md"})
     try:  # fidelity and NDCG@5 recorded by later notebooks, for the weights the variant holds now
-        metadata = read_variant_metadata(checkpoint)
         metadata["results"] = read_reported_results(checkpoint)
     except OutputError as error:
         raise PushError(str(error)) from error
