@@ -6,7 +6,7 @@ PARAMS ?= tiny
 ARGS   ?=
 STAMP  := $(VENV)/.colquant-installed
 
-.PHONY: setup vllm-env run test test-package test-notebooks test-twin test-latest lock notebooks lab clean-outputs
+.PHONY: setup vllm-env run test test-package test-notebooks test-twin test-end-to-end test-latest lock notebooks lab clean-outputs
 
 # Extras: what `make run`/`make test` need; [gpu] (triton) only where a GPU is. Every package is
 # pinned by the lock (constraints/lock.txt, made by `make lock`); `make setup CONSTRAINTS=` installs
@@ -114,10 +114,10 @@ NB_KERNELS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 # regression tests and the twin run (one notebook kernel at a time each, in separate output folders)
 # run side by side.
 test: test-package
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-twin
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-notebooks test-twin test-end-to-end
 
 test-package: setup vllm-env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin" -n 2 --dist loadscope --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests -m "not twin and not end_to_end" -n 2 --dist loadscope --durations=15
 
 test-notebooks: setup
 	scratch=$$(mktemp -d) && $(NB_ENV) $(NB_KERNELS) COLQUANT_OUTPUT_ROOT=$$scratch $(BIN)/python -m pytest --nbval \
@@ -129,6 +129,11 @@ test-notebooks: setup
 test-twin: setup
 	scratch=$$(mktemp -d) && $(NB_ENV) $(BIN)/python -m pytest tests/test_twin.py -m twin -p no:cacheprovider \
 		--basetemp=$$scratch/pytest; status=$$?; rm -rf $$scratch; exit $$status
+
+# The tiny pipeline from clean outputs through every real notebook, then a second run that skips all:
+# one process, beside test-notebooks once test-twin is done (make test runs two of the three at a time).
+test-end-to-end: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests/test_pipeline.py -m end_to_end -p no:cacheprovider
 
 # Re-execute the committed notebooks (the nbval reference) after a change that moves results.
 notebooks: setup

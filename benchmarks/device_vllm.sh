@@ -8,11 +8,13 @@
 #   shapes at the issue's token counts (BF16, the own-tensor 4-bit path, Machete's best schedule, Marlin, CUTLASS W4A8);
 #   4. optionally (STEPS containing "bench") `colquant tune --force` and the bench, BF16 beside the 4-bit rows,
 #   in what is left of TOTAL_S seconds (default 540).
+# (PRECISIONS: the bench's precisions, default bf16,w4a16,w4a16-memory,w4a8; its whole output lands in $OUT/bench.log.)
 # Usage: STEPS=probe,tests,routes,bench bash benchmarks/device_vllm.sh [query batches] [page batches]
 set -uo pipefail
 qb=${1:-1,4,8,64,1024}
 pb=${2:-1,16}
 steps=${STEPS:-probe,tests,routes}
+precisions=${PRECISIONS:-bf16,w4a16,w4a16-memory,w4a8}
 deadline=$((SECONDS + ${TOTAL_S:-540}))  # the whole run ends inside the device call's limit
 left() { echo $((deadline - SECONDS)); }
 source "$(dirname "$0")/device_setup.sh"
@@ -53,7 +55,9 @@ if [[ $steps == *bench* ]]; then
   timeout "$(( $(left) * 45 / 100 ))" python3 -m colquant tune --force 2>&1 | grep -v "off by" | tail -70 | tee -a "$log"
   cp /tmp/colquant-kernels/*.json "$out/" 2>/dev/null
   echo "== bench" | tee -a "$log"
-  timeout "$(( $(left) - 5 ))" python3 -m colquant bench --profile synthetic-4b --precisions bf16,w4a16,w4a16-memory,w4a8 \
-    --query-batches "$qb" --page-batches "$pb" --no-kernel-checks --out "$out/bench.json" 2>&1 | tail -40 | tee -a "$log"
+  timeout "$(( $(left) - 5 ))" python3 -m colquant bench --profile synthetic-4b --precisions "$precisions" \
+    --query-batches "$qb" --page-batches "$pb" --no-kernel-checks --out "$out/bench.json" > "$out/bench.log" 2>&1
+  echo "exit $?" >> "$out/bench.log"
+  grep -v -e "it/s\]" -e "s/it\]" "$out/bench.log" | tail -40 | tee -a "$log"
 fi
 exit 0

@@ -16,6 +16,7 @@ from colquant.research.pipeline import PipelineError, plan, run
 from colquant.retriever.checkpoint_files import METADATA_FILE, REPORTED_RESULTS_FILE
 
 
+@pytest.mark.end_to_end
 def test_pipeline_runs_from_clean_outputs_then_skips_everything(tmp_path, output_root):
     profile_path = small_profile(tmp_path)
     first = run(profile_path)

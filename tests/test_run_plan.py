@@ -64,6 +64,22 @@ def test_a_new_variant_reruns_the_comparisons_and_a_rerun_03_may(tmp_path, stand
     assert set(planned.executed) <= set(executed) <= {key for key, status in statuses.items() if status != DONE}
 
 
+def test_a_quantization_costs_its_methods_measured_seconds_once_one_is_timed(tmp_path, stand_in):
+    """One plan, one estimate: before any variant exists auto-round's text tokens time it; once this output
+    directory holds finished variants of a method, their median wall time does (`grid_plan`)."""
+    profile_path = small_profile(tmp_path)
+    first = {step.key: step for step in make_plan(profile_path, measure=False).steps}["03_quantization__seqlen64"]
+    assert first.text_tokens > 0 and first.timed_s == 0.0
+
+    executed_after(stand_in, profile_path)  # every variant's metadata records 1 s (pipeline_stand_in)
+    variants = workspace.quantized_variants(load_profile(profile_path))
+    seqlen64 = next(path for name, path in variants.items() if "seqlen64" in name)
+    (seqlen64 / workspace.METADATA_FILE).unlink()
+    again = {step.key: step for step in make_plan(profile_path, measure=False).steps}["03_quantization__seqlen64"]
+    assert again.status == RUNS and again.text_tokens == 0 and again.timed_s == 1.0
+    assert "measured on this output directory's variants" in again.why
+
+
 def test_the_evaluation_counts_pages_once_per_variant_and_07_reads_what_05_stores(tmp_path, stand_in):
     profile_path = small_profile(tmp_path)
     steps = {step.key: step for step in make_plan(profile_path, measure=False).steps}

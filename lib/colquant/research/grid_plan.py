@@ -7,8 +7,8 @@ exist, and estimates the time of what is left from seconds per run measured: the
 recorded in this output directory's variants, else those of the profile's reference run of
 `benchmarks/frontier_grid.py` (`benchmarks/results/frontier-grid-<profile>.json`; the real 4B profile is
 timed by its synthetic twin's). Evaluation times are not recorded by the notebooks, so a stage with no
-measurement shows no estimate rather than a guess. `colquant run` logs the plan before it starts;
-notebook 08 shows it with what the runs cost.
+measurement shows no estimate rather than a guess. Notebook 08 shows this table with what the runs cost;
+`colquant run`'s one plan (`run_plan`) times its quantization steps with the same seconds per method.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ import yaml
 
 from colquant.basics.files import discard, remove_stale_staging
 from colquant.research import workspace
-from colquant.research.grid_plan import describe_plan, grid_plan
 from colquant.research.params import load_profile
 from colquant.research.steps import (NOTEBOOKS_DIR, STATE_FILE, PipelineError, Step, finished, fingerprint, notebook_numbers, plan,
                                      read_state, stale_steps)
@@ -96,7 +95,6 @@ def run(
         log.info("%s", format_plan(make_plan(profile_path, overrides=overrides, force=force, notebooks=notebooks)))
         if overrides:
             profile_path = _write_overridden_profile(profile, profile_path, overrides)
-        log.info(describe_plan(grid_plan(profile)))
         state_path = out / STATE_FILE
         state = read_state(state_path)
         summary: list[dict[str, Any]] = []

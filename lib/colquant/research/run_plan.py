@@ -8,8 +8,10 @@ results reused), `not selected`, or `runs if 03 changes the weights` for a finis
 For each step that runs it counts the model work: checkpoint loads; pages and queries encoded (05
 and 07 net of the mteb results and embedding-cache entries already on disk, 07 also net of what 05
 stores earlier in the same run; variants sharing a vision tower run it once per page, as
-`shared_vision` evaluates them, the sharing predicted from how they are made); auto-round's text tokens (per iteration a forward and a backward of
-a calibration batch, taken as three forwards, plus two forwards of every sample). It multiplies them
+`shared_vision` evaluates them, the sharing predicted from how they are made). A quantization costs the
+seconds `grid_plan` has measured for its method (in this output directory, else in the profile's reference
+run); one whose method nobody timed yet costs auto-round's text tokens (per iteration a forward and a backward
+of a calibration batch, taken as three forwards, plus two forwards of every sample). The work is multiplied
 by the per-item times a short warm-up measures on this machine's device (`colquant.research.warmup`, in a
 child process). mteb's scoring, notebook start-up and plotting are not counted. `pipeline.run`
 prints the same plan as its first lines.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from colquant.research import workspace
+from colquant.research.grid_plan import METHOD_STAGES, measured_seconds, reference_seconds, variant_methods
 from colquant.research.params import load_profile
 from colquant.research.steps import (
     ACROSS_VARIANTS,
@@ -55,7 +58,8 @@ class StepPlan:
     pages: int = 0  # pages through a language model (each variant's encoding counts)
     vision_pages: int = 0  # pages through a vision tower (fewer where variants share one)
     queries: int = 0
-    text_tokens: int = 0  # auto-round's forward-equivalent text tokens
+    text_tokens: int = 0  # auto-round's forward-equivalent text tokens (of variants whose method is not timed yet)
+    timed_s: float = 0.0  # quantizations timed per method (`grid_plan`: here, else the profile's reference run)
     reuses: list[str] = field(default_factory=list)
     seconds: float | None = None
 
@@ -186,9 +190,25 @@ class Workloads:
         self.made.update(path.name for path in made)  # the uncalibrated ones: made by the first 03 only
         planned.reuses = [_shown(path.parent) for path in step.results[1:] if path.exists() and not self.force]
         planned.loads = 2 * len(made)  # each is made from a base load, then reloaded to check its layers
-        calibrated = [path for path in made if "-iters" in path.name]
+        timed, source = self.quantization_seconds()
+        methods = variant_methods(self.profile)
+        untimed = [path for path in made if METHOD_STAGES.get(methods.get(path.name, "")) not in timed]
+        planned.timed_s = sum(timed[METHOD_STAGES[methods[path.name]]] for path in made if path not in untimed)
+        if planned.timed_s:
+            planned.why += f"; quantization time per method {source}"
+        calibrated = [path for path in untimed if "-iters" in path.name]
         per_variant = quantization["iters"] * quantization["batch_size"] * BACKWARD_FORWARDS + 2 * calibration["nsamples"]
         planned.text_tokens = len(calibrated) * step.parameters["seqlen"] * per_variant
+
+    def quantization_seconds(self) -> tuple[dict[str, float], str]:
+        """Seconds per quantization, per `grid_plan` stage: the median over this output directory's
+        finished variants, else the profile's reference run (`benchmarks/frontier_grid.py`); a method
+        timed by neither is estimated from auto-round's text tokens at the warm-up's rate."""
+        here = measured_seconds(self.profile)
+        if here:
+            return here, "measured on this output directory's variants"
+        reference, where = reference_seconds(self.profile)
+        return reference, f"from the reference run ({where})"
 
     def _step_04(self, planned: StepPlan, step: Step) -> None:
         fidelity, count = self.profile["fidelity"], len(self.compared)
@@ -320,7 +340,7 @@ def _rates(profile: dict[str, Any], steps: list[StepPlan]) -> tuple[Any, str]:
     """The warm-up's rates, when a step with model work runs; else None and why not."""
     from colquant.research import warmup
 
-    if not any(step.loads or step.pages or step.queries or step.text_tokens for step in steps):
+    if not any(step.loads or step.pages or step.queries or step.text_tokens or step.timed_s for step in steps):
         return None, "nothing to run: no warm-up"
     try:
         rates = warmup.measure_in_subprocess(profile, warmup.workload_of(profile))
@@ -338,7 +358,7 @@ def _seconds(step: StepPlan, rates: Any) -> float | None:
         return None
     vision = min(rates.vision_s, rates.page_s)
     return (step.vision_pages * vision + step.pages * (rates.page_s - vision) + step.queries * rates.query_s
-            + step.text_tokens * rates.text_token_s + step.loads * (rates.load_s or 0.0))
+            + step.text_tokens * rates.text_token_s + step.timed_s + step.loads * (rates.load_s or 0.0))
 
 
 def format_plan(run_plan: RunPlan) -> str:
