@@ -19,61 +19,7 @@ def fresh():
     fa3_ops.clear_cache()
 
 
-# ------------------------------------------------------------------ the loader's refusals (CPU)
-
-
-def test_missing_library_names_the_extra_and_the_variable(fresh, monkeypatch):
-    monkeypatch.delenv(fa3_ops.LIB_ENV, raising=False)
-    monkeypatch.setattr(fa3_ops, "library_path", lambda: None)
-    why = fa3_ops.load_error()
-    assert "colquant[vllm-kernels]" in why and fa3_ops.LIB_ENV in why and "0.26.0" in why
-
-
-def test_explicit_path_that_does_not_exist(fresh, monkeypatch, tmp_path):
-    monkeypatch.setenv(fa3_ops.LIB_ENV, str(tmp_path / "nope.so"))
-    why = fa3_ops.load_error()
-    assert "does not exist" in why and "vllm_flash_attn/_vllm_fa3_C.abi3.so" in why
-
-
-def test_explicit_path_that_is_a_directory(fresh, monkeypatch, tmp_path):
-    monkeypatch.setenv(fa3_ops.LIB_ENV, str(tmp_path))
-    assert "is a directory" in fa3_ops.load_error()
-
-
-def test_a_file_that_is_not_the_library_is_refused(fresh, monkeypatch, tmp_path):
-    lib = tmp_path / "_vllm_fa3_C.abi3.so"
-    lib.write_bytes(b"not a shared object")
-    monkeypatch.setenv(fa3_ops.LIB_ENV, str(lib))
-    monkeypatch.setattr(fa3_ops, "_environment_mismatch", lambda: None)  # as on the GPU image
-    why = fa3_ops.load_error()
-    assert "failed to load" in why and "vllm 0.26.0" in why
-
-
-def test_wrong_vllm_release_is_refused(fresh, monkeypatch, tmp_path):
-    lib = tmp_path / "_vllm_fa3_C.abi3.so"
-    lib.write_bytes(b"\0")
-    monkeypatch.delenv(fa3_ops.LIB_ENV, raising=False)
-    monkeypatch.setattr(fa3_ops, "library_path", lambda: lib)
-    monkeypatch.setattr(fa3_ops, "_installed_vllm_version", lambda: "0.25.1")
-    why = fa3_ops.load_error()
-    assert "vllm 0.25.1 is installed" in why and "vllm==0.26.0" in why
-
-
-@pytest.mark.parametrize("torch_version, cuda, needed", [("2.13.0+cpu", None, "torch 2.11"),
-                                                         ("2.11.0+cpu", None, "no CUDA (a CPU build)"),
-                                                         ("2.11.0+cu128", "12.8", "CUDA 13")])
-def test_wrong_torch_or_no_cuda_is_refused(fresh, monkeypatch, tmp_path, torch_version, cuda, needed):
-    lib = tmp_path / "_vllm_fa3_C.abi3.so"
-    lib.write_bytes(b"\0")
-    monkeypatch.setenv(fa3_ops.LIB_ENV, str(lib))
-    monkeypatch.setattr(torch, "__version__", torch_version)
-    monkeypatch.setattr(torch.version, "cuda", cuda)
-    assert needed in fa3_ops.load_error()
-
-
-def test_disabled_by_env(fresh, monkeypatch):
-    monkeypatch.setenv(fa3_ops.DISABLE_ENV, "1")
-    assert fa3_ops.DISABLE_ENV in fa3_ops.load_error()
+# ------------------------------------------------------------------ refusals (CPU; the loader's: test_vllm_library.py)
 
 
 def test_cpu_device_and_no_cuda_are_refused(monkeypatch):

@@ -15,13 +15,6 @@ VLLM_0_26_IDS = {"uint4b8": 1125899907892224, "int4": 1125899906908928, "uint4":
                  "float8_e4m3fn": 2814749767172868}
 
 
-@pytest.fixture
-def fresh():
-    vllm_ops.clear_cache()
-    yield
-    vllm_ops.clear_cache()
-
-
 def _signed_nibbles(words: torch.Tensor) -> torch.Tensor:
     """int32 words [R, N] packed along R -> signed int4 values [8R, N]."""
     u = unpack_int4_rows(words).to(torch.int16)
@@ -114,53 +107,6 @@ def test_layer_unsupported_reasons():
 
 
 # ------------------------------------------------------------------ refusals (CPU)
-
-
-def test_missing_library_names_the_extra_and_the_variable(fresh, monkeypatch):
-    monkeypatch.delenv(vllm_ops.LIB_ENV, raising=False)
-    monkeypatch.setattr(vllm_ops, "library_path", lambda: None)
-    why = vllm_ops.load_error()
-    assert "colquant[vllm-kernels]" in why and vllm_ops.LIB_ENV in why and "0.26.0" in why
-
-
-def test_explicit_path_that_does_not_exist(fresh, monkeypatch, tmp_path):
-    monkeypatch.setenv(vllm_ops.LIB_ENV, str(tmp_path / "nope.so"))
-    assert "does not exist" in vllm_ops.load_error()
-
-
-def test_wrong_vllm_release_is_refused(fresh, monkeypatch, tmp_path):
-    lib = tmp_path / vllm_ops.LIB_NAME
-    lib.write_bytes(b"\0")
-    monkeypatch.delenv(vllm_ops.LIB_ENV, raising=False)
-    monkeypatch.setattr(vllm_ops, "library_path", lambda: lib)
-    monkeypatch.setattr(vllm_ops, "_installed_vllm_version", lambda: "0.25.1")
-    why = vllm_ops.load_error()
-    assert "vllm 0.25.1 is installed" in why and "vllm==0.26.0" in why
-
-
-@pytest.mark.parametrize("torch_version, cuda, needed", [("2.13.0+cpu", None, "torch 2.11"),
-                                                         ("2.11.0+cpu", None, "CUDA 13"),
-                                                         ("2.11.0+cu128", "12.8", "CUDA 13")])
-def test_wrong_torch_is_refused(fresh, monkeypatch, tmp_path, torch_version, cuda, needed):
-    lib = tmp_path / vllm_ops.LIB_NAME
-    lib.write_bytes(b"\0")
-    monkeypatch.setenv(vllm_ops.LIB_ENV, str(lib))
-    monkeypatch.setattr(torch, "__version__", torch_version)
-    monkeypatch.setattr(torch.version, "cuda", cuda)
-    assert needed in vllm_ops.load_error()
-
-
-def test_a_file_that_is_not_the_library_is_refused(fresh, monkeypatch, tmp_path):
-    lib = tmp_path / vllm_ops.LIB_NAME
-    lib.write_bytes(b"not a shared object")
-    monkeypatch.setenv(vllm_ops.LIB_ENV, str(lib))
-    monkeypatch.setattr(vllm_ops, "_environment_mismatch", lambda: None)
-    assert "failed to load" in vllm_ops.load_error()
-
-
-def test_disabled_by_env(fresh, monkeypatch):
-    monkeypatch.setenv(vllm_ops.DISABLE_ENV, "1")
-    assert vllm_ops.DISABLE_ENV in vllm_ops.load_error()
 
 
 @pytest.mark.parametrize("capability, refused", [((8, 9), {"machete", "w4a8"}), ((10, 0), {"machete", "w4a8"}),

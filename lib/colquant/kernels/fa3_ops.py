@@ -23,67 +23,31 @@ anything else is refused with a message naming what is needed (:func:`load_error
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from colquant.kernels.backend import gpu_unavailable
-from colquant.kernels.vllm_ops import VLLM_VERSION, _environment_mismatch, _installed_vllm_version
+from colquant.kernels.vllm_library import VllmLibrary
 
-__all__ = ["LIB_ENV", "DISABLE_ENV", "HEAD_DIMS", "library_path", "load_error", "clear_cache", "unavailable_reason",
+__all__ = ["LIBRARY", "LIB_ENV", "DISABLE_ENV", "HEAD_DIMS", "load_error", "clear_cache", "unavailable_reason",
            "head_dim_unsupported_reason", "varlen_attention_fp8", "varlen_attention_bf16",
            "varlen_attention_fp8_reference"]
 
-LIB_RELPATH = "vllm_flash_attn/_vllm_fa3_C.abi3.so"  # inside the vllm package
-LIB_ENV = "COLQUANT_VLLM_FA3_LIB"
-DISABLE_ENV = "COLQUANT_DISABLE_VLLM_FA3"
-INSTALL_HINT = (f"pip install 'colquant[vllm-kernels]' (vllm=={VLLM_VERSION}), or set {LIB_ENV} to the "
-                f"vllm/{LIB_RELPATH} of vllm {VLLM_VERSION}")
+LIBRARY = VllmLibrary(relpath="vllm_flash_attn/_vllm_fa3_C.abi3.so", env="COLQUANT_VLLM_FA3_LIB",
+                      disable_env="COLQUANT_DISABLE_VLLM_FA3", what="FlashAttention-3 library",
+                      namespace="_vllm_fa3_C", ops=("fwd",))
+LIB_ENV, DISABLE_ENV = LIBRARY.env, LIBRARY.disable_env
 HEAD_DIMS = (64, 96, 128, 192, 256)  # the e4m3 forward's compiled head dims (run_mha_fwd_<90, e4m3, D, D> in the library)
 NEEDED_FOR = "FlashAttention-3 is built for Hopper (sm90)"
 E4M3 = torch.float8_e4m3fn  # the only FP8 type of its forward
 
 
-def library_path() -> Path | None:
-    """``$COLQUANT_VLLM_FA3_LIB`` if set, else the installed vllm package's FA3 library, else None.
-    The package is located, not imported (importing vLLM pulls in its whole engine)."""
-    if os.environ.get(LIB_ENV):
-        return Path(os.environ[LIB_ENV])
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / LIB_RELPATH
-
-
 @functools.lru_cache(maxsize=None)
 def load_error() -> str | None:
     """None once vLLM 0.26.0's FA3 library is loaded into torch (loaded here, once); else a one-line
-    reason naming what is needed: switched off, no library, the wrong vllm release, the wrong torch or
-    CUDA, a file that fails to load or registers no ``torch.ops._vllm_fa3_C.fwd``."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return f"vLLM's FlashAttention-3 disabled by {DISABLE_ENV}"
-    path = library_path()
-    if path is None:
-        return f"vLLM {VLLM_VERSION}'s FlashAttention-3 library is not installed ({INSTALL_HINT})"
-    if not os.environ.get(LIB_ENV):
-        installed = _installed_vllm_version()
-        if installed != VLLM_VERSION:
-            return f"vllm {installed} is installed; this wrapper is written for vllm {VLLM_VERSION}'s FA3 ({INSTALL_HINT})"
-    if not path.is_file():
-        return f"{path} {'is a directory, not' if path.is_dir() else 'does not exist: it must be'} vllm {VLLM_VERSION}'s {LIB_RELPATH} ({INSTALL_HINT})"
-    mismatch = _environment_mismatch()
-    if mismatch:
-        return mismatch
-    try:
-        torch.ops.load_library(str(path))
-    except Exception as exc:
-        return f"{path} failed to load ({type(exc).__name__}: {str(exc)[:200]}); it must be vllm {VLLM_VERSION}'s {LIB_RELPATH}"
-    if not hasattr(torch.ops._vllm_fa3_C, "fwd"):
-        return f"{path} registers no torch.ops._vllm_fa3_C.fwd: not vllm {VLLM_VERSION}'s {LIB_RELPATH}"
-    return None
+    reason naming what is needed (:meth:`VllmLibrary.load_error`)."""
+    return LIBRARY.load_error()
 
 
 def clear_cache() -> None:

@@ -30,31 +30,24 @@ kernel-layout tensors to host memory, as humming's single-copy mode does: one 4-
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
-from importlib import metadata
-from pathlib import Path
 
 import torch
 
 from colquant.kernels.backend import gpu_unavailable
 from colquant.kernels.packing import kernel_to_gptq
+from colquant.kernels.vllm_library import VLLM_VERSION, VllmLibrary
 
-__all__ = ["VLLM_VERSION", "KINDS", "UINT4B8_ID", "INT4_ID", "scalar_type_id", "library_path", "load_error",
+__all__ = ["VLLM_VERSION", "KINDS", "UINT4B8_ID", "INT4_ID", "scalar_type_id", "LIBRARY", "load_error",
            "unavailable_reason", "version", "uint4b8_to_int4", "fp8_group_scales", "marlin_scale_order",
            "marlin_scales", "machete_schedules", "Packed", "build_handle", "pack_w4a8", "layer_unsupported_reason",
            "prepare", "release", "W4A8_CHECK_REL_ERR"]
 
-VLLM_VERSION = "0.26.0"  # the release whose library this module was written against (pyproject's extra pins it)
-TORCH_SERIES = "2.11"  # vllm 0.26.0 requires torch==2.11.0
-CUDA_MAJOR = "13"  # and is built for CUDA 13
-LIB_NAME = "_C_stable_libtorch.abi3.so"
-LIB_ENV = "COLQUANT_VLLM_OPS_LIB"
-DISABLE_ENV = "COLQUANT_DISABLE_VLLM_OPS"
-INSTALL_HINT = (f"pip install 'colquant[vllm-kernels]' (vllm=={VLLM_VERSION}), or set {LIB_ENV} to the "
-                f"vllm/{LIB_NAME} of vllm {VLLM_VERSION}")
-OPS = ("machete_prepack_B", "machete_mm", "machete_supported_schedules", "gptq_marlin_repack", "marlin_gemm",
-       "cutlass_encode_and_reorder_int4b", "cutlass_pack_scale_fp8", "cutlass_w4a8_mm")
+LIBRARY = VllmLibrary(
+    relpath="_C_stable_libtorch.abi3.so", env="COLQUANT_VLLM_OPS_LIB", disable_env="COLQUANT_DISABLE_VLLM_OPS",
+    what="kernel library", namespace="_C",
+    ops=("machete_prepack_B", "machete_mm", "machete_supported_schedules", "gptq_marlin_repack", "marlin_gemm",
+         "cutlass_encode_and_reorder_int4b", "cutlass_pack_scale_fp8", "cutlass_w4a8_mm"))
+LIB_ENV, DISABLE_ENV = LIBRARY.env, LIBRARY.disable_env
 KINDS = ("machete", "marlin", "w4a8")
 # what each kernel needs of the GPU: (lowest compute capability, highest major version, why)
 _GPU_NEED = {"machete": ((9, 0), 9, "Machete is built for Hopper (sm90a)"),
@@ -87,64 +80,11 @@ INT4_ID = scalar_type_id(0, 3, True, 0)  # signed int4 (three magnitude bits and
 # --------------------------------------------------------------------------------------------
 
 
-def library_path() -> Path | None:
-    """``$COLQUANT_VLLM_OPS_LIB`` if set, else the installed vllm package's op library, else None.
-    The package is located, not imported (importing vLLM pulls in its whole engine)."""
-    if os.environ.get(LIB_ENV):
-        return Path(os.environ[LIB_ENV])
-    spec = importlib.util.find_spec("vllm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / LIB_NAME
-
-
-def _installed_vllm_version() -> str | None:
-    try:
-        return metadata.version("vllm")
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _environment_mismatch() -> str | None:
-    """Why this torch cannot load vLLM 0.26.0's library (None: it can)."""
-    if not torch.__version__.startswith(TORCH_SERIES + "."):
-        return (f"vLLM {VLLM_VERSION}'s kernels are built for torch {TORCH_SERIES} and this is torch "
-                f"{torch.__version__}: use torch=={TORCH_SERIES}.0 (or a vllm release built for this torch)")
-    cuda = torch.version.cuda
-    if cuda is None or cuda.split(".")[0] != CUDA_MAJOR:
-        return (f"vLLM {VLLM_VERSION}'s kernels are built for CUDA {CUDA_MAJOR} and this torch is built for "
-                f"{'no CUDA (a CPU build)' if cuda is None else 'CUDA ' + cuda}: install a CUDA {CUDA_MAJOR} build "
-                f"of torch {TORCH_SERIES}")
-    return None
-
-
 @functools.lru_cache(maxsize=None)
 def load_error() -> str | None:
     """None once vLLM 0.26.0's op library is loaded into torch (loaded here, once); else a one-line
-    reason naming what is needed: switched off, the wrong torch or CUDA, no library, the wrong vllm
-    release, a library that fails to load or lacks one of :data:`OPS`."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        return f"vLLM's kernels disabled by {DISABLE_ENV}"
-    path = library_path()
-    if path is None:
-        return f"vLLM {VLLM_VERSION}'s kernel library is not installed ({INSTALL_HINT})"
-    if not os.environ.get(LIB_ENV):
-        installed = _installed_vllm_version()
-        if installed != VLLM_VERSION:
-            return f"vllm {installed} is installed; these kernels are wired for vllm {VLLM_VERSION} ({INSTALL_HINT})"
-    if not path.is_file():
-        return f"{path} does not exist ({INSTALL_HINT})"
-    mismatch = _environment_mismatch()
-    if mismatch:
-        return mismatch
-    try:
-        torch.ops.load_library(str(path))
-    except Exception as exc:
-        return f"{path} failed to load ({type(exc).__name__}: {str(exc)[:200]}); it must be vllm {VLLM_VERSION}'s {LIB_NAME}"
-    missing = [op for op in OPS if not hasattr(torch.ops._C, op)]
-    if missing:
-        return f"{path} registers no torch.ops._C.{', '.join(missing)}: not vllm {VLLM_VERSION}'s {LIB_NAME}"
-    return None
+    reason naming what is needed (:meth:`VllmLibrary.load_error`)."""
+    return LIBRARY.load_error()
 
 
 def clear_cache() -> None:
@@ -168,9 +108,7 @@ def unavailable_reason(device: torch.device | str, kind: str) -> str | None:
 
 def version() -> str | None:
     """The vLLM release whose library is loaded (None: not loaded); part of the tuned table's cache key."""
-    if load_error():
-        return None
-    return _installed_vllm_version() if not os.environ.get(LIB_ENV) else f"{VLLM_VERSION} ({LIB_ENV})"
+    return LIBRARY.version()
 
 
 # --------------------------------------------------------------------------------------------
