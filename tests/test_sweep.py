@@ -85,6 +85,8 @@ def test_sweep_records_one_row_per_batch_size(variant, tmp_path, kind):
     assert (rows["tokens_per_item"] == expected_tokens).all()
     stored = sweep.load_results(tmp_path / "sweep.jsonl")
     pd.testing.assert_frame_equal(stored, rows)
+    devices = sweep.devices_of(tmp_path / "sweep.jsonl")  # what the report names beside a quoted speed
+    assert list(devices) == [(rows.loc[0, "variant"], kind)] and devices[(rows.loc[0, "variant"], kind)].startswith("cpu (")
 
 
 def test_oom_gives_an_oom_row_then_skips_larger_batches(variant, tmp_path, calls):

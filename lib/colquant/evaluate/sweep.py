@@ -167,6 +167,12 @@ def load_results(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(_read_rows(Path(path)), columns=COLUMNS)
 
 
+def devices_of(path: str | Path) -> dict[tuple[str, str], str]:
+    """(variant, kind) -> the device its finished rows were measured on (`device_name`), for whoever
+    quotes a speed: a figure is only meaningful with the machine (and the code path) that produced it."""
+    return {(row["variant"], row["kind"]): row["device_name"] for row in _read_rows(Path(path)) if row["status"] == "ok"}
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

@@ -12,7 +12,7 @@ or in the variants' model cards: their sections say how to recompute them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from colquant.evaluate import metrics
-from colquant.evaluate.plots import BASELINE, variant_order, variant_precision
+from colquant.evaluate.plots import BASELINE, variant_family, variant_order, variant_precision
+from colquant.evaluate.sweep import devices_of
 from colquant.inference.compress import compression_report
 from colquant.quantize.cards import update_model_card
 from colquant.quantize.weight_formats import kernel_path, weight_format
@@ -32,6 +33,7 @@ from colquant.research.interpret import plural
 # A variant whose mean NDCG@5 is within this many percent of BF16's may be recommended over it.
 TOLERANCE_PCT = 2.0
 MISSING = "–"
+SWEEP_ROWS = "sweep.jsonl"  # notebook 06's rows, with the device each was measured on
 
 
 def write_report(profile: dict[str, Any], stale: frozenset[str] = frozenset()) -> Path:
@@ -53,7 +55,7 @@ def write_report(profile: dict[str, Any], stale: frozenset[str] = frozenset()) -
         f"# ColQuant report: profile `{profile['profile']}`\n\n{workspace.random_weights_notice(profile)}\n\n"
         f"Base model revision: `{workspace.base_model_revision(profile)}`. "
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by `python -m colquant run`.",
-        "## Headline\n\n" + headline(fresh) + "\n\n" + frontier_headline(fresh, profile["frontier"])
+        "## Headline\n\n" + headline(fresh, devices=devices_of(results / SWEEP_ROWS)) + "\n\n" + frontier_headline(fresh, profile["frontier"])
         + _stale_note(stale, profile),
         unless_stale("01_architecture", "Model", lambda: _model_section(results)),
         unless_stale("03_quantization", "Quantization", lambda: _quantization_section(results, profile)),
@@ -85,8 +87,11 @@ def _stale_note(stale: frozenset[str], profile: dict[str, Any]) -> str:
             f"from variants or settings that have changed since; recompute them with {_rerun_command(profile)}._")
 
 
-def headline(recorded: dict[str, list[dict[str, Any]]], tolerance_pct: float = TOLERANCE_PCT) -> str:
-    """Three sentences: which variant to use, what it costs in NDCG@5, what it saves in memory and time.
+def headline(recorded: dict[str, list[dict[str, Any]]], tolerance_pct: float = TOLERANCE_PCT, *,
+             devices: Mapping[tuple[str, str], str] | None = None) -> str:
+    """Three sentences: which variant to use, what it costs in NDCG@5, what it saves in memory and time
+    (on the device `devices` names for the pick's sweep rows; a W4A8 run on a CPU also says that its
+    speed is the kernel's torch reference, not the kernel).
 
     The pick is the quantized variant with the highest mean NDCG@5 among those within
     `tolerance_pct` % of BF16's; when none is, the headline says to keep BF16 and names the closest.
@@ -110,7 +115,7 @@ def headline(recorded: dict[str, list[dict[str, Any]]], tolerance_pct: float = T
     else:
         first = (f"Keep **BF16** where quality decides: no quantized variant stays within {tolerance_pct:g}% of its "
                  f"mean NDCG@5{over} ({base:.4f}); the closest, `{pick}`, scores {ndcg[pick]:.4f} ({change}).")
-    return " ".join([first, *_cost_sentences(recorded, pick)])
+    return " ".join([first, *_cost_sentences(recorded, pick, devices or {})])
 
 
 def frontier_headline(recorded: dict[str, list[dict[str, Any]]], frontier: dict[str, Any]) -> str:
@@ -136,8 +141,10 @@ def frontier_headline(recorded: dict[str, list[dict[str, Any]]], frontier: dict[
             "index bytes for the corpus; notebook 08):\n\n" + pd.DataFrame(rows).to_markdown(index=False))
 
 
-def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str) -> list[str]:
-    """Memory and throughput of `pick` against BF16 at the sweep's reference batch (pages, else queries)."""
+def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str,
+                    devices: Mapping[tuple[str, str], str]) -> list[str]:
+    """Memory and throughput of `pick` against BF16 at the sweep's reference batch (pages, else queries),
+    with the device they were measured on where known."""
     memory = metrics.values(recorded, metrics.PEAK_MEMORY_MIB)
     speed = metrics.values(recorded, metrics.ITEMS_PER_S)
     batches = metrics.values(recorded, metrics.REFERENCE_BATCH)
@@ -145,8 +152,10 @@ def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str) -> lis
     if kind is None:
         return ["Its memory and speed are not measured yet: run `notebooks/06_memory_sweep.ipynb`."]
     batch = f" at batch {int(batches[kind])}" if kind in batches else ""
+    device = devices.get((pick, kind))
+    where = f" on {device}" if device else ""
     ratio = memory[(pick, kind)] / memory[(BASELINE, kind)]
-    sentences = [f"Encoding {plural(kind)}{batch}, it peaks at {memory[(pick, kind)]:,.0f} MiB against BF16's "
+    sentences = [f"Encoding {plural(kind)}{batch}{where}, it peaks at {memory[(pick, kind)]:,.0f} MiB against BF16's "
                  f"{memory[(BASELINE, kind)]:,.0f} MiB ({_change(ratio, 'less', 'more')})."]
     if (pick, kind) in speed and (BASELINE, kind) in speed:
         pace = speed[(pick, kind)] / speed[(BASELINE, kind)]
@@ -154,6 +163,9 @@ def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str) -> lis
                          f"({_change(pace, 'slower', 'faster')}).")
     else:
         sentences.append("Its throughput is not measured yet: run `notebooks/06_memory_sweep.ipynb`.")
+    if variant_family(pick) == "w4a8" and device is not None and device.startswith("cpu"):
+        sentences.append("On a CPU a W4A8 run computes the kernel's arithmetic in torch (its reference; the CUTLASS "
+                         "kernel runs on Hopper GPUs only), so this speed is not the kernel's.")
     return sentences
 
 
