@@ -17,7 +17,7 @@ def small_profile(tmp_path, **overrides) -> str:
     profile["model"]["max_num_visual_tokens"] = 64
     profile["corpus"].update(n_pages=8, n_queries=16)
     profile["calibration"].update(seqlens=[64, 128], nsamples=2)
-    profile["quantization"].update(iters=2, batch_size=2, grid=None)
+    profile["quantization"].update(iters=2, batch_size=2, grid=None, w4a8=True)  # the largest seqlen's
     profile["fidelity"].update(n_queries=4, n_pages=6)
     profile["sweep"].update(query_batch_sizes=[1, 2], page_batch_sizes=[1], repeats=1)
     for section, values in overrides.items():

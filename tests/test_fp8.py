@@ -238,7 +238,7 @@ def test_profiles_select_fp8_kinds_and_reject_unknown_ones():
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
     assert profile["quantization"]["fp8"] == ["lm", "all"]
     # after the auto-round and RTN variants; the tiny profile's W4A8 run (quantization.w4a8) comes next, the grid's last
-    assert workspace.expected_variants(profile, grid=False)[-3:] == ["fp8-lm", "fp8-all", workspace.w4a8_variant(profile, 1024)]
+    assert workspace.expected_variants(profile, grid=False)[-3:] == ["fp8-lm", "fp8-all", workspace.w4a8_variant(profile, 512)]
     profile["quantization"]["fp8"] = ["vision"]
     with pytest.raises(ProfileError, match=r"quantization\.fp8\[0\]='vision' is not allowed"):
         validate_profile(profile)

@@ -251,6 +251,18 @@ def test_w4a8_runs_only_checkpoints_the_kernel_takes(tiny, change, problem):
     assert validate_profile({**tiny, "quantization": {**tiny["quantization"], "w4a8": False, **change}})
 
 
+@pytest.mark.parametrize("w4a8, seqlen", [(True, 1024), (False, None), (256, 256)])
+def test_w4a8_runs_the_largest_seqlen_or_the_one_named(tiny, w4a8, seqlen):
+    profile = validate_profile({**tiny, "quantization": {**tiny["quantization"], "w4a8": w4a8}})
+    assert type(profile["quantization"]["w4a8"]) is type(w4a8)  # true stays a bool: not seqlen 1
+    assert workspace.w4a8_seqlen(profile) == seqlen
+
+
+def test_a_w4a8_seqlen_without_a_variant_is_refused_with_the_key_path(tiny):
+    message = _rejected(tiny, lambda p: p["quantization"].update(w4a8=2048))
+    assert "quantization.w4a8=2048 names no auto-round variant" in message and "[256, 512, 1024]" in message
+
+
 def test_variant_names_carry_the_calibration_source_actually_used(tiny):
     """The tiny profile requests pile-10k but calibrates on the embedded fallback offline: its
     variants must not be called pile10k."""
@@ -314,6 +326,7 @@ def test_the_tiny_grid_is_valid_and_defaults_fill_in(tiny):
     assert validate_profile(profile)["quantization"]["grid"] == {"seqlen": 512, "bits": [2], "group_sizes": [128],
                                                                   "rtn": True, "autoscheme": None}
     profile["calibration"]["seqlens"] = [1024, 64, 256, 128]  # the middle one, the lower of two
+    profile["quantization"]["w4a8"] = True  # its 512 is no longer a seqlen
     assert validate_profile(profile)["quantization"]["grid"]["seqlen"] == 128
     profile["quantization"]["grid"]["seqlen"] = 1024
     assert validate_profile(profile)["quantization"]["grid"]["seqlen"] == 1024

@@ -172,7 +172,7 @@ def test_the_command_line_reports_a_held_output_dir_in_one_line_after_waiting(tm
     assert error.startswith("colquant run: ") and "is in use by another run" in error and error.count("\n") == 1
 
 
-def test_the_w4a8_run_is_made_by_the_largest_seqlens_quantization_step(tmp_path, stand_in, output_root):
+def test_the_w4a8_run_is_made_by_its_seqlens_quantization_step(tmp_path, stand_in, output_root):
     steps = {step.key: step for step in plan(workspace.resolve(small_profile(tmp_path)), load_profile(small_profile(tmp_path)))}
     w4a8 = output_root / "variants" / "w4a8-g128-sym-pile10k-seqlen128-iters2" / workspace.METADATA_FILE
     assert w4a8 in steps["03_quantization__seqlen128"].results and w4a8 not in steps["03_quantization__seqlen64"].results

@@ -127,7 +127,7 @@ def small_profile(tmp_path, monkeypatch):
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
     profile["calibration"].update(seqlens=[64], nsamples=2)
-    profile["quantization"].update(iters=0, batch_size=2, export_formats=["auto_round"])
+    profile["quantization"].update(iters=0, batch_size=2, export_formats=["auto_round"], w4a8=True)
     return profile
 
 

@@ -27,13 +27,13 @@ def profile(tmp_path, monkeypatch):
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path / "outputs"))
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
     profile["model"]["max_num_visual_tokens"] = 64
-    assert profile["quantization"]["w4a8"]  # the tiny profile runs its largest seqlen's checkpoint as W4A8
+    assert profile["quantization"]["w4a8"] == 512  # the tiny profile runs its seqlen-512 checkpoint as W4A8
     return profile
 
 
 @pytest.fixture
 def checkpoint(profile, tiny_w4a16_path):
-    """The tiny W4A16 variant as the profile's auto-round variant of the largest seqlen."""
+    """The tiny W4A16 variant as the profile's auto-round variant of its W4A8 run's seqlen."""
     seqlen = workspace.w4a8_seqlen(profile)
     return shutil.copytree(tiny_w4a16_path, workspace.variants_dir(profile) / workspace.autoround_variant(profile, seqlen))
 
@@ -44,7 +44,7 @@ def _produce(profile) -> dict:
 
 
 def test_the_w4a8_run_names_its_checkpoint_and_loads_it_with_fp8_activations(profile, checkpoint):
-    seqlen = max(profile["calibration"]["seqlens"])
+    seqlen = workspace.w4a8_seqlen(profile)
     made = _produce(profile)
     name = workspace.w4a8_variant(profile, seqlen)
     out = workspace.variants_dir(profile) / name
@@ -72,14 +72,14 @@ def test_a_w4a8_run_of_a_changed_checkpoint_is_refused_until_made_again(profile,
     assert workspace.variant_checkpoint(out) == (checkpoint, {"activations": "fp8"})
 
 
-def test_only_the_largest_seqlens_auto_round_variant_gets_a_w4a8_run(profile, checkpoint):
-    largest = workspace.w4a8_seqlen(profile)
-    produced = {"calibration": {"source_used": workspace.calibration_source_used(profile, largest)}}
-    for seqlen, method in ((min(profile["calibration"]["seqlens"]), "autoround"), (largest, "rtn")):
+def test_only_the_named_seqlens_auto_round_variant_gets_a_w4a8_run(profile, checkpoint):
+    named = workspace.w4a8_seqlen(profile)
+    produced = {"calibration": {"source_used": workspace.calibration_source_used(profile, named)}}
+    for seqlen, method in ((max(profile["calibration"]["seqlens"]), "autoround"), (named, "rtn")):
         assert variants._with_w4a8_run(profile, seqlen, method, produced) == produced
         assert not (workspace.variants_dir(profile) / workspace.w4a8_variant(profile, seqlen)).exists()
-    assert variants._with_w4a8_run(profile, largest, "autoround", produced) == produced
-    assert (workspace.variants_dir(profile) / workspace.w4a8_variant(profile, largest)).is_dir()
+    assert variants._with_w4a8_run(profile, named, "autoround", produced) == produced
+    assert (workspace.variants_dir(profile) / workspace.w4a8_variant(profile, named)).is_dir()
     profile["quantization"]["w4a8"] = False
     assert workspace.w4a8_seqlen(profile) is None and workspace.expected_variants(profile, grid=False)[-1] == "fp8-all"
 
@@ -135,7 +135,7 @@ def grid_profile(tmp_path_factory):
     monkeypatch.setenv(workspace.OUTPUT_ROOT_ENV, str(tmp_path_factory.mktemp("outputs")))
     profile = load_profile(workspace.REPO_ROOT / "params" / "tiny.yaml")
     profile["calibration"].update(seqlens=[64], nsamples=2)
-    profile["quantization"].update(iters=1, batch_size=2, export_formats=["auto_round"], grid=GRID)
+    profile["quantization"].update(iters=1, batch_size=2, export_formats=["auto_round"], grid=GRID, w4a8=True)
     profile = validate_profile(profile)
     _, processor = colquant.load(workspace.base_model(profile))
     corpus = build_corpus(workspace.corpus_dir(profile), n_pages=4, n_queries=4, progress=False)

@@ -130,9 +130,10 @@ class QuantizationSection(_Section):
     rtn_baseline: bool
     export_formats: list[Literal["auto_round", "auto_gptq", "auto_awq"]] = Field(min_length=1)
     fp8: list[Literal["lm", "all"]] = []  # W8A8 FP8 variants (colquant.retriever.fp8): fp8-lm, fp8-all (+ vision tower)
-    # the auto-round variant of the largest calibration seqlen also run as W4A8: the same checkpoint loaded
-    # with colquant.load(..., activations="fp8") (colquant.kernels.w4a8), compared in notebooks 04-07 as a variant
-    w4a8: bool = False
+    # an auto-round variant also run as W4A8: the same checkpoint loaded with colquant.load(...,
+    # activations="fp8") (colquant.kernels.w4a8), compared in notebooks 04-07 as a variant. true: the
+    # largest calibration seqlen's; a number: that seqlen's (one of calibration.seqlens); false: none
+    w4a8: bool | PositiveInt = False
     grid: GridSection | None = None  # the frontier's weight settings; None: the variants above only
 
     _lists_listed_once = field_validator("export_formats", "fp8")(_listed_once)

@@ -112,10 +112,14 @@ def _w4a8_problems(profile: dict[str, Any]) -> list[str]:
     """`quantization.w4a8` asks for a W4A8 run of an auto-round variant CUTLASS W4A8 can run."""
     from colquant.kernels.w4a8 import GROUP_SIZE
 
-    quantization = profile["quantization"]
-    sym, group_size = quantization["sym"], quantization["group_size"]
-    if not quantization["w4a8"] or (sym and group_size == GROUP_SIZE):
-        return []
-    return [f"quantization.w4a8 runs a symmetric group-{GROUP_SIZE} checkpoint as W4A8 (what CUTLASS W4A8 takes), and "
+    quantization, seqlens = profile["quantization"], profile["calibration"]["seqlens"]
+    sym, group_size, w4a8 = quantization["sym"], quantization["group_size"], quantization["w4a8"]
+    problems = []
+    if w4a8 is not True and w4a8 is not False and w4a8 not in seqlens:
+        problems.append(f"quantization.w4a8={w4a8} names no auto-round variant: it is not one of calibration.seqlens "
+                        f"{seqlens}; use one of them, true for the largest, or false for no W4A8 run")
+    if w4a8 is False or (sym and group_size == GROUP_SIZE):
+        return problems
+    return problems + [f"quantization.w4a8 runs a symmetric group-{GROUP_SIZE} checkpoint as W4A8 (what CUTLASS W4A8 takes), and "
             f"this profile quantizes sym={sym}, group_size={group_size}: set "
             f"quantization.w4a8: false, or quantize with sym: true and group_size: {GROUP_SIZE}"]

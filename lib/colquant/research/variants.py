@@ -8,7 +8,8 @@ quantizes it and saves it under `variants/<name>`. The seeds' variant and its RT
 `quantization` (`produce_variant`); the frontier's grid (`quantization.grid`, `colquant.quantize.weight_grid`) from
 `produce_grid_variants`, AutoScheme's with the per-layer widths the library chose (`colquant.quantize.autoscheme`).
 
-With `quantization.w4a8`, the auto-round variant of the largest calibration seqlen also gets a W4A8 run:
+With `quantization.w4a8`, the auto-round variant of one calibration seqlen (`workspace.w4a8_seqlen`: the
+one named, or the largest) also gets a W4A8 run:
 `variants/<w4a8 name>` holds no weights, only metadata naming that checkpoint, the weights it was made
 for and the load option (`activations="fp8"`, `colquant.kernels.w4a8`), and a card; notebooks 04-07
 load it through `workspace.load_variant` and compare it like any variant.

@@ -294,8 +294,12 @@ def autoround_variant(profile: dict[str, Any], seqlen: int) -> str:
 
 
 def w4a8_seqlen(profile: dict[str, Any]) -> int | None:
-    """The calibration seqlen whose auto-round variant also runs as W4A8 (`quantization.w4a8`): the largest."""
-    return max(profile["calibration"]["seqlens"]) if profile["quantization"]["w4a8"] else None
+    """The calibration seqlen whose auto-round variant also runs as W4A8 (`quantization.w4a8`): the one it
+    names, the largest for `true`, None for `false`."""
+    w4a8 = profile["quantization"]["w4a8"]
+    if w4a8 is False:
+        return None
+    return max(profile["calibration"]["seqlens"]) if w4a8 is True else int(w4a8)
 
 
 def w4a8_variant(profile: dict[str, Any], seqlen: int) -> str:
