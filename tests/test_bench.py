@@ -38,7 +38,7 @@ def test_tiny_bench_runs_on_cpu_and_writes_json(tiny_profile, tmp_path, monkeypa
     e2e = [r for r in data["results"] if r["work"] == "page-e2e"]
     assert all(r["bound"] in ("GPU", "CPU preprocessing") and r["over_tensors"] > 0 for r in e2e)
     assert all(r["pages_per_call"] == 2 * r["batch"] and r["first_call_ms"] > 0 for r in e2e)  # 2 batches a call
-    assert "w4/bf16 thr" in caplog.text and "PIL e2e p/s" in caplog.text and "targets:" in caplog.text
+    assert "thr / bf16" in caplog.text and "PIL e2e p/s" in caplog.text and "targets:" in caplog.text
 
 
 def test_query_texts_come_from_the_tokenizer_at_the_asked_length(tiny_model):
@@ -91,17 +91,40 @@ def test_cli_overrides_the_profile(monkeypatch, tmp_path):
     assert seen["p"]["bench"]["kernel_checks"] is False
 
 
-def test_summary_pairs_bf16_with_4bit_and_survives_missing_rows():
+def test_summary_pairs_every_precision_with_bf16_of_the_same_run_and_survives_missing_rows():
     page = dict(vision="fast", work="page", batch=16, reps=3)
     rows = [dict(page, precision="bf16", ms=400.0, items_per_s=40.0, peak_mib=100.0),
             dict(page, precision="bf16", vision="eager", ms=600.0, items_per_s=26.7, peak_mib=900.0),
-            dict(page, precision="w4a16", ms=500.0, items_per_s=32.0, peak_mib=50.0)]
+            dict(page, precision="w4a16", ms=500.0, items_per_s=32.0, peak_mib=50.0),
+            dict(page, precision="w4a8", ms=320.0, items_per_s=50.0, peak_mib=40.0)]
     table = bench_report.summary(rows)
-    assert table.to_dict(orient="records") == [dict(work="page", batch=16, bf16_ms=400.0, bf16_per_s=40.0,
-                                                     bf16_peak_mib=100.0, w4_ms=500.0, w4_per_s=32.0,
-                                                     w4_peak_mib=50.0, thr_ratio=0.8, mem_ratio=0.5)]
-    assert bench_report.summary(rows[:2]).empty and bench_report.summary([]).empty  # no 4-bit rows: no pairs
-    assert "bf16       fast      16" in bench_report.format_report(bench_report.summary(rows[:1]), rows[:1], {})
+    assert table.to_dict(orient="records") == [
+        dict(precision="w4a16", work="page", batch=16, bf16_ms=400.0, bf16_per_s=40.0, bf16_peak_mib=100.0, ms=500.0,
+             per_s=32.0, peak_mib=50.0, thr_ratio=0.8, mem_ratio=0.5),
+        dict(precision="w4a8", work="page", batch=16, bf16_ms=400.0, bf16_per_s=40.0, bf16_peak_mib=100.0, ms=320.0,
+             per_s=50.0, peak_mib=40.0, thr_ratio=1.25, mem_ratio=0.4)]
+    assert bench_report.summary(rows[:2]).empty and bench_report.summary([]).empty  # BF16 alone: no pairs
+    assert bench_report.summary(rows[2:]).empty  # no BF16 in this run: nothing to compare with
+    report = bench_report.format_report(table, rows, {})
+    assert "bf16       fast      16" in report and any(line.startswith("w4a8          page      16") for line in report.splitlines())
+
+
+def test_ratio_targets_check_a_precision_against_bf16_at_one_batch():
+    """The issue's targets as the profile states them: throughput ratios at least, memory ratios at most."""
+    rows = [dict(precision=precision, work=work, batch=batch, ms=1.0, items_per_s=speed, peak_mib=memory)
+            for precision, work, batch, speed, memory in [("bf16", "query", 1024, 1000.0, 100.0),
+                                                          ("w4a8", "query", 1024, 1660.0, 39.0),
+                                                          ("bf16", "page", 16, 40.0, 100.0),
+                                                          ("w4a8", "page", 16, 49.6, 45.0)]]
+    met = bench_report.targets_met(rows, {"w4a8 thr_ratio query 1024": 1.6, "w4a8 mem_ratio query 1024": 0.40,
+                                          "w4a8 thr_ratio page 16": 1.25, "w4a8 mem_ratio page 16": 0.40,
+                                          "w4a16-memory thr_ratio query 1": 1.3})
+    assert met["w4a8 thr_ratio query 1024"] == dict(target=1.6, value=1.66, met=True)
+    assert met["w4a8 mem_ratio query 1024"]["met"] and not met["w4a8 mem_ratio page 16"]["met"]
+    assert met["w4a8 thr_ratio page 16"] == dict(target=1.25, value=1.24, met=False)
+    assert met["w4a16-memory thr_ratio query 1"] == dict(target=1.3, value=None, met=False)  # not timed in this run
+    with pytest.raises(ValueError, match="'<precision> <thr|mem>_ratio <query|page> <batch>'"):
+        bench_report.targets_met(rows, {"w4a8 speed query 1024": 1.6})
 
 
 def test_a_gemm_shape_with_no_passing_route_fails_the_checks():
@@ -169,3 +192,15 @@ def test_the_pages_table_prints_the_pipelines_first_call_beside_its_steady_state
     header, line = [x for x in report.splitlines() if "1st call s" in x or x.startswith("bf16       fast")]
     assert line.split() == ["bf16", "fast", "16", "|", "40.0", "36.0", "0.90", "192.0", "7.25", "GPU"]
     assert header.split()[-3:] == ["call", "s", "bound"]
+
+
+@pytest.mark.parametrize("name", ["tiny", "synthetic-4b", "colqwen3-4b"])
+def test_every_profiles_bench_targets_are_names_the_report_knows(name):
+    bench_report.check_targets(load_profile(f"params/{name}.yaml", check_device=False)["bench"]["targets"])
+
+
+def test_an_unknown_target_is_refused_before_anything_is_timed(tiny_profile, monkeypatch):
+    monkeypatch.setattr(bench, "load_model", lambda *args: pytest.fail("a model was loaded"))
+    tiny_profile["bench"]["targets"] = {"w4a8 speed query 1024": 1.6}
+    with pytest.raises(ValueError, match="bench.targets: unknown"):
+        bench.run_bench(tiny_profile, None, device="cpu")

@@ -33,7 +33,7 @@ from torch import nn
 
 from colquant.basics import measure
 from colquant.basics.files import write_text
-from colquant.deploy.bench_report import format_report, summary, targets_met
+from colquant.deploy.bench_report import check_targets, format_report, summary, targets_met
 from colquant.inference.loading import load
 from colquant.kernels import checks
 from colquant.kernels.fp8_dispatch import attach as attach_fp8_kernels
@@ -295,6 +295,7 @@ def run_bench(profile: dict, out_json: str | Path | None = None, *, device: str 
     """Run the profile's benchmark; returns the BF16/4-bit summary table and writes the JSON."""
     from colquant.kernels import backend_report
 
+    check_targets(profile["bench"]["targets"])
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bench = Bench(profile, dev)
     report: dict[str, Any] = dict(profile=profile["profile"], settings=profile["bench"], env=backend_report(dev))

@@ -1,32 +1,35 @@
-"""The benchmark's tables: BF16 beside 4-bit, pages from tensors beside pages from PIL images, and
-the profile's targets checked against the measured rows (`colquant.deploy.bench` produces the rows)."""
+"""The benchmark's tables: every precision beside BF16 in the same run, pages from tensors beside pages
+from PIL images, and the profile's targets (absolute rates, or a precision's ratio to BF16 at one batch)
+checked against the measured rows (`colquant.deploy.bench` produces the rows)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 
-SUMMARY_COLUMNS = ["work", "batch", "bf16_ms", "bf16_per_s", "bf16_peak_mib", "w4_ms", "w4_per_s", "w4_peak_mib",
+SUMMARY_COLUMNS = ["precision", "work", "batch", "bf16_ms", "bf16_per_s", "bf16_peak_mib", "ms", "per_s", "peak_mib",
                    "thr_ratio", "mem_ratio"]
+BASELINE = "bf16"
 
 
 def summary(rows: list[dict]):
-    """BF16 beside 4-bit for each (work, batch) both timed (pages with the fast vision tower where it
-    was timed): throughput and memory ratios last."""
+    """Each precision beside BF16 for every (work, batch) both timed in this run (pages with the fast
+    vision tower where it was timed): throughput and memory ratios last. Only pairs from one run are
+    ratios worth quoting, so nothing is compared across runs here."""
     import pandas as pd
 
     vision = "fast" if any(r.get("vision") == "fast" and "error" not in r for r in rows) else "eager"
     timed = {(r["precision"], r["work"], r["batch"]): r for r in rows if "error" not in r
              and r["work"] in ("query", "page") and r.get("vision", vision) == vision}
     out = []
-    for (precision, work, batch), b in timed.items():
-        q = timed.get(("w4a16", work, batch))
-        if precision == "bf16" and q is not None:
-            out.append(dict(work=work, batch=batch, bf16_ms=b["ms"], bf16_per_s=b["items_per_s"],
-                            bf16_peak_mib=b["peak_mib"], w4_ms=q["ms"], w4_per_s=q["items_per_s"],
-                            w4_peak_mib=q["peak_mib"], thr_ratio=q["items_per_s"] / b["items_per_s"],
-                            mem_ratio=q["peak_mib"] / b["peak_mib"]))
+    for (precision, work, batch), q in timed.items():
+        b = timed.get((BASELINE, work, batch))
+        if precision != BASELINE and b is not None:
+            out.append(dict(precision=precision, work=work, batch=batch, bf16_ms=b["ms"], bf16_per_s=b["items_per_s"],
+                            bf16_peak_mib=b["peak_mib"], ms=q["ms"], per_s=q["items_per_s"], peak_mib=q["peak_mib"],
+                            thr_ratio=q["items_per_s"] / b["items_per_s"], mem_ratio=q["peak_mib"] / b["peak_mib"]))
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
 
@@ -45,30 +48,45 @@ TARGETS: dict[str, Callable[[list[dict]], float]] = {
 }
 
 
-def targets_met(rows: list[dict], targets: dict[str, float]) -> dict:
-    """Each profile target's measured value and whether it is met (`*_ms`: at most; else at least)."""
-    unknown = sorted(set(targets) - set(TARGETS))
+# "<precision> <thr|mem>_ratio <query|page> <batch>": a precision against BF16 at one batch of this run,
+# e.g. "w4a8 thr_ratio query 1024" (throughput: at least the target) or "w4a8 mem_ratio query 64" (peak: at most)
+RATIO_TARGET = re.compile(r"(?P<precision>[\w-]+) (?P<ratio>thr|mem)_ratio (?P<work>query|page) (?P<batch>\d+)")
+
+
+def check_targets(targets: dict[str, float]) -> None:
+    """Refuse a target name neither form knows, before a bench run spends its time."""
+    unknown = sorted(name for name in targets if name not in TARGETS and not RATIO_TARGET.fullmatch(name))
     if unknown:
-        raise ValueError(f"bench.targets: unknown {unknown}; known: {', '.join(TARGETS)}")
+        raise ValueError(f"bench.targets: unknown {unknown}; known: {', '.join(TARGETS)}, or "
+                         "'<precision> <thr|mem>_ratio <query|page> <batch>' (e.g. 'w4a8 thr_ratio query 1024')")
+
+
+def targets_met(rows: list[dict], targets: dict[str, float]) -> dict:
+    """Each profile target's measured value and whether it is met (`*_ms` and memory ratios: at most;
+    else at least). A target whose work was not timed in this run is reported missed, with no value."""
+    check_targets(targets)
     timed = [r for r in rows if "error" not in r]
+    pairs = summary(rows).set_index(["precision", "work", "batch"])
     out = {}
     for name, target in targets.items():
+        ratio = RATIO_TARGET.fullmatch(name)
         try:
-            value = TARGETS[name](timed)
-        except ValueError:  # max()/min() of nothing: the work was not timed in this run
+            value = TARGETS[name](timed) if ratio is None else float(pairs.loc[
+                (ratio["precision"], ratio["work"], int(ratio["batch"])), f"{ratio['ratio']}_ratio"])
+        except (ValueError, KeyError):  # max()/min() of nothing, or no such pair: not timed in this run
             out[name] = dict(target=target, value=None, met=False)
             continue
-        out[name] = dict(target=target, value=round(value, 3),
-                         met=value <= target if name.endswith("_ms") else value >= target)
+        at_most = name.endswith("_ms") or (ratio is not None and ratio["ratio"] == "mem")
+        out[name] = dict(target=target, value=round(value, 3), met=value <= target if at_most else value >= target)
     return out
 
 
 def format_report(table: Any, rows: list[dict], targets: dict) -> str:
-    head = (f"{'work':6s} {'batch':>5s} | {'bf16 ms':>9s} {'bf16 /s':>9s} {'bf16 MiB':>9s} | "
-            f"{'w4 ms':>9s} {'w4 /s':>9s} {'w4 MiB':>9s} | {'w4/bf16 thr':>11s} {'w4/bf16 mem':>11s}")
+    head = (f"{'precision':13s} {'work':6s} {'batch':>5s} | {'bf16 ms':>9s} {'bf16 /s':>9s} {'bf16 MiB':>9s} | "
+            f"{'ms':>9s} {'/s':>9s} {'MiB':>9s} | {'thr / bf16':>10s} {'mem / bf16':>10s}")
     lines = [head, "-" * len(head)] + [
-        f"{r.work:6s} {r.batch:5d} | {r.bf16_ms:9.2f} {r.bf16_per_s:9.1f} {r.bf16_peak_mib:9.0f} | "
-        f"{r.w4_ms:9.2f} {r.w4_per_s:9.1f} {r.w4_peak_mib:9.0f} | {r.thr_ratio:11.2f} {r.mem_ratio:11.3f}"
+        f"{r.precision:13s} {r.work:6s} {r.batch:5d} | {r.bf16_ms:9.2f} {r.bf16_per_s:9.1f} {r.bf16_peak_mib:9.0f} | "
+        f"{r.ms:9.2f} {r.per_s:9.1f} {r.peak_mib:9.0f} | {r.thr_ratio:10.2f} {r.mem_ratio:10.3f}"
         for r in table.itertuples()]
     lines.append(f"\n{'precision':10s} {'vision':6s} {'batch':>5s} | {'tensors p/s':>11s} {'PIL e2e p/s':>11s} "
                  f"{'e2e/tensors':>11s} {'preproc p/s':>11s} {'1st call s':>10s}  bound")
