@@ -68,8 +68,11 @@ def test_a_quantization_costs_its_methods_measured_seconds_once_one_is_timed(tmp
     """One plan, one estimate: before any variant exists auto-round's text tokens time it; once this output
     directory holds finished variants of a method, their median wall time does (`grid_plan`)."""
     profile_path = small_profile(tmp_path)
-    first = {step.key: step for step in make_plan(profile_path, measure=False).steps}["03_quantization__seqlen64"]
+    steps = {step.key: step for step in make_plan(profile_path, measure=False).steps}
+    first = steps["03_quantization__seqlen64"]
     assert first.text_tokens > 0 and first.timed_s == 0.0
+    # seqlen 128 makes its auto-round variant and its W4A8 run, which tunes nothing: one variant's tokens
+    assert steps["03_quantization__seqlen128"].text_tokens == 2 * first.text_tokens  # twice the seqlen
 
     executed_after(stand_in, profile_path)  # every variant's metadata records 1 s (pipeline_stand_in)
     variants = workspace.quantized_variants(load_profile(profile_path))

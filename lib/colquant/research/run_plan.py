@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 RUNS, DONE, NOT_SELECTED, CONDITIONAL = "runs", "done", "not selected", "runs if 03 changes the weights"
 BACKWARD_FORWARDS = 3  # a forward and its backward cost about three forwards (the backward does two GEMMs per one)
 BUILT_MODELS = ("embedded-tiny", "synthetic-4b")
+TUNED = ("autoround", "autoscheme")  # the methods that run auto-round's tuning on calibration text
 
 
 @dataclass
@@ -196,7 +197,7 @@ class Workloads:
         planned.timed_s = sum(timed[METHOD_STAGES[methods[path.name]]] for path in made if path not in untimed)
         if planned.timed_s:
             planned.why += f"; quantization time per method {source}"
-        calibrated = [path for path in untimed if "-iters" in path.name]
+        calibrated = [path for path in untimed if methods.get(path.name) in TUNED]  # not a W4A8 run: it tunes nothing
         per_variant = quantization["iters"] * quantization["batch_size"] * BACKWARD_FORWARDS + 2 * calibration["nsamples"]
         planned.text_tokens = len(calibrated) * step.parameters["seqlen"] * per_variant
 
