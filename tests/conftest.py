@@ -31,6 +31,17 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The evaluation tests' page corpus (tests/tiny_task.py's size), built once and only read."""
+    from colquant.evaluate.corpus import build_corpus
+    from tiny_task import N_PAGES, N_QUERIES
+
+    root = tmp_path_factory.mktemp("eval-corpus") / "corpus"
+    build_corpus(root, n_pages=N_PAGES, n_queries=N_QUERIES, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_path: Path):
     import colquant
 

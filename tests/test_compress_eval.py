@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -18,18 +17,9 @@ from colquant.evaluate.compress_eval import (
     evaluate_setting,
     plot_pareto,
 )
-from colquant.evaluate.corpus import build_corpus
 from colquant.evaluate.evaluation import ColQuantEncoder, get_tasks
+from tiny_task import N_PAGES, N_QUERIES, TASK
 
-N_PAGES, N_QUERIES = 6, 8
-TASK = "ColQuantTinyPagesRetrieval"
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("compress-eval") / "corpus"
-    build_corpus(root, n_pages=N_PAGES, n_queries=N_QUERIES, progress=False)
-    return root
 
 
 REVISION = "0123456789abcdef"  # the evaluation fingerprint (hex) results are filed under

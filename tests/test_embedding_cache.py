@@ -4,30 +4,20 @@ nothing a killed write left is ever read, bounded, and notebook 07 after 05 enco
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import colquant
 import pytest
 import torch
 from colquant.evaluate import embedding_cache
 from colquant.evaluate.compress_eval import EmbeddingMemo, evaluate_setting
-from colquant.evaluate.corpus import build_corpus
 from colquant.evaluate.embedding_cache import EmbeddingCache, Request
 from colquant.evaluate.evaluation import ColQuantEncoder, evaluate_variant, get_tasks
 from colquant.inference.compress import parse_setting
 from mteb._create_dataloaders import create_dataloader
 from mteb.types import PromptType
+from tiny_task import N_PAGES, N_QUERIES, TASK
 
-N_PAGES, N_QUERIES = 6, 8
-TASK = "ColQuantTinyPagesRetrieval"
 REV = "0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("embedding-cache") / "corpus"
-    build_corpus(root, n_pages=N_PAGES, n_queries=N_QUERIES, progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 import torch
 from colquant.basics.measure import measure
 from colquant.evaluate import shared_vision
-from colquant.evaluate.corpus import build_corpus
 from colquant.evaluate.embedding_cache import manifests
 from colquant.evaluate.evaluation import evaluate_variant, get_tasks
 from colquant.quantize.fp8_variants import fp8_metadata, quantize_fp8, save_fp8_model
@@ -27,17 +26,9 @@ from colquant.evaluate.shared_vision import (
 )
 from safetensors.torch import load_file, save_file
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+from tiny_task import N_PAGES, N_QUERIES, TASK
 
-N_PAGES, N_QUERIES = 6, 8
-TASK = "ColQuantTinyPagesRetrieval"
 REV = "0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shared-vision") / "corpus"
-    build_corpus(root, n_pages=N_PAGES, n_queries=N_QUERIES, progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")
