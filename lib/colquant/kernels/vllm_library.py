@@ -85,10 +85,9 @@ class VllmLibrary:
                     f"{VLLM_VERSION}'s {self.relpath}")
         return None
 
-    def version(self) -> str | None:
-        """The release in use, once loaded (part of a tuned table's cache key); None otherwise."""
-        if self.load_error():
-            return None
+    def release(self) -> str | None:
+        """The release this library comes from (part of a tuned table's cache key): the installed vllm's,
+        or for an explicit path the release it must be. Meaningful once `load_error()` is None."""
         return installed_vllm_version() if not os.environ.get(self.env) else f"{VLLM_VERSION} ({self.env})"
 
 

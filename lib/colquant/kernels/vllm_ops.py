@@ -108,7 +108,7 @@ def unavailable_reason(device: torch.device | str, kind: str) -> str | None:
 
 def version() -> str | None:
     """The vLLM release whose library is loaded (None: not loaded); part of the tuned table's cache key."""
-    return LIBRARY.version()
+    return None if load_error() else LIBRARY.release()
 
 
 # --------------------------------------------------------------------------------------------
