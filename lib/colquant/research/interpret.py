@@ -280,7 +280,7 @@ def sweep(reference: pd.DataFrame, baseline: str = BASELINE) -> str:
             continue
         base = rows.loc[baseline]
         devices = rows["device"] if "device" in rows else pd.Series(dtype=object)
-        parts = [f"{_name(v)}{_reference_note(v, devices.get(v))} "
+        parts = [f"{_name(v)}{reference_note(v, devices.get(v))} "
                  f"{rows.loc[v, 'peak_memory_mib'] / base['peak_memory_mib']:.2f}× memory, "
                  f"{rows.loc[v, 'items_per_s'] / base['items_per_s']:.2f}× throughput"
                  for v in variant_order(rows.index) if v != baseline]
@@ -290,7 +290,7 @@ def sweep(reference: pd.DataFrame, baseline: str = BASELINE) -> str:
     return "\n".join(lines) + "\n\nBelow 1× memory is the saving; below 1× throughput, the price of dequantizing on the fly."
 
 
-def _reference_note(variant: str, device: Any) -> str:
+def reference_note(variant: str, device: Any) -> str:
     """A W4A8 run measured on CPU timed its dequantized reference (colquant.kernels.w4a8), not the kernel."""
     if variant_family(variant) == "w4a8" and str(device).startswith("cpu"):
         return " (W4A8's dequantized reference on CPU: its arithmetic, not its kernel's speed or memory)"

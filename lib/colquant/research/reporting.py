@@ -21,14 +21,14 @@ import numpy as np
 import pandas as pd
 
 from colquant.evaluate import metrics
-from colquant.evaluate.plots import BASELINE, variant_family, variant_order, variant_precision
+from colquant.evaluate.plots import BASELINE, variant_order, variant_precision
 from colquant.evaluate.sweep import devices_of
 from colquant.inference.compress import compression_report
 from colquant.quantize.cards import update_model_card
 from colquant.quantize.weight_formats import kernel_path, weight_format
 from colquant.research import workspace
 from colquant.research.frontier import frontier_report
-from colquant.research.interpret import plural
+from colquant.research.interpret import plural, reference_note
 
 # A variant whose mean NDCG@5 is within this many percent of BF16's may be recommended over it.
 TOLERANCE_PCT = 2.0
@@ -90,8 +90,8 @@ def _stale_note(stale: frozenset[str], profile: dict[str, Any]) -> str:
 def headline(recorded: dict[str, list[dict[str, Any]]], tolerance_pct: float = TOLERANCE_PCT, *,
              devices: Mapping[tuple[str, str], str] | None = None) -> str:
     """Three sentences: which variant to use, what it costs in NDCG@5, what it saves in memory and time
-    (on the device `devices` names for the pick's sweep rows; a W4A8 run on a CPU also says that its
-    speed is the kernel's torch reference, not the kernel).
+    (on the device `devices` names for the pick's sweep rows; a W4A8 run on a CPU also says that it ran
+    the kernel's reference, `interpret.reference_note`).
 
     The pick is the quantized variant with the highest mean NDCG@5 among those within
     `tolerance_pct` % of BF16's; when none is, the headline says to keep BF16 and names the closest.
@@ -155,7 +155,7 @@ def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str,
     device = devices.get((pick, kind))
     where = f" on {device}" if device else ""
     ratio = memory[(pick, kind)] / memory[(BASELINE, kind)]
-    sentences = [f"Encoding {plural(kind)}{batch}{where}, it peaks at {memory[(pick, kind)]:,.0f} MiB against BF16's "
+    sentences = [f"Encoding {plural(kind)}{batch}{where}{reference_note(pick, device)}, it peaks at {memory[(pick, kind)]:,.0f} MiB against BF16's "
                  f"{memory[(BASELINE, kind)]:,.0f} MiB ({_change(ratio, 'less', 'more')})."]
     if (pick, kind) in speed and (BASELINE, kind) in speed:
         pace = speed[(pick, kind)] / speed[(BASELINE, kind)]
@@ -163,9 +163,6 @@ def _cost_sentences(recorded: dict[str, list[dict[str, Any]]], pick: str,
                          f"({_change(pace, 'slower', 'faster')}).")
     else:
         sentences.append("Its throughput is not measured yet: run `notebooks/06_memory_sweep.ipynb`.")
-    if variant_family(pick) == "w4a8" and device is not None and device.startswith("cpu"):
-        sentences.append("On a CPU a W4A8 run computes the kernel's arithmetic in torch (its reference; the CUTLASS "
-                         "kernel runs on Hopper GPUs only), so this speed is not the kernel's.")
     return sentences
 
 
