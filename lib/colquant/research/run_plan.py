@@ -19,6 +19,7 @@ prints the same plan as its first lines.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from collections.abc import Sequence
@@ -191,20 +192,27 @@ class Workloads:
         self.made.update(path.name for path in made)  # the uncalibrated ones: made by the first 03 only
         planned.reuses = [_shown(path.parent) for path in step.results[1:] if path.exists() and not self.force]
         planned.loads = 2 * len(made)  # each is made from a base load, then reloaded to check its layers
-        timed, source = self.quantization_seconds()
-        methods = variant_methods(self.profile)
-        untimed = [path for path in made if METHOD_STAGES.get(methods.get(path.name, "")) not in timed]
-        planned.timed_s = sum(timed[METHOD_STAGES[methods[path.name]]] for path in made if path not in untimed)
+        timed, source = self.quantization_seconds
+        stages = {path: METHOD_STAGES.get(self.methods.get(path.name, "")) for path in made}
+        planned.timed_s = sum(timed[stage] for stage in stages.values() if stage in timed)
         if planned.timed_s:
             planned.why += f"; quantization time per method {source}"
-        calibrated = [path for path in untimed if methods.get(path.name) in TUNED]  # not a W4A8 run: it tunes nothing
+        untimed = [path for path, stage in stages.items() if stage not in timed]
+        calibrated = [path for path in untimed if self.methods.get(path.name) in TUNED]  # not a W4A8 run: it tunes nothing
         per_variant = quantization["iters"] * quantization["batch_size"] * BACKWARD_FORWARDS + 2 * calibration["nsamples"]
         planned.text_tokens = len(calibrated) * step.parameters["seqlen"] * per_variant
 
+    @functools.cached_property
+    def methods(self) -> dict[str, str]:
+        """Each variant the profile makes, with its quantization method (`grid_plan.variant_methods`)."""
+        return variant_methods(self.profile)
+
+    @functools.cached_property
     def quantization_seconds(self) -> tuple[dict[str, float], str]:
-        """Seconds per quantization, per `grid_plan` stage: the median over this output directory's
-        finished variants, else the profile's reference run (`benchmarks/frontier_grid.py`); a method
-        timed by neither is estimated from auto-round's text tokens at the warm-up's rate."""
+        """Seconds per quantization, per `grid_plan` stage, read once for all 03 steps: the median over
+        this output directory's finished variants, else the profile's reference run
+        (`benchmarks/frontier_grid.py`); a method timed by neither is estimated from auto-round's text
+        tokens at the warm-up's rate."""
         here = measured_seconds(self.profile)
         if here:
             return here, "measured on this output directory's variants"
